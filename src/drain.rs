@@ -1,0 +1,128 @@
+//! Stop accepting, then drain: one small piece every accept loop and every
+//! connection of a process holds.
+//!
+//! Two phases, two signals. `stop_accepting` makes accept loops drop their
+//! listeners (closing this process's copies of the shared sockets; never
+//! `shutdown(2)`, which would empty the accept queue the next generation is
+//! serving from). `draining` tells connections to finish: HTTP/1.1 responses
+//! carry `Connection: close`, HTTP/2 connections get GOAWAY. The process then
+//! waits for the connection count to reach zero, or for its deadline.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{watch, Notify};
+
+#[derive(Clone)]
+pub struct Drain {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    draining: AtomicBool,
+    signal: watch::Sender<bool>,
+    active: AtomicU64,
+    requests_in_flight: AtomicU64,
+    idle: Notify,
+}
+
+impl Default for Drain {
+    fn default() -> Self {
+        Drain {
+            inner: Arc::new(Inner {
+                draining: AtomicBool::new(false),
+                signal: watch::channel(false).0,
+                active: AtomicU64::new(0),
+                requests_in_flight: AtomicU64::new(0),
+                idle: Notify::new(),
+            }),
+        }
+    }
+}
+
+/// Held by each open connection; dropping it counts the connection closed.
+pub struct ConnectionGuard {
+    inner: Arc<Inner>,
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        if self.inner.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.inner.idle.notify_waiters();
+        }
+    }
+}
+
+/// What was still open when a drain ran out of time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cut {
+    pub connections: u64,
+    pub requests: u64,
+}
+
+impl Drain {
+    pub fn connection(&self) -> ConnectionGuard {
+        self.inner.active.fetch_add(1, Ordering::AcqRel);
+        ConnectionGuard {
+            inner: self.inner.clone(),
+        }
+    }
+
+    pub fn active(&self) -> u64 {
+        self.inner.active.load(Ordering::Acquire)
+    }
+
+    pub fn request_started(&self) {
+        self.inner
+            .requests_in_flight
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn request_finished(&self) {
+        self.inner
+            .requests_in_flight
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Is this process draining? Read once per response, so it is an atomic
+    /// load, not a channel.
+    pub fn is_draining(&self) -> bool {
+        self.inner.draining.load(Ordering::Relaxed)
+    }
+
+    /// Resolves when draining starts (at once if it has).
+    pub async fn started(&self) {
+        let mut rx = self.inner.signal.subscribe();
+        let _ = rx.wait_for(|d| *d).await;
+    }
+
+    /// Starts draining: new responses close their connection, idle ones end.
+    pub fn start(&self) {
+        self.inner.draining.store(true, Ordering::Relaxed);
+        self.inner.signal.send_replace(true);
+    }
+
+    /// Waits until no connection is left, or `timeout` passes; returns what
+    /// was still open at the deadline.
+    pub async fn wait(&self, timeout: Duration) -> Option<Cut> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.inner.idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.active() == 0 {
+                return None;
+            }
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep_until(deadline) => {
+                    return Some(Cut {
+                        connections: self.active(),
+                        requests: self.inner.requests_in_flight.load(Ordering::Relaxed),
+                    });
+                }
+            }
+        }
+    }
+}

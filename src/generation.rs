@@ -1,0 +1,168 @@
+//! One generation: the process serving a config with a set of sockets.
+//! Starting one opens (or adopts) the sockets, starts the workers and only
+//! then reports ready: on the ready pipe, in `pid_file`, and to systemd.
+
+use std::io::Write;
+use std::os::fd::OwnedFd;
+use std::path::Path;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use tokio::sync::Semaphore;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::drain::Drain;
+use crate::handoff::InheritedSocket;
+use crate::listeners::Listener;
+use crate::routes::{ListenerContext, ProcessInfo};
+use crate::serve::{ListenerSpec, Shared};
+use crate::validate::Prepared;
+
+pub struct Generation {
+    pub config: Config,
+    /// This process's own copies of the sockets, in listener order: what a
+    /// restart hands over. Workers hold duplicates of their own.
+    pub listeners: Vec<Listener>,
+    pub process: Arc<ProcessInfo>,
+}
+
+/// Worker threads: one per core, or `GRACESRV_WORKERS`.
+fn worker_count() -> usize {
+    std::env::var("GRACESRV_WORKERS")
+        .ok()
+        .and_then(|w| w.parse().ok())
+        .filter(|w| *w > 0)
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
+}
+
+impl Generation {
+    pub fn start(
+        prepared: Prepared,
+        inherited: Vec<InheritedSocket>,
+        generation: u64,
+        span: tracing::Span,
+    ) -> Result<Generation, String> {
+        let Prepared {
+            config,
+            listeners: prepared,
+        } = prepared;
+        let listeners = crate::listeners::open(&config.listeners, inherited)?;
+        let process = Arc::new(ProcessInfo {
+            pid: std::process::id(),
+            generation,
+            started_at: SystemTime::now(),
+            started: Instant::now(),
+            listeners: std::sync::OnceLock::new(),
+            requests_total: AtomicU64::new(0),
+            drain: Drain::default(),
+        });
+        let _ = process.listeners.set(
+            config
+                .listeners
+                .iter()
+                .zip(&listeners)
+                .map(|(c, l)| (c.name.clone(), l.local_addr.to_string(), c.tls.is_some()))
+                .collect(),
+        );
+        let mut specs = Vec::new();
+        for (l, p) in listeners.iter().zip(prepared) {
+            let socket = l
+                .socket
+                .try_clone()
+                .map_err(|e| format!("listener {}: {e}", l.name))?;
+            specs.push((
+                socket,
+                ListenerSpec {
+                    tls: p.tls.map(tokio_rustls::TlsAcceptor::from),
+                    handler: p.handler,
+                    ctx: Arc::new(ListenerContext {
+                        name: l.name.clone(),
+                        process: process.clone(),
+                    }),
+                },
+            ));
+        }
+        let shared = Arc::new(Shared {
+            process: process.clone(),
+            timeouts: config.timeouts,
+            limit: Arc::new(Semaphore::new(config.max_connections)),
+        });
+        crate::serve::start(worker_count(), specs, shared, span)?;
+        for (c, l) in config.listeners.iter().zip(&listeners) {
+            let scheme = if c.tls.is_some() { "https" } else { "http" };
+            info!(listener = %l.name, addr = %l.local_addr, %scheme, "listening");
+        }
+        Ok(Generation {
+            config,
+            listeners,
+            process,
+        })
+    }
+
+    /// Tells whoever waits that this generation serves: the parent (ready
+    /// pipe), `pid_file`, systemd.
+    pub fn report_ready(&self, ready: Option<OwnedFd>) {
+        if let Some(fd) = ready {
+            let mut f = std::fs::File::from(fd);
+            if let Err(e) = f.write_all(b"READY\n") {
+                warn!("cannot report ready to the previous generation: {e}");
+            }
+        }
+        if let Some(path) = &self.config.pid_file {
+            if let Err(e) = write_pid_file(path, self.process.pid) {
+                warn!(pid_file = %path.display(), "cannot write pid file: {e}");
+            }
+        }
+        notify_systemd(&[
+            sd_notify::NotifyState::MainPid(self.process.pid),
+            sd_notify::NotifyState::Ready,
+        ]);
+    }
+
+    /// Removes `pid_file` if it still names this process (a newer generation
+    /// may have written its own).
+    pub fn remove_pid_file(&self) {
+        if let Some(path) = &self.config.pid_file {
+            let ours = std::fs::read_to_string(path)
+                .ok()
+                .is_some_and(|s| s.trim() == self.process.pid.to_string());
+            if ours {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+    }
+}
+
+/// Reports a failed start on the ready pipe, so the previous generation can
+/// log the reason instead of only "exited".
+pub fn report_error(ready: Option<OwnedFd>, msg: &str) {
+    if let Some(fd) = ready {
+        let mut f = std::fs::File::from(fd);
+        let _ = writeln!(f, "ERROR {}", msg.replace('\n', " "));
+    }
+}
+
+pub fn notify_systemd(state: &[sd_notify::NotifyState]) {
+    if std::env::var_os("NOTIFY_SOCKET").is_some() {
+        if let Err(e) = sd_notify::notify(false, state) {
+            warn!("cannot notify systemd: {e}");
+        }
+    }
+}
+
+/// Writes the pid atomically: a temporary file renamed over the old one, so a
+/// reader never sees a half-written pid.
+pub fn write_pid_file(path: &Path, pid: u32) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension(format!("tmp.{pid}"));
+    std::fs::write(&tmp, format!("{pid}\n"))?;
+    std::fs::rename(&tmp, path)
+}

@@ -1,0 +1,333 @@
+//! Sockets across exec: the systemd socket-activation protocol, both ways.
+//!
+//! Receiving: a new process finds its listening sockets at fds 3.. with
+//! `LISTEN_FDS`, `LISTEN_PID`, `LISTEN_FDNAMES`, and the pipe to report
+//! readiness on in `GRACESRV_READY_FD`. Sending: [`spawn`] forks, moves the
+//! sockets to 3.. in the child and execs the binary.
+//!
+//! This is the only module with `unsafe` code: adopting raw fds and the
+//! fork/exec. Each block says why it is sound.
+
+use std::ffi::{CString, OsString};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+use nix::sys::socket::{getsockopt, sockopt, SockType};
+use nix::sys::stat::{fstat, SFlag};
+
+/// First fd of the passed sockets, as in sd_listen_fds(3).
+const LISTEN_FDS_START: RawFd = 3;
+
+/// Environment variables of the handoff; read once and removed at start.
+pub const HANDOFF_VARS: [&str; 5] = [
+    "LISTEN_PID",
+    "LISTEN_FDS",
+    "LISTEN_FDNAMES",
+    "GRACESRV_READY_FD",
+    "GRACESRV_GENERATION",
+];
+
+/// A listening socket handed to this process, with the name it was given.
+#[derive(Debug)]
+pub struct InheritedSocket {
+    pub name: String,
+    pub socket: std::net::TcpListener,
+}
+
+/// What a process received from whoever started it.
+#[derive(Debug, Default)]
+pub struct Inherited {
+    pub sockets: Vec<InheritedSocket>,
+    /// Where to report `READY` or an error; `None` when started by hand or by systemd.
+    pub ready: Option<OwnedFd>,
+    /// This process's generation: 1 unless a restart started it.
+    pub generation: u64,
+}
+
+impl Inherited {
+    /// Reads and removes the handoff variables. They are honoured only when
+    /// `LISTEN_PID` is this process's pid: the variables are inherited by
+    /// every child, and a grandchild that believed them would serve on fds it
+    /// does not own (or close someone else's).
+    ///
+    /// Must run before any thread is started (it edits the environment).
+    pub fn from_env() -> Result<Inherited, String> {
+        let get = |k: &str| std::env::var(k).ok();
+        let (pid, fds, names, ready, generation) = (
+            get("LISTEN_PID"),
+            get("LISTEN_FDS"),
+            get("LISTEN_FDNAMES"),
+            get("GRACESRV_READY_FD"),
+            get("GRACESRV_GENERATION"),
+        );
+        for k in HANDOFF_VARS {
+            // SAFETY (of the call, which is safe in edition 2021): no other
+            // thread exists yet, see the doc comment.
+            std::env::remove_var(k);
+        }
+        let mut inherited = Inherited {
+            generation: 1,
+            ..Default::default()
+        };
+        let ours = pid
+            .as_deref()
+            .and_then(|p| p.parse::<i32>().ok())
+            .is_some_and(|p| p == std::process::id() as i32);
+        if !ours {
+            return Ok(inherited);
+        }
+        if let Some(g) = generation.and_then(|g| g.parse::<u64>().ok()) {
+            inherited.generation = g.max(1);
+        }
+        if let Some(r) = ready {
+            let fd: RawFd = r
+                .parse()
+                .map_err(|_| format!("GRACESRV_READY_FD={r:?} is not a file descriptor number"))?;
+            inherited.ready = Some(adopt_ready_fd(fd)?);
+        }
+        let count: i32 = match fds {
+            None => 0,
+            Some(n) => n
+                .parse()
+                .ok()
+                .filter(|n| (0..=4096).contains(n))
+                .ok_or_else(|| format!("LISTEN_FDS={n:?} is not a count of file descriptors"))?,
+        };
+        let names: Vec<String> = names
+            .map(|n| n.split(':').map(str::to_string).collect())
+            .unwrap_or_default();
+        for i in 0..count {
+            let fd = LISTEN_FDS_START + i;
+            let socket = adopt_listener(fd)?;
+            let name = names.get(i as usize).cloned().unwrap_or_default();
+            inherited.sockets.push(InheritedSocket { name, socket });
+        }
+        Ok(inherited)
+    }
+}
+
+/// Takes ownership of `fd` if it is open, and marks it close-on-exec so it
+/// does not leak into any process this one starts.
+fn adopt_fd(fd: RawFd, what: &str) -> Result<OwnedFd, String> {
+    if fd < 0 {
+        return Err(format!("{what}: fd {fd} is not a file descriptor"));
+    }
+    // SAFETY: F_GETFD only reads the flags of `fd`; it fails with EBADF if
+    // `fd` is not open, in which case we do not take it.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+    if flags < 0 {
+        return Err(format!("{what}: fd {fd} is not open"));
+    }
+    // SAFETY: `fd` is open (checked above) and was handed to this process
+    // (by LISTEN_FDS or GRACESRV_READY_FD, whose LISTEN_PID is ours), so
+    // nothing else in this process owns it.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: sets a flag on an fd we own.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC) };
+    Ok(owned)
+}
+
+fn adopt_ready_fd(fd: RawFd) -> Result<OwnedFd, String> {
+    if fd <= 2 {
+        return Err(format!(
+            "GRACESRV_READY_FD={fd} names a standard stream, not a pipe"
+        ));
+    }
+    let owned = adopt_fd(fd, "GRACESRV_READY_FD")?;
+    let st = fstat(&owned).map_err(|e| format!("GRACESRV_READY_FD={fd}: {e}"))?;
+    let kind = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT;
+    if kind != SFlag::S_IFIFO && kind != SFlag::S_IFSOCK {
+        return Err(format!("GRACESRV_READY_FD={fd} is not a pipe or socket"));
+    }
+    Ok(owned)
+}
+
+fn adopt_listener(fd: RawFd) -> Result<std::net::TcpListener, String> {
+    let what = format!("LISTEN_FDS: fd {fd}");
+    let owned = adopt_fd(fd, &what)?;
+    let st = fstat(&owned).map_err(|e| format!("{what}: {e}"))?;
+    if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFSOCK {
+        return Err(format!("{what} is not a socket"));
+    }
+    match getsockopt(&owned, sockopt::SockType) {
+        Ok(SockType::Stream) => {}
+        Ok(other) => return Err(format!("{what} is not a stream socket ({other:?})")),
+        Err(e) => return Err(format!("{what}: {e}")),
+    }
+    if !getsockopt(&owned, sockopt::AcceptConn).unwrap_or(false) {
+        return Err(format!("{what} is not listening"));
+    }
+    let listener = std::net::TcpListener::from(owned);
+    let addr = listener.local_addr().map_err(|e| format!("{what}: {e}"))?;
+    if !(addr.is_ipv4() || addr.is_ipv6()) {
+        return Err(format!("{what} is not a TCP socket"));
+    }
+    Ok(listener)
+}
+
+/// Everything `spawn` needs, prepared before the fork: the child may only make
+/// async-signal-safe calls, so it must not allocate.
+pub struct SpawnArgs<'a> {
+    pub exe: &'a Path,
+    pub argv: &'a [OsString],
+    /// Environment without any handoff variable; those are added here.
+    pub env: Vec<(OsString, OsString)>,
+    /// Sockets in listener order, with their names.
+    pub sockets: Vec<(&'a str, RawFd)>,
+    /// The write end of the ready pipe.
+    pub ready: RawFd,
+    pub generation: u64,
+}
+
+fn cstring(bytes: &[u8]) -> Result<CString, String> {
+    CString::new(bytes).map_err(|_| "argument or environment holds a NUL byte".to_string())
+}
+
+/// Forks and execs `exe` with the sockets at fds 3.., the ready pipe after
+/// them, and the handoff variables. Returns the child's pid.
+pub fn spawn(args: SpawnArgs<'_>) -> Result<libc::pid_t, String> {
+    let n = args.sockets.len() as i32;
+    let ready_target = LISTEN_FDS_START + n;
+
+    let path = cstring(args.exe.as_os_str().as_bytes())?;
+    let argv: Vec<CString> = args
+        .argv
+        .iter()
+        .map(|a| cstring(a.as_bytes()))
+        .collect::<Result<_, _>>()?;
+    let mut env: Vec<CString> = Vec::new();
+    for (k, v) in &args.env {
+        let mut kv = k.as_bytes().to_vec();
+        kv.push(b'=');
+        kv.extend_from_slice(v.as_bytes());
+        env.push(cstring(&kv)?);
+    }
+    let names: Vec<&str> = args.sockets.iter().map(|(name, _)| *name).collect();
+    env.push(cstring(format!("LISTEN_FDS={n}").as_bytes())?);
+    env.push(cstring(
+        format!("LISTEN_FDNAMES={}", names.join(":")).as_bytes(),
+    )?);
+    env.push(cstring(
+        format!("GRACESRV_READY_FD={ready_target}").as_bytes(),
+    )?);
+    env.push(cstring(
+        format!("GRACESRV_GENERATION={}", args.generation).as_bytes(),
+    )?);
+    // LISTEN_PID must be the child's own pid, known only after fork: reserve
+    // room for the digits now, and write them in the child without allocating.
+    let mut listen_pid: Vec<u8> = b"LISTEN_PID=".to_vec();
+    let digits_at = listen_pid.len();
+    listen_pid.extend_from_slice(&[0u8; 21]);
+
+    let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+    argv_ptrs.push(std::ptr::null());
+    let mut env_ptrs: Vec<*const libc::c_char> = env.iter().map(|e| e.as_ptr()).collect();
+    env_ptrs.push(listen_pid.as_ptr().cast());
+    env_ptrs.push(std::ptr::null());
+
+    let sources: Vec<RawFd> = args
+        .sockets
+        .iter()
+        .map(|(_, fd)| *fd)
+        .chain([args.ready])
+        .collect();
+    let mut moved: Vec<RawFd> = vec![-1; sources.len()];
+    // Copies are made at or above this fd, so they never land on a target.
+    let scratch_floor = ready_target + 1;
+
+    // SAFETY: fork in a multi-threaded process. The child calls only
+    // async-signal-safe functions (getpid, fcntl, dup2, sigprocmask, execve,
+    // _exit) and writes only into memory allocated above, before the fork.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(format!("fork: {}", std::io::Error::last_os_error()));
+    }
+    if pid == 0 {
+        // Child. No allocation, no locks, no panics from here on.
+        // SAFETY: each call is async-signal-safe (see above); pointers point
+        // into buffers that live until execve replaces the process image.
+        unsafe {
+            let child_pid = libc::getpid();
+            write_decimal(child_pid as u64, &mut listen_pid[digits_at..]);
+            // Move every source fd out of the target range first: a source
+            // may already sit on another source's target number.
+            for (i, fd) in sources.iter().enumerate() {
+                moved[i] = libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, scratch_floor);
+                if moved[i] < 0 {
+                    libc::_exit(126);
+                }
+            }
+            // dup2 clears close-on-exec on the target: these survive exec.
+            for (i, fd) in moved.iter().enumerate() {
+                if libc::dup2(*fd, LISTEN_FDS_START + i as i32) < 0 {
+                    libc::_exit(126);
+                }
+            }
+            // Hold SIGHUP until the new process has its handler: a HUP that
+            // arrives during its start is then delivered later, not fatal.
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGHUP);
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            libc::execve(path.as_ptr(), argv_ptrs.as_ptr(), env_ptrs.as_ptr());
+            libc::_exit(127);
+        }
+    }
+    Ok(pid)
+}
+
+/// Writes `n` as decimal digits followed by NUL into `buf` (21 bytes fit any u64).
+fn write_decimal(mut n: u64, buf: &mut [u8]) {
+    let mut tmp = [0u8; 20];
+    let mut len = 0;
+    loop {
+        tmp[len] = b'0' + (n % 10) as u8;
+        len += 1;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for i in 0..len {
+        buf[i] = tmp[len - 1 - i];
+    }
+    buf[len] = 0;
+}
+
+/// Unblocks SIGHUP, which a parent blocks across exec (see `spawn`). Called
+/// once this process's own handler is installed.
+pub fn unblock_hup() {
+    let mut set = nix::sys::signal::SigSet::empty();
+    set.add(nix::sys::signal::Signal::SIGHUP);
+    let _ = nix::sys::signal::pthread_sigmask(
+        nix::sys::signal::SigmaskHow::SIG_UNBLOCK,
+        Some(&set),
+        None,
+    );
+}
+
+/// The pipe a new generation reports on: the parent keeps the read end, the
+/// child gets the write end at `GRACESRV_READY_FD`.
+pub fn ready_pipe() -> Result<(OwnedFd, OwnedFd), String> {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))
+}
+
+/// Raw fd of anything that has one, for `SpawnArgs`.
+pub fn raw(fd: &impl AsRawFd) -> RawFd {
+    fd.as_raw_fd()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn decimal() {
+        let mut b = [9u8; 21];
+        super::write_decimal(0, &mut b);
+        assert_eq!(&b[..2], b"0\0");
+        super::write_decimal(4194304, &mut b);
+        assert_eq!(&b[..8], b"4194304\0");
+        super::write_decimal(u64::MAX, &mut b);
+        assert_eq!(&b[..21], b"18446744073709551615\0");
+    }
+}

@@ -1,0 +1,159 @@
+//! gracesrv: a multi-listener HTTP/HTTPS server, and a library, that restarts
+//! with zero downtime.
+//!
+//! On SIGHUP the process re-executes its own binary and hands the new process
+//! its listening sockets (the systemd socket-activation protocol); the new
+//! process re-reads the config, reloads certificates, reports ready, and only
+//! then does the old one stop accepting and drain.
+//!
+//! An application embeds it by handing over its own service per listener:
+//!
+//! ```no_run
+//! use http_body_util::Full;
+//! use hyper::{body::{Bytes, Incoming}, Request, Response};
+//!
+//! let hello = tower::service_fn(|_req: Request<Incoming>| async {
+//!     Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from("hello\n"))))
+//! });
+//! let code = gracesrv::Server::new("app.yaml").service("web", hello).run();
+//! std::process::exit(code);
+//! ```
+//!
+//! Layout: [`config`] (what the user asked for) → [`listeners`] and
+//! [`handoff`] (sockets across exec) → [`tls`] → [`serve`] (connections) →
+//! [`routes`]. [`restart`] is the state machine, [`signals`] what triggers it.
+
+#![deny(unsafe_code)]
+
+pub mod config;
+pub mod drain;
+pub mod generation;
+#[allow(unsafe_code)]
+pub mod handoff;
+pub mod listeners;
+pub mod logging;
+pub mod restart;
+pub mod routes;
+pub mod serve;
+pub mod service;
+pub mod signals;
+pub mod tls;
+pub mod validate;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use hyper::body::Incoming;
+
+pub use config::{Config, ConfigError};
+pub use service::{Body, BoxError, Handler};
+
+/// A gracesrv server: a config file, and optionally an application's own
+/// services for some of its listeners.
+pub struct Server {
+    config: PathBuf,
+    apps: HashMap<String, Handler>,
+}
+
+impl Server {
+    /// A server for the config at `config`.
+    pub fn new(config: impl Into<PathBuf>) -> Server {
+        Server {
+            config: config.into(),
+            apps: HashMap::new(),
+        }
+    }
+
+    /// Serves `svc` on the listener named `listener` instead of its routes.
+    /// Anything implementing tower's `Service` works (an axum `Router` too).
+    pub fn service<S, B>(mut self, listener: &str, svc: S) -> Server
+    where
+        S: tower::Service<Request<Incoming>, Response = Response<B>>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        self.apps.insert(listener.to_string(), Handler::app(svc));
+        self
+    }
+
+    /// Runs the server in the foreground until it is stopped (or, after a
+    /// restart, until this generation has drained). Returns the exit code:
+    /// 0 after a clean stop, 1 if it could not start.
+    pub fn run(self) -> i32 {
+        // Before any thread exists: the handoff variables are read and
+        // removed from the environment.
+        let inherited = match handoff::Inherited::from_env() {
+            Ok(i) => i,
+            Err(e) => {
+                eprintln!("gracesrv: {e}");
+                return 1;
+            }
+        };
+        let generation = inherited.generation;
+        let mut ready = inherited.ready;
+        let fail = |ready: &mut Option<std::os::fd::OwnedFd>, msg: &str| {
+            generation::report_error(ready.take(), msg);
+            eprintln!("gracesrv: {msg}");
+            1
+        };
+        let exe = match std::env::current_exe() {
+            Ok(p) => p,
+            Err(e) => return fail(&mut ready, &format!("cannot find my own executable: {e}")),
+        };
+        let rt = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => return fail(&mut ready, &format!("cannot start runtime: {e}")),
+        };
+        let _rt = rt.enter();
+        // Handlers first, so a HUP during start is held, not fatal.
+        let signals = match signals::Signals::install() {
+            Ok(s) => s,
+            Err(e) => return fail(&mut ready, &format!("cannot install signal handlers: {e}")),
+        };
+        handoff::unblock_hup();
+
+        let config_path = config::absolute(&self.config);
+        let prepared = match validate::prepare(&config_path, &self.apps) {
+            Ok(p) => p,
+            Err(e) => return fail(&mut ready, &e.to_string()),
+        };
+        let span = logging::init(&prepared.config.log, generation);
+        let _enter = span.clone().entered();
+        let gen = match generation::Generation::start(prepared, inherited.sockets, generation, span)
+        {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::error!("cannot start: {e}");
+                generation::report_error(ready.take(), &e);
+                return 1;
+            }
+        };
+        gen.report_ready(ready.take());
+        tracing::info!(version = env!("CARGO_PKG_VERSION"), "ready");
+        let restarter = restart::Restarter {
+            exe,
+            argv: std::env::args_os().collect(),
+            config_path,
+            apps: self.apps,
+        };
+        rt.block_on(restart::control(gen, restarter, signals))
+    }
+}
+
+/// `gracesrv check`: validates the config and everything it names.
+/// Returns the summary to print, or the error.
+pub fn check(config: &std::path::Path) -> Result<String, ConfigError> {
+    let path = config::absolute(config);
+    validate::prepare(&path, &HashMap::new()).map(|p| validate::summary(&p))
+}

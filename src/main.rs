@@ -1,0 +1,44 @@
+//! The `gracesrv` command (SPEC section 1).
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "gracesrv",
+    version,
+    about = "HTTP/HTTPS server with zero-downtime restarts"
+)]
+struct Cli {
+    /// Config file.
+    #[arg(short, long, global = true, default_value = "config/server.yaml")]
+    config: PathBuf,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Parse and validate the config, load every certificate and key, check every route.
+    Check,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let code = match cli.command {
+        None => gracesrv::Server::new(cli.config).run(),
+        Some(Command::Check) => match gracesrv::check(&cli.config) {
+            Ok(summary) => {
+                print!("{summary}");
+                0
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                1
+            }
+        },
+    };
+    std::process::exit(code);
+}

@@ -1,0 +1,265 @@
+//! The restart (SPEC section 4), top to bottom, and the control loop that
+//! runs it: what a serving process does when it is signalled.
+//!
+//! The states are explicit: `Serving` (idle), `Restarting` (a new process is
+//! starting; further triggers are coalesced into one pending restart),
+//! and then either back to `Serving` (the attempt failed: an ordinary,
+//! retryable error) or `Draining` (the new process is ready; this one stops
+//! accepting, finishes its connections and exits).
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::future::Future;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::time::Instant;
+
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::Pid;
+use tokio::io::AsyncReadExt;
+use tracing::{error, info, warn};
+
+use crate::generation::Generation;
+use crate::handoff::{self, SpawnArgs, HANDOFF_VARS};
+use crate::service::Handler;
+use crate::signals::{Sig, Signals};
+
+/// How this process re-executes itself.
+pub struct Restarter {
+    /// Absolute path of the executable, resolved at start: a binary replaced
+    /// on disk (by rename) is what the next generation runs.
+    pub exe: PathBuf,
+    pub argv: Vec<OsString>,
+    pub config_path: PathBuf,
+    pub apps: HashMap<String, Handler>,
+}
+
+/// Why a restart was asked for.
+#[derive(Debug, Clone, Copy)]
+pub enum Trigger {
+    Signal,
+    Watch,
+}
+
+enum State {
+    Serving,
+    Restarting {
+        /// A trigger arrived during this attempt: run one more after it.
+        pending: bool,
+    },
+}
+
+type Attempt = Pin<Box<dyn Future<Output = Result<i32, String>>>>;
+
+/// Runs until the process should exit; returns its exit code.
+pub async fn control(gen: Generation, restarter: Restarter, mut signals: Signals) -> i32 {
+    let mut state = State::Serving;
+    let mut attempt: Option<Attempt> = None;
+    let mut started = Instant::now();
+    loop {
+        let trigger = tokio::select! {
+            sig = signals.next() => match sig {
+                Sig::Restart => Some(Trigger::Signal),
+                Sig::Stop => {
+                    info!("stopping: draining connections");
+                    if attempt.take().is_some() {
+                        info!("abandoning the restart in progress");
+                    }
+                    return drain(gen, &mut signals).await;
+                }
+                Sig::Quit => {
+                    info!(connections = gen.process.drain.active(), "quit: closing every connection");
+                    gen.remove_pid_file();
+                    return 0;
+                }
+            },
+            outcome = async { attempt.as_mut().expect("guarded by the if").await }, if attempt.is_some() => {
+                attempt = None;
+                let pending = matches!(state, State::Restarting { pending: true });
+                state = State::Serving;
+                match outcome {
+                    Ok(new_pid) => {
+                        info!(
+                            old_pid = gen.process.pid,
+                            new_pid,
+                            generation = gen.process.generation + 1,
+                            took_ms = started.elapsed().as_millis() as u64,
+                            "restart complete: draining the old generation"
+                        );
+                        if pending {
+                            // The new process read its config before this
+                            // trigger: pass it on so nothing is missed.
+                            let _ = kill(Pid::from_raw(new_pid), Signal::SIGHUP);
+                        }
+                        return drain(gen, &mut signals).await;
+                    }
+                    Err(reason) => {
+                        error!(took_ms = started.elapsed().as_millis() as u64, "restart failed: {reason}");
+                        if pending { Some(Trigger::Signal) } else { None }
+                    }
+                }
+            }
+        };
+        if let Some(trigger) = trigger {
+            match &mut state {
+                State::Restarting { pending } => {
+                    *pending = true;
+                    info!(
+                        ?trigger,
+                        "restart already in progress: one more will follow"
+                    );
+                }
+                State::Serving => {
+                    info!(?trigger, "restarting");
+                    state = State::Restarting { pending: false };
+                    started = Instant::now();
+                    attempt = Some(Box::pin(restart(&restarter, &gen)));
+                }
+            }
+        }
+    }
+}
+
+/// One restart attempt. Returns the new process's pid once it is ready; on
+/// any failure the new process is gone and this one serves on unchanged.
+fn restart(r: &Restarter, gen: &Generation) -> impl Future<Output = Result<i32, String>> + 'static {
+    // 2. Validate in-process first: a broken config or certificate never
+    // gets as far as a new process.
+    let validated = crate::validate::prepare(&r.config_path, &r.apps)
+        .map(|p| p.config.startup_timeout)
+        .map_err(|e| e.to_string());
+    // 3. Spawn the new process with the sockets at 3.., in listener order.
+    let spawned = validated.and_then(|startup_timeout| {
+        let (read, write) = handoff::ready_pipe()?;
+        let env = std::env::vars_os()
+            .filter(|(k, _)| !HANDOFF_VARS.iter().any(|v| k == v))
+            .collect();
+        let pid = handoff::spawn(SpawnArgs {
+            exe: &r.exe,
+            argv: &r.argv,
+            env,
+            sockets: gen
+                .listeners
+                .iter()
+                .map(|l| (l.name.as_str(), handoff::raw(&l.socket)))
+                .collect(),
+            ready: handoff::raw(&write),
+            generation: gen.process.generation + 1,
+        })?;
+        drop(write);
+        Ok((pid, read, startup_timeout))
+    });
+    async move {
+        let (pid, read, startup_timeout) = spawned?;
+        info!(
+            new_pid = pid,
+            "new process started; waiting for it to be ready"
+        );
+        // 4-6. Wait for READY, an error, its exit, or the startup timeout.
+        let outcome = match tokio::time::timeout(startup_timeout, read_ready(read)).await {
+            Ok(Ok(())) => return Ok(pid),
+            Ok(Err(reason)) => reason,
+            Err(_) => format!("new process {pid} was not ready within {startup_timeout:?}"),
+        };
+        let status = kill_and_reap(pid).await;
+        Err(match status {
+            Some(status) if outcome.is_empty() => {
+                format!("new process {pid} {status} before it was ready")
+            }
+            _ if outcome.is_empty() => {
+                format!("new process {pid} closed its ready pipe before it was ready")
+            }
+            _ => outcome,
+        })
+    }
+}
+
+/// Reads the ready pipe: `READY` is success, `ERROR <reason>` a reported
+/// failure; an empty `Err` means the pipe closed without either.
+async fn read_ready(fd: OwnedFd) -> Result<(), String> {
+    let mut rx = tokio::net::unix::pipe::Receiver::from_owned_fd(fd)
+        .map_err(|e| format!("ready pipe: {e}"))?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 1024];
+    loop {
+        let n = rx
+            .read(&mut chunk)
+            .await
+            .map_err(|e| format!("ready pipe: {e}"))?;
+        if n == 0 {
+            return Err(String::new());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(end) = buf.iter().position(|b| *b == b'\n') {
+            let line = String::from_utf8_lossy(&buf[..end]).to_string();
+            return match line.strip_prefix("ERROR ") {
+                None if line == "READY" => Ok(()),
+                Some(reason) => Err(reason.to_string()),
+                None => Err(format!("unexpected message on the ready pipe: {line:?}")),
+            };
+        }
+        if buf.len() > 64 * 1024 {
+            return Err("ready pipe: message too long".into());
+        }
+    }
+}
+
+/// Kills a new process that failed to start and reaps it, so no zombie is
+/// left. Returns how it ended, for the log.
+async fn kill_and_reap(pid: i32) -> Option<String> {
+    let pid = Pid::from_raw(pid);
+    let _ = kill(pid, Signal::SIGKILL);
+    let status = tokio::task::spawn_blocking(move || waitpid(pid, None))
+        .await
+        .ok()?
+        .ok()?;
+    Some(match status {
+        WaitStatus::Exited(_, code) => format!("exited with status {code}"),
+        WaitStatus::Signaled(_, Signal::SIGKILL, _) => "was killed".to_string(),
+        WaitStatus::Signaled(_, sig, _) => format!("died of {sig:?}"),
+        other => format!("ended ({other:?})"),
+    })
+}
+
+/// Stops accepting and drains: in-flight requests finish, then the process
+/// exits; at `shutdown_timeout` whatever is left is cut. A second TERM/INT,
+/// or QUIT, stops at once.
+async fn drain(mut gen: Generation, signals: &mut Signals) -> i32 {
+    let drain = gen.process.drain.clone();
+    drain.start();
+    // Close this process's own copies of the sockets (the workers close
+    // theirs as their accept loops end). Never shutdown(2): the accept queue
+    // is shared with the next generation, and nothing in it may be lost.
+    gen.listeners.clear();
+    let timeout = gen.config.shutdown_timeout;
+    let started = Instant::now();
+    let wait = drain.wait(timeout);
+    tokio::pin!(wait);
+    loop {
+        tokio::select! {
+            cut = &mut wait => {
+                match cut {
+                    None => info!(took_ms = started.elapsed().as_millis() as u64, "drained: exiting"),
+                    Some(cut) => warn!(
+                        connections = cut.connections,
+                        requests = cut.requests,
+                        "shutdown_timeout ({timeout:?}) reached: cutting what is left"
+                    ),
+                }
+                break;
+            }
+            sig = signals.next() => {
+                if sig == Sig::Restart {
+                    info!("draining: HUP ignored (the new generation handles restarts)");
+                    continue;
+                }
+                warn!(connections = drain.active(), "stopping at once: cutting every connection");
+                break;
+            }
+        }
+    }
+    gen.remove_pid_file();
+    0
+}

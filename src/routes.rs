@@ -1,0 +1,451 @@
+//! The route actions of the config: `respond`, `static`, `redirect`, `status`.
+//! A request goes to the route with the longest matching path prefix.
+
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use tower::ServiceExt;
+
+use crate::config::{Action, ConfigError, ListenerConfig};
+use crate::drain::Drain;
+use crate::service::{full, text, Body, BoxFuture};
+
+/// Facts about this process that responses report.
+pub struct ProcessInfo {
+    pub pid: u32,
+    pub generation: u64,
+    pub started_at: SystemTime,
+    pub started: std::time::Instant,
+    /// name, address, tls: filled in once the sockets are open.
+    pub listeners: std::sync::OnceLock<Vec<(String, String, bool)>>,
+    pub requests_total: AtomicU64,
+    pub drain: Drain,
+}
+
+/// What a request's handler knows about where it arrived.
+pub struct ListenerContext {
+    pub name: String,
+    pub process: Arc<ProcessInfo>,
+}
+
+enum Handle {
+    Respond {
+        status: StatusCode,
+        body: Template,
+        headers: Vec<(http::HeaderName, HeaderValue)>,
+        delay: Duration,
+    },
+    Static {
+        root: PathBuf,
+        index: String,
+        dir: tower_http::services::ServeDir,
+    },
+    Redirect {
+        to: String,
+        status: StatusCode,
+    },
+    Status,
+}
+
+/// A response body with `{pid}`-style placeholders, split once at load.
+enum Template {
+    Fixed(Bytes),
+    Parts(Vec<Part>),
+}
+
+enum Part {
+    Lit(String),
+    Pid,
+    Generation,
+    Listener,
+    Host,
+    Path,
+}
+
+impl Template {
+    fn parse(s: &str) -> Template {
+        if !s.contains('{') {
+            return Template::Fixed(Bytes::copy_from_slice(s.as_bytes()));
+        }
+        let mut parts = Vec::new();
+        let mut rest = s;
+        while let Some(start) = rest.find('{') {
+            let (lit, tail) = rest.split_at(start);
+            let var = tail.find('}').map(|end| (&tail[1..end], end));
+            let part = match var.map(|(v, _)| v) {
+                Some("pid") => Some(Part::Pid),
+                Some("generation") => Some(Part::Generation),
+                Some("listener") => Some(Part::Listener),
+                Some("host") => Some(Part::Host),
+                Some("path") => Some(Part::Path),
+                _ => None,
+            };
+            match (part, var) {
+                (Some(p), Some((_, end))) => {
+                    parts.push(Part::Lit(lit.to_string()));
+                    parts.push(p);
+                    rest = &tail[end + 1..];
+                }
+                _ => {
+                    parts.push(Part::Lit(format!("{lit}{{")));
+                    rest = &tail[1..];
+                }
+            }
+        }
+        parts.push(Part::Lit(rest.to_string()));
+        Template::Parts(parts)
+    }
+
+    fn render(&self, ctx: &ListenerContext, host: &str, path: &str) -> Bytes {
+        match self {
+            Template::Fixed(b) => b.clone(),
+            Template::Parts(parts) => {
+                let mut out = String::new();
+                for p in parts {
+                    match p {
+                        Part::Lit(s) => out.push_str(s),
+                        Part::Pid => out.push_str(&ctx.process.pid.to_string()),
+                        Part::Generation => out.push_str(&ctx.process.generation.to_string()),
+                        Part::Listener => out.push_str(&ctx.name),
+                        Part::Host => out.push_str(host),
+                        Part::Path => out.push_str(path),
+                    }
+                }
+                Bytes::from(out)
+            }
+        }
+    }
+}
+
+/// The routes of one listener, longest prefix first.
+pub struct Router {
+    routes: Vec<(String, Handle)>,
+}
+
+impl Router {
+    /// Builds the routes of `listener`; checks that static roots are directories.
+    pub fn new(file: &Path, listener: &ListenerConfig) -> Result<Router, ConfigError> {
+        let mut routes = Vec::new();
+        for r in &listener.routes {
+            let handle = match &r.action {
+                Action::Respond {
+                    status,
+                    body,
+                    headers,
+                    delay,
+                } => Handle::Respond {
+                    status: *status,
+                    body: Template::parse(body),
+                    headers: headers.clone(),
+                    delay: *delay,
+                },
+                Action::Static { root, index } => {
+                    let canonical = std::fs::canonicalize(&root.path)
+                        .ok()
+                        .filter(|p| p.is_dir())
+                        .ok_or_else(|| {
+                            ConfigError::new(
+                                file,
+                                Some(root.pos),
+                                format!("{}: {} is not a directory", root.key, root.written),
+                            )
+                        })?;
+                    Handle::Static {
+                        dir: tower_http::services::ServeDir::new(&canonical)
+                            .append_index_html_on_directories(false),
+                        root: canonical,
+                        index: index.clone(),
+                    }
+                }
+                Action::Redirect { to, status } => Handle::Redirect {
+                    to: to.clone(),
+                    status: *status,
+                },
+                Action::Status => Handle::Status,
+            };
+            routes.push((r.path.clone(), handle));
+        }
+        routes.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        Ok(Router { routes })
+    }
+
+    pub fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        ctx: Arc<ListenerContext>,
+    ) -> BoxFuture<Response<Body>> {
+        Box::pin(async move {
+            let path = req.uri().path();
+            let Some(i) = self
+                .routes
+                .iter()
+                .position(|(prefix, _)| path.starts_with(prefix.as_str()))
+            else {
+                return text(StatusCode::NOT_FOUND, "not found\n");
+            };
+            let (prefix, handle) = &self.routes[i];
+            match handle {
+                Handle::Respond {
+                    status,
+                    body,
+                    headers,
+                    delay,
+                } => {
+                    if !delay.is_zero() {
+                        tokio::time::sleep(*delay).await;
+                    }
+                    let body = body.render(&ctx, host_of(&req).unwrap_or(""), req.uri().path());
+                    let mut res = Response::new(full(body));
+                    *res.status_mut() = *status;
+                    let h = res.headers_mut();
+                    h.insert(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static("text/plain; charset=utf-8"),
+                    );
+                    for (k, v) in headers {
+                        h.insert(k.clone(), v.clone());
+                    }
+                    res
+                }
+                Handle::Redirect { to, status } => {
+                    let host = host_of(&req).unwrap_or("localhost");
+                    let host = strip_port(host);
+                    let uri = req
+                        .uri()
+                        .path_and_query()
+                        .map(|p| p.as_str())
+                        .unwrap_or("/");
+                    let location = to.replace("{host}", host).replace("{uri}", uri);
+                    match HeaderValue::from_str(&location) {
+                        Ok(v) => {
+                            let mut res = Response::new(full(Bytes::new()));
+                            *res.status_mut() = *status;
+                            res.headers_mut().insert(header::LOCATION, v);
+                            res
+                        }
+                        Err(_) => text(StatusCode::BAD_REQUEST, "bad request\n"),
+                    }
+                }
+                Handle::Status => status_response(&ctx),
+                Handle::Static { root, index, dir } => {
+                    serve_static(req, prefix, root, index, dir.clone()).await
+                }
+            }
+        })
+    }
+}
+
+/// The request's host: the `Host` header (HTTP/1.1) or the URI authority (HTTP/2).
+fn host_of<B>(req: &Request<B>) -> Option<&str> {
+    req.headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()))
+}
+
+fn strip_port(host: &str) -> &str {
+    if let Some(end) = host.strip_prefix('[').and_then(|h| h.find(']')) {
+        return &host[..end + 2];
+    }
+    host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host)
+}
+
+fn status_response(ctx: &ListenerContext) -> Response<Body> {
+    let p = &ctx.process;
+    let listeners: Vec<serde_json::Value> = p
+        .listeners
+        .get()
+        .map(|ls| {
+            ls.iter()
+                .map(
+                    |(name, addr, tls)| serde_json::json!({"name": name, "addr": addr, "tls": tls}),
+                )
+                .collect()
+        })
+        .unwrap_or_default();
+    let body = serde_json::json!({
+        "pid": p.pid,
+        "generation": p.generation,
+        "version": env!("CARGO_PKG_VERSION"),
+        "started_at": rfc3339(p.started_at),
+        "uptime_s": p.started.elapsed().as_secs_f64(),
+        "listeners": listeners,
+        "connections_active": p.drain.active(),
+        "requests_total": p.requests_total.load(Ordering::Relaxed),
+        "draining": p.drain.is_draining(),
+    });
+    let mut res = Response::new(full(body.to_string() + "\n"));
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    res.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    res
+}
+
+/// `2026-11-25T21:01:55Z` from a system time (UTC, seconds).
+pub fn rfc3339(t: SystemTime) -> String {
+    let secs = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0) as i64;
+    let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60
+    )
+}
+
+/// Decodes `%XX` escapes; `None` for a malformed escape.
+fn percent_decode(s: &str) -> Option<Vec<u8>> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = b.get(i + 1..i + 3)?;
+            let hex = std::str::from_utf8(hex).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    Some(out)
+}
+
+/// The file under `root` that `rel` (the path after the route prefix, still
+/// percent-encoded) names, or `None` if it would leave `root`: `..`, encoded
+/// slashes, NUL bytes, and symlinks that resolve outside are all refused.
+fn resolve_static(root: &Path, rel: &str) -> Option<PathBuf> {
+    let mut path = root.to_path_buf();
+    for seg in rel.split('/') {
+        let decoded = percent_decode(seg)?;
+        if decoded.contains(&b'/') || decoded.contains(&b'\\') || decoded.contains(&0) {
+            return None;
+        }
+        let seg = std::str::from_utf8(&decoded).ok()?;
+        if seg.is_empty() || seg == "." {
+            continue;
+        }
+        match Path::new(seg).components().next() {
+            Some(Component::Normal(_)) => path.push(seg),
+            _ => return None,
+        }
+    }
+    let canonical = std::fs::canonicalize(&path).ok()?;
+    canonical.starts_with(root).then_some(canonical)
+}
+
+async fn serve_static(
+    req: Request<Incoming>,
+    prefix: &str,
+    root: &Path,
+    index: &str,
+    dir: tower_http::services::ServeDir,
+) -> Response<Body> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        let mut res = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+        res.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return res;
+    }
+    let path = req.uri().path();
+    let rel = path[prefix.len()..].trim_start_matches('/');
+    let Some(file) = resolve_static(root, rel) else {
+        return text(StatusCode::NOT_FOUND, "not found\n");
+    };
+    // The path ServeDir sees: relative to the root, with the index appended
+    // for directories (it re-checks for `..` itself).
+    let mut served = format!("/{rel}");
+    if file.is_dir() {
+        if !path.ends_with('/') {
+            let mut location = format!("{path}/");
+            if let Some(q) = req.uri().query() {
+                location.push('?');
+                location.push_str(q);
+            }
+            let mut res = Response::new(full(Bytes::new()));
+            *res.status_mut() = StatusCode::MOVED_PERMANENTLY;
+            if let Ok(v) = HeaderValue::from_str(&location) {
+                res.headers_mut().insert(header::LOCATION, v);
+            }
+            return res;
+        }
+        if resolve_static(root, &format!("{rel}/{index}")).is_none_or(|f| !f.is_file()) {
+            return text(StatusCode::NOT_FOUND, "not found\n");
+        }
+        if !served.ends_with('/') {
+            served.push('/');
+        }
+        served.push_str(index);
+    }
+    let (mut parts, body) = req.into_parts();
+    let Ok(uri) = served.parse::<http::Uri>() else {
+        return text(StatusCode::NOT_FOUND, "not found\n");
+    };
+    parts.uri = uri;
+    match dir.oneshot(Request::from_parts(parts, body)).await {
+        Ok(res) => res.map(|b| b.map_err(Into::into).boxed_unsync()),
+        Err(never) => match never {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates() {
+        assert_eq!(rfc3339(SystemTime::UNIX_EPOCH), "1970-01-01T00:00:00Z");
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_640_515);
+        assert_eq!(rfc3339(t), "2026-11-25T21:01:55Z");
+    }
+
+    #[test]
+    fn static_paths_stay_under_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(dir.path()).unwrap();
+        std::fs::create_dir(root.join("sub")).unwrap();
+        std::fs::write(root.join("sub/a.txt"), "a").unwrap();
+        std::os::unix::fs::symlink("/etc", root.join("out")).unwrap();
+        assert_eq!(
+            resolve_static(&root, "sub/a.txt"),
+            Some(root.join("sub/a.txt"))
+        );
+        assert_eq!(resolve_static(&root, "sub%2fa.txt"), None);
+        assert_eq!(resolve_static(&root, "../etc/passwd"), None);
+        assert_eq!(resolve_static(&root, "%2e%2e/etc/passwd"), None);
+        assert_eq!(resolve_static(&root, "sub/a.txt%00"), None);
+        assert_eq!(resolve_static(&root, "out/passwd"), None);
+        assert_eq!(resolve_static(&root, "%zz"), None);
+    }
+
+    #[test]
+    fn templates_and_hosts() {
+        assert_eq!(strip_port("example.com:8443"), "example.com");
+        assert_eq!(strip_port("[::1]:8443"), "[::1]");
+        assert_eq!(strip_port("example.com"), "example.com");
+        assert!(matches!(Template::parse("x {nope} y"), Template::Parts(_)));
+    }
+}

@@ -1,0 +1,442 @@
+//! Serving: one current-thread tokio runtime per core, each accepting on every
+//! listener and serving its own connections with hyper (HTTP/1.1 and HTTP/2,
+//! TLS or plain).
+//!
+//! Why not one multi-thread runtime: its LIFO slot makes hyper flush once per
+//! HTTP/2 response, and work stealing buys nothing for a server whose
+//! connections are independent. Each worker holds a duplicate of every
+//! listening socket; all of them accept from the same kernel queue.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Request, Response, Version};
+use hyper::body::{Frame, Incoming, SizeHint};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+use tracing::{debug, warn};
+
+use crate::config::Timeouts;
+use crate::routes::{ListenerContext, ProcessInfo};
+use crate::service::{Body, Handler};
+
+/// Everything a worker needs to serve one listener.
+#[derive(Clone)]
+pub struct ListenerSpec {
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    pub handler: Handler,
+    pub ctx: Arc<ListenerContext>,
+}
+
+/// Settings shared by every connection of the process.
+pub struct Shared {
+    pub process: Arc<ProcessInfo>,
+    pub timeouts: Timeouts,
+    /// `max_connections`: beyond it, accept waits.
+    pub limit: Arc<Semaphore>,
+}
+
+/// Starts `workers` threads serving `listeners`. Each accept loop ends, and
+/// drops its copy of the socket, when the process starts draining.
+/// `listeners` holds a duplicate of each socket for the workers; the caller
+/// keeps its own for the handoff.
+pub fn start(
+    workers: usize,
+    listeners: Vec<(std::net::TcpListener, ListenerSpec)>,
+    shared: Arc<Shared>,
+    span: tracing::Span,
+) -> Result<(), String> {
+    let listeners: Vec<(Arc<std::net::TcpListener>, ListenerSpec)> = listeners
+        .into_iter()
+        .map(|(s, spec)| (Arc::new(s), spec))
+        .collect();
+    let (tx, rx) = std::sync::mpsc::channel::<Result<(), String>>();
+    for w in 0..workers {
+        let listeners = listeners.clone();
+        let shared = shared.clone();
+        let span = span.clone();
+        let tx = tx.clone();
+        std::thread::Builder::new()
+            .name(format!("gracesrv-w{w}"))
+            .spawn(move || {
+                let _enter = span.enter();
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = tx.send(Err(format!("worker runtime: {e}")));
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    let mut tokio_listeners = Vec::new();
+                    for (socket, spec) in &listeners {
+                        match socket
+                            .try_clone()
+                            .and_then(tokio::net::TcpListener::from_std)
+                        {
+                            Ok(l) => tokio_listeners.push(l),
+                            Err(e) => {
+                                let _ = tx.send(Err(format!("listener {}: {e}", spec.ctx.name)));
+                                return;
+                            }
+                        }
+                    }
+                    let _ = tx.send(Ok(()));
+                    drop(tx);
+                    let builder = Arc::new(http_builder());
+                    let specs = listeners.into_iter().map(|(_, spec)| spec);
+                    for (spec, listener) in specs.zip(tokio_listeners) {
+                        tokio::spawn(accept_loop(listener, spec, shared.clone(), builder.clone()));
+                    }
+                    // Connections live on this runtime until the process exits.
+                    std::future::pending::<()>().await;
+                });
+            })
+            .map_err(|e| format!("cannot start worker thread: {e}"))?;
+    }
+    drop(tx);
+    for _ in 0..workers {
+        rx.recv()
+            .map_err(|_| "worker thread died at start".to_string())??;
+    }
+    Ok(())
+}
+
+fn http_builder() -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    // Timeouts for heads and idle connections are ours (see `Activity`):
+    // hyper's header timer also runs while a keep-alive connection is idle.
+    b.http1().timer(TokioTimer::new()).header_read_timeout(None);
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(256)
+        .max_pending_accept_reset_streams(64)
+        .max_local_error_reset_streams(1024);
+    b
+}
+
+/// Accepts until the process drains. Waits for a connection slot before
+/// accepting, so beyond `max_connections` clients queue in the backlog
+/// instead of being refused.
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    spec: ListenerSpec,
+    shared: Arc<Shared>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+) {
+    let drain = shared.process.drain.clone();
+    let stop = drain.started();
+    tokio::pin!(stop);
+    loop {
+        let permit = tokio::select! {
+            _ = &mut stop => break,
+            p = shared.limit.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let accepted = tokio::select! {
+            _ = &mut stop => break,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let guard = drain.connection();
+                let spec = spec.clone();
+                let shared = shared.clone();
+                let builder = builder.clone();
+                tokio::spawn(async move {
+                    serve_connection(stream, peer, spec, shared, builder).await;
+                    drop(guard);
+                    drop(permit);
+                });
+            }
+            Err(e) => {
+                // Out of fds (EMFILE/ENFILE) or a transient error: back off
+                // briefly rather than spin; the queue keeps the clients.
+                warn!(listener = %spec.ctx.name, "accept: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    debug!(listener = %spec.ctx.name, "stopped accepting");
+    // `listener` drops here: this worker's copy of the socket closes.
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    spec: ListenerSpec,
+    shared: Arc<Shared>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+) {
+    let _ = stream.set_nodelay(true);
+    let t = shared.timeouts;
+    match &spec.tls {
+        None => serve_http(stream, spec, shared, builder).await,
+        Some(acceptor) => match tokio::time::timeout(t.handshake, acceptor.accept(stream)).await {
+            Ok(Ok(tls)) => serve_http(tls, spec, shared, builder).await,
+            Ok(Err(e)) => debug!(listener = %spec.ctx.name, %peer, "TLS handshake failed: {e}"),
+            Err(_) => debug!(listener = %spec.ctx.name, %peer, "TLS handshake timed out"),
+        },
+    }
+}
+
+/// Milliseconds since an arbitrary process-wide start.
+fn now_ms() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+}
+
+/// What a connection is doing, for its timeouts. Shared by the IO wrapper
+/// (which sees bytes arrive) and the service (which sees requests start and
+/// their response bodies end).
+struct Activity {
+    in_flight: AtomicU32,
+    /// When the connection last became idle (no request in flight).
+    idle_since: AtomicU64,
+    /// When the first byte of a not yet complete request head arrived; 0 if none.
+    head_since: AtomicU64,
+    h2: AtomicBool,
+}
+
+impl Activity {
+    fn request_started(&self) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.head_since.store(0, Ordering::Relaxed);
+    }
+
+    fn request_finished(&self) {
+        if self.in_flight.fetch_sub(1, Ordering::Relaxed) == 1 {
+            self.idle_since.store(now_ms(), Ordering::Relaxed);
+        }
+    }
+
+    /// When the connection should be closed for being idle or slow, if nothing changes.
+    fn deadline(&self, t: &Timeouts) -> Option<u64> {
+        if self.in_flight.load(Ordering::Relaxed) > 0 {
+            return None;
+        }
+        let head = self.head_since.load(Ordering::Relaxed);
+        if head != 0 && !self.h2.load(Ordering::Relaxed) {
+            return Some(head + t.header.as_millis() as u64);
+        }
+        Some(self.idle_since.load(Ordering::Relaxed) + t.idle.as_millis() as u64)
+    }
+}
+
+/// The connection's IO, noting when a new request head starts arriving.
+struct TrackedIo<T> {
+    inner: T,
+    activity: Arc<Activity>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for TrackedIo<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let res = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            let a = &self.activity;
+            if a.in_flight.load(Ordering::Relaxed) == 0 && a.head_since.load(Ordering::Relaxed) == 0
+            {
+                a.head_since.store(now_ms(), Ordering::Relaxed);
+            }
+        }
+        res
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for TrackedIo<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+async fn serve_http<T>(
+    io: T,
+    spec: ListenerSpec,
+    shared: Arc<Shared>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+) where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let now = now_ms();
+    let activity = Arc::new(Activity {
+        in_flight: AtomicU32::new(0),
+        idle_since: AtomicU64::new(now),
+        // The first request head must arrive within `timeouts.header`.
+        head_since: AtomicU64::new(now),
+        h2: AtomicBool::new(false),
+    });
+    let io = TokioIo::new(TrackedIo {
+        inner: io,
+        activity: activity.clone(),
+    });
+    let svc = ConnService {
+        spec: spec.clone(),
+        process: shared.process.clone(),
+        activity: activity.clone(),
+    };
+    let conn = builder.serve_connection_with_upgrades(io, svc);
+    tokio::pin!(conn);
+    let drain = shared.process.drain.clone();
+    let draining = drain.started();
+    tokio::pin!(draining);
+    let mut drain_seen = false;
+    let t = shared.timeouts;
+    let timer = tokio::time::sleep(t.header.min(t.idle));
+    tokio::pin!(timer);
+    loop {
+        tokio::select! {
+            res = conn.as_mut() => {
+                if let Err(e) = res {
+                    debug!(listener = %spec.ctx.name, "connection: {e}");
+                }
+                return;
+            }
+            _ = &mut draining, if !drain_seen => {
+                drain_seen = true;
+                // HTTP/2: GOAWAY now, open streams finish. HTTP/1.1: the next
+                // response carries `Connection: close` (see ConnService); an
+                // idle connection keeps its idle timeout, since closing it
+                // could race a request the client is sending right now.
+                if activity.h2.load(Ordering::Relaxed) {
+                    conn.as_mut().graceful_shutdown();
+                }
+            }
+            _ = &mut timer => {
+                let now = now_ms();
+                match activity.deadline(&t) {
+                    Some(d) if d <= now => {
+                        debug!(listener = %spec.ctx.name, "closing connection: timed out");
+                        if activity.h2.load(Ordering::Relaxed) {
+                            conn.as_mut().graceful_shutdown();
+                            // Give the GOAWAY a moment; then drop.
+                            let _ = tokio::time::timeout(Duration::from_secs(1), conn.as_mut()).await;
+                        }
+                        return;
+                    }
+                    Some(d) => timer.as_mut().reset(tokio::time::Instant::now() + Duration::from_millis(d - now)),
+                    None => timer.as_mut().reset(tokio::time::Instant::now() + t.header.min(t.idle)),
+                }
+            }
+        }
+    }
+}
+
+/// The per-connection hyper service: counts the request, tracks it for the
+/// timeouts, and during a drain adds `Connection: close` to HTTP/1.x responses.
+#[derive(Clone)]
+struct ConnService {
+    spec: ListenerSpec,
+    process: Arc<ProcessInfo>,
+    activity: Arc<Activity>,
+}
+
+impl hyper::service::Service<Request<Incoming>> for ConnService {
+    type Response = Response<TrackedBody>;
+    type Error = std::convert::Infallible;
+    type Future =
+        Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        let h1 = req.version() < Version::HTTP_2;
+        if !h1 {
+            self.activity.h2.store(true, Ordering::Relaxed);
+        }
+        self.process.requests_total.fetch_add(1, Ordering::Relaxed);
+        let guard = InFlight::new(self.activity.clone(), self.process.clone());
+        let fut = self.spec.handler.call(req, &self.spec.ctx);
+        let process = self.process.clone();
+        Box::pin(async move {
+            let mut res = fut.await;
+            if h1 && process.drain.is_draining() {
+                res.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            Ok(res.map(|body| TrackedBody {
+                inner: body,
+                _guard: guard,
+            }))
+        })
+    }
+}
+
+/// A request counted as in flight until its response body is done.
+struct InFlight {
+    activity: Arc<Activity>,
+    process: Arc<ProcessInfo>,
+}
+
+impl InFlight {
+    fn new(activity: Arc<Activity>, process: Arc<ProcessInfo>) -> Self {
+        activity.request_started();
+        process.drain.request_started();
+        InFlight { activity, process }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.activity.request_finished();
+        self.process.drain.request_finished();
+    }
+}
+
+pub struct TrackedBody {
+    inner: Body,
+    _guard: InFlight,
+}
+
+impl hyper::body::Body for TrackedBody {
+    type Data = Bytes;
+    type Error = crate::service::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,45 @@
+//! What the process is asked to do by signals (SPEC section 3).
+//!
+//! The handlers are installed before the config is read, so a HUP that
+//! arrives while the process starts is remembered (the stream holds it) and
+//! acted on once the process is ready, instead of killing it.
+
+use tokio::signal::unix::{signal, Signal, SignalKind};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sig {
+    /// HUP: graceful restart.
+    Restart,
+    /// TERM or INT: graceful stop.
+    Stop,
+    /// QUIT: immediate stop.
+    Quit,
+}
+
+pub struct Signals {
+    hup: Signal,
+    term: Signal,
+    int: Signal,
+    quit: Signal,
+}
+
+impl Signals {
+    /// Installs the handlers. Must be called inside a tokio runtime.
+    pub fn install() -> std::io::Result<Signals> {
+        Ok(Signals {
+            hup: signal(SignalKind::hangup())?,
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            quit: signal(SignalKind::quit())?,
+        })
+    }
+
+    pub async fn next(&mut self) -> Sig {
+        tokio::select! {
+            _ = self.hup.recv() => Sig::Restart,
+            _ = self.term.recv() => Sig::Stop,
+            _ = self.int.recv() => Sig::Stop,
+            _ = self.quit.recv() => Sig::Quit,
+        }
+    }
+}

@@ -1,0 +1,95 @@
+//! Everything `gracesrv check` does, which is also what an old generation does
+//! before it spawns a new one (SPEC 4.2) and what a new one does at start:
+//! parse the config, load every certificate and key, build every route.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::config::{Config, ConfigError};
+use crate::routes::Router;
+use crate::service::Handler;
+
+/// A config with everything it names loaded and checked.
+pub struct Prepared {
+    pub config: Config,
+    /// Per listener, in config order.
+    pub listeners: Vec<PreparedListener>,
+}
+
+pub struct PreparedListener {
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub handler: Handler,
+}
+
+/// Loads and checks `path`. Listeners named in `apps` serve the application's
+/// service instead of their routes; every app name must exist in the config.
+pub fn prepare(path: &Path, apps: &HashMap<String, Handler>) -> Result<Prepared, ConfigError> {
+    let config = Config::load(path)?;
+    for name in apps.keys() {
+        if !config.listeners.iter().any(|l| &l.name == name) {
+            return Err(ConfigError::new(
+                &config.path,
+                None,
+                format!(
+                    "the application serves listener {name:?}, which the config does not define"
+                ),
+            ));
+        }
+    }
+    let mut listeners = Vec::new();
+    for l in &config.listeners {
+        let tls = match &l.tls {
+            Some(t) => Some(crate::tls::server_config(&config.path, t)?),
+            None => None,
+        };
+        let router = Router::new(&config.path, l)?;
+        let handler = match apps.get(&l.name) {
+            Some(h) => h.clone(),
+            None => Handler::Routes(Arc::new(router)),
+        };
+        listeners.push(PreparedListener { tls, handler });
+    }
+    Ok(Prepared { config, listeners })
+}
+
+/// The one-screen summary `gracesrv check` prints.
+pub fn summary(p: &Prepared) -> String {
+    let c = &p.config;
+    let mut out = format!("{}: ok\n", c.path.display());
+    for l in &c.listeners {
+        let scheme = if l.tls.is_some() { "https" } else { "http" };
+        out += &format!("  {:<16} {scheme}://{}  routes: ", l.name, l.addr);
+        let routes: Vec<String> = l
+            .routes
+            .iter()
+            .map(|r| {
+                let kind = match r.action {
+                    crate::config::Action::Respond { .. } => "respond",
+                    crate::config::Action::Static { .. } => "static",
+                    crate::config::Action::Redirect { .. } => "redirect",
+                    crate::config::Action::Status => "status",
+                };
+                format!("{} {kind}", r.path)
+            })
+            .collect();
+        out += &if routes.is_empty() {
+            "(none)".to_string()
+        } else {
+            routes.join(", ")
+        };
+        out.push('\n');
+        if let Some(t) = &l.tls {
+            out += &format!("  {:<16} cert {}", "", t.cert.written);
+            if !t.sni.is_empty() {
+                out += &format!(" (+{} by SNI)", t.sni.len());
+            }
+            out += &format!(", alpn {}\n", t.alpn.join(","));
+        }
+    }
+    out += &format!(
+        "  shutdown_timeout {:?}, startup_timeout {:?}, max_connections {}, watch {}\n",
+        c.shutdown_timeout, c.startup_timeout, c.max_connections, c.watch
+    );
+    out
+}
