@@ -25,6 +25,9 @@ struct Inner {
     active: AtomicU64,
     requests_in_flight: AtomicU64,
     idle: Notify,
+    /// Accept loops still holding a socket.
+    acceptors: AtomicU64,
+    acceptors_done: Notify,
 }
 
 impl Default for Drain {
@@ -36,6 +39,8 @@ impl Default for Drain {
                 active: AtomicU64::new(0),
                 requests_in_flight: AtomicU64::new(0),
                 idle: Notify::new(),
+                acceptors: AtomicU64::new(0),
+                acceptors_done: Notify::new(),
             }),
         }
     }
@@ -54,6 +59,19 @@ impl Drop for ConnectionGuard {
     }
 }
 
+/// Held by each accept loop; dropping it means its copy of the socket is closed.
+pub struct AcceptorGuard {
+    inner: Arc<Inner>,
+}
+
+impl Drop for AcceptorGuard {
+    fn drop(&mut self) {
+        if self.inner.acceptors.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.inner.acceptors_done.notify_waiters();
+        }
+    }
+}
+
 /// What was still open when a drain ran out of time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cut {
@@ -66,6 +84,26 @@ impl Drain {
         self.inner.active.fetch_add(1, Ordering::AcqRel);
         ConnectionGuard {
             inner: self.inner.clone(),
+        }
+    }
+
+    pub fn acceptor(&self) -> AcceptorGuard {
+        self.inner.acceptors.fetch_add(1, Ordering::AcqRel);
+        AcceptorGuard {
+            inner: self.inner.clone(),
+        }
+    }
+
+    /// Resolves once every accept loop has ended and closed its socket.
+    pub async fn stopped_accepting(&self) {
+        loop {
+            let notified = self.inner.acceptors_done.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.inner.acceptors.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            notified.await;
         }
     }
 

@@ -233,6 +233,8 @@ async fn drain(mut gen: Generation, signals: &mut Signals) -> i32 {
     // theirs as their accept loops end). Never shutdown(2): the accept queue
     // is shared with the next generation, and nothing in it may be lost.
     gen.listeners.clear();
+    drain.stopped_accepting().await;
+    info!("stopped accepting");
     let timeout = gen.config.shutdown_timeout;
     let started = Instant::now();
     let wait = drain.wait(timeout);

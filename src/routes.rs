@@ -171,7 +171,7 @@ impl Router {
             };
             routes.push((r.path.clone(), handle));
         }
-        routes.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        routes.sort_by_key(|r| std::cmp::Reverse(r.0.len()));
         Ok(Router { routes })
     }
 

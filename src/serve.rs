@@ -92,13 +92,18 @@ pub fn start(
                             }
                         }
                     }
-                    let _ = tx.send(Ok(()));
-                    drop(tx);
                     let builder = Arc::new(http_builder());
                     let specs = listeners.into_iter().map(|(_, spec)| spec);
                     for (spec, listener) in specs.zip(tokio_listeners) {
-                        tokio::spawn(accept_loop(listener, spec, shared.clone(), builder.clone()));
+                        let guard = shared.process.drain.acceptor();
+                        let (shared, builder) = (shared.clone(), builder.clone());
+                        tokio::spawn(async move {
+                            accept_loop(listener, spec, shared, builder).await;
+                            drop(guard);
+                        });
                     }
+                    let _ = tx.send(Ok(()));
+                    drop(tx);
                     // Connections live on this runtime until the process exits.
                     std::future::pending::<()>().await;
                 });
@@ -126,9 +131,13 @@ fn http_builder() -> auto::Builder<TokioExecutor> {
     b
 }
 
-/// Accepts until the process drains. Waits for a connection slot before
-/// accepting, so beyond `max_connections` clients queue in the backlog
-/// instead of being refused.
+/// Accepts until the process drains.
+///
+/// `max_connections` is enforced after accept: a loop that reaches the limit
+/// holds its one accepted connection until a slot frees and stops accepting
+/// meanwhile, so further clients queue in the kernel's backlog instead of
+/// being refused. (Taking a slot *before* accepting would let the idle accept
+/// loops of other listeners and workers hoard slots.)
 async fn accept_loop(
     listener: tokio::net::TcpListener,
     spec: ListenerSpec,
@@ -139,39 +148,78 @@ async fn accept_loop(
     let stop = drain.started();
     tokio::pin!(stop);
     loop {
-        let permit = tokio::select! {
-            _ = &mut stop => break,
-            p = shared.limit.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-        };
         let accepted = tokio::select! {
             _ = &mut stop => break,
             a = listener.accept() => a,
         };
-        match accepted {
-            Ok((stream, peer)) => {
-                let guard = drain.connection();
-                let spec = spec.clone();
-                let shared = shared.clone();
-                let builder = builder.clone();
-                tokio::spawn(async move {
-                    serve_connection(stream, peer, spec, shared, builder).await;
-                    drop(guard);
-                    drop(permit);
-                });
-            }
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
             Err(e) => {
                 // Out of fds (EMFILE/ENFILE) or a transient error: back off
                 // briefly rather than spin; the queue keeps the clients.
                 warn!(listener = %spec.ctx.name, "accept: {e}");
                 tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        debug!(listener = %spec.ctx.name, %peer, "accepted");
+        // Counted from accept, so a drain waits for it too.
+        let guard = drain.connection();
+        let conn = Accepted {
+            stream,
+            peer,
+            spec: spec.clone(),
+            shared: shared.clone(),
+            builder: builder.clone(),
+            guard,
+        };
+        match shared.limit.clone().try_acquire_owned() {
+            Ok(permit) => {
+                tokio::spawn(conn.serve(permit));
+            }
+            Err(_) => {
+                debug!(listener = %spec.ctx.name, "max_connections reached: waiting for a slot");
+                let limit = shared.limit.clone();
+                let wait = limit.acquire_owned();
+                tokio::select! {
+                    permit = wait => match permit {
+                        Ok(permit) => { tokio::spawn(conn.serve(permit)); }
+                        Err(_) => break,
+                    },
+                    _ = &mut stop => {
+                        // Stopping: this connection is still served once a slot frees.
+                        let limit = shared.limit.clone();
+                        tokio::spawn(async move {
+                            if let Ok(permit) = limit.acquire_owned().await {
+                                conn.serve(permit).await;
+                            }
+                        });
+                        break;
+                    }
+                }
             }
         }
     }
-    debug!(listener = %spec.ctx.name, "stopped accepting");
+    debug!(listener = %spec.ctx.name, "accept loop ended");
     // `listener` drops here: this worker's copy of the socket closes.
+}
+
+/// An accepted connection, counted, waiting for its slot.
+struct Accepted {
+    stream: TcpStream,
+    peer: SocketAddr,
+    spec: ListenerSpec,
+    shared: Arc<Shared>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    guard: crate::drain::ConnectionGuard,
+}
+
+impl Accepted {
+    async fn serve(self, permit: tokio::sync::OwnedSemaphorePermit) {
+        serve_connection(self.stream, self.peer, self.spec, self.shared, self.builder).await;
+        drop(self.guard);
+        drop(permit);
+    }
 }
 
 async fn serve_connection(
@@ -380,6 +428,7 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
             self.activity.h2.store(true, Ordering::Relaxed);
         }
         self.process.requests_total.fetch_add(1, Ordering::Relaxed);
+        debug!(listener = %self.spec.ctx.name, method = %req.method(), path = req.uri().path(), "request started");
         let guard = InFlight::new(self.activity.clone(), self.process.clone());
         let fut = self.spec.handler.call(req, &self.spec.ctx);
         let process = self.process.clone();

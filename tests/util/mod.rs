@@ -1,0 +1,401 @@
+//! Test helpers: a `TestServer` that runs the real binary in a temp dir, and
+//! a small HTTP client (HTTP/1.1 and HTTP/2, plain and TLS).
+//!
+//! Readiness is never guessed with sleeps: every generation of the server
+//! sends `MAINPID=<pid>` + `READY=1` to a `NOTIFY_SOCKET` the test owns, and
+//! failures are seen in the server's log lines, which the helper collects.
+#![allow(dead_code)]
+
+pub mod client;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::UnixDatagram;
+use tokio::sync::Notify;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_gracesrv");
+/// Upper bound for anything a test waits for; a healthy run takes a fraction.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// Certificates for a test: a CA, and leaves signed by it.
+pub struct Certs {
+    pub ca_pem: String,
+    ca: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+}
+
+impl Certs {
+    pub fn new() -> Certs {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "gracesrv test CA");
+        let key = rcgen::KeyPair::generate().unwrap();
+        let ca = rcgen::CertifiedIssuer::self_signed(params, key).unwrap();
+        Certs {
+            ca_pem: ca.pem(),
+            ca,
+        }
+    }
+
+    /// Writes `<stem>.crt` and `<stem>.key` into `dir`: a leaf for `names`
+    /// (DNS names or IPs) with the given serial.
+    pub fn leaf(&self, dir: &Path, stem: &str, names: &[&str], serial: u64) {
+        let mut params =
+            rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        params.serial_number = Some(rcgen::SerialNumber::from(serial));
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.ca).unwrap();
+        std::fs::write(dir.join(format!("{stem}.crt")), cert.pem()).unwrap();
+        std::fs::write(dir.join(format!("{stem}.key")), key.serialize_pem()).unwrap();
+    }
+}
+
+/// Collected log lines of every generation (they share stderr).
+#[derive(Default)]
+struct Logs {
+    lines: Mutex<Vec<String>>,
+    changed: Notify,
+}
+
+pub struct TestServer {
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub certs: Certs,
+    first: Child,
+    notify: UnixDatagram,
+    logs: Arc<Logs>,
+    /// Pids that reported ready, oldest first.
+    pub ready_pids: Vec<u32>,
+}
+
+/// A config with one plain and one TLS listener on kernel-picked ports.
+pub fn basic_config(extra_routes: &str) -> String {
+    format!(
+        r#"shutdown_timeout: 10s
+listeners:
+  - name: web
+    addr: 127.0.0.1:0
+    routes:
+      - path: /delay
+        respond: {{ body: "slow {{pid}}\n", delay: 2s }}
+      - path: /status
+        status: {{}}
+{extra_routes}      - path: /
+        respond: {{ body: "pid {{pid}} gen {{generation}} {{listener}}\n" }}
+  - name: web-tls
+    addr: 127.0.0.1:0
+    tls: {{ cert: localhost.crt, key: localhost.key }}
+    routes:
+      - path: /delay
+        respond: {{ body: "slow {{pid}}\n", delay: 2s }}
+      - path: /
+        respond: {{ body: "pid {{pid}} gen {{generation}} {{listener}}\n" }}
+"#
+    )
+}
+
+impl TestServer {
+    /// A temp dir with a CA and a `localhost` leaf (serial 1), and `config`
+    /// written to `server.yaml`; nothing started yet.
+    pub fn prepare(config: &str) -> (tempfile::TempDir, Certs, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let certs = Certs::new();
+        certs.leaf(dir.path(), "localhost", &["localhost", "127.0.0.1"], 1);
+        let path = dir.path().join("server.yaml");
+        std::fs::write(&path, config).unwrap();
+        (dir, certs, path)
+    }
+
+    /// Starts the server on `config` and waits until it is ready.
+    pub async fn start(config: &str) -> TestServer {
+        let (dir, certs, path) = Self::prepare(config);
+        Self::start_in(dir, certs, path, &[]).await
+    }
+
+    pub async fn start_in(
+        dir: tempfile::TempDir,
+        certs: Certs,
+        config: PathBuf,
+        env: &[(&str, &str)],
+    ) -> TestServer {
+        let mut srv = Self::spawn(dir, certs, config, env);
+        srv.wait_ready().await;
+        srv
+    }
+
+    /// Spawns the binary without waiting for it.
+    pub fn spawn(
+        dir: tempfile::TempDir,
+        certs: Certs,
+        config: PathBuf,
+        env: &[(&str, &str)],
+    ) -> TestServer {
+        let notify_path = dir.path().join("notify.sock");
+        let notify = UnixDatagram::bind(&notify_path).unwrap();
+        let mut cmd = Command::new(BIN);
+        cmd.arg("-c")
+            .arg(&config)
+            .current_dir(dir.path())
+            .env("NOTIFY_SOCKET", &notify_path)
+            .env("GRACESRV_LOG", "gracesrv=debug")
+            .env_remove("LISTEN_PID")
+            .env_remove("LISTEN_FDS")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        // Its own process group, so cleanup reaches every generation.
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        let mut first = cmd.spawn().expect("spawn gracesrv");
+        let logs = Arc::new(Logs::default());
+        let stderr = first.stderr.take().unwrap();
+        let l = logs.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                l.lines.lock().unwrap().push(line);
+                l.changed.notify_waiters();
+            }
+        });
+        TestServer {
+            dir,
+            config,
+            certs,
+            first,
+            notify,
+            logs,
+            ready_pids: Vec::new(),
+        }
+    }
+
+    /// Waits for the next generation to report `READY=1`; returns its pid.
+    pub async fn wait_ready(&mut self) -> u32 {
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let n = match tokio::time::timeout(WAIT, self.notify.recv(&mut buf)).await {
+                Ok(r) => r.unwrap(),
+                Err(_) => panic!("no READY within {WAIT:?}; logs:\n{}", self.logs()),
+            };
+            let msg = String::from_utf8_lossy(&buf[..n]).to_string();
+            if !msg.lines().any(|l| l == "READY=1") {
+                continue;
+            }
+            let pid = msg
+                .lines()
+                .find_map(|l| l.strip_prefix("MAINPID="))
+                .and_then(|p| p.parse().ok())
+                .expect("READY without MAINPID");
+            // The datagram can overtake the log lines: wait for this
+            // generation's own "ready" line, which follows its "listening" ones.
+            let tag = format!("pid={pid} ");
+            self.wait_log_after(0, |l| l.contains(&tag) && l.contains(": ready"))
+                .await;
+            self.ready_pids.push(pid);
+            return pid;
+        }
+    }
+
+    /// The pid of the generation that last reported ready.
+    pub fn pid(&self) -> u32 {
+        *self.ready_pids.last().expect("no generation is ready")
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid() as i32), sig).unwrap();
+    }
+
+    /// Signals the first process, whether or not it reported ready.
+    pub fn signal_first(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.first.id() as i32), sig).unwrap();
+    }
+
+    pub fn hup(&self) {
+        self.signal(nix::sys::signal::Signal::SIGHUP);
+    }
+
+    /// HUP, then wait for the new generation; returns its pid.
+    pub async fn restart(&mut self) -> u32 {
+        let old = self.pid();
+        self.hup();
+        let new = self.wait_ready().await;
+        assert_ne!(new, old);
+        new
+    }
+
+    /// All log lines so far.
+    pub fn logs(&self) -> String {
+        self.logs.lines.lock().unwrap().join("\n")
+    }
+
+    /// Waits until some log line satisfies `pred`, counting only lines after
+    /// the first `skip`; returns the line.
+    pub async fn wait_log_after(&self, skip: usize, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let notified = self.logs.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(l) = self
+                .logs
+                .lines
+                .lock()
+                .unwrap()
+                .iter()
+                .skip(skip)
+                .find(|l| pred(l))
+            {
+                return l.clone();
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                panic!("no such log line within {WAIT:?}; logs:\n{}", self.logs());
+            }
+        }
+    }
+
+    pub async fn wait_log(&self, needle: &str) -> String {
+        self.wait_log_after(0, |l| l.contains(needle)).await
+    }
+
+    pub fn log_count(&self) -> usize {
+        self.logs.lines.lock().unwrap().len()
+    }
+
+    /// The address a listener of the current generation bound.
+    pub fn addr(&self, listener: &str) -> SocketAddr {
+        let pid = format!("pid={}", self.pid());
+        let key = format!("listening listener={listener} addr=");
+        let lines = self.logs.lines.lock().unwrap();
+        let line = lines
+            .iter()
+            .rev()
+            .find(|l| l.contains(&pid) && l.contains(&key))
+            .unwrap_or_else(|| {
+                panic!(
+                    "no listening line for {listener}; logs:\n{}",
+                    lines.join("\n")
+                )
+            });
+        let rest = &line[line.find(&key).unwrap() + key.len()..];
+        rest.split_whitespace().next().unwrap().parse().unwrap()
+    }
+
+    pub fn addrs(&self) -> HashMap<String, SocketAddr> {
+        ["web", "web-tls"]
+            .iter()
+            .map(|n| (n.to_string(), self.addr(n)))
+            .collect()
+    }
+
+    /// Rewrites the config file.
+    pub fn write_config(&self, text: &str) {
+        std::fs::write(&self.config, text).unwrap();
+    }
+
+    /// A TLS client config that trusts this server's CA.
+    pub fn tls(&self) -> Arc<rustls::ClientConfig> {
+        client::tls_config(&self.certs.ca_pem, &[b"h2".to_vec(), b"http/1.1".to_vec()])
+    }
+
+    pub fn tls_h1(&self) -> Arc<rustls::ClientConfig> {
+        client::tls_config(&self.certs.ca_pem, &[b"http/1.1".to_vec()])
+    }
+
+    /// Waits for the first process (generation 1) to exit; returns its status.
+    pub async fn wait_first_exit(&mut self) -> std::process::ExitStatus {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            if let Some(status) = self.first.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "process did not exit; logs:\n{}",
+                self.logs()
+            );
+            // Polling a child's exit status has no readiness signal to wait on.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn first_pid(&self) -> u32 {
+        self.first.id()
+    }
+}
+
+/// Is `pid` still running (and not a zombie)?
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            let state = stat
+                .rsplit(')')
+                .next()
+                .and_then(|s| s.split_whitespace().next());
+            state != Some("Z")
+        }
+        Err(_) => false,
+    }
+}
+
+/// Waits until `pid` is gone (exited; a zombie counts as gone).
+pub async fn wait_gone(pid: u32) {
+    let deadline = std::time::Instant::now() + WAIT;
+    while alive(pid) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "process {pid} still running"
+        );
+        // A process that is not our child gives no exit notification to wait on.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The open fds of `pid`.
+pub fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// Children of `pid` that are zombies.
+pub fn zombie_children(pid: u32) -> usize {
+    let mut n = 0;
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let Some(after) = stat.rsplit_once(')').map(|(_, a)| a.to_string()) else {
+            continue;
+        };
+        let mut it = after.split_whitespace();
+        let state = it.next();
+        let ppid: Option<u32> = it.next().and_then(|p| p.parse().ok());
+        if state == Some("Z") && ppid == Some(pid) {
+            n += 1;
+        }
+    }
+    n
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("---- gracesrv logs ----\n{}", self.logs());
+        }
+        // Every generation is in the first one's process group.
+        let pgid = nix::unistd::Pid::from_raw(self.first.id() as i32);
+        let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+        let _ = self.first.wait();
+    }
+}
