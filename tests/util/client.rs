@@ -28,6 +28,10 @@ pub fn tls_config(ca_pem: &str, alpn: &[Vec<u8>]) -> Arc<rustls::ClientConfig> {
     Arc::new(config)
 }
 
+/// Prefix of the error for a request the server did not process (and a
+/// client may retry).
+pub const NOT_SENT: &str = "not sent";
+
 #[derive(Debug)]
 pub struct Resp {
     pub status: StatusCode,
@@ -168,17 +172,37 @@ impl Conn {
     }
 
     pub async fn request(&mut self, mut req: Request<Empty<Bytes>>) -> Result<Resp, String> {
+        // try_send_request hands the request back if it never reached the
+        // connection (e.g. queued when a GOAWAY arrived): such a request was
+        // not processed and is safe to retry (RFC 9113 section 6.8).
         let res = match &mut self.sender {
-            Sender::H1(s) => s.send_request(req).await,
+            Sender::H1(s) => s.try_send_request(req).await,
             Sender::H2(s) => {
                 *req.version_mut() = Version::HTTP_2;
                 let uri = format!("https://{}{}", self.host, req.uri());
                 *req.uri_mut() = uri.parse().unwrap();
                 req.headers_mut().remove("host");
-                s.send_request(req).await
+                s.try_send_request(req).await
             }
-        }
-        .map_err(|e| format!("request: {e}"))?;
+        };
+        let res = match res {
+            Ok(res) => res,
+            Err(mut e) => {
+                // Not processed by the server: the request never reached the
+                // connection, or the stream ended by a graceful GOAWAY (h2
+                // refuses new streams once one arrives; RFC 9113 6.8 says
+                // such streams were not processed and may be retried).
+                let unsent = e.take_message().is_some();
+                let detail = format!("{:?}", e.error());
+                let goaway = detail.contains("GoAway(") && detail.contains("NO_ERROR");
+                let kind = if unsent || goaway {
+                    NOT_SENT
+                } else {
+                    "request"
+                };
+                return Err(format!("{kind}: {detail}"));
+            }
+        };
         let (parts, body) = res.into_parts();
         let body = body
             .collect()

@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod client;
+pub mod load;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -137,9 +138,32 @@ impl TestServer {
         config: PathBuf,
         env: &[(&str, &str)],
     ) -> TestServer {
+        Self::spawn_cmd(dir, certs, config, env, Command::new(BIN))
+    }
+
+    /// Copies the binary into the temp dir and runs that copy, so a test can
+    /// replace it on disk.
+    pub fn spawn_copy(
+        dir: tempfile::TempDir,
+        certs: Certs,
+        config: PathBuf,
+        env: &[(&str, &str)],
+    ) -> TestServer {
+        let exe = dir.path().join("gracesrv");
+        std::fs::copy(BIN, &exe).unwrap();
+        Self::spawn_cmd(dir, certs, config, env, Command::new(exe))
+    }
+
+    /// Runs `cmd` (the binary, or something that execs it) with `-c config`.
+    pub fn spawn_cmd(
+        dir: tempfile::TempDir,
+        certs: Certs,
+        config: PathBuf,
+        env: &[(&str, &str)],
+        mut cmd: Command,
+    ) -> TestServer {
         let notify_path = dir.path().join("notify.sock");
         let notify = UnixDatagram::bind(&notify_path).unwrap();
-        let mut cmd = Command::new(BIN);
         cmd.arg("-c")
             .arg(&config)
             .current_dir(dir.path())
@@ -225,12 +249,17 @@ impl TestServer {
         self.signal(nix::sys::signal::Signal::SIGHUP);
     }
 
-    /// HUP, then wait for the new generation; returns its pid.
+    /// HUP, then wait for the new generation to be ready and the old one
+    /// to have stopped accepting (until then both accept from the shared
+    /// queue); returns the new pid.
     pub async fn restart(&mut self) -> u32 {
         let old = self.pid();
         self.hup();
         let new = self.wait_ready().await;
         assert_ne!(new, old);
+        let tag = format!("pid={old} ");
+        self.wait_log_after(0, |l| l.contains(&tag) && l.contains("stopped accepting"))
+            .await;
         new
     }
 

@@ -1,0 +1,346 @@
+//! Zero-downtime restarts (SPEC section 4): the handoff, under load, rollback,
+//! listener changes, resource hygiene, and the handoff variables.
+
+mod util;
+
+use std::time::Duration;
+
+use util::client::{self, Target};
+use util::load::{Kind, Load};
+use util::{basic_config, TestServer};
+
+#[tokio::test]
+async fn request_in_flight_finishes_on_the_old_pid_while_the_new_one_serves() {
+    let mut srv = TestServer::start(&basic_config("")).await;
+    let web = Target::plain(srv.addr("web"));
+    let old = srv.pid();
+    let slow = tokio::spawn({
+        let web = web.clone();
+        async move { client::get(&web, "/delay").await }
+    });
+    srv.wait_log("path=\"/delay\"").await;
+    let new = srv.restart().await;
+    assert_ne!(new, old);
+    let r = client::get(&web, "/").await.unwrap();
+    assert_eq!(r.body, format!("pid {new} gen 2 web\n"));
+    let r = slow.await.unwrap().unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, format!("slow {old}\n"));
+    util::wait_gone(old).await;
+    let log = srv.logs();
+    assert!(log.contains(&format!("restart complete: draining the old generation old_pid={old} new_pid={new} generation=2 took_ms=")), "{log}");
+    // The new generation serves TLS too, with the ports kept.
+    let r = client::get(&Target::tls(srv.addr("web-tls"), srv.tls()), "/")
+        .await
+        .unwrap();
+    assert_eq!(r.body, format!("pid {new} gen 2 web-tls\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_restarts_under_load_lose_no_request() {
+    let (dir, certs, path) = TestServer::prepare(&basic_config(""));
+    let mut srv =
+        TestServer::start_in(dir, certs, path, &[("GRACESRV_LOG", "gracesrv=info")]).await;
+    let web = Target::plain(srv.addr("web"));
+    let tls = Target::tls(srv.addr("web-tls"), srv.tls());
+    let tls_h1 = Target::tls(srv.addr("web-tls"), srv.tls_h1());
+
+    let mut load = Load::new();
+    load.spawn(Kind::KeepAlive, web.clone(), "/", 4);
+    load.spawn(Kind::KeepAlive, tls_h1.clone(), "/", 3);
+    load.spawn(Kind::NewConnection, web.clone(), "/", 2);
+    load.spawn(Kind::NewConnection, tls_h1.clone(), "/", 2);
+    load.spawn(Kind::H2 { streams: 4 }, tls.clone(), "/", 1);
+    load.spawn(Kind::H2 { streams: 4 }, web.clone(), "/", 1);
+    let stats = load.stats.clone();
+    stats.wait_for_more(200).await;
+
+    let mut pids = vec![srv.pid()];
+    for _ in 0..20 {
+        pids.push(srv.restart().await);
+        // Every generation serves some of the load before the next restart.
+        stats.wait_for_more(100).await;
+    }
+    let stats = load.stop().await;
+    let errors = stats.errors.lock().unwrap().clone();
+    assert_eq!(stats.failed(), 0, "failed requests: {errors:#?}");
+    let answered = stats.pids.lock().unwrap().clone();
+    assert!(
+        answered.len() >= 20,
+        "answers came from {} pids",
+        answered.len()
+    );
+    assert!(answered.contains(pids.last().unwrap()));
+    eprintln!(
+        "{} requests, 0 failed, {} HTTP/2 requests retried (not sent before GOAWAY), over 20 restarts",
+        stats.ok(),
+        stats.retried()
+    );
+}
+
+/// Starts a server, then asserts that restarting with `broken` fails with
+/// `reason`, keeps the old pid serving, and that the fixed config restarts.
+async fn assert_rollback(srv: &mut TestServer, broken: &str, reason: &str) {
+    let web = Target::plain(srv.addr("web"));
+    let old = srv.pid();
+    let good = std::fs::read_to_string(&srv.config).unwrap();
+    srv.write_config(broken);
+    let seen = srv.log_count();
+    srv.hup();
+    let line = srv
+        .wait_log_after(seen, |l| l.contains("restart failed"))
+        .await;
+    assert!(line.contains(reason), "want {reason:?} in {line:?}");
+    let r = client::get(&web, "/").await.unwrap();
+    assert_eq!(r.pid(), old, "the old generation keeps serving");
+    assert!(util::alive(old));
+    srv.write_config(&good);
+    let new = srv.restart().await;
+    assert_eq!(client::get(&web, "/").await.unwrap().pid(), new);
+}
+
+#[tokio::test]
+async fn a_broken_config_or_certificate_leaves_the_old_generation_serving() {
+    let mut srv = TestServer::start(&basic_config("")).await;
+    let config = basic_config("");
+    srv.certs.leaf(srv.dir.path(), "other", &["other.test"], 9);
+
+    assert_rollback(&mut srv, "listeners: [\n", "server.yaml:1:12: ").await;
+    assert_rollback(
+        &mut srv,
+        &config.replace("localhost.crt", "missing.crt"),
+        "no such file missing.crt",
+    )
+    .await;
+    assert_rollback(
+        &mut srv,
+        &config.replace("key: localhost.key", "key: other.key"),
+        "other.key does not match the certificate localhost.crt",
+    )
+    .await;
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let with_taken = config.replace(
+        "  - name: web-tls\n",
+        &format!(
+            "  - name: extra\n    addr: {}\n  - name: web-tls\n",
+            taken.local_addr().unwrap()
+        ),
+    );
+    assert_rollback(&mut srv, &with_taken, "cannot listen on").await;
+}
+
+#[tokio::test]
+async fn a_new_binary_that_crashes_or_hangs_is_rolled_back() {
+    let config = basic_config("").replace(
+        "shutdown_timeout: 10s\n",
+        "shutdown_timeout: 10s\nstartup_timeout: 1s\n",
+    );
+    let (dir, certs, path) = TestServer::prepare(&config);
+    let mut srv = TestServer::spawn_copy(dir, certs, path, &[]);
+    srv.wait_ready().await;
+    let web = Target::plain(srv.addr("web"));
+    let old = srv.pid();
+    let exe = srv.dir.path().join("gracesrv");
+    let real = srv.dir.path().join("gracesrv.real");
+    std::fs::rename(&exe, &real).unwrap();
+
+    for (script, reason) in [
+        (
+            "#!/bin/sh\nexit 3\n",
+            "exited with status 3 before it was ready",
+        ),
+        ("#!/bin/sh\nexec sleep 60\n", "was not ready within 1s"),
+    ] {
+        let tmp = srv.dir.path().join("gracesrv.tmp");
+        std::fs::write(&tmp, script).unwrap();
+        std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        std::fs::rename(&tmp, &exe).unwrap();
+        let seen = srv.log_count();
+        srv.hup();
+        let line = srv
+            .wait_log_after(seen, |l| l.contains("restart failed"))
+            .await;
+        assert!(line.contains(reason), "want {reason:?} in {line:?}");
+        assert_eq!(client::get(&web, "/").await.unwrap().pid(), old);
+        assert_eq!(
+            util::zombie_children(old),
+            0,
+            "the failed process was reaped"
+        );
+    }
+    // Put the real binary back: the next HUP picks it up from disk.
+    std::fs::rename(&real, &exe).unwrap();
+    let new = srv.restart().await;
+    assert_eq!(client::get(&web, "/").await.unwrap().pid(), new);
+}
+
+#[tokio::test]
+async fn listeners_are_added_removed_and_moved() {
+    let one = "listeners:\n  - name: a\n    addr: 127.0.0.1:0\n    routes: [{ respond: { body: \"a {pid}\\n\" } }]\n  - name: b\n    addr: 127.0.0.1:0\n    routes: [{ respond: { body: \"b {pid}\\n\" } }]\n";
+    let mut srv = TestServer::start(one).await;
+    let (a, b) = (srv.addr("a"), srv.addr("b"));
+
+    // Remove b, add c, and move a to a fixed port picked now.
+    let free = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let two = format!(
+        "listeners:\n  - name: c\n    addr: 127.0.0.1:0\n    routes: [{{ respond: {{ body: \"c {{pid}}\\n\" }} }}]\n  - name: a\n    addr: {free}\n    routes: [{{ respond: {{ body: \"a {{pid}}\\n\" }} }}]\n"
+    );
+    srv.write_config(&two);
+    let old = srv.pid();
+    let new = srv.restart().await;
+    util::wait_gone(old).await;
+    assert_eq!(srv.addr("a"), free);
+    let r = client::get(&Target::plain(free), "/").await.unwrap();
+    assert_eq!(r.body, format!("a {new}\n"));
+    let r = client::get(&Target::plain(srv.addr("c")), "/")
+        .await
+        .unwrap();
+    assert_eq!(r.body, format!("c {new}\n"));
+    assert!(
+        tokio::net::TcpStream::connect(b).await.is_err(),
+        "removed listener b is closed"
+    );
+    assert!(
+        tokio::net::TcpStream::connect(a).await.is_err(),
+        "a's old address is closed"
+    );
+
+    // Port 0 keeps the port it was given across restarts.
+    let c = srv.addr("c");
+    srv.restart().await;
+    assert_eq!(srv.addr("c"), c);
+}
+
+#[tokio::test]
+async fn fds_and_zombies_stay_flat_over_50_restarts() {
+    let (dir, certs, path) = TestServer::prepare(&basic_config(""));
+    let mut srv =
+        TestServer::start_in(dir, certs, path, &[("GRACESRV_LOG", "gracesrv=info")]).await;
+    let web = Target::plain(srv.addr("web"));
+    srv.restart().await;
+    client::get(&web, "/").await.unwrap();
+    let fds_after_one = util::fd_count(srv.pid());
+    for _ in 0..49 {
+        srv.restart().await;
+    }
+    let pid = srv.pid();
+    assert_eq!(client::get(&web, "/").await.unwrap().pid(), pid);
+    assert_eq!(
+        util::fd_count(pid),
+        fds_after_one,
+        "fds of the serving process"
+    );
+    assert_eq!(util::zombie_children(pid), 0);
+    // Exactly one generation is left: all old ones drained and exited.
+    for old in &srv.ready_pids[..srv.ready_pids.len() - 1] {
+        util::wait_gone(*old).await;
+    }
+}
+
+#[tokio::test]
+async fn hups_during_a_restart_coalesce() {
+    let config = basic_config("");
+    let (dir, certs, path) = TestServer::prepare(&config);
+    let mut srv =
+        TestServer::start_in(dir, certs, path, &[("GRACESRV_LOG", "gracesrv=info")]).await;
+    let first = srv.pid();
+    for _ in 0..100 {
+        srv.hup();
+    }
+    // One restart, then at most one more for all the HUPs that came during it.
+    let second = srv.wait_ready().await;
+    assert_ne!(second, first);
+    let web = Target::plain(srv.addr("web"));
+    let log_restarts = |srv: &TestServer| srv.logs().matches("restart complete").count();
+    // Wait until the load settles: the serving pid answers and no restart runs.
+    util::wait_gone(first).await;
+    let maybe_third = tokio::time::timeout(Duration::from_secs(3), srv.wait_ready()).await;
+    let last = *srv.ready_pids.last().unwrap();
+    assert_eq!(client::get(&web, "/").await.unwrap().pid(), last);
+    assert!(
+        log_restarts(&srv) <= 2,
+        "{} restarts for 100 HUPs",
+        log_restarts(&srv)
+    );
+    assert!(maybe_third.is_err() || srv.ready_pids.len() == 3);
+}
+
+#[tokio::test]
+async fn handoff_variables_for_another_pid_are_ignored() {
+    // A listening socket at fd 3 announced for some other process.
+    let stranger = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let stranger_addr = stranger.local_addr().unwrap();
+    let (dir, certs, path) = TestServer::prepare(&basic_config(""));
+    let mut cmd = std::process::Command::new(util::BIN);
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&stranger);
+    // SAFETY: dup2 is async-signal-safe; runs in the child before exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+            if libc::dup2(fd, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.env("LISTEN_FDS", "1")
+        .env("LISTEN_FDNAMES", "web")
+        .env("LISTEN_PID", "1");
+    let mut srv = TestServer::spawn_cmd(dir, certs, path, &[], cmd);
+    srv.wait_ready().await;
+    assert_ne!(
+        srv.addr("web"),
+        stranger_addr,
+        "must not serve on a socket meant for another pid"
+    );
+    assert_eq!(
+        client::get(&Target::plain(srv.addr("web")), "/")
+            .await
+            .unwrap()
+            .pid(),
+        srv.pid()
+    );
+}
+
+#[tokio::test]
+async fn socket_activation_hands_in_named_sockets() {
+    // What systemd-socket-activate does: the socket at fd 3, LISTEN_PID set
+    // to the server's own pid (the shell execs the server, keeping its pid).
+    let activated = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = activated.local_addr().unwrap();
+    let (dir, certs, path) = TestServer::prepare(&basic_config(""));
+    let mut cmd = std::process::Command::new("/bin/sh");
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&activated);
+    // SAFETY: dup2 is async-signal-safe; runs in the child before exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+            if libc::dup2(fd, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.arg("-c")
+        .arg(format!(
+            "LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=web exec {} \"$@\"",
+            util::BIN
+        ))
+        .arg("sh");
+    let mut srv = TestServer::spawn_cmd(dir, certs, path, &[], cmd);
+    srv.wait_ready().await;
+    assert_eq!(srv.addr("web"), addr);
+    drop(activated);
+    assert_eq!(
+        client::get(&Target::plain(addr), "/").await.unwrap().pid(),
+        srv.pid()
+    );
+    // And it restarts with the activated socket.
+    let new = srv.restart().await;
+    assert_eq!(
+        client::get(&Target::plain(addr), "/").await.unwrap().pid(),
+        new
+    );
+}
