@@ -236,10 +236,33 @@ pub fn spawn(args: SpawnArgs<'_>) -> Result<libc::pid_t, String> {
     // Copies are made at or above this fd, so they never land on a target.
     let scratch_floor = ready_target + 1;
 
+    // Hold SIGHUP from before the fork until the new process has installed
+    // its handler (it unblocks it then): the child inherits this thread's
+    // mask, and a blocked signal stays pending across exec. A HUP sent to the
+    // new process while it starts is then delivered later, neither fatal
+    // (the default action) nor swallowed by this process's inherited handler.
+    let mut hup = nix::sys::signal::SigSet::empty();
+    hup.add(nix::sys::signal::Signal::SIGHUP);
+    let mut old_mask = nix::sys::signal::SigSet::empty();
+    nix::sys::signal::pthread_sigmask(
+        nix::sys::signal::SigmaskHow::SIG_BLOCK,
+        Some(&hup),
+        Some(&mut old_mask),
+    )
+    .map_err(|e| format!("sigprocmask: {e}"))?;
+
     // SAFETY: fork in a multi-threaded process. The child calls only
-    // async-signal-safe functions (getpid, fcntl, dup2, sigprocmask, execve,
-    // _exit) and writes only into memory allocated above, before the fork.
+    // async-signal-safe functions (getpid, fcntl, dup2, execve, _exit) and
+    // writes only into memory allocated above, before the fork.
     let pid = unsafe { libc::fork() };
+    if pid != 0 {
+        // Parent: restore this thread's mask (a HUP meanwhile is pending, not lost).
+        let _ = nix::sys::signal::pthread_sigmask(
+            nix::sys::signal::SigmaskHow::SIG_SETMASK,
+            Some(&old_mask),
+            None,
+        );
+    }
     if pid < 0 {
         return Err(format!("fork: {}", std::io::Error::last_os_error()));
     }
@@ -264,12 +287,6 @@ pub fn spawn(args: SpawnArgs<'_>) -> Result<libc::pid_t, String> {
                     libc::_exit(126);
                 }
             }
-            // Hold SIGHUP until the new process has its handler: a HUP that
-            // arrives during its start is then delivered later, not fatal.
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            libc::sigaddset(&mut set, libc::SIGHUP);
-            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
             libc::execve(path.as_ptr(), argv_ptrs.as_ptr(), env_ptrs.as_ptr());
             libc::_exit(127);
         }
@@ -295,8 +312,8 @@ fn write_decimal(mut n: u64, buf: &mut [u8]) {
     buf[len] = 0;
 }
 
-/// Unblocks SIGHUP, which a parent blocks across exec (see `spawn`). Called
-/// once this process's own handler is installed.
+/// Unblocks SIGHUP, which a parent holds blocked across fork and exec (see
+/// `spawn`). Called once this process's own handler is installed.
 pub fn unblock_hup() {
     let mut set = nix::sys::signal::SigSet::empty();
     set.add(nix::sys::signal::Signal::SIGHUP);

@@ -53,30 +53,49 @@ enum State {
 
 type Attempt = Pin<Box<dyn Future<Output = Result<i32, String>>>>;
 
+/// The pid of the process a restart attempt is starting, so that a stop
+/// during the attempt can take it down too (else it would become an orphan
+/// serving on its own).
+#[derive(Clone, Default)]
+struct Starting(std::rc::Rc<std::cell::Cell<Option<i32>>>);
+
+impl Starting {
+    /// Kills and reaps the process being started, if any.
+    async fn abandon(&self) {
+        if let Some(pid) = self.0.take() {
+            info!(new_pid = pid, "abandoning the restart in progress");
+            kill_and_reap(pid).await;
+        }
+    }
+}
+
 /// Runs until the process should exit; returns its exit code.
 pub async fn control(gen: Generation, restarter: Restarter, mut signals: Signals) -> i32 {
     let mut state = State::Serving;
     let mut attempt: Option<Attempt> = None;
     let mut started = Instant::now();
+    let starting = Starting::default();
     loop {
         let trigger = tokio::select! {
             sig = signals.next() => match sig {
                 Sig::Restart => Some(Trigger::Signal),
                 Sig::Stop => {
                     info!("stopping: draining connections");
-                    if attempt.take().is_some() {
-                        info!("abandoning the restart in progress");
-                    }
+                    drop(attempt.take());
+                    starting.abandon().await;
                     return drain(gen, &mut signals).await;
                 }
                 Sig::Quit => {
                     info!(connections = gen.process.drain.active(), "quit: closing every connection");
+                    drop(attempt.take());
+                    starting.abandon().await;
                     gen.remove_pid_file();
                     return 0;
                 }
             },
             outcome = async { attempt.as_mut().expect("guarded by the if").await }, if attempt.is_some() => {
                 attempt = None;
+                starting.0.set(None);
                 let pending = matches!(state, State::Restarting { pending: true });
                 state = State::Serving;
                 match outcome {
@@ -115,7 +134,7 @@ pub async fn control(gen: Generation, restarter: Restarter, mut signals: Signals
                     info!(?trigger, "restarting");
                     state = State::Restarting { pending: false };
                     started = Instant::now();
-                    attempt = Some(Box::pin(restart(&restarter, &gen)));
+                    attempt = Some(Box::pin(restart(&restarter, &gen, starting.clone())));
                 }
             }
         }
@@ -124,7 +143,11 @@ pub async fn control(gen: Generation, restarter: Restarter, mut signals: Signals
 
 /// One restart attempt. Returns the new process's pid once it is ready; on
 /// any failure the new process is gone and this one serves on unchanged.
-fn restart(r: &Restarter, gen: &Generation) -> impl Future<Output = Result<i32, String>> + 'static {
+fn restart(
+    r: &Restarter,
+    gen: &Generation,
+    starting: Starting,
+) -> impl Future<Output = Result<i32, String>> + 'static {
     // 2. Validate in-process first: a broken config or certificate never
     // gets as far as a new process.
     let validated = crate::validate::prepare(&r.config_path, &r.apps)
@@ -149,6 +172,7 @@ fn restart(r: &Restarter, gen: &Generation) -> impl Future<Output = Result<i32, 
             generation: gen.process.generation + 1,
         })?;
         drop(write);
+        starting.0.set(Some(pid));
         Ok((pid, read, startup_timeout))
     });
     async move {

@@ -255,6 +255,12 @@ impl TestServer {
     pub async fn restart(&mut self) -> u32 {
         let old = self.pid();
         self.hup();
+        self.restart_from(old).await
+    }
+
+    /// Waits for the restart of `old` that is under way: the new generation
+    /// ready, `old` no longer accepting.
+    pub async fn restart_from(&mut self, old: u32) -> u32 {
         let new = self.wait_ready().await;
         assert_ne!(new, old);
         let tag = format!("pid={old} ");
@@ -420,7 +426,8 @@ pub fn zombie_children(pid: u32) -> usize {
 impl Drop for TestServer {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            eprintln!("---- gracesrv logs ----\n{}", self.logs());
+            let lines = self.logs.lines.lock().unwrap_or_else(|e| e.into_inner());
+            eprintln!("---- gracesrv logs ----\n{}", lines.join("\n"));
         }
         // Every generation is in the first one's process group.
         let pgid = nix::unistd::Pid::from_raw(self.first.id() as i32);
