@@ -503,3 +503,55 @@ async fn a_stop_during_a_restart_takes_the_starting_process_down_too() {
         );
     }
 }
+
+#[tokio::test]
+async fn pid_file_follows_the_serving_generation() {
+    let config = basic_config("").replace(
+        "shutdown_timeout: 10s\n",
+        "shutdown_timeout: 10s\npid_file: run/gracesrv.pid\n",
+    );
+    let mut srv = TestServer::start(&config).await;
+    let pid_file = srv.dir.path().join("run/gracesrv.pid");
+    assert_eq!(
+        std::fs::read_to_string(&pid_file).unwrap(),
+        format!("{}\n", srv.pid())
+    );
+    let old = srv.pid();
+    let new = srv.restart().await;
+    assert_eq!(
+        std::fs::read_to_string(&pid_file).unwrap(),
+        format!("{new}\n")
+    );
+    // The old generation exits without removing the new one's pid file.
+    util::wait_gone(old).await;
+    assert_eq!(
+        std::fs::read_to_string(&pid_file).unwrap(),
+        format!("{new}\n")
+    );
+}
+
+#[tokio::test]
+async fn a_drain_that_outlasts_shutdown_timeout_is_cut_and_logged() {
+    let config = basic_config("").replace("shutdown_timeout: 10s", "shutdown_timeout: 500ms");
+    let mut srv = TestServer::start(&config).await;
+    let web = Target::plain(srv.addr("web"));
+    let old = srv.pid();
+    let slow = tokio::spawn(async move { client::get(&web, "/delay").await });
+    srv.wait_log("path=\"/delay\"").await;
+    srv.restart().await;
+    let tag = format!("pid={old} ");
+    let line = srv
+        .wait_log_after(0, |l| {
+            l.contains(&tag) && l.contains("shutdown_timeout (500ms) reached")
+        })
+        .await;
+    assert!(
+        line.contains("connections=1") && line.contains("requests=1"),
+        "{line}"
+    );
+    assert!(
+        slow.await.unwrap().is_err(),
+        "the request was cut at shutdown_timeout"
+    );
+    util::wait_gone(old).await;
+}

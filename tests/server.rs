@@ -290,6 +290,12 @@ fn version_and_help() {
 
 #[tokio::test]
 async fn term_lets_a_request_in_flight_finish_then_exits_0() {
+    for stop in [Signal::SIGTERM, Signal::SIGINT] {
+        term_or_int_drains(stop).await;
+    }
+}
+
+async fn term_or_int_drains(stop: Signal) {
     let mut srv = TestServer::start(&basic_config("")).await;
     let web = Target::plain(srv.addr("web"));
     let pid = srv.pid();
@@ -298,7 +304,7 @@ async fn term_lets_a_request_in_flight_finish_then_exits_0() {
         async move { client::get(&web, "/delay").await }
     });
     srv.wait_log("request started").await;
-    srv.signal(Signal::SIGTERM);
+    srv.signal(stop);
     srv.wait_log("stopped accepting").await;
     // No new connections once stopping.
     let refused = tokio::net::TcpStream::connect(web.addr).await;
