@@ -32,6 +32,7 @@ pub mod generation;
 pub mod handoff;
 pub mod listeners;
 pub mod logging;
+pub mod reload;
 pub mod restart;
 pub mod routes;
 pub mod serve;
@@ -39,6 +40,7 @@ pub mod service;
 pub mod signals;
 pub mod tls;
 pub mod validate;
+pub mod watch;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -124,12 +126,21 @@ impl Server {
         handoff::unblock_hup();
 
         let config_path = config::absolute(&self.config);
-        let prepared = match validate::prepare(&config_path, &self.apps) {
+        let config = match Config::load(&config_path) {
+            Ok(c) => c,
+            Err(e) => return fail(&mut ready, &e.to_string()),
+        };
+        let span = logging::init(&config.log, generation);
+        let _enter = span.clone().entered();
+        // What this generation loads, for `watch` to compare changes with.
+        let watched = config
+            .watch
+            .then(|| config.watched_files())
+            .map(|files| (watch::fingerprint(&files), files));
+        let prepared = match validate::prepare_config(config, &self.apps) {
             Ok(p) => p,
             Err(e) => return fail(&mut ready, &e.to_string()),
         };
-        let span = logging::init(&prepared.config.log, generation);
-        let _enter = span.clone().entered();
         let gen = match generation::Generation::start(prepared, inherited.sockets, generation, span)
         {
             Ok(g) => g,
@@ -141,13 +152,20 @@ impl Server {
         };
         gen.report_ready(ready.take());
         tracing::info!(version = env!("CARGO_PKG_VERSION"), "ready");
+        let watch = watched.and_then(|(loaded, files)| match watch::Watch::start(files, loaded) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::error!("cannot watch files, restart with HUP instead: {e}");
+                None
+            }
+        });
         let restarter = restart::Restarter {
             exe,
             argv: std::env::args_os().collect(),
             config_path,
             apps: self.apps,
         };
-        rt.block_on(restart::control(gen, restarter, signals))
+        rt.block_on(restart::control(gen, restarter, signals, watch))
     }
 }
 

@@ -23,6 +23,9 @@ struct Cli {
 enum Command {
     /// Parse and validate the config, load every certificate and key, check every route.
     Check,
+    /// Restart the running server (the pid in the config's pid_file) and wait
+    /// until the new generation is ready (exit 0) or the restart failed (exit 1).
+    Reload,
 }
 
 fn main() {
@@ -39,6 +42,7 @@ fn main() {
                 1
             }
         },
+        Some(Command::Reload) => gracesrv::reload::run(&cli.config),
     };
     std::process::exit(code);
 }

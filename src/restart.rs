@@ -70,8 +70,14 @@ impl Starting {
 }
 
 /// Runs until the process should exit; returns its exit code.
-pub async fn control(gen: Generation, restarter: Restarter, mut signals: Signals) -> i32 {
+pub async fn control(
+    gen: Generation,
+    restarter: Restarter,
+    mut signals: Signals,
+    mut watch: Option<crate::watch::Watch>,
+) -> i32 {
     let mut state = State::Serving;
+    let mut seq = 0u64;
     let mut attempt: Option<Attempt> = None;
     let mut started = Instant::now();
     let starting = Starting::default();
@@ -83,7 +89,7 @@ pub async fn control(gen: Generation, restarter: Restarter, mut signals: Signals
                     info!("stopping: draining connections");
                     drop(attempt.take());
                     starting.abandon().await;
-                    return drain(gen, &mut signals).await;
+                    return drain(gen, &mut signals, Why::Stop).await;
                 }
                 Sig::Quit => {
                     info!(connections = gen.process.drain.active(), "quit: closing every connection");
@@ -93,9 +99,14 @@ pub async fn control(gen: Generation, restarter: Restarter, mut signals: Signals
                     return 0;
                 }
             },
+            _ = async { watch.as_mut().expect("guarded by the if").changed().await }, if watch.is_some() => {
+                Some(Trigger::Watch)
+            }
             outcome = async { attempt.as_mut().expect("guarded by the if").await }, if attempt.is_some() => {
                 attempt = None;
                 starting.0.set(None);
+                seq += 1;
+                report(&gen, seq, &outcome);
                 let pending = matches!(state, State::Restarting { pending: true });
                 state = State::Serving;
                 match outcome {
@@ -112,7 +123,7 @@ pub async fn control(gen: Generation, restarter: Restarter, mut signals: Signals
                             // trigger: pass it on so nothing is missed.
                             let _ = kill(Pid::from_raw(new_pid), Signal::SIGHUP);
                         }
-                        return drain(gen, &mut signals).await;
+                        return drain(gen, &mut signals, Why::Replaced).await;
                     }
                     Err(reason) => {
                         error!(took_ms = started.elapsed().as_millis() as u64, "restart failed: {reason}");
@@ -138,6 +149,24 @@ pub async fn control(gen: Generation, restarter: Restarter, mut signals: Signals
                 }
             }
         }
+    }
+}
+
+/// Writes the outcome of a restart next to `pid_file`, for `gracesrv reload`.
+fn report(gen: &Generation, seq: u64, outcome: &Result<i32, String>) {
+    let Some(pid_file) = &gen.config.pid_file else {
+        return;
+    };
+    let r = crate::reload::RestartResult {
+        pid: gen.process.pid,
+        seq,
+        result: if outcome.is_ok() { "ready" } else { "failed" }.into(),
+        new_pid: outcome.as_ref().ok().map(|p| *p as u32),
+        generation: outcome.as_ref().ok().map(|_| gen.process.generation + 1),
+        reason: outcome.as_ref().err().cloned(),
+    };
+    if let Err(e) = crate::reload::write_result(pid_file, &r) {
+        warn!(pid_file = %pid_file.display(), "cannot write the restart result: {e}");
     }
 }
 
@@ -250,7 +279,17 @@ async fn kill_and_reap(pid: i32) -> Option<String> {
 /// Stops accepting and drains: in-flight requests finish, then the process
 /// exits; at `shutdown_timeout` whatever is left is cut. A second TERM/INT,
 /// or QUIT, stops at once.
-async fn drain(mut gen: Generation, signals: &mut Signals) -> i32 {
+/// Why a generation drains.
+#[derive(PartialEq, Eq)]
+enum Why {
+    /// TERM/INT: a second one stops at once.
+    Stop,
+    /// A newer generation took over. A first TERM (systemd sends one to every
+    /// process of the unit on stop) keeps draining; a second stops at once.
+    Replaced,
+}
+
+async fn drain(mut gen: Generation, signals: &mut Signals, mut why: Why) -> i32 {
     let drain = gen.process.drain.clone();
     drain.start();
     // Close this process's own copies of the sockets (the workers close
@@ -277,9 +316,17 @@ async fn drain(mut gen: Generation, signals: &mut Signals) -> i32 {
                 break;
             }
             sig = signals.next() => {
-                if sig == Sig::Restart {
-                    info!("draining: HUP ignored (the new generation handles restarts)");
-                    continue;
+                match sig {
+                    Sig::Restart => {
+                        info!("draining: HUP ignored (the new generation handles restarts)");
+                        continue;
+                    }
+                    Sig::Stop if why == Why::Replaced => {
+                        info!("stop requested: still draining (a second TERM or INT stops at once)");
+                        why = Why::Stop;
+                        continue;
+                    }
+                    Sig::Stop | Sig::Quit => {}
                 }
                 warn!(connections = drain.active(), "stopping at once: cutting every connection");
                 break;

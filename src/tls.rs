@@ -95,6 +95,8 @@ pub fn load_pair(
             format!("{} is not a usable certificate: {e}", cert.written),
         )
     })?;
+    warn_if_not_valid_now(&chain[0], &cert.written);
+    tracing::debug!(cert = %cert.written, serial = serial(&chain[0]).as_deref().unwrap_or("?"), "certificate loaded");
     let key_der = PrivateKeyDer::from_pem_file(&key.path).map_err(|e| read_error(file, key, e))?;
     let ck = CertifiedKey::from_der(chain, key_der, provider).map_err(|e| {
         let what = match e {
@@ -109,6 +111,98 @@ pub fn load_pair(
         file_error(file, key, what)
     })?;
     Ok(Arc::new(ck))
+}
+
+/// Logs a warning for a certificate that has expired or is not valid yet.
+/// It is still served: refusing to start (or to restart) over a date would
+/// turn an expired certificate into an outage.
+fn warn_if_not_valid_now(cert: &CertificateDer<'_>, written: &str) {
+    let Some((not_before, not_after)) = validity(cert) else {
+        return;
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let date = |t: i64| {
+        crate::routes::rfc3339(
+            std::time::UNIX_EPOCH + std::time::Duration::from_secs(t.max(0) as u64),
+        )
+    };
+    if now > not_after {
+        tracing::warn!(cert = written, not_after = %date(not_after), "certificate has expired");
+    } else if now < not_before {
+        tracing::warn!(cert = written, not_before = %date(not_before), "certificate is not valid yet");
+    }
+}
+
+/// One DER element: (tag, content, rest).
+fn der(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = input.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (first as usize, rest)
+    } else {
+        let n = (first & 0x7f) as usize;
+        if n == 0 || n > 4 || rest.len() < n {
+            return None;
+        }
+        let len = rest[..n]
+            .iter()
+            .fold(0usize, |acc, b| (acc << 8) | *b as usize);
+        (len, &rest[n..])
+    };
+    (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
+}
+
+/// An X.509 Time (UTCTime or GeneralizedTime, in UTC) as Unix seconds.
+fn der_time(tag: u8, content: &[u8]) -> Option<i64> {
+    let s = std::str::from_utf8(content).ok()?.strip_suffix('Z')?;
+    let (year, rest) = match tag {
+        0x17 if s.len() == 12 => {
+            let yy: i64 = s[..2].parse().ok()?;
+            (if yy < 50 { 2000 + yy } else { 1900 + yy }, &s[2..])
+        }
+        0x18 if s.len() == 14 => (s[..4].parse().ok()?, &s[4..]),
+        _ => return None,
+    };
+    let n = |i: usize| rest.get(i..i + 2).and_then(|d| d.parse::<i64>().ok());
+    let (month, day, h, m, sec) = (n(0)?, n(2)?, n(4)?, n(6)?, n(8)?);
+    // Days from civil (Howard Hinnant's algorithm).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days * 86400 + h * 3600 + m * 60 + sec)
+}
+
+/// The fields of a DER certificate's TBSCertificate after the version.
+fn tbs_fields(cert: &[u8]) -> Option<&[u8]> {
+    let (_, certificate, _) = der(cert)?;
+    let (_, tbs, _) = der(certificate)?;
+    let (tag, _, after) = der(tbs)?;
+    Some(if tag == 0xA0 { after } else { tbs })
+}
+
+/// The serial number of a DER certificate, as hex (for logs and tests).
+pub fn serial(cert: &[u8]) -> Option<String> {
+    let (_, serial, _) = der(tbs_fields(cert)?)?;
+    Some(serial.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// notBefore and notAfter of a DER certificate, as Unix seconds.
+pub fn validity(cert: &[u8]) -> Option<(i64, i64)> {
+    let mut rest = tbs_fields(cert)?;
+    for _ in 0..3 {
+        rest = der(rest)?.2; // serialNumber, signature, issuer
+    }
+    let (_, validity, _) = der(rest)?;
+    let (t1, c1, rest) = der(validity)?;
+    let (t2, c2, _) = der(rest)?;
+    Some((der_time(t1, c1)?, der_time(t2, c2)?))
 }
 
 /// Picks the certificate whose SANs cover the client's SNI name; the
@@ -161,5 +255,25 @@ impl ResolvesServerCert for SniResolver {
             }
         }
         Some(ck)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn validity_of_a_certificate() {
+        let mut params = rcgen::CertificateParams::new(vec!["a.test".to_string()]).unwrap();
+        params.not_before = rcgen::date_time_ymd(2001, 2, 3);
+        params.not_after = rcgen::date_time_ymd(2061, 12, 31);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let (nb, na) = super::validity(cert.der()).unwrap();
+        assert_eq!(nb, 981_158_400); // 2001-02-03T00:00:00Z
+        assert_eq!(na, 2_903_212_800); // 2061-12-31T00:00:00Z
+        assert_eq!(super::validity(b"\x30\x03\x02\x01\x01"), None);
+        let mut params = rcgen::CertificateParams::new(vec!["a.test".to_string()]).unwrap();
+        params.serial_number = Some(rcgen::SerialNumber::from(0x1234u64));
+        let cert = params.self_signed(&key).unwrap();
+        assert_eq!(super::serial(cert.der()).as_deref(), Some("1234"));
     }
 }

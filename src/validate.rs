@@ -25,7 +25,14 @@ pub struct PreparedListener {
 /// Loads and checks `path`. Listeners named in `apps` serve the application's
 /// service instead of their routes; every app name must exist in the config.
 pub fn prepare(path: &Path, apps: &HashMap<String, Handler>) -> Result<Prepared, ConfigError> {
-    let config = Config::load(path)?;
+    prepare_config(Config::load(path)?, apps)
+}
+
+/// Like [`prepare`], for a config already parsed.
+pub fn prepare_config(
+    config: Config,
+    apps: &HashMap<String, Handler>,
+) -> Result<Prepared, ConfigError> {
     for name in apps.keys() {
         if !config.listeners.iter().any(|l| &l.name == name) {
             return Err(ConfigError::new(

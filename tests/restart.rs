@@ -555,3 +555,58 @@ async fn a_drain_that_outlasts_shutdown_timeout_is_cut_and_logged() {
     );
     util::wait_gone(old).await;
 }
+
+#[tokio::test]
+async fn a_first_term_to_a_draining_old_generation_keeps_it_draining() {
+    // What `systemctl stop` does: TERM to every process of the unit.
+    let mut srv = TestServer::start(&basic_config("")).await;
+    let web = Target::plain(srv.addr("web"));
+    let old = srv.pid();
+    let slow = tokio::spawn(async move { client::get(&web, "/delay").await });
+    srv.wait_log("path=\"/delay\"").await;
+    srv.restart().await;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(old as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    srv.wait_log("stop requested: still draining").await;
+    let r = slow.await.unwrap().unwrap();
+    assert_eq!((r.status.as_u16(), r.body), (200, format!("slow {old}\n")));
+}
+
+#[tokio::test]
+async fn activated_sockets_without_a_known_name_match_by_address() {
+    // One systemd .socket unit with several ListenStream= names every fd
+    // after the unit; gracesrv then matches them by address.
+    let activated = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = activated.local_addr().unwrap();
+    let config = format!("listeners:\n  - name: web\n    addr: {addr}\n    routes: [{{ respond: {{ body: \"pid {{pid}}\\n\" }} }}]\n");
+    let (dir, certs, path) = TestServer::prepare(&config);
+    let mut cmd = std::process::Command::new("/bin/sh");
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&activated);
+    // SAFETY: dup2 is async-signal-safe; runs in the child before exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+            if libc::dup2(fd, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.arg("-c")
+        .arg(format!(
+            "LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=gracesrv.socket exec {} \"$@\"",
+            util::BIN
+        ))
+        .arg("sh");
+    let mut srv = TestServer::spawn_cmd(dir, certs, path, &[], cmd);
+    srv.wait_ready().await;
+    drop(activated);
+    // Served on the activated socket (bound by us, not by gracesrv: binding
+    // the same address again would have failed with EADDRINUSE).
+    assert_eq!(
+        client::get(&Target::plain(addr), "/").await.unwrap().pid(),
+        srv.pid()
+    );
+}

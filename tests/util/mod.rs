@@ -47,10 +47,22 @@ impl Certs {
     /// Writes `<stem>.crt` and `<stem>.key` into `dir`: a leaf for `names`
     /// (DNS names or IPs) with the given serial.
     pub fn leaf(&self, dir: &Path, stem: &str, names: &[&str], serial: u64) {
-        let mut params =
-            rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-                .unwrap();
+        self.leaf_with(dir, stem, names, serial, |_| {});
+    }
+
+    /// Like `leaf`, with the parameters adjusted by `edit` (validity, ...).
+    pub fn leaf_with(
+        &self,
+        dir: &Path,
+        stem: &str,
+        names: &[&str],
+        serial: u64,
+        edit: impl FnOnce(&mut rcgen::CertificateParams),
+    ) {
+        let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+        let mut params = rcgen::CertificateParams::new(names).unwrap();
         params.serial_number = Some(rcgen::SerialNumber::from(serial));
+        edit(&mut params);
         let key = rcgen::KeyPair::generate().unwrap();
         let cert = params.signed_by(&key, &self.ca).unwrap();
         std::fs::write(dir.join(format!("{stem}.crt")), cert.pem()).unwrap();

@@ -1,0 +1,231 @@
+//! Certificate rotation, `watch: true`, and `gracesrv reload`.
+
+mod util;
+
+use std::path::Path;
+use std::process::Command;
+
+use util::client::{self, Target};
+use util::{basic_config, TestServer, BIN};
+
+/// The serial of the certificate a new TLS connection gets.
+async fn serial_of_new_connection(srv: &TestServer) -> String {
+    let c = client::connect(&Target::tls(srv.addr("web-tls"), srv.tls_h1()))
+        .await
+        .unwrap();
+    gracesrv::tls::serial(c.peer_cert.as_deref().unwrap()).unwrap()
+}
+
+fn watch_config() -> String {
+    basic_config("").replace(
+        "shutdown_timeout: 10s\n",
+        "shutdown_timeout: 10s\nwatch: true\n",
+    )
+}
+
+#[tokio::test]
+async fn hup_rotates_the_certificate_for_new_handshakes_only() {
+    let mut srv = TestServer::start(&basic_config("")).await;
+    let old = srv.pid();
+    let mut before = client::connect(&Target::tls(srv.addr("web-tls"), srv.tls_h1()))
+        .await
+        .unwrap();
+    assert_eq!(
+        gracesrv::tls::serial(before.peer_cert.as_deref().unwrap()).unwrap(),
+        "01"
+    );
+    assert_eq!(before.get("/").await.unwrap().pid(), old);
+
+    srv.certs
+        .leaf(srv.dir.path(), "localhost", &["localhost", "127.0.0.1"], 2);
+    let new = srv.restart().await;
+    assert_eq!(serial_of_new_connection(&srv).await, "02");
+    let mut after = client::connect(&Target::tls(srv.addr("web-tls"), srv.tls_h1()))
+        .await
+        .unwrap();
+    assert_eq!(after.get("/").await.unwrap().pid(), new);
+    // The connection opened before the restart finishes on the old
+    // generation, with the old certificate.
+    let r = before.get("/").await.unwrap();
+    assert_eq!(
+        (r.pid(), r.headers["connection"].to_str().unwrap()),
+        (old, "close")
+    );
+}
+
+#[tokio::test]
+async fn watch_restarts_when_a_certificate_changes() {
+    let mut srv = TestServer::start(&watch_config()).await;
+    srv.wait_log("watching the config, certificates and keys")
+        .await;
+    srv.certs
+        .leaf(srv.dir.path(), "localhost", &["localhost", "127.0.0.1"], 3);
+    let line = srv.wait_log("trigger=Watch").await;
+    assert!(line.contains("restarting"), "{line}");
+    srv.restart_from(srv.pid()).await;
+    assert_eq!(serial_of_new_connection(&srv).await, "03");
+}
+
+#[tokio::test]
+async fn watch_follows_a_kubernetes_style_symlink_swap() {
+    // certs/tls.crt -> ..data/tls.crt, ..data -> ..v1: the layout of a mounted Secret.
+    let config = watch_config()
+        .replace("cert: localhost.crt", "cert: certs/tls.crt")
+        .replace("key: localhost.key", "key: certs/tls.key");
+    let (dir, certs, path) = TestServer::prepare(&config);
+    let d = dir.path().join("certs");
+    std::fs::create_dir_all(d.join("..v1")).unwrap();
+    certs.leaf(&d.join("..v1"), "tls", &["localhost", "127.0.0.1"], 4);
+    std::os::unix::fs::symlink("..v1", d.join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/tls.crt", d.join("tls.crt")).unwrap();
+    std::os::unix::fs::symlink("..data/tls.key", d.join("tls.key")).unwrap();
+    let mut srv = TestServer::start_in(dir, certs, path, &[]).await;
+    srv.wait_log("watching the config").await;
+    assert_eq!(serial_of_new_connection(&srv).await, "04");
+
+    // What the kubelet does: a new version dir, a new symlink, one rename.
+    std::fs::create_dir_all(d.join("..v2")).unwrap();
+    srv.certs
+        .leaf(&d.join("..v2"), "tls", &["localhost", "127.0.0.1"], 5);
+    std::os::unix::fs::symlink("..v2", d.join("..data_tmp")).unwrap();
+    std::fs::rename(d.join("..data_tmp"), d.join("..data")).unwrap();
+    srv.wait_log("trigger=Watch").await;
+    srv.restart_from(srv.pid()).await;
+    assert_eq!(serial_of_new_connection(&srv).await, "05");
+}
+
+#[tokio::test]
+async fn a_half_written_pair_keeps_the_old_generation_until_the_key_arrives() {
+    let mut srv = TestServer::start(&watch_config()).await;
+    srv.wait_log("watching the config").await;
+    let old = srv.pid();
+    let d = srv.dir.path().to_path_buf();
+    // The new pair, written elsewhere; the certificate lands first.
+    let staging = tempfile::tempdir().unwrap();
+    srv.certs
+        .leaf(staging.path(), "localhost", &["localhost", "127.0.0.1"], 6);
+    std::fs::copy(
+        staging.path().join("localhost.crt"),
+        d.join("localhost.crt"),
+    )
+    .unwrap();
+    let line = srv.wait_log("restart failed").await;
+    assert!(line.contains("does not match the certificate"), "{line}");
+    assert_eq!(
+        client::get(&Target::plain(srv.addr("web")), "/")
+            .await
+            .unwrap()
+            .pid(),
+        old
+    );
+    assert_eq!(serial_of_new_connection(&srv).await, "01");
+    // The key follows: the next event retries, and succeeds.
+    std::fs::copy(
+        staging.path().join("localhost.key"),
+        d.join("localhost.key"),
+    )
+    .unwrap();
+    let new = srv.restart_from(old).await;
+    assert_ne!(new, old);
+    assert_eq!(serial_of_new_connection(&srv).await, "06");
+}
+
+#[tokio::test]
+async fn unchanged_content_gives_no_restart() {
+    let srv = TestServer::start(&watch_config()).await;
+    srv.wait_log("watching the config").await;
+    let crt = srv.dir.path().join("localhost.crt");
+    let same = std::fs::read(&crt).unwrap();
+    std::fs::write(&crt, &same).unwrap();
+    srv.wait_log("content did not: no restart").await;
+    assert!(!srv.logs().contains("restarting"), "{}", srv.logs());
+}
+
+#[tokio::test]
+async fn an_expired_certificate_is_served_with_a_warning() {
+    let (dir, certs, path) = TestServer::prepare(&basic_config(""));
+    certs.leaf_with(
+        dir.path(),
+        "localhost",
+        &["localhost", "127.0.0.1"],
+        7,
+        |p| {
+            p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+            p.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        },
+    );
+    let srv = TestServer::start_in(dir, certs, path, &[]).await;
+    let line = srv.wait_log("certificate has expired").await;
+    assert!(line.contains("not_after=2021-01-01T00:00:00Z"), "{line}");
+    assert_eq!(
+        client::get(&Target::plain(srv.addr("web")), "/")
+            .await
+            .unwrap()
+            .pid(),
+        srv.pid()
+    );
+}
+
+fn reload(config: &Path) -> (i32, String, String) {
+    let out = Command::new(BIN)
+        .arg("reload")
+        .arg("-c")
+        .arg(config)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+#[tokio::test]
+async fn reload_reports_success_and_failure() {
+    let config = basic_config("").replace(
+        "shutdown_timeout: 10s\n",
+        "shutdown_timeout: 10s\npid_file: run/g.pid\n",
+    );
+    let mut srv = TestServer::start(&config).await;
+    let old = srv.pid();
+    let path = srv.config.clone();
+    let (code, out, err) = tokio::task::spawn_blocking(move || reload(&path))
+        .await
+        .unwrap();
+    assert_eq!(code, 0, "{err}");
+    let new = srv.wait_ready().await;
+    assert!(
+        out.contains(&format!(
+            "reloaded: pid {new} (generation 2) replaces pid {old}"
+        )),
+        "{out}"
+    );
+
+    srv.write_config(&config.replace("listeners:", "listeners: [\n"));
+    let path = srv.config.clone();
+    let (code, out, err) = tokio::task::spawn_blocking(move || reload(&path))
+        .await
+        .unwrap();
+    // The broken config cannot even be read by reload itself: it names the error.
+    assert_eq!(code, 1, "{out}");
+    assert!(err.contains("server.yaml:"), "{err}");
+
+    // A config that reload can read but the server refuses (a missing cert).
+    srv.write_config(&config.replace("localhost.crt", "gone.crt"));
+    let path = srv.config.clone();
+    let (code, out, err) = tokio::task::spawn_blocking(move || reload(&path))
+        .await
+        .unwrap();
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        err.contains("restart failed:") && err.contains("no such file gone.crt"),
+        "{err}"
+    );
+    assert_eq!(
+        client::get(&Target::plain(srv.addr("web")), "/")
+            .await
+            .unwrap()
+            .pid(),
+        new
+    );
+}
