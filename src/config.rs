@@ -80,6 +80,8 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     pub startup_timeout: Duration,
     pub watch: bool,
+    /// Run under a supervisor whose pid never changes (`--supervise`).
+    pub supervise: bool,
     pub log: LogConfig,
     pub timeouts: Timeouts,
     pub max_connections: usize,
@@ -278,6 +280,8 @@ mod raw {
         pub startup_timeout: Option<Spanned<String>>,
         #[serde(default)]
         pub watch: bool,
+        #[serde(default)]
+        pub supervise: bool,
         pub log: Option<Log>,
         pub timeouts: Option<Timeouts>,
         pub max_connections: Option<Spanned<u64>>,
@@ -532,6 +536,7 @@ impl Validator<'_> {
             shutdown_timeout,
             startup_timeout,
             watch: raw.watch,
+            supervise: raw.supervise,
             log,
             timeouts,
             max_connections,

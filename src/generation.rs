@@ -106,13 +106,17 @@ impl Generation {
     }
 
     /// Tells whoever waits that this generation serves: the parent (ready
-    /// pipe), `pid_file`, systemd.
-    pub fn report_ready(&self, ready: Option<OwnedFd>) {
+    /// pipe), `pid_file`, systemd. A supervised worker tells only its
+    /// supervisor, which owns the pid file and the systemd notifications.
+    pub fn report_ready(&self, ready: Option<OwnedFd>, supervised: bool) {
         if let Some(fd) = ready {
             let mut f = std::fs::File::from(fd);
             if let Err(e) = f.write_all(b"READY\n") {
                 warn!("cannot report ready to the previous generation: {e}");
             }
+        }
+        if supervised {
+            return;
         }
         if let Some(path) = &self.config.pid_file {
             if let Err(e) = write_pid_file(path, self.process.pid) {

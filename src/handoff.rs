@@ -20,12 +20,13 @@ use nix::sys::stat::{fstat, SFlag};
 const LISTEN_FDS_START: RawFd = 3;
 
 /// Environment variables of the handoff; read once and removed at start.
-pub const HANDOFF_VARS: [&str; 5] = [
+pub const HANDOFF_VARS: [&str; 6] = [
     "LISTEN_PID",
     "LISTEN_FDS",
     "LISTEN_FDNAMES",
     "GRACESRV_READY_FD",
     "GRACESRV_GENERATION",
+    "GRACESRV_SUPERVISOR",
 ];
 
 /// A listening socket handed to this process, with the name it was given.
@@ -43,6 +44,8 @@ pub struct Inherited {
     pub ready: Option<OwnedFd>,
     /// This process's generation: 1 unless a restart started it.
     pub generation: u64,
+    /// The supervisor's pid, when this process is a supervised worker.
+    pub supervisor: Option<u32>,
 }
 
 impl Inherited {
@@ -54,12 +57,13 @@ impl Inherited {
     /// Must run before any thread is started (it edits the environment).
     pub fn from_env() -> Result<Inherited, String> {
         let get = |k: &str| std::env::var(k).ok();
-        let (pid, fds, names, ready, generation) = (
+        let (pid, fds, names, ready, generation, supervisor) = (
             get("LISTEN_PID"),
             get("LISTEN_FDS"),
             get("LISTEN_FDNAMES"),
             get("GRACESRV_READY_FD"),
             get("GRACESRV_GENERATION"),
+            get("GRACESRV_SUPERVISOR"),
         );
         for k in HANDOFF_VARS {
             // SAFETY (of the call, which is safe in edition 2021): no other
@@ -80,6 +84,7 @@ impl Inherited {
         if let Some(g) = generation.and_then(|g| g.parse::<u64>().ok()) {
             inherited.generation = g.max(1);
         }
+        inherited.supervisor = supervisor.and_then(|s| s.parse().ok());
         if let Some(r) = ready {
             let fd: RawFd = r
                 .parse()
@@ -178,6 +183,8 @@ pub struct SpawnArgs<'a> {
     /// The write end of the ready pipe.
     pub ready: RawFd,
     pub generation: u64,
+    /// Start the child in a process group of its own.
+    pub own_group: bool,
 }
 
 fn cstring(bytes: &[u8]) -> Result<CString, String> {
@@ -188,6 +195,7 @@ fn cstring(bytes: &[u8]) -> Result<CString, String> {
 /// them, and the handoff variables. Returns the child's pid.
 pub fn spawn(args: SpawnArgs<'_>) -> Result<libc::pid_t, String> {
     let n = args.sockets.len() as i32;
+    let own_group = args.own_group;
     let ready_target = LISTEN_FDS_START + n;
 
     let path = cstring(args.exe.as_os_str().as_bytes())?;
@@ -280,6 +288,9 @@ pub fn spawn(args: SpawnArgs<'_>) -> Result<libc::pid_t, String> {
                 if moved[i] < 0 {
                     libc::_exit(126);
                 }
+            }
+            if own_group && libc::setpgid(0, 0) < 0 {
+                libc::_exit(126);
             }
             // dup2 clears close-on-exec on the target: these survive exec.
             for (i, fd) in moved.iter().enumerate() {

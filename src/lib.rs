@@ -32,12 +32,14 @@ pub mod generation;
 pub mod handoff;
 pub mod listeners;
 pub mod logging;
+pub mod reaper;
 pub mod reload;
 pub mod restart;
 pub mod routes;
 pub mod serve;
 pub mod service;
 pub mod signals;
+pub mod supervisor;
 pub mod tls;
 pub mod validate;
 pub mod watch;
@@ -57,6 +59,7 @@ pub use service::{Body, BoxError, Handler};
 pub struct Server {
     config: PathBuf,
     apps: HashMap<String, Handler>,
+    supervise: bool,
 }
 
 impl Server {
@@ -65,7 +68,15 @@ impl Server {
         Server {
             config: config.into(),
             apps: HashMap::new(),
+            supervise: false,
         }
+    }
+
+    /// Runs under a supervisor whose pid never changes (as `--supervise`, or
+    /// `supervise: true` in the config): restarts replace worker processes.
+    pub fn supervise(mut self, yes: bool) -> Server {
+        self.supervise = yes;
+        self
     }
 
     /// Serves `svc` on the listener named `listener` instead of its routes.
@@ -124,6 +135,11 @@ impl Server {
             Err(e) => return fail(&mut ready, &format!("cannot install signal handlers: {e}")),
         };
         handoff::unblock_hup();
+        // Every child is reaped by one SIGCHLD handler (also orphans, as PID 1).
+        let reaper = match reaper::Reaper::start() {
+            Ok(r) => r,
+            Err(e) => return fail(&mut ready, &format!("cannot install SIGCHLD handler: {e}")),
+        };
 
         let config_path = config::absolute(&self.config);
         let config = match Config::load(&config_path) {
@@ -132,9 +148,24 @@ impl Server {
         };
         let span = logging::init(&config.log, generation);
         let _enter = span.clone().entered();
+        // A process handed its sockets by a gracesrv parent is a generation
+        // (or a worker), never a supervisor itself.
+        let supervisor = inherited.supervisor;
+        if (self.supervise || config.supervise) && ready.is_none() && supervisor.is_none() {
+            if let Err(e) = validate::prepare_config(config.clone(), &self.apps) {
+                return fail(&mut ready, &e.to_string());
+            }
+            let s = supervisor::Supervisor {
+                exe,
+                argv: std::env::args_os().collect(),
+                config_path,
+                apps: self.apps,
+                reaper,
+            };
+            return rt.block_on(s.run(config, inherited.sockets, signals));
+        }
         // What this generation loads, for `watch` to compare changes with.
-        let watched = config
-            .watch
+        let watched = (config.watch && supervisor.is_none())
             .then(|| config.watched_files())
             .map(|files| (watch::fingerprint(&files), files));
         let prepared = match validate::prepare_config(config, &self.apps) {
@@ -150,7 +181,7 @@ impl Server {
                 return 1;
             }
         };
-        gen.report_ready(ready.take());
+        gen.report_ready(ready.take(), supervisor.is_some());
         tracing::info!(version = env!("CARGO_PKG_VERSION"), "ready");
         let watch = watched.and_then(|(loaded, files)| match watch::Watch::start(files, loaded) {
             Ok(w) => Some(w),
@@ -164,6 +195,8 @@ impl Server {
             argv: std::env::args_os().collect(),
             config_path,
             apps: self.apps,
+            reaper,
+            supervisor,
         };
         rt.block_on(restart::control(gen, restarter, signals, watch))
     }

@@ -15,6 +15,11 @@ struct Cli {
     #[arg(short, long, global = true, default_value = "config/server.yaml")]
     config: PathBuf,
 
+    /// Run under a supervisor whose pid never changes: restarts replace
+    /// worker processes (for terminals, containers and process managers).
+    #[arg(long)]
+    supervise: bool,
+
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -31,7 +36,9 @@ enum Command {
 fn main() {
     let cli = Cli::parse();
     let code = match cli.command {
-        None => gracesrv::Server::new(cli.config).run(),
+        None => gracesrv::Server::new(cli.config)
+            .supervise(cli.supervise)
+            .run(),
         Some(Command::Check) => match gracesrv::check(&cli.config) {
             Ok(summary) => {
                 print!("{summary}");

@@ -13,16 +13,17 @@ use std::future::Future;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
-use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::Pid;
 use tokio::io::AsyncReadExt;
 use tracing::{error, info, warn};
 
 use crate::generation::Generation;
 use crate::handoff::{self, SpawnArgs, HANDOFF_VARS};
+use crate::listeners::Listener;
+use crate::reaper::Reaper;
 use crate::service::Handler;
 use crate::signals::{Sig, Signals};
 
@@ -34,6 +35,10 @@ pub struct Restarter {
     pub argv: Vec<OsString>,
     pub config_path: PathBuf,
     pub apps: HashMap<String, Handler>,
+    pub reaper: Reaper,
+    /// Set when this process is a worker of a supervisor (`--supervise`):
+    /// the supervisor runs restarts, so a HUP here is passed on to it.
+    pub supervisor: Option<u32>,
 }
 
 /// Why a restart was asked for.
@@ -61,10 +66,10 @@ struct Starting(std::rc::Rc<std::cell::Cell<Option<i32>>>);
 
 impl Starting {
     /// Kills and reaps the process being started, if any.
-    async fn abandon(&self) {
+    async fn abandon(&self, reaper: &Reaper) {
         if let Some(pid) = self.0.take() {
             info!(new_pid = pid, "abandoning the restart in progress");
-            kill_and_reap(pid).await;
+            reaper.kill_and_wait(pid).await;
         }
     }
 }
@@ -88,13 +93,13 @@ pub async fn control(
                 Sig::Stop => {
                     info!("stopping: draining connections");
                     drop(attempt.take());
-                    starting.abandon().await;
+                    starting.abandon(&restarter.reaper).await;
                     return drain(gen, &mut signals, Why::Stop).await;
                 }
                 Sig::Quit => {
                     info!(connections = gen.process.drain.active(), "quit: closing every connection");
                     drop(attempt.take());
-                    starting.abandon().await;
+                    starting.abandon(&restarter.reaper).await;
                     gen.remove_pid_file();
                     return 0;
                 }
@@ -132,6 +137,14 @@ pub async fn control(
                 }
             }
         };
+        if let (Some(_), Some(supervisor)) = (trigger, restarter.supervisor) {
+            info!(
+                supervisor,
+                "HUP passed on to the supervisor, which runs restarts"
+            );
+            let _ = kill(Pid::from_raw(supervisor as i32), Signal::SIGHUP);
+            continue;
+        }
         if let Some(trigger) = trigger {
             match &mut state {
                 State::Restarting { pending } => {
@@ -179,54 +192,97 @@ fn restart(
 ) -> impl Future<Output = Result<i32, String>> + 'static {
     // 2. Validate in-process first: a broken config or certificate never
     // gets as far as a new process.
-    let validated = crate::validate::prepare(&r.config_path, &r.apps)
+    let spawned = crate::validate::prepare(&r.config_path, &r.apps)
         .map(|p| p.config.startup_timeout)
-        .map_err(|e| e.to_string());
-    // 3. Spawn the new process with the sockets at 3.., in listener order.
-    let spawned = validated.and_then(|startup_timeout| {
-        let (read, write) = handoff::ready_pipe()?;
-        let env = std::env::vars_os()
-            .filter(|(k, _)| !HANDOFF_VARS.iter().any(|v| k == v))
-            .collect();
-        let pid = handoff::spawn(SpawnArgs {
-            exe: &r.exe,
-            argv: &r.argv,
-            env,
-            sockets: gen
-                .listeners
-                .iter()
-                .map(|l| (l.name.as_str(), handoff::raw(&l.socket)))
-                .collect(),
-            ready: handoff::raw(&write),
-            generation: gen.process.generation + 1,
-        })?;
-        drop(write);
-        starting.0.set(Some(pid));
-        Ok((pid, read, startup_timeout))
-    });
+        .map_err(|e| e.to_string())
+        .and_then(|startup_timeout| {
+            // 3. Spawn the new process with the sockets at 3.., in listener order.
+            let s = spawn_successor(
+                &r.exe,
+                &r.argv,
+                &gen.listeners,
+                gen.process.generation + 1,
+                None,
+                &r.reaper,
+            )?;
+            starting.0.set(Some(s.pid));
+            Ok((s, startup_timeout))
+        });
+    let reaper = r.reaper.clone();
     async move {
-        let (pid, read, startup_timeout) = spawned?;
-        info!(
-            new_pid = pid,
-            "new process started; waiting for it to be ready"
-        );
+        let (s, startup_timeout) = spawned?;
         // 4-6. Wait for READY, an error, its exit, or the startup timeout.
-        let outcome = match tokio::time::timeout(startup_timeout, read_ready(read)).await {
-            Ok(Ok(())) => return Ok(pid),
-            Ok(Err(reason)) => reason,
-            Err(_) => format!("new process {pid} was not ready within {startup_timeout:?}"),
-        };
-        let status = kill_and_reap(pid).await;
-        Err(match status {
-            Some(status) if outcome.is_empty() => {
-                format!("new process {pid} {status} before it was ready")
-            }
-            _ if outcome.is_empty() => {
-                format!("new process {pid} closed its ready pipe before it was ready")
-            }
-            _ => outcome,
-        })
+        await_ready(s, startup_timeout, &reaper).await
     }
+}
+
+/// A new process, started with the sockets, not yet ready.
+pub struct Successor {
+    pub pid: i32,
+    ready: OwnedFd,
+}
+
+/// Forks and execs the next generation with `listeners` at fds 3.. (SPEC 4.3).
+/// `supervisor`: the new process is a supervised worker (its own process
+/// group, so a terminal's Ctrl-C reaches it once, through the supervisor; no
+/// pid file or systemd notification of its own).
+pub fn spawn_successor(
+    exe: &std::path::Path,
+    argv: &[OsString],
+    listeners: &[Listener],
+    generation: u64,
+    supervisor: Option<u32>,
+    reaper: &Reaper,
+) -> Result<Successor, String> {
+    let (read, write) = handoff::ready_pipe()?;
+    let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
+        .filter(|(k, _)| !HANDOFF_VARS.iter().any(|v| k == v))
+        .filter(|(k, _)| supervisor.is_none() || k != "NOTIFY_SOCKET")
+        .collect();
+    if let Some(pid) = supervisor {
+        env.push(("GRACESRV_SUPERVISOR".into(), pid.to_string().into()));
+    }
+    let pid = handoff::spawn(SpawnArgs {
+        exe,
+        argv,
+        env,
+        sockets: listeners
+            .iter()
+            .map(|l| (l.name.as_str(), handoff::raw(&l.socket)))
+            .collect(),
+        ready: handoff::raw(&write),
+        generation,
+        own_group: supervisor.is_some(),
+    })?;
+    // Before any await: the reaper must know this pid before it can exit.
+    reaper.watch(pid);
+    drop(write);
+    info!(
+        new_pid = pid,
+        generation, "new process started; waiting for it to be ready"
+    );
+    Ok(Successor { pid, ready: read })
+}
+
+/// Waits for a successor's `READY` (SPEC 4.4-4.6). On an error report, an
+/// exit, or silence past `startup_timeout`, kills and reaps it and returns why.
+pub async fn await_ready(
+    s: Successor,
+    startup_timeout: Duration,
+    reaper: &Reaper,
+) -> Result<i32, String> {
+    let pid = s.pid;
+    let outcome = match tokio::time::timeout(startup_timeout, read_ready(s.ready)).await {
+        Ok(Ok(())) => return Ok(pid),
+        Ok(Err(reason)) => reason,
+        Err(_) => format!("new process {pid} was not ready within {startup_timeout:?}"),
+    };
+    let status = reaper.kill_and_wait(pid).await;
+    Err(if outcome.is_empty() {
+        format!("new process {pid} {status} before it was ready")
+    } else {
+        outcome
+    })
 }
 
 /// Reads the ready pipe: `READY` is success, `ERROR <reason>` a reported
@@ -257,23 +313,6 @@ async fn read_ready(fd: OwnedFd) -> Result<(), String> {
             return Err("ready pipe: message too long".into());
         }
     }
-}
-
-/// Kills a new process that failed to start and reaps it, so no zombie is
-/// left. Returns how it ended, for the log.
-async fn kill_and_reap(pid: i32) -> Option<String> {
-    let pid = Pid::from_raw(pid);
-    let _ = kill(pid, Signal::SIGKILL);
-    let status = tokio::task::spawn_blocking(move || waitpid(pid, None))
-        .await
-        .ok()?
-        .ok()?;
-    Some(match status {
-        WaitStatus::Exited(_, code) => format!("exited with status {code}"),
-        WaitStatus::Signaled(_, Signal::SIGKILL, _) => "was killed".to_string(),
-        WaitStatus::Signaled(_, sig, _) => format!("died of {sig:?}"),
-        other => format!("ended ({other:?})"),
-    })
 }
 
 /// Stops accepting and drains: in-flight requests finish, then the process

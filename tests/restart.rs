@@ -407,13 +407,7 @@ async fn a_hup_that_reaches_a_new_process_during_its_start_is_not_fatal() {
     // HUP the new process the moment it exists: SIGHUP is held across exec
     // until its handler is installed, then acted on once it is ready.
     let line = srv.wait_log("new process started").await;
-    let child: i32 = line
-        .split("new_pid=")
-        .nth(1)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let child: i32 = util::field(&line, "new_pid").parse().unwrap();
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child),
         nix::sys::signal::Signal::SIGHUP,
@@ -488,13 +482,7 @@ async fn a_stop_during_a_restart_takes_the_starting_process_down_too() {
         std::fs::rename(&tmp, &exe).unwrap();
         srv.hup();
         let line = srv.wait_log("new process started").await;
-        let child: u32 = line
-            .split("new_pid=")
-            .nth(1)
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
+        let child: u32 = util::field(&line, "new_pid").parse().unwrap();
         srv.signal(stop);
         assert_eq!(srv.wait_first_exit().await.code(), Some(0));
         assert!(

@@ -216,6 +216,15 @@ impl TestServer {
         }
     }
 
+    /// The next message on the NOTIFY_SOCKET, as sent.
+    pub async fn next_notify(&mut self) -> String {
+        let mut buf = vec![0u8; 4096];
+        match tokio::time::timeout(WAIT, self.notify.recv(&mut buf)).await {
+            Ok(r) => String::from_utf8_lossy(&buf[..r.unwrap()]).to_string(),
+            Err(_) => panic!("no notify message within {WAIT:?}; logs:\n{}", self.logs()),
+        }
+    }
+
     /// Waits for the next generation to report `READY=1`; returns its pid.
     pub async fn wait_ready(&mut self) -> u32 {
         let mut buf = vec![0u8; 4096];
@@ -379,6 +388,18 @@ impl TestServer {
     pub fn first_pid(&self) -> u32 {
         self.first.id()
     }
+}
+
+/// The value of `key=value` in a text log line.
+pub fn field<'a>(line: &'a str, key: &str) -> &'a str {
+    let key = format!(" {key}=");
+    let at = line
+        .find(&key)
+        .unwrap_or_else(|| panic!("no {key} in {line}"));
+    line[at + key.len()..]
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
 }
 
 /// Is `pid` still running (and not a zombie)?

@@ -1,0 +1,389 @@
+//! `--supervise`: a small process whose pid never changes, for terminals,
+//! containers (PID 1) and process managers that track one pid.
+//!
+//! It owns the listening sockets and runs workers: the same binary, handed
+//! the sockets with the same protocol as a restart (LISTEN_FDS, the ready
+//! pipe), in a process group of their own. A restart starts the next worker,
+//! waits for it to be ready, then tells the old one to drain (TERM). A worker
+//! that dies unexpectedly is replaced, with back-off; the sockets stay open
+//! meanwhile, so clients wait in the backlog instead of being refused.
+//! Signals are passed on to the workers; the supervisor exits when they are
+//! gone, with the serving worker's exit status.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::WaitStatus;
+use nix::unistd::Pid;
+use sd_notify::NotifyState;
+use tracing::{error, info, warn};
+
+use crate::config::Config;
+use crate::generation::{notify_systemd, write_pid_file};
+use crate::handoff::InheritedSocket;
+use crate::listeners::Listener;
+use crate::reaper::{describe, Reaper};
+use crate::restart::{await_ready, spawn_successor, Trigger};
+use crate::service::Handler;
+use crate::signals::{Sig, Signals};
+
+pub struct Supervisor {
+    pub exe: PathBuf,
+    pub argv: Vec<OsString>,
+    pub config_path: PathBuf,
+    pub apps: HashMap<String, Handler>,
+    pub reaper: Reaper,
+}
+
+/// The worker serving now.
+struct Worker {
+    pid: i32,
+    generation: u64,
+    ready_at: Instant,
+}
+
+/// A restart's result: the new worker, its sockets, and its config.
+type Attempt = Pin<Box<dyn Future<Output = Result<(i32, Vec<Listener>, Config), String>>>>;
+
+/// Back-off for replacing workers that die: doubles up to a cap, and starts
+/// over once a worker has served for a while.
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(100);
+    const MAX: Duration = Duration::from_secs(10);
+    /// A worker that served this long before dying resets the back-off.
+    const STABLE: Duration = Duration::from_secs(30);
+
+    fn take(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        d
+    }
+}
+
+impl Supervisor {
+    /// Runs the service until it is stopped; returns the exit code.
+    pub async fn run(
+        self,
+        config: Config,
+        inherited: Vec<InheritedSocket>,
+        mut signals: Signals,
+    ) -> i32 {
+        let pid = std::process::id();
+        let mut listeners = match crate::listeners::open(&config.listeners, inherited) {
+            Ok(l) => l,
+            Err(e) => {
+                error!("cannot start: {e}");
+                eprintln!("gracesrv: {e}");
+                return 1;
+            }
+        };
+        for l in &listeners {
+            info!(listener = %l.name, addr = %l.local_addr, "listening");
+        }
+        // Generation 1.
+        let first = match self
+            .start_worker(&listeners, 1, config.startup_timeout)
+            .await
+        {
+            Ok(p) => p,
+            Err(e) => {
+                error!("cannot start: {e}");
+                eprintln!("gracesrv: {e}");
+                return 1;
+            }
+        };
+        let mut current = Worker {
+            pid: first,
+            generation: 1,
+            ready_at: Instant::now(),
+        };
+        let mut config = config;
+        if let Some(p) = &config.pid_file {
+            if let Err(e) = write_pid_file(p, pid) {
+                warn!(pid_file = %p.display(), "cannot write pid file: {e}");
+            }
+        }
+        notify_systemd(&[NotifyState::MainPid(pid), NotifyState::Ready]);
+        info!(worker = first, role = "supervisor", "ready");
+
+        let mut watch = self.start_watch(&config);
+        let mut draining: Vec<i32> = Vec::new();
+        let mut attempt: Option<Attempt> = None;
+        let mut pending = false;
+        let mut started = Instant::now();
+        let mut seq = 0u64;
+        let mut backoff = Backoff {
+            next: Backoff::FIRST,
+        };
+        let mut stopping: Option<Signal> = None;
+        let mut replace_at: Option<tokio::time::Instant> = None;
+
+        loop {
+            let mut trigger = None;
+            tokio::select! {
+                sig = signals.next() => match sig {
+                    Sig::Restart if stopping.is_none() => trigger = Some(Trigger::Signal),
+                    Sig::Restart => {}
+                    Sig::Stop | Sig::Quit => {
+                        let s = if sig == Sig::Quit { Signal::SIGQUIT } else { Signal::SIGTERM };
+                        info!(signal = ?s, workers = 1 + draining.len(), "stopping: passing the signal to the workers");
+                        stopping = Some(s);
+                        if attempt.take().is_some() {
+                            info!("abandoning the restart in progress");
+                        }
+                        if replace_at.take().is_some() {
+                            // No worker serves (one died, its replacement was
+                            // pending): only draining ones are left to wait for.
+                            for p in std::mem::take(&mut draining) {
+                                let _ = kill(Pid::from_raw(p), s);
+                                self.reaper.wait(p).await;
+                            }
+                            if let Some(p) = &config.pid_file {
+                                remove_if_ours(p, pid);
+                            }
+                            info!("workers gone: exiting");
+                            return 0;
+                        }
+                        for p in std::iter::once(current.pid).chain(draining.iter().copied()) {
+                            let _ = kill(Pid::from_raw(p), s);
+                        }
+                    }
+                },
+                _ = async { watch.as_mut().expect("guarded").changed().await }, if watch.is_some() && stopping.is_none() => {
+                    trigger = Some(Trigger::Watch);
+                }
+                status = self.reaper.wait(current.pid), if replace_at.is_none() => {
+                    if stopping.is_some() {
+                        // The serving worker is gone; wait for the draining ones.
+                        for p in std::mem::take(&mut draining) {
+                            self.reaper.wait(p).await;
+                        }
+                        if let Some(p) = &config.pid_file {
+                            remove_if_ours(p, pid);
+                        }
+                        info!(status = %describe(status), "workers gone: exiting");
+                        return exit_code(status);
+                    }
+                    if current.ready_at.elapsed() > Backoff::STABLE {
+                        backoff.next = Backoff::FIRST;
+                    }
+                    let delay = backoff.take();
+                    error!(worker = current.pid, status = %describe(status), "worker died: replacing it in {delay:?}");
+                    replace_at = Some(tokio::time::Instant::now() + delay);
+                }
+                _ = async { tokio::time::sleep_until(replace_at.expect("guarded")).await }, if replace_at.is_some() && attempt.is_none() => {
+                    replace_at = None;
+                    let generation = current.generation + 1;
+                    match self.start_worker(&listeners, generation, config.startup_timeout).await {
+                        Ok(p) => {
+                            info!(worker = p, generation, "worker replaced");
+                            current = Worker { pid: p, generation, ready_at: Instant::now() };
+                        }
+                        Err(e) => {
+                            let delay = backoff.take();
+                            error!("cannot replace the worker: {e}; trying again in {delay:?}");
+                            current.generation = generation;
+                            replace_at = Some(tokio::time::Instant::now() + delay);
+                        }
+                    }
+                }
+                outcome = async { attempt.as_mut().expect("guarded").await }, if attempt.is_some() => {
+                    attempt = None;
+                    seq += 1;
+                    let took_ms = started.elapsed().as_millis() as u64;
+                    let result = match outcome {
+                        Ok((new_pid, new_listeners, new_config)) => {
+                            let generation = current.generation + 1;
+                            let old = std::mem::replace(
+                                &mut current,
+                                Worker { pid: new_pid, generation, ready_at: Instant::now() },
+                            );
+                            info!(old_pid = old.pid, new_pid, generation = current.generation, took_ms, "restart complete: the old worker drains");
+                            let _ = kill(Pid::from_raw(old.pid), Signal::SIGTERM);
+                            draining.push(old.pid);
+                            // Sockets of removed listeners close here; the
+                            // old worker closes its own copies as it drains.
+                            listeners = new_listeners;
+                            let watch_changed = new_config.watch != config.watch || new_config.watched_files() != config.watched_files();
+                            config = new_config;
+                            if watch_changed {
+                                watch = self.start_watch(&config);
+                            }
+                            Ok(new_pid)
+                        }
+                        Err(reason) => {
+                            error!(took_ms, "restart failed: {reason}");
+                            Err(reason)
+                        }
+                    };
+                    self.report(&config, pid, seq, current.generation, &result);
+                    notify_systemd(&[NotifyState::Ready]);
+                    if std::mem::take(&mut pending) {
+                        trigger = Some(Trigger::Signal);
+                    }
+                }
+                done = wait_any(&self.reaper, &draining), if !draining.is_empty() => {
+                    draining.retain(|p| *p != done);
+                }
+            }
+            if let Some(trigger) = trigger {
+                if attempt.is_some() || replace_at.is_some() {
+                    pending = true;
+                    info!(
+                        ?trigger,
+                        "restart already in progress: one more will follow"
+                    );
+                } else {
+                    info!(?trigger, "restarting");
+                    // For Type=notify-reload: RELOADING=1 with the time, then READY=1.
+                    let mut states = vec![NotifyState::Reloading];
+                    states.extend(NotifyState::monotonic_usec_now().ok());
+                    notify_systemd(&states);
+                    started = Instant::now();
+                    attempt = Some(Box::pin(self.restart(&listeners, current.generation + 1)));
+                }
+            }
+        }
+    }
+
+    /// Starts a worker with `listeners` and waits until it is ready.
+    async fn start_worker(
+        &self,
+        listeners: &[Listener],
+        generation: u64,
+        timeout: Duration,
+    ) -> Result<i32, String> {
+        let s = spawn_successor(
+            &self.exe,
+            &self.argv,
+            listeners,
+            generation,
+            Some(std::process::id()),
+            &self.reaper,
+        )?;
+        await_ready(s, timeout, &self.reaper).await
+    }
+
+    /// One restart: validate, re-read the listener list (binding new
+    /// addresses; the sockets of removed ones close after the swap), start
+    /// the next worker, wait for it.
+    fn restart(&self, listeners: &[Listener], generation: u64) -> Attempt {
+        let prepared =
+            crate::validate::prepare(&self.config_path, &self.apps).map_err(|e| e.to_string());
+        // Duplicates of the current sockets, handed to `open` as if inherited:
+        // kept listeners reuse them, removed ones are closed with the old set.
+        let dups: Result<Vec<InheritedSocket>, String> = listeners
+            .iter()
+            .map(|l| {
+                l.socket
+                    .try_clone()
+                    .map(|socket| InheritedSocket {
+                        name: l.name.clone(),
+                        socket,
+                    })
+                    .map_err(|e| e.to_string())
+            })
+            .collect();
+        let started = prepared.and_then(|p| {
+            let config = p.config;
+            let new = crate::listeners::open(&config.listeners, dups?)?;
+            let s = spawn_successor(
+                &self.exe,
+                &self.argv,
+                &new,
+                generation,
+                Some(std::process::id()),
+                &self.reaper,
+            )?;
+            Ok((s, new, config))
+        });
+        let reaper = self.reaper.clone();
+        Box::pin(async move {
+            let (s, new, config) = started?;
+            let pid = await_ready(s, config.startup_timeout, &reaper).await?;
+            Ok((pid, new, config))
+        })
+    }
+
+    fn start_watch(&self, config: &Config) -> Option<crate::watch::Watch> {
+        if !config.watch {
+            return None;
+        }
+        let files = config.watched_files();
+        let loaded = crate::watch::fingerprint(&files);
+        crate::watch::Watch::start(files, loaded)
+            .map_err(|e| error!("cannot watch files, restart with HUP instead: {e}"))
+            .ok()
+    }
+
+    fn report(
+        &self,
+        config: &Config,
+        pid: u32,
+        seq: u64,
+        generation: u64,
+        outcome: &Result<i32, String>,
+    ) {
+        let Some(pid_file) = &config.pid_file else {
+            return;
+        };
+        let r = crate::reload::RestartResult {
+            pid,
+            seq,
+            result: if outcome.is_ok() { "ready" } else { "failed" }.into(),
+            new_pid: outcome.as_ref().ok().map(|p| *p as u32),
+            generation: outcome.as_ref().ok().map(|_| generation),
+            reason: outcome.as_ref().err().cloned(),
+        };
+        if let Err(e) = crate::reload::write_result(pid_file, &r) {
+            warn!(pid_file = %pid_file.display(), "cannot write the restart result: {e}");
+        }
+    }
+}
+
+/// Resolves with the pid of the first of `pids` to exit.
+async fn wait_any(reaper: &Reaper, pids: &[i32]) -> i32 {
+    let mut waits: Vec<Pin<Box<dyn Future<Output = i32> + '_>>> = pids
+        .iter()
+        .map(|p| {
+            let p = *p;
+            Box::pin(async move {
+                reaper.wait(p).await;
+                p
+            }) as Pin<Box<dyn Future<Output = i32> + '_>>
+        })
+        .collect();
+    std::future::poll_fn(|cx| {
+        for f in waits.iter_mut() {
+            if let std::task::Poll::Ready(p) = f.as_mut().poll(cx) {
+                return std::task::Poll::Ready(p);
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
+}
+
+fn exit_code(status: WaitStatus) -> i32 {
+    match status {
+        WaitStatus::Exited(_, code) => code,
+        WaitStatus::Signaled(_, sig, _) => 128 + sig as i32,
+        _ => 1,
+    }
+}
+
+fn remove_if_ours(path: &std::path::Path, pid: u32) {
+    let ours = std::fs::read_to_string(path).is_ok_and(|s| s.trim() == pid.to_string());
+    if ours {
+        let _ = std::fs::remove_file(path);
+    }
+}

@@ -1,0 +1,214 @@
+//! `--supervise`: a supervisor whose pid never changes, running workers.
+
+mod util;
+
+use nix::sys::signal::{kill, killpg, Signal};
+use nix::unistd::Pid;
+use util::client::{self, Target};
+use util::load::{Kind, Load};
+use util::{basic_config, TestServer, BIN};
+
+async fn start_supervised(config: &str) -> TestServer {
+    start_supervised_log(config, "gracesrv=info").await
+}
+
+async fn start_supervised_log(config: &str, log: &str) -> TestServer {
+    let (dir, certs, path) = TestServer::prepare(config);
+    let mut cmd = std::process::Command::new(BIN);
+    cmd.arg("--supervise");
+    let mut srv = TestServer::spawn_cmd(dir, certs, path, &[("GRACESRV_LOG", log)], cmd);
+    let pid = srv.wait_ready().await;
+    assert_eq!(pid, srv.first_pid(), "MAINPID is the supervisor's");
+    srv
+}
+
+/// The worker serving now (from the last restart or start line).
+fn worker(srv: &TestServer) -> u32 {
+    let logs = srv.logs();
+    let line = logs
+        .lines()
+        .rev()
+        .find(|l| {
+            l.contains("restart complete")
+                || l.contains("worker replaced")
+                || l.contains("role=\"supervisor\"")
+        })
+        .unwrap();
+    let key = if line.contains("new_pid=") {
+        "new_pid"
+    } else {
+        "worker"
+    };
+    util::field(line, key).parse().unwrap()
+}
+
+/// HUP to the supervisor; waits for RELOADING=1 then READY=1, and for the
+/// old worker to stop accepting. Returns the new worker.
+async fn supervised_restart(srv: &mut TestServer) -> u32 {
+    let old = worker(srv);
+    let seen = srv.log_count();
+    srv.hup();
+    let reloading = srv.next_notify().await;
+    assert!(
+        reloading.contains("RELOADING=1") && reloading.contains("MONOTONIC_USEC="),
+        "{reloading}"
+    );
+    let ready = srv.next_notify().await;
+    assert_eq!(ready.trim(), "READY=1");
+    // The datagram can overtake the log line.
+    srv.wait_log_after(seen, |l| l.contains("restart complete"))
+        .await;
+    let new = worker(srv);
+    assert_ne!(new, old);
+    let tag = format!("pid={old} ");
+    srv.wait_log_after(0, |l| l.contains(&tag) && l.contains("stopped accepting"))
+        .await;
+    new
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn supervised_restarts_under_load_keep_the_pid_and_lose_nothing() {
+    let mut srv = start_supervised(&basic_config("")).await;
+    let sup = srv.first_pid();
+    let web = Target::plain(srv.addr("web"));
+    let tls = Target::tls(srv.addr("web-tls"), srv.tls());
+    let mut load = Load::new();
+    load.spawn(Kind::KeepAlive, web.clone(), "/", 3);
+    load.spawn(Kind::NewConnection, web.clone(), "/", 2);
+    load.spawn(Kind::H2 { streams: 4 }, tls.clone(), "/", 1);
+    let stats = load.stats.clone();
+    stats.wait_for_more(100).await;
+    let mut workers = vec![worker(&srv)];
+    for _ in 0..10 {
+        workers.push(supervised_restart(&mut srv).await);
+        stats.wait_for_more(50).await;
+        assert!(util::alive(sup));
+    }
+    let stats = load.stop().await;
+    let errors = stats.errors.lock().unwrap().clone();
+    assert_eq!(stats.failed(), 0, "{errors:#?}");
+    let answered = stats.pids.lock().unwrap().clone();
+    assert!(answered.len() >= 10, "{} workers answered", answered.len());
+    assert!(
+        !answered.contains(&sup),
+        "the supervisor serves nothing itself"
+    );
+    assert_eq!(util::zombie_children(sup), 0);
+    for w in &workers[..workers.len() - 1] {
+        util::wait_gone(*w).await;
+    }
+}
+
+#[tokio::test]
+async fn a_killed_worker_is_replaced_and_the_port_never_refuses() {
+    let srv = start_supervised(&basic_config("")).await;
+    let web = Target::plain(srv.addr("web"));
+    let w = worker(&srv);
+    assert_eq!(client::get(&web, "/").await.unwrap().pid(), w);
+    kill(Pid::from_raw(w as i32), Signal::SIGKILL).unwrap();
+    // While no worker serves, connections queue in the supervisor's sockets.
+    let during: Vec<_> = (0..5)
+        .map(|_| {
+            let web = web.clone();
+            tokio::spawn(async move { client::get(&web, "/").await })
+        })
+        .collect();
+    srv.wait_log("worker replaced").await;
+    let new = worker(&srv);
+    assert_ne!(new, w);
+    for r in during {
+        assert_eq!(r.await.unwrap().unwrap().pid(), new);
+    }
+    assert!(srv.logs().contains("worker died"));
+    assert_eq!(util::zombie_children(srv.first_pid()), 0);
+}
+
+#[tokio::test]
+async fn term_finishes_the_request_in_flight_and_exits_0() {
+    let mut srv = start_supervised_log(&basic_config(""), "gracesrv=debug").await;
+    let web = Target::plain(srv.addr("web"));
+    let w = worker(&srv);
+    let slow = tokio::spawn(async move { client::get(&web, "/delay").await });
+    srv.wait_log("path=\"/delay\"").await;
+    srv.signal_first(Signal::SIGTERM);
+    let r = slow.await.unwrap().unwrap();
+    assert_eq!((r.status.as_u16(), r.body), (200, format!("slow {w}\n")));
+    assert_eq!(srv.wait_first_exit().await.code(), Some(0));
+    assert!(!util::alive(w));
+}
+
+#[tokio::test]
+async fn ctrl_c_after_five_restarts_stops_everything() {
+    let mut srv = start_supervised(&basic_config("")).await;
+    let mut workers = vec![worker(&srv)];
+    for _ in 0..5 {
+        workers.push(supervised_restart(&mut srv).await);
+    }
+    // What a terminal does on Ctrl-C: SIGINT to the foreground process group.
+    killpg(Pid::from_raw(srv.first_pid() as i32), Signal::SIGINT).unwrap();
+    assert_eq!(srv.wait_first_exit().await.code(), Some(0));
+    for w in workers {
+        assert!(!util::alive(w), "worker {w} outlived the supervisor");
+    }
+}
+
+#[tokio::test]
+async fn a_failed_restart_keeps_the_worker_and_reports_ready_again() {
+    let config = basic_config("").replace(
+        "shutdown_timeout: 10s\n",
+        "shutdown_timeout: 10s\npid_file: run/g.pid\n",
+    );
+    let mut srv = start_supervised(&config).await;
+    let sup = srv.first_pid();
+    assert_eq!(
+        std::fs::read_to_string(srv.dir.path().join("run/g.pid")).unwrap(),
+        format!("{sup}\n")
+    );
+    let w = worker(&srv);
+    srv.write_config(&config.replace("localhost.crt", "gone.crt"));
+    srv.hup();
+    assert!(srv.next_notify().await.contains("RELOADING=1"));
+    assert_eq!(srv.next_notify().await.trim(), "READY=1");
+    let line = srv.wait_log("restart failed").await;
+    assert!(line.contains("no such file gone.crt"), "{line}");
+    assert_eq!(
+        client::get(&Target::plain(srv.addr("web")), "/")
+            .await
+            .unwrap()
+            .pid(),
+        w
+    );
+    // `gracesrv reload` reads the same result through the supervisor's pid.
+    srv.write_config(&config);
+    let path = srv.config.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(BIN)
+            .arg("reload")
+            .arg("-c")
+            .arg(path)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("replaces pid {sup}")));
+}
+
+#[tokio::test]
+async fn a_hup_sent_to_a_worker_restarts_through_the_supervisor() {
+    let mut srv = start_supervised(&basic_config("")).await;
+    let w = worker(&srv);
+    let seen = srv.log_count();
+    kill(Pid::from_raw(w as i32), Signal::SIGHUP).unwrap();
+    assert!(srv.next_notify().await.contains("RELOADING=1"));
+    assert_eq!(srv.next_notify().await.trim(), "READY=1");
+    srv.wait_log_after(seen, |l| l.contains("restart complete"))
+        .await;
+    assert_ne!(worker(&srv), w);
+    assert!(srv.logs().contains("HUP passed on to the supervisor"));
+}
