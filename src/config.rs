@@ -174,6 +174,12 @@ pub enum Action {
         status: http::StatusCode,
     },
     Status,
+    Proxy {
+        upstream: http::Uri,
+        connect_timeout: Duration,
+        timeout: Duration,
+        strip_prefix: bool,
+    },
 }
 
 impl Config {
@@ -339,6 +345,17 @@ mod raw {
         pub static_: Option<Spanned<Static>>,
         pub redirect: Option<Spanned<Redirect>>,
         pub status: Option<Spanned<Empty>>,
+        pub proxy: Option<Spanned<Proxy>>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Proxy {
+        pub upstream: Spanned<String>,
+        pub connect_timeout: Option<Spanned<String>>,
+        pub timeout: Option<Spanned<String>>,
+        #[serde(default)]
+        pub strip_prefix: bool,
     }
 
     #[derive(Deserialize)]
@@ -655,6 +672,7 @@ impl Validator<'_> {
             raw.static_.is_some(),
             raw.redirect.is_some(),
             raw.status.is_some(),
+            raw.proxy.is_some(),
         ]
         .iter()
         .filter(|x| **x)
@@ -668,7 +686,7 @@ impl Validator<'_> {
             return self.err(
                 pos,
                 format!(
-                    "{key}: route {what}: give exactly one of respond, static, redirect, status"
+                    "{key}: route {what}: give exactly one of respond, static, redirect, status, proxy"
                 ),
             );
         }
@@ -718,6 +736,40 @@ impl Validator<'_> {
             Action::Redirect {
                 to: r.value.to.value.clone(),
                 status,
+            }
+        } else if let Some(p) = &raw.proxy {
+            let v = &p.value;
+            let bad = || {
+                ConfigError::new(
+                    self.file,
+                    Some(Pos::from(&v.upstream)),
+                    format!(
+                        "{key}.proxy.upstream: {:?} is not http://host:port",
+                        v.upstream.value
+                    ),
+                )
+            };
+            let upstream: http::Uri = v.upstream.value.parse().map_err(|_| bad())?;
+            let plain_origin = upstream.scheme_str() == Some("http")
+                && upstream.authority().is_some()
+                && matches!(upstream.path(), "" | "/")
+                && upstream.query().is_none();
+            if !plain_origin {
+                return Err(bad());
+            }
+            Action::Proxy {
+                upstream,
+                connect_timeout: self.duration(
+                    &v.connect_timeout,
+                    &format!("{key}.proxy.connect_timeout"),
+                    Duration::from_secs(5),
+                )?,
+                timeout: self.duration(
+                    &v.timeout,
+                    &format!("{key}.proxy.timeout"),
+                    Duration::from_secs(60),
+                )?,
+                strip_prefix: v.strip_prefix,
             }
         } else {
             Action::Status

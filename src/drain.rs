@@ -25,6 +25,8 @@ struct Inner {
     active: AtomicU64,
     requests_in_flight: AtomicU64,
     idle: Notify,
+    /// Connections upgraded (WebSocket and others) and tunnelled.
+    upgraded: AtomicU64,
     /// Accept loops still holding a socket.
     acceptors: AtomicU64,
     acceptors_done: Notify,
@@ -39,6 +41,7 @@ impl Default for Drain {
                 active: AtomicU64::new(0),
                 requests_in_flight: AtomicU64::new(0),
                 idle: Notify::new(),
+                upgraded: AtomicU64::new(0),
                 acceptors: AtomicU64::new(0),
                 acceptors_done: Notify::new(),
             }),
@@ -72,11 +75,23 @@ impl Drop for AcceptorGuard {
     }
 }
 
+/// Held by each upgraded (tunnelled) connection.
+pub struct UpgradedGuard {
+    inner: Arc<Inner>,
+}
+
+impl Drop for UpgradedGuard {
+    fn drop(&mut self) {
+        self.inner.upgraded.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// What was still open when a drain ran out of time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cut {
     pub connections: u64,
     pub requests: u64,
+    pub upgraded: u64,
 }
 
 impl Drain {
@@ -105,6 +120,18 @@ impl Drain {
             }
             notified.await;
         }
+    }
+
+    /// Counts an upgraded connection (it also holds a `connection()`).
+    pub fn upgraded(&self) -> UpgradedGuard {
+        self.inner.upgraded.fetch_add(1, Ordering::Relaxed);
+        UpgradedGuard {
+            inner: self.inner.clone(),
+        }
+    }
+
+    pub fn upgraded_active(&self) -> u64 {
+        self.inner.upgraded.load(Ordering::Relaxed)
     }
 
     pub fn active(&self) -> u64 {
@@ -158,6 +185,7 @@ impl Drain {
                     return Some(Cut {
                         connections: self.active(),
                         requests: self.inner.requests_in_flight.load(Ordering::Relaxed),
+                        upgraded: self.inner.upgraded.load(Ordering::Relaxed),
                     });
                 }
             }

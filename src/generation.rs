@@ -60,6 +60,8 @@ impl Generation {
             started: Instant::now(),
             listeners: std::sync::OnceLock::new(),
             requests_total: AtomicU64::new(0),
+            proxied_total: AtomicU64::new(0),
+            upstream_errors_total: AtomicU64::new(0),
             drain: Drain::default(),
         });
         let _ = process.listeners.set(

@@ -32,6 +32,7 @@ pub mod generation;
 pub mod handoff;
 pub mod listeners;
 pub mod logging;
+pub mod proxy;
 pub mod reaper;
 pub mod reload;
 pub mod restart;
@@ -52,6 +53,7 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 
 pub use config::{Config, ConfigError};
+pub use proxy::Peer;
 pub use service::{Body, BoxError, Handler};
 
 /// A gracesrv server: a config file, and optionally an application's own

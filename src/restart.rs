@@ -349,6 +349,7 @@ async fn drain(mut gen: Generation, signals: &mut Signals, mut why: Why) -> i32 
                     Some(cut) => warn!(
                         connections = cut.connections,
                         requests = cut.requests,
+                        upgraded = cut.upgraded,
                         "shutdown_timeout ({timeout:?}) reached: cutting what is left"
                     ),
                 }

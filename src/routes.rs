@@ -25,6 +25,8 @@ pub struct ProcessInfo {
     /// name, address, tls: filled in once the sockets are open.
     pub listeners: std::sync::OnceLock<Vec<(String, String, bool)>>,
     pub requests_total: AtomicU64,
+    pub proxied_total: AtomicU64,
+    pub upstream_errors_total: AtomicU64,
     pub drain: Drain,
 }
 
@@ -51,6 +53,7 @@ enum Handle {
         status: StatusCode,
     },
     Status,
+    Proxy(Box<crate::proxy::Proxy>),
 }
 
 /// A response body with `{pid}`-style placeholders, split once at load.
@@ -168,6 +171,17 @@ impl Router {
                     status: *status,
                 },
                 Action::Status => Handle::Status,
+                Action::Proxy {
+                    upstream,
+                    connect_timeout,
+                    timeout,
+                    strip_prefix,
+                } => Handle::Proxy(Box::new(crate::proxy::Proxy::new(
+                    upstream,
+                    *connect_timeout,
+                    *timeout,
+                    *strip_prefix,
+                ))),
             };
             routes.push((r.path.clone(), handle));
         }
@@ -179,6 +193,7 @@ impl Router {
         self: Arc<Self>,
         req: Request<Incoming>,
         ctx: Arc<ListenerContext>,
+        peer: crate::proxy::Peer,
     ) -> BoxFuture<Response<Body>> {
         Box::pin(async move {
             let path = req.uri().path();
@@ -233,6 +248,7 @@ impl Router {
                     }
                 }
                 Handle::Status => status_response(&ctx),
+                Handle::Proxy(proxy) => proxy.handle(req, prefix, &ctx, peer).await,
                 Handle::Static { root, index, dir } => {
                     serve_static(req, prefix, root, index, dir.clone()).await
                 }
@@ -278,6 +294,9 @@ fn status_response(ctx: &ListenerContext) -> Response<Body> {
         "listeners": listeners,
         "connections_active": p.drain.active(),
         "requests_total": p.requests_total.load(Ordering::Relaxed),
+        "proxied_total": p.proxied_total.load(Ordering::Relaxed),
+        "upstream_errors_total": p.upstream_errors_total.load(Ordering::Relaxed),
+        "upgraded_active": p.drain.upgraded_active(),
         "draining": p.drain.is_draining(),
     });
     let mut res = Response::new(full(body.to_string() + "\n"));

@@ -232,9 +232,21 @@ async fn serve_connection(
     let _ = stream.set_nodelay(true);
     let t = shared.timeouts;
     match &spec.tls {
-        None => serve_http(stream, spec, shared, builder).await,
+        None => {
+            let peer = crate::proxy::Peer {
+                addr: peer,
+                tls: false,
+            };
+            serve_http(stream, peer, spec, shared, builder).await
+        }
         Some(acceptor) => match tokio::time::timeout(t.handshake, acceptor.accept(stream)).await {
-            Ok(Ok(tls)) => serve_http(tls, spec, shared, builder).await,
+            Ok(Ok(tls)) => {
+                let peer = crate::proxy::Peer {
+                    addr: peer,
+                    tls: true,
+                };
+                serve_http(tls, peer, spec, shared, builder).await
+            }
             Ok(Err(e)) => debug!(listener = %spec.ctx.name, %peer, "TLS handshake failed: {e}"),
             Err(_) => debug!(listener = %spec.ctx.name, %peer, "TLS handshake timed out"),
         },
@@ -337,6 +349,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for TrackedIo<T> {
 
 async fn serve_http<T>(
     io: T,
+    peer: crate::proxy::Peer,
     spec: ListenerSpec,
     shared: Arc<Shared>,
     builder: Arc<auto::Builder<TokioExecutor>>,
@@ -356,6 +369,7 @@ async fn serve_http<T>(
         activity: activity.clone(),
     });
     let svc = ConnService {
+        peer,
         spec: spec.clone(),
         process: shared.process.clone(),
         activity: activity.clone(),
@@ -411,6 +425,7 @@ async fn serve_http<T>(
 /// timeouts, and during a drain adds `Connection: close` to HTTP/1.x responses.
 #[derive(Clone)]
 struct ConnService {
+    peer: crate::proxy::Peer,
     spec: ListenerSpec,
     process: Arc<ProcessInfo>,
     activity: Arc<Activity>,
@@ -430,7 +445,7 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
         self.process.requests_total.fetch_add(1, Ordering::Relaxed);
         debug!(listener = %self.spec.ctx.name, method = %req.method(), path = req.uri().path(), "request started");
         let guard = InFlight::new(self.activity.clone(), self.process.clone());
-        let fut = self.spec.handler.call(req, &self.spec.ctx);
+        let fut = self.spec.handler.call(req, &self.spec.ctx, self.peer);
         let process = self.process.clone();
         Box::pin(async move {
             let mut res = fut.await;

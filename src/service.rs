@@ -66,12 +66,15 @@ impl Handler {
 
     pub fn call(
         &self,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         ctx: &Arc<crate::routes::ListenerContext>,
+        peer: crate::proxy::Peer,
     ) -> BoxFuture<Response<Body>> {
         match self {
-            Handler::Routes(router) => router.clone().handle(req, ctx.clone()),
+            Handler::Routes(router) => router.clone().handle(req, ctx.clone(), peer),
             Handler::App(svc) => {
+                // An application may want to know who is asking.
+                req.extensions_mut().insert(peer);
                 let svc = svc.clone();
                 Box::pin(async move {
                     svc.oneshot(req).await.unwrap_or_else(|e| {

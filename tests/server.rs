@@ -245,6 +245,10 @@ fn check_names_file_line_and_column_of_each_error() {
         (format!("{l}    routes:\n      - static: {{ root: nowhere }}\n"), "listeners[0].routes[0].static.root: nowhere is not a directory"),
         ("listeners:\n  - {name: Web!, addr: '127.0.0.1:9'}\n".into(), "listeners[0].name: \"Web!\" must be made of"),
         ("listeners:\n  - {name: a, addr: 'localhost'}\n".into(), "listeners[0].addr: \"localhost\" is not host:port"),
+        (
+            format!("{l}    routes:\n      - proxy: {{ upstream: \"https://x:1/p\" }}\n"),
+            "FILE:5:28: listeners[0].routes[0].proxy.upstream: \"https://x:1/p\" is not http://host:port",
+        ),
     ];
     for (config, want) in cases {
         let (code, _, err) = check(config);

@@ -1,0 +1,358 @@
+//! The `proxy` route: a reverse proxy to an HTTP upstream.
+//!
+//! Bodies stream both ways (never buffered whole); upstream connections are
+//! pooled and kept alive. Hop-by-hop headers are removed in both directions,
+//! and `X-Forwarded-For`/`-Proto`/`-Host` and `Forwarded` are set; `Host` passes
+//! through. An upstream that is down or slow gets a short 502 or 504.
+//!
+//! `Upgrade` requests (WebSocket and others) are tunnelled both ways once the
+//! upstream answers 101. A tunnel counts as a connection of this process, so
+//! an old generation drains it like any other: it runs until it ends or
+//! `shutdown_timeout` passes, and is then cut (and counted in the log).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri};
+use hyper::body::{Frame, Incoming, SizeHint};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tracing::{debug, warn};
+
+use crate::routes::ListenerContext;
+use crate::service::{text, Body, BoxError};
+
+/// A proxy route, built once per generation.
+pub struct Proxy {
+    client: Client<HttpConnector, Incoming>,
+    /// `http://host:port`, without a trailing slash.
+    upstream: Uri,
+    timeout: Duration,
+    strip_prefix: bool,
+}
+
+/// Where a request came from, for the forwarding headers.
+#[derive(Clone, Copy, Debug)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    pub tls: bool,
+}
+
+/// Headers that describe one hop, not the message (RFC 9110 7.6.1).
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// Removes hop-by-hop headers, and those the `Connection` header names.
+/// `Upgrade` (and `Connection: upgrade`) are kept when `upgrade` is set.
+fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .filter(|n| !(upgrade && n == header::UPGRADE))
+        .collect();
+    for n in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(n);
+    }
+    if upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::UPGRADE);
+    }
+}
+
+fn is_upgrade<B>(req: &Request<B>) -> bool {
+    req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+}
+
+impl Proxy {
+    pub fn new(
+        upstream: &Uri,
+        connect_timeout: Duration,
+        timeout: Duration,
+        strip_prefix: bool,
+    ) -> Proxy {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(connect_timeout));
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(256)
+            .build(connector);
+        Proxy {
+            client,
+            upstream: upstream.clone(),
+            timeout,
+            strip_prefix,
+        }
+    }
+
+    pub async fn handle(
+        &self,
+        mut req: Request<Incoming>,
+        prefix: &str,
+        ctx: &ListenerContext,
+        peer: Peer,
+    ) -> Response<Body> {
+        let stats = &ctx.process;
+        stats.proxied_total.fetch_add(1, Ordering::Relaxed);
+        let upgrade = is_upgrade(&req);
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+
+        // The upstream URI: its scheme and authority, this path (without the
+        // route's prefix if asked), this query.
+        let pq = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        let pq = match self.strip_prefix {
+            true => {
+                let rest = pq.strip_prefix(prefix.trim_end_matches('/')).unwrap_or(pq);
+                if rest.starts_with('/') {
+                    rest.to_string()
+                } else {
+                    format!("/{rest}")
+                }
+            }
+            false => pq.to_string(),
+        };
+        let uri = match Uri::builder()
+            .scheme(self.upstream.scheme_str().unwrap_or("http"))
+            .authority(self.upstream.authority().map(|a| a.as_str()).unwrap_or(""))
+            .path_and_query(pq)
+            .build()
+        {
+            Ok(u) => u,
+            Err(_) => return text(StatusCode::BAD_REQUEST, "bad request\n"),
+        };
+        let host = req.headers().get(header::HOST).cloned().or_else(|| {
+            req.uri()
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
+        *req.uri_mut() = uri;
+        *req.version_mut() = http::Version::HTTP_11;
+        let h = req.headers_mut();
+        strip_hop_by_hop(h, upgrade);
+        set_forwarded(h, peer, host.as_ref());
+        if let Some(host) = host {
+            h.insert(header::HOST, host);
+        }
+
+        let res = match tokio::time::timeout(self.timeout, self.client.request(req)).await {
+            Ok(Ok(res)) => res,
+            Ok(Err(e)) => {
+                stats.upstream_errors_total.fetch_add(1, Ordering::Relaxed);
+                warn!(upstream = %self.upstream, "upstream error: {}", error_chain(&e));
+                return text(StatusCode::BAD_GATEWAY, "bad gateway\n");
+            }
+            Err(_) => {
+                stats.upstream_errors_total.fetch_add(1, Ordering::Relaxed);
+                warn!(upstream = %self.upstream, timeout = ?self.timeout, "upstream timed out");
+                return text(StatusCode::GATEWAY_TIMEOUT, "gateway timeout\n");
+            }
+        };
+
+        if res.status() == StatusCode::SWITCHING_PROTOCOLS {
+            if let Some(client_upgrade) = client_upgrade {
+                return self.tunnel(res, client_upgrade, ctx);
+            }
+        }
+        let (mut parts, body) = res.into_parts();
+        strip_hop_by_hop(&mut parts.headers, false);
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        Response::from_parts(parts, Body::new(Deadline::new(body, deadline)))
+    }
+
+    /// Answers 101 to the client and joins the two upgraded connections.
+    fn tunnel(
+        &self,
+        res: Response<Incoming>,
+        client: hyper::upgrade::OnUpgrade,
+        ctx: &ListenerContext,
+    ) -> Response<Body> {
+        let (mut parts, _) = res.into_parts();
+        let upstream = hyper::upgrade::on(Response::from_parts(parts.clone(), ()));
+        strip_hop_by_hop(&mut parts.headers, true);
+        // Counted as a connection (and as an upgraded one) until it ends.
+        let guard = ctx.process.drain.connection();
+        let upgraded = ctx.process.drain.upgraded();
+        let listener = ctx.name.clone();
+        tokio::spawn(async move {
+            let (client, upstream) = match tokio::join!(client, upstream) {
+                (Ok(c), Ok(u)) => (c, u),
+                (Err(e), _) | (_, Err(e)) => {
+                    debug!(%listener, "upgrade failed: {e}");
+                    return;
+                }
+            };
+            let mut client = TokioIo::new(client);
+            let mut upstream = TokioIo::new(upstream);
+            match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+                Ok((up, down)) => debug!(%listener, up, down, "upgraded connection ended"),
+                Err(e) => debug!(%listener, "upgraded connection: {e}"),
+            }
+            drop(upgraded);
+            drop(guard);
+        });
+        Response::from_parts(parts, crate::service::full(Bytes::new()))
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// Sets `X-Forwarded-For` (appended), `-Proto`, `-Host` and `Forwarded`.
+fn set_forwarded(h: &mut HeaderMap, peer: Peer, host: Option<&HeaderValue>) {
+    let ip = peer.addr.ip().to_string();
+    let proto = if peer.tls { "https" } else { "http" };
+    let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {ip}"),
+        None => ip.clone(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        h.insert("x-forwarded-for", v);
+    }
+    h.insert("x-forwarded-proto", HeaderValue::from_static(proto));
+    let host_str = host.and_then(|v| v.to_str().ok());
+    if let Some(v) = host.cloned() {
+        h.insert("x-forwarded-host", v);
+    }
+    // RFC 7239: an IPv6 address is quoted and bracketed.
+    let for_ = if peer.addr.is_ipv6() {
+        format!("\"[{ip}]\"")
+    } else {
+        ip
+    };
+    let mut fwd = format!("for={for_};proto={proto}");
+    if let Some(host) = host_str {
+        fwd.push_str(&format!(";host=\"{host}\""));
+    }
+    let fwd = match h.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {fwd}"),
+        None => fwd,
+    };
+    if let Ok(v) = HeaderValue::from_str(&fwd) {
+        h.insert(header::FORWARDED, v);
+    }
+}
+
+/// A response body that ends in an error at `deadline` (the route's
+/// `timeout` covers the whole response), streamed frame by frame.
+struct Deadline {
+    inner: Incoming,
+    sleep: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl Deadline {
+    fn new(inner: Incoming, deadline: tokio::time::Instant) -> Self {
+        Deadline {
+            inner,
+            sleep: Box::pin(tokio::time::sleep_until(deadline)),
+        }
+    }
+}
+
+impl hyper::body::Body for Deadline {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Poll::Ready(frame) = Pin::new(&mut self.inner).poll_frame(cx) {
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        match self.sleep.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Some(Err("upstream response timed out".into()))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_go_both_ways() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-private"),
+        );
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-private", HeaderValue::from_static("1"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        let mut plain = h.clone();
+        strip_hop_by_hop(&mut plain, false);
+        assert_eq!(plain.len(), 1, "{plain:?}");
+        assert!(plain.contains_key("x-kept"));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h["upgrade"], "websocket");
+        assert_eq!(h["connection"], "upgrade");
+        assert!(!h.contains_key("x-private"));
+    }
+
+    #[test]
+    fn forwarding_headers() {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
+        let peer = Peer {
+            addr: "127.0.0.1:5000".parse().unwrap(),
+            tls: true,
+        };
+        set_forwarded(&mut h, peer, Some(&HeaderValue::from_static("example.com")));
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-host"], "example.com");
+        assert_eq!(
+            h["forwarded"],
+            "for=127.0.0.1;proto=https;host=\"example.com\""
+        );
+    }
+}

@@ -1,0 +1,382 @@
+//! The `proxy` route, against a real upstream started by the test.
+
+mod util;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use util::client::{self, Target};
+use util::load::{Kind, Load};
+use util::TestServer;
+
+type UpBody = http_body_util::combinators::BoxBody<Bytes, hyper::Error>;
+
+fn full(s: impl Into<Bytes>) -> UpBody {
+    Full::new(s.into()).map_err(|never| match never {}).boxed()
+}
+
+/// The RFC 6455 example key and its accept value.
+const WS_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+const WS_ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
+
+/// The upstream: echoes, reports headers, answers slowly, speaks WebSocket.
+async fn upstream(mut req: Request<Incoming>) -> Result<Response<UpBody>, Infallible> {
+    let path = req.uri().path().to_string();
+    Ok(match path.as_str() {
+        "/api/headers" | "/headers" => {
+            let mut lines: Vec<String> = req
+                .headers()
+                .iter()
+                .map(|(k, v)| format!("{k}: {}", v.to_str().unwrap_or("?")))
+                .collect();
+            lines.sort();
+            Response::builder()
+                .header("connection", "x-upstream-private")
+                .header("x-upstream-private", "1")
+                .header("keep-alive", "timeout=5")
+                .header("x-upstream", "yes")
+                .body(full(lines.join("\n") + "\n"))
+                .unwrap()
+        }
+        "/api/echo" => Response::new(req.into_body().boxed()),
+        "/api/slow" => {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            Response::new(full("slow\n"))
+        }
+        "/api/ws" => {
+            assert_eq!(req.headers()["sec-websocket-key"], WS_KEY);
+            let on = hyper::upgrade::on(&mut req);
+            tokio::spawn(async move {
+                let mut io = TokioIo::new(on.await.unwrap());
+                // Echo text frames: unmask what the client sends.
+                loop {
+                    let mut head = [0u8; 2];
+                    if io.read_exact(&mut head).await.is_err() {
+                        return;
+                    }
+                    let len = (head[1] & 0x7f) as usize;
+                    let mut mask = [0u8; 4];
+                    io.read_exact(&mut mask).await.unwrap();
+                    let mut data = vec![0u8; len];
+                    io.read_exact(&mut data).await.unwrap();
+                    for (i, b) in data.iter_mut().enumerate() {
+                        *b ^= mask[i % 4];
+                    }
+                    let mut out = vec![0x81, len as u8];
+                    out.extend_from_slice(&data);
+                    if io.write_all(&out).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            Response::builder()
+                .status(StatusCode::SWITCHING_PROTOCOLS)
+                .header("upgrade", "websocket")
+                .header("connection", "upgrade")
+                .header("sec-websocket-accept", WS_ACCEPT)
+                .body(full(""))
+                .unwrap()
+        }
+        _ => Response::new(full(format!("upstream {path}\n"))),
+    })
+}
+
+async fn start_upstream() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection_with_upgrades(
+                        TokioIo::new(stream),
+                        hyper::service::service_fn(upstream),
+                    )
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+fn proxy_config(upstream: SocketAddr, extra: &str) -> String {
+    format!(
+        r#"shutdown_timeout: 10s
+listeners:
+  - name: web
+    addr: 127.0.0.1:0
+    routes:
+      - path: /api
+        proxy: {{ upstream: "http://{upstream}", timeout: 1s{extra} }}
+      - path: /plain
+        proxy: {{ upstream: "http://{upstream}", strip_prefix: true }}
+      - path: /down
+        proxy: {{ upstream: "http://127.0.0.1:1", connect_timeout: 1s }}
+      - path: /status
+        status: {{}}
+  - name: web-tls
+    addr: 127.0.0.1:0
+    tls: {{ cert: localhost.crt, key: localhost.key }}
+    routes:
+      - path: /api
+        proxy: {{ upstream: "http://{upstream}" }}
+"#
+    )
+}
+
+#[tokio::test]
+async fn headers_are_forwarded_and_hop_by_hop_ones_removed() {
+    let up = start_upstream().await;
+    let srv = TestServer::start(&proxy_config(up, "")).await;
+    let web = srv.addr("web");
+    let mut c = client::connect(&Target::plain(web)).await.unwrap();
+    let req = Request::get("/api/headers")
+        .header("host", "example.test:8080")
+        .header("connection", "keep-alive, x-private")
+        .header("x-private", "secret")
+        .header("x-forwarded-for", "10.1.2.3")
+        .header("te", "trailers")
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    let r = c.request(req).await.unwrap();
+    assert_eq!(r.status, 200);
+    let seen = r.body;
+    assert!(seen.contains("host: example.test:8080\n"), "{seen}");
+    assert!(
+        seen.contains("x-forwarded-for: 10.1.2.3, 127.0.0.1\n"),
+        "{seen}"
+    );
+    assert!(seen.contains("x-forwarded-proto: http\n"), "{seen}");
+    assert!(
+        seen.contains("x-forwarded-host: example.test:8080\n"),
+        "{seen}"
+    );
+    assert!(
+        seen.contains("forwarded: for=127.0.0.1;proto=http;host=\"example.test:8080\"\n"),
+        "{seen}"
+    );
+    assert!(
+        !seen.contains("x-private") && !seen.contains("te: "),
+        "{seen}"
+    );
+    // And on the way back.
+    assert_eq!(r.headers["x-upstream"], "yes");
+    assert!(r.headers.get("x-upstream-private").is_none());
+    assert!(r.headers.get("keep-alive").is_none());
+
+    // Over TLS and HTTP/2: proto https, Host from :authority.
+    let tls = client::get(&Target::tls(srv.addr("web-tls"), srv.tls()), "/api/headers")
+        .await
+        .unwrap();
+    assert_eq!(tls.version, http::Version::HTTP_2);
+    assert!(
+        tls.body.contains("x-forwarded-proto: https\n"),
+        "{}",
+        tls.body
+    );
+    assert!(
+        tls.body
+            .contains(&format!("host: {}\n", srv.addr("web-tls"))),
+        "{}",
+        tls.body
+    );
+
+    // strip_prefix
+    let r = client::get(&Target::plain(web), "/plain/x?y=1")
+        .await
+        .unwrap();
+    assert_eq!(r.body, "upstream /x\n");
+    let r = client::get(&Target::plain(web), "/api/x").await.unwrap();
+    assert_eq!(r.body, "upstream /api/x\n");
+}
+
+#[tokio::test]
+async fn upstream_down_or_slow_gives_502_or_504_and_counts() {
+    let up = start_upstream().await;
+    let srv = TestServer::start(&proxy_config(up, "")).await;
+    let web = Target::plain(srv.addr("web"));
+    let r = client::get(&web, "/down/x").await.unwrap();
+    assert_eq!((r.status.as_u16(), r.body.as_str()), (502, "bad gateway\n"));
+    let r = client::get(&web, "/api/slow").await.unwrap();
+    assert_eq!(
+        (r.status.as_u16(), r.body.as_str()),
+        (504, "gateway timeout\n")
+    );
+    srv.wait_log("upstream timed out").await;
+    let s: serde_json::Value =
+        serde_json::from_str(&client::get(&web, "/status").await.unwrap().body).unwrap();
+    assert_eq!(s["proxied_total"], 2);
+    assert_eq!(s["upstream_errors_total"], 2);
+    // The server is fine.
+    assert_eq!(
+        client::get(&web, "/api/ok").await.unwrap().body,
+        "upstream /api/ok\n"
+    );
+}
+
+/// A request body of `left` bytes, made as it is sent.
+struct Generated {
+    left: usize,
+}
+
+impl hyper::body::Body for Generated {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if self.left == 0 {
+            return Poll::Ready(None);
+        }
+        let n = self.left.min(64 * 1024);
+        self.left -= n;
+        Poll::Ready(Some(Ok(Frame::data(Bytes::from(vec![b'x'; n])))))
+    }
+}
+
+fn peak_rss_kb(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_body_streams_both_ways_without_being_buffered() {
+    const SIZE: usize = 128 * 1024 * 1024;
+    let up = start_upstream().await;
+    let srv = TestServer::start(&proxy_config(up, "").replace("timeout: 1s", "timeout: 60s")).await;
+    let before = peak_rss_kb(srv.pid());
+    let tcp = tokio::net::TcpStream::connect(srv.addr("web"))
+        .await
+        .unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = Request::post("/api/echo")
+        .header("host", "x")
+        .body(Generated { left: SIZE })
+        .unwrap();
+    let res = send.send_request(req).await.unwrap();
+    assert_eq!(res.status(), 200);
+    let mut body = res.into_body();
+    let mut got = 0usize;
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame.unwrap().into_data() {
+            got += data.len();
+        }
+    }
+    assert_eq!(got, SIZE);
+    let grew_mb = (peak_rss_kb(srv.pid()).saturating_sub(before)) / 1024;
+    assert!(
+        grew_mb < 32,
+        "peak RSS grew by {grew_mb} MB for a {} MB body",
+        SIZE >> 20
+    );
+}
+
+/// Opens a WebSocket through the proxy; returns the stream after the 101.
+async fn websocket(addr: SocketAddr) -> tokio::net::TcpStream {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "GET /api/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await.unwrap();
+        head.push(b[0]);
+    }
+    let head = String::from_utf8(head).unwrap().to_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(
+        head.contains(&format!(
+            "sec-websocket-accept: {}",
+            WS_ACCEPT.to_lowercase()
+        )),
+        "{head}"
+    );
+    s
+}
+
+/// Sends a masked text frame and reads the echo.
+async fn ws_echo(s: &mut tokio::net::TcpStream, msg: &str) -> std::io::Result<String> {
+    let mask = [1u8, 2, 3, 4];
+    let mut frame = vec![0x81, 0x80 | msg.len() as u8];
+    frame.extend_from_slice(&mask);
+    frame.extend(msg.bytes().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    s.write_all(&frame).await?;
+    let mut head = [0u8; 2];
+    s.read_exact(&mut head).await?;
+    let mut data = vec![0u8; (head[1] & 0x7f) as usize];
+    s.read_exact(&mut data).await?;
+    Ok(String::from_utf8(data).unwrap())
+}
+
+#[tokio::test]
+async fn a_websocket_stays_open_across_a_restart_until_shutdown_timeout() {
+    let up = start_upstream().await;
+    let config = proxy_config(up, "").replace("shutdown_timeout: 10s", "shutdown_timeout: 1s");
+    let mut srv = TestServer::start(&config).await;
+    let old = srv.pid();
+    let mut ws = websocket(srv.addr("web")).await;
+    assert_eq!(ws_echo(&mut ws, "hello").await.unwrap(), "hello");
+    srv.restart().await;
+    // Still open, still served by the old generation's tunnel.
+    assert_eq!(
+        ws_echo(&mut ws, "after the restart").await.unwrap(),
+        "after the restart"
+    );
+    // Cut at shutdown_timeout, and logged.
+    let tag = format!("pid={old} ");
+    let line = srv
+        .wait_log_after(0, |l| l.contains(&tag) && l.contains("shutdown_timeout"))
+        .await;
+    assert!(line.contains("upgraded=1"), "{line}");
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(util::WAIT, ws.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    assert_eq!(n, 0, "the tunnel is closed");
+    util::wait_gone(old).await;
+    // A new WebSocket goes to the new generation.
+    let mut ws = websocket(srv.addr("web")).await;
+    assert_eq!(ws_echo(&mut ws, "new").await.unwrap(), "new");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxied_requests_survive_restarts_under_load() {
+    let up = start_upstream().await;
+    let (dir, certs, path) = TestServer::prepare(&proxy_config(up, ""));
+    let mut srv =
+        TestServer::start_in(dir, certs, path, &[("GRACESRV_LOG", "gracesrv=info")]).await;
+    let web = Target::plain(srv.addr("web"));
+    let tls = Target::tls(srv.addr("web-tls"), srv.tls());
+    let mut load = Load::new();
+    load.spawn(Kind::KeepAlive, web.clone(), "/api/x", 3);
+    load.spawn(Kind::NewConnection, web.clone(), "/api/x", 2);
+    load.spawn(Kind::H2 { streams: 4 }, tls.clone(), "/api/x", 1);
+    let stats = load.stats.clone();
+    stats.wait_for_more(100).await;
+    for _ in 0..10 {
+        srv.restart().await;
+        stats.wait_for_more(50).await;
+    }
+    let stats = load.stop().await;
+    let errors = stats.errors.lock().unwrap().clone();
+    assert_eq!(stats.failed(), 0, "{errors:#?}");
+    assert!(stats.ok() > 500);
+}
