@@ -23,7 +23,6 @@ struct Inner {
     draining: AtomicBool,
     signal: watch::Sender<bool>,
     active: AtomicU64,
-    requests_in_flight: AtomicU64,
     idle: Notify,
     /// Connections upgraded (WebSocket and others) and tunnelled.
     upgraded: AtomicU64,
@@ -39,7 +38,6 @@ impl Default for Drain {
                 draining: AtomicBool::new(false),
                 signal: watch::channel(false).0,
                 active: AtomicU64::new(0),
-                requests_in_flight: AtomicU64::new(0),
                 idle: Notify::new(),
                 upgraded: AtomicU64::new(0),
                 acceptors: AtomicU64::new(0),
@@ -90,7 +88,6 @@ impl Drop for UpgradedGuard {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cut {
     pub connections: u64,
-    pub requests: u64,
     pub upgraded: u64,
 }
 
@@ -138,18 +135,6 @@ impl Drain {
         self.inner.active.load(Ordering::Acquire)
     }
 
-    pub fn request_started(&self) {
-        self.inner
-            .requests_in_flight
-            .fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub fn request_finished(&self) {
-        self.inner
-            .requests_in_flight
-            .fetch_sub(1, Ordering::Relaxed);
-    }
-
     /// Is this process draining? Read once per response, so it is an atomic
     /// load, not a channel.
     pub fn is_draining(&self) -> bool {
@@ -184,7 +169,6 @@ impl Drain {
                 _ = tokio::time::sleep_until(deadline) => {
                     return Some(Cut {
                         connections: self.active(),
-                        requests: self.inner.requests_in_flight.load(Ordering::Relaxed),
                         upgraded: self.inner.upgraded.load(Ordering::Relaxed),
                     });
                 }

@@ -59,7 +59,7 @@ impl Generation {
             started_at: SystemTime::now(),
             started: Instant::now(),
             listeners: std::sync::OnceLock::new(),
-            requests_total: AtomicU64::new(0),
+            workers: (0..worker_count()).map(|_| Default::default()).collect(),
             proxied_total: AtomicU64::new(0),
             upstream_errors_total: AtomicU64::new(0),
             drain: Drain::default(),
@@ -95,7 +95,7 @@ impl Generation {
             timeouts: config.timeouts,
             limit: Arc::new(Semaphore::new(config.max_connections)),
         });
-        crate::serve::start(worker_count(), specs, shared, span)?;
+        crate::serve::start(process.workers.len(), specs, shared, span)?;
         for (c, l) in config.listeners.iter().zip(&listeners) {
             let scheme = if c.tls.is_some() { "https" } else { "http" };
             info!(listener = %l.name, addr = %l.local_addr, %scheme, "listening");

@@ -348,7 +348,7 @@ async fn drain(mut gen: Generation, signals: &mut Signals, mut why: Why) -> i32 
                     None => info!(took_ms = started.elapsed().as_millis() as u64, "drained: exiting"),
                     Some(cut) => warn!(
                         connections = cut.connections,
-                        requests = cut.requests,
+                        requests = gen.process.requests_in_flight(),
                         upgraded = cut.upgraded,
                         "shutdown_timeout ({timeout:?}) reached: cutting what is left"
                     ),

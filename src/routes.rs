@@ -14,7 +14,7 @@ use tower::ServiceExt;
 
 use crate::config::{Action, ConfigError, ListenerConfig};
 use crate::drain::Drain;
-use crate::service::{full, text, Body, BoxFuture};
+use crate::service::{full, text, Body};
 
 /// Facts about this process that responses report.
 pub struct ProcessInfo {
@@ -24,10 +24,21 @@ pub struct ProcessInfo {
     pub started: std::time::Instant,
     /// name, address, tls: filled in once the sockets are open.
     pub listeners: std::sync::OnceLock<Vec<(String, String, bool)>>,
-    pub requests_total: AtomicU64,
+    /// Per worker thread: counted where the requests run, summed on demand.
+    pub workers: Vec<Arc<crate::serve::WorkerStats>>,
     pub proxied_total: AtomicU64,
     pub upstream_errors_total: AtomicU64,
     pub drain: Drain,
+}
+
+impl ProcessInfo {
+    /// Requests being answered now, over all workers.
+    pub fn requests_in_flight(&self) -> u64 {
+        self.workers
+            .iter()
+            .map(|w| w.in_flight.load(Ordering::Relaxed))
+            .sum()
+    }
 }
 
 /// What a request's handler knows about where it arrived.
@@ -189,13 +200,13 @@ impl Router {
         Ok(Router { routes })
     }
 
-    pub fn handle(
-        self: Arc<Self>,
+    pub async fn handle(
+        &self,
         req: Request<Incoming>,
-        ctx: Arc<ListenerContext>,
+        ctx: &ListenerContext,
         peer: crate::proxy::Peer,
-    ) -> BoxFuture<Response<Body>> {
-        Box::pin(async move {
+    ) -> Response<Body> {
+        {
             let path = req.uri().path();
             let Some(i) = self
                 .routes
@@ -247,13 +258,13 @@ impl Router {
                         Err(_) => text(StatusCode::BAD_REQUEST, "bad request\n"),
                     }
                 }
-                Handle::Status => status_response(&ctx),
-                Handle::Proxy(proxy) => proxy.handle(req, prefix, &ctx, peer).await,
+                Handle::Status => status_response(ctx),
+                Handle::Proxy(proxy) => proxy.handle(req, prefix, ctx, peer).await,
                 Handle::Static { root, index, dir } => {
                     serve_static(req, prefix, root, index, dir.clone()).await
                 }
             }
-        })
+        }
     }
 }
 
@@ -293,7 +304,7 @@ fn status_response(ctx: &ListenerContext) -> Response<Body> {
         "uptime_s": p.started.elapsed().as_secs_f64(),
         "listeners": listeners,
         "connections_active": p.drain.active(),
-        "requests_total": p.requests_total.load(Ordering::Relaxed),
+        "requests_total": p.workers.iter().map(|w| w.requests_total.load(Ordering::Relaxed)).sum::<u64>(),
         "proxied_total": p.proxied_total.load(Ordering::Relaxed),
         "upstream_errors_total": p.upstream_errors_total.load(Ordering::Relaxed),
         "upgraded_active": p.drain.upgraded_active(),

@@ -36,6 +36,16 @@ pub struct ListenerSpec {
     pub ctx: Arc<ListenerContext>,
 }
 
+/// What one worker thread counts. Each worker writes only its own (aligned
+/// to its own cache lines), so counting a request costs no cross-core
+/// traffic; `status` and the drain sum them.
+#[repr(align(128))]
+#[derive(Default)]
+pub struct WorkerStats {
+    pub requests_total: AtomicU64,
+    pub in_flight: AtomicU64,
+}
+
 /// Settings shared by every connection of the process.
 pub struct Shared {
     pub process: Arc<ProcessInfo>,
@@ -61,6 +71,7 @@ pub fn start(
     let (tx, rx) = std::sync::mpsc::channel::<Result<(), String>>();
     for w in 0..workers {
         let listeners = listeners.clone();
+        let stats = shared.process.workers[w % shared.process.workers.len()].clone();
         let shared = shared.clone();
         let span = span.clone();
         let tx = tx.clone();
@@ -93,12 +104,15 @@ pub fn start(
                         }
                     }
                     let builder = Arc::new(http_builder());
-                    let specs = listeners.into_iter().map(|(_, spec)| spec);
+                    // This worker's own allocation of each spec: cloning it per
+                    // request touches no cache line another worker writes.
+                    let specs = listeners.into_iter().map(|(_, spec)| Arc::new(spec));
                     for (spec, listener) in specs.zip(tokio_listeners) {
                         let guard = shared.process.drain.acceptor();
-                        let (shared, builder) = (shared.clone(), builder.clone());
+                        let (shared, builder, stats) =
+                            (shared.clone(), builder.clone(), stats.clone());
                         tokio::spawn(async move {
-                            accept_loop(listener, spec, shared, builder).await;
+                            accept_loop(listener, spec, stats, shared, builder).await;
                             drop(guard);
                         });
                     }
@@ -140,7 +154,8 @@ fn http_builder() -> auto::Builder<TokioExecutor> {
 /// loops of other listeners and workers hoard slots.)
 async fn accept_loop(
     listener: tokio::net::TcpListener,
-    spec: ListenerSpec,
+    spec: Arc<ListenerSpec>,
+    stats: Arc<WorkerStats>,
     shared: Arc<Shared>,
     builder: Arc<auto::Builder<TokioExecutor>>,
 ) {
@@ -169,6 +184,7 @@ async fn accept_loop(
             stream,
             peer,
             spec: spec.clone(),
+            stats: stats.clone(),
             shared: shared.clone(),
             builder: builder.clone(),
             guard,
@@ -208,7 +224,8 @@ async fn accept_loop(
 struct Accepted {
     stream: TcpStream,
     peer: SocketAddr,
-    spec: ListenerSpec,
+    spec: Arc<ListenerSpec>,
+    stats: Arc<WorkerStats>,
     shared: Arc<Shared>,
     builder: Arc<auto::Builder<TokioExecutor>>,
     guard: crate::drain::ConnectionGuard,
@@ -216,7 +233,15 @@ struct Accepted {
 
 impl Accepted {
     async fn serve(self, permit: tokio::sync::OwnedSemaphorePermit) {
-        serve_connection(self.stream, self.peer, self.spec, self.shared, self.builder).await;
+        serve_connection(
+            self.stream,
+            self.peer,
+            self.spec,
+            self.stats,
+            self.shared,
+            self.builder,
+        )
+        .await;
         drop(self.guard);
         drop(permit);
     }
@@ -225,7 +250,8 @@ impl Accepted {
 async fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
-    spec: ListenerSpec,
+    spec: Arc<ListenerSpec>,
+    stats: Arc<WorkerStats>,
     shared: Arc<Shared>,
     builder: Arc<auto::Builder<TokioExecutor>>,
 ) {
@@ -237,7 +263,7 @@ async fn serve_connection(
                 addr: peer,
                 tls: false,
             };
-            serve_http(stream, peer, spec, shared, builder).await
+            serve_http(stream, peer, spec, stats, shared, builder).await
         }
         Some(acceptor) => match tokio::time::timeout(t.handshake, acceptor.accept(stream)).await {
             Ok(Ok(tls)) => {
@@ -245,7 +271,7 @@ async fn serve_connection(
                     addr: peer,
                     tls: true,
                 };
-                serve_http(tls, peer, spec, shared, builder).await
+                serve_http(tls, peer, spec, stats, shared, builder).await
             }
             Ok(Err(e)) => debug!(listener = %spec.ctx.name, %peer, "TLS handshake failed: {e}"),
             Err(_) => debug!(listener = %spec.ctx.name, %peer, "TLS handshake timed out"),
@@ -336,8 +362,10 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for TrackedIo<T> {
     ) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
+    /// Not vectored: hyper then flattens a response's head and body into
+    /// one buffer, so it goes out as one write (and, over TLS, one record).
     fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
+        false
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_flush(cx)
@@ -350,7 +378,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for TrackedIo<T> {
 async fn serve_http<T>(
     io: T,
     peer: crate::proxy::Peer,
-    spec: ListenerSpec,
+    spec: Arc<ListenerSpec>,
+    stats: Arc<WorkerStats>,
     shared: Arc<Shared>,
     builder: Arc<auto::Builder<TokioExecutor>>,
 ) where
@@ -371,7 +400,7 @@ async fn serve_http<T>(
     let svc = ConnService {
         peer,
         spec: spec.clone(),
-        process: shared.process.clone(),
+        stats,
         activity: activity.clone(),
     };
     let conn = builder.serve_connection_with_upgrades(io, svc);
@@ -426,8 +455,8 @@ async fn serve_http<T>(
 #[derive(Clone)]
 struct ConnService {
     peer: crate::proxy::Peer,
-    spec: ListenerSpec,
-    process: Arc<ProcessInfo>,
+    spec: Arc<ListenerSpec>,
+    stats: Arc<WorkerStats>,
     activity: Arc<Activity>,
 }
 
@@ -442,14 +471,14 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
         if !h1 {
             self.activity.h2.store(true, Ordering::Relaxed);
         }
-        self.process.requests_total.fetch_add(1, Ordering::Relaxed);
+        self.stats.requests_total.fetch_add(1, Ordering::Relaxed);
         debug!(listener = %self.spec.ctx.name, method = %req.method(), path = req.uri().path(), "request started");
-        let guard = InFlight::new(self.activity.clone(), self.process.clone());
-        let fut = self.spec.handler.call(req, &self.spec.ctx, self.peer);
-        let process = self.process.clone();
+        let guard = InFlight::new(self.activity.clone(), self.stats.clone());
+        let spec = self.spec.clone();
+        let peer = self.peer;
         Box::pin(async move {
-            let mut res = fut.await;
-            if h1 && process.drain.is_draining() {
+            let mut res = spec.handler.call(req, &spec.ctx, peer).await;
+            if h1 && spec.ctx.process.drain.is_draining() {
                 res.headers_mut()
                     .insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
@@ -464,21 +493,21 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
 /// A request counted as in flight until its response body is done.
 struct InFlight {
     activity: Arc<Activity>,
-    process: Arc<ProcessInfo>,
+    stats: Arc<WorkerStats>,
 }
 
 impl InFlight {
-    fn new(activity: Arc<Activity>, process: Arc<ProcessInfo>) -> Self {
+    fn new(activity: Arc<Activity>, stats: Arc<WorkerStats>) -> Self {
         activity.request_started();
-        process.drain.request_started();
-        InFlight { activity, process }
+        stats.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight { activity, stats }
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.activity.request_finished();
-        self.process.drain.request_finished();
+        self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

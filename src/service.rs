@@ -1,8 +1,6 @@
 //! The service a listener serves: the routes from the config, or an
 //! application's own tower/hyper service (SPEC section 6), behind one type.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -17,8 +15,6 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The response body type every service is turned into.
 pub type Body = UnsyncBoxBody<Bytes, BoxError>;
-
-pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
 /// A body holding `data`.
 pub fn full(data: impl Into<Bytes>) -> Body {
@@ -64,26 +60,23 @@ impl Handler {
         Handler::App(BoxCloneSyncService::new(svc))
     }
 
-    pub fn call(
+    pub async fn call(
         &self,
         mut req: Request<Incoming>,
-        ctx: &Arc<crate::routes::ListenerContext>,
+        ctx: &crate::routes::ListenerContext,
         peer: crate::proxy::Peer,
-    ) -> BoxFuture<Response<Body>> {
+    ) -> Response<Body> {
         match self {
-            Handler::Routes(router) => router.clone().handle(req, ctx.clone(), peer),
+            Handler::Routes(router) => router.handle(req, ctx, peer).await,
             Handler::App(svc) => {
                 // An application may want to know who is asking.
                 req.extensions_mut().insert(peer);
-                let svc = svc.clone();
-                Box::pin(async move {
-                    svc.oneshot(req).await.unwrap_or_else(|e| {
-                        tracing::error!("service error: {e}");
-                        text(
-                            http::StatusCode::INTERNAL_SERVER_ERROR,
-                            "internal server error\n",
-                        )
-                    })
+                svc.clone().oneshot(req).await.unwrap_or_else(|e| {
+                    tracing::error!("service error: {e}");
+                    text(
+                        http::StatusCode::INTERNAL_SERVER_ERROR,
+                        "internal server error\n",
+                    )
                 })
             }
         }
