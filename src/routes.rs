@@ -226,7 +226,7 @@ impl Router {
                     if !delay.is_zero() {
                         tokio::time::sleep(*delay).await;
                     }
-                    let body = body.render(&ctx, host_of(&req).unwrap_or(""), req.uri().path());
+                    let body = body.render(ctx, host_of(&req).unwrap_or(""), req.uri().path());
                     let mut res = Response::new(full(body));
                     *res.status_mut() = *status;
                     let h = res.headers_mut();
