@@ -183,7 +183,8 @@ pub struct SpawnArgs<'a> {
     /// The write end of the ready pipe.
     pub ready: RawFd,
     pub generation: u64,
-    /// Start the child in a process group of its own.
+    /// A supervised worker: a process group of its own, and SIGTERM when
+    /// its parent dies.
     pub own_group: bool,
 }
 
@@ -196,6 +197,8 @@ fn cstring(bytes: &[u8]) -> Result<CString, String> {
 pub fn spawn(args: SpawnArgs<'_>) -> Result<libc::pid_t, String> {
     let n = args.sockets.len() as i32;
     let own_group = args.own_group;
+    // SAFETY: getpid has no preconditions.
+    let parent = unsafe { libc::getpid() };
     let ready_target = LISTEN_FDS_START + n;
 
     let path = cstring(args.exe.as_os_str().as_bytes())?;
@@ -289,8 +292,18 @@ pub fn spawn(args: SpawnArgs<'_>) -> Result<libc::pid_t, String> {
                     libc::_exit(126);
                 }
             }
-            if own_group && libc::setpgid(0, 0) < 0 {
-                libc::_exit(126);
+            if own_group {
+                // A supervised worker: its own process group (Ctrl-C reaches
+                // it once, through the supervisor), and TERM (a drain) if the
+                // supervisor dies, so no worker is left serving on its own.
+                if libc::setpgid(0, 0) < 0 || libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) < 0
+                {
+                    libc::_exit(126);
+                }
+                // The supervisor may have died before the prctl took effect.
+                if libc::getppid() != parent {
+                    libc::_exit(126);
+                }
             }
             // dup2 clears close-on-exec on the target: these survive exec.
             for (i, fd) in moved.iter().enumerate() {

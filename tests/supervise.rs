@@ -212,3 +212,12 @@ async fn a_hup_sent_to_a_worker_restarts_through_the_supervisor() {
     assert_ne!(worker(&srv), w);
     assert!(srv.logs().contains("HUP passed on to the supervisor"));
 }
+
+#[tokio::test]
+async fn workers_do_not_outlive_a_killed_supervisor() {
+    let mut srv = start_supervised(&basic_config("")).await;
+    let w = worker(&srv);
+    srv.signal_first(Signal::SIGKILL);
+    srv.wait_first_exit().await;
+    util::wait_gone(w).await;
+}
