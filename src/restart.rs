@@ -329,6 +329,10 @@ enum Why {
 }
 
 async fn drain(mut gen: Generation, signals: &mut Signals, mut why: Why) -> i32 {
+    // A replaced generation leaves the pid file alone: it names the new
+    // generation by now, or is about to (checking and then removing it would
+    // race the new generation's write).
+    let replaced = why == Why::Replaced;
     let drain = gen.process.drain.clone();
     drain.start();
     // Close this process's own copies of the sockets (the workers close
@@ -373,6 +377,8 @@ async fn drain(mut gen: Generation, signals: &mut Signals, mut why: Why) -> i32 
             }
         }
     }
-    gen.remove_pid_file();
+    if !replaced {
+        gen.remove_pid_file();
+    }
     0
 }

@@ -510,12 +510,22 @@ async fn pid_file_follows_the_serving_generation() {
         std::fs::read_to_string(&pid_file).unwrap(),
         format!("{new}\n")
     );
-    // The old generation exits without removing the new one's pid file.
+    // The old generation exits without removing the new one's pid file,
+    // however quickly it drains (it used to race the new one's write).
     util::wait_gone(old).await;
     assert_eq!(
         std::fs::read_to_string(&pid_file).unwrap(),
         format!("{new}\n")
     );
+    for _ in 0..20 {
+        let old = srv.pid();
+        let new = srv.restart().await;
+        util::wait_gone(old).await;
+        assert_eq!(
+            std::fs::read_to_string(&pid_file).unwrap(),
+            format!("{new}\n")
+        );
+    }
 }
 
 #[tokio::test]
