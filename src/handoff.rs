@@ -20,13 +20,14 @@ use nix::sys::stat::{fstat, SFlag};
 const LISTEN_FDS_START: RawFd = 3;
 
 /// Environment variables of the handoff; read once and removed at start.
-pub const HANDOFF_VARS: [&str; 6] = [
+pub const HANDOFF_VARS: [&str; 7] = [
     "LISTEN_PID",
     "LISTEN_FDS",
     "LISTEN_FDNAMES",
     "GRACESRV_READY_FD",
     "GRACESRV_GENERATION",
     "GRACESRV_SUPERVISOR",
+    "GRACESRV_DRAINING",
 ];
 
 /// A listening socket handed to this process, with the name it was given.
@@ -46,6 +47,8 @@ pub struct Inherited {
     pub generation: u64,
     /// The supervisor's pid, when this process is a supervised worker.
     pub supervisor: Option<u32>,
+    /// Older generations still draining, oldest first (see `draining`).
+    pub draining: Vec<crate::draining::Gen>,
 }
 
 impl Inherited {
@@ -65,6 +68,7 @@ impl Inherited {
             get("GRACESRV_GENERATION"),
             get("GRACESRV_SUPERVISOR"),
         );
+        let draining = get("GRACESRV_DRAINING");
         for k in HANDOFF_VARS {
             // SAFETY (of the call, which is safe in edition 2021): no other
             // thread exists yet, see the doc comment.
@@ -85,6 +89,9 @@ impl Inherited {
             inherited.generation = g.max(1);
         }
         inherited.supervisor = supervisor.and_then(|s| s.parse().ok());
+        inherited.draining = draining
+            .map(|d| crate::draining::parse(&d))
+            .unwrap_or_default();
         if let Some(r) = ready {
             let fd: RawFd = r
                 .parse()

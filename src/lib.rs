@@ -27,6 +27,7 @@
 
 pub mod config;
 pub mod drain;
+pub mod draining;
 pub mod generation;
 #[allow(unsafe_code)]
 pub mod handoff;
@@ -184,6 +185,8 @@ impl Server {
             }
         };
         gen.report_ready(ready.take(), supervisor.is_some());
+        let mut draining = inherited.draining;
+        draining::enforce(&mut draining);
         tracing::info!(version = env!("CARGO_PKG_VERSION"), "ready");
         let watch = watched.and_then(|(loaded, files)| match watch::Watch::start(files, loaded) {
             Ok(w) => Some(w),
@@ -199,6 +202,7 @@ impl Server {
             apps: self.apps,
             reaper,
             supervisor,
+            draining,
         };
         rt.block_on(restart::control(gen, restarter, signals, watch))
     }

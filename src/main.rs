@@ -1,5 +1,7 @@
 //! The `gracesrv` command (SPEC section 1).
 
+#![deny(unsafe_code)]
+
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};

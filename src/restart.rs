@@ -39,6 +39,8 @@ pub struct Restarter {
     /// Set when this process is a worker of a supervisor (`--supervise`):
     /// the supervisor runs restarts, so a HUP here is passed on to it.
     pub supervisor: Option<u32>,
+    /// Older generations still draining (this one joins them when replaced).
+    pub draining: Vec<crate::draining::Gen>,
 }
 
 /// Why a restart was asked for.
@@ -197,12 +199,19 @@ fn restart(
         .map_err(|e| e.to_string())
         .and_then(|startup_timeout| {
             // 3. Spawn the new process with the sockets at 3.., in listener order.
+            // The successor learns which generations drain, this one included.
+            let mut draining = r.draining.clone();
+            draining.extend(crate::draining::Gen::current());
+            let env = vec![(
+                "GRACESRV_DRAINING".into(),
+                crate::draining::format(&draining).into(),
+            )];
             let s = spawn_successor(
                 &r.exe,
                 &r.argv,
                 &gen.listeners,
                 gen.process.generation + 1,
-                None,
+                Worker::Successor(env),
                 &r.reaper,
             )?;
             starting.0.set(Some(s.pid));
@@ -222,25 +231,34 @@ pub struct Successor {
     ready: OwnedFd,
 }
 
+/// What the new process will be.
+pub enum Worker {
+    /// The next generation of a self-restarting server, with extra variables.
+    Successor(Vec<(OsString, OsString)>),
+    /// A worker of the supervisor with this pid: a process group of its own
+    /// (a terminal's Ctrl-C reaches it once, through the supervisor), and no
+    /// pid file or systemd notification of its own.
+    Supervised(u32),
+}
+
 /// Forks and execs the next generation with `listeners` at fds 3.. (SPEC 4.3).
-/// `supervisor`: the new process is a supervised worker (its own process
-/// group, so a terminal's Ctrl-C reaches it once, through the supervisor; no
-/// pid file or systemd notification of its own).
 pub fn spawn_successor(
     exe: &std::path::Path,
     argv: &[OsString],
     listeners: &[Listener],
     generation: u64,
-    supervisor: Option<u32>,
+    worker: Worker,
     reaper: &Reaper,
 ) -> Result<Successor, String> {
     let (read, write) = handoff::ready_pipe()?;
+    let supervised = matches!(worker, Worker::Supervised(_));
     let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
         .filter(|(k, _)| !HANDOFF_VARS.iter().any(|v| k == v))
-        .filter(|(k, _)| supervisor.is_none() || k != "NOTIFY_SOCKET")
+        .filter(|(k, _)| !supervised || k != "NOTIFY_SOCKET")
         .collect();
-    if let Some(pid) = supervisor {
-        env.push(("GRACESRV_SUPERVISOR".into(), pid.to_string().into()));
+    match worker {
+        Worker::Supervised(pid) => env.push(("GRACESRV_SUPERVISOR".into(), pid.to_string().into())),
+        Worker::Successor(extra) => env.extend(extra),
     }
     let pid = handoff::spawn(SpawnArgs {
         exe,
@@ -252,7 +270,7 @@ pub fn spawn_successor(
             .collect(),
         ready: handoff::raw(&write),
         generation,
-        own_group: supervisor.is_some(),
+        own_group: supervised,
     })?;
     // Before any await: the reaper must know this pid before it can exit.
     reaper.watch(pid);

@@ -132,14 +132,25 @@ pub fn start(
     Ok(())
 }
 
+/// The largest request head accepted, HTTP/1.1 and HTTP/2 alike.
+const MAX_HEAD: usize = 64 * 1024;
+
+/// HTTP/2 limits against floods: 256 concurrent streams a connection (more
+/// are refused), and a GOAWAY (ENHANCE_YOUR_CALM) for a client that resets
+/// streams faster than they can be accepted (CVE-2023-44487).
 fn http_builder() -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     // Timeouts for heads and idle connections are ours (see `Activity`):
     // hyper's header timer also runs while a keep-alive connection is idle.
-    b.http1().timer(TokioTimer::new()).header_read_timeout(None);
+    // A request head over 64 KiB gets 431 (nginx allows about 32 KiB).
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(None)
+        .max_buf_size(MAX_HEAD);
     b.http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(256)
+        .max_header_list_size(MAX_HEAD as u32)
         .max_pending_accept_reset_streams(64)
         .max_local_error_reset_streams(1024);
     b

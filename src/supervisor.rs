@@ -28,7 +28,7 @@ use crate::generation::{notify_systemd, write_pid_file};
 use crate::handoff::InheritedSocket;
 use crate::listeners::Listener;
 use crate::reaper::{describe, Reaper};
-use crate::restart::{await_ready, spawn_successor, Trigger};
+use crate::restart::{await_ready, spawn_successor, Trigger, Worker as Spawn};
 use crate::service::Handler;
 use crate::signals::{Sig, Signals};
 
@@ -117,6 +117,8 @@ impl Supervisor {
 
         let mut watch = self.start_watch(&config);
         let mut draining: Vec<i32> = Vec::new();
+        // Of those, the ones stopped at once by the cap (still to be reaped).
+        let mut quit: Vec<i32> = Vec::new();
         let mut attempt: Option<Attempt> = None;
         let mut pending = false;
         let mut started = Instant::now();
@@ -210,6 +212,13 @@ impl Supervisor {
                             info!(old_pid = old.pid, new_pid, generation = current.generation, took_ms, "restart complete: the old worker drains");
                             let _ = kill(Pid::from_raw(old.pid), Signal::SIGTERM);
                             draining.push(old.pid);
+                            // The same cap as self-restarts (see `draining`).
+                            while draining.len() - quit.len() > crate::draining::MAX_DRAINING {
+                                let Some(oldest) = draining.iter().copied().find(|p| !quit.contains(p)) else { break };
+                                warn!(pid = oldest, "too many generations draining: stopping the oldest at once");
+                                let _ = kill(Pid::from_raw(oldest), Signal::SIGQUIT);
+                                quit.push(oldest);
+                            }
                             // Sockets of removed listeners close here; the
                             // old worker closes its own copies as it drains.
                             listeners = new_listeners;
@@ -233,6 +242,7 @@ impl Supervisor {
                 }
                 done = wait_any(&self.reaper, &draining), if !draining.is_empty() => {
                     draining.retain(|p| *p != done);
+                    quit.retain(|p| *p != done);
                 }
             }
             if let Some(trigger) = trigger {
@@ -267,7 +277,7 @@ impl Supervisor {
             &self.argv,
             listeners,
             generation,
-            Some(std::process::id()),
+            Spawn::Supervised(std::process::id()),
             &self.reaper,
         )?;
         await_ready(s, timeout, &self.reaper).await
@@ -301,7 +311,7 @@ impl Supervisor {
                 &self.argv,
                 &new,
                 generation,
-                Some(std::process::id()),
+                Spawn::Supervised(std::process::id()),
                 &self.reaper,
             )?;
             Ok((s, new, config))

@@ -1,0 +1,110 @@
+//! A cap on old generations draining at once.
+//!
+//! Each restart leaves the old generation draining for up to
+//! `shutdown_timeout`. Under long-lived connections (WebSockets, slow
+//! downloads) and frequent restarts (a watch on a busy directory), they would
+//! pile up. Every generation therefore hands its successor the list of
+//! generations still draining, itself included (`GRACESRV_DRAINING`), and the
+//! successor, once ready, stops the oldest beyond [`MAX_DRAINING`] at once
+//! (QUIT: their connections are cut, and they log how many).
+//!
+//! A pid is identified with its start time, so a pid reused by an unrelated
+//! process is never signalled.
+
+use tracing::warn;
+
+/// Old generations that may drain at once.
+pub const MAX_DRAINING: usize = 3;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Gen {
+    pub pid: i32,
+    /// Start time in clock ticks since boot (/proc/PID/stat, field 22).
+    pub start: u64,
+}
+
+/// The start time of `pid`, if it runs (a zombie does not).
+fn start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: fields follow the last ')'.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    if fields.first() == Some(&"Z") {
+        return None;
+    }
+    // Field 22 overall is the 20th after the command name.
+    fields.get(19)?.parse().ok()
+}
+
+impl Gen {
+    /// This process.
+    pub fn current() -> Option<Gen> {
+        let pid = std::process::id() as i32;
+        start_time(pid).map(|start| Gen { pid, start })
+    }
+
+    fn alive(&self) -> bool {
+        start_time(self.pid) == Some(self.start)
+    }
+}
+
+/// `pid:start,pid:start`, oldest first.
+pub fn format(list: &[Gen]) -> String {
+    list.iter()
+        .map(|g| format!("{}:{}", g.pid, g.start))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+pub fn parse(s: &str) -> Vec<Gen> {
+    s.split(',')
+        .filter_map(|item| {
+            let (pid, start) = item.split_once(':')?;
+            Some(Gen {
+                pid: pid.trim().parse().ok()?,
+                start: start.trim().parse().ok()?,
+            })
+        })
+        .collect()
+}
+
+/// Forgets generations that have exited, and stops the oldest beyond the cap.
+pub fn enforce(list: &mut Vec<Gen>) {
+    list.retain(Gen::alive);
+    while list.len() > MAX_DRAINING {
+        let oldest = list.remove(0);
+        warn!(
+            pid = oldest.pid,
+            draining = list.len() + 1,
+            max = MAX_DRAINING,
+            "too many generations draining: stopping the oldest at once"
+        );
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(oldest.pid),
+            nix::sys::signal::Signal::SIGQUIT,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lists_round_trip_and_the_dead_are_forgotten() {
+        let me = Gen::current().unwrap();
+        let dead = Gen {
+            pid: me.pid,
+            start: me.start + 1,
+        };
+        let list = parse(&format(&[dead, me]));
+        assert_eq!(list, vec![dead, me]);
+        let mut list = list;
+        enforce(&mut list);
+        assert_eq!(
+            list,
+            vec![me],
+            "a pid with another start time is someone else"
+        );
+        assert_eq!(parse("x,1:2,:"), vec![Gen { pid: 1, start: 2 }]);
+    }
+}

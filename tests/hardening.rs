@@ -1,0 +1,343 @@
+//! Hostile input, strangers at the handoff, and signals at bad moments: the
+//! server survives each with nothing lost.
+
+mod util;
+
+use std::os::fd::AsRawFd;
+use std::process::Command;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use util::client::{self, Target};
+use util::{basic_config, TestServer, BIN};
+
+fn config() -> String {
+    basic_config("").replace(
+        "shutdown_timeout: 10s\n",
+        "shutdown_timeout: 10s\ntimeouts: { header: 500ms, idle: 2s, handshake: 500ms }\n",
+    )
+}
+
+/// Sends `bytes` and reads what comes back until the server closes.
+async fn exchange(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(util::WAIT, s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).to_string()
+}
+
+#[tokio::test]
+async fn malformed_and_oversized_requests_get_4xx_and_the_server_stays_up() {
+    let srv = TestServer::start(&config()).await;
+    let web = srv.addr("web");
+    for bad in [
+        &b"GARBAGE\r\n\r\n"[..],
+        b"GET / HTTP/1.1\r\nHost x\r\n\r\n",
+        b"GET / HTTP/9.9\r\n\r\n",
+        b"\x00\x01\x02\r\n\r\n",
+    ] {
+        let r = exchange(web, bad).await;
+        assert!(r.starts_with("HTTP/1.1 400"), "{bad:?}: {r:?}");
+    }
+    // A head over the 64 KiB limit.
+    let mut big = b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: ".to_vec();
+    big.extend(std::iter::repeat_n(b'a', 100 * 1024));
+    big.extend_from_slice(b"\r\n\r\n");
+    let r = exchange(web, &big).await;
+    assert!(r.starts_with("HTTP/1.1 431"), "{r:?}");
+    // Garbage on the TLS port: the handshake fails, the connection closes.
+    let r = exchange(srv.addr("web-tls"), b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(!r.contains("200"), "{r:?}");
+    // And everybody else is served as before.
+    assert_eq!(
+        client::get(&Target::plain(web), "/").await.unwrap().status,
+        200
+    );
+    let tls = Target::tls(srv.addr("web-tls"), srv.tls());
+    assert_eq!(client::get(&tls, "/").await.unwrap().status, 200);
+}
+
+#[tokio::test]
+async fn a_head_sent_byte_by_byte_is_cut_at_the_header_timeout() {
+    let srv = TestServer::start(&config()).await;
+    let mut s = TcpStream::connect(srv.addr("web")).await.unwrap();
+    let started = std::time::Instant::now();
+    let head =
+        b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    let mut closed = false;
+    for b in head.iter().cycle().take(200) {
+        // Slowloris: a byte every 50 ms, never finishing the head.
+        if s.write_all(&[*b]).await.is_err() {
+            closed = true;
+            break;
+        }
+        let mut buf = [0u8; 64];
+        match tokio::time::timeout(Duration::from_millis(50), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                closed = true;
+                break;
+            }
+            _ => {}
+        }
+    }
+    assert!(closed, "still open after {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "closed after {:?}",
+        started.elapsed()
+    );
+}
+
+/// Frames of HTTP/2, written by hand: what an attacker sends.
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// GET / with :authority x, HPACK-encoded without state.
+const GET: [u8; 6] = [0x82, 0x86, 0x84, 0x01, 0x01, b'x'];
+
+/// Reads frames until EOF; returns (frame type, error code) of RST_STREAM and GOAWAY frames.
+async fn read_frames(s: &mut TcpStream) -> Vec<(u8, u32)> {
+    let mut seen = Vec::new();
+    let mut buf = Vec::new();
+    let deadline = tokio::time::Instant::now() + util::WAIT;
+    loop {
+        let mut chunk = [0u8; 16384];
+        let n = match tokio::time::timeout_at(deadline, s.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => n,
+            Err(_) => panic!("connection still open after {:?}", util::WAIT),
+        };
+        buf.extend_from_slice(&chunk[..n]);
+        while buf.len() >= 9 {
+            let len = ((buf[0] as usize) << 16) | ((buf[1] as usize) << 8) | buf[2] as usize;
+            if buf.len() < 9 + len {
+                break;
+            }
+            let kind = buf[3];
+            let payload = &buf[9..9 + len];
+            match kind {
+                0x3 => seen.push((kind, u32::from_be_bytes(payload[..4].try_into().unwrap()))),
+                0x7 => seen.push((kind, u32::from_be_bytes(payload[4..8].try_into().unwrap()))),
+                _ => {}
+            }
+            buf.drain(..9 + len);
+        }
+    }
+    seen
+}
+
+#[tokio::test]
+async fn http2_rapid_reset_and_stream_floods_are_bounded() {
+    let srv = TestServer::start(&config()).await;
+    let web = srv.addr("web");
+
+    // Rapid reset: open a stream, cancel it at once, a thousand times.
+    let mut s = TcpStream::connect(web).await.unwrap();
+    let mut attack = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    attack.extend(frame(0x4, 0, 0, &[]));
+    for i in 0..1000u32 {
+        let id = 2 * i + 1;
+        attack.extend(frame(0x1, 0x5, id, &GET));
+        attack.extend(frame(0x3, 0, id, &8u32.to_be_bytes()));
+    }
+    let _ = s.write_all(&attack).await;
+    let frames = read_frames(&mut s).await;
+    assert!(
+        frames.contains(&(0x7, 0xb)),
+        "no GOAWAY ENHANCE_YOUR_CALM: {:?}",
+        &frames[frames.len().saturating_sub(5)..]
+    );
+
+    // A flood: many more concurrent streams than allowed (256).
+    let mut s = TcpStream::connect(web).await.unwrap();
+    let mut flood = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    flood.extend(frame(0x4, 0, 0, &[]));
+    for i in 0..600u32 {
+        flood.extend(frame(
+            0x1,
+            0x5,
+            2 * i + 1,
+            &[
+                0x82, 0x86, 0x44, 0x06, b'/', b'd', b'e', b'l', b'a', b'y', 0x01, 0x01, b'x',
+            ],
+        ));
+    }
+    let _ = s.write_all(&flood).await;
+    let frames = read_frames(&mut s).await;
+    assert!(
+        frames.iter().any(|f| *f == (0x3, 0x7) || f.0 == 0x7),
+        "streams beyond the limit are refused: {:?}",
+        &frames[..frames.len().min(5)]
+    );
+    // The server is fine.
+    assert_eq!(
+        client::get(&Target::plain(web).h2(), "/")
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+}
+
+/// Runs the binary the way systemd would hand it fds, with fd 3 as given.
+fn start_with_fd3(fd3: std::os::fd::RawFd, extra_env: &str) -> (i32, String) {
+    let (dir, _certs, path) = TestServer::prepare(&basic_config(""));
+    let mut cmd = Command::new("/bin/sh");
+    // SAFETY: dup2 is async-signal-safe; runs in the child before exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+            if libc::dup2(fd3, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.arg("-c")
+        .arg(format!(
+            "LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=web {extra_env} exec {BIN} -c \"$1\""
+        ))
+        .arg("sh")
+        .arg(&path)
+        .current_dir(dir.path());
+    let out = cmd.output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+#[test]
+fn strangers_at_the_handoff_are_refused_with_a_clear_error() {
+    let file = tempfile::tempfile().unwrap();
+    let (code, err) = start_with_fd3(file.as_raw_fd(), "");
+    assert_eq!(code, 1);
+    assert!(err.contains("LISTEN_FDS: fd 3 is not a socket"), "{err}");
+
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let (code, err) = start_with_fd3(udp.as_raw_fd(), "");
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("LISTEN_FDS: fd 3 is not a stream socket"),
+        "{err}"
+    );
+
+    // A TCP socket that is bound but not listening.
+    let sock = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Inet,
+        nix::sys::socket::SockType::Stream,
+        nix::sys::socket::SockFlag::empty(),
+        None,
+    )
+    .unwrap();
+    let (code, err) = start_with_fd3(sock.as_raw_fd(), "");
+    assert_eq!(code, 1);
+    assert!(err.contains("LISTEN_FDS: fd 3 is not listening"), "{err}");
+
+    // A ready fd that is not open, or not a pipe.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let (code, err) = start_with_fd3(listener.as_raw_fd(), "GRACESRV_READY_FD=77");
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("GRACESRV_READY_FD: fd 77 is not open"),
+        "{err}"
+    );
+    let (code, err) = start_with_fd3(listener.as_raw_fd(), "GRACESRV_READY_FD=0");
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("GRACESRV_READY_FD=0 names a standard stream"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_hup_during_a_drain_is_ignored_and_the_drain_finishes() {
+    let mut srv = TestServer::start(&basic_config("")).await;
+    let web = Target::plain(srv.addr("web"));
+    let old = srv.pid();
+    let slow = tokio::spawn(async move { client::get(&web, "/delay").await });
+    srv.wait_log("path=\"/delay\"").await;
+    srv.restart().await;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(old as i32),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    srv.wait_log("draining: HUP ignored").await;
+    let r = slow.await.unwrap().unwrap();
+    assert_eq!((r.status.as_u16(), r.body), (200, format!("slow {old}\n")));
+    util::wait_gone(old).await;
+}
+
+#[tokio::test]
+async fn the_old_process_killed_mid_handoff_leaves_the_new_one_serving() {
+    // SIGKILL to the old generation the moment its successor exists: the
+    // successor's READY goes nowhere, and it serves anyway.
+    let (dir, certs, path) = TestServer::prepare(&basic_config(""));
+    let mut srv =
+        TestServer::start_in(dir, certs, path, &[("GRACESRV_LOG", "gracesrv=info")]).await;
+    let old = srv.pid();
+    srv.hup();
+    let line = srv.wait_log("new process started").await;
+    let new: u32 = util::field(&line, "new_pid").parse().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(old as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert_eq!(srv.wait_ready().await, new);
+    assert_eq!(
+        client::get(&Target::plain(srv.addr("web")), "/")
+            .await
+            .unwrap()
+            .pid(),
+        new
+    );
+}
+
+#[tokio::test]
+async fn at_most_three_old_generations_drain_at_once() {
+    let config = basic_config("")
+        .replace("delay: 2s", "delay: 20s")
+        .replace("shutdown_timeout: 10s", "shutdown_timeout: 30s");
+    let mut srv = TestServer::start(&config).await;
+    let web = Target::plain(srv.addr("web"));
+    let mut olds = Vec::new();
+    let mut slows = Vec::new();
+    // Five generations, each left draining a long request.
+    for _ in 0..5 {
+        let pid = srv.pid();
+        let seen = srv.log_count();
+        let w = web.clone();
+        slows.push(tokio::spawn(async move { client::get(&w, "/delay").await }));
+        let tag = format!("pid={pid} ");
+        srv.wait_log_after(seen, |l| l.contains(&tag) && l.contains("path=\"/delay\""))
+            .await;
+        olds.push(pid);
+        srv.restart().await;
+    }
+    // The two oldest were stopped at once; three drain on.
+    util::wait_gone(olds[0]).await;
+    util::wait_gone(olds[1]).await;
+    for p in &olds[2..] {
+        assert!(util::alive(*p), "generation {p} should still drain");
+    }
+    assert_eq!(
+        srv.logs().matches("too many generations draining").count(),
+        2,
+        "{}",
+        srv.logs()
+    );
+    for s in slows.drain(..2) {
+        assert!(
+            s.await.unwrap().is_err(),
+            "the cut generation's request is cut"
+        );
+    }
+}
