@@ -179,6 +179,8 @@ pub enum Action {
         connect_timeout: Duration,
         timeout: Duration,
         strip_prefix: bool,
+        /// Largest request body forwarded; larger ones get 413.
+        max_body: Option<u64>,
     },
 }
 
@@ -242,6 +244,29 @@ pub fn absolute(path: &Path) -> PathBuf {
             .map(|d| d.join(path))
             .unwrap_or_else(|_| path.to_path_buf())
     }
+}
+
+/// Parses a size: `1048576`, `512KB`, `10MB`, `1GB` (powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("size {s:?} does not start with a number (e.g. \"10MB\")"))?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KB" | "K" => 1 << 10,
+        "MB" | "M" => 1 << 20,
+        "GB" | "G" => 1 << 30,
+        other => {
+            return Err(format!(
+                "size {s:?} has unknown unit {other:?} (use KB, MB or GB)"
+            ))
+        }
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size {s:?} is too large"))
 }
 
 /// Parses `500ms`, `30s`, `2m`, `1h` (also `0`).
@@ -356,6 +381,7 @@ mod raw {
         pub timeout: Option<Spanned<String>>,
         #[serde(default)]
         pub strip_prefix: bool,
+        pub max_body: Option<Spanned<String>>,
     }
 
     #[derive(Deserialize)]
@@ -770,6 +796,12 @@ impl Validator<'_> {
                     Duration::from_secs(60),
                 )?,
                 strip_prefix: v.strip_prefix,
+                max_body: match &v.max_body {
+                    None => None,
+                    Some(m) => Some(parse_size(&m.value).or_else(|e| {
+                        self.err(Pos::from(m), format!("{key}.proxy.max_body: {e}"))
+                    })?),
+                },
             }
         } else {
             Action::Status
@@ -801,6 +833,15 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(Path::new("/etc/g/server.yaml"), text)
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1024"), Ok(1024));
+        assert_eq!(parse_size("10MB"), Ok(10 << 20));
+        assert_eq!(parse_size("2 KB"), Ok(2048));
+        assert!(parse_size("ten").is_err());
+        assert!(parse_size("3PB").is_err());
     }
 
     #[test]

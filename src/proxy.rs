@@ -20,6 +20,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
+use http_body_util::BodyExt;
 use hyper::body::{Frame, Incoming, SizeHint};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -31,7 +32,9 @@ use crate::service::{text, Body, BoxError};
 
 /// A proxy route, built once per generation.
 pub struct Proxy {
-    client: Client<HttpConnector, Incoming>,
+    client: Client<HttpConnector, Body>,
+    /// Largest request body forwarded (413 beyond it).
+    max_body: Option<u64>,
     /// `http://host:port`, without a trailing slash.
     upstream: Uri,
     timeout: Duration,
@@ -97,6 +100,7 @@ impl Proxy {
         connect_timeout: Duration,
         timeout: Duration,
         strip_prefix: bool,
+        max_body: Option<u64>,
     ) -> Proxy {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(connect_timeout));
@@ -107,6 +111,7 @@ impl Proxy {
             .build(connector);
         Proxy {
             client,
+            max_body,
             upstream: upstream.clone(),
             timeout,
             strip_prefix,
@@ -122,6 +127,16 @@ impl Proxy {
     ) -> Response<Body> {
         let stats = &ctx.process;
         stats.proxied_total.fetch_add(1, Ordering::Relaxed);
+        if let Some(max) = self.max_body {
+            let declared = req
+                .headers()
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            if declared.is_some_and(|n| n > max) {
+                return text(StatusCode::PAYLOAD_TOO_LARGE, "payload too large\n");
+            }
+        }
         let upgrade = is_upgrade(&req);
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
@@ -166,8 +181,19 @@ impl Proxy {
             h.insert(header::HOST, host);
         }
 
+        // A body without a length (chunked, HTTP/2) is cut at `max_body`.
+        let req = req.map(|body| match self.max_body {
+            Some(max) => {
+                http_body_util::Limited::new(body, usize::try_from(max).unwrap_or(usize::MAX))
+                    .boxed_unsync()
+            }
+            None => body.map_err(Into::into).boxed_unsync(),
+        });
         let res = match tokio::time::timeout(self.timeout, self.client.request(req)).await {
             Ok(Ok(res)) => res,
+            Ok(Err(e)) if error_chain(&e).contains("length limit exceeded") => {
+                return text(StatusCode::PAYLOAD_TOO_LARGE, "payload too large\n");
+            }
             Ok(Err(e)) => {
                 stats.upstream_errors_total.fetch_add(1, Ordering::Relaxed);
                 warn!(upstream = %self.upstream, "upstream error: {}", error_chain(&e));

@@ -187,11 +187,13 @@ impl Router {
                     connect_timeout,
                     timeout,
                     strip_prefix,
+                    max_body,
                 } => Handle::Proxy(Box::new(crate::proxy::Proxy::new(
                     upstream,
                     *connect_timeout,
                     *timeout,
                     *strip_prefix,
+                    *max_body,
                 ))),
             };
             routes.push((r.path.clone(), handle));
