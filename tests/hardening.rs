@@ -190,15 +190,7 @@ async fn http2_rapid_reset_and_stream_floods_are_bounded() {
 fn start_with_fd3(fd3: std::os::fd::RawFd, extra_env: &str) -> (i32, String) {
     let (dir, _certs, path) = TestServer::prepare(&basic_config(""));
     let mut cmd = Command::new("/bin/sh");
-    // SAFETY: dup2 is async-signal-safe; runs in the child before exec.
-    unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
-            if libc::dup2(fd3, 3) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    util::pass_as_fd3(&mut cmd, fd3);
     cmd.arg("-c")
         .arg(format!(
             "LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=web {extra_env} exec {BIN} -c \"$1\""

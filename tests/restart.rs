@@ -283,15 +283,7 @@ async fn handoff_variables_for_another_pid_are_ignored() {
     let (dir, certs, path) = TestServer::prepare(&basic_config(""));
     let mut cmd = std::process::Command::new(util::BIN);
     let fd = std::os::fd::AsRawFd::as_raw_fd(&stranger);
-    // SAFETY: dup2 is async-signal-safe; runs in the child before exec.
-    unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
-            if libc::dup2(fd, 3) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    util::pass_as_fd3(&mut cmd, fd);
     cmd.env("LISTEN_FDS", "1")
         .env("LISTEN_FDNAMES", "web")
         .env("LISTEN_PID", "1");
@@ -320,15 +312,7 @@ async fn socket_activation_hands_in_named_sockets() {
     let (dir, certs, path) = TestServer::prepare(&basic_config(""));
     let mut cmd = std::process::Command::new("/bin/sh");
     let fd = std::os::fd::AsRawFd::as_raw_fd(&activated);
-    // SAFETY: dup2 is async-signal-safe; runs in the child before exec.
-    unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
-            if libc::dup2(fd, 3) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    util::pass_as_fd3(&mut cmd, fd);
     cmd.arg("-c")
         .arg(format!(
             "LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=web exec {} \"$@\"",
@@ -583,15 +567,7 @@ async fn activated_sockets_without_a_known_name_match_by_address() {
     let (dir, certs, path) = TestServer::prepare(&config);
     let mut cmd = std::process::Command::new("/bin/sh");
     let fd = std::os::fd::AsRawFd::as_raw_fd(&activated);
-    // SAFETY: dup2 is async-signal-safe; runs in the child before exec.
-    unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
-            if libc::dup2(fd, 3) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    util::pass_as_fd3(&mut cmd, fd);
     cmd.arg("-c")
         .arg(format!(
             "LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=gracesrv.socket exec {} \"$@\"",

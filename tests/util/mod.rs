@@ -390,6 +390,27 @@ impl TestServer {
     }
 }
 
+/// Makes `cmd` start with `fd` at fd 3, as systemd passes a socket. (dup2
+/// onto itself would leave close-on-exec set, so fd 3 is handled apart.)
+pub fn pass_as_fd3(cmd: &mut Command, fd: std::os::fd::RawFd) {
+    // SAFETY: dup2 and fcntl are async-signal-safe; this runs in the child
+    // between fork and exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(cmd, move || {
+            let ok = if fd == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0) >= 0
+            } else {
+                libc::dup2(fd, 3) >= 0
+            };
+            if ok {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+}
+
 /// The value of `key=value` in a text log line.
 pub fn field<'a>(line: &'a str, key: &str) -> &'a str {
     let key = format!(" {key}=");
