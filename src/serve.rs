@@ -244,49 +244,44 @@ struct Accepted {
 
 impl Accepted {
     async fn serve(self, permit: tokio::sync::OwnedSemaphorePermit) {
-        serve_connection(
-            self.stream,
-            self.peer,
-            self.spec,
-            self.stats,
-            self.shared,
-            self.builder,
-        )
-        .await;
-        drop(self.guard);
-        drop(permit);
-    }
-}
-
-async fn serve_connection(
-    stream: TcpStream,
-    peer: SocketAddr,
-    spec: Arc<ListenerSpec>,
-    stats: Arc<WorkerStats>,
-    shared: Arc<Shared>,
-    builder: Arc<auto::Builder<TokioExecutor>>,
-) {
-    let _ = stream.set_nodelay(true);
-    let t = shared.timeouts;
-    match &spec.tls {
-        None => {
-            let peer = crate::proxy::Peer {
-                addr: peer,
-                tls: false,
-            };
-            serve_http(stream, peer, spec, stats, shared, builder).await
-        }
-        Some(acceptor) => match tokio::time::timeout(t.handshake, acceptor.accept(stream)).await {
-            Ok(Ok(tls)) => {
+        let Accepted {
+            stream,
+            peer,
+            spec,
+            stats,
+            shared,
+            builder,
+            guard,
+        } = self;
+        let _ = stream.set_nodelay(true);
+        let t = shared.timeouts;
+        match &spec.tls {
+            None => {
                 let peer = crate::proxy::Peer {
                     addr: peer,
-                    tls: true,
+                    tls: false,
                 };
-                serve_http(tls, peer, spec, stats, shared, builder).await
+                serve_http(stream, peer, spec, stats, shared, builder).await
             }
-            Ok(Err(e)) => debug!(listener = %spec.ctx.name, %peer, "TLS handshake failed: {e}"),
-            Err(_) => debug!(listener = %spec.ctx.name, %peer, "TLS handshake timed out"),
-        },
+            Some(acceptor) => {
+                match tokio::time::timeout(t.handshake, acceptor.accept(stream)).await {
+                    Ok(Ok(tls)) => {
+                        let peer = crate::proxy::Peer {
+                            addr: peer,
+                            tls: true,
+                        };
+                        serve_http(tls, peer, spec, stats, shared, builder).await
+                    }
+                    Ok(Err(e)) => {
+                        debug!(listener = %spec.ctx.name, %peer, "TLS handshake failed: {e}")
+                    }
+                    Err(_) => debug!(listener = %spec.ctx.name, %peer, "TLS handshake timed out"),
+                }
+            }
+        }
+        // Counted until here: the connection is closed.
+        drop(guard);
+        drop(permit);
     }
 }
 

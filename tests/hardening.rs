@@ -4,13 +4,12 @@
 mod util;
 
 use std::os::fd::AsRawFd;
-use std::process::Command;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use util::client::{self, Target};
-use util::{basic_config, TestServer, BIN};
+use util::{basic_config, TestServer};
 
 fn config() -> String {
     basic_config("").replace(
@@ -189,15 +188,8 @@ async fn http2_rapid_reset_and_stream_floods_are_bounded() {
 /// Runs the binary the way systemd would hand it fds, with fd 3 as given.
 fn start_with_fd3(fd3: std::os::fd::RawFd, extra_env: &str) -> (i32, String) {
     let (dir, _certs, path) = TestServer::prepare(&basic_config(""));
-    let mut cmd = Command::new("/bin/sh");
-    util::pass_as_fd3(&mut cmd, fd3);
-    cmd.arg("-c")
-        .arg(format!(
-            "LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=web {extra_env} exec {BIN} -c \"$1\""
-        ))
-        .arg("sh")
-        .arg(&path)
-        .current_dir(dir.path());
+    let mut cmd = util::socket_activated(fd3, "web", extra_env);
+    cmd.arg("-c").arg(&path).current_dir(dir.path());
     let out = cmd.output().unwrap();
     (
         out.status.code().unwrap_or(-1),
@@ -251,11 +243,7 @@ fn strangers_at_the_handoff_are_refused_with_a_clear_error() {
 #[tokio::test]
 async fn a_hup_during_a_drain_is_ignored_and_the_drain_finishes() {
     let mut srv = TestServer::start(&basic_config("")).await;
-    let web = Target::plain(srv.addr("web"));
-    let old = srv.pid();
-    let slow = tokio::spawn(async move { client::get(&web, "/delay").await });
-    srv.wait_log("path=\"/delay\"").await;
-    srv.restart().await;
+    let (old, slow) = srv.restart_with_request_in_flight().await;
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(old as i32),
         nix::sys::signal::Signal::SIGHUP,

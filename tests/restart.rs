@@ -310,15 +310,7 @@ async fn socket_activation_hands_in_named_sockets() {
     let activated = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = activated.local_addr().unwrap();
     let (dir, certs, path) = TestServer::prepare(&basic_config(""));
-    let mut cmd = std::process::Command::new("/bin/sh");
-    let fd = std::os::fd::AsRawFd::as_raw_fd(&activated);
-    util::pass_as_fd3(&mut cmd, fd);
-    cmd.arg("-c")
-        .arg(format!(
-            "LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=web exec {} \"$@\"",
-            util::BIN
-        ))
-        .arg("sh");
+    let cmd = util::socket_activated(std::os::fd::AsRawFd::as_raw_fd(&activated), "web", "");
     let mut srv = TestServer::spawn_cmd(dir, certs, path, &[], cmd);
     srv.wait_ready().await;
     assert_eq!(srv.addr("web"), addr);
@@ -516,11 +508,7 @@ async fn pid_file_follows_the_serving_generation() {
 async fn a_drain_that_outlasts_shutdown_timeout_is_cut_and_logged() {
     let config = basic_config("").replace("shutdown_timeout: 10s", "shutdown_timeout: 500ms");
     let mut srv = TestServer::start(&config).await;
-    let web = Target::plain(srv.addr("web"));
-    let old = srv.pid();
-    let slow = tokio::spawn(async move { client::get(&web, "/delay").await });
-    srv.wait_log("path=\"/delay\"").await;
-    srv.restart().await;
+    let (old, slow) = srv.restart_with_request_in_flight().await;
     let tag = format!("pid={old} ");
     let line = srv
         .wait_log_after(0, |l| {
@@ -542,11 +530,7 @@ async fn a_drain_that_outlasts_shutdown_timeout_is_cut_and_logged() {
 async fn a_first_term_to_a_draining_old_generation_keeps_it_draining() {
     // What `systemctl stop` does: TERM to every process of the unit.
     let mut srv = TestServer::start(&basic_config("")).await;
-    let web = Target::plain(srv.addr("web"));
-    let old = srv.pid();
-    let slow = tokio::spawn(async move { client::get(&web, "/delay").await });
-    srv.wait_log("path=\"/delay\"").await;
-    srv.restart().await;
+    let (old, slow) = srv.restart_with_request_in_flight().await;
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(old as i32),
         nix::sys::signal::Signal::SIGTERM,
@@ -565,15 +549,11 @@ async fn activated_sockets_without_a_known_name_match_by_address() {
     let addr = activated.local_addr().unwrap();
     let config = format!("listeners:\n  - name: web\n    addr: {addr}\n    routes: [{{ respond: {{ body: \"pid {{pid}}\\n\" }} }}]\n");
     let (dir, certs, path) = TestServer::prepare(&config);
-    let mut cmd = std::process::Command::new("/bin/sh");
-    let fd = std::os::fd::AsRawFd::as_raw_fd(&activated);
-    util::pass_as_fd3(&mut cmd, fd);
-    cmd.arg("-c")
-        .arg(format!(
-            "LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=gracesrv.socket exec {} \"$@\"",
-            util::BIN
-        ))
-        .arg("sh");
+    let cmd = util::socket_activated(
+        std::os::fd::AsRawFd::as_raw_fd(&activated),
+        "gracesrv.socket",
+        "",
+    );
     let mut srv = TestServer::spawn_cmd(dir, certs, path, &[], cmd);
     srv.wait_ready().await;
     drop(activated);

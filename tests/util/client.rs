@@ -94,7 +94,22 @@ impl Target {
     }
 }
 
+/// No request or connect in a test may wait forever: a hang fails with a
+/// message instead of stalling the suite.
+const DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
+
 pub async fn connect(t: &Target) -> Result<Conn, String> {
+    tokio::time::timeout(DEADLINE, connect_inner(t))
+        .await
+        .unwrap_or_else(|_| {
+            Err(format!(
+                "connect to {}: no answer within {DEADLINE:?}",
+                t.addr
+            ))
+        })
+}
+
+async fn connect_inner(t: &Target) -> Result<Conn, String> {
     let tcp = TcpStream::connect(t.addr)
         .await
         .map_err(|e| format!("connect: {e}"))?;
@@ -171,7 +186,14 @@ impl Conn {
         .await
     }
 
-    pub async fn request(&mut self, mut req: Request<Empty<Bytes>>) -> Result<Resp, String> {
+    pub async fn request(&mut self, req: Request<Empty<Bytes>>) -> Result<Resp, String> {
+        let what = format!("{} {}", req.method(), req.uri());
+        tokio::time::timeout(DEADLINE, self.request_inner(req))
+            .await
+            .unwrap_or_else(|_| Err(format!("request {what}: no response within {DEADLINE:?}")))
+    }
+
+    async fn request_inner(&mut self, mut req: Request<Empty<Bytes>>) -> Result<Resp, String> {
         // try_send_request hands the request back if it never reached the
         // connection (e.g. queued when a GOAWAY arrived): such a request was
         // not processed and is safe to retry (RFC 9113 section 6.8).

@@ -122,6 +122,7 @@ impl Load {
     }
 
     /// Stops the clients, lets in-flight requests finish, returns the stats.
+    /// (Every request has a deadline, so this cannot wait forever.)
     pub async fn stop(self) -> Arc<Stats> {
         self.stats.stop.store(true, Ordering::Relaxed);
         for t in self.tasks {

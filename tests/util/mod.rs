@@ -261,6 +261,22 @@ impl TestServer {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid() as i32), sig).unwrap();
     }
 
+    /// Leaves a `/delay` request in flight on the serving generation and
+    /// restarts; returns the old pid and the request, still running.
+    pub async fn restart_with_request_in_flight(
+        &mut self,
+    ) -> (u32, tokio::task::JoinHandle<Result<client::Resp, String>>) {
+        let web = client::Target::plain(self.addr("web"));
+        let old = self.pid();
+        let seen = self.log_count();
+        let slow = tokio::spawn(async move { client::get(&web, "/delay").await });
+        let tag = format!("pid={old} ");
+        self.wait_log_after(seen, |l| l.contains(&tag) && l.contains("path=\"/delay\""))
+            .await;
+        self.restart().await;
+        (old, slow)
+    }
+
     /// Signals the first process, whether or not it reported ready.
     pub fn signal_first(&self, sig: nix::sys::signal::Signal) {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.first.id() as i32), sig).unwrap();
@@ -409,6 +425,21 @@ pub fn pass_as_fd3(cmd: &mut Command, fd: std::os::fd::RawFd) {
             }
         });
     }
+}
+
+/// What systemd-socket-activate does: a command that starts the server with
+/// `fd` at fd 3, `LISTEN_FDNAMES=names` and `LISTEN_PID` set to the server's
+/// own pid (the shell execs the server, keeping its pid). `spawn_cmd` adds
+/// `-c CONFIG`.
+pub fn socket_activated(fd: std::os::fd::RawFd, names: &str, extra_env: &str) -> Command {
+    let mut cmd = Command::new("/bin/sh");
+    pass_as_fd3(&mut cmd, fd);
+    cmd.arg("-c")
+        .arg(format!(
+            "LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES={names} {extra_env} exec {BIN} \"$@\""
+        ))
+        .arg("sh");
+    cmd
 }
 
 /// The value of `key=value` in a text log line.
