@@ -266,13 +266,7 @@ async fn hups_during_a_restart_coalesce() {
         1 + one_more as usize,
         "{restarts} restarts for 100 HUPs"
     );
-    assert_eq!(
-        client::get(&Target::plain(srv.addr("web")), "/")
-            .await
-            .unwrap()
-            .pid(),
-        last
-    );
+    assert_eq!(srv.answering_pid().await, last);
 }
 
 #[tokio::test]
@@ -294,13 +288,7 @@ async fn handoff_variables_for_another_pid_are_ignored() {
         stranger_addr,
         "must not serve on a socket meant for another pid"
     );
-    assert_eq!(
-        client::get(&Target::plain(srv.addr("web")), "/")
-            .await
-            .unwrap()
-            .pid(),
-        srv.pid()
-    );
+    assert_eq!(srv.answering_pid().await, srv.pid());
 }
 
 #[tokio::test]
@@ -396,13 +384,7 @@ async fn a_hup_that_reaches_a_new_process_during_its_start_is_not_fatal() {
     assert_ne!(third, second);
     util::wait_gone(first).await;
     util::wait_gone(second).await;
-    assert_eq!(
-        client::get(&Target::plain(srv.addr("web")), "/")
-            .await
-            .unwrap()
-            .pid(),
-        third
-    );
+    assert_eq!(srv.answering_pid().await, third);
 }
 
 #[tokio::test]

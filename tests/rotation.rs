@@ -111,13 +111,7 @@ async fn a_half_written_pair_keeps_the_old_generation_until_the_key_arrives() {
     .unwrap();
     let line = srv.wait_log("restart failed").await;
     assert!(line.contains("does not match the certificate"), "{line}");
-    assert_eq!(
-        client::get(&Target::plain(srv.addr("web")), "/")
-            .await
-            .unwrap()
-            .pid(),
-        old
-    );
+    assert_eq!(srv.answering_pid().await, old);
     assert_eq!(serial_of_new_connection(&srv).await, "01");
     // The key follows: the next event retries, and succeeds.
     std::fs::copy(
@@ -157,13 +151,7 @@ async fn an_expired_certificate_is_served_with_a_warning() {
     let srv = TestServer::start_in(dir, certs, path, &[]).await;
     let line = srv.wait_log("certificate has expired").await;
     assert!(line.contains("not_after=2021-01-01T00:00:00Z"), "{line}");
-    assert_eq!(
-        client::get(&Target::plain(srv.addr("web")), "/")
-            .await
-            .unwrap()
-            .pid(),
-        srv.pid()
-    );
+    assert_eq!(srv.answering_pid().await, srv.pid());
 }
 
 fn reload(config: &Path) -> (i32, String, String) {
@@ -221,11 +209,5 @@ async fn reload_reports_success_and_failure() {
         err.contains("restart failed:") && err.contains("no such file gone.crt"),
         "{err}"
     );
-    assert_eq!(
-        client::get(&Target::plain(srv.addr("web")), "/")
-            .await
-            .unwrap()
-            .pid(),
-        new
-    );
+    assert_eq!(srv.answering_pid().await, new);
 }

@@ -171,13 +171,7 @@ async fn a_failed_restart_keeps_the_worker_and_reports_ready_again() {
     assert_eq!(srv.next_notify().await.trim(), "READY=1");
     let line = srv.wait_log("restart failed").await;
     assert!(line.contains("no such file gone.crt"), "{line}");
-    assert_eq!(
-        client::get(&Target::plain(srv.addr("web")), "/")
-            .await
-            .unwrap()
-            .pid(),
-        w
-    );
+    assert_eq!(srv.answering_pid().await, w);
     // `gracesrv reload` reads the same result through the supervisor's pid.
     srv.write_config(&config);
     let path = srv.config.clone();

@@ -277,6 +277,14 @@ impl TestServer {
         (old, slow)
     }
 
+    /// The pid that answers `GET /` on the `web` listener now.
+    pub async fn answering_pid(&self) -> u32 {
+        client::get(&client::Target::plain(self.addr("web")), "/")
+            .await
+            .unwrap()
+            .pid()
+    }
+
     /// Signals the first process, whether or not it reported ready.
     pub fn signal_first(&self, sig: nix::sys::signal::Signal) {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.first.id() as i32), sig).unwrap();
