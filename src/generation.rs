@@ -135,12 +135,7 @@ impl Generation {
     /// may have written its own).
     pub fn remove_pid_file(&self) {
         if let Some(path) = &self.config.pid_file {
-            let ours = std::fs::read_to_string(path)
-                .ok()
-                .is_some_and(|s| s.trim() == self.process.pid.to_string());
-            if ours {
-                let _ = std::fs::remove_file(path);
-            }
+            remove_pid_file(path, self.process.pid);
         }
     }
 }
@@ -159,6 +154,14 @@ pub fn notify_systemd(state: &[sd_notify::NotifyState]) {
         if let Err(e) = sd_notify::notify(false, state) {
             warn!("cannot notify systemd: {e}");
         }
+    }
+}
+
+/// Removes the pid file at `path` if it still names `pid`.
+pub fn remove_pid_file(path: &Path, pid: u32) {
+    let ours = std::fs::read_to_string(path).is_ok_and(|s| s.trim() == pid.to_string());
+    if ours {
+        let _ = std::fs::remove_file(path);
     }
 }
 

@@ -44,6 +44,29 @@ pub fn write_result(pid_file: &Path, r: &RestartResult) -> std::io::Result<()> {
     std::fs::rename(&tmp, &path)
 }
 
+/// Records the outcome of a restart run by `pid` next to `pid_file`, if the
+/// config has one: the new pid and `new_generation`, or the reason it failed.
+pub fn report(
+    pid_file: Option<&Path>,
+    pid: u32,
+    seq: u64,
+    new_generation: u64,
+    outcome: &Result<i32, String>,
+) {
+    let Some(pid_file) = pid_file else { return };
+    let r = RestartResult {
+        pid,
+        seq,
+        result: if outcome.is_ok() { "ready" } else { "failed" }.into(),
+        new_pid: outcome.as_ref().ok().map(|p| *p as u32),
+        generation: outcome.as_ref().ok().map(|_| new_generation),
+        reason: outcome.as_ref().err().cloned(),
+    };
+    if let Err(e) = write_result(pid_file, &r) {
+        tracing::warn!(pid_file = %pid_file.display(), "cannot write the restart result: {e}");
+    }
+}
+
 fn read_result(pid_file: &Path) -> Option<RestartResult> {
     let text = std::fs::read_to_string(result_path(pid_file)).ok()?;
     serde_json::from_str(text.trim()).ok()

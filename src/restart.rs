@@ -113,7 +113,13 @@ pub async fn control(
                 attempt = None;
                 starting.0.set(None);
                 seq += 1;
-                report(&gen, seq, &outcome);
+                crate::reload::report(
+                    gen.config.pid_file.as_deref(),
+                    gen.process.pid,
+                    seq,
+                    gen.process.generation + 1,
+                    &outcome,
+                );
                 let pending = matches!(state, State::Restarting { pending: true });
                 state = State::Serving;
                 match outcome {
@@ -164,24 +170,6 @@ pub async fn control(
                 }
             }
         }
-    }
-}
-
-/// Writes the outcome of a restart next to `pid_file`, for `gracesrv reload`.
-fn report(gen: &Generation, seq: u64, outcome: &Result<i32, String>) {
-    let Some(pid_file) = &gen.config.pid_file else {
-        return;
-    };
-    let r = crate::reload::RestartResult {
-        pid: gen.process.pid,
-        seq,
-        result: if outcome.is_ok() { "ready" } else { "failed" }.into(),
-        new_pid: outcome.as_ref().ok().map(|p| *p as u32),
-        generation: outcome.as_ref().ok().map(|_| gen.process.generation + 1),
-        reason: outcome.as_ref().err().cloned(),
-    };
-    if let Err(e) = crate::reload::write_result(pid_file, &r) {
-        warn!(pid_file = %pid_file.display(), "cannot write the restart result: {e}");
     }
 }
 

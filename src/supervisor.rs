@@ -24,7 +24,7 @@ use sd_notify::NotifyState;
 use tracing::{error, info, warn};
 
 use crate::config::Config;
-use crate::generation::{notify_systemd, write_pid_file};
+use crate::generation::{notify_systemd, remove_pid_file, write_pid_file};
 use crate::handoff::InheritedSocket;
 use crate::listeners::Listener;
 use crate::reaper::{describe, Reaper};
@@ -150,7 +150,7 @@ impl Supervisor {
                                 self.reaper.wait(p).await;
                             }
                             if let Some(p) = &config.pid_file {
-                                remove_if_ours(p, pid);
+                                remove_pid_file(p, pid);
                             }
                             info!("workers gone: exiting");
                             return 0;
@@ -170,7 +170,7 @@ impl Supervisor {
                             self.reaper.wait(p).await;
                         }
                         if let Some(p) = &config.pid_file {
-                            remove_if_ours(p, pid);
+                            remove_pid_file(p, pid);
                         }
                         info!(status = %describe(status), "workers gone: exiting");
                         return exit_code(status);
@@ -234,7 +234,7 @@ impl Supervisor {
                             Err(reason)
                         }
                     };
-                    self.report(&config, pid, seq, current.generation, &result);
+                    crate::reload::report(config.pid_file.as_deref(), pid, seq, current.generation, &result);
                     notify_systemd(&[NotifyState::Ready]);
                     if std::mem::take(&mut pending) {
                         trigger = Some(Trigger::Signal);
@@ -334,30 +334,6 @@ impl Supervisor {
             .map_err(|e| error!("cannot watch files, restart with HUP instead: {e}"))
             .ok()
     }
-
-    fn report(
-        &self,
-        config: &Config,
-        pid: u32,
-        seq: u64,
-        generation: u64,
-        outcome: &Result<i32, String>,
-    ) {
-        let Some(pid_file) = &config.pid_file else {
-            return;
-        };
-        let r = crate::reload::RestartResult {
-            pid,
-            seq,
-            result: if outcome.is_ok() { "ready" } else { "failed" }.into(),
-            new_pid: outcome.as_ref().ok().map(|p| *p as u32),
-            generation: outcome.as_ref().ok().map(|_| generation),
-            reason: outcome.as_ref().err().cloned(),
-        };
-        if let Err(e) = crate::reload::write_result(pid_file, &r) {
-            warn!(pid_file = %pid_file.display(), "cannot write the restart result: {e}");
-        }
-    }
 }
 
 /// Resolves with the pid of the first of `pids` to exit.
@@ -388,12 +364,5 @@ fn exit_code(status: WaitStatus) -> i32 {
         WaitStatus::Exited(_, code) => code,
         WaitStatus::Signaled(_, sig, _) => 128 + sig as i32,
         _ => 1,
-    }
-}
-
-fn remove_if_ours(path: &std::path::Path, pid: u32) {
-    let ours = std::fs::read_to_string(path).is_ok_and(|s| s.trim() == pid.to_string());
-    if ours {
-        let _ = std::fs::remove_file(path);
     }
 }
