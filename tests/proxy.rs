@@ -224,6 +224,21 @@ async fn upstream_down_or_slow_gives_502_or_504_and_counts() {
     );
 }
 
+/// An HTTP/1.1 connection sending bodies of type `B` (streamed or whole).
+async fn h1<B>(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<B>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    send
+}
+
 /// A request body of `left` bytes, made as it is sent.
 struct Generated {
     left: usize,
@@ -257,13 +272,7 @@ async fn a_large_body_streams_both_ways_without_being_buffered() {
     let up = start_upstream().await;
     let srv = TestServer::start(&proxy_config(up, "").replace("timeout: 1s", "timeout: 60s")).await;
     let before = peak_rss_kb(srv.pid());
-    let tcp = tokio::net::TcpStream::connect(srv.addr("web"))
-        .await
-        .unwrap();
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let mut send = h1(srv.addr("web")).await;
     let req = Request::post("/api/echo")
         .header("host", "x")
         .body(Generated { left: SIZE })
@@ -387,11 +396,7 @@ async fn a_body_over_max_body_gets_413() {
     let srv = TestServer::start(&proxy_config(up, ", max_body: 1KB")).await;
     let web = srv.addr("web");
     // Declared too large: refused before the upstream is asked.
-    let tcp = tokio::net::TcpStream::connect(web).await.unwrap();
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let mut send = h1(web).await;
     let req = Request::post("/api/echo")
         .header("host", "x")
         .body(Full::new(Bytes::from(vec![b'x'; 4096])))
@@ -399,11 +404,7 @@ async fn a_body_over_max_body_gets_413() {
     assert_eq!(send.send_request(req).await.unwrap().status(), 413);
     // Streamed without a length: no more than max_body reaches the
     // upstream (here echoed back), whatever the upstream answered meanwhile.
-    let tcp = tokio::net::TcpStream::connect(web).await.unwrap();
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let mut send = h1(web).await;
     let req = Request::post("/api/echo")
         .header("host", "x")
         .body(Generated { left: 64 * 1024 })

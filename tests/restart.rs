@@ -83,11 +83,7 @@ async fn assert_rollback(srv: &mut TestServer, broken: &str, reason: &str) {
     let old = srv.pid();
     let good = std::fs::read_to_string(&srv.config).unwrap();
     srv.write_config(broken);
-    let seen = srv.log_count();
-    srv.hup();
-    let line = srv
-        .wait_log_after(seen, |l| l.contains("restart failed"))
-        .await;
+    let line = srv.failed_restart().await;
     assert!(line.contains(reason), "want {reason:?} in {line:?}");
     let r = client::get(&web, "/").await.unwrap();
     assert_eq!(r.pid(), old, "the old generation keeps serving");
@@ -154,11 +150,7 @@ async fn a_new_binary_that_crashes_or_hangs_is_rolled_back() {
         std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o755))
             .unwrap();
         std::fs::rename(&tmp, &exe).unwrap();
-        let seen = srv.log_count();
-        srv.hup();
-        let line = srv
-            .wait_log_after(seen, |l| l.contains("restart failed"))
-            .await;
+        let line = srv.failed_restart().await;
         assert!(line.contains(reason), "want {reason:?} in {line:?}");
         assert_eq!(client::get(&web, "/").await.unwrap().pid(), old);
         assert_eq!(

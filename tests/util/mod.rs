@@ -277,6 +277,14 @@ impl TestServer {
         (old, slow)
     }
 
+    /// HUP, and wait for the restart to fail; returns the `restart failed` line.
+    pub async fn failed_restart(&self) -> String {
+        let seen = self.log_count();
+        self.hup();
+        self.wait_log_after(seen, |l| l.contains("restart failed"))
+            .await
+    }
+
     /// The pid that answers `GET /` on the `web` listener now.
     pub async fn answering_pid(&self) -> u32 {
         client::get(&client::Target::plain(self.addr("web")), "/")
