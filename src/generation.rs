@@ -58,20 +58,17 @@ impl Generation {
             generation,
             started_at: SystemTime::now(),
             started: Instant::now(),
-            listeners: std::sync::OnceLock::new(),
-            workers: (0..worker_count()).map(|_| Default::default()).collect(),
-            proxied_total: AtomicU64::new(0),
-            upstream_errors_total: AtomicU64::new(0),
-            drain: Drain::default(),
-        });
-        let _ = process.listeners.set(
-            config
+            listeners: config
                 .listeners
                 .iter()
                 .zip(&listeners)
                 .map(|(c, l)| (c.name.clone(), l.local_addr.to_string(), c.tls.is_some()))
                 .collect(),
-        );
+            workers: (0..worker_count()).map(|_| Default::default()).collect(),
+            proxied_total: AtomicU64::new(0),
+            upstream_errors_total: AtomicU64::new(0),
+            drain: Drain::default(),
+        });
         let mut specs = Vec::new();
         for (l, p) in listeners.iter().zip(prepared) {
             let socket = l

@@ -22,8 +22,8 @@ pub struct ProcessInfo {
     pub generation: u64,
     pub started_at: SystemTime,
     pub started: std::time::Instant,
-    /// name, address, tls: filled in once the sockets are open.
-    pub listeners: std::sync::OnceLock<Vec<(String, String, bool)>>,
+    /// name, address (as bound), tls.
+    pub listeners: Vec<(String, String, bool)>,
     /// Per worker thread: counted where the requests run, summed on demand.
     pub workers: Vec<Arc<crate::serve::WorkerStats>>,
     pub proxied_total: AtomicU64,
@@ -289,15 +289,9 @@ fn status_response(ctx: &ListenerContext) -> Response<Body> {
     let p = &ctx.process;
     let listeners: Vec<serde_json::Value> = p
         .listeners
-        .get()
-        .map(|ls| {
-            ls.iter()
-                .map(
-                    |(name, addr, tls)| serde_json::json!({"name": name, "addr": addr, "tls": tls}),
-                )
-                .collect()
-        })
-        .unwrap_or_default();
+        .iter()
+        .map(|(name, addr, tls)| serde_json::json!({"name": name, "addr": addr, "tls": tls}))
+        .collect();
     let body = serde_json::json!({
         "pid": p.pid,
         "generation": p.generation,
