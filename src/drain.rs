@@ -8,11 +8,15 @@
 //! carry `Connection: close`, HTTP/2 connections get GOAWAY. The process then
 //! waits for the connection count to reach zero, or for its deadline.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use tokio::sync::{watch, Notify};
+use tokio::sync::futures::Notified;
+use tokio::sync::Notify;
 
 #[derive(Clone)]
 pub struct Drain {
@@ -21,7 +25,7 @@ pub struct Drain {
 
 struct Inner {
     draining: AtomicBool,
-    signal: watch::Sender<bool>,
+    started: Notify,
     active: AtomicU64,
     idle: Notify,
     /// Connections upgraded (WebSocket and others) and tunnelled.
@@ -36,7 +40,7 @@ impl Default for Drain {
         Drain {
             inner: Arc::new(Inner {
                 draining: AtomicBool::new(false),
-                signal: watch::channel(false).0,
+                started: Notify::new(),
                 active: AtomicU64::new(0),
                 idle: Notify::new(),
                 upgraded: AtomicU64::new(0),
@@ -142,15 +146,18 @@ impl Drain {
     }
 
     /// Resolves when draining starts (at once if it has).
-    pub async fn started(&self) {
-        let mut rx = self.inner.signal.subscribe();
-        let _ = rx.wait_for(|d| *d).await;
+    pub fn started(&self) -> Started<'_> {
+        Started {
+            draining: &self.inner.draining,
+            notified: Box::pin(self.inner.started.notified()),
+            registered: None,
+        }
     }
 
     /// Starts draining: new responses close their connection, idle ones end.
     pub fn start(&self) {
-        self.inner.draining.store(true, Ordering::Relaxed);
-        self.inner.signal.send_replace(true);
+        self.inner.draining.store(true, Ordering::Release);
+        self.inner.started.notify_waiters();
     }
 
     /// Waits until no connection is left, or `timeout` passes; returns what
@@ -174,5 +181,67 @@ impl Drain {
                 }
             }
         }
+    }
+}
+
+/// The future of [`Drain::started`]. Every connection polls one at each of
+/// its wake-ups (it sits in the connection's `select!`), so after the first
+/// poll it costs an atomic load and a waker comparison; the shared `Notify`
+/// (and its lock) is touched again only if the task's waker changes.
+pub struct Started<'a> {
+    draining: &'a AtomicBool,
+    notified: Pin<Box<Notified<'a>>>,
+    /// The waker the `Notify` will wake.
+    registered: Option<Waker>,
+}
+
+impl Future for Started<'_> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        if this.draining.load(Ordering::Acquire) {
+            return Poll::Ready(());
+        }
+        if this
+            .registered
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            return Poll::Pending;
+        }
+        // A `Notified` made before `notify_waiters` completes even if it was
+        // never polled, so a drain that starts right now is not missed.
+        match this.notified.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(()),
+            Poll::Pending => {
+                this.registered = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn started_resolves_for_waiters_and_latecomers() {
+        let drain = Drain::default();
+        let waiting = {
+            let drain = drain.clone();
+            tokio::spawn(async move { drain.started().await })
+        };
+        // Made before the drain starts and never polled until after it.
+        let early = drain.started();
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished());
+        drain.start();
+        waiting.await.unwrap();
+        early.await;
+        // Made after: resolves at once.
+        drain.started().await;
+        assert!(drain.is_draining());
     }
 }

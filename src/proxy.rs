@@ -20,7 +20,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
-use http_body_util::BodyExt;
 use hyper::body::{Frame, Incoming, SizeHint};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -183,11 +182,11 @@ impl Proxy {
 
         // A body without a length (chunked, HTTP/2) is cut at `max_body`.
         let req = req.map(|body| match self.max_body {
-            Some(max) => {
-                http_body_util::Limited::new(body, usize::try_from(max).unwrap_or(usize::MAX))
-                    .boxed_unsync()
-            }
-            None => body.map_err(Into::into).boxed_unsync(),
+            Some(max) => Body::new(http_body_util::Limited::new(
+                body,
+                usize::try_from(max).unwrap_or(usize::MAX),
+            )),
+            None => Body::new(body),
         });
         let res = match tokio::time::timeout(self.timeout, self.client.request(req)).await {
             Ok(Ok(res)) => res,

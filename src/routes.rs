@@ -8,13 +8,12 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use tower::ServiceExt;
 
 use crate::config::{Action, ConfigError, ListenerConfig};
 use crate::drain::Drain;
-use crate::service::{full, text, Body};
+use crate::service::{full, text, Body, Reply};
 
 /// Facts about this process that responses report.
 pub struct ProcessInfo {
@@ -49,9 +48,7 @@ pub struct ListenerContext {
 
 enum Handle {
     Respond {
-        status: StatusCode,
-        body: Template,
-        headers: Vec<(http::HeaderName, HeaderValue)>,
+        fixed: Fixed,
         delay: Duration,
     },
     Static {
@@ -67,10 +64,42 @@ enum Handle {
     Proxy(Box<crate::proxy::Proxy>),
 }
 
+/// A `respond` route's response.
+struct Fixed {
+    status: StatusCode,
+    body: Template,
+    headers: Vec<(http::HeaderName, HeaderValue)>,
+}
+
+impl Fixed {
+    fn response<B>(&self, req: &Request<B>, ctx: &ListenerContext) -> Response<Body> {
+        let body = self
+            .body
+            .render(ctx, host_of(req).unwrap_or(""), req.uri().path());
+        let mut res = Response::new(full(body));
+        *res.status_mut() = self.status;
+        let h = res.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        for (k, v) in &self.headers {
+            h.insert(k.clone(), v.clone());
+        }
+        res
+    }
+}
+
 /// A response body with `{pid}`-style placeholders, split once at load.
+/// One that names only facts of the process (`{pid}`, `{generation}`,
+/// `{listener}`) is rendered once, at its first request.
 enum Template {
     Fixed(Bytes),
-    Parts(Vec<Part>),
+    Parts {
+        parts: Vec<Part>,
+        per_request: bool,
+        rendered: std::sync::OnceLock<Bytes>,
+    },
 }
 
 enum Part {
@@ -113,27 +142,40 @@ impl Template {
             }
         }
         parts.push(Part::Lit(rest.to_string()));
-        Template::Parts(parts)
+        Template::Parts {
+            per_request: parts.iter().any(|p| matches!(p, Part::Host | Part::Path)),
+            parts,
+            rendered: std::sync::OnceLock::new(),
+        }
     }
 
     fn render(&self, ctx: &ListenerContext, host: &str, path: &str) -> Bytes {
         match self {
             Template::Fixed(b) => b.clone(),
-            Template::Parts(parts) => {
-                let mut out = String::new();
-                for p in parts {
-                    match p {
-                        Part::Lit(s) => out.push_str(s),
-                        Part::Pid => out.push_str(&ctx.process.pid.to_string()),
-                        Part::Generation => out.push_str(&ctx.process.generation.to_string()),
-                        Part::Listener => out.push_str(&ctx.name),
-                        Part::Host => out.push_str(host),
-                        Part::Path => out.push_str(path),
-                    }
-                }
-                Bytes::from(out)
+            Template::Parts {
+                parts,
+                per_request: false,
+                rendered,
+            } => rendered
+                .get_or_init(|| Self::fill(parts, ctx, host, path))
+                .clone(),
+            Template::Parts { parts, .. } => Self::fill(parts, ctx, host, path),
+        }
+    }
+
+    fn fill(parts: &[Part], ctx: &ListenerContext, host: &str, path: &str) -> Bytes {
+        let mut out = String::new();
+        for p in parts {
+            match p {
+                Part::Lit(s) => out.push_str(s),
+                Part::Pid => out.push_str(&ctx.process.pid.to_string()),
+                Part::Generation => out.push_str(&ctx.process.generation.to_string()),
+                Part::Listener => out.push_str(&ctx.name),
+                Part::Host => out.push_str(host),
+                Part::Path => out.push_str(path),
             }
         }
+        Bytes::from(out)
     }
 }
 
@@ -154,9 +196,11 @@ impl Router {
                     headers,
                     delay,
                 } => Handle::Respond {
-                    status: *status,
-                    body: Template::parse(body),
-                    headers: headers.clone(),
+                    fixed: Fixed {
+                        status: *status,
+                        body: Template::parse(body),
+                        headers: headers.clone(),
+                    },
                     delay: *delay,
                 },
                 Action::Static { root, index } => {
@@ -202,71 +246,79 @@ impl Router {
         Ok(Router { routes })
     }
 
-    pub async fn handle(
+    /// Answers `req`: at once for fixed responses, redirects and `status`
+    /// (no allocation for the future on the hot path), or with a future for
+    /// what waits (a `delay`, files, the proxy).
+    pub fn handle(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        ctx: &Arc<ListenerContext>,
+        peer: crate::proxy::Peer,
+    ) -> Reply {
+        let path = req.uri().path();
+        let Some(i) = self
+            .routes
+            .iter()
+            .position(|(prefix, _)| path.starts_with(prefix.as_str()))
+        else {
+            return Reply::Now(text(StatusCode::NOT_FOUND, "not found\n"));
+        };
+        match &self.routes[i].1 {
+            Handle::Respond { fixed, delay } if delay.is_zero() => {
+                Reply::Now(fixed.response(&req, ctx))
+            }
+            Handle::Redirect { to, status } => Reply::Now(redirect(&req, to, *status)),
+            Handle::Status => Reply::Now(status_response(ctx)),
+            Handle::Respond { .. } | Handle::Proxy(_) | Handle::Static { .. } => {
+                let (router, ctx) = (self.clone(), ctx.clone());
+                Reply::Later(Box::pin(
+                    async move { router.later(i, req, &ctx, peer).await },
+                ))
+            }
+        }
+    }
+
+    /// Route `i`'s answer, waiting where it has to (a `delay`, files, the proxy).
+    async fn later(
         &self,
+        i: usize,
         req: Request<Incoming>,
         ctx: &ListenerContext,
         peer: crate::proxy::Peer,
     ) -> Response<Body> {
-        {
-            let path = req.uri().path();
-            let Some(i) = self
-                .routes
-                .iter()
-                .position(|(prefix, _)| path.starts_with(prefix.as_str()))
-            else {
-                return text(StatusCode::NOT_FOUND, "not found\n");
-            };
-            let (prefix, handle) = &self.routes[i];
-            match handle {
-                Handle::Respond {
-                    status,
-                    body,
-                    headers,
-                    delay,
-                } => {
-                    if !delay.is_zero() {
-                        tokio::time::sleep(*delay).await;
-                    }
-                    let body = body.render(ctx, host_of(&req).unwrap_or(""), req.uri().path());
-                    let mut res = Response::new(full(body));
-                    *res.status_mut() = *status;
-                    let h = res.headers_mut();
-                    h.insert(
-                        header::CONTENT_TYPE,
-                        HeaderValue::from_static("text/plain; charset=utf-8"),
-                    );
-                    for (k, v) in headers {
-                        h.insert(k.clone(), v.clone());
-                    }
-                    res
-                }
-                Handle::Redirect { to, status } => {
-                    let host = host_of(&req).unwrap_or("localhost");
-                    let host = strip_port(host);
-                    let uri = req
-                        .uri()
-                        .path_and_query()
-                        .map(|p| p.as_str())
-                        .unwrap_or("/");
-                    let location = to.replace("{host}", host).replace("{uri}", uri);
-                    match HeaderValue::from_str(&location) {
-                        Ok(v) => {
-                            let mut res = Response::new(full(Bytes::new()));
-                            *res.status_mut() = *status;
-                            res.headers_mut().insert(header::LOCATION, v);
-                            res
-                        }
-                        Err(_) => text(StatusCode::BAD_REQUEST, "bad request\n"),
-                    }
-                }
-                Handle::Status => status_response(ctx),
-                Handle::Proxy(proxy) => proxy.handle(req, prefix, ctx, peer).await,
-                Handle::Static { root, index, dir } => {
-                    serve_static(req, prefix, root, index, dir.clone()).await
-                }
+        let (prefix, handle) = &self.routes[i];
+        match handle {
+            Handle::Respond { fixed, delay } => {
+                tokio::time::sleep(*delay).await;
+                fixed.response(&req, ctx)
+            }
+            Handle::Redirect { to, status } => redirect(&req, to, *status),
+            Handle::Status => status_response(ctx),
+            Handle::Proxy(proxy) => proxy.handle(req, prefix, ctx, peer).await,
+            Handle::Static { root, index, dir } => {
+                serve_static(req, prefix, root, index, dir.clone()).await
             }
         }
+    }
+}
+
+/// A redirect to `to`, with `{host}` and `{uri}` filled in from `req`.
+fn redirect<B>(req: &Request<B>, to: &str, status: StatusCode) -> Response<Body> {
+    let host = strip_port(host_of(req).unwrap_or("localhost"));
+    let uri = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let location = to.replace("{host}", host).replace("{uri}", uri);
+    match HeaderValue::from_str(&location) {
+        Ok(v) => {
+            let mut res = Response::new(full(Bytes::new()));
+            *res.status_mut() = status;
+            res.headers_mut().insert(header::LOCATION, v);
+            res
+        }
+        Err(_) => text(StatusCode::BAD_REQUEST, "bad request\n"),
     }
 }
 
@@ -304,6 +356,10 @@ fn status_response(ctx: &ListenerContext) -> Response<Body> {
         "proxied_total": p.proxied_total.load(Ordering::Relaxed),
         "upstream_errors_total": p.upstream_errors_total.load(Ordering::Relaxed),
         "upgraded_active": p.drain.upgraded_active(),
+        "workers": p.workers.iter().map(|w| serde_json::json!({
+            "connections": w.connections.load(Ordering::Relaxed),
+            "requests_total": w.requests_total.load(Ordering::Relaxed),
+        })).collect::<Vec<_>>(),
         "draining": p.drain.is_draining(),
     });
     let mut res = Response::new(full(body.to_string() + "\n"));
@@ -432,7 +488,7 @@ async fn serve_static(
     };
     parts.uri = uri;
     match dir.oneshot(Request::from_parts(parts, body)).await {
-        Ok(res) => res.map(|b| b.map_err(Into::into).boxed_unsync()),
+        Ok(res) => res.map(Body::new),
         Err(never) => match never {},
     }
 }
@@ -472,6 +528,19 @@ mod tests {
         assert_eq!(strip_port("example.com:8443"), "example.com");
         assert_eq!(strip_port("[::1]:8443"), "[::1]");
         assert_eq!(strip_port("example.com"), "example.com");
-        assert!(matches!(Template::parse("x {nope} y"), Template::Parts(_)));
+        assert!(matches!(
+            Template::parse("x {nope} y"),
+            Template::Parts {
+                per_request: false,
+                ..
+            }
+        ));
+        assert!(matches!(
+            Template::parse("{pid} {path}"),
+            Template::Parts {
+                per_request: true,
+                ..
+            }
+        ));
     }
 }

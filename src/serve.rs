@@ -26,7 +26,7 @@ use tracing::{debug, warn};
 
 use crate::config::Timeouts;
 use crate::routes::{ListenerContext, ProcessInfo};
-use crate::service::{Body, Handler};
+use crate::service::{Body, Handler, Reply};
 
 /// Everything a worker needs to serve one listener.
 #[derive(Clone)]
@@ -44,6 +44,8 @@ pub struct ListenerSpec {
 pub struct WorkerStats {
     pub requests_total: AtomicU64,
     pub in_flight: AtomicU64,
+    /// Connections this worker serves now (for balancing accepts).
+    pub connections: AtomicU64,
 }
 
 /// Settings shared by every connection of the process.
@@ -71,7 +73,8 @@ pub fn start(
     let (tx, rx) = std::sync::mpsc::channel::<Result<(), String>>();
     for w in 0..workers {
         let listeners = listeners.clone();
-        let stats = shared.process.workers[w % shared.process.workers.len()].clone();
+        let w = w % shared.process.workers.len();
+        let stats = shared.process.workers[w].clone();
         let shared = shared.clone();
         let span = span.clone();
         let tx = tx.clone();
@@ -90,13 +93,13 @@ pub fn start(
                     }
                 };
                 rt.block_on(async move {
-                    let mut tokio_listeners = Vec::new();
+                    let mut sockets = Vec::new();
                     for (socket, spec) in &listeners {
                         match socket
                             .try_clone()
                             .and_then(tokio::net::TcpListener::from_std)
                         {
-                            Ok(l) => tokio_listeners.push(l),
+                            Ok(l) => sockets.push(l),
                             Err(e) => {
                                 let _ = tx.send(Err(format!("listener {}: {e}", spec.ctx.name)));
                                 return;
@@ -107,12 +110,12 @@ pub fn start(
                     // This worker's own allocation of each spec: cloning it per
                     // request touches no cache line another worker writes.
                     let specs = listeners.into_iter().map(|(_, spec)| Arc::new(spec));
-                    for (spec, listener) in specs.zip(tokio_listeners) {
+                    for (spec, socket) in specs.zip(sockets) {
                         let guard = shared.process.drain.acceptor();
                         let (shared, builder, stats) =
                             (shared.clone(), builder.clone(), stats.clone());
                         tokio::spawn(async move {
-                            accept_loop(listener, spec, stats, shared, builder).await;
+                            accept_loop(socket, w, spec, stats, shared, builder).await;
                             drop(guard);
                         });
                     }
@@ -156,6 +159,30 @@ fn http_builder() -> auto::Builder<TokioExecutor> {
     b
 }
 
+/// How long a busier worker pauses accepting, leaving new connections to
+/// the others.
+const DEFER: Duration = Duration::from_millis(2);
+
+/// A worker defers to the others while it serves this many connections more
+/// than the least busy one.
+const SLACK: u64 = 4;
+
+/// Should worker `me` leave the next connection to a less busy worker?
+///
+/// All workers accept from the same queue, and the kernel wakes all of them
+/// for each connection: left alone, whichever runs first takes it, and a
+/// burst of keep-alive connections can land on one core while the other
+/// idles.
+fn should_defer(workers: &[Arc<WorkerStats>], me: usize) -> bool {
+    let mine = workers[me].connections.load(Ordering::Relaxed);
+    let least = workers
+        .iter()
+        .map(|w| w.connections.load(Ordering::Relaxed))
+        .min()
+        .unwrap_or(mine);
+    mine > least + SLACK
+}
+
 /// Accepts until the process drains.
 ///
 /// `max_connections` is enforced after accept: a loop that reaches the limit
@@ -165,16 +192,27 @@ fn http_builder() -> auto::Builder<TokioExecutor> {
 /// loops of other listeners and workers hoard slots.)
 async fn accept_loop(
     listener: tokio::net::TcpListener,
+    me: usize,
     spec: Arc<ListenerSpec>,
     stats: Arc<WorkerStats>,
     shared: Arc<Shared>,
     builder: Arc<auto::Builder<TokioExecutor>>,
 ) {
     let drain = shared.process.drain.clone();
+    let workers = &shared.process.workers;
     let stop = drain.started();
     tokio::pin!(stop);
     loop {
+        if should_defer(workers, me) {
+            // Leave the connections arriving now to less busy workers.
+            tokio::select! {
+                biased;
+                _ = &mut stop => break,
+                _ = tokio::time::sleep(DEFER) => {}
+            }
+        }
         let accepted = tokio::select! {
+            biased;
             _ = &mut stop => break,
             a = listener.accept() => a,
         };
@@ -199,6 +237,7 @@ async fn accept_loop(
             shared: shared.clone(),
             builder: builder.clone(),
             guard,
+            on_worker: OnWorker::new(&stats),
         };
         match shared.limit.clone().try_acquire_owned() {
             Ok(permit) => {
@@ -240,6 +279,23 @@ struct Accepted {
     shared: Arc<Shared>,
     builder: Arc<auto::Builder<TokioExecutor>>,
     guard: crate::drain::ConnectionGuard,
+    on_worker: OnWorker,
+}
+
+/// A connection counted on its worker until it is dropped.
+struct OnWorker(Arc<WorkerStats>);
+
+impl OnWorker {
+    fn new(stats: &Arc<WorkerStats>) -> OnWorker {
+        stats.connections.fetch_add(1, Ordering::Relaxed);
+        OnWorker(stats.clone())
+    }
+}
+
+impl Drop for OnWorker {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Accepted {
@@ -252,6 +308,7 @@ impl Accepted {
             shared,
             builder,
             guard,
+            on_worker,
         } = self;
         let _ = stream.set_nodelay(true);
         let t = shared.timeouts;
@@ -281,6 +338,7 @@ impl Accepted {
         }
         // Counted until here: the connection is closed.
         drop(guard);
+        drop(on_worker);
         drop(permit);
     }
 }
@@ -420,6 +478,8 @@ async fn serve_http<T>(
     tokio::pin!(timer);
     loop {
         tokio::select! {
+            // The connection first: it is what wakes this task nearly always.
+            biased;
             res = conn.as_mut() => {
                 if let Err(e) = res {
                     debug!(listener = %spec.ctx.name, "connection: {e}");
@@ -469,29 +529,69 @@ struct ConnService {
 impl hyper::service::Service<Request<Incoming>> for ConnService {
     type Response = Response<TrackedBody>;
     type Error = std::convert::Infallible;
-    type Future =
-        Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+    type Future = Answer;
 
-    fn call(&self, req: Request<Incoming>) -> Self::Future {
+    fn call(&self, req: Request<Incoming>) -> Answer {
         let h1 = req.version() < Version::HTTP_2;
         if !h1 {
             self.activity.h2.store(true, Ordering::Relaxed);
         }
         self.stats.requests_total.fetch_add(1, Ordering::Relaxed);
         debug!(listener = %self.spec.ctx.name, method = %req.method(), path = req.uri().path(), "request started");
-        let guard = InFlight::new(self.activity.clone(), self.stats.clone());
-        let spec = self.spec.clone();
-        let peer = self.peer;
-        Box::pin(async move {
-            let mut res = spec.handler.call(req, &spec.ctx, peer).await;
-            if h1 && spec.ctx.process.drain.is_draining() {
-                res.headers_mut()
-                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        let finish = Finish {
+            guard: InFlight::new(self.activity.clone(), self.stats.clone()),
+            h1,
+        };
+        match self.spec.handler.call(req, &self.spec.ctx, self.peer) {
+            Reply::Now(res) => Answer::Now(std::future::ready(Ok(finish.wrap(res, &self.spec)))),
+            Reply::Later(fut) => Answer::Later(fut, Some((finish, self.spec.clone()))),
+        }
+    }
+}
+
+/// A response on its way: ready at once (no allocation), or awaited.
+enum Answer {
+    Now(std::future::Ready<Result<Response<TrackedBody>, std::convert::Infallible>>),
+    Later(
+        Pin<Box<dyn std::future::Future<Output = Response<Body>> + Send>>,
+        Option<(Finish, Arc<ListenerSpec>)>,
+    ),
+}
+
+impl std::future::Future for Answer {
+    type Output = Result<Response<TrackedBody>, std::convert::Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            Answer::Now(res) => Pin::new(res).poll(cx),
+            Answer::Later(fut, finish) => {
+                let res = std::task::ready!(fut.as_mut().poll(cx));
+                match finish.take() {
+                    Some((finish, spec)) => Poll::Ready(Ok(finish.wrap(res, &spec))),
+                    // Polled again after it completed: it never completes again.
+                    None => Poll::Pending,
+                }
             }
-            Ok(res.map(|body| TrackedBody {
-                inner: body,
-                _guard: guard,
-            }))
+        }
+    }
+}
+
+/// What a response needs once the handler has made it.
+struct Finish {
+    guard: InFlight,
+    h1: bool,
+}
+
+impl Finish {
+    /// During a drain, an HTTP/1.x response closes its connection.
+    fn wrap(self, mut res: Response<Body>, spec: &ListenerSpec) -> Response<TrackedBody> {
+        if self.h1 && spec.ctx.process.drain.is_draining() {
+            res.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        res.map(|body| TrackedBody {
+            inner: body,
+            _guard: self.guard,
         })
     }
 }
@@ -537,5 +637,31 @@ impl hyper::body::Body for TrackedBody {
     }
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn workers(conns: &[u64]) -> Vec<Arc<WorkerStats>> {
+        conns
+            .iter()
+            .map(|&c| {
+                let w = WorkerStats::default();
+                w.connections.store(c, Ordering::Relaxed);
+                Arc::new(w)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_busier_worker_defers_to_the_least_busy() {
+        let w = workers(&[10, 10 - SLACK, 20]);
+        assert!(!should_defer(&w, 0), "within the slack");
+        assert!(!should_defer(&w, 1), "the least busy never defers");
+        assert!(should_defer(&w, 2));
+        let one = workers(&[1000]);
+        assert!(!should_defer(&one, 0), "a lone worker never defers");
     }
 }

@@ -42,6 +42,36 @@ async fn plain_and_tls_listeners_answer_http1_and_h2() {
     assert_eq!(c.get("/").await.unwrap().status, 200);
 }
 
+/// All workers accept from one queue; a burst of keep-alive connections
+/// must not all land on whichever worker woke first (one core busy, the
+/// other idle).
+#[tokio::test]
+async fn keep_alive_connections_spread_over_the_workers() {
+    let (dir, certs, path) = TestServer::prepare(&basic_config(""));
+    let srv = TestServer::start_in(dir, certs, path, &[("GRACESRV_WORKERS", "2")]).await;
+    let web = Target::plain(srv.addr("web"));
+    let mut conns = Vec::new();
+    for _ in 0..24 {
+        let mut c = client::connect(&web).await.unwrap();
+        assert_eq!(c.get("/").await.unwrap().status, 200);
+        conns.push(c);
+    }
+    let r = conns[0].get("/status").await.unwrap();
+    let s: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    let per_worker: Vec<u64> = s["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["connections"].as_u64().unwrap())
+        .collect();
+    assert_eq!(per_worker.len(), 2, "{s}");
+    assert_eq!(per_worker.iter().sum::<u64>(), 24, "{s}");
+    assert!(
+        per_worker.iter().all(|&n| n >= 5),
+        "connections per worker: {per_worker:?}"
+    );
+}
+
 #[tokio::test]
 async fn sni_picks_the_certificate_that_covers_the_name() {
     let config = r#"listeners:
