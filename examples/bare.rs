@@ -1,9 +1,13 @@
 //! The bare stack gracesrv is built on, for `bench/run` to measure what
 //! gracesrv's own work costs: hyper-util's auto server (HTTP/1.1 and HTTP/2)
-//! with tokio-rustls, one current-thread runtime per core accepting from the
-//! same sockets, and a fixed response. No timeouts, no drain, no handoff.
+//! with tokio-rustls, one current-thread runtime per core, and a fixed
+//! response. No timeouts, no drain, no handoff, no routes.
 //!
-//!   bare --plain 127.0.0.1:8080 --tls 127.0.0.1:8443 --cert certs/localhost.crt --key certs/localhost.key
+//! With `--reuseport` each worker has its own socket (`SO_REUSEPORT`) and the
+//! kernel spreads connections over them by hash; without it the workers
+//! share one queue, and whichever wakes first takes a connection.
+//!
+//!   bare --plain 127.0.0.1:8080 --tls 127.0.0.1:8443 --cert certs/localhost.crt --key certs/localhost.key [--reuseport]
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -20,8 +24,13 @@ fn main() {
     let mut plain = None;
     let mut tls = None;
     let (mut cert, mut key) = (String::new(), String::new());
+    let mut reuse = false;
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
+        if k == "--reuseport" {
+            reuse = true;
+            continue;
+        }
         let v = it.next().unwrap_or_else(|| panic!("{k} needs a value"));
         match k.as_str() {
             "--plain" => plain = Some(v),
@@ -51,7 +60,7 @@ fn main() {
     let mut sockets = Vec::new();
     for (addr, acceptor) in [(plain, None), (tls, acceptor)] {
         if let Some(addr) = addr {
-            let l = if std::env::var_os("BARE_REUSEPORT").is_some() {
+            let l = if reuse {
                 reuseport(addr.parse().expect("addr"))
             } else {
                 std::net::TcpListener::bind(&addr).expect("bind")
@@ -66,7 +75,7 @@ fn main() {
             let sockets: Vec<_> = sockets
                 .iter()
                 .map(|(l, a)| {
-                    if w > 0 && std::env::var_os("BARE_REUSEPORT").is_some() {
+                    if w > 0 && reuse {
                         (reuseport(l.local_addr().expect("addr")), a.clone())
                     } else {
                         (l.try_clone().expect("dup"), a.clone())

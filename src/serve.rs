@@ -46,6 +46,10 @@ pub struct WorkerStats {
     pub in_flight: AtomicU64,
     /// Connections this worker serves now (for balancing accepts).
     pub connections: AtomicU64,
+    /// Accept loops of this worker deferring to the others, and the signal
+    /// that one of its connections closed (so they look again).
+    deferring: AtomicU32,
+    closed: tokio::sync::Notify,
 }
 
 /// Settings shared by every connection of the process.
@@ -159,8 +163,8 @@ fn http_builder() -> auto::Builder<TokioExecutor> {
     b
 }
 
-/// How long a busier worker pauses accepting, leaving new connections to
-/// the others.
+/// How long, at most, a busier worker pauses accepting, leaving new
+/// connections to the others.
 const DEFER: Duration = Duration::from_millis(2);
 
 /// A worker defers to the others while it serves this many connections more
@@ -204,11 +208,27 @@ async fn accept_loop(
     tokio::pin!(stop);
     loop {
         if should_defer(workers, me) {
-            // Leave the connections arriving now to less busy workers.
-            tokio::select! {
-                biased;
-                _ = &mut stop => break,
-                _ = tokio::time::sleep(DEFER) => {}
+            // Leave the connections arriving now to less busy workers, until
+            // this one has closed enough of its own or DEFER has passed (the
+            // others may be busy too).
+            stats.deferring.fetch_add(1, Ordering::Relaxed);
+            let until = tokio::time::sleep(DEFER);
+            tokio::pin!(until);
+            let stopping = loop {
+                tokio::select! {
+                    biased;
+                    _ = &mut stop => break true,
+                    _ = &mut until => break false,
+                    _ = stats.closed.notified() => {
+                        if !should_defer(workers, me) {
+                            break false;
+                        }
+                    }
+                }
+            };
+            stats.deferring.fetch_sub(1, Ordering::Relaxed);
+            if stopping {
+                break;
             }
         }
         let accepted = tokio::select! {
@@ -295,6 +315,9 @@ impl OnWorker {
 impl Drop for OnWorker {
     fn drop(&mut self) {
         self.0.connections.fetch_sub(1, Ordering::Relaxed);
+        if self.0.deferring.load(Ordering::Relaxed) > 0 {
+            self.0.closed.notify_waiters();
+        }
     }
 }
 
@@ -311,35 +334,50 @@ impl Accepted {
             on_worker,
         } = self;
         let _ = stream.set_nodelay(true);
-        let t = shared.timeouts;
-        match &spec.tls {
+        // Boxed: a connection's state is a few KiB, and a task future that
+        // holds only a pointer to it is cheaper to spawn and move around.
+        match spec.tls.clone() {
             None => {
                 let peer = crate::proxy::Peer {
                     addr: peer,
                     tls: false,
                 };
-                serve_http(stream, peer, spec, stats, shared, builder).await
+                Box::pin(serve_http(stream, peer, spec, stats, shared, builder)).await
             }
             Some(acceptor) => {
-                match tokio::time::timeout(t.handshake, acceptor.accept(stream)).await {
-                    Ok(Ok(tls)) => {
-                        let peer = crate::proxy::Peer {
-                            addr: peer,
-                            tls: true,
-                        };
-                        serve_http(tls, peer, spec, stats, shared, builder).await
-                    }
-                    Ok(Err(e)) => {
-                        debug!(listener = %spec.ctx.name, %peer, "TLS handshake failed: {e}")
-                    }
-                    Err(_) => debug!(listener = %spec.ctx.name, %peer, "TLS handshake timed out"),
-                }
+                Box::pin(serve_tls(
+                    acceptor, stream, peer, spec, stats, shared, builder,
+                ))
+                .await
             }
         }
         // Counted until here: the connection is closed.
         drop(guard);
         drop(on_worker);
         drop(permit);
+    }
+}
+
+/// The TLS handshake (within `timeouts.handshake`), then HTTP.
+async fn serve_tls(
+    acceptor: tokio_rustls::TlsAcceptor,
+    stream: TcpStream,
+    peer: SocketAddr,
+    spec: Arc<ListenerSpec>,
+    stats: Arc<WorkerStats>,
+    shared: Arc<Shared>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+) {
+    match tokio::time::timeout(shared.timeouts.handshake, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => {
+            let peer = crate::proxy::Peer {
+                addr: peer,
+                tls: true,
+            };
+            serve_http(tls, peer, spec, stats, shared, builder).await
+        }
+        Ok(Err(e)) => debug!(listener = %spec.ctx.name, %peer, "TLS handshake failed: {e}"),
+        Err(_) => debug!(listener = %spec.ctx.name, %peer, "TLS handshake timed out"),
     }
 }
 
