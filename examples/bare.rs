@@ -112,6 +112,13 @@ fn reuseport(addr: std::net::SocketAddr) -> std::net::TcpListener {
     l
 }
 
+/// `pid <pid>\n`, made once.
+fn body() -> Bytes {
+    static BODY: std::sync::OnceLock<Bytes> = std::sync::OnceLock::new();
+    BODY.get_or_init(|| Bytes::from(format!("pid {}\n", std::process::id())))
+        .clone()
+}
+
 fn worker(sockets: Vec<(std::net::TcpListener, Option<tokio_rustls::TlsAcceptor>)>) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -130,10 +137,14 @@ fn worker(sockets: Vec<(std::net::TcpListener, Option<tokio_rustls::TlsAcceptor>
                     let _ = stream.set_nodelay(true);
                     let (builder, acceptor) = (builder.clone(), acceptor.clone());
                     tokio::spawn(async move {
-                        let svc = service_fn(|_req| async {
-                            Ok::<_, Infallible>(hyper::Response::new(Full::new(
-                                Bytes::from_static(b"pid 1\n"),
-                            )))
+                        // The same bytes as gracesrv's `respond` route.
+                        let svc = service_fn(|_req| {
+                            let mut res = hyper::Response::new(Full::new(body()));
+                            res.headers_mut().insert(
+                                http::header::CONTENT_TYPE,
+                                http::HeaderValue::from_static("text/plain; charset=utf-8"),
+                            );
+                            std::future::ready(Ok::<_, Infallible>(res))
                         });
                         match acceptor {
                             None => {

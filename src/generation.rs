@@ -84,6 +84,7 @@ impl Generation {
                         name: l.name.clone(),
                         process: process.clone(),
                     }),
+                    nodelay_inherited: false,
                 },
             ));
         }

@@ -72,10 +72,9 @@ struct Fixed {
 }
 
 impl Fixed {
+    #[inline]
     fn response<B>(&self, req: &Request<B>, ctx: &ListenerContext) -> Response<Body> {
-        let body = self
-            .body
-            .render(ctx, host_of(req).unwrap_or(""), req.uri().path());
+        let body = self.body.render(ctx, req);
         let mut res = Response::new(full(body));
         *res.status_mut() = self.status;
         let h = res.headers_mut();
@@ -149,21 +148,19 @@ impl Template {
         }
     }
 
-    fn render(&self, ctx: &ListenerContext, host: &str, path: &str) -> Bytes {
+    fn render<B>(&self, ctx: &ListenerContext, req: &Request<B>) -> Bytes {
         match self {
             Template::Fixed(b) => b.clone(),
             Template::Parts {
                 parts,
                 per_request: false,
                 rendered,
-            } => rendered
-                .get_or_init(|| Self::fill(parts, ctx, host, path))
-                .clone(),
-            Template::Parts { parts, .. } => Self::fill(parts, ctx, host, path),
+            } => rendered.get_or_init(|| Self::fill(parts, ctx, req)).clone(),
+            Template::Parts { parts, .. } => Self::fill(parts, ctx, req),
         }
     }
 
-    fn fill(parts: &[Part], ctx: &ListenerContext, host: &str, path: &str) -> Bytes {
+    fn fill<B>(parts: &[Part], ctx: &ListenerContext, req: &Request<B>) -> Bytes {
         let mut out = String::new();
         for p in parts {
             match p {
@@ -171,8 +168,8 @@ impl Template {
                 Part::Pid => out.push_str(&ctx.process.pid.to_string()),
                 Part::Generation => out.push_str(&ctx.process.generation.to_string()),
                 Part::Listener => out.push_str(&ctx.name),
-                Part::Host => out.push_str(host),
-                Part::Path => out.push_str(path),
+                Part::Host => out.push_str(host_of(req).unwrap_or("")),
+                Part::Path => out.push_str(req.uri().path()),
             }
         }
         Bytes::from(out)
@@ -249,6 +246,7 @@ impl Router {
     /// Answers `req`: at once for fixed responses, redirects and `status`
     /// (no allocation for the future on the hot path), or with a future for
     /// what waits (a `delay`, files, the proxy).
+    #[inline]
     pub fn handle(
         self: &Arc<Self>,
         req: Request<Incoming>,

@@ -114,6 +114,7 @@ impl Handler {
     }
 
     /// Answers `req`, at once when the answer needs no waiting.
+    #[inline]
     pub fn call(
         &self,
         mut req: Request<Incoming>,
