@@ -208,11 +208,12 @@ async fn sniff<T: AsyncRead + Unpin>(io: &mut T) -> std::io::Result<Option<(bool
 }
 
 /// One connection's hyper state, HTTP/1.x (with upgrades) or HTTP/2.
+/// Variants of unequal size are fine: it lives in the connection's boxed
+/// future, never moved after it is made.
+#[allow(clippy::large_enum_variant)]
 enum HttpConn<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> {
     H1(http1::UpgradeableConnection<TokioIo<TrackedIo<T>>, ConnService>),
-    // Boxed: twice the size of the HTTP/1.x state, and HTTP/2 connections
-    // are the fewer, longer-lived ones.
-    H2(Box<http2::Connection<TokioIo<TrackedIo<T>>, ConnService, TokioExecutor>>),
+    H2(http2::Connection<TokioIo<TrackedIo<T>>, ConnService, TokioExecutor>),
 }
 
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> HttpConn<T> {
@@ -221,7 +222,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> HttpConn<T> {
     fn graceful_shutdown(self: Pin<&mut Self>) {
         match self.get_mut() {
             HttpConn::H1(c) => Pin::new(c).graceful_shutdown(),
-            HttpConn::H2(c) => Pin::new(c.as_mut()).graceful_shutdown(),
+            HttpConn::H2(c) => Pin::new(c).graceful_shutdown(),
         }
     }
 }
@@ -232,7 +233,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> std::future::Future for
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.get_mut() {
             HttpConn::H1(c) => Pin::new(c).poll(cx),
-            HttpConn::H2(c) => Pin::new(c.as_mut()).poll(cx),
+            HttpConn::H2(c) => Pin::new(c).poll(cx),
         }
     }
 }
@@ -645,7 +646,7 @@ async fn serve_http<T>(
         activity: activity.clone(),
     };
     let conn = if h2 {
-        HttpConn::H2(Box::new(builder.h2.serve_connection(io, svc)))
+        HttpConn::H2(builder.h2.serve_connection(io, svc))
     } else {
         HttpConn::H1(builder.h1.serve_connection(io, svc).with_upgrades())
     };
