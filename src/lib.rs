@@ -26,6 +26,7 @@
 #![deny(unsafe_code)]
 
 pub mod config;
+pub mod connection;
 pub mod drain;
 pub mod draining;
 pub mod generation;

@@ -1,6 +1,5 @@
 //! Serving: one current-thread tokio runtime per core, each accepting on every
-//! listener and serving its own connections with hyper (HTTP/1.1 and HTTP/2,
-//! TLS or plain).
+//! listener and serving its own connections (see `connection.rs`).
 //!
 //! Why not one multi-thread runtime: its LIFO slot makes hyper flush once per
 //! HTTP/2 response, and work stealing buys nothing for a server whose
@@ -8,25 +7,18 @@
 //! listening socket; all of them accept from the same kernel queue.
 
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{header, HeaderValue, Request, Response, Version};
-use hyper::body::{Frame, Incoming, SizeHint};
-use hyper::server::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
 use crate::config::Timeouts;
+use crate::connection;
 use crate::routes::{ListenerContext, ProcessInfo};
-use crate::service::{Body, Handler, Reply};
+use crate::service::Handler;
 
 /// Everything a worker needs to serve one listener.
 #[derive(Clone)]
@@ -116,7 +108,7 @@ pub fn start(
                             }
                         }
                     }
-                    let builder = Arc::new(http_builder());
+                    let builder = Arc::new(connection::Builders::default());
                     // This worker's own allocation of each spec: cloning it per
                     // request touches no cache line another worker writes.
                     let specs = listeners.into_iter().map(|(_, spec)| Arc::new(spec));
@@ -150,92 +142,6 @@ pub fn start(
 /// it too, which changes nothing for its connections.)
 fn nodelay_for_accepted(listener: &std::net::TcpListener) -> bool {
     nix::sys::socket::setsockopt(listener, nix::sys::socket::sockopt::TcpNoDelay, &true).is_ok()
-}
-
-/// The largest request head accepted, HTTP/1.1 and HTTP/2 alike.
-const MAX_HEAD: usize = 64 * 1024;
-
-/// HTTP/2 limits against floods: 256 concurrent streams a connection (more
-/// are refused), and a GOAWAY (ENHANCE_YOUR_CALM) for a client that resets
-/// streams faster than they can be accepted (CVE-2023-44487).
-fn http_builder() -> Builders {
-    let mut h1 = http1::Builder::new();
-    // Timeouts for heads and idle connections are ours (see `Activity`):
-    // hyper's header timer also runs while a keep-alive connection is idle.
-    // A request head over 64 KiB gets 431 (nginx allows about 32 KiB).
-    h1.timer(TokioTimer::new())
-        .header_read_timeout(None)
-        .max_buf_size(MAX_HEAD);
-    let mut h2 = http2::Builder::new(TokioExecutor::new());
-    h2.timer(TokioTimer::new())
-        .max_concurrent_streams(256)
-        .max_header_list_size(MAX_HEAD as u32)
-        .max_pending_accept_reset_streams(64)
-        .max_local_error_reset_streams(1024);
-    Builders { h1, h2 }
-}
-
-/// hyper's connection builders, one per HTTP version (one set per worker).
-pub struct Builders {
-    h1: http1::Builder,
-    h2: http2::Builder<TokioExecutor>,
-}
-
-/// The HTTP/2 connection preface, the first bytes of a client that speaks
-/// HTTP/2 with prior knowledge (h2c).
-const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-
-/// Reads a client's first bytes until they show its HTTP version: the
-/// HTTP/2 preface, or anything else (HTTP/1.x). Returns the bytes read, for
-/// hyper to parse, or `None` if the client closed first.
-///
-/// One read nearly always decides. (hyper-util's auto server reads at most
-/// the preface's 24 bytes, so an HTTP/1.1 head took two reads.)
-async fn sniff<T: AsyncRead + Unpin>(io: &mut T) -> std::io::Result<Option<(bool, Bytes)>> {
-    let mut buf = bytes::BytesMut::with_capacity(4096);
-    loop {
-        if tokio::io::AsyncReadExt::read_buf(io, &mut buf).await? == 0 {
-            return Ok(None);
-        }
-        let n = buf.len().min(PREFACE.len());
-        if buf[..n] != PREFACE[..n] {
-            return Ok(Some((false, buf.freeze())));
-        }
-        if n == PREFACE.len() {
-            return Ok(Some((true, buf.freeze())));
-        }
-    }
-}
-
-/// One connection's hyper state, HTTP/1.x (with upgrades) or HTTP/2.
-/// Variants of unequal size are fine: it lives in the connection's boxed
-/// future, never moved after it is made.
-#[allow(clippy::large_enum_variant)]
-enum HttpConn<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> {
-    H1(http1::UpgradeableConnection<TokioIo<TrackedIo<T>>, ConnService>),
-    H2(http2::Connection<TokioIo<TrackedIo<T>>, ConnService, TokioExecutor>),
-}
-
-impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> HttpConn<T> {
-    /// HTTP/2: GOAWAY, and the open streams finish. HTTP/1.x: close after
-    /// the response being written (not used: see `serve_http`).
-    fn graceful_shutdown(self: Pin<&mut Self>) {
-        match self.get_mut() {
-            HttpConn::H1(c) => Pin::new(c).graceful_shutdown(),
-            HttpConn::H2(c) => Pin::new(c).graceful_shutdown(),
-        }
-    }
-}
-
-impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> std::future::Future for HttpConn<T> {
-    type Output = Result<(), hyper::Error>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.get_mut() {
-            HttpConn::H1(c) => Pin::new(c).poll(cx),
-            HttpConn::H2(c) => Pin::new(c).poll(cx),
-        }
-    }
 }
 
 /// How long, at most, a busier worker pauses accepting, leaving new
@@ -275,7 +181,7 @@ async fn accept_loop(
     spec: Arc<ListenerSpec>,
     stats: Arc<WorkerStats>,
     shared: Arc<Shared>,
-    builder: Arc<Builders>,
+    builder: Arc<connection::Builders>,
 ) {
     let drain = shared.process.drain.clone();
     let workers = &shared.process.workers;
@@ -372,7 +278,7 @@ struct Accepted {
     spec: Arc<ListenerSpec>,
     stats: Arc<WorkerStats>,
     shared: Arc<Shared>,
-    builder: Arc<Builders>,
+    builder: Arc<connection::Builders>,
     guard: crate::drain::ConnectionGuard,
     on_worker: OnWorker,
 }
@@ -419,10 +325,13 @@ impl Accepted {
                     addr: peer,
                     tls: false,
                 };
-                Box::pin(serve_http(stream, None, peer, spec, stats, shared, builder)).await
+                Box::pin(connection::serve_http(
+                    stream, None, peer, spec, stats, shared, builder,
+                ))
+                .await
             }
             Some(acceptor) => {
-                Box::pin(serve_tls(
+                Box::pin(connection::serve_tls(
                     acceptor, stream, peer, spec, stats, shared, builder,
                 ))
                 .await
@@ -432,392 +341,6 @@ impl Accepted {
         drop(guard);
         drop(on_worker);
         drop(permit);
-    }
-}
-
-/// The TLS handshake (within `timeouts.handshake`), then HTTP.
-async fn serve_tls(
-    acceptor: tokio_rustls::TlsAcceptor,
-    stream: TcpStream,
-    peer: SocketAddr,
-    spec: Arc<ListenerSpec>,
-    stats: Arc<WorkerStats>,
-    shared: Arc<Shared>,
-    builder: Arc<Builders>,
-) {
-    match tokio::time::timeout(shared.timeouts.handshake, acceptor.accept(stream)).await {
-        Ok(Ok(tls)) => {
-            let peer = crate::proxy::Peer {
-                addr: peer,
-                tls: true,
-            };
-            let alpn_h2 = tls.get_ref().1.alpn_protocol().map(|p| p == b"h2");
-            serve_http(tls, alpn_h2, peer, spec, stats, shared, builder).await
-        }
-        Ok(Err(e)) => debug!(listener = %spec.ctx.name, %peer, "TLS handshake failed: {e}"),
-        Err(_) => debug!(listener = %spec.ctx.name, %peer, "TLS handshake timed out"),
-    }
-}
-
-/// Milliseconds on the kernel's coarse monotonic clock: read from the vDSO
-/// without a hardware clock read, once or twice per request. It advances a
-/// scheduler tick at a time ([`tick_ms`]), so deadlines add a tick.
-fn now_ms() -> u64 {
-    use nix::time::{clock_gettime, ClockId};
-    // Linux has had the coarse clock since 2.6.32; neither call fails there.
-    clock_gettime(ClockId::CLOCK_MONOTONIC_COARSE)
-        .or_else(|_| clock_gettime(ClockId::CLOCK_MONOTONIC))
-        .map_or(1, |t| {
-            (t.tv_sec() as u64 * 1000 + t.tv_nsec() as u64 / 1_000_000).max(1)
-        })
-}
-
-/// The resolution of [`now_ms`], rounded up to a millisecond.
-fn tick_ms() -> u64 {
-    static TICK: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    *TICK.get_or_init(|| {
-        use nix::time::{clock_getres, ClockId};
-        clock_getres(ClockId::CLOCK_MONOTONIC_COARSE)
-            .map(|r| (r.tv_sec() as u64 * 1000 + (r.tv_nsec() as u64).div_ceil(1_000_000)).max(1))
-            .unwrap_or(1)
-    })
-}
-
-/// What a connection is doing, for its timeouts. Shared by the IO wrapper
-/// (which sees bytes arrive) and the service (which sees requests start and
-/// their response bodies end).
-struct Activity {
-    in_flight: AtomicU32,
-    /// When the connection last became idle (no request in flight).
-    idle_since: AtomicU64,
-    /// When the first byte of a not yet complete request head arrived; 0 if none.
-    head_since: AtomicU64,
-    h2: AtomicBool,
-    /// Switched protocols (101): the connection is a tunnel now.
-    upgraded: AtomicBool,
-}
-
-impl Activity {
-    fn request_started(&self) {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-        self.head_since.store(0, Ordering::Relaxed);
-    }
-
-    fn request_finished(&self) {
-        if self.in_flight.fetch_sub(1, Ordering::Relaxed) == 1 {
-            self.idle_since.store(now_ms(), Ordering::Relaxed);
-        }
-    }
-
-    /// When the connection should be closed for being idle or slow, if
-    /// nothing changes. A tick late rather than early: both ends of the wait
-    /// are read from a clock that advances a tick at a time.
-    fn deadline(&self, t: &Timeouts) -> Option<u64> {
-        if self.in_flight.load(Ordering::Relaxed) > 0 {
-            return None;
-        }
-        let head = self.head_since.load(Ordering::Relaxed);
-        if head != 0 && !self.h2.load(Ordering::Relaxed) {
-            return Some(head + t.header.as_millis() as u64 + tick_ms());
-        }
-        Some(self.idle_since.load(Ordering::Relaxed) + t.idle.as_millis() as u64 + tick_ms())
-    }
-}
-
-/// The connection's IO, noting when a new request head starts arriving.
-struct TrackedIo<T> {
-    inner: T,
-    /// What was read to tell the HTTP version, for hyper to read first.
-    prefix: Bytes,
-    activity: Arc<Activity>,
-    /// Plain TCP: a `shutdown(2)` right before the `close(2)` that follows
-    /// it sends nothing `close` would not, so it is skipped (a syscall per
-    /// connection). TLS must shut down: that sends its close_notify.
-    plain: bool,
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for TrackedIo<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        if !self.prefix.is_empty() {
-            let n = self.prefix.len().min(buf.remaining());
-            buf.put_slice(&self.prefix.split_to(n));
-            return Poll::Ready(Ok(()));
-        }
-        let before = buf.filled().len();
-        let res = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            let a = &self.activity;
-            if a.in_flight.load(Ordering::Relaxed) == 0 && a.head_since.load(Ordering::Relaxed) == 0
-            {
-                a.head_since.store(now_ms(), Ordering::Relaxed);
-            }
-        }
-        res
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for TrackedIo<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-    /// Not vectored: hyper then flattens a response's head and body into
-    /// one buffer, so it goes out as one write (and, over TLS, one record).
-    fn is_write_vectored(&self) -> bool {
-        false
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        // An upgraded connection (a proxied WebSocket) is another matter:
-        // its tunnel half-closes, and the other direction goes on.
-        if self.plain && !self.activity.upgraded.load(Ordering::Relaxed) {
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
-/// Serves HTTP on `io` until the connection ends, times out, or drains.
-/// `alpn_h2` is the version TLS agreed on; without one (plain, or a TLS
-/// client that sent no ALPN) the client's first bytes tell.
-async fn serve_http<T>(
-    mut io: T,
-    alpn_h2: Option<bool>,
-    peer: crate::proxy::Peer,
-    spec: Arc<ListenerSpec>,
-    stats: Arc<WorkerStats>,
-    shared: Arc<Shared>,
-    builder: Arc<Builders>,
-) where
-    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let t = shared.timeouts;
-    let now = now_ms();
-    let (h2, prefix) = match alpn_h2 {
-        Some(h2) => (h2, Bytes::new()),
-        // The first request head must arrive within `timeouts.header`.
-        None => match tokio::time::timeout(t.header, sniff(&mut io)).await {
-            Ok(Ok(Some(first))) => first,
-            Ok(Ok(None)) => return,
-            Ok(Err(e)) => {
-                debug!(listener = %spec.ctx.name, "connection: {e}");
-                return;
-            }
-            Err(_) => {
-                debug!(listener = %spec.ctx.name, "closing connection: timed out");
-                return;
-            }
-        },
-    };
-    let activity = Arc::new(Activity {
-        in_flight: AtomicU32::new(0),
-        idle_since: AtomicU64::new(now),
-        // The first request head must arrive within `timeouts.header`.
-        head_since: AtomicU64::new(now),
-        h2: AtomicBool::new(h2),
-        upgraded: AtomicBool::new(false),
-    });
-    let io = TokioIo::new(TrackedIo {
-        inner: io,
-        prefix,
-        activity: activity.clone(),
-        plain: !peer.tls,
-    });
-    let svc = ConnService {
-        peer,
-        spec: spec.clone(),
-        stats,
-        activity: activity.clone(),
-    };
-    let conn = if h2 {
-        HttpConn::H2(builder.h2.serve_connection(io, svc))
-    } else {
-        HttpConn::H1(builder.h1.serve_connection(io, svc).with_upgrades())
-    };
-    tokio::pin!(conn);
-    let drain = shared.process.drain.clone();
-    let draining = drain.started();
-    tokio::pin!(draining);
-    let mut drain_seen = false;
-    let timer = tokio::time::sleep(t.header.min(t.idle));
-    tokio::pin!(timer);
-    loop {
-        tokio::select! {
-            // The connection first: it is what wakes this task nearly always.
-            biased;
-            res = conn.as_mut() => {
-                if let Err(e) = res {
-                    debug!(listener = %spec.ctx.name, "connection: {e}");
-                }
-                return;
-            }
-            _ = &mut draining, if !drain_seen => {
-                drain_seen = true;
-                // HTTP/2: GOAWAY now, open streams finish. HTTP/1.1: the next
-                // response carries `Connection: close` (see ConnService); an
-                // idle connection keeps its idle timeout, since closing it
-                // could race a request the client is sending right now.
-                if activity.h2.load(Ordering::Relaxed) {
-                    conn.as_mut().graceful_shutdown();
-                }
-            }
-            _ = &mut timer => {
-                let now = now_ms();
-                match activity.deadline(&t) {
-                    Some(d) if d <= now => {
-                        debug!(listener = %spec.ctx.name, "closing connection: timed out");
-                        if activity.h2.load(Ordering::Relaxed) {
-                            conn.as_mut().graceful_shutdown();
-                            // Give the GOAWAY a moment; then drop.
-                            let _ = tokio::time::timeout(Duration::from_secs(1), conn.as_mut()).await;
-                        }
-                        return;
-                    }
-                    Some(d) => timer.as_mut().reset(tokio::time::Instant::now() + Duration::from_millis(d - now)),
-                    None => timer.as_mut().reset(tokio::time::Instant::now() + t.header.min(t.idle)),
-                }
-            }
-        }
-    }
-}
-
-/// The per-connection hyper service: counts the request, tracks it for the
-/// timeouts, and during a drain adds `Connection: close` to HTTP/1.x responses.
-#[derive(Clone)]
-struct ConnService {
-    peer: crate::proxy::Peer,
-    spec: Arc<ListenerSpec>,
-    stats: Arc<WorkerStats>,
-    activity: Arc<Activity>,
-}
-
-impl hyper::service::Service<Request<Incoming>> for ConnService {
-    type Response = Response<TrackedBody>;
-    type Error = std::convert::Infallible;
-    type Future = Answer;
-
-    fn call(&self, req: Request<Incoming>) -> Answer {
-        let h1 = req.version() < Version::HTTP_2;
-        self.stats.requests_total.fetch_add(1, Ordering::Relaxed);
-        debug!(listener = %self.spec.ctx.name, method = %req.method(), path = req.uri().path(), "request started");
-        let finish = Finish {
-            guard: InFlight::new(self.activity.clone(), self.stats.clone()),
-            h1,
-        };
-        match self.spec.handler.call(req, &self.spec.ctx, self.peer) {
-            Reply::Now(res) => Answer::Now(std::future::ready(Ok(finish.wrap(res, &self.spec)))),
-            Reply::Later(fut) => Answer::Later(fut, Some((finish, self.spec.clone()))),
-        }
-    }
-}
-
-/// A response on its way: ready at once (no allocation), or awaited.
-enum Answer {
-    Now(std::future::Ready<Result<Response<TrackedBody>, std::convert::Infallible>>),
-    Later(
-        Pin<Box<dyn std::future::Future<Output = Response<Body>> + Send>>,
-        Option<(Finish, Arc<ListenerSpec>)>,
-    ),
-}
-
-impl std::future::Future for Answer {
-    type Output = Result<Response<TrackedBody>, std::convert::Infallible>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.get_mut() {
-            Answer::Now(res) => Pin::new(res).poll(cx),
-            Answer::Later(fut, finish) => {
-                let res = std::task::ready!(fut.as_mut().poll(cx));
-                match finish.take() {
-                    Some((finish, spec)) => Poll::Ready(Ok(finish.wrap(res, &spec))),
-                    // Polled again after it completed: it never completes again.
-                    None => Poll::Pending,
-                }
-            }
-        }
-    }
-}
-
-/// What a response needs once the handler has made it.
-struct Finish {
-    guard: InFlight,
-    h1: bool,
-}
-
-impl Finish {
-    /// During a drain, an HTTP/1.x response closes its connection.
-    fn wrap(self, mut res: Response<Body>, spec: &ListenerSpec) -> Response<TrackedBody> {
-        if res.status() == http::StatusCode::SWITCHING_PROTOCOLS {
-            self.guard.activity.upgraded.store(true, Ordering::Relaxed);
-        }
-        if self.h1 && spec.ctx.process.drain.is_draining() {
-            res.headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        }
-        res.map(|body| TrackedBody {
-            inner: body,
-            _guard: self.guard,
-        })
-    }
-}
-
-/// A request counted as in flight until its response body is done.
-struct InFlight {
-    activity: Arc<Activity>,
-    stats: Arc<WorkerStats>,
-}
-
-impl InFlight {
-    fn new(activity: Arc<Activity>, stats: Arc<WorkerStats>) -> Self {
-        activity.request_started();
-        stats.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight { activity, stats }
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.activity.request_finished();
-        self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-pub struct TrackedBody {
-    inner: Body,
-    _guard: InFlight,
-}
-
-impl hyper::body::Body for TrackedBody {
-    type Data = Bytes;
-    type Error = crate::service::BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
-    }
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }
 
@@ -834,33 +357,6 @@ mod tests {
                 Arc::new(w)
             })
             .collect()
-    }
-
-    #[tokio::test]
-    async fn the_first_bytes_tell_the_http_version() {
-        use tokio::io::AsyncReadExt;
-        let head = b"GET / HTTP/1.1\r\nhost: a\r\n\r\n";
-        let (h2, read) = sniff(&mut &head[..]).await.unwrap().unwrap();
-        assert!(!h2);
-        assert_eq!(&read[..], &head[..], "one read, all of it kept for hyper");
-        // The preface in pieces, then a frame: HTTP/2.
-        let mut pieces = (&PREFACE[..5])
-            .chain(&PREFACE[5..20])
-            .chain(&PREFACE[20..])
-            .chain(&b"\0\0\0\x04"[..]);
-        let (h2, read) = sniff(&mut pieces).await.unwrap().unwrap();
-        assert!(h2);
-        assert_eq!(&read[..], &PREFACE[..]);
-        // Diverging from the preface part way: HTTP/1.x.
-        let (h2, _) = sniff(&mut (&b"PRI * "[..]).chain(&b"HTTP/1.1\r\n"[..]))
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(!h2);
-        assert!(
-            sniff(&mut &b""[..]).await.unwrap().is_none(),
-            "closed first"
-        );
     }
 
     #[test]
