@@ -91,7 +91,7 @@ enum HttpConn<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> {
 
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> HttpConn<T> {
     /// HTTP/2: GOAWAY, and the open streams finish. HTTP/1.x: close after
-    /// the response being written (not used: see `serve_http`).
+    /// the response being written (`serve_http` calls it on HTTP/2 only).
     fn graceful_shutdown(self: Pin<&mut Self>) {
         match self.get_mut() {
             HttpConn::H1(c) => Pin::new(c).graceful_shutdown(),
@@ -168,7 +168,8 @@ struct Activity {
     idle_since: AtomicU64,
     /// When the first byte of a not yet complete request head arrived; 0 if none.
     head_since: AtomicU64,
-    h2: AtomicBool,
+    /// HTTP/2 (known before hyper starts): heads have no timeout of their own.
+    h2: bool,
     /// Switched protocols (101): the connection is a tunnel now.
     upgraded: AtomicBool,
 }
@@ -193,7 +194,7 @@ impl Activity {
             return None;
         }
         let head = self.head_since.load(Ordering::Relaxed);
-        if head != 0 && !self.h2.load(Ordering::Relaxed) {
+        if head != 0 && !self.h2 {
             return Some(head + t.header.as_millis() as u64 + tick_ms());
         }
         Some(self.idle_since.load(Ordering::Relaxed) + t.idle.as_millis() as u64 + tick_ms())
@@ -306,7 +307,7 @@ pub async fn serve_http<T>(
         idle_since: AtomicU64::new(now),
         // The first request head must arrive within `timeouts.header`.
         head_since: AtomicU64::new(now),
-        h2: AtomicBool::new(h2),
+        h2,
         upgraded: AtomicBool::new(false),
     });
     let io = TokioIo::new(TrackedIo {
@@ -349,7 +350,7 @@ pub async fn serve_http<T>(
                 // response carries `Connection: close` (see ConnService); an
                 // idle connection keeps its idle timeout, since closing it
                 // could race a request the client is sending right now.
-                if activity.h2.load(Ordering::Relaxed) {
+                if h2 {
                     conn.as_mut().graceful_shutdown();
                 }
             }
@@ -358,7 +359,7 @@ pub async fn serve_http<T>(
                 match activity.deadline(&t) {
                     Some(d) if d <= now => {
                         debug!(listener = %spec.ctx.name, "closing connection: timed out");
-                        if activity.h2.load(Ordering::Relaxed) {
+                        if h2 {
                             conn.as_mut().graceful_shutdown();
                             // Give the GOAWAY a moment; then drop.
                             let _ = tokio::time::timeout(Duration::from_secs(1), conn.as_mut()).await;
