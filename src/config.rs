@@ -85,6 +85,8 @@ pub struct Config {
     pub log: LogConfig,
     pub timeouts: Timeouts,
     pub max_connections: usize,
+    /// Old generations that may drain at once; a restart past it stops the oldest.
+    pub max_draining: usize,
     pub listeners: Vec<ListenerConfig>,
 }
 
@@ -109,6 +111,12 @@ pub struct Timeouts {
     pub idle: Duration,
     /// TLS handshake.
     pub handshake: Duration,
+    /// A response that makes no progress this long (the client stopped
+    /// reading, or holds an HTTP/2 connection shut with flow control) is cut.
+    pub send: Duration,
+    /// While draining, an HTTP/1.x connection with no request in flight is
+    /// closed after this.
+    pub draining_idle: Duration,
 }
 
 impl Default for Timeouts {
@@ -117,6 +125,8 @@ impl Default for Timeouts {
             header: Duration::from_secs(10),
             idle: Duration::from_secs(60),
             handshake: Duration::from_secs(10),
+            send: Duration::from_secs(60),
+            draining_idle: Duration::from_secs(1),
         }
     }
 }
@@ -316,6 +326,7 @@ mod raw {
         pub log: Option<Log>,
         pub timeouts: Option<Timeouts>,
         pub max_connections: Option<Spanned<u64>>,
+        pub max_draining: Option<Spanned<u64>>,
         pub listeners: Spanned<Vec<Spanned<Listener>>>,
     }
 
@@ -332,6 +343,8 @@ mod raw {
         pub header: Option<Spanned<String>>,
         pub idle: Option<Spanned<String>>,
         pub handshake: Option<Spanned<String>>,
+        pub send: Option<Spanned<String>>,
+        pub draining_idle: Option<Spanned<String>>,
     }
 
     #[derive(Deserialize)]
@@ -521,12 +534,20 @@ impl Validator<'_> {
                 header: self.duration(&t.header, "timeouts.header", d.header)?,
                 idle: self.duration(&t.idle, "timeouts.idle", d.idle)?,
                 handshake: self.duration(&t.handshake, "timeouts.handshake", d.handshake)?,
+                send: self.duration(&t.send, "timeouts.send", d.send)?,
+                draining_idle: self.duration(
+                    &t.draining_idle,
+                    "timeouts.draining_idle",
+                    d.draining_idle,
+                )?,
             },
         };
         for (v, key) in [
             (timeouts.header, "timeouts.header"),
             (timeouts.idle, "timeouts.idle"),
             (timeouts.handshake, "timeouts.handshake"),
+            (timeouts.send, "timeouts.send"),
+            (timeouts.draining_idle, "timeouts.draining_idle"),
         ] {
             if v.is_zero() {
                 return self.err(None, format!("{key}: must be more than 0"));
@@ -539,6 +560,14 @@ impl Validator<'_> {
                 return self.err(Pos::from(m), "max_connections: must be at least 1")
             }
             Some(m) => usize::try_from(m.value).unwrap_or(usize::MAX).min(1 << 24),
+        };
+
+        let max_draining = match &raw.max_draining {
+            None => 3,
+            Some(m) if m.value == 0 => {
+                return self.err(Pos::from(m), "max_draining: must be at least 1")
+            }
+            Some(m) => usize::try_from(m.value).unwrap_or(usize::MAX).min(1024),
         };
 
         if raw.listeners.value.is_empty() {
@@ -583,6 +612,7 @@ impl Validator<'_> {
             log,
             timeouts,
             max_connections,
+            max_draining,
             listeners,
         })
     }

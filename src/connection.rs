@@ -1,7 +1,8 @@
 //! One connection: TLS handshake, which HTTP version it speaks, hyper's
-//! connection for it, and its timeouts and drain. Requests go to the
-//! listener's handler through `ConnService`, which counts them and, during
-//! a drain, closes HTTP/1.x connections after their response.
+//! connection for it, its timeouts and drain, and how it ends (a lingering
+//! close). Requests go to the listener's handler through `ConnService`,
+//! which counts them and, during a drain, closes HTTP/1.x connections after
+//! their response.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -15,7 +16,7 @@ use http::{header, HeaderValue, Request, Response, Version};
 use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tracing::debug;
 
@@ -77,6 +78,92 @@ async fn sniff<T: AsyncRead + Unpin>(io: &mut T) -> std::io::Result<Option<(bool
         if n == PREFACE.len() {
             return Ok(Some((true, buf.freeze())));
         }
+    }
+}
+
+/// A connection's transport: plain TCP or TLS over it. The lingering close
+/// reads the TCP socket underneath, and asks it what is still unacknowledged.
+pub trait Socket: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    fn tcp(&self) -> &TcpStream;
+}
+
+impl Socket for TcpStream {
+    fn tcp(&self) -> &TcpStream {
+        self
+    }
+}
+
+impl Socket for tokio_rustls::server::TlsStream<TcpStream> {
+    fn tcp(&self) -> &TcpStream {
+        self.get_ref().0
+    }
+}
+
+/// How long a closing connection waits for a client that has nothing of
+/// ours left to receive and sends nothing: a slow network's round trip, so
+/// a request the client sent before our FIN reached it is read and dropped
+/// instead of answered with a reset. HTTP/2 clients, and clients still
+/// sending (an upload answered early), get nginx's `lingering_timeout`.
+const LINGER_QUIET: Duration = Duration::from_millis(500);
+const LINGER_BUSY: Duration = Duration::from_secs(5);
+/// The most a connection lingers at all, as nginx's `lingering_time`.
+const LINGER_MAX: Duration = Duration::from_secs(30);
+
+/// Ends a connection without discarding what was sent on it (SPEC section 4,
+/// item 8). A bare `close` with response bytes still queued, or with client
+/// bytes unread, makes the kernel answer the client's next segment (an
+/// HTTP/2 WINDOW_UPDATE, the rest of an upload) with a reset, and the
+/// client loses the response. So: TLS close_notify, then FIN after what is
+/// queued (`shutdown(SHUT_WR)`), then read and discard until the client
+/// closes, or it has everything and stays quiet (see `LINGER_QUIET`), or it
+/// stops taking our bytes for `timeouts.send`, or `LINGER_MAX` passes.
+async fn linger<T: Socket>(mut io: T, h2: bool, send_timeout: Duration) {
+    // Bounded: a client that does not read can hold the close_notify back.
+    match tokio::time::timeout(send_timeout, io.shutdown()).await {
+        Ok(Ok(())) => {}
+        _ => return,
+    }
+    let tcp = io.tcp();
+    let start = tokio::time::Instant::now();
+    let mut heard = h2;
+    let mut quiet_since = start;
+    let mut unacked = usize::MAX;
+    let mut moved_at = start;
+    let mut buf = [0u8; 1024];
+    loop {
+        match tcp.try_read(&mut buf) {
+            Ok(0) => return, // the client closed: it has everything
+            Ok(_) => {
+                heard = true;
+                quiet_since = tokio::time::Instant::now();
+                continue;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => return,
+        }
+        let now = tokio::time::Instant::now();
+        if now >= start + LINGER_MAX {
+            return;
+        }
+        let queued = crate::handoff::unacknowledged(tcp);
+        if queued < unacked {
+            moved_at = now;
+        }
+        unacked = queued;
+        let wait = if queued == 0 {
+            let quiet = if heard { LINGER_BUSY } else { LINGER_QUIET };
+            if now >= quiet_since + quiet {
+                return;
+            }
+            quiet_since + quiet - now
+        } else {
+            if now >= moved_at + send_timeout {
+                return; // the client stopped reading
+            }
+            // Look again soon: the queue drains without waking us.
+            Duration::from_millis(100)
+        };
+        let _ = tokio::time::timeout(wait.min(start + LINGER_MAX - now), tcp.readable()).await;
     }
 }
 
@@ -172,6 +259,22 @@ struct Activity {
     h2: bool,
     /// Switched protocols (101): the connection is a tunnel now.
     upgraded: AtomicBool,
+    /// Responses whose next step waits on the client: handed to hyper and
+    /// not yet polled, or a frame yielded and not yet taken (the socket is
+    /// full, or HTTP/2 flow control holds it).
+    parked: AtomicU32,
+    /// When bytes last went out, or a parked response moved on.
+    progress_at: AtomicU64,
+}
+
+/// Why a connection's timer ends it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expiry {
+    /// Idle, or a head too slow, or idle while draining: closed with a linger.
+    Idle,
+    /// A response made no progress for `timeouts.send`: the client is not
+    /// reading, so there is nothing to linger for. Cut.
+    Stalled,
 }
 
 impl Activity {
@@ -186,31 +289,77 @@ impl Activity {
         }
     }
 
-    /// When the connection should be closed for being idle or slow, if
-    /// nothing changes. A tick late rather than early: both ends of the wait
-    /// are read from a clock that advances a tick at a time.
-    fn deadline(&self, t: &Timeouts) -> Option<u64> {
+    /// A response handed to hyper, or a frame of it yielded: it waits on
+    /// the client now.
+    fn park(&self) {
+        if self.parked.fetch_add(1, Ordering::Relaxed) == 0 {
+            self.progress_at.store(now_ms(), Ordering::Relaxed);
+        }
+    }
+
+    /// A parked response was polled again: the client took what it had.
+    fn unpark(&self) {
+        self.parked.fetch_sub(1, Ordering::Relaxed);
+        self.progress_at.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// When the connection should be closed, and why, if nothing changes.
+    /// `drain_at` is when this process started draining (0: it has not).
+    /// A tick late rather than early: both ends of the wait are read from a
+    /// clock that advances a tick at a time.
+    fn deadline(&self, t: &Timeouts, drain_at: u64) -> Option<(u64, Expiry)> {
+        let ms = |d: Duration| d.as_millis() as u64 + tick_ms();
         if self.in_flight.load(Ordering::Relaxed) > 0 {
-            return None;
+            if self.parked.load(Ordering::Relaxed) == 0 {
+                return None;
+            }
+            let at = self.progress_at.load(Ordering::Relaxed) + ms(t.send);
+            return Some((at, Expiry::Stalled));
         }
         let head = self.head_since.load(Ordering::Relaxed);
         if head != 0 && !self.h2 {
-            return Some(head + t.header.as_millis() as u64 + tick_ms());
+            return Some((head + ms(t.header), Expiry::Idle));
         }
-        Some(self.idle_since.load(Ordering::Relaxed) + t.idle.as_millis() as u64 + tick_ms())
+        let idle_since = self.idle_since.load(Ordering::Relaxed);
+        let mut at = idle_since + ms(t.idle);
+        if drain_at != 0 && !self.h2 {
+            // Idle while draining: closed soon, but never sooner than
+            // `draining_idle` after the drain began.
+            at = at.min(idle_since.max(drain_at) + ms(t.draining_idle));
+        }
+        Some((at, Expiry::Idle))
     }
 }
 
-/// The connection's IO, noting when a new request head starts arriving.
+/// The connection's IO, noting when a new request head starts arriving,
+/// when bytes go out, and whether the client closed its side. When hyper
+/// drops it, the IO goes back to `serve_http` through `back`, which ends
+/// the connection with a lingering close.
 struct TrackedIo<T> {
-    inner: T,
+    /// Always `Some` until dropped.
+    inner: Option<T>,
     /// What was read to tell the HTTP version, for hyper to read first.
     prefix: Bytes,
     activity: Arc<Activity>,
-    /// Plain TCP: a `shutdown(2)` right before the `close(2)` that follows
-    /// it sends nothing `close` would not, so it is skipped (a syscall per
-    /// connection). TLS must shut down: that sends its close_notify.
+    /// Plain TCP: hyper's `shutdown` is left to the lingering close.
+    /// TLS must shut down: that sends its close_notify.
     plain: bool,
+    /// The client closed its side (a read returned end of file).
+    eof: bool,
+    back: Option<tokio::sync::oneshot::Sender<(T, bool)>>,
+}
+
+impl<T> Drop for TrackedIo<T> {
+    fn drop(&mut self) {
+        if let (Some(io), Some(back)) = (self.inner.take(), self.back.take()) {
+            // No receiver: the connection upgraded, and the tunnel owned us.
+            let _ = back.send((io, self.eof));
+        }
+    }
+}
+
+fn gone() -> std::io::Error {
+    std::io::Error::from(std::io::ErrorKind::NotConnected)
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for TrackedIo<T> {
@@ -224,14 +373,20 @@ impl<T: AsyncRead + Unpin> AsyncRead for TrackedIo<T> {
             buf.put_slice(&self.prefix.split_to(n));
             return Poll::Ready(Ok(()));
         }
+        let this = &mut *self;
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(Err(gone()));
+        };
         let before = buf.filled().len();
-        let res = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let res = Pin::new(inner).poll_read(cx, buf);
         if buf.filled().len() > before {
-            let a = &self.activity;
+            let a = &this.activity;
             if a.in_flight.load(Ordering::Relaxed) == 0 && a.head_since.load(Ordering::Relaxed) == 0
             {
                 a.head_since.store(now_ms(), Ordering::Relaxed);
             }
+        } else if matches!(res, Poll::Ready(Ok(()))) && buf.remaining() > 0 {
+            this.eof = true;
         }
         res
     }
@@ -243,14 +398,34 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for TrackedIo<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let this = &mut *self;
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(Err(gone()));
+        };
+        let res = Pin::new(inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = res {
+            if n > 0 {
+                this.activity.progress_at.store(now_ms(), Ordering::Relaxed);
+            }
+        }
+        res
     }
     fn poll_write_vectored(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let this = &mut *self;
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(Err(gone()));
+        };
+        let res = Pin::new(inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = res {
+            if n > 0 {
+                this.activity.progress_at.store(now_ms(), Ordering::Relaxed);
+            }
+        }
+        res
     }
     /// Not vectored: hyper then flattens a response's head and body into
     /// one buffer, so it goes out as one write (and, over TLS, one record).
@@ -258,22 +433,30 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for TrackedIo<T> {
         false
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        match self.inner.as_mut() {
+            Some(inner) => Pin::new(inner).poll_flush(cx),
+            None => Poll::Ready(Err(gone())),
+        }
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        // An upgraded connection (a proxied WebSocket) is another matter:
-        // its tunnel half-closes, and the other direction goes on.
+        // Plain TCP: the lingering close shuts down, once hyper is done. An
+        // upgraded connection (a proxied WebSocket) is another matter: its
+        // tunnel half-closes, and the other direction goes on.
         if self.plain && !self.activity.upgraded.load(Ordering::Relaxed) {
             return Poll::Ready(Ok(()));
         }
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        match self.inner.as_mut() {
+            Some(inner) => Pin::new(inner).poll_shutdown(cx),
+            None => Poll::Ready(Err(gone())),
+        }
     }
 }
 
-/// Serves HTTP on `io` until the connection ends, times out, or drains.
-/// `alpn_h2` is the version TLS agreed on; without one (plain, or a TLS
-/// client that sent no ALPN) the client's first bytes tell.
-pub async fn serve_http<T>(
+/// Serves HTTP on `io` until the connection ends, times out, or drains,
+/// then closes it with a lingering close (unless the client closed first,
+/// or stopped reading). `alpn_h2` is the version TLS agreed on; without one
+/// (plain, or a TLS client that sent no ALPN) the client's first bytes tell.
+pub async fn serve_http<T: Socket>(
     mut io: T,
     alpn_h2: Option<bool>,
     peer: crate::proxy::Peer,
@@ -281,9 +464,7 @@ pub async fn serve_http<T>(
     stats: Arc<WorkerStats>,
     shared: Arc<Shared>,
     builder: Arc<Builders>,
-) where
-    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
+) {
     let t = shared.timeouts;
     let now = now_ms();
     let (h2, prefix) = match alpn_h2 {
@@ -298,7 +479,7 @@ pub async fn serve_http<T>(
             }
             Err(_) => {
                 debug!(listener = %spec.ctx.name, "closing connection: timed out");
-                return;
+                return linger(io, false, t.send).await;
             }
         },
     };
@@ -309,12 +490,17 @@ pub async fn serve_http<T>(
         head_since: AtomicU64::new(now),
         h2,
         upgraded: AtomicBool::new(false),
+        parked: AtomicU32::new(0),
+        progress_at: AtomicU64::new(now),
     });
+    let (back, mut returned) = tokio::sync::oneshot::channel();
     let io = TokioIo::new(TrackedIo {
-        inner: io,
+        inner: Some(io),
         prefix,
         activity: activity.clone(),
         plain: !peer.tls,
+        eof: false,
+        back: Some(back),
     });
     let svc = ConnService {
         peer,
@@ -327,11 +513,32 @@ pub async fn serve_http<T>(
     } else {
         HttpConn::H1(builder.h1.serve_connection(io, svc).with_upgrades())
     };
+    let end = drive(conn, &activity, &spec, &shared).await;
+    // hyper's state is gone now, and it handed the IO back (unless an
+    // upgrade took it: the tunnel closes it).
+    let Ok((io, client_closed)) = returned.try_recv() else {
+        return;
+    };
+    if end != Some(Expiry::Stalled) && !client_closed {
+        linger(io, h2, t.send).await;
+    }
+}
+
+/// Runs hyper's connection until it ends (`None`) or a timer ends it.
+async fn drive<T: Socket>(
+    conn: HttpConn<T>,
+    activity: &Activity,
+    spec: &ListenerSpec,
+    shared: &Shared,
+) -> Option<Expiry> {
+    let t = shared.timeouts;
+    let h2 = activity.h2;
     tokio::pin!(conn);
-    let drain = shared.process.drain.clone();
+    let drain = &shared.process.drain;
     let draining = drain.started();
     tokio::pin!(draining);
-    let mut drain_seen = false;
+    // When the drain began (as `now_ms`), 0 until then.
+    let mut drain_at = 0;
     let timer = tokio::time::sleep(t.header.min(t.idle));
     tokio::pin!(timer);
     loop {
@@ -342,32 +549,34 @@ pub async fn serve_http<T>(
                 if let Err(e) = res {
                     debug!(listener = %spec.ctx.name, "connection: {e}");
                 }
-                return;
+                return None;
             }
-            _ = &mut draining, if !drain_seen => {
-                drain_seen = true;
+            _ = &mut draining, if drain_at == 0 => {
+                drain_at = now_ms();
                 // HTTP/2: GOAWAY now, open streams finish. HTTP/1.1: the next
-                // response carries `Connection: close` (see ConnService); an
-                // idle connection keeps its idle timeout, since closing it
-                // could race a request the client is sending right now.
+                // response carries `Connection: close` (see ConnService), and
+                // an idle connection is closed after `timeouts.draining_idle`
+                // (the timer looks again now).
                 if h2 {
                     conn.as_mut().graceful_shutdown();
+                } else {
+                    timer.as_mut().reset(tokio::time::Instant::now());
                 }
             }
             _ = &mut timer => {
                 let now = now_ms();
-                match activity.deadline(&t) {
-                    Some(d) if d <= now => {
-                        debug!(listener = %spec.ctx.name, "closing connection: timed out");
-                        if h2 {
+                match activity.deadline(&t, drain_at) {
+                    Some((d, why)) if d <= now => {
+                        debug!(listener = %spec.ctx.name, ?why, "closing connection: timed out");
+                        if h2 && why == Expiry::Idle {
                             conn.as_mut().graceful_shutdown();
                             // Give the GOAWAY a moment; then drop.
                             let _ = tokio::time::timeout(Duration::from_secs(1), conn.as_mut()).await;
                         }
-                        return;
+                        return Some(why);
                     }
-                    Some(d) => timer.as_mut().reset(tokio::time::Instant::now() + Duration::from_millis(d - now)),
-                    None => timer.as_mut().reset(tokio::time::Instant::now() + t.header.min(t.idle)),
+                    Some((d, _)) => timer.as_mut().reset(tokio::time::Instant::now() + Duration::from_millis(d - now)),
+                    None => timer.as_mut().reset(tokio::time::Instant::now() + t.header.min(t.idle).min(t.send)),
                 }
             }
         }
@@ -390,12 +599,12 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
     type Future = Answer;
 
     fn call(&self, req: Request<Incoming>) -> Answer {
-        let h1 = req.version() < Version::HTTP_2;
+        let version = req.version();
         self.stats.requests_total.fetch_add(1, Ordering::Relaxed);
         debug!(listener = %self.spec.ctx.name, method = %req.method(), path = req.uri().path(), "request started");
         let finish = Finish {
             guard: InFlight::new(self.activity.clone(), self.stats.clone()),
-            h1,
+            version,
         };
         match self.spec.handler.call(req, &self.spec.ctx, self.peer) {
             Reply::Now(res) => Answer::Now(std::future::ready(Ok(finish.wrap(res, &self.spec)))),
@@ -434,7 +643,8 @@ impl std::future::Future for Answer {
 /// What a response needs once the handler has made it.
 struct Finish {
     guard: InFlight,
-    h1: bool,
+    /// The request's HTTP version.
+    version: Version,
 }
 
 impl Finish {
@@ -443,13 +653,22 @@ impl Finish {
         if res.status() == http::StatusCode::SWITCHING_PROTOCOLS {
             self.guard.activity.upgraded.store(true, Ordering::Relaxed);
         }
-        if self.h1 && spec.ctx.process.drain.is_draining() {
+        if self.version < Version::HTTP_2 && spec.ctx.process.drain.is_draining() {
             res.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            if self.version == Version::HTTP_10 {
+                // hyper reads the keep-alive of an HTTP/1.0 exchange from the
+                // response's version: with 1.1 it appends `keep-alive` to our
+                // `close` (`Connection: close, keep-alive`), and clients such
+                // as ab keep the connection and lose their next request.
+                *res.version_mut() = Version::HTTP_10;
+            }
         }
+        self.guard.activity.park();
         res.map(|body| TrackedBody {
             inner: body,
-            _guard: self.guard,
+            parked: true,
+            guard: self.guard,
         })
     }
 }
@@ -475,9 +694,20 @@ impl Drop for InFlight {
     }
 }
 
+/// A response body, counted as in flight until it is done, and parked
+/// (see `Activity::parked`) while it waits on the client.
 pub struct TrackedBody {
     inner: Body,
-    _guard: InFlight,
+    parked: bool,
+    guard: InFlight,
+}
+
+impl Drop for TrackedBody {
+    fn drop(&mut self) {
+        if self.parked {
+            self.guard.activity.parked.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
 }
 
 impl hyper::body::Body for TrackedBody {
@@ -488,7 +718,17 @@ impl hyper::body::Body for TrackedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+        let this = &mut *self;
+        if this.parked {
+            this.parked = false;
+            this.guard.activity.unpark();
+        }
+        let res = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(_))) = res {
+            this.parked = true;
+            this.guard.activity.park();
+        }
+        res
     }
     fn is_end_stream(&self) -> bool {
         self.inner.is_end_stream()

@@ -30,6 +30,9 @@ struct Inner {
     idle: Notify,
     /// Connections upgraded (WebSocket and others) and tunnelled.
     upgraded: AtomicU64,
+    tunnels_done: Notify,
+    /// Turns true when the tunnels must end (see `cut_tunnels`).
+    cut: tokio::sync::watch::Sender<bool>,
     /// Accept loops still holding a socket.
     acceptors: AtomicU64,
     acceptors_done: Notify,
@@ -44,6 +47,8 @@ impl Default for Drain {
                 active: AtomicU64::new(0),
                 idle: Notify::new(),
                 upgraded: AtomicU64::new(0),
+                tunnels_done: Notify::new(),
+                cut: tokio::sync::watch::Sender::new(false),
                 acceptors: AtomicU64::new(0),
                 acceptors_done: Notify::new(),
             }),
@@ -84,7 +89,9 @@ pub struct UpgradedGuard {
 
 impl Drop for UpgradedGuard {
     fn drop(&mut self) {
-        self.inner.upgraded.fetch_sub(1, Ordering::Relaxed);
+        if self.inner.upgraded.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.inner.tunnels_done.notify_waiters();
+        }
     }
 }
 
@@ -129,6 +136,31 @@ impl Drain {
         UpgradedGuard {
             inner: self.inner.clone(),
         }
+    }
+
+    /// Turns true when the tunnels must end (the tunnel's side of
+    /// [`Drain::cut_tunnels`]).
+    pub fn tunnel_cut(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.inner.cut.subscribe()
+    }
+
+    /// Ends every tunnel the way a server going away does (WebSocket close
+    /// 1001 to both sides, see `tunnel`), and waits until they have, or
+    /// `within` passes. Called when a drain runs out of time or is stopped.
+    pub async fn cut_tunnels(&self, within: Duration) {
+        self.inner.cut.send_replace(true);
+        let _ = tokio::time::timeout(within, async {
+            loop {
+                let done = self.inner.tunnels_done.notified();
+                tokio::pin!(done);
+                done.as_mut().enable();
+                if self.inner.upgraded.load(Ordering::Acquire) == 0 {
+                    return;
+                }
+                done.await;
+            }
+        })
+        .await;
     }
 
     pub fn upgraded_active(&self) -> u64 {

@@ -5,16 +5,17 @@
 //! downloads) and frequent restarts (a watch on a busy directory), they would
 //! pile up. Every generation therefore hands its successor the list of
 //! generations still draining, itself included (`GRACESRV_DRAINING`), and the
-//! successor, once ready, stops the oldest beyond [`MAX_DRAINING`] at once
-//! (QUIT: their connections are cut, and they log how many).
+//! successor, once ready, stops the oldest beyond `max_draining` at once
+//! (QUIT: their connections are cut, and they log how many; a generation
+//! still there a second later, stopped or hung, gets SIGKILL).
 //!
 //! A pid is identified with its start time, so a pid reused by an unrelated
 //! process is never signalled.
 
 use tracing::warn;
 
-/// Old generations that may drain at once.
-pub const MAX_DRAINING: usize = 3;
+/// How long a generation told to QUIT has before SIGKILL.
+const QUIT_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Gen {
@@ -24,7 +25,7 @@ pub struct Gen {
 }
 
 /// The start time of `pid`, if it runs (a zombie does not).
-fn start_time(pid: i32) -> Option<u64> {
+pub fn start_time(pid: i32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name may hold spaces and parentheses: fields follow the last ')'.
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
@@ -67,21 +68,40 @@ pub fn parse(s: &str) -> Vec<Gen> {
         .collect()
 }
 
-/// Forgets generations that have exited, and stops the oldest beyond the cap.
-pub fn enforce(list: &mut Vec<Gen>) {
+/// Forgets generations that have exited, and stops the oldest beyond `max`.
+pub fn enforce(list: &mut Vec<Gen>, max: usize) {
     list.retain(Gen::alive);
-    while list.len() > MAX_DRAINING {
+    while list.len() > max {
         let oldest = list.remove(0);
         warn!(
             pid = oldest.pid,
             draining = list.len() + 1,
-            max = MAX_DRAINING,
+            max,
             "too many generations draining: stopping the oldest at once"
         );
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(oldest.pid),
-            nix::sys::signal::Signal::SIGQUIT,
-        );
+        stop(oldest);
+    }
+}
+
+/// Stops `gen` at once: QUIT (its tunnels hear "going away", its
+/// connections are cut), then SIGKILL if it is still there after
+/// `QUIT_GRACE` (a stopped or hung process never acts on QUIT).
+pub fn stop(gen: Gen) {
+    use nix::sys::signal::{kill, Signal};
+    let pid = nix::unistd::Pid::from_raw(gen.pid);
+    let _ = kill(pid, Signal::SIGQUIT);
+    let spawned = std::thread::Builder::new()
+        .name("gracesrv-stop".into())
+        .spawn(move || {
+            std::thread::sleep(QUIT_GRACE);
+            if gen.alive() {
+                warn!(pid = gen.pid, "still there after QUIT: killing it");
+                let _ = kill(pid, Signal::SIGKILL);
+            }
+        });
+    if spawned.is_err() {
+        // No thread to wait with: the cap matters more than the grace.
+        let _ = kill(pid, Signal::SIGKILL);
     }
 }
 
@@ -99,7 +119,7 @@ mod tests {
         let list = parse(&format(&[dead, me]));
         assert_eq!(list, vec![dead, me]);
         let mut list = list;
-        enforce(&mut list);
+        enforce(&mut list, 3);
         assert_eq!(
             list,
             vec![me],

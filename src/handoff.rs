@@ -361,6 +361,22 @@ pub fn ready_pipe() -> Result<(OwnedFd, OwnedFd), String> {
     nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))
 }
 
+/// Bytes this side of a TCP connection has queued and the peer has not yet
+/// acknowledged (SIOCOUTQ). A closing connection lingers while there are
+/// any (see `connection::linger`); 0 if the socket cannot say.
+pub fn unacknowledged(socket: &impl AsRawFd) -> usize {
+    let mut queued: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ (SIOCOUTQ on a TCP socket) writes one c_int through
+    // the pointer, which points at a live c_int on this stack frame; the fd
+    // is borrowed from a socket that stays open for the call.
+    let r = unsafe { libc::ioctl(socket.as_raw_fd(), libc::TIOCOUTQ, &mut queued) };
+    if r < 0 {
+        0
+    } else {
+        usize::try_from(queued).unwrap_or(0)
+    }
+}
+
 /// Raw fd of anything that has one, for `SpawnArgs`.
 pub fn raw(fd: &impl AsRawFd) -> RawFd {
     fd.as_raw_fd()

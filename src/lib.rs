@@ -44,6 +44,7 @@ pub mod service;
 pub mod signals;
 pub mod supervisor;
 pub mod tls;
+pub mod tunnel;
 pub mod validate;
 pub mod watch;
 
@@ -187,7 +188,7 @@ impl Server {
         };
         gen.report_ready(ready.take(), supervisor.is_some());
         let mut draining = inherited.draining;
-        draining::enforce(&mut draining);
+        draining::enforce(&mut draining, gen.config.max_draining);
         tracing::info!(version = env!("CARGO_PKG_VERSION"), "ready");
         let watch = watched.and_then(|(loaded, files)| match watch::Watch::start(files, loaded) {
             Ok(w) => Some(w),

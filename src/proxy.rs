@@ -137,6 +137,13 @@ impl Proxy {
             }
         }
         let upgrade = is_upgrade(&req);
+        let websocket = upgrade
+            && req.headers().get_all(header::UPGRADE).iter().any(|v| {
+                v.to_str().is_ok_and(|v| {
+                    v.split(',')
+                        .any(|t| t.trim().eq_ignore_ascii_case("websocket"))
+                })
+            });
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
         // The upstream URI: its scheme and authority, this path (without the
@@ -207,7 +214,7 @@ impl Proxy {
 
         if res.status() == StatusCode::SWITCHING_PROTOCOLS {
             if let Some(client_upgrade) = client_upgrade {
-                return self.tunnel(res, client_upgrade, ctx);
+                return self.tunnel(res, client_upgrade, websocket, ctx);
             }
         }
         let (mut parts, body) = res.into_parts();
@@ -221,6 +228,7 @@ impl Proxy {
         &self,
         res: Response<Incoming>,
         client: hyper::upgrade::OnUpgrade,
+        websocket: bool,
         ctx: &ListenerContext,
     ) -> Response<Body> {
         let (mut parts, _) = res.into_parts();
@@ -229,6 +237,7 @@ impl Proxy {
         // Counted as a connection (and as an upgraded one) until it ends.
         let guard = ctx.process.drain.connection();
         let upgraded = ctx.process.drain.upgraded();
+        let cut = ctx.process.drain.tunnel_cut();
         let listener = ctx.name.clone();
         tokio::spawn(async move {
             let (client, upstream) = match tokio::join!(client, upstream) {
@@ -238,12 +247,10 @@ impl Proxy {
                     return;
                 }
             };
-            let mut client = TokioIo::new(client);
-            let mut upstream = TokioIo::new(upstream);
-            match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-                Ok((up, down)) => debug!(%listener, up, down, "upgraded connection ended"),
-                Err(e) => debug!(%listener, "upgraded connection: {e}"),
-            }
+            let (up, down) =
+                crate::tunnel::relay(TokioIo::new(client), TokioIo::new(upstream), websocket, cut)
+                    .await;
+            debug!(%listener, up, down, "upgraded connection ended");
             drop(upgraded);
             drop(guard);
         });

@@ -102,6 +102,7 @@ pub async fn control(
                     info!(connections = gen.process.drain.active(), "quit: closing every connection");
                     drop(attempt.take());
                     starting.abandon(&restarter.reaper).await;
+                    gen.process.drain.cut_tunnels(TUNNEL_CLOSE).await;
                     gen.remove_pid_file();
                     return 0;
                 }
@@ -383,8 +384,14 @@ async fn drain(mut gen: Generation, signals: &mut Signals, mut why: Why) -> i32 
             }
         }
     }
+    // What is left is cut; tunnels first hear that this side is going away.
+    drain.cut_tunnels(TUNNEL_CLOSE).await;
     if !replaced {
         gen.remove_pid_file();
     }
     0
 }
+
+/// How long a stopping process waits for its tunnels to send their close
+/// frames (see `tunnel`).
+const TUNNEL_CLOSE: Duration = Duration::from_secs(1);

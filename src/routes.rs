@@ -245,7 +245,8 @@ impl Router {
 
     /// Answers `req`: at once for fixed responses, redirects and `status`
     /// (no allocation for the future on the hot path), or with a future for
-    /// what waits (a `delay`, files, the proxy).
+    /// what waits (a `delay`, files, the proxy). Every route but the proxy
+    /// leaves the request body to [`discard`].
     #[inline]
     pub fn handle(
         self: &Arc<Self>,
@@ -259,45 +260,80 @@ impl Router {
             .iter()
             .position(|(prefix, _)| path.starts_with(prefix.as_str()))
         else {
+            discard(req.into_body());
             return Reply::Now(text(StatusCode::NOT_FOUND, "not found\n"));
         };
-        match &self.routes[i].1 {
+        let (prefix, handle) = &self.routes[i];
+        if let Handle::Proxy(_) = handle {
+            let (router, ctx) = (self.clone(), ctx.clone());
+            return Reply::Later(Box::pin(async move {
+                let (prefix, Handle::Proxy(proxy)) = &router.routes[i] else {
+                    unreachable!("route {i} is a proxy")
+                };
+                proxy.handle(req, prefix, &ctx, peer).await
+            }));
+        }
+        let (parts, body) = req.into_parts();
+        discard(body);
+        let req = Request::from_parts(parts, ());
+        match handle {
             Handle::Respond { fixed, delay } if delay.is_zero() => {
                 Reply::Now(fixed.response(&req, ctx))
             }
             Handle::Redirect { to, status } => Reply::Now(redirect(&req, to, *status)),
             Handle::Status => Reply::Now(status_response(ctx)),
-            Handle::Respond { .. } | Handle::Proxy(_) | Handle::Static { .. } => {
-                let (router, ctx) = (self.clone(), ctx.clone());
-                Reply::Later(Box::pin(
-                    async move { router.later(i, req, &ctx, peer).await },
-                ))
+            Handle::Respond { fixed: _, delay } => {
+                let (router, ctx, delay) = (self.clone(), ctx.clone(), *delay);
+                Reply::Later(Box::pin(async move {
+                    tokio::time::sleep(delay).await;
+                    let Handle::Respond { fixed, .. } = &router.routes[i].1 else {
+                        unreachable!("route {i} is a respond")
+                    };
+                    fixed.response(&req, &ctx)
+                }))
             }
+            Handle::Static { root, index, dir } => Reply::Later(Box::pin(serve_static(
+                req,
+                prefix.clone(),
+                root.clone(),
+                index.clone(),
+                dir.clone(),
+            ))),
+            Handle::Proxy(_) => unreachable!("answered above"),
         }
     }
+}
 
-    /// Route `i`'s answer, waiting where it has to (a `delay`, files, the proxy).
-    async fn later(
-        &self,
-        i: usize,
-        req: Request<Incoming>,
-        ctx: &ListenerContext,
-        peer: crate::proxy::Peer,
-    ) -> Response<Body> {
-        let (prefix, handle) = &self.routes[i];
-        match handle {
-            Handle::Respond { fixed, delay } => {
-                tokio::time::sleep(*delay).await;
-                fixed.response(&req, ctx)
-            }
-            Handle::Redirect { to, status } => redirect(&req, to, *status),
-            Handle::Status => status_response(ctx),
-            Handle::Proxy(proxy) => proxy.handle(req, prefix, ctx, peer).await,
-            Handle::Static { root, index, dir } => {
-                serve_static(req, prefix, root, index, dir.clone()).await
+/// The most of an unused request body that is read and dropped.
+const DISCARD_MAX: u64 = 16 * 1024 * 1024;
+/// How long the next piece of an unused body may take.
+const DISCARD_STALL: Duration = Duration::from_secs(10);
+
+/// Reads and drops a request body that the route does not use, as nginx's
+/// discard-body does, so that answering early loses nothing: on HTTP/2 the
+/// stream ends without a reset (resets count against the connection, and
+/// h2 tears it down at its limit with other requests in flight); on
+/// HTTP/1.1 the connection stays usable, and the client is never cut off
+/// mid-upload before it reads the answer. Bounded in size and pace: past
+/// either bound the body is dropped (HTTP/2: RST_STREAM; HTTP/1.1: the
+/// connection closes after the response, with a lingering close).
+fn discard(body: Incoming) {
+    use http_body_util::BodyExt;
+    if hyper::body::Body::is_end_stream(&body) {
+        return;
+    }
+    tokio::spawn(async move {
+        let mut body = body;
+        let mut read = 0u64;
+        while read <= DISCARD_MAX {
+            match tokio::time::timeout(DISCARD_STALL, body.frame()).await {
+                Ok(Some(Ok(frame))) => {
+                    read += frame.data_ref().map_or(0, |d| d.len() as u64);
+                }
+                _ => return,
             }
         }
-    }
+    });
 }
 
 /// A redirect to `to`, with `{host}` and `{uri}` filled in from `req`.
@@ -438,12 +474,13 @@ fn resolve_static(root: &Path, rel: &str) -> Option<PathBuf> {
 }
 
 async fn serve_static(
-    req: Request<Incoming>,
-    prefix: &str,
-    root: &Path,
-    index: &str,
+    req: Request<()>,
+    prefix: String,
+    root: PathBuf,
+    index: String,
     dir: tower_http::services::ServeDir,
 ) -> Response<Body> {
+    let (prefix, root, index) = (prefix.as_str(), root.as_path(), index.as_str());
     if req.method() != Method::GET && req.method() != Method::HEAD {
         let mut res = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
         res.headers_mut()

@@ -213,10 +213,13 @@ impl Supervisor {
                             let _ = kill(Pid::from_raw(old.pid), Signal::SIGTERM);
                             draining.push(old.pid);
                             // The same cap as self-restarts (see `draining`).
-                            while draining.len() - quit.len() > crate::draining::MAX_DRAINING {
+                            while draining.len() - quit.len() > new_config.max_draining {
                                 let Some(oldest) = draining.iter().copied().find(|p| !quit.contains(p)) else { break };
                                 warn!(pid = oldest, "too many generations draining: stopping the oldest at once");
-                                let _ = kill(Pid::from_raw(oldest), Signal::SIGQUIT);
+                                match crate::draining::start_time(oldest) {
+                                    Some(start) => crate::draining::stop(crate::draining::Gen { pid: oldest, start }),
+                                    None => { let _ = kill(Pid::from_raw(oldest), Signal::SIGQUIT); }
+                                }
                                 quit.push(oldest);
                             }
                             // Sockets of removed listeners close here; the

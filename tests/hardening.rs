@@ -315,3 +315,43 @@ async fn at_most_three_old_generations_drain_at_once() {
         );
     }
 }
+
+/// Issue 12.7: a generation past `max_draining` that ignores QUIT (here
+/// SIGSTOPped) is killed a second later, so stopped generations never pile
+/// up beyond the cap.
+#[tokio::test]
+async fn a_stopped_generation_past_the_cap_is_killed() {
+    let config = format!(
+        "max_draining: 1\n{}",
+        basic_config("")
+            .replace("delay: 2s", "delay: 30s")
+            .replace("shutdown_timeout: 10s", "shutdown_timeout: 60s")
+    );
+    let mut srv = TestServer::start(&config).await;
+    let web = Target::plain(srv.addr("web"));
+    let mut pids = Vec::new();
+    let mut slows = Vec::new();
+    // Two generations left draining a long request each.
+    for _ in 0..2 {
+        let pid = srv.pid();
+        let seen = srv.log_count();
+        let w = web.clone();
+        slows.push(tokio::spawn(async move { client::get(&w, "/delay").await }));
+        let tag = format!("pid={pid} ");
+        srv.wait_log_after(seen, |l| l.contains(&tag) && l.contains("path=\"/delay\""))
+            .await;
+        pids.push(pid);
+        if pids.len() == 1 {
+            srv.restart().await;
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGSTOP,
+            )
+            .unwrap();
+        }
+    }
+    srv.restart().await;
+    util::wait_gone(pids[0]).await;
+    srv.wait_log("still there after QUIT: killing it").await;
+    assert!(util::alive(pids[1]), "the younger one drains on");
+}

@@ -24,6 +24,25 @@ fn full(s: impl Into<Bytes>) -> UpBody {
     Full::new(s.into()).map_err(|never| match never {}).boxed()
 }
 
+/// Close codes the upstream's WebSockets received, by the `tag` query of
+/// the request that opened them.
+static CLOSES: std::sync::Mutex<Vec<(String, u16)>> = std::sync::Mutex::new(Vec::new());
+
+/// Waits until the upstream's WebSocket `tag` got a close frame; its code.
+async fn upstream_close(tag: &str) -> u16 {
+    let deadline = tokio::time::Instant::now() + util::WAIT;
+    loop {
+        if let Some((_, code)) = CLOSES.lock().unwrap().iter().find(|(t, _)| t == tag) {
+            return *code;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no close frame reached the upstream for {tag}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// The RFC 6455 example key and its accept value.
 const WS_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
 const WS_ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
@@ -54,15 +73,18 @@ async fn upstream(mut req: Request<Incoming>) -> Result<Response<UpBody>, Infall
         }
         "/api/ws" => {
             assert_eq!(req.headers()["sec-websocket-key"], WS_KEY);
+            let tag = req.uri().query().unwrap_or("").to_string();
             let on = hyper::upgrade::on(&mut req);
             tokio::spawn(async move {
                 let mut io = TokioIo::new(on.await.unwrap());
-                // Echo text frames: unmask what the client sends.
+                // Echo text frames: unmask what the client sends. A close
+                // frame is recorded, and the connection closed.
                 loop {
                     let mut head = [0u8; 2];
                     if io.read_exact(&mut head).await.is_err() {
                         return;
                     }
+                    assert_ne!(head[1] & 0x80, 0, "client frames are masked");
                     let len = (head[1] & 0x7f) as usize;
                     let mut mask = [0u8; 4];
                     io.read_exact(&mut mask).await.unwrap();
@@ -70,6 +92,11 @@ async fn upstream(mut req: Request<Incoming>) -> Result<Response<UpBody>, Infall
                     io.read_exact(&mut data).await.unwrap();
                     for (i, b) in data.iter_mut().enumerate() {
                         *b ^= mask[i % 4];
+                    }
+                    if head[0] & 0x0f == 8 {
+                        let code = u16::from_be_bytes([data[0], data[1]]);
+                        CLOSES.lock().unwrap().push((tag, code));
+                        return;
                     }
                     let mut out = vec![0x81, len as u8];
                     out.extend_from_slice(&data);
@@ -297,9 +324,14 @@ async fn a_large_body_streams_both_ways_without_being_buffered() {
 
 /// Opens a WebSocket through the proxy; returns the stream after the 101.
 async fn websocket(addr: SocketAddr) -> tokio::net::TcpStream {
+    websocket_tagged(addr, "").await
+}
+
+/// Opens a WebSocket through the proxy, tagged for [`upstream_close`].
+async fn websocket_tagged(addr: SocketAddr, tag: &str) -> tokio::net::TcpStream {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     let req = format!(
-        "GET /api/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        "GET /api/ws?{tag} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
     );
     s.write_all(req.as_bytes()).await.unwrap();
     let mut head = Vec::new();
@@ -334,13 +366,31 @@ async fn ws_echo(s: &mut tokio::net::TcpStream, msg: &str) -> std::io::Result<St
     Ok(String::from_utf8(data).unwrap())
 }
 
+/// Reads the close frame the server sends a client when it cuts a tunnel,
+/// then the end of the stream; returns the close code.
+async fn ws_closed(s: &mut tokio::net::TcpStream) -> u16 {
+    let read = async {
+        let mut head = [0u8; 2];
+        s.read_exact(&mut head).await.unwrap();
+        assert_eq!(head[0], 0x88, "a close frame, final");
+        assert_eq!(head[1] & 0x80, 0, "server frames are not masked");
+        let mut data = vec![0u8; (head[1] & 0x7f) as usize];
+        s.read_exact(&mut data).await.unwrap();
+        assert_eq!(&data[2..], b"going away");
+        let mut rest = [0u8; 16];
+        assert_eq!(s.read(&mut rest).await.unwrap_or(0), 0, "then closed");
+        u16::from_be_bytes([data[0], data[1]])
+    };
+    tokio::time::timeout(util::WAIT, read).await.unwrap()
+}
+
 #[tokio::test]
 async fn a_websocket_stays_open_across_a_restart_until_shutdown_timeout() {
     let up = start_upstream().await;
     let config = proxy_config(up, "").replace("shutdown_timeout: 10s", "shutdown_timeout: 1s");
     let mut srv = TestServer::start(&config).await;
     let old = srv.pid();
-    let mut ws = websocket(srv.addr("web")).await;
+    let mut ws = websocket_tagged(srv.addr("web"), "timeout").await;
     assert_eq!(ws_echo(&mut ws, "hello").await.unwrap(), "hello");
     srv.restart().await;
     // Still open, still served by the old generation's tunnel.
@@ -354,12 +404,9 @@ async fn a_websocket_stays_open_across_a_restart_until_shutdown_timeout() {
         .wait_log_after(0, |l| l.contains(&tag) && l.contains("shutdown_timeout"))
         .await;
     assert!(line.contains("upgraded=1"), "{line}");
-    let mut buf = [0u8; 16];
-    let n = tokio::time::timeout(util::WAIT, ws.read(&mut buf))
-        .await
-        .unwrap()
-        .unwrap_or(0);
-    assert_eq!(n, 0, "the tunnel is closed");
+    // Both ends hear "going away" (1001), not a bare close (1006).
+    assert_eq!(ws_closed(&mut ws).await, 1001);
+    assert_eq!(upstream_close("timeout").await, 1001);
     util::wait_gone(old).await;
     // A new WebSocket goes to the new generation.
     let mut ws = websocket(srv.addr("web")).await;
@@ -426,4 +473,31 @@ async fn a_body_over_max_body_gets_413() {
         .await
         .unwrap();
     assert_eq!(r.body, "upstream /api/small\n");
+}
+
+/// Issue 12.7: a generation stopped because more than `max_draining` drain
+/// at once ends its WebSockets as a server going away does: close 1001 to
+/// the client and to the upstream, not a bare close (1006). The younger
+/// generation's WebSocket lives on.
+#[tokio::test]
+async fn websockets_cut_by_max_draining_hear_going_away() {
+    let up = start_upstream().await;
+    let config = format!(
+        "max_draining: 1\n{}",
+        proxy_config(up, "").replace("shutdown_timeout: 10s", "shutdown_timeout: 60s")
+    );
+    let mut srv = TestServer::start(&config).await;
+    let first = srv.pid();
+    let mut ws1 = websocket_tagged(srv.addr("web"), "cap-1").await;
+    assert_eq!(ws_echo(&mut ws1, "one").await.unwrap(), "one");
+    let second = srv.restart().await;
+    let mut ws2 = websocket_tagged(srv.addr("web"), "cap-2").await;
+    assert_eq!(ws_echo(&mut ws2, "two").await.unwrap(), "two");
+    // A third generation: two would drain, one may.
+    srv.restart().await;
+    assert_eq!(ws_closed(&mut ws1).await, 1001);
+    assert_eq!(upstream_close("cap-1").await, 1001);
+    util::wait_gone(first).await;
+    assert_eq!(ws_echo(&mut ws2, "still").await.unwrap(), "still");
+    assert!(util::alive(second));
 }

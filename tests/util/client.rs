@@ -239,6 +239,29 @@ impl Conn {
         })
     }
 
+    /// Sends a GET and returns the response with its body not read: a
+    /// client that stops reading (HTTP/2: its flow control window stays
+    /// shut once the server has used it up).
+    pub async fn get_unread(
+        &mut self,
+        path: &str,
+    ) -> Result<http::Response<hyper::body::Incoming>, String> {
+        let mut req = Request::get(path)
+            .header("host", &self.host)
+            .body(Empty::new())
+            .unwrap();
+        let res = match &mut self.sender {
+            Sender::H1(s) => s.send_request(req).await,
+            Sender::H2(s) => {
+                *req.version_mut() = Version::HTTP_2;
+                *req.uri_mut() = format!("https://{}{path}", self.host).parse().unwrap();
+                req.headers_mut().remove("host");
+                s.send_request(req).await
+            }
+        };
+        res.map_err(|e| format!("request: {e}"))
+    }
+
     /// A second handle on an HTTP/2 connection, for concurrent streams.
     pub fn h2_clone(&self) -> Option<Conn> {
         match &self.sender {

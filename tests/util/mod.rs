@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod client;
+pub mod h2raw;
 pub mod load;
 
 use std::collections::HashMap;
@@ -143,14 +144,19 @@ impl TestServer {
         srv
     }
 
-    /// Spawns the binary without waiting for it.
+    /// Spawns the binary without waiting for it. `GRACESRV_TEST_BIN` names
+    /// another build to run instead (to see a test fail on the code before
+    /// a fix).
     pub fn spawn(
         dir: tempfile::TempDir,
         certs: Certs,
         config: PathBuf,
         env: &[(&str, &str)],
     ) -> TestServer {
-        Self::spawn_cmd(dir, certs, config, env, Command::new(BIN))
+        let bin = std::env::var_os("GRACESRV_TEST_BIN")
+            .filter(|b| !b.is_empty())
+            .unwrap_or_else(|| BIN.into());
+        Self::spawn_cmd(dir, certs, config, env, Command::new(bin))
     }
 
     /// Copies the binary into the temp dir and runs that copy, so a test can

@@ -1,0 +1,597 @@
+//! Real client programs against the real binary (SPEC section 5, "real
+//! clients lose nothing"): curl, h2load and ab, which `.ci/run` installs, in
+//! the shapes where a server loses requests: a large HTTP/2 download across
+//! a restart, uploads answered before they were read, HTTP/2 request bodies
+//! a route ignores, HTTP/1.0 keep-alive across restarts, idle keep-alive
+//! connections at a drain, and clients that stop reading.
+
+mod util;
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::process::Command;
+use util::h2raw::{self, RawH2};
+use util::TestServer;
+
+/// Both listeners serve the same routes: files, status, and a fixed answer
+/// that never reads the request body.
+fn config(top: &str) -> String {
+    let routes = r#"    routes:
+      - path: /files/
+        static: { root: public }
+      - path: /status
+        status: {}
+      - path: /gone
+        respond: { status: 404, body: "gone\n" }
+      - path: /fixed
+        respond: { body: "ok\n" }
+      - path: /
+        respond: { body: "pid {pid} gen {generation} {listener}\n" }
+"#;
+    format!(
+        "shutdown_timeout: 30s\n{top}listeners:\n  - name: web\n    addr: 127.0.0.1:0\n{routes}  - name: web-tls\n    addr: 127.0.0.1:0\n    tls: {{ cert: localhost.crt, key: localhost.key }}\n{routes}"
+    )
+}
+
+/// `len` bytes that do not repeat in any short period, written to `path`.
+fn make_file(path: &Path, len: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let data: Vec<u8> = (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, &data).unwrap();
+    data
+}
+
+/// Starts the server on `config(top)` with `public/` holding `files`.
+async fn start(top: &str, files: &[(&str, usize)]) -> (TestServer, Vec<Vec<u8>>) {
+    let (dir, certs, path) = TestServer::prepare(&config(top));
+    std::fs::create_dir(dir.path().join("public")).unwrap();
+    let data = files
+        .iter()
+        .map(|(name, len)| make_file(&dir.path().join("public").join(name), *len))
+        .collect();
+    std::fs::write(dir.path().join("ca.pem"), &certs.ca_pem).unwrap();
+    let srv = TestServer::start_in(dir, certs, path, &[("GRACESRV_LOG", "gracesrv=info")]).await;
+    (srv, data)
+}
+
+/// A client program; a missing one fails the test with what to install.
+fn program(name: &str) -> Command {
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
+        .unwrap_or(false);
+    assert!(
+        found,
+        "{name} is not installed: .ci/run installs curl, apache2-utils (ab) and nghttp2-client (h2load)"
+    );
+    let mut cmd = Command::new(name);
+    cmd.stdin(Stdio::null()).kill_on_drop(true);
+    cmd
+}
+
+/// curl trusting the test CA, quiet, printing the status code.
+fn curl(srv: &TestServer) -> Command {
+    let mut cmd = program("curl");
+    cmd.arg("--cacert")
+        .arg(srv.dir.path().join("ca.pem"))
+        .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}"])
+        .args(["--max-time", "60"]);
+    cmd
+}
+
+/// Runs `cmd` to its end (within the test's bound); its exit code and stdout.
+async fn run(cmd: &mut Command) -> (i32, String, String) {
+    let out = tokio::time::timeout(Duration::from_secs(120), cmd.output())
+        .await
+        .expect("the client program finished in time")
+        .expect("the client program ran");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn url(srv: &TestServer, listener: &str, path: &str) -> String {
+    let scheme = if listener == "web-tls" {
+        "https"
+    } else {
+        "http"
+    };
+    format!("{scheme}://{}{path}", srv.addr(listener))
+}
+
+/// Waits until `cond` holds, looking every 10 ms, for at most `util::WAIT`.
+async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + util::WAIT;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn size(path: &Path) -> u64 {
+    std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+}
+
+/// Issue 12.1: a restart while curl downloads a large file over HTTP/2 at a
+/// limited rate. The old generation's last stream is in the kernel's
+/// buffers when it closes; without a lingering close curl's WINDOW_UPDATE
+/// (sent once it has read half of its 32 MB window, so the file is larger
+/// than 16 MB) hits a closed socket and the rest of the file is lost to a
+/// reset.
+#[tokio::test]
+async fn an_http2_download_survives_a_restart() {
+    let (mut srv, data) = start("", &[("big.bin", 20 << 20)]).await;
+    let old = srv.pid();
+    let got: PathBuf = srv.dir.path().join("got.bin");
+    let mut cmd = program("curl");
+    cmd.arg("--cacert")
+        .arg(srv.dir.path().join("ca.pem"))
+        .args(["-sS", "--http2", "--limit-rate", "8M", "--max-time", "60"])
+        .arg("-o")
+        .arg(&got)
+        .arg(url(&srv, "web-tls", "/files/big.bin"));
+    let download = tokio::spawn(async move { run(&mut cmd).await });
+    until("the download is under way", || size(&got) > 1 << 20).await;
+    let new = srv.restart().await;
+    let (code, _, err) = download.await.unwrap();
+    assert_eq!(code, 0, "curl failed: {err}");
+    let got = std::fs::read(srv.dir.path().join("got.bin")).unwrap();
+    assert_eq!(got.len(), data[0].len());
+    assert!(got == data[0], "the file arrived whole and unchanged");
+    util::wait_gone(old).await;
+    assert_ne!(srv.answering_pid().await, old);
+    assert_eq!(srv.pid(), new);
+}
+
+/// Issue 12.1, the mechanism itself: an HTTP/2 client that reads slowly
+/// and keeps sending frames (PINGs here; WINDOW_UPDATEs in curl) after the
+/// GOAWAY. The old generation finishes the stream into the kernel's buffers
+/// and ends the connection; the client's next frame must not meet a closed
+/// socket, whose reset would throw away what is still queued.
+#[tokio::test]
+async fn frames_sent_to_a_closing_http2_connection_lose_nothing() {
+    let (mut srv, data) = start("", &[("big.bin", 20 << 20)]).await;
+    let old = srv.pid();
+    let mut h2 = RawH2::connect(srv.addr("web"), h2raw::MAX_WINDOW).await;
+    h2.request(1, "GET", "/files/big.bin", true).await;
+    let (mut got, mut unpinged, mut goaway, mut restarted) = (0usize, 0usize, false, false);
+    loop {
+        let f = match h2.next().await {
+            Ok(Some(f)) => f,
+            Ok(None) => panic!("the connection ended after {got} bytes"),
+            Err(e) => panic!("after {got} of {} bytes: {e}", data[0].len()),
+        };
+        match f.kind {
+            h2raw::DATA if f.stream == 1 => {
+                got += f.payload.len();
+                unpinged += f.payload.len();
+                if f.flags & h2raw::END_STREAM != 0 {
+                    break;
+                }
+            }
+            h2raw::GOAWAY => goaway = true,
+            h2raw::HEADERS => {}
+            other => panic!("unexpected frame type {other}"),
+        }
+        if !restarted && got > 1 << 20 {
+            srv.restart().await;
+            restarted = true;
+        }
+        // Slowly, so that the kernel's buffers fill; a frame now and then.
+        if unpinged >= 256 << 10 {
+            unpinged = 0;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            if let Err(e) = h2.send(h2raw::PING, 0, 0, &[7; 8]).await {
+                panic!("PING after {got} bytes: {e}");
+            }
+        }
+    }
+    assert_eq!(got, data[0].len());
+    assert!(goaway, "the old generation said GOAWAY");
+    util::wait_gone(old).await;
+}
+
+/// Writes a whole upload over TLS before reading anything, as curl ends up
+/// doing when an early answer races its writes; returns the status line.
+async fn upload_then_read(srv: &TestServer, path: &str, len: usize) -> Result<String, String> {
+    let tcp = tokio::net::TcpStream::connect(srv.addr("web-tls"))
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(srv.tls_h1())
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let head = format!("POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {len}\r\n\r\n");
+    tls.write_all(head.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let chunk = vec![b'u'; 64 << 10];
+    let mut sent = 0;
+    while sent < len {
+        let n = chunk.len().min(len - sent);
+        tls.write_all(&chunk[..n])
+            .await
+            .map_err(|e| format!("after {sent} bytes sent: {e}"))?;
+        sent += n;
+    }
+    tls.flush().await.map_err(|e| e.to_string())?;
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !answer.windows(2).any(|w| w == b"\r\n") {
+        match tls.read(&mut buf).await {
+            Ok(0) => return Err(format!("closed with no answer; read {answer:?}")),
+            Ok(n) => answer.extend_from_slice(&buf[..n]),
+            Err(e) => return Err(format!("reading the answer: {e}")),
+        }
+    }
+    let text = String::from_utf8_lossy(&answer);
+    Ok(text.lines().next().unwrap_or("").to_string())
+}
+
+/// Issue 12.2: uploads answered without being read (a `respond` route, a
+/// 404, a 405), 30 at once, each still sending when its answer comes
+/// (rate-limited, and without `Expect: 100-continue`, as browsers send).
+/// Every curl gets its status; none sees a broken pipe or a reset.
+#[tokio::test]
+async fn uploads_answered_early_reach_their_answer() {
+    let (srv, _) = start("", &[("small.txt", 10)]).await;
+    let dir = srv.dir.path();
+    make_file(&dir.join("256k.bin"), 256 << 10);
+    make_file(&dir.join("1m.bin"), 1 << 20);
+    // Past the bound of what is read and dropped: closed with a linger.
+    make_file(&dir.join("24m.bin"), 24 << 20);
+    let mut uploads = Vec::new();
+    for i in 0..31 {
+        let (body, rate) = match i {
+            30 => ("24m.bin", "1G"),
+            _ if i % 2 == 0 => ("256k.bin", "1M"),
+            _ => ("1m.bin", "4M"),
+        };
+        let (path, want) = match i % 3 {
+            0 => ("/", "200"),
+            1 => ("/gone", "404"),
+            _ => ("/files/small.txt", "405"),
+        };
+        let mut cmd = curl(&srv);
+        cmd.args(["--http1.1", "-H", "Expect:", "--limit-rate", rate])
+            .arg("--data-binary")
+            .arg(format!("@{}", dir.join(body).display()))
+            .arg(url(&srv, "web-tls", path));
+        uploads.push(tokio::spawn(async move {
+            let (code, out, err) = run(&mut cmd).await;
+            assert_eq!(
+                (code, out.as_str()),
+                (0, want),
+                "POST {body} to {path}: {err}"
+            );
+        }));
+    }
+    for u in uploads {
+        u.await.unwrap();
+    }
+    // The same, exactly: each client sends all before it reads. 24 MB is
+    // past what a route reads and drops: that connection ends, lingering.
+    for (path, len, want) in [
+        ("/", 8 << 20, "HTTP/1.1 200 OK"),
+        ("/gone", 8 << 20, "HTTP/1.1 404 Not Found"),
+        (
+            "/files/small.txt",
+            4 << 20,
+            "HTTP/1.1 405 Method Not Allowed",
+        ),
+        ("/", 24 << 20, "HTTP/1.1 200 OK"),
+    ] {
+        assert_eq!(
+            upload_then_read(&srv, path, len).await.as_deref(),
+            Ok(want),
+            "POST {len} bytes to {path}"
+        );
+    }
+}
+
+/// A request body sent only when `send` says: a client that sends the
+/// body after the headers, as Go's net/http does.
+struct LaterBody(Option<tokio::sync::oneshot::Receiver<bytes::Bytes>>);
+
+impl http_body::Body for LaterBody {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        use std::task::Poll;
+        let Some(rx) = self.0.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match std::pin::Pin::new(rx).poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(data) => {
+                self.0 = None;
+                Poll::Ready(data.ok().map(|d| Ok(http_body::Frame::data(d))))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_none()
+    }
+}
+
+/// Issue 12.3: HTTP/2 POSTs to a route that does not read the body, 5,000
+/// on one connection, 8 at a time, each body sent after its answer came.
+/// Each ignored body used to reset its stream, and at h2's limit of local
+/// resets (1024) the connection was torn down with requests in flight.
+/// Then h2load, whose bodies follow their headers at once.
+#[tokio::test]
+async fn http2_bodies_a_route_ignores_cost_nothing() {
+    let (srv, _) = start("", &[]).await;
+    let tcp = tokio::net::TcpStream::connect(srv.addr("web-tls"))
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(srv.tls())
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let (sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    let conn = tokio::spawn(conn);
+    let target = format!("https://localhost:{}/", srv.addr("web-tls").port());
+    let mut posters = Vec::new();
+    for _ in 0..8 {
+        let (mut sender, target) = (sender.clone(), target.clone());
+        posters.push(tokio::spawn(async move {
+            for _ in 0..625 {
+                let (send, body) = tokio::sync::oneshot::channel();
+                let req = http::Request::post(&target)
+                    .body(LaterBody(Some(body)))
+                    .unwrap();
+                sender.ready().await.expect("the connection is up");
+                let res = sender.send_request(req).await.expect("answered");
+                assert_eq!(res.status(), 200);
+                // The body, after the answer: the route never reads it.
+                let _ = send.send(bytes::Bytes::from(vec![b'x'; 2048]));
+                http_body_util::BodyExt::collect(res.into_body())
+                    .await
+                    .expect("the whole answer");
+            }
+        }));
+    }
+    for p in posters {
+        p.await.unwrap();
+    }
+    assert!(!conn.is_finished(), "the connection is still open");
+    drop(sender);
+
+    let body = srv.dir.path().join("2k.bin");
+    make_file(&body, 2048);
+    for listener in ["web-tls", "web"] {
+        let (code, out, err) = run(program("h2load")
+            .args(["-n", "5000", "-c", "1", "-m", "8", "-d"])
+            .arg(&body)
+            .arg(url(&srv, listener, "/")))
+        .await;
+        assert_eq!(code, 0, "{out}{err}");
+        assert!(
+            out.contains("5000 succeeded, 0 failed, 0 errored, 0 timeout"),
+            "{listener}: {out}"
+        );
+        assert!(out.contains("status codes: 5000 2xx"), "{listener}: {out}");
+    }
+    let log = srv.logs();
+    assert!(!log.contains("reset"), "{log}");
+}
+
+/// Issue 12.3, the mechanism itself: 16 POSTs at a time answered before
+/// their bodies come, then the 16 bodies. h2 keeps 10 reset streams in
+/// mind; DATA for an older one is a stream error, a reset h2 counts, and at
+/// 1024 of them it ends the connection. A route that does not read a body
+/// now reads and drops it: no stream is reset at all.
+#[tokio::test]
+async fn http2_bodies_sent_after_the_answer_cost_nothing() {
+    let (srv, _) = start("", &[]).await;
+    let mut h2 = RawH2::connect(srv.addr("web"), h2raw::MAX_WINDOW).await;
+    let body = [b'x'; 100];
+    let mut next_id = 1;
+    for _ in 0..320 {
+        let ids: Vec<u32> = (0..16).map(|i| next_id + 2 * i).collect();
+        next_id += 32;
+        for &id in &ids {
+            h2.request(id, "POST", "/", false).await;
+        }
+        let mut answered = 0;
+        while answered < ids.len() {
+            let f = h2.next().await.unwrap().expect("the connection stays open");
+            match f.kind {
+                h2raw::HEADERS | h2raw::DATA if f.flags & h2raw::END_STREAM != 0 => answered += 1,
+                h2raw::HEADERS | h2raw::DATA => {}
+                h2raw::RST_STREAM => panic!("stream {} reset: {:?}", f.stream, f.payload),
+                h2raw::GOAWAY => panic!("GOAWAY: {}", String::from_utf8_lossy(&f.payload)),
+                other => panic!("unexpected frame type {other}"),
+            }
+        }
+        h2.wait_send_window(ids.len() * body.len()).await;
+        for &id in &ids {
+            h2.send(h2raw::DATA, h2raw::END_STREAM, id, &body)
+                .await
+                .unwrap();
+        }
+    }
+    // Still the same connection, still answering.
+    h2.request(next_id, "GET", "/fixed", true).await;
+    loop {
+        let f = h2.next().await.unwrap().expect("the connection stays open");
+        assert!(
+            f.kind == h2raw::HEADERS || f.kind == h2raw::DATA,
+            "frame type {}",
+            f.kind
+        );
+        if f.flags & h2raw::END_STREAM != 0 {
+            break;
+        }
+    }
+}
+
+/// Issue 12.4: `ab -k` (HTTP/1.0 keep-alive) while the server restarts
+/// again and again. While draining, an HTTP/1.0 answer must close
+/// unambiguously (`Connection: close`, no `keep-alive`), or ab reuses the
+/// connection and loses a request on every restart.
+#[tokio::test]
+async fn ab_keep_alive_across_restarts_loses_nothing() {
+    let (mut srv, _) = start("", &[]).await;
+    let mut cmd = program("ab");
+    cmd.args(["-k", "-c", "10", "-n", "40000", "-s", "30", "-r"])
+        .arg(url(&srv, "web", "/fixed"));
+    let ab = tokio::spawn(async move { run(&mut cmd).await });
+    let status = util::client::Target::plain(srv.addr("web"));
+    let mut restarts = 0;
+    while !ab.is_finished() && restarts < 15 {
+        // Each generation serves ab before the next restart.
+        let deadline = Instant::now() + util::WAIT;
+        loop {
+            let r = util::client::get(&status, "/status").await.unwrap();
+            let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+            if v["requests_total"].as_u64().unwrap() > 500 || ab.is_finished() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the new generation serves ab");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if ab.is_finished() {
+            break;
+        }
+        srv.restart().await;
+        restarts += 1;
+    }
+    let (code, out, err) = ab.await.unwrap();
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(restarts >= 3, "only {restarts} restarts during the run");
+    assert!(out.contains("Complete requests:      40000"), "{out}");
+    assert!(out.contains("Failed requests:        0"), "{out}");
+    assert!(!out.contains("Non-2xx"), "{out}");
+}
+
+/// Issue 12.5: an idle keep-alive connection (a browser's, which sends
+/// nothing and never closes) does not keep a replaced generation alive:
+/// it is closed after `timeouts.draining_idle` (1 s by default), and the
+/// old generation exits without cutting anything.
+#[tokio::test]
+async fn an_idle_connection_lets_the_old_generation_go() {
+    let (mut srv, _) = start("", &[]).await;
+    let old = srv.pid();
+    let mut idle = tokio::net::TcpStream::connect(srv.addr("web"))
+        .await
+        .unwrap();
+    idle.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    let n = idle.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    srv.restart().await;
+    let replaced = Instant::now();
+    util::wait_gone(old).await;
+    let took = replaced.elapsed();
+    assert!(
+        took < Duration::from_secs(2),
+        "the old generation took {took:?} to go"
+    );
+    // The idle client was told: end of stream, not a reset.
+    let n = tokio::time::timeout(util::WAIT, idle.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(n, 0);
+    let log = srv.logs();
+    assert!(!log.contains("cutting"), "{log}");
+    assert!(!log.contains("WARN"), "{log}");
+}
+
+/// Issue 12.6: clients that stop reading are cut after `timeouts.send`, and
+/// their fds and `max_connections` slots come back: HTTP/1.1 clients that
+/// never read a large file, and an HTTP/2 client whose flow control window
+/// stays shut.
+#[tokio::test]
+async fn clients_that_stop_reading_are_cut() {
+    let (srv, _) = start(
+        "max_connections: 6\ntimeouts: { send: 1s }\n",
+        &[("big.bin", 32 << 20)],
+    )
+    .await;
+    let pid = srv.pid();
+    // A connection served and closed, so the fd count below is the resting one.
+    let (code, out, _) = run(curl(&srv).arg(url(&srv, "web", "/"))).await;
+    assert_eq!((code, out.as_str()), (0, "200"));
+    let baseline = util::fd_count(pid);
+
+    // Four HTTP/1.1 clients ask for 32 MB and read nothing.
+    let mut stalled = Vec::new();
+    for _ in 0..4 {
+        let mut s = tokio::net::TcpStream::connect(srv.addr("web"))
+            .await
+            .unwrap();
+        s.write_all(b"GET /files/big.bin HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        stalled.push(s);
+    }
+    // One HTTP/2 connection, eight streams for the file, bodies never read:
+    // flow control holds every stream once the window is used up.
+    let tls = util::client::Target::tls(srv.addr("web-tls"), srv.tls()).h2();
+    let mut h2 = util::client::connect(&tls).await.unwrap();
+    let mut streams = Vec::new();
+    for _ in 0..8 {
+        streams.push(h2.get_unread("/files/big.bin").await.unwrap());
+    }
+    until("the stalled connections hold fds", || {
+        util::fd_count(pid) >= baseline + 5
+    })
+    .await;
+    // Every slot of max_connections is held (5 of 6) or about to be; a new
+    // client is served once the stalled ones are cut.
+    let (code, out, _) = run(curl(&srv).arg(url(&srv, "web", "/"))).await;
+    assert_eq!((code, out.as_str()), (0, "200"));
+    until("the stalled connections are cut", || {
+        util::fd_count(pid) <= baseline
+    })
+    .await;
+    // The clients see their connection end, short of the whole file.
+    for mut s in stalled {
+        let mut got = 0usize;
+        let mut buf = vec![0u8; 1 << 16];
+        let end = tokio::time::timeout(util::WAIT, async {
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => got += n,
+                }
+            }
+        })
+        .await;
+        assert!(end.is_ok(), "the connection ended");
+        assert!(got < 32 << 20, "cut short of the file");
+    }
+    drop(streams);
+    let (code, out, _) = run(curl(&srv).arg(url(&srv, "web-tls", "/status"))).await;
+    assert_eq!((code, out.as_str()), (0, "200"));
+}
