@@ -539,7 +539,11 @@ async fn drive<T: Socket>(
     tokio::pin!(draining);
     // When the drain began (as `now_ms`), 0 until then.
     let mut drain_at = 0;
-    let timer = tokio::time::sleep(t.header.min(t.idle));
+    // The timer looks at least this often: what the connection is doing
+    // changes without waking it (a head starts, a response parks), so a
+    // deadline is never slept past by more than this.
+    let period = t.header.min(t.idle).min(t.send);
+    let timer = tokio::time::sleep(period);
     tokio::pin!(timer);
     loop {
         tokio::select! {
@@ -575,8 +579,8 @@ async fn drive<T: Socket>(
                         }
                         return Some(why);
                     }
-                    Some((d, _)) => timer.as_mut().reset(tokio::time::Instant::now() + Duration::from_millis(d - now)),
-                    None => timer.as_mut().reset(tokio::time::Instant::now() + t.header.min(t.idle).min(t.send)),
+                    Some((d, _)) => timer.as_mut().reset(tokio::time::Instant::now() + period.min(Duration::from_millis(d - now))),
+                    None => timer.as_mut().reset(tokio::time::Instant::now() + period),
                 }
             }
         }

@@ -563,12 +563,17 @@ async fn clients_that_stop_reading_are_cut() {
     for _ in 0..8 {
         streams.push(h2.get_unread("/files/big.bin").await.unwrap());
     }
+    // And one whose window is zero from the start: not one byte of DATA.
+    let mut zero = RawH2::connect(srv.addr("web"), 0).await;
+    for id in [1, 3, 5, 7] {
+        zero.request(id, "GET", "/files/big.bin", true).await;
+    }
     until("the stalled connections hold fds", || {
-        util::fd_count(pid) >= baseline + 5
+        util::fd_count(pid) >= baseline + 6
     })
     .await;
-    // Every slot of max_connections is held (5 of 6) or about to be; a new
-    // client is served once the stalled ones are cut.
+    // Every slot of max_connections is held; a new client is served once
+    // the stalled ones are cut.
     let (code, out, _) = run(curl(&srv).arg(url(&srv, "web", "/"))).await;
     assert_eq!((code, out.as_str()), (0, "200"));
     until("the stalled connections are cut", || {
@@ -592,6 +597,16 @@ async fn clients_that_stop_reading_are_cut() {
         assert!(got < 32 << 20, "cut short of the file");
     }
     drop(streams);
+    // The zero-window client got its heads, no DATA, then the end.
+    let mut data = 0;
+    loop {
+        match tokio::time::timeout(util::WAIT, zero.next()).await.unwrap() {
+            Ok(Some(f)) if f.kind == h2raw::DATA => data += f.payload.len(),
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => break,
+        }
+    }
+    assert_eq!(data, 0);
     let (code, out, _) = run(curl(&srv).arg(url(&srv, "web-tls", "/status"))).await;
     assert_eq!((code, out.as_str()), (0, "200"));
 }
