@@ -67,6 +67,7 @@ impl Generation {
             workers: (0..worker_count()).map(|_| Default::default()).collect(),
             proxied_total: AtomicU64::new(0),
             upstream_errors_total: AtomicU64::new(0),
+            client_errors_total: AtomicU64::new(0),
             drain: Drain::default(),
         });
         let mut specs = Vec::new();

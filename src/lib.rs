@@ -29,6 +29,7 @@ pub mod config;
 pub mod connection;
 pub mod drain;
 pub mod draining;
+pub mod files;
 pub mod generation;
 #[allow(unsafe_code)]
 pub mod handoff;

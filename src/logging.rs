@@ -5,13 +5,22 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogConfig, LogFormat};
 
+/// What the libraries that speak to clients (TLS, HTTP/2, HTTP/1) warn
+/// about is what a client did: an illegal SNI, a PING ack never asked for,
+/// a reset. Any client can provoke those at will, so by default they are
+/// not logged below `error` (SPEC section 5: a client cannot flood the
+/// log). `GRACESRV_LOG` overrides all of it.
+const CLIENT_FACING: &str = "rustls=error,tokio_rustls=error,h2=error,hyper=error,hyper_util=error";
+
 /// Installs the subscriber and returns the span that carries pid and
 /// generation; every thread of the process enters it.
 pub fn init(log: &LogConfig, generation: u64) -> tracing::Span {
     let filter = std::env::var("GRACESRV_LOG")
         .ok()
         .and_then(|f| EnvFilter::try_new(f).ok())
-        .unwrap_or_else(|| EnvFilter::new(format!("warn,gracesrv={}", log.level)));
+        .unwrap_or_else(|| {
+            EnvFilter::new(format!("warn,{CLIENT_FACING},gracesrv={}", log.level))
+        });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -27,4 +36,41 @@ pub fn init(log: &LogConfig, generation: u64) -> tracing::Span {
     // A library user may have installed a subscriber already; keep theirs.
     let _ = installed;
     tracing::info_span!("gracesrv", pid = std::process::id(), generation)
+}
+
+/// At most one log line a second for an event that requests can cause
+/// (an upstream that is down answers every request with an error): the
+/// first is logged, the rest counted and reported with the next one.
+#[derive(Default)]
+pub struct Throttle {
+    /// When the last line was allowed, in seconds since the process began.
+    last: std::sync::atomic::AtomicU64,
+    suppressed: std::sync::atomic::AtomicU64,
+}
+
+impl Throttle {
+    /// `Some(n)`: log now, mentioning `n` lines not logged since the last
+    /// one. `None`: count this one and stay quiet.
+    pub fn allow(&self) -> Option<u64> {
+        use std::sync::atomic::Ordering::Relaxed;
+        static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+        let now = START.get_or_init(std::time::Instant::now).elapsed().as_secs() + 1;
+        let last = self.last.load(Relaxed);
+        if last != now && self.last.compare_exchange(last, now, Relaxed, Relaxed).is_ok() {
+            return Some(self.suppressed.swap(0, Relaxed));
+        }
+        self.suppressed.fetch_add(1, Relaxed);
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_throttle_lets_one_line_a_second_through() {
+        let t = super::Throttle::default();
+        assert_eq!(t.allow(), Some(0));
+        assert_eq!(t.allow(), None);
+        assert_eq!(t.allow(), None);
+    }
 }

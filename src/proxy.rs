@@ -13,7 +13,8 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -38,6 +39,9 @@ pub struct Proxy {
     upstream: Uri,
     timeout: Duration,
     strip_prefix: bool,
+    /// Upstream failures are logged at most once a second (every request
+    /// to a down upstream fails).
+    errors_logged: crate::logging::Throttle,
 }
 
 /// Where a request came from, for the forwarding headers.
@@ -114,6 +118,7 @@ impl Proxy {
             upstream: upstream.clone(),
             timeout,
             strip_prefix,
+            errors_logged: Default::default(),
         }
     }
 
@@ -136,14 +141,17 @@ impl Proxy {
                 return text(StatusCode::PAYLOAD_TOO_LARGE, "payload too large\n");
             }
         }
-        let upgrade = is_upgrade(&req);
-        let websocket = upgrade
+        // Only a WebSocket is tunnelled. Any other upgrade (`h2c` above
+        // all: a tunnel would carry requests past routing) is forwarded as
+        // a plain request, its `Upgrade` removed with the hop-by-hop headers.
+        let upgrade = is_upgrade(&req)
             && req.headers().get_all(header::UPGRADE).iter().any(|v| {
                 v.to_str().is_ok_and(|v| {
                     v.split(',')
                         .any(|t| t.trim().eq_ignore_ascii_case("websocket"))
                 })
             });
+        let websocket = upgrade;
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
 
         // The upstream URI: its scheme and authority, this path (without the
@@ -188,26 +196,44 @@ impl Proxy {
         }
 
         // A body without a length (chunked, HTTP/2) is cut at `max_body`.
-        let req = req.map(|body| match self.max_body {
-            Some(max) => Body::new(http_body_util::Limited::new(
-                body,
-                usize::try_from(max).unwrap_or(usize::MAX),
-            )),
-            None => Body::new(body),
+        // A body the client breaks (bad chunked framing, a reset stream) is
+        // noted, so that failure is the client's 400, not an upstream's 502.
+        let client_failed = Arc::new(AtomicBool::new(false));
+        let req = req.map(|body| {
+            let body = ClientBody {
+                inner: body,
+                failed: client_failed.clone(),
+            };
+            match self.max_body {
+                Some(max) => Body::new(http_body_util::Limited::new(
+                    body,
+                    usize::try_from(max).unwrap_or(usize::MAX),
+                )),
+                None => Body::new(body),
+            }
         });
         let res = match tokio::time::timeout(self.timeout, self.client.request(req)).await {
             Ok(Ok(res)) => res,
             Ok(Err(e)) if error_chain(&e).contains("length limit exceeded") => {
                 return text(StatusCode::PAYLOAD_TOO_LARGE, "payload too large\n");
             }
+            Ok(Err(e)) if client_failed.load(Ordering::Relaxed) => {
+                stats.client_errors_total.fetch_add(1, Ordering::Relaxed);
+                debug!(upstream = %self.upstream, "request body from the client failed: {}", error_chain(&e));
+                return text(StatusCode::BAD_REQUEST, "bad request\n");
+            }
             Ok(Err(e)) => {
                 stats.upstream_errors_total.fetch_add(1, Ordering::Relaxed);
-                warn!(upstream = %self.upstream, "upstream error: {}", error_chain(&e));
+                if let Some(suppressed) = self.errors_logged.allow() {
+                    warn!(upstream = %self.upstream, suppressed, "upstream error: {}", error_chain(&e));
+                }
                 return text(StatusCode::BAD_GATEWAY, "bad gateway\n");
             }
             Err(_) => {
                 stats.upstream_errors_total.fetch_add(1, Ordering::Relaxed);
-                warn!(upstream = %self.upstream, timeout = ?self.timeout, "upstream timed out");
+                if let Some(suppressed) = self.errors_logged.allow() {
+                    warn!(upstream = %self.upstream, timeout = ?self.timeout, suppressed, "upstream timed out");
+                }
                 return text(StatusCode::GATEWAY_TIMEOUT, "gateway timeout\n");
             }
         };
@@ -293,7 +319,10 @@ fn set_forwarded(h: &mut HeaderMap, peer: Peer, host: Option<&HeaderValue>) {
     };
     let mut fwd = format!("for={for_};proto={proto}");
     if let Some(host) = host_str {
-        fwd.push_str(&format!(";host=\"{host}\""));
+        // A quoted-string (RFC 7239 section 4): `"` and `\` escaped, so a
+        // host can never end the value and add fields of its own.
+        let quoted = host.replace('\\', "\\\\").replace('"', "\\\"");
+        fwd.push_str(&format!(";host=\"{quoted}\""));
     }
     let fwd = match h.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
         Some(prev) => format!("{prev}, {fwd}"),
@@ -301,6 +330,35 @@ fn set_forwarded(h: &mut HeaderMap, peer: Peer, host: Option<&HeaderValue>) {
     };
     if let Ok(v) = HeaderValue::from_str(&fwd) {
         h.insert(header::FORWARDED, v);
+    }
+}
+
+/// The client's request body on its way upstream, noting whether the
+/// client broke it.
+struct ClientBody {
+    inner: Incoming,
+    failed: Arc<AtomicBool>,
+}
+
+impl hyper::body::Body for ClientBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let res = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Err(_))) = &res {
+            self.failed.store(true, Ordering::Relaxed);
+        }
+        res
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 

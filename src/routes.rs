@@ -1,15 +1,15 @@
 //! The route actions of the config: `respond`, `static`, `redirect`, `status`.
 //! A request goes to the route with the longest matching path prefix.
 
-use std::path::{Component, Path, PathBuf};
+use std::borrow::Cow;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http::{header, HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use tower::ServiceExt;
 
 use crate::config::{Action, ConfigError, ListenerConfig};
 use crate::drain::Drain;
@@ -27,6 +27,8 @@ pub struct ProcessInfo {
     pub workers: Vec<Arc<crate::serve::WorkerStats>>,
     pub proxied_total: AtomicU64,
     pub upstream_errors_total: AtomicU64,
+    /// Proxied requests whose body the client broke (answered 400).
+    pub client_errors_total: AtomicU64,
     pub drain: Drain,
 }
 
@@ -250,16 +252,36 @@ impl Router {
     #[inline]
     pub fn handle(
         self: &Arc<Self>,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         ctx: &Arc<ListenerContext>,
         peer: crate::proxy::Peer,
     ) -> Reply {
         let path = req.uri().path();
-        let Some(i) = self
-            .routes
-            .iter()
-            .position(|(prefix, _)| path.starts_with(prefix.as_str()))
-        else {
+        let mut route = self.route(path);
+        // Routes match the normalised path (and a proxy forwards it), so
+        // `/api/../admin` is `/admin`. A static route keeps the raw path:
+        // it refuses escapes from its root itself, with 404 (SPEC section 5).
+        let normal = normalize(path);
+        if !matches!(normal, Ok(Cow::Borrowed(_)))
+            && !route.is_some_and(|i| matches!(self.routes[i].1, Handle::Static { .. }))
+        {
+            let Ok(normal) = normal else {
+                discard(req.into_body());
+                return Reply::Now(text(StatusCode::BAD_REQUEST, "bad request\n"));
+            };
+            let normal = normal.into_owned();
+            route = self.route(&normal);
+            let mut parts = req.uri().clone().into_parts();
+            let pq = match req.uri().query() {
+                Some(q) => format!("{normal}?{q}"),
+                None => normal,
+            };
+            parts.path_and_query = pq.parse().ok();
+            if let Ok(uri) = http::Uri::from_parts(parts) {
+                *req.uri_mut() = uri;
+            }
+        }
+        let Some(i) = route else {
             discard(req.into_body());
             return Reply::Now(text(StatusCode::NOT_FOUND, "not found\n"));
         };
@@ -292,7 +314,7 @@ impl Router {
                     fixed.response(&req, &ctx)
                 }))
             }
-            Handle::Static { root, index, dir } => Reply::Later(Box::pin(serve_static(
+            Handle::Static { root, index, dir } => Reply::Later(Box::pin(crate::files::serve(
                 req,
                 prefix.clone(),
                 root.clone(),
@@ -302,6 +324,68 @@ impl Router {
             Handle::Proxy(_) => unreachable!("answered above"),
         }
     }
+}
+
+impl Router {
+    /// The route for `path`: the longest matching prefix.
+    fn route(&self, path: &str) -> Option<usize> {
+        self.routes
+            .iter()
+            .position(|(prefix, _)| path.starts_with(prefix.as_str()))
+    }
+}
+
+/// The path routes match (RFC 3986 section 6.2.2): escapes of unreserved
+/// characters decoded, other escapes upper-cased, dot segments removed.
+/// Borrowed when there is nothing to change (nearly always). `Err` for what
+/// no route may see: an encoded `/`, `\` or NUL (they would change what
+/// the path means to whoever decodes it next), a malformed escape, or dot
+/// segments that climb above the root.
+fn normalize(path: &str) -> Result<Cow<'_, str>, ()> {
+    if !path.contains('%') && !path.contains("/.") {
+        return Ok(Cow::Borrowed(path));
+    }
+    let b = path.as_bytes();
+    let mut decoded = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] != b'%' {
+            decoded.push(b[i] as char);
+            i += 1;
+            continue;
+        }
+        let hex = b.get(i + 1..i + 3).ok_or(())?;
+        let hex = std::str::from_utf8(hex).map_err(|_| ())?;
+        let byte = u8::from_str_radix(hex, 16).map_err(|_| ())?;
+        match byte {
+            b'/' | b'\\' | 0 => return Err(()),
+            c if c.is_ascii_alphanumeric() || b"-._~".contains(&c) => decoded.push(c as char),
+            c => decoded.push_str(&format!("%{c:02X}")),
+        }
+        i += 3;
+    }
+    let mut out: Vec<&str> = Vec::new();
+    let segments: Vec<&str> = decoded.split('/').skip(1).collect();
+    for (n, seg) in segments.iter().enumerate() {
+        let last = n + 1 == segments.len();
+        match *seg {
+            "." => {}
+            ".." => {
+                out.pop().ok_or(())?;
+            }
+            s => out.push(s),
+        }
+        // A trailing `.` or `..` leaves a directory: keep its slash.
+        if last && (*seg == "." || *seg == "..") {
+            out.push("");
+        }
+    }
+    let normal = format!("/{}", out.join("/"));
+    Ok(if normal == path {
+        Cow::Borrowed(path)
+    } else {
+        Cow::Owned(normal)
+    })
 }
 
 /// The most of an unused request body that is read and dropped.
@@ -389,6 +473,7 @@ fn status_response(ctx: &ListenerContext) -> Response<Body> {
         "requests_total": p.workers.iter().map(|w| w.requests_total.load(Ordering::Relaxed)).sum::<u64>(),
         "proxied_total": p.proxied_total.load(Ordering::Relaxed),
         "upstream_errors_total": p.upstream_errors_total.load(Ordering::Relaxed),
+        "client_errors_total": p.client_errors_total.load(Ordering::Relaxed),
         "upgraded_active": p.drain.upgraded_active(),
         "workers": p.workers.iter().map(|w| serde_json::json!({
             "connections": w.connections.load(Ordering::Relaxed),
@@ -431,103 +516,6 @@ pub fn rfc3339(t: SystemTime) -> String {
     )
 }
 
-/// Decodes `%XX` escapes; `None` for a malformed escape.
-fn percent_decode(s: &str) -> Option<Vec<u8>> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            let hex = b.get(i + 1..i + 3)?;
-            let hex = std::str::from_utf8(hex).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    Some(out)
-}
-
-/// The file under `root` that `rel` (the path after the route prefix, still
-/// percent-encoded) names, or `None` if it would leave `root`: `..`, encoded
-/// slashes, NUL bytes, and symlinks that resolve outside are all refused.
-fn resolve_static(root: &Path, rel: &str) -> Option<PathBuf> {
-    let mut path = root.to_path_buf();
-    for seg in rel.split('/') {
-        let decoded = percent_decode(seg)?;
-        if decoded.contains(&b'/') || decoded.contains(&b'\\') || decoded.contains(&0) {
-            return None;
-        }
-        let seg = std::str::from_utf8(&decoded).ok()?;
-        if seg.is_empty() || seg == "." {
-            continue;
-        }
-        match Path::new(seg).components().next() {
-            Some(Component::Normal(_)) => path.push(seg),
-            _ => return None,
-        }
-    }
-    let canonical = std::fs::canonicalize(&path).ok()?;
-    canonical.starts_with(root).then_some(canonical)
-}
-
-async fn serve_static(
-    req: Request<()>,
-    prefix: String,
-    root: PathBuf,
-    index: String,
-    dir: tower_http::services::ServeDir,
-) -> Response<Body> {
-    let (prefix, root, index) = (prefix.as_str(), root.as_path(), index.as_str());
-    if req.method() != Method::GET && req.method() != Method::HEAD {
-        let mut res = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
-        res.headers_mut()
-            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
-        return res;
-    }
-    let path = req.uri().path();
-    let rel = path[prefix.len()..].trim_start_matches('/');
-    let Some(file) = resolve_static(root, rel) else {
-        return text(StatusCode::NOT_FOUND, "not found\n");
-    };
-    // The path ServeDir sees: relative to the root, with the index appended
-    // for directories (it re-checks for `..` itself).
-    let mut served = format!("/{rel}");
-    if file.is_dir() {
-        if !path.ends_with('/') {
-            let mut location = format!("{path}/");
-            if let Some(q) = req.uri().query() {
-                location.push('?');
-                location.push_str(q);
-            }
-            let mut res = Response::new(full(Bytes::new()));
-            *res.status_mut() = StatusCode::MOVED_PERMANENTLY;
-            if let Ok(v) = HeaderValue::from_str(&location) {
-                res.headers_mut().insert(header::LOCATION, v);
-            }
-            return res;
-        }
-        if resolve_static(root, &format!("{rel}/{index}")).is_none_or(|f| !f.is_file()) {
-            return text(StatusCode::NOT_FOUND, "not found\n");
-        }
-        if !served.ends_with('/') {
-            served.push('/');
-        }
-        served.push_str(index);
-    }
-    let (mut parts, body) = req.into_parts();
-    let Ok(uri) = served.parse::<http::Uri>() else {
-        return text(StatusCode::NOT_FOUND, "not found\n");
-    };
-    parts.uri = uri;
-    match dir.oneshot(Request::from_parts(parts, body)).await {
-        Ok(res) => res.map(Body::new),
-        Err(never) => match never {},
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -540,22 +528,22 @@ mod tests {
     }
 
     #[test]
-    fn static_paths_stay_under_root() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = std::fs::canonicalize(dir.path()).unwrap();
-        std::fs::create_dir(root.join("sub")).unwrap();
-        std::fs::write(root.join("sub/a.txt"), "a").unwrap();
-        std::os::unix::fs::symlink("/etc", root.join("out")).unwrap();
-        assert_eq!(
-            resolve_static(&root, "sub/a.txt"),
-            Some(root.join("sub/a.txt"))
-        );
-        assert_eq!(resolve_static(&root, "sub%2fa.txt"), None);
-        assert_eq!(resolve_static(&root, "../etc/passwd"), None);
-        assert_eq!(resolve_static(&root, "%2e%2e/etc/passwd"), None);
-        assert_eq!(resolve_static(&root, "sub/a.txt%00"), None);
-        assert_eq!(resolve_static(&root, "out/passwd"), None);
-        assert_eq!(resolve_static(&root, "%zz"), None);
+    fn paths_are_normalised_for_routing() {
+        let n = |p| normalize(p).map(|c| c.into_owned());
+        assert_eq!(n("/api/x"), Ok("/api/x".into()));
+        assert!(matches!(normalize("/api/x"), Ok(Cow::Borrowed(_))));
+        assert_eq!(n("/api/../admin"), Ok("/admin".into()));
+        assert_eq!(n("/api/%2e%2e/admin"), Ok("/admin".into()));
+        assert_eq!(n("/api/./a/./b"), Ok("/api/a/b".into()));
+        assert_eq!(n("/a/b/.."), Ok("/a/".into()));
+        assert_eq!(n("/%7euser/%41"), Ok("/~user/A".into()));
+        assert_eq!(n("/a%20b/%c3%a9"), Ok("/a%20b/%C3%A9".into()));
+        assert_eq!(n("/.well-known/x"), Ok("/.well-known/x".into()));
+        assert_eq!(n("/api/a%2fb"), Err(()));
+        assert_eq!(n("/api/a%00"), Err(()));
+        assert_eq!(n("/api/a%5cb"), Err(()));
+        assert_eq!(n("/../etc"), Err(()));
+        assert_eq!(n("/a/%zz"), Err(()));
     }
 
     #[test]

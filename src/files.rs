@@ -1,0 +1,347 @@
+//! The `static` route: files under a root, never outside it, with the
+//! validators and conditional requests of RFC 9110 sections 8.8 and 13.
+//!
+//! tower-http's ServeDir reads the file (content type, streaming, a single
+//! range) but sends no ETag and ignores `If-Range`, so a resumed download
+//! of a changed file would be spliced from two versions. The conditions
+//! are therefore evaluated here, in the order section 13.2.2 gives, and
+//! ServeDir only sees a plain GET, or a GET of one range that still
+//! applies. A request for several ranges gets the whole file (200), which
+//! RFC 9110 section 14.2 allows; multipart/byteranges is not served.
+
+use std::path::{Component, Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use tower::ServiceExt;
+
+use crate::service::{full, text, Body};
+
+fn empty(status: StatusCode) -> Response<Body> {
+    let mut res = Response::new(full(Bytes::new()));
+    *res.status_mut() = status;
+    res
+}
+
+/// Decodes `%XX` escapes; `None` for a malformed escape.
+fn percent_decode(s: &str) -> Option<Vec<u8>> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = b.get(i + 1..i + 3)?;
+            let hex = std::str::from_utf8(hex).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    Some(out)
+}
+
+/// The file under `root` that `rel` (the path after the route prefix, still
+/// percent-encoded) names, or `None` if it would leave `root`: `..`, encoded
+/// slashes, NUL bytes, and symlinks that resolve outside are all refused.
+pub fn resolve_static(root: &Path, rel: &str) -> Option<PathBuf> {
+    let mut path = root.to_path_buf();
+    for seg in rel.split('/') {
+        let decoded = percent_decode(seg)?;
+        if decoded.contains(&b'/') || decoded.contains(&b'\\') || decoded.contains(&0) {
+            return None;
+        }
+        let seg = std::str::from_utf8(&decoded).ok()?;
+        if seg.is_empty() || seg == "." {
+            continue;
+        }
+        match Path::new(seg).components().next() {
+            Some(Component::Normal(_)) => path.push(seg),
+            _ => return None,
+        }
+    }
+    let canonical = std::fs::canonicalize(&path).ok()?;
+    canonical.starts_with(root).then_some(canonical)
+}
+
+/// A `static` route's answer: GET/HEAD of the file `req` names under
+/// `root`, with the validators and conditions of RFC 9110 (see
+/// [`conditions`]); tower-http's ServeDir reads the file (content type,
+/// a single range).
+pub async fn serve(
+    req: Request<()>,
+    prefix: String,
+    root: PathBuf,
+    index: String,
+    dir: tower_http::services::ServeDir,
+) -> Response<Body> {
+    let (prefix, root, index) = (prefix.as_str(), root.as_path(), index.as_str());
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        let mut res = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
+        res.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return res;
+    }
+    let path = req.uri().path();
+    let rel = path[prefix.len()..].trim_start_matches('/');
+    let Some(file) = resolve_static(root, rel) else {
+        return text(StatusCode::NOT_FOUND, "not found\n");
+    };
+    // The path ServeDir sees: relative to the root, with the index appended
+    // for directories (it re-checks for `..` itself).
+    let mut served = format!("/{rel}");
+    if file.is_dir() {
+        if !path.ends_with('/') {
+            let mut location = format!("{path}/");
+            if let Some(q) = req.uri().query() {
+                location.push('?');
+                location.push_str(q);
+            }
+            let mut res = empty(StatusCode::MOVED_PERMANENTLY);
+            if let Ok(v) = HeaderValue::from_str(&location) {
+                res.headers_mut().insert(header::LOCATION, v);
+            }
+            return res;
+        }
+        if resolve_static(root, &format!("{rel}/{index}")).is_none_or(|f| !f.is_file()) {
+            return text(StatusCode::NOT_FOUND, "not found\n");
+        }
+        if !served.ends_with('/') {
+            served.push('/');
+        }
+        served.push_str(index);
+    }
+    let target = root.join(served.trim_start_matches('/'));
+    let Some(validators) = Validators::of(&target) else {
+        return text(StatusCode::NOT_FOUND, "not found\n");
+    };
+    let (mut parts, body) = req.into_parts();
+    match conditions(&parts.method, &mut parts.headers, &validators) {
+        Verdict::Serve => {}
+        Verdict::NotModified => return validators.apply(empty(StatusCode::NOT_MODIFIED)),
+        Verdict::PreconditionFailed => {
+            return text(StatusCode::PRECONDITION_FAILED, "precondition failed\n")
+        }
+    }
+    let Ok(uri) = served.parse::<http::Uri>() else {
+        return text(StatusCode::NOT_FOUND, "not found\n");
+    };
+    parts.uri = uri;
+    match dir.oneshot(Request::from_parts(parts, body)).await {
+        Ok(res) if res.status().is_success() => validators.apply(res.map(Body::new)),
+        Ok(res) => res.map(Body::new),
+        Err(never) => match never {},
+    }
+}
+
+
+/// What identifies the version of a file served: a strong ETag (from its
+/// modification time, to the nanosecond, and its length, as nginx's) and
+/// its Last-Modified date.
+struct Validators {
+    etag: String,
+    /// Seconds since the epoch, what an HTTP date can say.
+    modified: u64,
+}
+
+impl Validators {
+    fn of(file: &Path) -> Option<Validators> {
+        let meta = std::fs::metadata(file).ok()?;
+        let since = meta.modified().ok()?.duration_since(UNIX_EPOCH).ok()?;
+        Some(Validators {
+            etag: format!(
+                "\"{:x}.{:x}-{:x}\"",
+                since.as_secs(),
+                since.subsec_nanos(),
+                meta.len()
+            ),
+            modified: since.as_secs(),
+        })
+    }
+
+    /// Adds the validators to a response (200, 206 or 304).
+    fn apply(&self, mut res: Response<Body>) -> Response<Body> {
+        let h = res.headers_mut();
+        if let Ok(v) = HeaderValue::from_str(&self.etag) {
+            h.insert(header::ETAG, v);
+        }
+        let date = httpdate::fmt_http_date(UNIX_EPOCH + std::time::Duration::from_secs(self.modified));
+        if let Ok(v) = HeaderValue::from_str(&date) {
+            h.insert(header::LAST_MODIFIED, v);
+        }
+        res
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    Serve,
+    NotModified,
+    PreconditionFailed,
+}
+
+/// Evaluates the conditions of a GET or HEAD (RFC 9110 section 13.2.2), and
+/// takes their headers out of `headers`: what is left for ServeDir is a
+/// plain request, with a `Range` only where one range still applies.
+fn conditions(method: &Method, headers: &mut HeaderMap, v: &Validators) -> Verdict {
+    let take = |h: &mut HeaderMap, name| -> Option<String> {
+        let value = h.get_all(&name).iter().filter_map(|v| v.to_str().ok()).collect::<Vec<_>>().join(", ");
+        let present = h.remove(&name).is_some();
+        present.then_some(value)
+    };
+    let if_match = take(headers, header::IF_MATCH);
+    let if_unmodified = take(headers, header::IF_UNMODIFIED_SINCE);
+    let if_none_match = take(headers, header::IF_NONE_MATCH);
+    let if_modified = take(headers, header::IF_MODIFIED_SINCE);
+    let if_range = take(headers, header::IF_RANGE);
+    // 1, 2: the client's version must be the current one.
+    if let Some(tags) = if_match {
+        if !tags_match(&tags, &v.etag, true) {
+            return Verdict::PreconditionFailed;
+        }
+    } else if let Some(date) = if_unmodified.as_deref().and_then(http_date) {
+        if v.modified > date {
+            return Verdict::PreconditionFailed;
+        }
+    }
+    // 3, 4: the client's copy is current. If-Modified-Since counts only
+    // without If-None-Match.
+    if let Some(tags) = if_none_match {
+        if tags_match(&tags, &v.etag, false) {
+            return Verdict::NotModified;
+        }
+    } else if let Some(date) = if_modified.as_deref().and_then(http_date) {
+        if v.modified <= date {
+            return Verdict::NotModified;
+        }
+    }
+    // 5: a range of the current version only, and one range at most.
+    let range_applies = *method == Method::GET
+        && headers.contains_key(header::RANGE)
+        && if_range.is_none_or(|r| range_condition_holds(&r, v))
+        && headers
+            .get(header::RANGE)
+            .and_then(|r| r.to_str().ok())
+            .is_some_and(|r| !r.contains(','));
+    if !range_applies {
+        headers.remove(header::RANGE);
+    }
+    Verdict::Serve
+}
+
+/// `If-Range`: an entity tag (strong comparison) or the exact
+/// Last-Modified date.
+fn range_condition_holds(cond: &str, v: &Validators) -> bool {
+    let cond = cond.trim();
+    if cond.starts_with('"') || cond.starts_with("W/") {
+        return tags_match(cond, &v.etag, true);
+    }
+    http_date(cond) == Some(v.modified)
+}
+
+/// Does the list of entity tags (or `*`) match `etag`? Strong comparison:
+/// weak tags never match; weak comparison: `W/` is ignored.
+fn tags_match(list: &str, etag: &str, strong: bool) -> bool {
+    if list.trim() == "*" {
+        return true;
+    }
+    let mut rest = list;
+    loop {
+        rest = rest.trim_start_matches(|c: char| c == ',' || c.is_ascii_whitespace());
+        if rest.is_empty() {
+            return false;
+        }
+        let weak = rest.starts_with("W/");
+        if weak {
+            rest = &rest[2..];
+        }
+        let Some(body) = rest.strip_prefix('"') else {
+            return false;
+        };
+        let Some(end) = body.find('"') else {
+            return false;
+        };
+        let tag = &rest[..end + 2];
+        if tag == etag && !(strong && weak) {
+            return true;
+        }
+        rest = &body[end + 1..];
+    }
+}
+
+/// An HTTP date (any of the three forms), as seconds since the epoch.
+fn http_date(s: &str) -> Option<u64> {
+    let t: SystemTime = httpdate::parse_http_date(s.trim()).ok()?;
+    t.duration_since(UNIX_EPOCH).ok().map(|d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn static_paths_stay_under_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(dir.path()).unwrap();
+        std::fs::create_dir(root.join("sub")).unwrap();
+        std::fs::write(root.join("sub/a.txt"), "a").unwrap();
+        std::os::unix::fs::symlink("/etc", root.join("out")).unwrap();
+        assert_eq!(
+            resolve_static(&root, "sub/a.txt"),
+            Some(root.join("sub/a.txt"))
+        );
+        assert_eq!(resolve_static(&root, "sub%2fa.txt"), None);
+        assert_eq!(resolve_static(&root, "../etc/passwd"), None);
+        assert_eq!(resolve_static(&root, "%2e%2e/etc/passwd"), None);
+        assert_eq!(resolve_static(&root, "sub/a.txt%00"), None);
+        assert_eq!(resolve_static(&root, "out/passwd"), None);
+        assert_eq!(resolve_static(&root, "%zz"), None);
+    }
+
+    #[test]
+    fn entity_tags_compare() {
+        let e = "\"5f.0-2a\"";
+        assert!(tags_match(e, e, true));
+        assert!(tags_match("\"x\", \"5f.0-2a\"", e, true));
+        assert!(tags_match("W/\"5f.0-2a\"", e, false));
+        assert!(!tags_match("W/\"5f.0-2a\"", e, true), "weak never matches strongly");
+        assert!(tags_match(" * ", e, true));
+        assert!(!tags_match("\"x,y\"", e, false));
+        assert!(!tags_match("garbage", e, false));
+    }
+
+    #[test]
+    fn conditions_in_rfc_order() {
+        let v = Validators { etag: "\"a\"".into(), modified: 1_000_000 };
+        let date = |secs: u64| httpdate::fmt_http_date(UNIX_EPOCH + std::time::Duration::from_secs(secs));
+        let check = |pairs: &[(&str, String)]| {
+            let mut h = HeaderMap::new();
+            for (k, val) in pairs {
+                h.append(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), val.parse().unwrap());
+            }
+            let verdict = conditions(&Method::GET, &mut h, &v);
+            (verdict, h.contains_key(header::RANGE))
+        };
+        use Verdict::*;
+        assert_eq!(check(&[("if-none-match", "\"a\"".into())]).0, NotModified);
+        assert_eq!(check(&[("if-none-match", "*".into())]).0, NotModified);
+        // A mismatching tag and a matching date: the tag decides.
+        assert_eq!(
+            check(&[("if-none-match", "\"b\"".into()), ("if-modified-since", date(1_000_000))]).0,
+            Serve
+        );
+        assert_eq!(check(&[("if-modified-since", date(1_000_000))]).0, NotModified);
+        assert_eq!(check(&[("if-modified-since", date(999_999))]).0, Serve);
+        assert_eq!(check(&[("if-match", "\"b\"".into())]).0, PreconditionFailed);
+        assert_eq!(check(&[("if-unmodified-since", date(999_999))]).0, PreconditionFailed);
+        // Ranges: one applies; a stale If-Range, or several ranges, give all.
+        assert_eq!(check(&[("range", "bytes=0-9".into())]), (Serve, true));
+        assert_eq!(check(&[("range", "bytes=0-9".into()), ("if-range", "\"a\"".into())]), (Serve, true));
+        assert_eq!(check(&[("range", "bytes=0-9".into()), ("if-range", "\"old\"".into())]), (Serve, false));
+        assert_eq!(check(&[("range", "bytes=0-9".into()), ("if-range", date(999_999))]), (Serve, false));
+        assert_eq!(check(&[("range", "bytes=0-9".into()), ("if-range", date(1_000_000))]), (Serve, true));
+        assert_eq!(check(&[("range", "bytes=0-9,20-29".into())]), (Serve, false));
+    }
+}
