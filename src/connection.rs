@@ -646,12 +646,12 @@ fn check_host<B>(req: &mut Request<B>) -> Result<(), &'static str> {
         return Err("invalid authority");
     }
     match (req.version(), authority) {
-        (Version::HTTP_2, Some(a)) => {
-            if host.is_some_and(|h| !h.as_bytes().eq_ignore_ascii_case(a.as_bytes())) {
-                return Err("Host differs from :authority");
-            }
+        (Version::HTTP_2, Some(a))
+            if host.is_some_and(|h| !h.as_bytes().eq_ignore_ascii_case(a.as_bytes())) =>
+        {
+            return Err("Host differs from :authority");
         }
-        (Version::HTTP_2, None) => {}
+        (Version::HTTP_2, _) => {}
         (_, Some(a)) => {
             // Valid above, so a valid header value.
             if let Ok(v) = HeaderValue::from_str(a) {
@@ -888,7 +888,11 @@ mod tests {
         assert!(check_host(&mut req(Version::HTTP_10, "/", &[])).is_ok());
         let mut abs = req(Version::HTTP_11, "http://a.example/p", &["b.example"]);
         assert!(check_host(&mut abs).is_ok());
-        assert_eq!(abs.headers()["host"], "a.example", "the target's authority wins");
+        assert_eq!(
+            abs.headers()["host"],
+            "a.example",
+            "the target's authority wins"
+        );
         assert!(check_host(&mut req(Version::HTTP_2, "https://a/", &["a"])).is_ok());
         assert!(check_host(&mut req(Version::HTTP_2, "https://a/", &["b"])).is_err());
     }

@@ -136,7 +136,6 @@ pub async fn serve(
     }
 }
 
-
 /// What identifies the version of a file served: a strong ETag (from its
 /// modification time, to the nanosecond, and its length, as nginx's) and
 /// its Last-Modified date.
@@ -167,7 +166,8 @@ impl Validators {
         if let Ok(v) = HeaderValue::from_str(&self.etag) {
             h.insert(header::ETAG, v);
         }
-        let date = httpdate::fmt_http_date(UNIX_EPOCH + std::time::Duration::from_secs(self.modified));
+        let date =
+            httpdate::fmt_http_date(UNIX_EPOCH + std::time::Duration::from_secs(self.modified));
         if let Ok(v) = HeaderValue::from_str(&date) {
             h.insert(header::LAST_MODIFIED, v);
         }
@@ -187,7 +187,12 @@ enum Verdict {
 /// plain request, with a `Range` only where one range still applies.
 fn conditions(method: &Method, headers: &mut HeaderMap, v: &Validators) -> Verdict {
     let take = |h: &mut HeaderMap, name| -> Option<String> {
-        let value = h.get_all(&name).iter().filter_map(|v| v.to_str().ok()).collect::<Vec<_>>().join(", ");
+        let value = h
+            .get_all(&name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect::<Vec<_>>()
+            .join(", ");
         let present = h.remove(&name).is_some();
         present.then_some(value)
     };
@@ -306,7 +311,10 @@ mod tests {
         assert!(tags_match(e, e, true));
         assert!(tags_match("\"x\", \"5f.0-2a\"", e, true));
         assert!(tags_match("W/\"5f.0-2a\"", e, false));
-        assert!(!tags_match("W/\"5f.0-2a\"", e, true), "weak never matches strongly");
+        assert!(
+            !tags_match("W/\"5f.0-2a\"", e, true),
+            "weak never matches strongly"
+        );
         assert!(tags_match(" * ", e, true));
         assert!(!tags_match("\"x,y\"", e, false));
         assert!(!tags_match("garbage", e, false));
@@ -314,12 +322,19 @@ mod tests {
 
     #[test]
     fn conditions_in_rfc_order() {
-        let v = Validators { etag: "\"a\"".into(), modified: 1_000_000 };
-        let date = |secs: u64| httpdate::fmt_http_date(UNIX_EPOCH + std::time::Duration::from_secs(secs));
+        let v = Validators {
+            etag: "\"a\"".into(),
+            modified: 1_000_000,
+        };
+        let date =
+            |secs: u64| httpdate::fmt_http_date(UNIX_EPOCH + std::time::Duration::from_secs(secs));
         let check = |pairs: &[(&str, String)]| {
             let mut h = HeaderMap::new();
             for (k, val) in pairs {
-                h.append(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), val.parse().unwrap());
+                h.append(
+                    http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    val.parse().unwrap(),
+                );
             }
             let verdict = conditions(&Method::GET, &mut h, &v);
             (verdict, h.contains_key(header::RANGE))
@@ -329,19 +344,47 @@ mod tests {
         assert_eq!(check(&[("if-none-match", "*".into())]).0, NotModified);
         // A mismatching tag and a matching date: the tag decides.
         assert_eq!(
-            check(&[("if-none-match", "\"b\"".into()), ("if-modified-since", date(1_000_000))]).0,
+            check(&[
+                ("if-none-match", "\"b\"".into()),
+                ("if-modified-since", date(1_000_000))
+            ])
+            .0,
             Serve
         );
-        assert_eq!(check(&[("if-modified-since", date(1_000_000))]).0, NotModified);
+        assert_eq!(
+            check(&[("if-modified-since", date(1_000_000))]).0,
+            NotModified
+        );
         assert_eq!(check(&[("if-modified-since", date(999_999))]).0, Serve);
         assert_eq!(check(&[("if-match", "\"b\"".into())]).0, PreconditionFailed);
-        assert_eq!(check(&[("if-unmodified-since", date(999_999))]).0, PreconditionFailed);
+        assert_eq!(
+            check(&[("if-unmodified-since", date(999_999))]).0,
+            PreconditionFailed
+        );
         // Ranges: one applies; a stale If-Range, or several ranges, give all.
         assert_eq!(check(&[("range", "bytes=0-9".into())]), (Serve, true));
-        assert_eq!(check(&[("range", "bytes=0-9".into()), ("if-range", "\"a\"".into())]), (Serve, true));
-        assert_eq!(check(&[("range", "bytes=0-9".into()), ("if-range", "\"old\"".into())]), (Serve, false));
-        assert_eq!(check(&[("range", "bytes=0-9".into()), ("if-range", date(999_999))]), (Serve, false));
-        assert_eq!(check(&[("range", "bytes=0-9".into()), ("if-range", date(1_000_000))]), (Serve, true));
-        assert_eq!(check(&[("range", "bytes=0-9,20-29".into())]), (Serve, false));
+        assert_eq!(
+            check(&[("range", "bytes=0-9".into()), ("if-range", "\"a\"".into())]),
+            (Serve, true)
+        );
+        assert_eq!(
+            check(&[
+                ("range", "bytes=0-9".into()),
+                ("if-range", "\"old\"".into())
+            ]),
+            (Serve, false)
+        );
+        assert_eq!(
+            check(&[("range", "bytes=0-9".into()), ("if-range", date(999_999))]),
+            (Serve, false)
+        );
+        assert_eq!(
+            check(&[("range", "bytes=0-9".into()), ("if-range", date(1_000_000))]),
+            (Serve, true)
+        );
+        assert_eq!(
+            check(&[("range", "bytes=0-9,20-29".into())]),
+            (Serve, false)
+        );
     }
 }

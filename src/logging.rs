@@ -17,10 +17,9 @@ const CLIENT_FACING: &str = "rustls=error,tokio_rustls=error,h2=error,hyper=erro
 pub fn init(log: &LogConfig, generation: u64) -> tracing::Span {
     let filter = std::env::var("GRACESRV_LOG")
         .ok()
+        .filter(|f| !f.is_empty())
         .and_then(|f| EnvFilter::try_new(f).ok())
-        .unwrap_or_else(|| {
-            EnvFilter::new(format!("warn,{CLIENT_FACING},gracesrv={}", log.level))
-        });
+        .unwrap_or_else(|| EnvFilter::new(format!("warn,{CLIENT_FACING},gracesrv={}", log.level)));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -54,9 +53,18 @@ impl Throttle {
     pub fn allow(&self) -> Option<u64> {
         use std::sync::atomic::Ordering::Relaxed;
         static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-        let now = START.get_or_init(std::time::Instant::now).elapsed().as_secs() + 1;
+        let now = START
+            .get_or_init(std::time::Instant::now)
+            .elapsed()
+            .as_secs()
+            + 1;
         let last = self.last.load(Relaxed);
-        if last != now && self.last.compare_exchange(last, now, Relaxed, Relaxed).is_ok() {
+        if last != now
+            && self
+                .last
+                .compare_exchange(last, now, Relaxed, Relaxed)
+                .is_ok()
+        {
             return Some(self.suppressed.swap(0, Relaxed));
         }
         self.suppressed.fetch_add(1, Relaxed);

@@ -444,5 +444,13 @@ mod tests {
             h["forwarded"],
             "for=127.0.0.1;proto=https;host=\"example.com\""
         );
+        // A host can never close the quoted string and add fields.
+        let mut h = HeaderMap::new();
+        let sneaky = HeaderValue::from_static("a\";for=evil\\");
+        set_forwarded(&mut h, peer, Some(&sneaky));
+        assert_eq!(
+            h["forwarded"],
+            "for=127.0.0.1;proto=https;host=\"a\\\";for=evil\\\\\""
+        );
     }
 }

@@ -67,6 +67,16 @@ async fn upstream(mut req: Request<Incoming>) -> Result<Response<UpBody>, Infall
                 .unwrap()
         }
         "/api/echo" => Response::new(req.into_body().boxed()),
+        "/api/collect" => {
+            let n = req.into_body().collect().await.map(|b| b.to_bytes().len());
+            match n {
+                Ok(n) => Response::new(full(format!("got {n}\n"))),
+                Err(_) => Response::builder()
+                    .status(500)
+                    .body(full("broken body\n"))
+                    .unwrap(),
+            }
+        }
         "/api/slow" => {
             tokio::time::sleep(Duration::from_secs(2)).await;
             Response::new(full("slow\n"))
@@ -151,6 +161,8 @@ listeners:
         proxy: {{ upstream: "http://127.0.0.1:1", connect_timeout: 1s }}
       - path: /status
         status: {{}}
+      - path: /admin
+        respond: {{ body: "admin, not proxied\n" }}
   - name: web-tls
     addr: 127.0.0.1:0
     tls: {{ cert: localhost.crt, key: localhost.key }}
@@ -500,4 +512,76 @@ async fn websockets_cut_by_max_draining_hear_going_away() {
     util::wait_gone(first).await;
     assert_eq!(ws_echo(&mut ws2, "still").await.unwrap(), "still");
     assert!(util::alive(second));
+}
+
+/// Issue 13.8: routes match the normalised path, and the proxy forwards it:
+/// `..` (plain or encoded) cannot carry a request past its route; an
+/// encoded slash or NUL is refused.
+#[tokio::test]
+async fn proxied_paths_are_normalised_before_routing() {
+    let up = start_upstream().await;
+    let srv = TestServer::start(&proxy_config(up, "")).await;
+    for (path, status, body) in [
+        ("/api/../admin", 200, "admin, not proxied\n"),
+        ("/api/%2e%2e/admin", 200, "admin, not proxied\n"),
+        ("/api/%2E%2E/admin", 200, "admin, not proxied\n"),
+        ("/api/./x/../y?q=1", 200, "upstream /api/y\n"),
+        ("/api/%7euser", 200, "upstream /api/~user\n"),
+        ("/api/a%2fb", 400, "bad request\n"),
+        ("/api/a%00", 400, "bad request\n"),
+        ("/api/../../etc/passwd", 400, "bad request\n"),
+    ] {
+        let r = util::raw::raw(
+            &srv,
+            "web",
+            &format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n"),
+        )
+        .await;
+        assert_eq!(
+            (r.status, String::from_utf8_lossy(&r.body).as_ref()),
+            (status, body),
+            "{path}"
+        );
+    }
+}
+
+/// Issue 13.9: an `Upgrade: h2c` request is forwarded as a plain request
+/// (its upgrade headers removed), never tunnelled past routing.
+#[tokio::test]
+async fn only_websockets_are_tunnelled() {
+    let up = start_upstream().await;
+    let srv = TestServer::start(&proxy_config(up, "")).await;
+    let r = util::raw::raw(
+        &srv,
+        "web",
+        "GET /api/headers HTTP/1.1\r\nHost: a\r\nUpgrade: h2c\r\nConnection: Upgrade, HTTP2-Settings\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let seen = String::from_utf8_lossy(&r.body).to_lowercase();
+    assert!(!seen.contains("upgrade"), "{seen}");
+    assert!(!seen.contains("http2-settings"), "{seen}");
+    assert!(!r.closed, "an ordinary exchange: the connection stays");
+}
+
+/// Issue 13.10: a request body the client breaks (bad chunked framing) is
+/// the client's fault: 400, counted apart from upstream errors.
+#[tokio::test]
+async fn a_broken_request_body_is_a_bad_request() {
+    let up = start_upstream().await;
+    let srv = TestServer::start(&proxy_config(up, "")).await;
+    let r = util::raw::raw(
+        &srv,
+        "web",
+        "POST /api/collect HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n\r\n",
+    )
+    .await;
+    assert_eq!(r.status, 400, "{r:?}");
+    let status = client::get(&Target::plain(srv.addr("web")), "/status")
+        .await
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&status.body).unwrap();
+    assert_eq!(v["client_errors_total"], 1, "{v}");
+    assert_eq!(v["upstream_errors_total"], 0, "{v}");
+    assert!(!srv.logs().contains("upstream error"), "{}", srv.logs());
 }

@@ -82,16 +82,56 @@ impl RawH2 {
 
     /// A request head: `method` GET or POST, `path`.
     pub async fn request(&mut self, stream: u32, method: &str, path: &str, end: bool) {
+        let authority = self.authority.clone();
+        self.request_with(stream, method, path, &authority, &[], end)
+            .await;
+    }
+
+    /// A request head with this `:authority` and extra fields, each named
+    /// by its index in HPACK's static table (`host` is 38).
+    pub async fn request_with(
+        &mut self,
+        stream: u32,
+        method: &str,
+        path: &str,
+        authority: &str,
+        extra: &[(u8, &str)],
+        end: bool,
+    ) {
         let mut block = vec![if method == "POST" { 0x83 } else { 0x82 }, 0x86];
         if path == "/" {
             block.push(0x84);
         } else {
             literal(&mut block, 4, path);
         }
-        let authority = self.authority.clone();
-        literal(&mut block, 1, &authority);
+        literal(&mut block, 1, authority);
+        for (index, value) in extra {
+            literal(&mut block, *index, value);
+        }
         let flags = END_HEADERS | if end { END_STREAM } else { 0 };
         self.send(HEADERS, flags, stream, &block).await.unwrap();
+    }
+
+    /// The `:status` of a response HEADERS frame (literal or indexed).
+    pub fn status(block: &[u8]) -> Option<u16> {
+        match block.first()? {
+            0x88 => Some(200),
+            0x89 => Some(204),
+            0x8a => Some(206),
+            0x8b => Some(304),
+            0x8c => Some(400),
+            0x8d => Some(404),
+            0x8e => Some(500),
+            // Literal with the name `:status` (index 8), any of the forms.
+            b if b & 0x0f == 8 || b & 0x3f == 8 => {
+                let len = (*block.get(1)? & 0x7f) as usize;
+                std::str::from_utf8(block.get(2..2 + len)?)
+                    .ok()?
+                    .parse()
+                    .ok()
+            }
+            _ => None,
+        }
     }
 
     /// The next frame that is not SETTINGS or PING (those are answered
@@ -148,7 +188,12 @@ impl RawH2 {
 /// A header field "literal without indexing", its name from the static
 /// table, its value as a plain string.
 fn literal(block: &mut Vec<u8>, name_index: u8, value: &str) {
-    block.push(name_index);
+    // The index is an integer with a 4-bit prefix (RFC 7541 section 5.1).
+    if name_index < 15 {
+        block.push(name_index);
+    } else {
+        block.extend_from_slice(&[15, name_index - 15]);
+    }
     assert!(value.len() < 127);
     block.push(value.len() as u8);
     block.extend_from_slice(value.as_bytes());

@@ -9,6 +9,7 @@
 pub mod client;
 pub mod h2raw;
 pub mod load;
+pub mod raw;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
