@@ -211,3 +211,74 @@ async fn reload_reports_success_and_failure() {
     );
     assert_eq!(srv.answering_pid().await, new);
 }
+
+/// Issue 14.1: the watcher acts once per change of content, never on the
+/// reads of its own fingerprinting, of validation or of a new process, nor
+/// on a log written next to the config. A touch gives one line and no
+/// restart; a bad edit gives exactly one failed attempt (a new process
+/// that cannot bind); a good edit then gives exactly one restart.
+#[tokio::test]
+async fn watch_acts_once_per_change_and_never_on_reads() {
+    let mut srv = TestServer::start(&watch_config()).await;
+    srv.wait_log("watching the config").await;
+    let first = srv.pid();
+    let config = std::fs::read_to_string(&srv.config).unwrap();
+
+    let now = std::time::SystemTime::now();
+    std::fs::File::options()
+        .append(true)
+        .open(&srv.config)
+        .unwrap()
+        .set_modified(now)
+        .unwrap();
+    srv.wait_log("content did not: no restart").await;
+    // Nothing signals that nothing more happens: give a loop four of the
+    // watcher's 300 ms debounce periods to show itself.
+    let quiet = std::time::Duration::from_millis(1200);
+    tokio::time::sleep(quiet).await;
+
+    // A log next to the config, written all along.
+    let log = srv.dir.path().join("app.log");
+    let writer = std::thread::spawn(move || {
+        use std::io::Write;
+        let mut f = std::fs::File::create(log).unwrap();
+        for i in 0..40 {
+            writeln!(f, "line {i}").unwrap();
+            f.flush().unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(25));
+        }
+    });
+
+    // A bad edit: a new listener on a port someone else holds.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let bad = config.replacen(
+        "listeners:\n",
+        &format!(
+            "listeners:\n  - name: extra\n    addr: {}\n",
+            taken.local_addr().unwrap()
+        ),
+        1,
+    );
+    srv.write_config(&bad);
+    srv.wait_log("restart failed").await;
+    tokio::time::sleep(quiet).await;
+
+    // A good edit: a restart, once.
+    srv.write_config(&config.replace("gen {generation}", "generation {generation}"));
+    let new = srv.restart_from(first).await;
+    writer.join().unwrap();
+    let logs = srv.logs();
+    let tag = format!("pid={first} ");
+    let of_first = |needle: &str| {
+        logs.lines()
+            .filter(|l| l.contains(&tag) && l.contains(needle))
+            .count()
+    };
+    assert_eq!(of_first("restart failed"), 1, "{logs}");
+    assert_eq!(of_first("restarting trigger=Watch"), 2, "{logs}");
+    assert_eq!(of_first("content did not"), 1, "{logs}");
+    let r = client::get(&Target::plain(srv.addr("web")), "/")
+        .await
+        .unwrap();
+    assert_eq!(r.body, format!("pid {new} generation 2 web\n"));
+}
