@@ -1,12 +1,13 @@
 //! Stop accepting, then drain: one small piece every accept loop and every
 //! connection of a process holds.
 //!
-//! Two phases, two signals. `stop_accepting` makes accept loops drop their
-//! listeners (closing this process's copies of the shared sockets; never
-//! `shutdown(2)`, which would empty the accept queue the next generation is
-//! serving from). `draining` tells connections to finish: HTTP/1.1 responses
-//! carry `Connection: close`, HTTP/2 connections get GOAWAY. The process then
-//! waits for the connection count to reach zero, or for its deadline.
+//! Starting a drain makes accept loops pause and tells connections to
+//! finish: HTTP/1.1 responses carry `Connection: close`, HTTP/2 connections
+//! get GOAWAY. The process then waits for the connection count to reach
+//! zero, or for its deadline. A paused accept loop keeps its copy of the
+//! socket (never `shutdown(2)`: the accept queue is shared with the next
+//! generation): if the next generation dies right after it said ready, the
+//! drain is resumed and this process accepts again (`resume`).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -33,9 +34,16 @@ struct Inner {
     tunnels_done: Notify,
     /// Turns true when the tunnels must end (see `cut_tunnels`).
     cut: tokio::sync::watch::Sender<bool>,
-    /// Accept loops still holding a socket.
+    /// Accept loops accepting (not paused by a drain).
     acceptors: AtomicU64,
     acceptors_done: Notify,
+    /// Wakes paused accept loops: to accept again, or to close.
+    resumed: Notify,
+    /// Paused accept loops close their sockets (a stop, not a restart).
+    closing: AtomicBool,
+    /// Accept loops holding their copy of a socket, paused or not.
+    sockets: AtomicU64,
+    sockets_closed: Notify,
 }
 
 impl Default for Drain {
@@ -51,6 +59,10 @@ impl Default for Drain {
                 cut: tokio::sync::watch::Sender::new(false),
                 acceptors: AtomicU64::new(0),
                 acceptors_done: Notify::new(),
+                resumed: Notify::new(),
+                closing: AtomicBool::new(false),
+                sockets: AtomicU64::new(0),
+                sockets_closed: Notify::new(),
             }),
         }
     }
@@ -69,7 +81,7 @@ impl Drop for ConnectionGuard {
     }
 }
 
-/// Held by each accept loop; dropping it means its copy of the socket is closed.
+/// Held by each accept loop while it accepts; dropped when it pauses or ends.
 pub struct AcceptorGuard {
     inner: Arc<Inner>,
 }
@@ -78,6 +90,19 @@ impl Drop for AcceptorGuard {
     fn drop(&mut self) {
         if self.inner.acceptors.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.inner.acceptors_done.notify_waiters();
+        }
+    }
+}
+
+/// Held by each accept loop while it holds its copy of a socket.
+pub struct SocketGuard {
+    inner: Arc<Inner>,
+}
+
+impl Drop for SocketGuard {
+    fn drop(&mut self) {
+        if self.inner.sockets.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.inner.sockets_closed.notify_waiters();
         }
     }
 }
@@ -117,7 +142,7 @@ impl Drain {
         }
     }
 
-    /// Resolves once every accept loop has ended and closed its socket.
+    /// Resolves once every accept loop has paused (or ended).
     pub async fn stopped_accepting(&self) {
         loop {
             let notified = self.inner.acceptors_done.notified();
@@ -190,6 +215,55 @@ impl Drain {
     pub fn start(&self) {
         self.inner.draining.store(true, Ordering::Release);
         self.inner.started.notify_waiters();
+    }
+
+    /// Ends a drain: accept loops accept again, new connections are served
+    /// as before. (Connections that were told to finish still do.)
+    pub fn resume(&self) {
+        self.inner.draining.store(false, Ordering::Release);
+        self.inner.resumed.notify_waiters();
+    }
+
+    /// Counts an accept loop's copy of a socket, until the guard drops.
+    pub fn socket(&self) -> SocketGuard {
+        self.inner.sockets.fetch_add(1, Ordering::AcqRel);
+        SocketGuard {
+            inner: self.inner.clone(),
+        }
+    }
+
+    /// Paused accept loops close their copies of the sockets: the process
+    /// stops, and no new connection may wait in a queue nobody serves.
+    /// Resolves once every copy is closed.
+    pub async fn close_listeners(&self) {
+        self.inner.closing.store(true, Ordering::Release);
+        self.inner.resumed.notify_waiters();
+        loop {
+            let closed = self.inner.sockets_closed.notified();
+            tokio::pin!(closed);
+            closed.as_mut().enable();
+            if self.inner.sockets.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            closed.await;
+        }
+    }
+
+    /// For a paused accept loop: `true` when it should accept again (the
+    /// drain was resumed), `false` when it should close its socket.
+    pub async fn resumed(&self) -> bool {
+        loop {
+            let resumed = self.inner.resumed.notified();
+            tokio::pin!(resumed);
+            resumed.as_mut().enable();
+            if self.inner.closing.load(Ordering::Acquire) {
+                return false;
+            }
+            if !self.is_draining() {
+                return true;
+            }
+            resumed.await;
+        }
     }
 
     /// Waits until no connection is left, or `timeout` passes; returns what

@@ -26,6 +26,11 @@ pub struct Generation {
     /// restart hands over. Workers hold duplicates of their own.
     pub listeners: Vec<Listener>,
     pub process: Arc<ProcessInfo>,
+    /// The ready pipe to the previous generation, kept open after `READY`:
+    /// while it is open, the previous generation (still draining) can take
+    /// over again if this one dies. `DONE` on it says this one ends on
+    /// purpose (see [`Generation::ending`]).
+    predecessor: Option<std::fs::File>,
 }
 
 /// Worker threads: one per core, or `GRACESRV_WORKERS`.
@@ -103,17 +108,19 @@ impl Generation {
             config,
             listeners,
             process,
+            predecessor: None,
         })
     }
 
     /// Tells whoever waits that this generation serves: the parent (ready
     /// pipe), `pid_file`, systemd. A supervised worker tells only its
     /// supervisor, which owns the pid file and the systemd notifications.
-    pub fn report_ready(&self, ready: Option<OwnedFd>, supervised: bool) {
+    pub fn report_ready(&mut self, ready: Option<OwnedFd>, supervised: bool) {
         if let Some(fd) = ready {
             let mut f = std::fs::File::from(fd);
-            if let Err(e) = f.write_all(b"READY\n") {
-                warn!("cannot report ready to the previous generation: {e}");
+            match f.write_all(b"READY\n") {
+                Ok(()) => self.predecessor = Some(f),
+                Err(e) => warn!("cannot report ready to the previous generation: {e}"),
             }
         }
         if supervised {
@@ -128,6 +135,14 @@ impl Generation {
             sd_notify::NotifyState::MainPid(self.process.pid),
             sd_notify::NotifyState::Ready,
         ]);
+    }
+
+    /// This generation ends on purpose (replaced, or stopping): the previous
+    /// one, if it still drains, must not take over when this one exits.
+    pub fn ending(&mut self) {
+        if let Some(mut f) = self.predecessor.take() {
+            let _ = f.write_all(b"DONE\n");
+        }
     }
 
     /// Removes `pid_file` if it still names this process (a newer generation

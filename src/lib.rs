@@ -178,15 +178,15 @@ impl Server {
             Ok(p) => p,
             Err(e) => return fail(&mut ready, &e.to_string()),
         };
-        let gen = match generation::Generation::start(prepared, inherited.sockets, generation, span)
-        {
-            Ok(g) => g,
-            Err(e) => {
-                tracing::error!("cannot start: {e}");
-                generation::report_error(ready.take(), &e);
-                return 1;
-            }
-        };
+        let mut gen =
+            match generation::Generation::start(prepared, inherited.sockets, generation, span) {
+                Ok(g) => g,
+                Err(e) => {
+                    tracing::error!("cannot start: {e}");
+                    generation::report_error(ready.take(), &e);
+                    return 1;
+                }
+            };
         gen.report_ready(ready.take(), supervisor.is_some());
         let mut draining = inherited.draining;
         draining::enforce(&mut draining, gen.config.max_draining);

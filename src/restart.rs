@@ -58,7 +58,7 @@ enum State {
     },
 }
 
-type Attempt = Pin<Box<dyn Future<Output = Result<i32, String>>>>;
+type Attempt = Pin<Box<dyn Future<Output = Result<Ready, String>>>>;
 
 /// The pid of the process a restart attempt is starting, so that a stop
 /// during the attempt can take it down too (else it would become an orphan
@@ -78,7 +78,7 @@ impl Starting {
 
 /// Runs until the process should exit; returns its exit code.
 pub async fn control(
-    gen: Generation,
+    mut gen: Generation,
     restarter: Restarter,
     mut signals: Signals,
     mut watch: Option<crate::watch::Watch>,
@@ -94,12 +94,17 @@ pub async fn control(
                 Sig::Restart => Some(Trigger::Signal),
                 Sig::Stop => {
                     info!("stopping: draining connections");
+                    gen.ending();
                     drop(attempt.take());
                     starting.abandon(&restarter.reaper).await;
-                    return drain(gen, &mut signals, Why::Stop).await;
+                    return match drain(&mut gen, &mut signals, Why::Stop, &restarter.reaper).await {
+                        Drained::Exit(code) => code,
+                        Drained::RolledBack(_) => unreachable!("only a replaced generation rolls back"),
+                    };
                 }
                 Sig::Quit => {
                     info!(connections = gen.process.drain.active(), "quit: closing every connection");
+                    gen.ending();
                     drop(attempt.take());
                     starting.abandon(&restarter.reaper).await;
                     gen.process.drain.cut_tunnels(TUNNEL_CLOSE).await;
@@ -119,12 +124,13 @@ pub async fn control(
                     gen.process.pid,
                     seq,
                     gen.process.generation + 1,
-                    &outcome,
+                    &outcome.as_ref().map(|r| r.pid).map_err(Clone::clone),
                 );
                 let pending = matches!(state, State::Restarting { pending: true });
                 state = State::Serving;
                 match outcome {
-                    Ok(new_pid) => {
+                    Ok(ready) => {
+                        let new_pid = ready.pid;
                         info!(
                             old_pid = gen.process.pid,
                             new_pid,
@@ -137,7 +143,26 @@ pub async fn control(
                             // trigger: pass it on so nothing is missed.
                             let _ = kill(Pid::from_raw(new_pid), Signal::SIGHUP);
                         }
-                        return drain(gen, &mut signals, Why::Replaced).await;
+                        gen.ending();
+                        match drain(&mut gen, &mut signals, Why::Replaced(ready), &restarter.reaper).await {
+                            Drained::Exit(code) => return code,
+                            Drained::RolledBack(status) => {
+                                let reason = "new generation died after ready (rolled back)".to_string();
+                                error!(new_pid, status, "restart failed: {reason}");
+                                seq += 1;
+                                crate::reload::report(
+                                    gen.config.pid_file.as_deref(),
+                                    gen.process.pid,
+                                    seq,
+                                    gen.process.generation + 1,
+                                    &Err(reason),
+                                );
+                                // This generation serves again: it is the one
+                                // the pid file and systemd must name.
+                                gen.report_ready(None, restarter.supervisor.is_some());
+                                None
+                            }
+                        }
                     }
                     Err(reason) => {
                         error!(took_ms = started.elapsed().as_millis() as u64, "restart failed: {reason}");
@@ -180,7 +205,7 @@ fn restart(
     r: &Restarter,
     gen: &Generation,
     starting: Starting,
-) -> impl Future<Output = Result<i32, String>> + 'static {
+) -> impl Future<Output = Result<Ready, String>> + 'static {
     // 2. Validate in-process first: a broken config or certificate never
     // gets as far as a new process.
     let spawned = crate::validate::prepare(&r.config_path, &r.apps)
@@ -210,7 +235,7 @@ fn restart(
     async move {
         let (s, startup_timeout) = spawned?;
         // 4-6. Wait for READY, an error, its exit, or the startup timeout.
-        await_ready(s, startup_timeout, &reaper).await
+        await_ready_watched(s, startup_timeout, &reaper).await
     }
 }
 
@@ -278,9 +303,76 @@ pub async fn await_ready(
     startup_timeout: Duration,
     reaper: &Reaper,
 ) -> Result<i32, String> {
+    await_ready_watched(s, startup_timeout, reaper)
+        .await
+        .map(|ready| ready.pid)
+}
+
+/// A successor that said `READY`, and its ready pipe, still open.
+pub struct Ready {
+    pub pid: i32,
+    pipe: ReadyPipe,
+}
+
+/// The read end of a ready pipe, and what was read past the last line.
+struct ReadyPipe {
+    rx: tokio::net::unix::pipe::Receiver,
+    buf: Vec<u8>,
+}
+
+impl ReadyPipe {
+    /// The next line; `None` when the writer closed the pipe first.
+    async fn line(&mut self) -> Result<Option<String>, String> {
+        let mut chunk = [0u8; 1024];
+        loop {
+            if let Some(end) = self.buf.iter().position(|b| *b == b'\n') {
+                let line = String::from_utf8_lossy(&self.buf[..end]).to_string();
+                self.buf.drain(..=end);
+                return Ok(Some(line));
+            }
+            if self.buf.len() > 64 * 1024 {
+                return Err("ready pipe: message too long".into());
+            }
+            let n = self
+                .rx
+                .read(&mut chunk)
+                .await
+                .map_err(|e| format!("ready pipe: {e}"))?;
+            if n == 0 {
+                return Ok(None);
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+}
+
+/// [`await_ready`], keeping the pipe: a successor keeps its end open while
+/// it serves, and says `DONE` before it ends on purpose, so its end of file
+/// without `DONE` means it died (see [`Successor::died`]).
+async fn await_ready_watched(
+    s: Successor,
+    startup_timeout: Duration,
+    reaper: &Reaper,
+) -> Result<Ready, String> {
     let pid = s.pid;
-    let outcome = match tokio::time::timeout(startup_timeout, read_ready(s.ready)).await {
-        Ok(Ok(())) => return Ok(pid),
+    let waited = async {
+        let rx = tokio::net::unix::pipe::Receiver::from_owned_fd(s.ready)
+            .map_err(|e| format!("ready pipe: {e}"))?;
+        let mut pipe = ReadyPipe {
+            rx,
+            buf: Vec::new(),
+        };
+        match pipe.line().await? {
+            None => Err(String::new()),
+            Some(line) if line == "READY" => Ok(pipe),
+            Some(line) => match line.strip_prefix("ERROR ") {
+                Some(reason) => Err(reason.to_string()),
+                None => Err(format!("unexpected message on the ready pipe: {line:?}")),
+            },
+        }
+    };
+    let outcome = match tokio::time::timeout(startup_timeout, waited).await {
+        Ok(Ok(pipe)) => return Ok(Ready { pid, pipe }),
         Ok(Err(reason)) => reason,
         Err(_) => format!("new process {pid} was not ready within {startup_timeout:?}"),
     };
@@ -292,32 +384,21 @@ pub async fn await_ready(
     })
 }
 
-/// Reads the ready pipe: `READY` is success, `ERROR <reason>` a reported
-/// failure; an empty `Err` means the pipe closed without either.
-async fn read_ready(fd: OwnedFd) -> Result<(), String> {
-    let mut rx = tokio::net::unix::pipe::Receiver::from_owned_fd(fd)
-        .map_err(|e| format!("ready pipe: {e}"))?;
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 1024];
-    loop {
-        let n = rx
-            .read(&mut chunk)
-            .await
-            .map_err(|e| format!("ready pipe: {e}"))?;
-        if n == 0 {
-            return Err(String::new());
+impl Ready {
+    /// Resolves if the successor dies without saying `DONE` (how it ended);
+    /// never, once it said it ends on purpose.
+    async fn died(mut self, reaper: &Reaper) -> String {
+        loop {
+            match self.pipe.line().await {
+                Ok(Some(line)) if line == "DONE" => return std::future::pending().await,
+                Ok(Some(_)) => continue,
+                Ok(None) | Err(_) => break,
+            }
         }
-        buf.extend_from_slice(&chunk[..n]);
-        if let Some(end) = buf.iter().position(|b| *b == b'\n') {
-            let line = String::from_utf8_lossy(&buf[..end]).to_string();
-            return match line.strip_prefix("ERROR ") {
-                None if line == "READY" => Ok(()),
-                Some(reason) => Err(reason.to_string()),
-                None => Err(format!("unexpected message on the ready pipe: {line:?}")),
-            };
-        }
-        if buf.len() > 64 * 1024 {
-            return Err("ready pipe: message too long".into());
+        // Its end closed: it is exiting (or has).
+        match tokio::time::timeout(Duration::from_secs(1), reaper.wait(self.pid)).await {
+            Ok(status) => crate::reaper::describe(status),
+            Err(_) => "closed its ready pipe".into(),
         }
     }
 }
@@ -326,36 +407,88 @@ async fn read_ready(fd: OwnedFd) -> Result<(), String> {
 /// exits; at `shutdown_timeout` whatever is left is cut. A second TERM/INT,
 /// or QUIT, stops at once.
 /// Why a generation drains.
-#[derive(PartialEq, Eq)]
 enum Why {
     /// TERM/INT: a second one stops at once.
     Stop,
-    /// A newer generation took over. A first TERM (systemd sends one to every
+    /// This generation took over. A first TERM (systemd sends one to every
     /// process of the unit on stop) keeps draining; a second stops at once.
-    Replaced,
+    Replaced(Ready),
 }
 
-async fn drain(mut gen: Generation, signals: &mut Signals, mut why: Why) -> i32 {
+/// How a drain ended.
+enum Drained {
+    /// The process exits with this code.
+    Exit(i32),
+    /// The new generation died before this one finished draining (how it
+    /// ended is given): this one serves again.
+    RolledBack(String),
+}
+
+async fn drain(gen: &mut Generation, signals: &mut Signals, why: Why, reaper: &Reaper) -> Drained {
     // A replaced generation leaves the pid file alone: it names the new
     // generation by now, or is about to (checking and then removing it would
     // race the new generation's write).
-    let replaced = why == Why::Replaced;
+    let replaced = matches!(why, Why::Replaced(_));
     let drain = gen.process.drain.clone();
     drain.start();
-    // Close this process's own copies of the sockets (the workers close
-    // theirs as their accept loops end). Never shutdown(2): the accept queue
-    // is shared with the next generation, and nothing in it may be lost.
-    gen.listeners.clear();
+    // The accept loops pause. This process keeps its copies of the sockets
+    // until it exits (never shutdown(2): the accept queue is shared with the
+    // next generation, and nothing in it may be lost), so that if the next
+    // generation dies before this drain ends, this one accepts again and no
+    // client is refused.
     drain.stopped_accepting().await;
+    if !replaced {
+        // A stop: nothing to take over again, and no client may wait in a
+        // queue nobody will serve. Close every copy of the sockets.
+        gen.listeners.clear();
+        drain.close_listeners().await;
+    }
     info!("stopped accepting");
     let timeout = gen.config.shutdown_timeout;
     let started = Instant::now();
     let wait = drain.wait(timeout);
     tokio::pin!(wait);
+    let (successor, mut stopping) = match why {
+        Why::Replaced(ready) => (Some(ready), false),
+        Why::Stop => (None, true),
+    };
+    let mut watching = successor.is_some();
+    let successor_died = async move {
+        match successor {
+            Some(ready) => ready.died(reaper).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(successor_died);
+    // Drained while still watching the new generation (see SUCCESSOR_GRACE).
+    let mut drained = false;
+    let grace = tokio::time::sleep_until((started + SUCCESSOR_GRACE).into());
+    tokio::pin!(grace);
     loop {
         tokio::select! {
-            cut = &mut wait => {
+            _ = &mut grace, if drained => {
+                info!(took_ms = started.elapsed().as_millis() as u64, "drained: exiting");
+                break;
+            }
+            status = &mut successor_died, if watching => {
+                watching = false;
+                // Stopping (systemd sends TERM to every process of the
+                // unit): the new generation's exit is no reason to serve.
+                if stopping {
+                    continue;
+                }
+                drain.resume();
+                return Drained::RolledBack(status);
+            }
+            cut = &mut wait, if !drained => {
                 match cut {
+                    // Drained, but the new generation has not yet been up
+                    // for SUCCESSOR_GRACE: stay, paused, to take over if it
+                    // dies right after it said ready.
+                    None if watching && !stopping && started.elapsed() < SUCCESSOR_GRACE => {
+                        drained = true;
+                        continue;
+                    }
                     None => info!(took_ms = started.elapsed().as_millis() as u64, "drained: exiting"),
                     Some(cut) => warn!(
                         connections = cut.connections,
@@ -372,9 +505,13 @@ async fn drain(mut gen: Generation, signals: &mut Signals, mut why: Why) -> i32 
                         info!("draining: HUP ignored (the new generation handles restarts)");
                         continue;
                     }
-                    Sig::Stop if why == Why::Replaced => {
+                    Sig::Stop if !stopping => {
                         info!("stop requested: still draining (a second TERM or INT stops at once)");
-                        why = Why::Stop;
+                        stopping = true;
+                        if drained {
+                            info!("drained: exiting");
+                            break;
+                        }
                         continue;
                     }
                     Sig::Stop | Sig::Quit => {}
@@ -389,8 +526,13 @@ async fn drain(mut gen: Generation, signals: &mut Signals, mut why: Why) -> i32 
     if !replaced {
         gen.remove_pid_file();
     }
-    0
+    Drained::Exit(0)
 }
+
+/// How long a replaced generation stays, at least, ready to take over
+/// again if the new one dies right after it said ready, even when it has
+/// nothing left to drain.
+const SUCCESSOR_GRACE: Duration = Duration::from_secs(1);
 
 /// How long a stopping process waits for its tunnels to send their close
 /// frames (see `tunnel`).

@@ -113,12 +113,32 @@ pub fn start(
                     // request touches no cache line another worker writes.
                     let specs = listeners.into_iter().map(|(_, spec)| Arc::new(spec));
                     for (spec, socket) in specs.zip(sockets) {
-                        let guard = shared.process.drain.acceptor();
                         let (shared, builder, stats) =
                             (shared.clone(), builder.clone(), stats.clone());
+                        let drain = shared.process.drain.clone();
+                        // Counted as accepting from now, so a drain that
+                        // starts before the task runs still waits for it.
+                        let guard = drain.acceptor();
+                        let held = drain.socket();
                         tokio::spawn(async move {
-                            accept_loop(socket, w, spec, stats, shared, builder).await;
-                            drop(guard);
+                            // Locals drop in reverse order: the socket is
+                            // closed before `_held` counts it closed.
+                            let _held = held;
+                            let socket = socket;
+                            let mut guard = Some(guard);
+                            loop {
+                                accept_loop(&socket, w, &spec, &stats, &shared, &builder).await;
+                                // Paused, with the socket kept: the next
+                                // generation may die right after it said
+                                // ready, and this process serve again.
+                                drop(guard.take());
+                                if !drain.resumed().await {
+                                    debug!(listener = %spec.ctx.name, "listener closed");
+                                    return;
+                                }
+                                guard = Some(drain.acceptor());
+                                debug!(listener = %spec.ctx.name, "accepting again");
+                            }
                         });
                     }
                     let _ = tx.send(Ok(()));
@@ -176,12 +196,12 @@ fn should_defer(workers: &[Arc<WorkerStats>], me: usize) -> bool {
 /// being refused. (Taking a slot *before* accepting would let the idle accept
 /// loops of other listeners and workers hoard slots.)
 async fn accept_loop(
-    listener: tokio::net::TcpListener,
+    listener: &tokio::net::TcpListener,
     me: usize,
-    spec: Arc<ListenerSpec>,
-    stats: Arc<WorkerStats>,
-    shared: Arc<Shared>,
-    builder: Arc<connection::Builders>,
+    spec: &Arc<ListenerSpec>,
+    stats: &Arc<WorkerStats>,
+    shared: &Arc<Shared>,
+    builder: &Arc<connection::Builders>,
 ) {
     let drain = shared.process.drain.clone();
     let workers = &shared.process.workers;
@@ -238,7 +258,7 @@ async fn accept_loop(
             shared: shared.clone(),
             builder: builder.clone(),
             guard,
-            on_worker: OnWorker::new(&stats),
+            on_worker: OnWorker::new(stats),
         };
         match shared.limit.clone().try_acquire_owned() {
             Ok(permit) => {
@@ -267,8 +287,7 @@ async fn accept_loop(
             }
         }
     }
-    debug!(listener = %spec.ctx.name, "accept loop ended");
-    // `listener` drops here: this worker's copy of the socket closes.
+    debug!(listener = %spec.ctx.name, "accept loop paused");
 }
 
 /// An accepted connection, counted, waiting for its slot.

@@ -467,7 +467,8 @@ async fn pid_file_follows_the_serving_generation() {
         std::fs::read_to_string(&pid_file).unwrap(),
         format!("{new}\n")
     );
-    for _ in 0..20 {
+    // (An old generation stays at least a second, see SUCCESSOR_GRACE.)
+    for _ in 0..5 {
         let old = srv.pid();
         let new = srv.restart().await;
         util::wait_gone(old).await;
@@ -537,4 +538,48 @@ async fn activated_sockets_without_a_known_name_match_by_address() {
         client::get(&Target::plain(addr), "/").await.unwrap().pid(),
         srv.pid()
     );
+}
+
+/// Issue 14.5: a new generation that dies right after it said ready is not
+/// an outage. The old generation kept its sockets (paused, not closed),
+/// takes over again, and says so. Under a load of new connections across
+/// five such deaths, no connection is refused: the only requests lost are
+/// the ones the killed process had accepted (at most one per client per
+/// death).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_generation_that_dies_after_ready_is_rolled_back() {
+    let mut srv = TestServer::start(&basic_config("")).await;
+    let web = Target::plain(srv.addr("web"));
+    let old = srv.pid();
+    let mut load = Load::new();
+    load.spawn(Kind::NewConnection, web.clone(), "/", 2);
+    let stats = load.stats.clone();
+    stats.wait_for_more(50).await;
+    for _ in 0..5 {
+        srv.hup();
+        let new = srv.wait_ready().await;
+        assert_ne!(new, old);
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(new as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        // The old generation reports ready again (pid file, systemd).
+        assert_eq!(srv.wait_ready().await, old);
+        let tag = format!("new_pid={new} ");
+        srv.wait_log_after(0, |l| {
+            l.contains(&tag) && l.contains("new generation died after ready (rolled back)")
+        })
+        .await;
+        assert_eq!(srv.answering_pid().await, old);
+        stats.wait_for_more(50).await;
+    }
+    let stats = load.stop().await;
+    let errors = stats.errors.lock().unwrap().join("\n");
+    assert!(!errors.contains("refused"), "{errors}");
+    assert!(stats.failed() <= 2 * 5, "{errors}");
+    // And it still restarts normally.
+    let new = srv.restart().await;
+    assert_eq!(srv.answering_pid().await, new);
+    util::wait_gone(old).await;
 }
