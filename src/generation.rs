@@ -31,6 +31,8 @@ pub struct Generation {
     /// over again if this one dies. `DONE` on it says this one ends on
     /// purpose (see [`Generation::ending`]).
     predecessor: Option<std::fs::File>,
+    /// Writing `pid_file` failed (a full disk): the control loop retries.
+    pub pid_file_pending: bool,
 }
 
 /// Worker threads: one per core, or `GRACESRV_WORKERS`.
@@ -109,6 +111,7 @@ impl Generation {
             listeners,
             process,
             predecessor: None,
+            pid_file_pending: false,
         })
     }
 
@@ -126,15 +129,29 @@ impl Generation {
         if supervised {
             return;
         }
+        self.pid_file_pending = false;
         if let Some(path) = &self.config.pid_file {
             if let Err(e) = write_pid_file(path, self.process.pid) {
-                warn!(pid_file = %path.display(), "cannot write pid file: {e}");
+                warn!(pid_file = %path.display(), "cannot write pid file, trying again every second: {e}");
+                self.pid_file_pending = true;
             }
         }
         notify_systemd(&[
             sd_notify::NotifyState::MainPid(self.process.pid),
             sd_notify::NotifyState::Ready,
         ]);
+    }
+
+    /// Tries `pid_file` again (see `pid_file_pending`).
+    pub fn retry_pid_file(&mut self) {
+        let Some(path) = &self.config.pid_file else {
+            self.pid_file_pending = false;
+            return;
+        };
+        if write_pid_file(path, self.process.pid).is_ok() {
+            info!(pid_file = %path.display(), "pid file written");
+            self.pid_file_pending = false;
+        }
     }
 
     /// This generation ends on purpose (replaced, or stopping): the previous
@@ -181,11 +198,24 @@ pub fn remove_pid_file(path: &Path, pid: u32) {
 
 /// Writes the pid atomically: a temporary file renamed over the old one, so a
 /// reader never sees a half-written pid.
-pub fn write_pid_file(path: &Path, pid: u32) -> std::io::Result<()> {
+pub fn write_pid_file(path: &Path, pid: u32) -> Result<(), String> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+        std::fs::create_dir_all(dir).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists || dir.exists() && !dir.is_dir() {
+                format!(
+                    "cannot create directory {}: something that is not a directory is in the way",
+                    dir.display()
+                )
+            } else {
+                format!("cannot create directory {}: {e}", dir.display())
+            }
+        })?;
     }
-    let tmp = path.with_extension(format!("tmp.{pid}"));
-    std::fs::write(&tmp, format!("{pid}\n"))?;
-    std::fs::rename(&tmp, path)
+    crate::reload::write_atomically(path, format!("{pid}\n").as_bytes()).map_err(|e| {
+        match e.raw_os_error() {
+            Some(libc::ENOSPC) | Some(libc::EDQUOT) => format!("{e}: the disk holding it is full"),
+            Some(libc::EROFS) => format!("{e}: the disk holding it is read-only"),
+            _ => e.to_string(),
+        }
+    })
 }

@@ -188,6 +188,9 @@ impl Server {
                 }
             };
         gen.report_ready(ready.take(), supervisor.is_some());
+        if supervisor.is_none() {
+            reload::serve_control(&config_path);
+        }
         let mut draining = inherited.draining;
         draining::enforce(&mut draining, gen.config.max_draining);
         tracing::info!(version = env!("CARGO_PKG_VERSION"), "ready");

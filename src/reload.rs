@@ -1,14 +1,20 @@
 //! `gracesrv reload`: restart a running server and say how it went.
 //!
-//! How the outcome reaches it: after every restart attempt, the process that
-//! ran it writes one JSON line to `<pid_file>.restart` (atomically, like the
-//! pid file): its own pid, a sequence number, and either the new generation's
-//! pid or the reason the restart failed. `reload` reads the pid from
-//! `pid_file`, sends it SIGHUP, and waits for a result written by that pid
-//! after the signal.
+//! How the outcome reaches it: every serving process (and the supervisor)
+//! listens on a control socket, an abstract Unix socket named after its pid
+//! (`@gracesrv.<pid>`: no file, so nothing a full or read-only disk can
+//! stop, and nothing left behind). `reload` reads the pid from `pid_file`,
+//! connects there, and is told the pid and config the process serves; a pid
+//! with no such socket, or serving another config, is a stale pid file and
+//! is never signalled. Subscribed, `reload` sends SIGHUP and waits for the
+//! outcome of the next restart attempt, which the process sends to every
+//! subscriber: the new generation's pid, or the reason it failed.
+//!
+//! Every outcome is also written to `<pid_file>.restart` (atomically, like
+//! the pid file), for other tools.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -37,11 +43,99 @@ pub fn result_path(pid_file: &Path) -> PathBuf {
 
 /// Writes `r` atomically next to `pid_file`.
 pub fn write_result(pid_file: &Path, r: &RestartResult) -> std::io::Result<()> {
-    let path = result_path(pid_file);
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
     let line = serde_json::to_string(r).map_err(std::io::Error::other)? + "\n";
-    std::fs::write(&tmp, line)?;
-    std::fs::rename(&tmp, &path)
+    write_atomically(&result_path(pid_file), line.as_bytes())
+}
+
+/// Writes `path` through a temporary file renamed over it, so a reader never
+/// sees half of it; the temporary file is removed if anything fails (a full
+/// disk leaves no empty files behind).
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".tmp.{}", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let written = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}
+
+/// The name of process `pid`'s control socket, in the abstract namespace.
+fn control_name(pid: u32) -> String {
+    format!("gracesrv.{pid}")
+}
+
+/// Who gets the outcome of each restart attempt: connected `reload`s.
+static SUBSCRIBERS: std::sync::Mutex<Vec<std::os::unix::net::UnixStream>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// The most `reload`s waiting at once; beyond, the oldest is dropped.
+const MAX_SUBSCRIBERS: usize = 64;
+
+/// Listens on this process's control socket (see the module doc), on the
+/// current tokio runtime. Only the same user, or root, may connect.
+pub fn serve_control(config: &Path) {
+    use std::os::linux::net::SocketAddrExt;
+    let pid = std::process::id();
+    let hello = serde_json::json!({ "pid": pid, "config": config }).to_string() + "\n";
+    let bound = std::os::unix::net::SocketAddr::from_abstract_name(control_name(pid))
+        .and_then(|addr| std::os::unix::net::UnixListener::bind_addr(&addr))
+        .and_then(|l| {
+            l.set_nonblocking(true)?;
+            tokio::net::UnixListener::from_std(l)
+        });
+    let listener = match bound {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!("no control socket, `gracesrv reload` will not reach this process: {e}");
+            return;
+        }
+    };
+    let me = nix::unistd::geteuid().as_raw();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            if !stream
+                .peer_cred()
+                .is_ok_and(|c| c.uid() == 0 || c.uid() == me)
+            {
+                continue;
+            }
+            let Ok(stream) = stream.into_std() else {
+                continue;
+            };
+            use std::io::Write;
+            let mut stream = stream;
+            let ok = stream.set_nonblocking(false).is_ok()
+                && stream
+                    .set_write_timeout(Some(Duration::from_secs(1)))
+                    .is_ok()
+                && stream.write_all(hello.as_bytes()).is_ok();
+            if ok {
+                let mut subs = SUBSCRIBERS.lock().unwrap_or_else(|p| p.into_inner());
+                if subs.len() >= MAX_SUBSCRIBERS {
+                    subs.remove(0);
+                }
+                subs.push(stream);
+            }
+        }
+    });
+}
+
+/// Sends `r` to every connected `reload`; they hang up after one.
+fn publish(r: &RestartResult) {
+    use std::io::Write;
+    let Ok(line) = serde_json::to_string(r) else {
+        return;
+    };
+    let mut subs = SUBSCRIBERS.lock().unwrap_or_else(|p| p.into_inner());
+    for mut s in subs.drain(..) {
+        let _ = s.write_all(format!("{line}\n").as_bytes());
+    }
 }
 
 /// Records the outcome of a restart run by `pid` next to `pid_file`, if the
@@ -53,7 +147,6 @@ pub fn report(
     new_generation: u64,
     outcome: &Result<i32, String>,
 ) {
-    let Some(pid_file) = pid_file else { return };
     let r = RestartResult {
         pid,
         seq,
@@ -62,14 +155,11 @@ pub fn report(
         generation: outcome.as_ref().ok().map(|_| new_generation),
         reason: outcome.as_ref().err().cloned(),
     };
+    publish(&r);
+    let Some(pid_file) = pid_file else { return };
     if let Err(e) = write_result(pid_file, &r) {
         tracing::warn!(pid_file = %pid_file.display(), "cannot write the restart result: {e}");
     }
-}
-
-fn read_result(pid_file: &Path) -> Option<RestartResult> {
-    let text = std::fs::read_to_string(result_path(pid_file)).ok()?;
-    serde_json::from_str(text.trim()).ok()
 }
 
 /// Runs `gracesrv reload -c FILE`; returns the exit code.
@@ -87,6 +177,7 @@ pub fn run(config: &Path) -> i32 {
 }
 
 fn reload(config: &Path) -> Result<String, String> {
+    use std::io::BufRead;
     let config = Config::load(config).map_err(|e| e.to_string())?;
     let pid_file = config.pid_file.clone().ok_or_else(|| {
         format!(
@@ -100,45 +191,89 @@ fn reload(config: &Path) -> Result<String, String> {
             pid_file.display()
         )
     })?;
-    let pid: i32 = text
+    let pid: u32 = text
         .trim()
         .parse()
         .map_err(|_| format!("pid_file {} does not hold a pid", pid_file.display()))?;
-    let before = read_result(&pid_file).filter(|r| r.pid == pid as u32);
+    let stale = |why: String| {
+        format!(
+            "stale pid file {}: pid {pid} {why}; not signalled",
+            pid_file.display()
+        )
+    };
+    // Is it a gracesrv, serving this config? Ask it, before any signal.
+    let control =
+        connect_control(pid).map_err(|e| stale(format!("is not a running gracesrv ({e})")))?;
+    let _ = control.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut reader = std::io::BufReader::new(control.try_clone().map_err(|e| e.to_string())?);
+    let mut hello = String::new();
+    reader
+        .read_line(&mut hello)
+        .map_err(|e| stale(format!("did not answer on its control socket ({e})")))?;
+    let hello: serde_json::Value =
+        serde_json::from_str(hello.trim()).map_err(|_| stale("is not a gracesrv".into()))?;
+    let serves = hello["config"].as_str().map(PathBuf::from);
+    let same = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    if serves.as_deref().map(same) != Some(same(&config.path)) {
+        return Err(stale(format!(
+            "serves {}",
+            serves.map_or("another config".into(), |p| p.display().to_string())
+        )));
+    }
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
+        nix::unistd::Pid::from_raw(pid as i32),
         nix::sys::signal::Signal::SIGHUP,
     )
     .map_err(|e| format!("cannot signal pid {pid} from {}: {e}", pid_file.display()))?;
 
     // Validation, the new process's start, and a margin.
-    let deadline = Instant::now() + config.startup_timeout + Duration::from_secs(5);
-    loop {
-        if let Some(r) = read_result(&pid_file) {
-            let fresh = r.pid == pid as u32 && before.as_ref().is_none_or(|b| r.seq > b.seq);
-            if fresh {
-                return match (r.result.as_str(), r.new_pid) {
-                    ("ready", Some(new_pid)) => Ok(format!(
-                        "reloaded: pid {new_pid} (generation {}) replaces pid {pid}",
-                        r.generation.unwrap_or(0)
-                    )),
-                    _ => Err(format!(
-                        "restart failed: {}",
-                        r.reason.unwrap_or_else(|| "no reason given".into())
-                    )),
-                };
-            }
-        }
-        if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err() {
-            return Err(format!("pid {pid} exited without reporting a restart"));
-        }
-        if Instant::now() > deadline {
+    let waited = config.startup_timeout + Duration::from_secs(5);
+    let _ = control.set_read_timeout(Some(waited));
+    let mut line = String::new();
+    match reader.read_line(&mut line) {
+        Ok(0) => return Err(format!("pid {pid} exited without reporting a restart")),
+        Ok(_) => {}
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
             return Err(format!(
-                "no restart result from pid {pid} within {:?}",
-                config.startup_timeout
+                "no restart result from pid {pid} within {waited:?}"
             ));
         }
-        // A file has no readiness signal here without a watcher; a CLI can poll.
-        std::thread::sleep(Duration::from_millis(20));
+        Err(e) => return Err(format!("pid {pid}: control socket: {e}")),
     }
+    let r: RestartResult = serde_json::from_str(line.trim())
+        .map_err(|e| format!("pid {pid} sent an unreadable result: {e}"))?;
+    let outcome = match (r.result.as_str(), r.new_pid) {
+        ("ready", Some(new_pid)) => format!(
+            "reloaded: pid {new_pid} (generation {}) replaces pid {pid}",
+            r.generation.unwrap_or(0)
+        ),
+        _ => {
+            return Err(format!(
+                "restart failed: {}",
+                r.reason.unwrap_or_else(|| "no reason given".into())
+            ))
+        }
+    };
+    // The pid file should name the new process by now; say so if it does
+    // not (a full disk), so the next reload's trouble is not a surprise.
+    let named = std::fs::read_to_string(&pid_file).unwrap_or_default();
+    if named.trim() == pid.to_string() && r.new_pid != Some(pid) {
+        return Ok(format!(
+            "{outcome}\nwarning: pid_file {} still names pid {pid}: the new generation could not write it (it retries; see its log)",
+            pid_file.display()
+        ));
+    }
+    Ok(outcome)
+}
+
+/// Connects to process `pid`'s control socket.
+fn connect_control(pid: u32) -> std::io::Result<std::os::unix::net::UnixStream> {
+    use std::os::linux::net::SocketAddrExt;
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(control_name(pid))?;
+    std::os::unix::net::UnixStream::connect_addr(&addr)
 }

@@ -88,8 +88,17 @@ pub async fn control(
     let mut attempt: Option<Attempt> = None;
     let mut started = Instant::now();
     let starting = Starting::default();
+    let mut retry = tokio::time::interval_at(
+        tokio::time::Instant::now() + Duration::from_secs(1),
+        Duration::from_secs(1),
+    );
     loop {
         let trigger = tokio::select! {
+            // The pid file could not be written (a full disk): again, until it is.
+            _ = retry.tick(), if gen.pid_file_pending => {
+                gen.retry_pid_file();
+                None
+            }
             sig = signals.next() => match sig {
                 Sig::Restart => Some(Trigger::Signal),
                 Sig::Stop => {

@@ -113,6 +113,7 @@ impl Supervisor {
             }
         }
         notify_systemd(&[NotifyState::MainPid(pid), NotifyState::Ready]);
+        crate::reload::serve_control(&self.config_path);
         info!(worker = first, role = "supervisor", "ready");
 
         let mut watch = self.start_watch(&config);

@@ -282,3 +282,167 @@ async fn watch_acts_once_per_change_and_never_on_reads() {
         .unwrap();
     assert_eq!(r.body, format!("pid {new} generation 2 web\n"));
 }
+
+/// A small tmpfs mounted at `path` (the tests run as root, as CI does),
+/// unmounted when dropped: a disk that can be filled and freed.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(path: &Path) -> SmallDisk {
+        std::fs::create_dir_all(path).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
+            .arg(path)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "mounting a tmpfs needs root (CI runs as root)");
+        SmallDisk(path.to_path_buf())
+    }
+
+    fn fill(&self) {
+        use std::io::Write;
+        let mut f = std::fs::File::create(self.0.join("fill")).unwrap();
+        while f.write_all(&[0u8; 4096]).is_ok() {}
+        let _ = f.flush();
+    }
+
+    fn free(&self) {
+        std::fs::remove_file(self.0.join("fill")).unwrap();
+    }
+
+    fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(&self.0)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Issue 14.2: with `pid_file` on a full disk, `reload` still reports the
+/// new pid (learned from the process, not from a file), says the pid file
+/// is behind, and leaves no temporary file; once space is free the new
+/// generation writes its pid file, and `reload` works as before.
+#[tokio::test]
+async fn reload_tells_the_truth_on_a_full_disk() {
+    let config = basic_config("").replace(
+        "shutdown_timeout: 10s\n",
+        "shutdown_timeout: 10s\npid_file: run/g.pid\n",
+    );
+    let (dir, certs, path) = TestServer::prepare(&config);
+    let disk = SmallDisk::mount(&dir.path().join("run"));
+    let mut srv = TestServer::start_in(dir, certs, path, &[]).await;
+    let first = srv.pid();
+    disk.fill();
+    let path = srv.config.clone();
+    let (code, out, err) = tokio::task::spawn_blocking(move || reload(&path))
+        .await
+        .unwrap();
+    assert_eq!(code, 0, "{out}{err}");
+    let second = srv.wait_ready().await;
+    assert!(
+        out.contains(&format!(
+            "reloaded: pid {second} (generation 2) replaces pid {first}"
+        )),
+        "{out}"
+    );
+    assert!(out.contains("still names pid"), "{out}");
+    // A retry may be writing at this moment; a leaked file would stay.
+    let deadline = std::time::Instant::now() + util::WAIT;
+    while disk.names() != ["fill", "g.pid"] {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "temporary files left: {:?}",
+            disk.names()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    srv.wait_log("the disk holding it is full").await;
+
+    disk.free();
+    let pid_file = srv.dir.path().join("run/g.pid");
+    let deadline = std::time::Instant::now() + util::WAIT;
+    while std::fs::read_to_string(&pid_file).unwrap() != format!("{second}\n") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the pid file is written again"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let path = srv.config.clone();
+    let (code, out, err) = tokio::task::spawn_blocking(move || reload(&path))
+        .await
+        .unwrap();
+    assert_eq!(code, 0, "{out}{err}");
+    let third = srv.wait_ready().await;
+    assert!(out.contains(&format!("reloaded: pid {third}")), "{out}");
+    assert!(!out.contains("warning"), "{out}");
+}
+
+/// Issue 14.3: `reload` signals only a gracesrv serving its own config. A
+/// pid file naming another process, or a gracesrv with another config, is
+/// stale: exit 1, and nothing is signalled.
+#[tokio::test]
+async fn reload_never_signals_a_stranger() {
+    let config = basic_config("").replace(
+        "shutdown_timeout: 10s\n",
+        "shutdown_timeout: 10s\npid_file: run/g.pid\n",
+    );
+    let srv = TestServer::start(&config).await;
+    let pid_file = srv.dir.path().join("run/g.pid");
+
+    // A stranger's pid.
+    let mut stranger = Command::new("sleep").arg("30").spawn().unwrap();
+    std::fs::write(&pid_file, format!("{}\n", stranger.id())).unwrap();
+    let path = srv.config.clone();
+    let (code, _, err) = tokio::task::spawn_blocking(move || reload(&path))
+        .await
+        .unwrap();
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("stale pid file") && err.contains("not a running gracesrv"),
+        "{err}"
+    );
+    assert!(
+        stranger.try_wait().unwrap().is_none(),
+        "sleep was not signalled"
+    );
+    stranger.kill().unwrap();
+    let _ = stranger.wait();
+
+    // A gracesrv, but serving another config: a copy of this one elsewhere.
+    std::fs::write(&pid_file, format!("{}\n", srv.pid())).unwrap();
+    let other = tempfile::tempdir().unwrap();
+    let other_config = other.path().join("other.yaml");
+    std::fs::write(
+        &other_config,
+        config.replace("run/g.pid", &pid_file.display().to_string()),
+    )
+    .unwrap();
+    std::fs::copy(
+        srv.dir.path().join("localhost.crt"),
+        other.path().join("localhost.crt"),
+    )
+    .unwrap();
+    std::fs::copy(
+        srv.dir.path().join("localhost.key"),
+        other.path().join("localhost.key"),
+    )
+    .unwrap();
+    let (code, _, err) = tokio::task::spawn_blocking(move || reload(&other_config))
+        .await
+        .unwrap();
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("stale pid file") && err.contains("serves"),
+        "{err}"
+    );
+    assert!(!srv.logs().contains("restarting"), "{}", srv.logs());
+}
