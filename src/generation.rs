@@ -99,7 +99,14 @@ impl Generation {
         let shared = Arc::new(Shared {
             process: process.clone(),
             timeouts: config.timeouts,
-            limit: Arc::new(Semaphore::new(config.max_connections)),
+            limit: Arc::new(Semaphore::new(crate::limits::connection_limit(
+                config.max_connections,
+                config.listeners.iter().any(|l| {
+                    l.routes
+                        .iter()
+                        .any(|r| matches!(r.action, crate::config::Action::Proxy { .. }))
+                }),
+            ))),
         });
         crate::serve::start(process.workers.len(), specs, shared, span)?;
         for (c, l) in config.listeners.iter().zip(&listeners) {

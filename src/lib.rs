@@ -33,6 +33,7 @@ pub mod files;
 pub mod generation;
 #[allow(unsafe_code)]
 pub mod handoff;
+pub mod limits;
 pub mod listeners;
 pub mod logging;
 pub mod proxy;

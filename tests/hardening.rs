@@ -355,3 +355,57 @@ async fn a_stopped_generation_past_the_cap_is_killed() {
     srv.wait_log("still there after QUIT: killing it").await;
     assert!(util::alive(pids[1]), "the younger one drains on");
 }
+
+/// Runs the server under `prlimit --nofile=SOFT:HARD`.
+async fn start_with_nofile(limit: &str) -> TestServer {
+    let (dir, certs, path) = TestServer::prepare(&basic_config(""));
+    let mut cmd = std::process::Command::new("prlimit");
+    cmd.arg(format!("--nofile={limit}"))
+        .arg("--")
+        .arg(util::bin());
+    let mut srv = TestServer::spawn_cmd(dir, certs, path, &[], cmd);
+    srv.wait_ready().await;
+    srv
+}
+
+fn nofile_of(pid: u32) -> String {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap()
+        .to_string();
+    line.split_whitespace()
+        .skip(3)
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Issue 14.4: the soft open-file limit is raised to the hard one; where
+/// `max_connections` cannot fit under it, fewer connections are taken at
+/// once (with a warning) and a restart can still open what it needs, with
+/// more clients connected than the limit.
+#[tokio::test]
+async fn the_fd_limit_is_raised_and_a_restart_fits_under_it() {
+    let srv = start_with_nofile("1024:20000").await;
+    assert_eq!(nofile_of(srv.pid()), "20000:20000");
+    drop(srv);
+
+    let mut srv = start_with_nofile("200:200").await;
+    srv.wait_log("max_connections does not fit under the open-file limit")
+        .await;
+    let mut clients = Vec::new();
+    for _ in 0..300 {
+        clients.push(TcpStream::connect(srv.addr("web")).await.unwrap());
+    }
+    let new = srv.restart().await;
+    assert_eq!(nofile_of(new), "200:200");
+    drop(clients);
+    assert_eq!(srv.answering_pid().await, new);
+    assert!(
+        !srv.logs().contains("Too many open files"),
+        "{}",
+        srv.logs()
+    );
+}

@@ -22,6 +22,14 @@ use tokio::net::UnixDatagram;
 use tokio::sync::Notify;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_gracesrv");
+
+/// The binary under test: this build, or `GRACESRV_TEST_BIN` (another build,
+/// to see a test fail on the code before a fix).
+pub fn bin() -> std::ffi::OsString {
+    std::env::var_os("GRACESRV_TEST_BIN")
+        .filter(|b| !b.is_empty())
+        .unwrap_or_else(|| BIN.into())
+}
 /// Upper bound for anything a test waits for; a healthy run takes a fraction.
 pub const WAIT: Duration = Duration::from_secs(30);
 
@@ -154,10 +162,7 @@ impl TestServer {
         config: PathBuf,
         env: &[(&str, &str)],
     ) -> TestServer {
-        let bin = std::env::var_os("GRACESRV_TEST_BIN")
-            .filter(|b| !b.is_empty())
-            .unwrap_or_else(|| BIN.into());
-        Self::spawn_cmd(dir, certs, config, env, Command::new(bin))
+        Self::spawn_cmd(dir, certs, config, env, Command::new(bin()))
     }
 
     /// Copies the binary into the temp dir and runs that copy, so a test can
