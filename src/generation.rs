@@ -178,6 +178,20 @@ impl Generation {
     }
 }
 
+/// A supervised worker that serves: if its supervisor dies, it drains
+/// (TERM) rather than being killed mid-request, as it is while it starts.
+/// If the supervisor is already gone, it drains now.
+pub fn serving_under_supervisor(supervisor: u32) {
+    use nix::sys::signal::Signal;
+    if let Err(e) = nix::sys::prctl::set_pdeathsig(Signal::SIGTERM) {
+        warn!("cannot ask for TERM when the supervisor dies: {e}");
+    }
+    if nix::unistd::getppid().as_raw() as u32 != supervisor {
+        warn!("the supervisor is gone: draining");
+        let _ = nix::sys::signal::raise(Signal::SIGTERM);
+    }
+}
+
 /// Reports a failed start on the ready pipe, so the previous generation can
 /// log the reason instead of only "exited".
 pub fn report_error(ready: Option<OwnedFd>, msg: &str) {

@@ -301,9 +301,12 @@ pub fn spawn(args: SpawnArgs<'_>) -> Result<libc::pid_t, String> {
             }
             if own_group {
                 // A supervised worker: its own process group (Ctrl-C reaches
-                // it once, through the supervisor), and TERM (a drain) if the
-                // supervisor dies, so no worker is left serving on its own.
-                if libc::setpgid(0, 0) < 0 || libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) < 0
+                // it once, through the supervisor), and SIGKILL if the
+                // supervisor dies while it starts (a stopped or hung start
+                // would never act on TERM, and would keep the ports). Once
+                // it serves, it asks for TERM instead (a drain; see
+                // `serving_under_supervisor`).
+                if libc::setpgid(0, 0) < 0 || libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0
                 {
                     libc::_exit(126);
                 }

@@ -189,8 +189,9 @@ impl Server {
                 }
             };
         gen.report_ready(ready.take(), supervisor.is_some());
-        if supervisor.is_none() {
-            reload::serve_control(&config_path);
+        match supervisor {
+            Some(s) => generation::serving_under_supervisor(s),
+            None => reload::serve_control(&config_path),
         }
         let mut draining = inherited.draining;
         draining::enforce(&mut draining, gen.config.max_draining);

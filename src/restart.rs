@@ -64,11 +64,16 @@ type Attempt = Pin<Box<dyn Future<Output = Result<Ready, String>>>>;
 /// during the attempt can take it down too (else it would become an orphan
 /// serving on its own).
 #[derive(Clone, Default)]
-struct Starting(std::rc::Rc<std::cell::Cell<Option<i32>>>);
+pub struct Starting(std::rc::Rc<std::cell::Cell<Option<i32>>>);
 
 impl Starting {
+    /// Notes the process being started (`None`: none now).
+    pub fn set(&self, pid: Option<i32>) {
+        self.0.set(pid);
+    }
+
     /// Kills and reaps the process being started, if any.
-    async fn abandon(&self, reaper: &Reaper) {
+    pub async fn abandon(&self, reaper: &Reaper) {
         if let Some(pid) = self.0.take() {
             info!(new_pid = pid, "abandoning the restart in progress");
             reaper.kill_and_wait(pid).await;

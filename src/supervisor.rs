@@ -28,7 +28,7 @@ use crate::generation::{notify_systemd, remove_pid_file, write_pid_file};
 use crate::handoff::InheritedSocket;
 use crate::listeners::Listener;
 use crate::reaper::{describe, Reaper};
-use crate::restart::{await_ready, spawn_successor, Trigger, Worker as Spawn};
+use crate::restart::{await_ready, spawn_successor, Starting, Trigger, Worker as Spawn};
 use crate::service::Handler;
 use crate::signals::{Sig, Signals};
 
@@ -89,11 +89,29 @@ impl Supervisor {
         for l in &listeners {
             info!(listener = %l.name, addr = %l.local_addr, "listening");
         }
-        // Generation 1.
-        let first = match self
-            .start_worker(&listeners, 1, config.startup_timeout)
-            .await
-        {
+        // Generation 1. TERM, INT and QUIT act at once, even now.
+        let starting = Starting::default();
+        let first = {
+            let start = self.start_worker(&listeners, 1, config.startup_timeout, &starting);
+            tokio::pin!(start);
+            let mut held_hup = false;
+            loop {
+                tokio::select! {
+                    r = &mut start => break r,
+                    sig = signals.next() => match sig {
+                        Sig::Restart => held_hup = true,
+                        Sig::Stop | Sig::Quit => {
+                            info!("stopping while the first worker starts");
+                            starting.abandon(&self.reaper).await;
+                            return 0;
+                        }
+                    },
+                }
+            }
+            .map(|p| (p, held_hup))
+        };
+        starting.set(None);
+        let (first, held_hup) = match first {
             Ok(p) => p,
             Err(e) => {
                 error!("cannot start: {e}");
@@ -121,7 +139,10 @@ impl Supervisor {
         // Of those, the ones stopped at once by the cap (still to be reaped).
         let mut quit: Vec<i32> = Vec::new();
         let mut attempt: Option<Attempt> = None;
-        let mut pending = false;
+        // A replacement for a worker that died, starting.
+        let mut replacing: Option<Pin<Box<dyn Future<Output = Result<i32, String>>>>> = None;
+        // A HUP during the first start is acted on now.
+        let mut pending = held_hup;
         let mut started = Instant::now();
         let mut seq = 0u64;
         let mut backoff = Backoff {
@@ -140,10 +161,14 @@ impl Supervisor {
                         let s = if sig == Sig::Quit { Signal::SIGQUIT } else { Signal::SIGTERM };
                         info!(signal = ?s, workers = 1 + draining.len(), "stopping: passing the signal to the workers");
                         stopping = Some(s);
+                        // A worker being started (a restart, or a replacement)
+                        // is killed and reaped, never left to serve alone.
                         if attempt.take().is_some() {
                             info!("abandoning the restart in progress");
                         }
-                        if replace_at.take().is_some() {
+                        let was_replacing = replacing.take().is_some();
+                        starting.abandon(&self.reaper).await;
+                        if replace_at.take().is_some() || was_replacing {
                             // No worker serves (one died, its replacement was
                             // pending): only draining ones are left to wait for.
                             for p in std::mem::take(&mut draining) {
@@ -183,10 +208,15 @@ impl Supervisor {
                     error!(worker = current.pid, status = %describe(status), "worker died: replacing it in {delay:?}");
                     replace_at = Some(tokio::time::Instant::now() + delay);
                 }
-                _ = async { tokio::time::sleep_until(replace_at.expect("guarded")).await }, if replace_at.is_some() && attempt.is_none() => {
+                _ = async { tokio::time::sleep_until(replace_at.expect("guarded")).await }, if replace_at.is_some() && attempt.is_none() && replacing.is_none() => {
+                    replacing = Some(Box::pin(self.start_worker(&listeners, current.generation + 1, config.startup_timeout, &starting)));
+                }
+                started = async { replacing.as_mut().expect("guarded").await }, if replacing.is_some() => {
+                    replacing = None;
+                    starting.set(None);
                     replace_at = None;
                     let generation = current.generation + 1;
-                    match self.start_worker(&listeners, generation, config.startup_timeout).await {
+                    match started {
                         Ok(p) => {
                             info!(worker = p, generation, "worker replaced");
                             current = Worker { pid: p, generation, ready_at: Instant::now() };
@@ -201,6 +231,7 @@ impl Supervisor {
                 }
                 outcome = async { attempt.as_mut().expect("guarded").await }, if attempt.is_some() => {
                     attempt = None;
+                    starting.set(None);
                     seq += 1;
                     let took_ms = started.elapsed().as_millis() as u64;
                     let result = match outcome {
@@ -263,34 +294,40 @@ impl Supervisor {
                     states.extend(NotifyState::monotonic_usec_now().ok());
                     notify_systemd(&states);
                     started = Instant::now();
-                    attempt = Some(Box::pin(self.restart(&listeners, current.generation + 1)));
+                    attempt = Some(self.restart(&listeners, current.generation + 1, &starting));
                 }
             }
         }
     }
 
-    /// Starts a worker with `listeners` and waits until it is ready.
-    async fn start_worker(
+    /// Starts a worker with `listeners`; the future waits until it is
+    /// ready. The worker's pid is in `starting` meanwhile.
+    fn start_worker(
         &self,
         listeners: &[Listener],
         generation: u64,
         timeout: Duration,
-    ) -> Result<i32, String> {
-        let s = spawn_successor(
+        starting: &Starting,
+    ) -> impl Future<Output = Result<i32, String>> + 'static {
+        let spawned = spawn_successor(
             &self.exe,
             &self.argv,
             listeners,
             generation,
             Spawn::Supervised(std::process::id()),
             &self.reaper,
-        )?;
-        await_ready(s, timeout, &self.reaper).await
+        );
+        if let Ok(s) = &spawned {
+            starting.set(Some(s.pid));
+        }
+        let reaper = self.reaper.clone();
+        async move { await_ready(spawned?, timeout, &reaper).await }
     }
 
     /// One restart: validate, re-read the listener list (binding new
     /// addresses; the sockets of removed ones close after the swap), start
     /// the next worker, wait for it.
-    fn restart(&self, listeners: &[Listener], generation: u64) -> Attempt {
+    fn restart(&self, listeners: &[Listener], generation: u64, starting: &Starting) -> Attempt {
         let prepared =
             crate::validate::prepare(&self.config_path, &self.apps).map_err(|e| e.to_string());
         // Duplicates of the current sockets, handed to `open` as if inherited:
@@ -318,6 +355,7 @@ impl Supervisor {
                 Spawn::Supervised(std::process::id()),
                 &self.reaper,
             )?;
+            starting.set(Some(s.pid));
             Ok((s, new, config))
         });
         let reaper = self.reaper.clone();

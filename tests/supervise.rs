@@ -14,7 +14,7 @@ async fn start_supervised(config: &str) -> TestServer {
 
 async fn start_supervised_log(config: &str, log: &str) -> TestServer {
     let (dir, certs, path) = TestServer::prepare(config);
-    let mut cmd = std::process::Command::new(BIN);
+    let mut cmd = std::process::Command::new(util::bin());
     cmd.arg("--supervise");
     let mut srv = TestServer::spawn_cmd(dir, certs, path, &[("GRACESRV_LOG", log)], cmd);
     let pid = srv.wait_ready().await;
@@ -214,4 +214,35 @@ async fn workers_do_not_outlive_a_killed_supervisor() {
     srv.signal_first(Signal::SIGKILL);
     srv.wait_first_exit().await;
     util::wait_gone(w).await;
+}
+
+/// Issue 14.6: TERM acts at once while a replacement worker is stuck in its
+/// start (here reading a certificate that is a FIFO nobody writes): the
+/// stuck worker is killed, the supervisor exits, the ports close.
+#[tokio::test]
+async fn term_acts_at_once_while_a_worker_is_stuck_starting() {
+    let config = basic_config("").replace(
+        "shutdown_timeout: 10s\n",
+        "shutdown_timeout: 10s\nstartup_timeout: 60s\n",
+    );
+    let mut srv = start_supervised(&config).await;
+    let web = srv.addr("web");
+    let w = worker(&srv);
+    let crt = srv.dir.path().join("localhost.crt");
+    std::fs::remove_file(&crt).unwrap();
+    nix::unistd::mkfifo(&crt, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let seen = srv.log_count();
+    nix::sys::signal::kill(Pid::from_raw(w as i32), Signal::SIGKILL).unwrap();
+    srv.wait_log_after(seen, |l| l.contains("new process started"))
+        .await;
+    let asked = std::time::Instant::now();
+    srv.signal_first(Signal::SIGTERM);
+    srv.wait_first_exit().await;
+    assert!(
+        asked.elapsed() < std::time::Duration::from_secs(5),
+        "TERM took {:?}",
+        asked.elapsed()
+    );
+    let refused = tokio::net::TcpStream::connect(web).await;
+    assert!(refused.is_err(), "nothing listens any more");
 }
