@@ -322,6 +322,17 @@ pub fn spawn(args: SpawnArgs<'_>) -> Result<libc::pid_t, String> {
                 }
             }
             libc::execve(path.as_ptr(), argv_ptrs.as_ptr(), env_ptrs.as_ptr());
+            // The exec failed: say why on the ready pipe (`ERROR exec:<errno>`),
+            // for the parent to report instead of a bare exit status.
+            let errno = *libc::__errno_location();
+            let mut msg = *b"ERROR exec:\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0";
+            write_decimal(errno.max(0) as u64, &mut msg[11..]);
+            let len = msg[11..]
+                .iter()
+                .position(|b| *b == 0)
+                .map_or(msg.len(), |n| 11 + n);
+            msg[len] = b'\n';
+            libc::write(ready_target, msg.as_ptr().cast(), len + 1);
             libc::_exit(127);
         }
     }

@@ -380,6 +380,13 @@ async fn await_ready_watched(
             None => Err(String::new()),
             Some(line) if line == "READY" => Ok(pipe),
             Some(line) => match line.strip_prefix("ERROR ") {
+                Some(exec) if exec.starts_with("exec:") => {
+                    let errno = exec["exec:".len()..].parse().unwrap_or(0);
+                    Err(format!(
+                        "cannot execute the new binary: {}",
+                        std::io::Error::from_raw_os_error(errno)
+                    ))
+                }
                 Some(reason) => Err(reason.to_string()),
                 None => Err(format!("unexpected message on the ready pipe: {line:?}")),
             },

@@ -47,6 +47,9 @@ struct Worker {
     ready_at: Instant,
 }
 
+/// A worker starting to replace one that died: its pid once ready.
+type Replacement = Pin<Box<dyn Future<Output = Result<i32, String>>>>;
+
 /// A restart's result: the new worker, its sockets, and its config.
 type Attempt = Pin<Box<dyn Future<Output = Result<(i32, Vec<Listener>, Config), String>>>>;
 
@@ -140,7 +143,7 @@ impl Supervisor {
         let mut quit: Vec<i32> = Vec::new();
         let mut attempt: Option<Attempt> = None;
         // A replacement for a worker that died, starting.
-        let mut replacing: Option<Pin<Box<dyn Future<Output = Result<i32, String>>>>> = None;
+        let mut replacing: Option<Replacement> = None;
         // A HUP during the first start is acted on now.
         let mut pending = held_hup;
         let mut started = Instant::now();

@@ -583,3 +583,43 @@ async fn a_new_generation_that_dies_after_ready_is_rolled_back() {
     assert_eq!(srv.answering_pid().await, new);
     util::wait_gone(old).await;
 }
+
+/// Issue 14.7: a binary that cannot be executed is reported with the
+/// reason (the child's errno, over the ready pipe), not "status 127", and
+/// the old generation serves on.
+#[tokio::test]
+async fn an_unexecutable_binary_is_reported_with_its_reason() {
+    let (dir, certs, path) = TestServer::prepare(&basic_config(""));
+    let mut srv = TestServer::spawn_copy(dir, certs, path, &[]);
+    let old = srv.wait_ready().await;
+    let exe = srv.dir.path().join("gracesrv");
+    std::fs::remove_file(&exe).unwrap();
+    std::fs::write(&exe, "not a program\n").unwrap();
+    std::fs::set_permissions(&exe, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    srv.hup();
+    let line = srv.failed_restart().await;
+    assert!(
+        line.contains("cannot execute the new binary: Exec format error"),
+        "{line}"
+    );
+    assert_eq!(srv.answering_pid().await, old);
+}
+
+/// Issue 14.7: a pid file whose directory is blocked by a file says so
+/// plainly (not "File exists"), and the server serves on.
+#[tokio::test]
+async fn a_blocked_pid_directory_is_named() {
+    let config = basic_config("").replace(
+        "shutdown_timeout: 10s\n",
+        "shutdown_timeout: 10s\npid_file: run/g.pid\n",
+    );
+    let (dir, certs, path) = TestServer::prepare(&config);
+    std::fs::write(dir.path().join("run"), "a file, not a directory").unwrap();
+    let srv = TestServer::start_in(dir, certs, path, &[]).await;
+    let line = srv.wait_log("cannot write pid file").await;
+    assert!(line.contains("is not a directory is in the way"), "{line}");
+    let r = client::get(&Target::plain(srv.addr("web")), "/")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+}
