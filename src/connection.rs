@@ -124,46 +124,109 @@ async fn linger<T: Socket>(mut io: T, h2: bool, send_timeout: Duration) {
         _ => return,
     }
     let tcp = io.tcp();
+    let tick = LingerTick::join();
     let start = tokio::time::Instant::now();
+    let end = start + LINGER_MAX;
     let mut heard = h2;
     let mut quiet_since = start;
     let mut unacked = usize::MAX;
     let mut moved_at = start;
+    // When to look at our queue next. The common case (the client read the
+    // answer and closes) costs one wait and one read of its FIN: no timer
+    // of its own, no read that finds nothing, no ioctl.
+    let mut look_at = start + LINGER_QUIET;
     let mut buf = [0u8; 1024];
     loop {
-        match tcp.try_read(&mut buf) {
-            Ok(0) => return, // the client closed: it has everything
-            Ok(_) => {
-                heard = true;
-                quiet_since = tokio::time::Instant::now();
+        let ticked = tick.notify.notified();
+        tokio::select! {
+            biased;
+            ready = tcp.readable() => {
+                if ready.is_err() {
+                    return;
+                }
+                match tcp.try_read(&mut buf) {
+                    Ok(0) => return, // the client closed: it has everything
+                    Ok(_) => {
+                        heard = true;
+                        quiet_since = tokio::time::Instant::now();
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => return,
+                }
                 continue;
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(_) => return,
+            _ = ticked => {}
         }
         let now = tokio::time::Instant::now();
-        if now >= start + LINGER_MAX {
+        if now >= end {
             return;
+        }
+        if now < look_at {
+            continue;
         }
         let queued = crate::handoff::unacknowledged(tcp);
         if queued < unacked {
             moved_at = now;
         }
         unacked = queued;
-        let wait = if queued == 0 {
+        look_at = if queued == 0 {
             let quiet = if heard { LINGER_BUSY } else { LINGER_QUIET };
             if now >= quiet_since + quiet {
                 return;
             }
-            quiet_since + quiet - now
+            quiet_since + quiet
         } else {
             if now >= moved_at + send_timeout {
                 return; // the client stopped reading
             }
-            // Look again soon: the queue drains without waking us.
-            Duration::from_millis(100)
+            now // the queue drains without waking us: look at every tick
         };
-        let _ = tokio::time::timeout(wait.min(start + LINGER_MAX - now), tcp.readable()).await;
+    }
+}
+
+/// How often lingering connections look at their deadlines.
+const LINGER_TICK: Duration = Duration::from_millis(100);
+
+/// One ticker per worker thread for its lingering connections, running
+/// while any lingers. A timer of each connection's own would cost a wake-up
+/// of the worker (an eventfd write) per connection: tokio's timer wheel
+/// wakes its driver whenever a timer is set earlier than its next wake-up,
+/// and a linger's is nearly always the earliest.
+struct LingerTick {
+    notify: std::sync::Arc<tokio::sync::Notify>,
+}
+
+thread_local! {
+    static LINGER: std::cell::RefCell<std::sync::Weak<LingerTick>> =
+        const { std::cell::RefCell::new(std::sync::Weak::new()) };
+}
+
+impl LingerTick {
+    /// This thread's ticker, started if no connection lingers yet. It stops
+    /// once the last lingering connection drops its handle.
+    fn join() -> Arc<LingerTick> {
+        LINGER.with(|cell| {
+            if let Some(tick) = cell.borrow().upgrade() {
+                return tick;
+            }
+            let notify = std::sync::Arc::new(tokio::sync::Notify::new());
+            let tick = Arc::new(LingerTick {
+                notify: notify.clone(),
+            });
+            *cell.borrow_mut() = Arc::downgrade(&tick);
+            let alive = Arc::downgrade(&tick);
+            // Spawned on this worker's runtime (one thread): the ticker
+            // wakes only the connections of this thread.
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(LINGER_TICK);
+                every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+                while alive.strong_count() > 0 {
+                    every.tick().await;
+                    notify.notify_waiters();
+                }
+            });
+            tick
+        })
     }
 }
 
@@ -177,12 +240,13 @@ enum HttpConn<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> {
 }
 
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> HttpConn<T> {
-    /// HTTP/2: GOAWAY, and the open streams finish. HTTP/1.x: close after
-    /// the response being written (`serve_http` calls it on HTTP/2 only).
-    fn graceful_shutdown(self: Pin<&mut Self>) {
-        match self.get_mut() {
-            HttpConn::H1(c) => Pin::new(c).graceful_shutdown(),
-            HttpConn::H2(c) => Pin::new(c).graceful_shutdown(),
+    /// HTTP/2: GOAWAY, and the open streams finish. HTTP/1.x drains
+    /// differently (`Connection: close` on the next response, see
+    /// `ConnService`; an idle one closes after `draining_idle`), so there is
+    /// nothing to do for it here.
+    fn goaway(self: Pin<&mut Self>) {
+        if let HttpConn::H2(c) = self.get_mut() {
+            Pin::new(c).graceful_shutdown();
         }
     }
 }
@@ -265,6 +329,10 @@ struct Activity {
     parked: AtomicU32,
     /// When bytes last went out, or a parked response moved on.
     progress_at: AtomicU64,
+    /// The last request asked to close the connection and had no body: the
+    /// client sends nothing after it, so a plain close loses nothing (no
+    /// lingering, as nginx does when nothing can be unread).
+    client_done: AtomicBool,
 }
 
 /// Why a connection's timer ends it.
@@ -492,6 +560,7 @@ pub async fn serve_http<T: Socket>(
         upgraded: AtomicBool::new(false),
         parked: AtomicU32::new(0),
         progress_at: AtomicU64::new(now),
+        client_done: AtomicBool::new(false),
     });
     let (back, mut returned) = tokio::sync::oneshot::channel();
     let io = TokioIo::new(TrackedIo {
@@ -519,7 +588,8 @@ pub async fn serve_http<T: Socket>(
     let Ok((io, client_closed)) = returned.try_recv() else {
         return;
     };
-    if end != Some(Expiry::Stalled) && !client_closed {
+    let client_done = activity.client_done.load(Ordering::Relaxed);
+    if end != Some(Expiry::Stalled) && !client_closed && !client_done {
         linger(io, h2, t.send).await;
     }
 }
@@ -562,7 +632,7 @@ async fn drive<T: Socket>(
                 // an idle connection is closed after `timeouts.draining_idle`
                 // (the timer looks again now).
                 if h2 {
-                    conn.as_mut().graceful_shutdown();
+                    conn.as_mut().goaway();
                 } else {
                     timer.as_mut().reset(tokio::time::Instant::now());
                 }
@@ -573,7 +643,7 @@ async fn drive<T: Socket>(
                     Some((d, why)) if d <= now => {
                         debug!(listener = %spec.ctx.name, ?why, "closing connection: timed out");
                         if h2 && why == Expiry::Idle {
-                            conn.as_mut().graceful_shutdown();
+                            conn.as_mut().goaway();
                             // Give the GOAWAY a moment; then drop.
                             let _ = tokio::time::timeout(Duration::from_secs(1), conn.as_mut()).await;
                         }
@@ -610,6 +680,10 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
             guard: InFlight::new(self.activity.clone(), self.stats.clone()),
             version,
         };
+        if version < Version::HTTP_2 {
+            let done = asks_to_close(&req) && hyper::body::Body::is_end_stream(req.body());
+            self.activity.client_done.store(done, Ordering::Relaxed);
+        }
         if let Err(why) = check_host(&mut req) {
             debug!(listener = %self.spec.ctx.name, "bad request: {why}");
             let mut res = crate::service::text(http::StatusCode::BAD_REQUEST, "bad request\n");
@@ -624,6 +698,18 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
             Reply::Later(fut) => Answer::Later(fut, Some((finish, self.spec.clone()))),
         }
     }
+}
+
+/// Does this HTTP/1.x request close its connection itself (`Connection:
+/// close`, or HTTP/1.0 without `keep-alive`)?
+fn asks_to_close<B>(req: &Request<B>) -> bool {
+    let has = |token: &str| {
+        req.headers().get_all(header::CONNECTION).iter().any(|v| {
+            v.to_str()
+                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        })
+    };
+    has("close") || (req.version() == Version::HTTP_10 && !has("keep-alive"))
 }
 
 /// The request's host, checked before anything uses it (RFC 9112 section
@@ -845,6 +931,23 @@ impl hyper::body::Body for TrackedBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clients_that_close_themselves() {
+        let req = |v: Version, conn: Option<&str>| {
+            let mut b = Request::builder().version(v);
+            if let Some(c) = conn {
+                b = b.header("connection", c);
+            }
+            b.body(()).unwrap()
+        };
+        assert!(asks_to_close(&req(Version::HTTP_11, Some("close"))));
+        assert!(asks_to_close(&req(Version::HTTP_11, Some("foo, Close"))));
+        assert!(!asks_to_close(&req(Version::HTTP_11, None)));
+        assert!(!asks_to_close(&req(Version::HTTP_11, Some("keep-alive"))));
+        assert!(asks_to_close(&req(Version::HTTP_10, None)));
+        assert!(!asks_to_close(&req(Version::HTTP_10, Some("keep-alive"))));
+    }
 
     #[test]
     fn hosts_are_checked() {

@@ -259,10 +259,18 @@ fn reload(config: &Path) -> Result<String, String> {
             ))
         }
     };
-    // The pid file should name the new process by now; say so if it does
-    // not (a full disk), so the next reload's trouble is not a surprise.
-    let named = std::fs::read_to_string(&pid_file).unwrap_or_default();
-    if named.trim() == pid.to_string() && r.new_pid != Some(pid) {
+    // The new process writes the pid file right after it says ready; say so
+    // if it does not (a full disk), so the next reload is no surprise. A
+    // file offers nothing to wait on: a CLI may poll it, briefly.
+    let names_new = || {
+        let named = std::fs::read_to_string(&pid_file).unwrap_or_default();
+        r.new_pid.is_some_and(|n| named.trim() == n.to_string())
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while !names_new() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if !names_new() {
         return Ok(format!(
             "{outcome}\nwarning: pid_file {} still names pid {pid}: the new generation could not write it (it retries; see its log)",
             pid_file.display()

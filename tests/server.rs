@@ -349,7 +349,7 @@ async fn term_or_int_drains(stop: Signal) {
     assert_eq!(r.headers["connection"], "close");
     let status = srv.wait_first_exit().await;
     assert_eq!(status.code(), Some(0));
-    assert!(srv.logs().contains("drained: exiting"));
+    srv.wait_log("drained: exiting").await;
 }
 
 #[tokio::test]

@@ -85,6 +85,8 @@ impl Certs {
 struct Logs {
     lines: Mutex<Vec<String>>,
     changed: Notify,
+    /// Every writer closed stderr: no line will follow.
+    ended: std::sync::atomic::AtomicBool,
 }
 
 pub struct TestServer {
@@ -216,6 +218,8 @@ impl TestServer {
                 l.lines.lock().unwrap().push(line);
                 l.changed.notify_waiters();
             }
+            l.ended.store(true, std::sync::atomic::Ordering::Release);
+            l.changed.notify_waiters();
         });
         TestServer {
             dir,
@@ -413,10 +417,17 @@ impl TestServer {
     }
 
     /// Waits for the first process (generation 1) to exit; returns its status.
+    /// Waits until the first process exits. If no process of the server is
+    /// left, also until its log is read to the end, so a test that reads
+    /// the log next sees every line (the reader thread may lag the exit).
     pub async fn wait_first_exit(&mut self) -> std::process::ExitStatus {
         let deadline = std::time::Instant::now() + WAIT;
         loop {
             if let Some(status) = self.first.try_wait().unwrap() {
+                let group = nix::unistd::Pid::from_raw(self.first.id() as i32);
+                if nix::sys::signal::killpg(group, None).is_err() {
+                    self.wait_log_end().await;
+                }
                 return status;
             }
             assert!(
@@ -427,6 +438,24 @@ impl TestServer {
             // Polling a child's exit status has no readiness signal to wait on.
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Waits until stderr is closed by every process and read to the end.
+    async fn wait_log_end(&self) {
+        let ended = async {
+            loop {
+                let changed = self.logs.changed.notified();
+                tokio::pin!(changed);
+                changed.as_mut().enable();
+                if self.logs.ended.load(std::sync::atomic::Ordering::Acquire) {
+                    return;
+                }
+                changed.await;
+            }
+        };
+        tokio::time::timeout(WAIT, ended)
+            .await
+            .expect("the log ends once every process is gone");
     }
 
     pub fn first_pid(&self) -> u32 {
