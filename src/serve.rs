@@ -124,18 +124,35 @@ pub fn start(
                             // Locals drop in reverse order: the socket is
                             // closed before `_held` counts it closed.
                             let _held = held;
-                            let socket = socket;
+                            let mut socket = socket;
                             let mut guard = Some(guard);
                             loop {
                                 accept_loop(&socket, w, &spec, &stats, &shared, &builder).await;
                                 // Paused, with the socket kept: the next
                                 // generation may die right after it said
-                                // ready, and this process serve again.
+                                // ready, and this process serve again. Out
+                                // of this worker's epoll meanwhile, or every
+                                // connection to the next generation would
+                                // wake this one too.
                                 drop(guard.take());
+                                let paused = match socket.into_std() {
+                                    Ok(s) => s,
+                                    Err(e) => {
+                                        warn!(listener = %spec.ctx.name, "cannot pause the listener: {e}");
+                                        return;
+                                    }
+                                };
                                 if !drain.resumed().await {
                                     debug!(listener = %spec.ctx.name, "listener closed");
                                     return;
                                 }
+                                socket = match tokio::net::TcpListener::from_std(paused) {
+                                    Ok(s) => s,
+                                    Err(e) => {
+                                        warn!(listener = %spec.ctx.name, "cannot accept again: {e}");
+                                        return;
+                                    }
+                                };
                                 guard = Some(drain.acceptor());
                                 debug!(listener = %spec.ctx.name, "accepting again");
                             }
