@@ -365,6 +365,13 @@ impl Activity {
         }
     }
 
+    /// Bytes went out: the client is taking what it is sent.
+    fn wrote(&self, res: &Poll<std::io::Result<usize>>) {
+        if let Poll::Ready(Ok(1..)) = res {
+            self.progress_at.store(now_ms(), Ordering::Relaxed);
+        }
+    }
+
     /// A parked response was polled again: the client took what it had.
     fn unpark(&self) {
         self.parked.fetch_sub(1, Ordering::Relaxed);
@@ -471,11 +478,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for TrackedIo<T> {
             return Poll::Ready(Err(gone()));
         };
         let res = Pin::new(inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = res {
-            if n > 0 {
-                this.activity.progress_at.store(now_ms(), Ordering::Relaxed);
-            }
-        }
+        this.activity.wrote(&res);
         res
     }
     fn poll_write_vectored(
@@ -488,11 +491,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for TrackedIo<T> {
             return Poll::Ready(Err(gone()));
         };
         let res = Pin::new(inner).poll_write_vectored(cx, bufs);
-        if let Poll::Ready(Ok(n)) = res {
-            if n > 0 {
-                this.activity.progress_at.store(now_ms(), Ordering::Relaxed);
-            }
-        }
+        this.activity.wrote(&res);
         res
     }
     /// Not vectored: hyper then flattens a response's head and body into

@@ -275,6 +275,22 @@ async fn the_old_process_killed_mid_handoff_leaves_the_new_one_serving() {
     assert_eq!(srv.answering_pid().await, new);
 }
 
+/// Sends a `/delay` request to the serving generation and waits until that
+/// generation has started it; returns its pid and the request.
+async fn slow_request_on(
+    srv: &TestServer,
+    web: &Target,
+) -> (u32, tokio::task::JoinHandle<Result<client::Resp, String>>) {
+    let pid = srv.pid();
+    let seen = srv.log_count();
+    let w = web.clone();
+    let slow = tokio::spawn(async move { client::get(&w, "/delay").await });
+    let tag = format!("pid={pid} ");
+    srv.wait_log_after(seen, |l| l.contains(&tag) && l.contains("path=\"/delay\""))
+        .await;
+    (pid, slow)
+}
+
 #[tokio::test]
 async fn at_most_three_old_generations_drain_at_once() {
     let config = basic_config("")
@@ -286,13 +302,8 @@ async fn at_most_three_old_generations_drain_at_once() {
     let mut slows = Vec::new();
     // Five generations, each left draining a long request.
     for _ in 0..5 {
-        let pid = srv.pid();
-        let seen = srv.log_count();
-        let w = web.clone();
-        slows.push(tokio::spawn(async move { client::get(&w, "/delay").await }));
-        let tag = format!("pid={pid} ");
-        srv.wait_log_after(seen, |l| l.contains(&tag) && l.contains("path=\"/delay\""))
-            .await;
+        let (pid, slow) = slow_request_on(&srv, &web).await;
+        slows.push(slow);
         olds.push(pid);
         srv.restart().await;
     }
@@ -333,13 +344,8 @@ async fn a_stopped_generation_past_the_cap_is_killed() {
     let mut slows = Vec::new();
     // Two generations left draining a long request each.
     for _ in 0..2 {
-        let pid = srv.pid();
-        let seen = srv.log_count();
-        let w = web.clone();
-        slows.push(tokio::spawn(async move { client::get(&w, "/delay").await }));
-        let tag = format!("pid={pid} ");
-        srv.wait_log_after(seen, |l| l.contains(&tag) && l.contains("path=\"/delay\""))
-            .await;
+        let (pid, slow) = slow_request_on(&srv, &web).await;
+        slows.push(slow);
         pids.push(pid);
         if pids.len() == 1 {
             srv.restart().await;
