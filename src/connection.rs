@@ -702,12 +702,7 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
 /// Does this HTTP/1.x request close its connection itself (`Connection:
 /// close`, or HTTP/1.0 without `keep-alive`)?
 fn asks_to_close<B>(req: &Request<B>) -> bool {
-    let has = |token: &str| {
-        req.headers().get_all(header::CONNECTION).iter().any(|v| {
-            v.to_str()
-                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
-        })
-    };
+    let has = |token| crate::service::has_token(req.headers(), header::CONNECTION, token);
     has("close") || (req.version() == Version::HTTP_10 && !has("keep-alive"))
 }
 

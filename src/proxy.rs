@@ -28,7 +28,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tracing::{debug, warn};
 
 use crate::routes::ListenerContext;
-use crate::service::{text, Body, BoxError};
+use crate::service::{has_token, text, Body, BoxError};
 
 /// A proxy route, built once per generation.
 pub struct Proxy {
@@ -84,17 +84,13 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     }
 }
 
-fn is_upgrade<B>(req: &Request<B>) -> bool {
-    req.headers().contains_key(header::UPGRADE)
-        && req
-            .headers()
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .any(|v| {
-                v.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-            })
+/// A WebSocket upgrade: the only upgrade that is tunnelled. Any other
+/// (`h2c` above all: a tunnel would carry requests past routing) is
+/// forwarded as a plain request, its `Upgrade` removed with the hop-by-hop
+/// headers.
+fn is_websocket<B>(req: &Request<B>) -> bool {
+    let h = req.headers();
+    has_token(h, header::CONNECTION, "upgrade") && has_token(h, header::UPGRADE, "websocket")
 }
 
 impl Proxy {
@@ -141,18 +137,8 @@ impl Proxy {
                 return text(StatusCode::PAYLOAD_TOO_LARGE, "payload too large\n");
             }
         }
-        // Only a WebSocket is tunnelled. Any other upgrade (`h2c` above
-        // all: a tunnel would carry requests past routing) is forwarded as
-        // a plain request, its `Upgrade` removed with the hop-by-hop headers.
-        let upgrade = is_upgrade(&req)
-            && req.headers().get_all(header::UPGRADE).iter().any(|v| {
-                v.to_str().is_ok_and(|v| {
-                    v.split(',')
-                        .any(|t| t.trim().eq_ignore_ascii_case("websocket"))
-                })
-            });
-        let websocket = upgrade;
-        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let websocket = is_websocket(&req);
+        let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
 
         // The upstream URI: its scheme and authority, this path (without the
         // route's prefix if asked), this query.
@@ -189,7 +175,7 @@ impl Proxy {
         *req.uri_mut() = uri;
         *req.version_mut() = http::Version::HTTP_11;
         let h = req.headers_mut();
-        strip_hop_by_hop(h, upgrade);
+        strip_hop_by_hop(h, websocket);
         set_forwarded(h, peer, host.as_ref());
         if let Some(host) = host {
             h.insert(header::HOST, host);

@@ -70,6 +70,15 @@ pub fn full(data: impl Into<Bytes>) -> Body {
     Body(Kind::Full((!data.is_empty()).then_some(data)))
 }
 
+/// Does a comma-separated header (`Connection`, `Upgrade`, ...) list
+/// `token`, in any of its lines, ignoring case?
+pub fn has_token(headers: &http::HeaderMap, name: http::HeaderName, token: &str) -> bool {
+    headers.get_all(name).iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    })
+}
+
 /// A short plain-text response.
 pub fn text(status: http::StatusCode, msg: &'static str) -> Response<Body> {
     let mut res = Response::new(full(msg));
