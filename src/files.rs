@@ -10,6 +10,7 @@
 //! RFC 9110 section 14.2 allows; multipart/byteranges is not served.
 
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -66,18 +67,20 @@ pub fn resolve_static(root: &Path, rel: &str) -> Option<PathBuf> {
     canonical.starts_with(root).then_some(canonical)
 }
 
+/// A `static` route: its root (canonical), the index file of directories,
+/// and tower-http's file server over the root.
+pub struct Root {
+    pub root: PathBuf,
+    pub index: String,
+    pub dir: tower_http::services::ServeDir,
+}
+
 /// A `static` route's answer: GET/HEAD of the file `req` names under
 /// `root`, with the validators and conditions of RFC 9110 (see
 /// [`conditions`]); tower-http's ServeDir reads the file (content type,
 /// a single range).
-pub async fn serve(
-    req: Request<()>,
-    prefix: String,
-    root: PathBuf,
-    index: String,
-    dir: tower_http::services::ServeDir,
-) -> Response<Body> {
-    let (prefix, root, index) = (prefix.as_str(), root.as_path(), index.as_str());
+pub async fn serve(req: Request<()>, prefix: Arc<str>, route: Arc<Root>) -> Response<Body> {
+    let (prefix, root, index) = (&*prefix, route.root.as_path(), route.index.as_str());
     if req.method() != Method::GET && req.method() != Method::HEAD {
         let mut res = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
         res.headers_mut()
@@ -129,7 +132,12 @@ pub async fn serve(
         return text(StatusCode::NOT_FOUND, "not found\n");
     };
     parts.uri = uri;
-    match dir.oneshot(Request::from_parts(parts, body)).await {
+    match route
+        .dir
+        .clone()
+        .oneshot(Request::from_parts(parts, body))
+        .await
+    {
         Ok(res) if res.status().is_success() => validators.apply(res.map(Body::new)),
         Ok(res) => res.map(Body::new),
         Err(never) => match never {},

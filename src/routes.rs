@@ -2,7 +2,7 @@
 //! A request goes to the route with the longest matching path prefix.
 
 use std::borrow::Cow;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -48,22 +48,14 @@ pub struct ListenerContext {
     pub process: Arc<ProcessInfo>,
 }
 
+/// What a route does. What a deferred answer needs is behind an `Arc`, so
+/// its future takes its own handle on it.
 enum Handle {
-    Respond {
-        fixed: Fixed,
-        delay: Duration,
-    },
-    Static {
-        root: PathBuf,
-        index: String,
-        dir: tower_http::services::ServeDir,
-    },
-    Redirect {
-        to: String,
-        status: StatusCode,
-    },
+    Respond { fixed: Arc<Fixed>, delay: Duration },
+    Static(Arc<crate::files::Root>),
+    Redirect { to: String, status: StatusCode },
     Status,
-    Proxy(Box<crate::proxy::Proxy>),
+    Proxy(Arc<crate::proxy::Proxy>),
 }
 
 /// A `respond` route's response.
@@ -180,7 +172,7 @@ impl Template {
 
 /// The routes of one listener, longest prefix first.
 pub struct Router {
-    routes: Vec<(String, Handle)>,
+    routes: Vec<(Arc<str>, Handle)>,
 }
 
 impl Router {
@@ -195,11 +187,11 @@ impl Router {
                     headers,
                     delay,
                 } => Handle::Respond {
-                    fixed: Fixed {
+                    fixed: Arc::new(Fixed {
                         status: *status,
                         body: Template::parse(body),
                         headers: headers.clone(),
-                    },
+                    }),
                     delay: *delay,
                 },
                 Action::Static { root, index } => {
@@ -213,12 +205,12 @@ impl Router {
                                 format!("{}: {} is not a directory", root.key, root.written),
                             )
                         })?;
-                    Handle::Static {
+                    Handle::Static(Arc::new(crate::files::Root {
                         dir: tower_http::services::ServeDir::new(&canonical)
                             .append_index_html_on_directories(false),
                         root: canonical,
                         index: index.clone(),
-                    }
+                    }))
                 }
                 Action::Redirect { to, status } => Handle::Redirect {
                     to: to.clone(),
@@ -231,7 +223,7 @@ impl Router {
                     timeout,
                     strip_prefix,
                     max_body,
-                } => Handle::Proxy(Box::new(crate::proxy::Proxy::new(
+                } => Handle::Proxy(Arc::new(crate::proxy::Proxy::new(
                     upstream,
                     *connect_timeout,
                     *timeout,
@@ -239,7 +231,7 @@ impl Router {
                     *max_body,
                 ))),
             };
-            routes.push((r.path.clone(), handle));
+            routes.push((Arc::<str>::from(r.path.as_str()), handle));
         }
         routes.sort_by_key(|r| std::cmp::Reverse(r.0.len()));
         Ok(Router { routes })
@@ -251,7 +243,7 @@ impl Router {
     /// leaves the request body to [`discard`].
     #[inline]
     pub fn handle(
-        self: &Arc<Self>,
+        &self,
         mut req: Request<Incoming>,
         ctx: &Arc<ListenerContext>,
         peer: crate::proxy::Peer,
@@ -263,7 +255,7 @@ impl Router {
         // it refuses escapes from its root itself, with 404 (SPEC section 5).
         let normal = normalize(path);
         if !matches!(normal, Ok(Cow::Borrowed(_)))
-            && !route.is_some_and(|i| matches!(self.routes[i].1, Handle::Static { .. }))
+            && !route.is_some_and(|i| matches!(self.routes[i].1, Handle::Static(_)))
         {
             let Ok(normal) = normal else {
                 discard(req.into_body());
@@ -286,44 +278,45 @@ impl Router {
             return Reply::Now(text(StatusCode::NOT_FOUND, "not found\n"));
         };
         let (prefix, handle) = &self.routes[i];
-        if let Handle::Proxy(_) = handle {
-            let (router, ctx) = (self.clone(), ctx.clone());
-            return Reply::Later(Box::pin(async move {
-                let (prefix, Handle::Proxy(proxy)) = &router.routes[i] else {
-                    unreachable!("route {i} is a proxy")
-                };
-                proxy.handle(req, prefix, &ctx, peer).await
-            }));
-        }
-        let (parts, body) = req.into_parts();
-        discard(body);
-        let req = Request::from_parts(parts, ());
         match handle {
-            Handle::Respond { fixed, delay } if delay.is_zero() => {
-                Reply::Now(fixed.response(&req, ctx))
+            Handle::Proxy(proxy) => {
+                let (proxy, prefix, ctx) = (proxy.clone(), prefix.clone(), ctx.clone());
+                Reply::Later(Box::pin(async move {
+                    proxy.handle(req, &prefix, &ctx, peer).await
+                }))
             }
-            Handle::Redirect { to, status } => Reply::Now(redirect(&req, to, *status)),
-            Handle::Status => Reply::Now(status_response(ctx)),
-            Handle::Respond { fixed: _, delay } => {
-                let (router, ctx, delay) = (self.clone(), ctx.clone(), *delay);
+            Handle::Respond { fixed, delay } if delay.is_zero() => {
+                Reply::Now(fixed.response(&without_body(req), ctx))
+            }
+            Handle::Redirect { to, status } => {
+                Reply::Now(redirect(&without_body(req), to, *status))
+            }
+            Handle::Status => {
+                discard(req.into_body());
+                Reply::Now(status_response(ctx))
+            }
+            Handle::Respond { fixed, delay } => {
+                let (req, fixed, ctx, delay) =
+                    (without_body(req), fixed.clone(), ctx.clone(), *delay);
                 Reply::Later(Box::pin(async move {
                     tokio::time::sleep(delay).await;
-                    let Handle::Respond { fixed, .. } = &router.routes[i].1 else {
-                        unreachable!("route {i} is a respond")
-                    };
                     fixed.response(&req, &ctx)
                 }))
             }
-            Handle::Static { root, index, dir } => Reply::Later(Box::pin(crate::files::serve(
-                req,
+            Handle::Static(root) => Reply::Later(Box::pin(crate::files::serve(
+                without_body(req),
                 prefix.clone(),
                 root.clone(),
-                index.clone(),
-                dir.clone(),
             ))),
-            Handle::Proxy(_) => unreachable!("answered above"),
         }
     }
+}
+
+/// The request without its body, which [`discard`] reads and drops.
+fn without_body(req: Request<Incoming>) -> Request<()> {
+    let (parts, body) = req.into_parts();
+    discard(body);
+    Request::from_parts(parts, ())
 }
 
 impl Router {
@@ -331,7 +324,7 @@ impl Router {
     fn route(&self, path: &str) -> Option<usize> {
         self.routes
             .iter()
-            .position(|(prefix, _)| path.starts_with(prefix.as_str()))
+            .position(|(prefix, _)| path.starts_with(&**prefix))
     }
 }
 
