@@ -25,7 +25,7 @@ pub struct Gen {
 }
 
 /// The start time of `pid`, if it runs (a zombie does not).
-pub fn start_time(pid: i32) -> Option<u64> {
+fn start_time(pid: i32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name may hold spaces and parentheses: fields follow the last ')'.
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
@@ -37,10 +37,14 @@ pub fn start_time(pid: i32) -> Option<u64> {
 }
 
 impl Gen {
+    /// Process `pid`, if it runs.
+    pub fn of(pid: i32) -> Option<Gen> {
+        start_time(pid).map(|start| Gen { pid, start })
+    }
+
     /// This process.
     pub fn current() -> Option<Gen> {
-        let pid = std::process::id() as i32;
-        start_time(pid).map(|start| Gen { pid, start })
+        Gen::of(std::process::id() as i32)
     }
 
     fn alive(&self) -> bool {

@@ -132,14 +132,7 @@ pub async fn control(
             outcome = async { attempt.as_mut().expect("guarded by the if").await }, if attempt.is_some() => {
                 attempt = None;
                 starting.0.set(None);
-                seq += 1;
-                crate::reload::report(
-                    gen.config.pid_file.as_deref(),
-                    gen.process.pid,
-                    seq,
-                    gen.process.generation + 1,
-                    &outcome.as_ref().map(|r| r.pid).map_err(Clone::clone),
-                );
+                report(&gen, &mut seq, &outcome.as_ref().map(|r| r.pid).map_err(Clone::clone));
                 let pending = matches!(state, State::Restarting { pending: true });
                 state = State::Serving;
                 match outcome {
@@ -163,14 +156,7 @@ pub async fn control(
                             Drained::RolledBack(status) => {
                                 let reason = "new generation died after ready (rolled back)".to_string();
                                 error!(new_pid, status, "restart failed: {reason}");
-                                seq += 1;
-                                crate::reload::report(
-                                    gen.config.pid_file.as_deref(),
-                                    gen.process.pid,
-                                    seq,
-                                    gen.process.generation + 1,
-                                    &Err(reason),
-                                );
+                                report(&gen, &mut seq, &Err(reason));
                                 // This generation serves again: it is the one
                                 // the pid file and systemd must name.
                                 gen.report_ready(None, restarter.supervisor.is_some());
@@ -211,6 +197,18 @@ pub async fn control(
             }
         }
     }
+}
+
+/// Tells `reload` (and the result file) how attempt number `seq + 1` ended.
+fn report(gen: &Generation, seq: &mut u64, outcome: &Result<i32, String>) {
+    *seq += 1;
+    crate::reload::report(
+        gen.config.pid_file.as_deref(),
+        gen.process.pid,
+        *seq,
+        gen.process.generation + 1,
+        outcome,
+    );
 }
 
 /// One restart attempt. Returns the new process's pid once it is ready; on
@@ -362,7 +360,7 @@ impl ReadyPipe {
 
 /// [`await_ready`], keeping the pipe: a successor keeps its end open while
 /// it serves, and says `DONE` before it ends on purpose, so its end of file
-/// without `DONE` means it died (see [`Successor::died`]).
+/// without `DONE` means it died (see [`Ready::died`]).
 async fn await_ready_watched(
     s: Successor,
     startup_timeout: Duration,

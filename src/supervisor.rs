@@ -251,8 +251,8 @@ impl Supervisor {
                             while draining.len() - quit.len() > new_config.max_draining {
                                 let Some(oldest) = draining.iter().copied().find(|p| !quit.contains(p)) else { break };
                                 warn!(pid = oldest, "too many generations draining: stopping the oldest at once");
-                                match crate::draining::start_time(oldest) {
-                                    Some(start) => crate::draining::stop(crate::draining::Gen { pid: oldest, start }),
+                                match crate::draining::Gen::of(oldest) {
+                                    Some(gen) => crate::draining::stop(gen),
                                     None => { let _ = kill(Pid::from_raw(oldest), Signal::SIGQUIT); }
                                 }
                                 quit.push(oldest);
