@@ -27,23 +27,20 @@ pub struct Drain {
 struct Inner {
     draining: AtomicBool,
     started: Notify,
-    active: AtomicU64,
-    idle: Notify,
+    /// Open connections (tunnels included).
+    active: Arc<Count>,
     /// Connections upgraded (WebSocket and others) and tunnelled.
-    upgraded: AtomicU64,
-    tunnels_done: Notify,
+    upgraded: Arc<Count>,
     /// Turns true when the tunnels must end (see `cut_tunnels`).
     cut: tokio::sync::watch::Sender<bool>,
     /// Accept loops accepting (not paused by a drain).
-    acceptors: AtomicU64,
-    acceptors_done: Notify,
+    acceptors: Arc<Count>,
     /// Wakes paused accept loops: to accept again, or to close.
     resumed: Notify,
     /// Paused accept loops close their sockets (a stop, not a restart).
     closing: AtomicBool,
     /// Accept loops holding their copy of a socket, paused or not.
-    sockets: AtomicU64,
-    sockets_closed: Notify,
+    sockets: Arc<Count>,
 }
 
 impl Default for Drain {
@@ -52,73 +49,70 @@ impl Default for Drain {
             inner: Arc::new(Inner {
                 draining: AtomicBool::new(false),
                 started: Notify::new(),
-                active: AtomicU64::new(0),
-                idle: Notify::new(),
-                upgraded: AtomicU64::new(0),
-                tunnels_done: Notify::new(),
+                active: Count::new(),
+                upgraded: Count::new(),
                 cut: tokio::sync::watch::Sender::new(false),
-                acceptors: AtomicU64::new(0),
-                acceptors_done: Notify::new(),
+                acceptors: Count::new(),
                 resumed: Notify::new(),
                 closing: AtomicBool::new(false),
-                sockets: AtomicU64::new(0),
-                sockets_closed: Notify::new(),
+                sockets: Count::new(),
             }),
         }
     }
 }
 
-/// Held by each open connection; dropping it counts the connection closed.
-pub struct ConnectionGuard {
-    inner: Arc<Inner>,
+/// How many of something are open (connections, accept loops, ...), and a
+/// signal when none is left. Each holds a [`Counted`] while it is open.
+struct Count {
+    n: AtomicU64,
+    zero: Notify,
 }
 
-impl Drop for ConnectionGuard {
-    fn drop(&mut self) {
-        if self.inner.active.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.inner.idle.notify_waiters();
+impl Count {
+    fn new() -> Arc<Count> {
+        Arc::new(Count {
+            n: AtomicU64::new(0),
+            zero: Notify::new(),
+        })
+    }
+
+    fn enter(self: &Arc<Self>) -> Counted {
+        self.n.fetch_add(1, Ordering::AcqRel);
+        Counted(self.clone())
+    }
+
+    fn get(&self) -> u64 {
+        self.n.load(Ordering::Acquire)
+    }
+
+    /// Resolves once none is open (at once if none is).
+    async fn zero(&self) {
+        loop {
+            let notified = self.zero.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.get() == 0 {
+                return;
+            }
+            notified.await;
         }
     }
 }
 
-/// Held by each accept loop while it accepts; dropped when it pauses or ends.
-pub struct AcceptorGuard {
-    inner: Arc<Inner>,
-}
+/// One open thing of a [`Count`]: a connection, an accept loop, a tunnel,
+/// a copy of a socket. Dropping it counts it closed.
+pub struct Counted(Arc<Count>);
 
-impl Drop for AcceptorGuard {
+impl Drop for Counted {
     fn drop(&mut self) {
-        if self.inner.acceptors.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.inner.acceptors_done.notify_waiters();
+        if self.0.n.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.zero.notify_waiters();
         }
     }
 }
 
-/// Held by each accept loop while it holds its copy of a socket.
-pub struct SocketGuard {
-    inner: Arc<Inner>,
-}
-
-impl Drop for SocketGuard {
-    fn drop(&mut self) {
-        if self.inner.sockets.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.inner.sockets_closed.notify_waiters();
-        }
-    }
-}
-
-/// Held by each upgraded (tunnelled) connection.
-pub struct UpgradedGuard {
-    inner: Arc<Inner>,
-}
-
-impl Drop for UpgradedGuard {
-    fn drop(&mut self) {
-        if self.inner.upgraded.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.inner.tunnels_done.notify_waiters();
-        }
-    }
-}
+/// Held by each open connection.
+pub type ConnectionGuard = Counted;
 
 /// What was still open when a drain ran out of time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -128,39 +122,24 @@ pub struct Cut {
 }
 
 impl Drain {
+    /// Counts an open connection, until the guard drops.
     pub fn connection(&self) -> ConnectionGuard {
-        self.inner.active.fetch_add(1, Ordering::AcqRel);
-        ConnectionGuard {
-            inner: self.inner.clone(),
-        }
+        self.inner.active.enter()
     }
 
-    pub fn acceptor(&self) -> AcceptorGuard {
-        self.inner.acceptors.fetch_add(1, Ordering::AcqRel);
-        AcceptorGuard {
-            inner: self.inner.clone(),
-        }
+    /// Counts an accept loop while it accepts.
+    pub fn acceptor(&self) -> Counted {
+        self.inner.acceptors.enter()
     }
 
     /// Resolves once every accept loop has paused (or ended).
     pub async fn stopped_accepting(&self) {
-        loop {
-            let notified = self.inner.acceptors_done.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.inner.acceptors.load(Ordering::Acquire) == 0 {
-                return;
-            }
-            notified.await;
-        }
+        self.inner.acceptors.zero().await
     }
 
     /// Counts an upgraded connection (it also holds a `connection()`).
-    pub fn upgraded(&self) -> UpgradedGuard {
-        self.inner.upgraded.fetch_add(1, Ordering::Relaxed);
-        UpgradedGuard {
-            inner: self.inner.clone(),
-        }
+    pub fn upgraded(&self) -> Counted {
+        self.inner.upgraded.enter()
     }
 
     /// Turns true when the tunnels must end (the tunnel's side of
@@ -174,26 +153,15 @@ impl Drain {
     /// `within` passes. Called when a drain runs out of time or is stopped.
     pub async fn cut_tunnels(&self, within: Duration) {
         self.inner.cut.send_replace(true);
-        let _ = tokio::time::timeout(within, async {
-            loop {
-                let done = self.inner.tunnels_done.notified();
-                tokio::pin!(done);
-                done.as_mut().enable();
-                if self.inner.upgraded.load(Ordering::Acquire) == 0 {
-                    return;
-                }
-                done.await;
-            }
-        })
-        .await;
+        let _ = tokio::time::timeout(within, self.inner.upgraded.zero()).await;
     }
 
     pub fn upgraded_active(&self) -> u64 {
-        self.inner.upgraded.load(Ordering::Relaxed)
+        self.inner.upgraded.get()
     }
 
     pub fn active(&self) -> u64 {
-        self.inner.active.load(Ordering::Acquire)
+        self.inner.active.get()
     }
 
     /// Is this process draining? Read once per response, so it is an atomic
@@ -225,11 +193,8 @@ impl Drain {
     }
 
     /// Counts an accept loop's copy of a socket, until the guard drops.
-    pub fn socket(&self) -> SocketGuard {
-        self.inner.sockets.fetch_add(1, Ordering::AcqRel);
-        SocketGuard {
-            inner: self.inner.clone(),
-        }
+    pub fn socket(&self) -> Counted {
+        self.inner.sockets.enter()
     }
 
     /// Paused accept loops close their copies of the sockets: the process
@@ -238,15 +203,7 @@ impl Drain {
     pub async fn close_listeners(&self) {
         self.inner.closing.store(true, Ordering::Release);
         self.inner.resumed.notify_waiters();
-        loop {
-            let closed = self.inner.sockets_closed.notified();
-            tokio::pin!(closed);
-            closed.as_mut().enable();
-            if self.inner.sockets.load(Ordering::Acquire) == 0 {
-                return;
-            }
-            closed.await;
-        }
+        self.inner.sockets.zero().await
     }
 
     /// For a paused accept loop: `true` when it should accept again (the
@@ -269,24 +226,11 @@ impl Drain {
     /// Waits until no connection is left, or `timeout` passes; returns what
     /// was still open at the deadline.
     pub async fn wait(&self, timeout: Duration) -> Option<Cut> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let notified = self.inner.idle.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.active() == 0 {
-                return None;
-            }
-            tokio::select! {
-                _ = notified => {}
-                _ = tokio::time::sleep_until(deadline) => {
-                    return Some(Cut {
-                        connections: self.active(),
-                        upgraded: self.inner.upgraded.load(Ordering::Relaxed),
-                    });
-                }
-            }
-        }
+        let drained = tokio::time::timeout(timeout, self.inner.active.zero()).await;
+        drained.is_err().then(|| Cut {
+            connections: self.active(),
+            upgraded: self.upgraded_active(),
+        })
     }
 }
 
