@@ -154,12 +154,14 @@ async fn an_expired_certificate_is_served_with_a_warning() {
     assert_eq!(srv.answering_pid().await, srv.pid());
 }
 
-fn reload(config: &Path) -> (i32, String, String) {
-    let out = Command::new(BIN)
+/// Runs `gracesrv reload -c CONFIG` to its end; its exit code, stdout, stderr.
+async fn reload(config: &Path) -> (i32, String, String) {
+    let out = tokio::process::Command::new(BIN)
         .arg("reload")
         .arg("-c")
         .arg(config)
         .output()
+        .await
         .unwrap();
     (
         out.status.code().unwrap(),
@@ -176,10 +178,7 @@ async fn reload_reports_success_and_failure() {
     );
     let mut srv = TestServer::start(&config).await;
     let old = srv.pid();
-    let path = srv.config.clone();
-    let (code, out, err) = tokio::task::spawn_blocking(move || reload(&path))
-        .await
-        .unwrap();
+    let (code, out, err) = reload(&srv.config).await;
     assert_eq!(code, 0, "{err}");
     let new = srv.wait_ready().await;
     assert!(
@@ -190,20 +189,14 @@ async fn reload_reports_success_and_failure() {
     );
 
     srv.write_config(&config.replace("listeners:", "listeners: [\n"));
-    let path = srv.config.clone();
-    let (code, out, err) = tokio::task::spawn_blocking(move || reload(&path))
-        .await
-        .unwrap();
+    let (code, out, err) = reload(&srv.config).await;
     // The broken config cannot even be read by reload itself: it names the error.
     assert_eq!(code, 1, "{out}");
     assert!(err.contains("server.yaml:"), "{err}");
 
     // A config that reload can read but the server refuses (a missing cert).
     srv.write_config(&config.replace("localhost.crt", "gone.crt"));
-    let path = srv.config.clone();
-    let (code, out, err) = tokio::task::spawn_blocking(move || reload(&path))
-        .await
-        .unwrap();
+    let (code, out, err) = reload(&srv.config).await;
     assert_eq!(code, 1, "{out}");
     assert!(
         err.contains("restart failed:") && err.contains("no such file gone.crt"),
@@ -341,10 +334,7 @@ async fn reload_tells_the_truth_on_a_full_disk() {
     let mut srv = TestServer::start_in(dir, certs, path, &[]).await;
     let first = srv.pid();
     disk.fill();
-    let path = srv.config.clone();
-    let (code, out, err) = tokio::task::spawn_blocking(move || reload(&path))
-        .await
-        .unwrap();
+    let (code, out, err) = reload(&srv.config).await;
     assert_eq!(code, 0, "{out}{err}");
     let second = srv.wait_ready().await;
     assert!(
@@ -376,10 +366,7 @@ async fn reload_tells_the_truth_on_a_full_disk() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    let path = srv.config.clone();
-    let (code, out, err) = tokio::task::spawn_blocking(move || reload(&path))
-        .await
-        .unwrap();
+    let (code, out, err) = reload(&srv.config).await;
     assert_eq!(code, 0, "{out}{err}");
     let third = srv.wait_ready().await;
     assert!(out.contains(&format!("reloaded: pid {third}")), "{out}");
@@ -401,10 +388,7 @@ async fn reload_never_signals_a_stranger() {
     // A stranger's pid.
     let mut stranger = Command::new("sleep").arg("30").spawn().unwrap();
     std::fs::write(&pid_file, format!("{}\n", stranger.id())).unwrap();
-    let path = srv.config.clone();
-    let (code, _, err) = tokio::task::spawn_blocking(move || reload(&path))
-        .await
-        .unwrap();
+    let (code, _, err) = reload(&srv.config).await;
     assert_eq!(code, 1);
     assert!(
         err.contains("stale pid file") && err.contains("not a running gracesrv"),
@@ -436,9 +420,7 @@ async fn reload_never_signals_a_stranger() {
         other.path().join("localhost.key"),
     )
     .unwrap();
-    let (code, _, err) = tokio::task::spawn_blocking(move || reload(&other_config))
-        .await
-        .unwrap();
+    let (code, _, err) = reload(&other_config).await;
     assert_eq!(code, 1);
     assert!(
         err.contains("stale pid file") && err.contains("serves"),
