@@ -20,14 +20,26 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tracing::debug;
 
+use crate::body::{Body, Reply};
 use crate::config::Timeouts;
-use crate::serve::{ListenerSpec, Shared, WorkerStats};
-use crate::service::{Body, Reply};
+use crate::context::{ListenerContext, Peer, Shared, ThreadStats};
+use crate::service::Handler;
 
 /// The largest request head accepted, HTTP/1.1 and HTTP/2 alike.
 const MAX_HEAD: usize = 64 * 1024;
 
-/// hyper's connection builders, one per HTTP version (one set per worker).
+/// Everything a thread needs to serve one listener.
+#[derive(Clone)]
+pub struct ListenerSpec {
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    pub handler: Handler,
+    pub ctx: Arc<ListenerContext>,
+    /// Set by [`crate::serve::start`]: accepted sockets get TCP_NODELAY from the listening
+    /// socket, so no connection needs a `setsockopt` of its own.
+    pub nodelay_inherited: bool,
+}
+
+/// hyper's connection builders, one per HTTP version (one set per thread).
 pub struct Builders {
     h1: http1::Builder,
     h2: http2::Builder<TokioExecutor>,
@@ -187,9 +199,9 @@ async fn linger<T: Socket>(mut io: T, h2: bool, send_timeout: Duration) {
 /// How often lingering connections look at their deadlines.
 const LINGER_TICK: Duration = Duration::from_millis(100);
 
-/// One ticker per worker thread for its lingering connections, running
+/// One ticker per thread for its lingering connections, running
 /// while any lingers. A timer of each connection's own would cost a wake-up
-/// of the worker (an eventfd write) per connection: tokio's timer wheel
+/// of the thread (an eventfd write) per connection: tokio's timer wheel
 /// wakes its driver whenever a timer is set earlier than its next wake-up,
 /// and a linger's is nearly always the earliest.
 struct LingerTick {
@@ -215,7 +227,7 @@ impl LingerTick {
             });
             *cell.borrow_mut() = Arc::downgrade(&tick);
             let alive = Arc::downgrade(&tick);
-            // Spawned on this worker's runtime (one thread): the ticker
+            // Spawned on this thread's runtime (one thread): the ticker
             // wakes only the connections of this thread.
             tokio::spawn(async move {
                 let mut every = tokio::time::interval(LINGER_TICK);
@@ -268,13 +280,13 @@ pub async fn serve_tls(
     stream: TcpStream,
     peer: SocketAddr,
     spec: Arc<ListenerSpec>,
-    stats: Arc<WorkerStats>,
+    stats: Arc<ThreadStats>,
     shared: Arc<Shared>,
     builder: Arc<Builders>,
 ) {
     match tokio::time::timeout(shared.timeouts.handshake, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => {
-            let peer = crate::proxy::Peer {
+            let peer = Peer {
                 addr: peer,
                 tls: true,
             };
@@ -526,9 +538,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for TrackedIo<T> {
 pub async fn serve_http<T: Socket>(
     mut io: T,
     alpn_h2: Option<bool>,
-    peer: crate::proxy::Peer,
+    peer: Peer,
     spec: Arc<ListenerSpec>,
-    stats: Arc<WorkerStats>,
+    stats: Arc<ThreadStats>,
     shared: Arc<Shared>,
     builder: Arc<Builders>,
 ) {
@@ -660,18 +672,18 @@ async fn drive<T: Socket>(
 /// timeouts, and during a drain adds `Connection: close` to HTTP/1.x responses.
 #[derive(Clone)]
 struct ConnService {
-    peer: crate::proxy::Peer,
+    peer: Peer,
     spec: Arc<ListenerSpec>,
-    stats: Arc<WorkerStats>,
+    stats: Arc<ThreadStats>,
     activity: Arc<Activity>,
 }
 
 impl hyper::service::Service<Request<Incoming>> for ConnService {
     type Response = Response<TrackedBody>;
     type Error = std::convert::Infallible;
-    type Future = Answer;
+    type Future = ResponseFuture;
 
-    fn call(&self, mut req: Request<Incoming>) -> Answer {
+    fn call(&self, mut req: Request<Incoming>) -> ResponseFuture {
         let version = req.version();
         self.stats.requests_total.fetch_add(1, Ordering::Relaxed);
         debug!(listener = %self.spec.ctx.name, method = %req.method(), path = req.uri().path(), "request started");
@@ -685,16 +697,18 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
         }
         if let Err(why) = check_host(&mut req) {
             debug!(listener = %self.spec.ctx.name, "bad request: {why}");
-            let mut res = crate::service::text(http::StatusCode::BAD_REQUEST, "bad request\n");
+            let mut res = crate::body::text(http::StatusCode::BAD_REQUEST, "bad request\n");
             if version < Version::HTTP_2 {
                 res.headers_mut()
                     .insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
-            return Answer::Now(std::future::ready(Ok(finish.wrap(res, &self.spec))));
+            return ResponseFuture::Now(std::future::ready(Ok(finish.wrap(res, &self.spec))));
         }
         match self.spec.handler.call(req, &self.spec.ctx, self.peer) {
-            Reply::Now(res) => Answer::Now(std::future::ready(Ok(finish.wrap(res, &self.spec)))),
-            Reply::Later(fut) => Answer::Later(fut, Some((finish, self.spec.clone()))),
+            Reply::Now(res) => {
+                ResponseFuture::Now(std::future::ready(Ok(finish.wrap(res, &self.spec))))
+            }
+            Reply::Later(fut) => ResponseFuture::Later(fut, Some((finish, self.spec.clone()))),
         }
     }
 }
@@ -702,7 +716,7 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
 /// Does this HTTP/1.x request close its connection itself (`Connection:
 /// close`, or HTTP/1.0 without `keep-alive`)?
 fn asks_to_close<B>(req: &Request<B>) -> bool {
-    let has = |token| crate::service::has_token(req.headers(), header::CONNECTION, token);
+    let has = |token| crate::body::has_token(req.headers(), header::CONNECTION, token);
     has("close") || (req.version() == Version::HTTP_10 && !has("keep-alive"))
 }
 
@@ -798,7 +812,7 @@ fn valid_host(h: &[u8]) -> bool {
 }
 
 /// A response on its way: ready at once (no allocation), or awaited.
-enum Answer {
+enum ResponseFuture {
     Now(std::future::Ready<Result<Response<TrackedBody>, std::convert::Infallible>>),
     Later(
         Pin<Box<dyn std::future::Future<Output = Response<Body>> + Send>>,
@@ -806,13 +820,13 @@ enum Answer {
     ),
 }
 
-impl std::future::Future for Answer {
+impl std::future::Future for ResponseFuture {
     type Output = Result<Response<TrackedBody>, std::convert::Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.get_mut() {
-            Answer::Now(res) => Pin::new(res).poll(cx),
-            Answer::Later(fut, finish) => {
+            ResponseFuture::Now(res) => Pin::new(res).poll(cx),
+            ResponseFuture::Later(fut, finish) => {
                 let res = std::task::ready!(fut.as_mut().poll(cx));
                 match finish.take() {
                     Some((finish, spec)) => Poll::Ready(Ok(finish.wrap(res, &spec))),
@@ -860,11 +874,11 @@ impl Finish {
 /// A request counted as in flight until its response body is done.
 struct InFlight {
     activity: Arc<Activity>,
-    stats: Arc<WorkerStats>,
+    stats: Arc<ThreadStats>,
 }
 
 impl InFlight {
-    fn new(activity: Arc<Activity>, stats: Arc<WorkerStats>) -> Self {
+    fn new(activity: Arc<Activity>, stats: Arc<ThreadStats>) -> Self {
         activity.request_started();
         stats.in_flight.fetch_add(1, Ordering::Relaxed);
         InFlight { activity, stats }
@@ -896,7 +910,7 @@ impl Drop for TrackedBody {
 
 impl hyper::body::Body for TrackedBody {
     type Data = Bytes;
-    type Error = crate::service::BoxError;
+    type Error = crate::body::BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,

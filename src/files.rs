@@ -17,31 +17,12 @@ use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use tower::ServiceExt;
 
-use crate::service::{full, text, Body};
+use crate::body::{full, text, Body};
 
 fn empty(status: StatusCode) -> Response<Body> {
     let mut res = Response::new(full(Bytes::new()));
     *res.status_mut() = status;
     res
-}
-
-/// Decodes `%XX` escapes; `None` for a malformed escape.
-fn percent_decode(s: &str) -> Option<Vec<u8>> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' {
-            let hex = b.get(i + 1..i + 3)?;
-            let hex = std::str::from_utf8(hex).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    Some(out)
 }
 
 /// The file under `root` that `rel` (the path after the route prefix, still
@@ -50,7 +31,9 @@ fn percent_decode(s: &str) -> Option<Vec<u8>> {
 pub fn resolve_static(root: &Path, rel: &str) -> Option<PathBuf> {
     let mut path = root.to_path_buf();
     for seg in rel.split('/') {
-        let decoded = percent_decode(seg)?;
+        // A malformed escape stays as it is (the router has already
+        // answered 400 to any request that holds one).
+        let decoded: Vec<u8> = percent_encoding::percent_decode_str(seg).collect();
         if decoded.contains(&b'/') || decoded.contains(&b'\\') || decoded.contains(&0) {
             return None;
         }

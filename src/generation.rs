@@ -1,5 +1,5 @@
 //! One generation: the process serving a config with a set of sockets.
-//! Starting one opens (or adopts) the sockets, starts the workers and only
+//! Starting one opens (or adopts) the sockets, starts the serving threads and only
 //! then reports ready: on the ready pipe, in `pid_file`, and to systemd.
 
 use std::io::Write;
@@ -13,17 +13,17 @@ use tokio::sync::Semaphore;
 use tracing::{info, warn};
 
 use crate::config::Config;
+use crate::connection::ListenerSpec;
+use crate::context::{ListenerContext, ProcessInfo, Shared};
 use crate::drain::Drain;
 use crate::handoff::InheritedSocket;
 use crate::listeners::Listener;
-use crate::routes::{ListenerContext, ProcessInfo};
-use crate::serve::{ListenerSpec, Shared};
-use crate::validate::Prepared;
+use crate::prepare::Prepared;
 
 pub struct Generation {
     pub config: Config,
     /// This process's own copies of the sockets, in listener order: what a
-    /// restart hands over. Workers hold duplicates of their own.
+    /// restart hands over. Serving threads hold duplicates of their own.
     pub listeners: Vec<Listener>,
     pub process: Arc<ProcessInfo>,
     /// The ready pipe to the previous generation, kept open after `READY`:
@@ -35,9 +35,11 @@ pub struct Generation {
     pub pid_file_pending: bool,
 }
 
-/// Worker threads: one per core, or `GRACESRV_WORKERS`.
-fn worker_count() -> usize {
-    std::env::var("GRACESRV_WORKERS")
+/// Serving threads: one per core, or `GRACESRV_THREADS` (`GRACESRV_WORKERS`,
+/// its old name, is read too).
+fn thread_count() -> usize {
+    std::env::var("GRACESRV_THREADS")
+        .or_else(|_| std::env::var("GRACESRV_WORKERS"))
         .ok()
         .and_then(|w| w.parse().ok())
         .filter(|w| *w > 0)
@@ -71,7 +73,7 @@ impl Generation {
                 .zip(&listeners)
                 .map(|(c, l)| (c.name.clone(), l.local_addr.to_string(), c.tls.is_some()))
                 .collect(),
-            workers: (0..worker_count()).map(|_| Default::default()).collect(),
+            threads: (0..thread_count()).map(|_| Default::default()).collect(),
             proxied_total: AtomicU64::new(0),
             upstream_errors_total: AtomicU64::new(0),
             client_errors_total: AtomicU64::new(0),
@@ -108,7 +110,7 @@ impl Generation {
                 }),
             ))),
         });
-        crate::serve::start(process.workers.len(), specs, shared, span)?;
+        crate::serve::start(process.threads.len(), specs, shared, span)?;
         for (c, l) in config.listeners.iter().zip(&listeners) {
             let scheme = if c.tls.is_some() { "https" } else { "http" };
             info!(listener = %l.name, addr = %l.local_addr, %scheme, "listening");

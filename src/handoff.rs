@@ -48,7 +48,7 @@ pub struct Inherited {
     /// The supervisor's pid, when this process is a supervised worker.
     pub supervisor: Option<u32>,
     /// Older generations still draining, oldest first (see `draining`).
-    pub draining: Vec<crate::draining::Gen>,
+    pub draining: Vec<crate::predecessors::Gen>,
 }
 
 impl Inherited {
@@ -90,7 +90,7 @@ impl Inherited {
         }
         inherited.supervisor = supervisor.and_then(|s| s.parse().ok());
         inherited.draining = draining
-            .map(|d| crate::draining::parse(&d))
+            .map(|d| crate::predecessors::parse(&d))
             .unwrap_or_default();
         if let Some(r) = ready {
             let fd: RawFd = r

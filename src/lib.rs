@@ -25,10 +25,11 @@
 
 #![deny(unsafe_code)]
 
+pub mod body;
 pub mod config;
 pub mod connection;
+pub mod context;
 pub mod drain;
-pub mod draining;
 pub mod files;
 pub mod generation;
 #[allow(unsafe_code)]
@@ -36,6 +37,8 @@ pub mod handoff;
 pub mod limits;
 pub mod listeners;
 pub mod logging;
+pub mod predecessors;
+pub mod prepare;
 pub mod proxy;
 pub mod reaper;
 pub mod reload;
@@ -47,7 +50,6 @@ pub mod signals;
 pub mod supervisor;
 pub mod tls;
 pub mod tunnel;
-pub mod validate;
 pub mod watch;
 
 use std::collections::HashMap;
@@ -57,9 +59,10 @@ use bytes::Bytes;
 use http::{Request, Response};
 use hyper::body::Incoming;
 
+pub use body::{Body, BoxError};
 pub use config::{Config, ConfigError};
-pub use proxy::Peer;
-pub use service::{Body, BoxError, Handler};
+pub use context::Peer;
+pub use service::Handler;
 
 /// A gracesrv server: a config file, and optionally an application's own
 /// services for some of its listeners.
@@ -159,7 +162,7 @@ impl Server {
         // (or a worker), never a supervisor itself.
         let supervisor = inherited.supervisor;
         if (self.supervise || config.supervise) && ready.is_none() && supervisor.is_none() {
-            if let Err(e) = validate::prepare_config(config.clone(), &self.apps) {
+            if let Err(e) = prepare::prepare_config(config.clone(), &self.apps) {
                 return fail(&mut ready, &e.to_string());
             }
             let s = supervisor::Supervisor {
@@ -175,7 +178,7 @@ impl Server {
         let watched = (config.watch && supervisor.is_none())
             .then(|| config.watched_files())
             .map(|files| (watch::fingerprint(&files), files));
-        let prepared = match validate::prepare_config(config, &self.apps) {
+        let prepared = match prepare::prepare_config(config, &self.apps) {
             Ok(p) => p,
             Err(e) => return fail(&mut ready, &e.to_string()),
         };
@@ -194,7 +197,7 @@ impl Server {
             None => reload::serve_control(&config_path),
         }
         let mut draining = inherited.draining;
-        draining::enforce(&mut draining, gen.config.max_draining);
+        predecessors::enforce(&mut draining, gen.config.max_draining);
         tracing::info!(version = env!("CARGO_PKG_VERSION"), "ready");
         let watch = watched.and_then(|(loaded, files)| match watch::Watch::start(files, loaded) {
             Ok(w) => Some(w),
@@ -220,5 +223,5 @@ impl Server {
 /// Returns the summary to print, or the error.
 pub fn check(config: &std::path::Path) -> Result<String, ConfigError> {
     let path = config::absolute(config);
-    validate::prepare(&path, &HashMap::new()).map(|p| validate::summary(&p))
+    prepare::prepare(&path, &HashMap::new()).map(|p| prepare::summary(&p))
 }

@@ -11,7 +11,6 @@
 //! `shutdown_timeout` passes, and is then cut (and counted in the log).
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -27,8 +26,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tracing::{debug, warn};
 
-use crate::routes::ListenerContext;
-use crate::service::{has_token, text, Body, BoxError};
+use crate::body::{has_token, text, Body, BoxError};
+use crate::context::{ListenerContext, Peer};
 
 /// A proxy route, built once per generation.
 pub struct Proxy {
@@ -42,13 +41,6 @@ pub struct Proxy {
     /// Upstream failures are logged at most once a second (every request
     /// to a down upstream fails).
     errors_logged: crate::logging::Throttle,
-}
-
-/// Where a request came from, for the forwarding headers.
-#[derive(Clone, Copy, Debug)]
-pub struct Peer {
-    pub addr: SocketAddr,
-    pub tls: bool,
 }
 
 /// Headers that describe one hop, not the message (RFC 9110 7.6.1).
@@ -266,7 +258,7 @@ impl Proxy {
             drop(upgraded);
             drop(guard);
         });
-        Response::from_parts(parts, crate::service::full(Bytes::new()))
+        Response::from_parts(parts, crate::body::full(Bytes::new()))
     }
 }
 

@@ -40,7 +40,7 @@ pub struct Restarter {
     /// the supervisor runs restarts, so a HUP here is passed on to it.
     pub supervisor: Option<u32>,
     /// Older generations still draining (this one joins them when replaced).
-    pub draining: Vec<crate::draining::Gen>,
+    pub draining: Vec<crate::predecessors::Gen>,
 }
 
 /// Why a restart was asked for.
@@ -220,17 +220,17 @@ fn restart(
 ) -> impl Future<Output = Result<Ready, String>> + 'static {
     // 2. Validate in-process first: a broken config or certificate never
     // gets as far as a new process.
-    let spawned = crate::validate::prepare(&r.config_path, &r.apps)
+    let spawned = crate::prepare::prepare(&r.config_path, &r.apps)
         .map(|p| p.config.startup_timeout)
         .map_err(|e| e.to_string())
         .and_then(|startup_timeout| {
             // 3. Spawn the new process with the sockets at 3.., in listener order.
             // The successor learns which generations drain, this one included.
             let mut draining = r.draining.clone();
-            draining.extend(crate::draining::Gen::current());
+            draining.extend(crate::predecessors::Gen::current());
             let env = vec![(
                 "GRACESRV_DRAINING".into(),
-                crate::draining::format(&draining).into(),
+                crate::predecessors::format(&draining).into(),
             )];
             let s = spawn_successor(
                 &r.exe,

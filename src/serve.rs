@@ -3,64 +3,26 @@
 //!
 //! Why not one multi-thread runtime: its LIFO slot makes hyper flush once per
 //! HTTP/2 response, and work stealing buys nothing for a server whose
-//! connections are independent. Each worker holds a duplicate of every
+//! connections are independent. Each thread holds a duplicate of every
 //! listening socket; all of them accept from the same kernel queue.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpStream;
-use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
-use crate::config::Timeouts;
-use crate::connection;
-use crate::routes::{ListenerContext, ProcessInfo};
-use crate::service::Handler;
+use crate::connection::{self, ListenerSpec};
+use crate::context::{Peer, Shared, ThreadStats};
 
-/// Everything a worker needs to serve one listener.
-#[derive(Clone)]
-pub struct ListenerSpec {
-    pub tls: Option<tokio_rustls::TlsAcceptor>,
-    pub handler: Handler,
-    pub ctx: Arc<ListenerContext>,
-    /// Set by [`start`]: accepted sockets get TCP_NODELAY from the listening
-    /// socket, so no connection needs a `setsockopt` of its own.
-    pub nodelay_inherited: bool,
-}
-
-/// What one worker thread counts. Each worker writes only its own (aligned
-/// to its own cache lines), so counting a request costs no cross-core
-/// traffic; `status` and the drain sum them.
-#[repr(align(128))]
-#[derive(Default)]
-pub struct WorkerStats {
-    pub requests_total: AtomicU64,
-    pub in_flight: AtomicU64,
-    /// Connections this worker serves now (for balancing accepts).
-    pub connections: AtomicU64,
-    /// Accept loops of this worker deferring to the others, and the signal
-    /// that one of its connections closed (so they look again).
-    deferring: AtomicU32,
-    closed: tokio::sync::Notify,
-}
-
-/// Settings shared by every connection of the process.
-pub struct Shared {
-    pub process: Arc<ProcessInfo>,
-    pub timeouts: Timeouts,
-    /// `max_connections`: beyond it, accept waits.
-    pub limit: Arc<Semaphore>,
-}
-
-/// Starts `workers` threads serving `listeners`. Each accept loop ends, and
+/// Starts `threads` threads serving `listeners`. Each accept loop ends, and
 /// drops its copy of the socket, when the process starts draining.
-/// `listeners` holds a duplicate of each socket for the workers; the caller
+/// `listeners` holds a duplicate of each socket for the threads; the caller
 /// keeps its own for the handoff.
 pub fn start(
-    workers: usize,
+    threads: usize,
     listeners: Vec<(std::net::TcpListener, ListenerSpec)>,
     shared: Arc<Shared>,
     span: tracing::Span,
@@ -73,10 +35,10 @@ pub fn start(
         })
         .collect();
     let (tx, rx) = std::sync::mpsc::channel::<Result<(), String>>();
-    for w in 0..workers {
+    for w in 0..threads {
         let listeners = listeners.clone();
-        let w = w % shared.process.workers.len();
-        let stats = shared.process.workers[w].clone();
+        let w = w % shared.process.threads.len();
+        let stats = shared.process.threads[w].clone();
         let shared = shared.clone();
         let span = span.clone();
         let tx = tx.clone();
@@ -90,7 +52,7 @@ pub fn start(
                 {
                     Ok(rt) => rt,
                     Err(e) => {
-                        let _ = tx.send(Err(format!("worker runtime: {e}")));
+                        let _ = tx.send(Err(format!("thread runtime: {e}")));
                         return;
                     }
                 };
@@ -109,8 +71,8 @@ pub fn start(
                         }
                     }
                     let builder = Arc::new(connection::Builders::default());
-                    // This worker's own allocation of each spec: cloning it per
-                    // request touches no cache line another worker writes.
+                    // This thread's own allocation of each spec: cloning it per
+                    // request touches no cache line another thread writes.
                     let specs = listeners.into_iter().map(|(_, spec)| Arc::new(spec));
                     for (spec, socket) in specs.zip(sockets) {
                         let (shared, builder, stats) =
@@ -131,7 +93,7 @@ pub fn start(
                                 // Paused, with the socket kept: the next
                                 // generation may die right after it said
                                 // ready, and this process serve again. Out
-                                // of this worker's epoll meanwhile, or every
+                                // of this thread's epoll meanwhile, or every
                                 // connection to the next generation would
                                 // wake this one too.
                                 drop(guard.take());
@@ -164,12 +126,12 @@ pub fn start(
                     std::future::pending::<()>().await;
                 });
             })
-            .map_err(|e| format!("cannot start worker thread: {e}"))?;
+            .map_err(|e| format!("cannot start thread: {e}"))?;
     }
     drop(tx);
-    for _ in 0..workers {
+    for _ in 0..threads {
         rx.recv()
-            .map_err(|_| "worker thread died at start".to_string())??;
+            .map_err(|_| "thread died at start".to_string())??;
     }
     Ok(())
 }
@@ -181,23 +143,23 @@ fn nodelay_for_accepted(listener: &std::net::TcpListener) -> bool {
     nix::sys::socket::setsockopt(listener, nix::sys::socket::sockopt::TcpNoDelay, &true).is_ok()
 }
 
-/// How long, at most, a busier worker pauses accepting, leaving new
+/// How long, at most, a busier thread pauses accepting, leaving new
 /// connections to the others.
 const DEFER: Duration = Duration::from_millis(2);
 
-/// A worker defers to the others while it serves this many connections more
+/// A thread defers to the others while it serves this many connections more
 /// than the least busy one.
 const SLACK: u64 = 4;
 
-/// Should worker `me` leave the next connection to a less busy worker?
+/// Should thread `me` leave the next connection to a less busy thread?
 ///
-/// All workers accept from the same queue, and the kernel wakes all of them
+/// All threads accept from the same queue, and the kernel wakes all of them
 /// for each connection: left alone, whichever runs first takes it, and a
 /// burst of keep-alive connections can land on one core while the other
 /// idles.
-fn should_defer(workers: &[Arc<WorkerStats>], me: usize) -> bool {
-    let mine = workers[me].connections.load(Ordering::Relaxed);
-    let least = workers
+fn should_defer(threads: &[Arc<ThreadStats>], me: usize) -> bool {
+    let mine = threads[me].connections.load(Ordering::Relaxed);
+    let least = threads
         .iter()
         .map(|w| w.connections.load(Ordering::Relaxed))
         .min()
@@ -211,22 +173,22 @@ fn should_defer(workers: &[Arc<WorkerStats>], me: usize) -> bool {
 /// holds its one accepted connection until a slot frees and stops accepting
 /// meanwhile, so further clients queue in the kernel's backlog instead of
 /// being refused. (Taking a slot *before* accepting would let the idle accept
-/// loops of other listeners and workers hoard slots.)
+/// loops of other listeners and threads hoard slots.)
 async fn accept_loop(
     listener: &tokio::net::TcpListener,
     me: usize,
     spec: &Arc<ListenerSpec>,
-    stats: &Arc<WorkerStats>,
+    stats: &Arc<ThreadStats>,
     shared: &Arc<Shared>,
     builder: &Arc<connection::Builders>,
 ) {
     let drain = shared.process.drain.clone();
-    let workers = &shared.process.workers;
+    let threads = &shared.process.threads;
     let stop = drain.started();
     tokio::pin!(stop);
     loop {
-        if should_defer(workers, me) {
-            // Leave the connections arriving now to less busy workers, until
+        if should_defer(threads, me) {
+            // Leave the connections arriving now to less busy threads, until
             // this one has closed enough of its own or DEFER has passed (the
             // others may be busy too).
             stats.deferring.fetch_add(1, Ordering::Relaxed);
@@ -238,7 +200,7 @@ async fn accept_loop(
                     _ = &mut stop => break true,
                     _ = &mut until => break false,
                     _ = stats.closed.notified() => {
-                        if !should_defer(workers, me) {
+                        if !should_defer(threads, me) {
                             break false;
                         }
                     }
@@ -275,7 +237,7 @@ async fn accept_loop(
             shared: shared.clone(),
             builder: builder.clone(),
             guard,
-            on_worker: OnWorker::new(stats),
+            on_thread: OnThread::new(stats),
         };
         match shared.limit.clone().try_acquire_owned() {
             Ok(permit) => {
@@ -312,24 +274,24 @@ struct Accepted {
     stream: TcpStream,
     peer: SocketAddr,
     spec: Arc<ListenerSpec>,
-    stats: Arc<WorkerStats>,
+    stats: Arc<ThreadStats>,
     shared: Arc<Shared>,
     builder: Arc<connection::Builders>,
     guard: crate::drain::ConnectionGuard,
-    on_worker: OnWorker,
+    on_thread: OnThread,
 }
 
-/// A connection counted on its worker until it is dropped.
-struct OnWorker(Arc<WorkerStats>);
+/// A connection counted on its thread until it is dropped.
+struct OnThread(Arc<ThreadStats>);
 
-impl OnWorker {
-    fn new(stats: &Arc<WorkerStats>) -> OnWorker {
+impl OnThread {
+    fn new(stats: &Arc<ThreadStats>) -> OnThread {
         stats.connections.fetch_add(1, Ordering::Relaxed);
-        OnWorker(stats.clone())
+        OnThread(stats.clone())
     }
 }
 
-impl Drop for OnWorker {
+impl Drop for OnThread {
     fn drop(&mut self) {
         self.0.connections.fetch_sub(1, Ordering::Relaxed);
         if self.0.deferring.load(Ordering::Relaxed) > 0 {
@@ -348,7 +310,7 @@ impl Accepted {
             shared,
             builder,
             guard,
-            on_worker,
+            on_thread,
         } = self;
         if !spec.nodelay_inherited {
             let _ = stream.set_nodelay(true);
@@ -357,7 +319,7 @@ impl Accepted {
         // holds only a pointer to it is cheaper to spawn and move around.
         match spec.tls.clone() {
             None => {
-                let peer = crate::proxy::Peer {
+                let peer = Peer {
                     addr: peer,
                     tls: false,
                 };
@@ -375,7 +337,7 @@ impl Accepted {
         }
         // Counted until here: the connection is closed.
         drop(guard);
-        drop(on_worker);
+        drop(on_thread);
         drop(permit);
     }
 }
@@ -384,11 +346,11 @@ impl Accepted {
 mod tests {
     use super::*;
 
-    fn workers(conns: &[u64]) -> Vec<Arc<WorkerStats>> {
+    fn threads(conns: &[u64]) -> Vec<Arc<ThreadStats>> {
         conns
             .iter()
             .map(|&c| {
-                let w = WorkerStats::default();
+                let w = ThreadStats::default();
                 w.connections.store(c, Ordering::Relaxed);
                 Arc::new(w)
             })
@@ -406,11 +368,11 @@ mod tests {
 
     #[test]
     fn a_busier_worker_defers_to_the_least_busy() {
-        let w = workers(&[10, 10 - SLACK, 20]);
+        let w = threads(&[10, 10 - SLACK, 20]);
         assert!(!should_defer(&w, 0), "within the slack");
         assert!(!should_defer(&w, 1), "the least busy never defers");
         assert!(should_defer(&w, 2));
-        let one = workers(&[1000]);
-        assert!(!should_defer(&one, 0), "a lone worker never defers");
+        let one = threads(&[1000]);
+        assert!(!should_defer(&one, 0), "a lone thread never defers");
     }
 }

@@ -251,8 +251,8 @@ impl Supervisor {
                             while draining.len() - quit.len() > new_config.max_draining {
                                 let Some(oldest) = draining.iter().copied().find(|p| !quit.contains(p)) else { break };
                                 warn!(pid = oldest, "too many generations draining: stopping the oldest at once");
-                                match crate::draining::Gen::of(oldest) {
-                                    Some(gen) => crate::draining::stop(gen),
+                                match crate::predecessors::Gen::of(oldest) {
+                                    Some(gen) => crate::predecessors::stop(gen),
                                     None => { let _ = kill(Pid::from_raw(oldest), Signal::SIGQUIT); }
                                 }
                                 quit.push(oldest);
@@ -332,7 +332,7 @@ impl Supervisor {
     /// the next worker, wait for it.
     fn restart(&self, listeners: &[Listener], generation: u64, starting: &Starting) -> Attempt {
         let prepared =
-            crate::validate::prepare(&self.config_path, &self.apps).map_err(|e| e.to_string());
+            crate::prepare::prepare(&self.config_path, &self.apps).map_err(|e| e.to_string());
         // Duplicates of the current sockets, handed to `open` as if inherited:
         // kept listeners reuse them, removed ones are closed with the old set.
         let dups: Result<Vec<InheritedSocket>, String> = listeners

@@ -125,7 +125,7 @@ fn warn_if_not_valid_now(cert: &CertificateDer<'_>, written: &str) {
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0);
     let date = |t: i64| {
-        crate::routes::rfc3339(
+        crate::config::rfc3339(
             std::time::UNIX_EPOCH + std::time::Duration::from_secs(t.max(0) as u64),
         )
     };
@@ -168,15 +168,10 @@ fn der_time(tag: u8, content: &[u8]) -> Option<i64> {
     };
     let n = |i: usize| rest.get(i..i + 2).and_then(|d| d.parse::<i64>().ok());
     let (month, day, h, m, sec) = (n(0)?, n(2)?, n(4)?, n(6)?, n(8)?);
-    // Days from civil (Howard Hinnant's algorithm).
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (month + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    Some(days * 86400 + h * 3600 + m * 60 + sec)
+    let month = time::Month::try_from(u8::try_from(month).ok()?).ok()?;
+    let date = time::Date::from_calendar_date(i32::try_from(year).ok()?, month, day as u8).ok()?;
+    let at = date.with_hms(h as u8, m as u8, sec as u8).ok()?;
+    Some(at.assume_utc().unix_timestamp())
 }
 
 /// The fields of a DER certificate's TBSCertificate after the version.

@@ -48,7 +48,7 @@ async fn plain_and_tls_listeners_answer_http1_and_h2() {
 #[tokio::test]
 async fn keep_alive_connections_spread_over_the_workers() {
     let (dir, certs, path) = TestServer::prepare(&basic_config(""));
-    let srv = TestServer::start_in(dir, certs, path, &[("GRACESRV_WORKERS", "2")]).await;
+    let srv = TestServer::start_in(dir, certs, path, &[("GRACESRV_THREADS", "2")]).await;
     let web = Target::plain(srv.addr("web"));
     let mut conns = Vec::new();
     for _ in 0..24 {
@@ -58,7 +58,7 @@ async fn keep_alive_connections_spread_over_the_workers() {
     }
     let r = conns[0].get("/status").await.unwrap();
     let s: serde_json::Value = serde_json::from_str(&r.body).unwrap();
-    let per_worker: Vec<u64> = s["workers"]
+    let per_worker: Vec<u64> = s["threads"]
         .as_array()
         .unwrap()
         .iter()

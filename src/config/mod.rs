@@ -1,0 +1,266 @@
+//! What the user asked for: the YAML config file, parsed and validated.
+//!
+//! Parsing happens in two steps. serde-saphyr turns the text into the `raw`
+//! types below, which keep the position of every value that a later check may
+//! reject (`Spanned`). `validate` then turns them into [`Config`], whose values
+//! are known to be usable: durations parsed, paths resolved against the
+//! config's directory, names unique, one action per route. Every error names
+//! `FILE:LINE:COL` where a position is known.
+//!
+//! Files the config names (certificates, static roots) are checked by
+//! [`crate::check`], which also loads them; this module only resolves paths.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+
+/// A position in the config file, 1-based.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Pos {
+    pub line: u64,
+    pub col: u64,
+}
+
+impl<T> From<&Spanned<T>> for Pos {
+    fn from(s: &Spanned<T>) -> Self {
+        Pos {
+            line: s.referenced.line(),
+            col: s.referenced.column(),
+        }
+    }
+}
+
+/// A config error: the file, where in it (when known), and what is wrong.
+#[derive(Debug, Clone)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub pos: Option<Pos>,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn new(file: &Path, pos: Option<Pos>, message: impl Into<String>) -> Self {
+        ConfigError {
+            file: file.to_path_buf(),
+            pos: pos.filter(|p| p.line > 0),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.pos {
+            Some(p) => write!(
+                f,
+                "{}:{}:{}: {}",
+                self.file.display(),
+                p.line,
+                p.col,
+                self.message
+            ),
+            None => write!(f, "{}: {}", self.file.display(), self.message),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The validated configuration of one generation.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Absolute path of the config file.
+    pub path: PathBuf,
+    pub pid_file: Option<PathBuf>,
+    pub shutdown_timeout: Duration,
+    pub startup_timeout: Duration,
+    pub watch: bool,
+    /// Run under a supervisor whose pid never changes (`--supervise`).
+    pub supervise: bool,
+    pub log: LogConfig,
+    pub timeouts: Timeouts,
+    pub max_connections: usize,
+    /// Old generations that may drain at once; a restart past it stops the oldest.
+    pub max_draining: usize,
+    pub listeners: Vec<ListenerConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogConfig {
+    pub level: String,
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Per-connection timeouts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// To receive a complete request head.
+    pub header: Duration,
+    /// Keep-alive idle: no request in flight.
+    pub idle: Duration,
+    /// TLS handshake.
+    pub handshake: Duration,
+    /// A response that makes no progress this long (the client stopped
+    /// reading, or holds an HTTP/2 connection shut with flow control) is cut.
+    pub send: Duration,
+    /// While draining, an HTTP/1.x connection with no request in flight is
+    /// closed after this.
+    pub draining_idle: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            header: Duration::from_secs(10),
+            idle: Duration::from_secs(60),
+            handshake: Duration::from_secs(10),
+            send: Duration::from_secs(60),
+            draining_idle: Duration::from_secs(1),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ListenerConfig {
+    /// The key a socket keeps across restarts.
+    pub name: String,
+    pub addr: SocketAddr,
+    pub tls: Option<TlsConfig>,
+    pub routes: Vec<RouteConfig>,
+    pub pos: Pos,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    pub cert: FileRef,
+    pub key: FileRef,
+    pub sni: Vec<(FileRef, FileRef)>,
+    pub alpn: Vec<String>,
+}
+
+/// A path from the config, resolved, with where it was written and how.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileRef {
+    pub path: PathBuf,
+    /// As written in the config, for error messages.
+    pub written: String,
+    /// The config key, e.g. `listeners[1].tls.cert`.
+    pub key: String,
+    pub pos: Pos,
+}
+
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    pub path: String,
+    pub action: Action,
+    pub pos: Pos,
+}
+
+#[derive(Debug, Clone)]
+pub enum Action {
+    Respond {
+        status: http::StatusCode,
+        body: String,
+        headers: Vec<(http::HeaderName, http::HeaderValue)>,
+        delay: Duration,
+    },
+    Static {
+        root: FileRef,
+        index: String,
+    },
+    Redirect {
+        to: String,
+        status: http::StatusCode,
+    },
+    Status,
+    Proxy {
+        upstream: http::Uri,
+        connect_timeout: Duration,
+        timeout: Duration,
+        strip_prefix: bool,
+        /// Largest request body forwarded; larger ones get 413.
+        max_body: Option<u64>,
+    },
+}
+
+impl Config {
+    /// Reads and validates the config file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let abs = absolute(path);
+        let text = std::fs::read_to_string(&abs)
+            .map_err(|e| ConfigError::new(&abs, None, format!("cannot read config: {e}")))?;
+        Config::parse(&abs, &text)
+    }
+
+    /// Parses and validates `text` as if read from `path` (absolute).
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let raw: raw::Config = serde_saphyr::from_str(text).map_err(|e| {
+            let pos = e.location().map(|l| Pos {
+                line: l.line(),
+                col: l.column(),
+            });
+            ConfigError::new(path, pos, yaml_message(&e))
+        })?;
+        Validator { file: path }.config(raw)
+    }
+
+    /// Every file this config depends on: itself, certificates and keys.
+    /// These are what `watch: true` watches.
+    pub fn watched_files(&self) -> Vec<PathBuf> {
+        let mut files = vec![self.path.clone()];
+        for l in &self.listeners {
+            if let Some(tls) = &l.tls {
+                files.push(tls.cert.path.clone());
+                files.push(tls.key.path.clone());
+                for (c, k) in &tls.sni {
+                    files.push(c.path.clone());
+                    files.push(k.path.clone());
+                }
+            }
+        }
+        files
+    }
+}
+
+/// serde-saphyr's message without its own position suffix or snippet; we
+/// print the position in front, as `FILE:LINE:COL:`.
+fn yaml_message(e: &serde_saphyr::Error) -> String {
+    let msg = e.without_snippet().to_string();
+    // The bare message ends with " at line X, column Y" (or similar); drop it.
+    let cut = msg
+        .find(" at line ")
+        .or_else(|| msg.find(" (line "))
+        .unwrap_or(msg.len());
+    msg[..cut].trim().to_string()
+}
+
+/// `path` made absolute against the cwd, without touching the filesystem.
+pub fn absolute(path: &Path) -> PathBuf {
+    if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .map(|d| d.join(path))
+            .unwrap_or_else(|_| path.to_path_buf())
+    }
+}
+
+mod raw;
+#[cfg(test)]
+mod tests;
+mod units;
+mod validate;
+
+pub use units::{parse_duration, parse_size, rfc3339};
+use validate::Validator;

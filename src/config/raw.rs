@@ -1,0 +1,118 @@
+//! The raw, deserialized shape of the file, with the position of every
+//! value a later check may reject. Unknown keys are refused here.
+
+use super::*;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub pid_file: Option<Spanned<String>>,
+    pub shutdown_timeout: Option<Spanned<String>>,
+    pub startup_timeout: Option<Spanned<String>>,
+    #[serde(default)]
+    pub watch: bool,
+    #[serde(default)]
+    pub supervise: bool,
+    pub log: Option<Log>,
+    pub timeouts: Option<Timeouts>,
+    pub max_connections: Option<Spanned<u64>>,
+    pub max_draining: Option<Spanned<u64>>,
+    pub listeners: Spanned<Vec<Spanned<Listener>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Log {
+    pub level: Option<Spanned<String>>,
+    pub format: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Timeouts {
+    pub header: Option<Spanned<String>>,
+    pub idle: Option<Spanned<String>>,
+    pub handshake: Option<Spanned<String>>,
+    pub send: Option<Spanned<String>>,
+    pub draining_idle: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listener {
+    pub name: Spanned<String>,
+    pub addr: Spanned<String>,
+    pub tls: Option<Spanned<Tls>>,
+    #[serde(default)]
+    pub routes: Vec<Spanned<Route>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    pub cert: Spanned<String>,
+    pub key: Spanned<String>,
+    #[serde(default)]
+    pub sni: Vec<Spanned<CertPair>>,
+    pub alpn: Option<Spanned<Vec<String>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertPair {
+    pub cert: Spanned<String>,
+    pub key: Spanned<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    pub path: Option<Spanned<String>>,
+    pub respond: Option<Spanned<Respond>>,
+    #[serde(rename = "static")]
+    pub static_: Option<Spanned<Static>>,
+    pub redirect: Option<Spanned<Redirect>>,
+    pub status: Option<Spanned<Empty>>,
+    pub proxy: Option<Spanned<Proxy>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Proxy {
+    pub upstream: Spanned<String>,
+    pub connect_timeout: Option<Spanned<String>>,
+    pub timeout: Option<Spanned<String>>,
+    #[serde(default)]
+    pub strip_prefix: bool,
+    pub max_body: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Respond {
+    pub status: Option<Spanned<u16>>,
+    #[serde(default)]
+    pub body: String,
+    #[serde(default)]
+    pub headers: BTreeMap<String, Spanned<String>>,
+    pub delay: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Static {
+    pub root: Spanned<String>,
+    pub index: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Redirect {
+    pub to: Spanned<String>,
+    pub status: Option<Spanned<u16>>,
+}
+
+/// `status: {}` takes no fields.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Empty {}

@@ -1,0 +1,73 @@
+use super::*;
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::parse(Path::new("/etc/g/server.yaml"), text)
+}
+
+#[test]
+fn sizes() {
+    assert_eq!(parse_size("1024"), Ok(1024));
+    assert_eq!(parse_size("10MB"), Ok(10 << 20));
+    assert_eq!(parse_size("2 KB"), Ok(2048));
+    assert!(parse_size("ten").is_err());
+    assert!(parse_size("3PB").is_err());
+}
+
+#[test]
+fn durations() {
+    assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+    assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+    assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+    assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+    assert!(parse_duration("30").is_err());
+    assert!(parse_duration("s").is_err());
+    assert!(parse_duration("3 days").is_err());
+}
+
+#[test]
+fn minimal_config_gets_defaults_and_resolves_paths() {
+    let c = parse(
+        "pid_file: run/g.pid\nlisteners:\n  - name: web\n    addr: 127.0.0.1:0\n    tls: { cert: ../c.crt, key: c.key }\n",
+    )
+    .unwrap();
+    assert_eq!(c.shutdown_timeout, Duration::from_secs(30));
+    assert_eq!(c.startup_timeout, Duration::from_secs(10));
+    assert_eq!(c.max_connections, 10_000);
+    assert_eq!(c.pid_file.unwrap(), Path::new("/etc/g/run/g.pid"));
+    let tls = c.listeners[0].tls.as_ref().unwrap();
+    assert_eq!(tls.cert.path, Path::new("/etc/g/../c.crt"));
+    assert_eq!(tls.alpn, vec!["h2", "http/1.1"]);
+}
+
+#[test]
+fn errors_name_line_and_column() {
+    let e = parse("listeners:\n  - name: web\n    addr: 127.0.0.1:80\n    bogus: 1\n").unwrap_err();
+    assert_eq!(e.pos.map(|p| p.line), Some(4), "{e}");
+    assert!(e.to_string().starts_with("/etc/g/server.yaml:4:"), "{e}");
+    assert!(e.message.contains("bogus"), "{e}");
+
+    let e = parse("shutdown_timeout: 10x\nlisteners:\n  - {name: a, addr: '127.0.0.1:1'}\n")
+        .unwrap_err();
+    assert_eq!(e.to_string(), "/etc/g/server.yaml:1:19: shutdown_timeout: duration \"10x\" has unknown unit \"x\" (use ms, s, m or h)");
+
+    let e = parse(
+        "listeners:\n  - {name: a, addr: '127.0.0.1:1'}\n  - {name: a, addr: '127.0.0.1:2'}\n",
+    )
+    .unwrap_err();
+    assert!(e.to_string().starts_with("/etc/g/server.yaml:3:"), "{e}");
+    assert!(e.message.contains("duplicate listener name"), "{e}");
+}
+
+#[test]
+fn routes_need_exactly_one_action() {
+    let e =
+        parse("listeners:\n  - name: a\n    addr: 127.0.0.1:1\n    routes:\n      - path: /x\n")
+            .unwrap_err();
+    assert!(e.message.contains("has no action"), "{e}");
+    assert_eq!(e.pos.map(|p| p.line), Some(5));
+    let e = parse(
+        "listeners:\n  - name: a\n    addr: 127.0.0.1:1\n    routes:\n      - path: /x\n        status: {}\n        respond: {}\n",
+    )
+    .unwrap_err();
+    assert!(e.message.contains("more than one action"), "{e}");
+}

@@ -1,0 +1,434 @@
+//! From the raw model to a [`Config`] whose values are known to be usable:
+//! durations parsed, paths resolved against the config's directory, names
+//! unique, one action per route. Every error names `FILE:LINE:COL`.
+
+use super::*;
+
+pub(super) struct Validator<'a> {
+    pub(super) file: &'a Path,
+}
+
+impl Validator<'_> {
+    fn err<T>(
+        &self,
+        pos: impl Into<Option<Pos>>,
+        msg: impl Into<String>,
+    ) -> Result<T, ConfigError> {
+        Err(ConfigError::new(self.file, pos.into(), msg))
+    }
+
+    fn duration(
+        &self,
+        v: &Option<Spanned<String>>,
+        key: &str,
+        default: Duration,
+    ) -> Result<Duration, ConfigError> {
+        match v {
+            None => Ok(default),
+            Some(s) => {
+                parse_duration(&s.value).or_else(|e| self.err(Pos::from(s), format!("{key}: {e}")))
+            }
+        }
+    }
+
+    fn file_ref(&self, s: &Spanned<String>, key: String) -> Result<FileRef, ConfigError> {
+        if s.value.is_empty() {
+            return self.err(Pos::from(s), format!("{key}: must not be empty"));
+        }
+        let dir = self.file.parent().unwrap_or(Path::new("/"));
+        Ok(FileRef {
+            path: dir.join(&s.value),
+            written: s.value.clone(),
+            key,
+            pos: Pos::from(s),
+        })
+    }
+
+    pub(super) fn config(&self, raw: raw::Config) -> Result<Config, ConfigError> {
+        let dir = self.file.parent().unwrap_or(Path::new("/"));
+        let pid_file = match &raw.pid_file {
+            Some(p) if p.value.is_empty() => {
+                return self.err(Pos::from(p), "pid_file: must not be empty")
+            }
+            Some(p) => Some(dir.join(&p.value)),
+            None => None,
+        };
+        let shutdown_timeout = self.duration(
+            &raw.shutdown_timeout,
+            "shutdown_timeout",
+            Duration::from_secs(30),
+        )?;
+        let startup_timeout = self.duration(
+            &raw.startup_timeout,
+            "startup_timeout",
+            Duration::from_secs(10),
+        )?;
+        if startup_timeout.is_zero() {
+            let pos = raw.startup_timeout.as_ref().map(Pos::from);
+            return self.err(pos, "startup_timeout: must be more than 0");
+        }
+
+        let log = match raw.log {
+            None => LogConfig {
+                level: "info".into(),
+                format: LogFormat::Text,
+            },
+            Some(l) => {
+                let level = match l.level {
+                    None => "info".to_string(),
+                    Some(s) => match s.value.as_str() {
+                        "error" | "warn" | "info" | "debug" | "trace" => s.value.clone(),
+                        other => {
+                            return self.err(
+                                Pos::from(&s),
+                                format!("log.level: {other:?} is not one of error, warn, info, debug, trace"),
+                            )
+                        }
+                    },
+                };
+                let format = match l.format {
+                    None => LogFormat::Text,
+                    Some(s) => match s.value.as_str() {
+                        "text" => LogFormat::Text,
+                        "json" => LogFormat::Json,
+                        other => {
+                            return self.err(
+                                Pos::from(&s),
+                                format!("log.format: {other:?} is not text or json"),
+                            )
+                        }
+                    },
+                };
+                LogConfig { level, format }
+            }
+        };
+
+        let d = Timeouts::default();
+        let timeouts = match &raw.timeouts {
+            None => d,
+            Some(t) => Timeouts {
+                header: self.duration(&t.header, "timeouts.header", d.header)?,
+                idle: self.duration(&t.idle, "timeouts.idle", d.idle)?,
+                handshake: self.duration(&t.handshake, "timeouts.handshake", d.handshake)?,
+                send: self.duration(&t.send, "timeouts.send", d.send)?,
+                draining_idle: self.duration(
+                    &t.draining_idle,
+                    "timeouts.draining_idle",
+                    d.draining_idle,
+                )?,
+            },
+        };
+        for (v, key) in [
+            (timeouts.header, "timeouts.header"),
+            (timeouts.idle, "timeouts.idle"),
+            (timeouts.handshake, "timeouts.handshake"),
+            (timeouts.send, "timeouts.send"),
+            (timeouts.draining_idle, "timeouts.draining_idle"),
+        ] {
+            if v.is_zero() {
+                return self.err(None, format!("{key}: must be more than 0"));
+            }
+        }
+
+        let max_connections = match &raw.max_connections {
+            None => 10_000,
+            Some(m) if m.value == 0 => {
+                return self.err(Pos::from(m), "max_connections: must be at least 1")
+            }
+            Some(m) => usize::try_from(m.value).unwrap_or(usize::MAX).min(1 << 24),
+        };
+
+        let max_draining = match &raw.max_draining {
+            None => 3,
+            Some(m) if m.value == 0 => {
+                return self.err(Pos::from(m), "max_draining: must be at least 1")
+            }
+            Some(m) => usize::try_from(m.value).unwrap_or(usize::MAX).min(1024),
+        };
+
+        if raw.listeners.value.is_empty() {
+            return self.err(
+                Pos::from(&raw.listeners),
+                "listeners: at least one listener is needed",
+            );
+        }
+        let mut names = HashSet::new();
+        let mut addrs = HashSet::new();
+        let mut listeners = Vec::new();
+        for (i, l) in raw.listeners.value.iter().enumerate() {
+            let listener = self.listener(i, l)?;
+            if !names.insert(listener.name.clone()) {
+                return self.err(
+                    Pos::from(&l.value.name),
+                    format!(
+                        "listeners[{i}].name: duplicate listener name {:?}",
+                        listener.name
+                    ),
+                );
+            }
+            if listener.addr.port() != 0 && !addrs.insert(listener.addr) {
+                return self.err(
+                    Pos::from(&l.value.addr),
+                    format!(
+                        "listeners[{i}].addr: {} is used by another listener",
+                        listener.addr
+                    ),
+                );
+            }
+            listeners.push(listener);
+        }
+
+        Ok(Config {
+            path: self.file.to_path_buf(),
+            pid_file,
+            shutdown_timeout,
+            startup_timeout,
+            watch: raw.watch,
+            supervise: raw.supervise,
+            log,
+            timeouts,
+            max_connections,
+            max_draining,
+            listeners,
+        })
+    }
+
+    fn listener(
+        &self,
+        i: usize,
+        l: &Spanned<raw::Listener>,
+    ) -> Result<ListenerConfig, ConfigError> {
+        let raw = &l.value;
+        let name = &raw.name.value;
+        let valid_name = !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+        if !valid_name {
+            return self.err(
+                Pos::from(&raw.name),
+                format!("listeners[{i}].name: {name:?} must be made of a-z, 0-9, '_' and '-'"),
+            );
+        }
+        let addr: SocketAddr = raw.addr.value.parse().or_else(|_| {
+            self.err(
+                Pos::from(&raw.addr),
+                format!(
+                    "listeners[{i}].addr: {:?} is not host:port with an IPv4 or [IPv6] address",
+                    raw.addr.value
+                ),
+            )
+        })?;
+        let tls = match &raw.tls {
+            None => None,
+            Some(t) => {
+                let t = &t.value;
+                let k = |f: &str| format!("listeners[{i}].tls.{f}");
+                let mut sni = Vec::new();
+                for (j, pair) in t.sni.iter().enumerate() {
+                    sni.push((
+                        self.file_ref(&pair.value.cert, k(&format!("sni[{j}].cert")))?,
+                        self.file_ref(&pair.value.key, k(&format!("sni[{j}].key")))?,
+                    ));
+                }
+                let alpn = match &t.alpn {
+                    None => vec!["h2".to_string(), "http/1.1".to_string()],
+                    Some(a) => {
+                        for p in &a.value {
+                            if p != "h2" && p != "http/1.1" {
+                                return self.err(
+                                    Pos::from(a),
+                                    format!(
+                                        "{}: {p:?} is not supported (use h2, http/1.1)",
+                                        k("alpn")
+                                    ),
+                                );
+                            }
+                        }
+                        if a.value.is_empty() {
+                            return self.err(
+                                Pos::from(a),
+                                format!("{}: must name at least one protocol", k("alpn")),
+                            );
+                        }
+                        a.value.clone()
+                    }
+                };
+                Some(TlsConfig {
+                    cert: self.file_ref(&t.cert, k("cert"))?,
+                    key: self.file_ref(&t.key, k("key"))?,
+                    sni,
+                    alpn,
+                })
+            }
+        };
+        let mut routes = Vec::new();
+        let mut paths = HashSet::new();
+        for (j, r) in raw.routes.iter().enumerate() {
+            let route = self.route(&format!("listeners[{i}].routes[{j}]"), r)?;
+            if !paths.insert(route.path.clone()) {
+                return self.err(
+                    route.pos,
+                    format!(
+                        "listeners[{i}].routes[{j}].path: duplicate path {:?}",
+                        route.path
+                    ),
+                );
+            }
+            routes.push(route);
+        }
+        Ok(ListenerConfig {
+            name: name.clone(),
+            addr,
+            tls,
+            routes,
+            pos: Pos::from(l),
+        })
+    }
+
+    fn route(&self, key: &str, r: &Spanned<raw::Route>) -> Result<RouteConfig, ConfigError> {
+        let raw = &r.value;
+        let pos = Pos::from(r);
+        let path = match &raw.path {
+            None => "/".to_string(),
+            Some(p) if !p.value.starts_with('/') => {
+                return self.err(
+                    Pos::from(p),
+                    format!("{key}.path: {:?} must start with '/'", p.value),
+                )
+            }
+            Some(p) => p.value.clone(),
+        };
+        let count = [
+            raw.respond.is_some(),
+            raw.static_.is_some(),
+            raw.redirect.is_some(),
+            raw.status.is_some(),
+            raw.proxy.is_some(),
+        ]
+        .iter()
+        .filter(|x| **x)
+        .count();
+        if count != 1 {
+            let what = if count == 0 {
+                "has no action"
+            } else {
+                "has more than one action"
+            };
+            return self.err(
+                pos,
+                format!(
+                    "{key}: route {what}: give exactly one of respond, static, redirect, status, proxy"
+                ),
+            );
+        }
+        let action = if let Some(resp) = &raw.respond {
+            let v = &resp.value;
+            let status = self.status(&v.status, &format!("{key}.respond.status"), 200, |_| true)?;
+            let mut headers = Vec::new();
+            for (name, value) in &v.headers {
+                let n = http::HeaderName::from_bytes(name.as_bytes()).or_else(|_| {
+                    self.err(
+                        Pos::from(value),
+                        format!("{key}.respond.headers: {name:?} is not a header name"),
+                    )
+                })?;
+                let val = http::HeaderValue::from_str(&value.value).or_else(|_| {
+                    self.err(
+                        Pos::from(value),
+                        format!("{key}.respond.headers.{name}: not a valid header value"),
+                    )
+                })?;
+                headers.push((n, val));
+            }
+            Action::Respond {
+                status,
+                body: v.body.clone(),
+                headers,
+                delay: self.duration(&v.delay, &format!("{key}.respond.delay"), Duration::ZERO)?,
+            }
+        } else if let Some(s) = &raw.static_ {
+            Action::Static {
+                root: self.file_ref(&s.value.root, format!("{key}.static.root"))?,
+                index: s.value.index.clone().unwrap_or_else(|| "index.html".into()),
+            }
+        } else if let Some(r) = &raw.redirect {
+            let status = self.status(
+                &r.value.status,
+                &format!("{key}.redirect.status"),
+                308,
+                |s| matches!(s, 301 | 302 | 303 | 307 | 308),
+            )?;
+            if r.value.to.value.is_empty() {
+                return self.err(
+                    Pos::from(&r.value.to),
+                    format!("{key}.redirect.to: must not be empty"),
+                );
+            }
+            Action::Redirect {
+                to: r.value.to.value.clone(),
+                status,
+            }
+        } else if let Some(p) = &raw.proxy {
+            let v = &p.value;
+            let bad = || {
+                ConfigError::new(
+                    self.file,
+                    Some(Pos::from(&v.upstream)),
+                    format!(
+                        "{key}.proxy.upstream: {:?} is not http://host:port",
+                        v.upstream.value
+                    ),
+                )
+            };
+            let upstream: http::Uri = v.upstream.value.parse().map_err(|_| bad())?;
+            let plain_origin = upstream.scheme_str() == Some("http")
+                && upstream.authority().is_some()
+                && matches!(upstream.path(), "" | "/")
+                && upstream.query().is_none();
+            if !plain_origin {
+                return Err(bad());
+            }
+            Action::Proxy {
+                upstream,
+                connect_timeout: self.duration(
+                    &v.connect_timeout,
+                    &format!("{key}.proxy.connect_timeout"),
+                    Duration::from_secs(5),
+                )?,
+                timeout: self.duration(
+                    &v.timeout,
+                    &format!("{key}.proxy.timeout"),
+                    Duration::from_secs(60),
+                )?,
+                strip_prefix: v.strip_prefix,
+                max_body: match &v.max_body {
+                    None => None,
+                    Some(m) => Some(parse_size(&m.value).or_else(|e| {
+                        self.err(Pos::from(m), format!("{key}.proxy.max_body: {e}"))
+                    })?),
+                },
+            }
+        } else {
+            Action::Status
+        };
+        Ok(RouteConfig { path, action, pos })
+    }
+
+    fn status(
+        &self,
+        v: &Option<Spanned<u16>>,
+        key: &str,
+        default: u16,
+        allowed: impl Fn(u16) -> bool,
+    ) -> Result<http::StatusCode, ConfigError> {
+        let (code, pos) = match v {
+            None => (default, None),
+            Some(s) => (s.value, Some(Pos::from(s))),
+        };
+        match http::StatusCode::from_u16(code) {
+            Ok(s) if code >= 200 && allowed(code) => Ok(s),
+            _ => self.err(pos, format!("{key}: {code} is not a valid status here")),
+        }
+    }
+}

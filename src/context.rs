@@ -1,0 +1,79 @@
+//! What a request's handling knows about where it runs: the process
+//! ([`ProcessInfo`]: pid, generation, counters, the drain), the listener it
+//! arrived on ([`ListenerContext`]), the client ([`Peer`]), the serving
+//! thread's counters ([`ThreadStats`]), and the settings every connection
+//! shares ([`Shared`]). Plain data, below everything that serves.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use tokio::sync::Semaphore;
+
+use crate::config::Timeouts;
+use crate::drain::Drain;
+
+/// Facts about this process that responses report.
+pub struct ProcessInfo {
+    pub pid: u32,
+    pub generation: u64,
+    pub started_at: SystemTime,
+    pub started: std::time::Instant,
+    /// name, address (as bound), tls.
+    pub listeners: Vec<(String, String, bool)>,
+    /// Per thread: counted where the requests run, summed on demand.
+    pub threads: Vec<Arc<ThreadStats>>,
+    pub proxied_total: AtomicU64,
+    pub upstream_errors_total: AtomicU64,
+    /// Proxied requests whose body the client broke (answered 400).
+    pub client_errors_total: AtomicU64,
+    pub drain: Drain,
+}
+
+impl ProcessInfo {
+    /// Requests being answered now, over all threads.
+    pub fn requests_in_flight(&self) -> u64 {
+        self.threads
+            .iter()
+            .map(|w| w.in_flight.load(Ordering::Relaxed))
+            .sum()
+    }
+}
+
+/// What a request's handler knows about where it arrived.
+pub struct ListenerContext {
+    pub name: String,
+    pub process: Arc<ProcessInfo>,
+}
+
+/// Where a request came from, for the forwarding headers.
+#[derive(Clone, Copy, Debug)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    pub tls: bool,
+}
+
+/// What one thread counts. Each thread writes only its own (aligned
+/// to its own cache lines), so counting a request costs no cross-core
+/// traffic; `status` and the drain sum them.
+#[repr(align(128))]
+#[derive(Default)]
+pub struct ThreadStats {
+    pub requests_total: AtomicU64,
+    pub in_flight: AtomicU64,
+    /// Connections this thread serves now (for balancing accepts).
+    pub connections: AtomicU64,
+    /// Accept loops of this thread deferring to the others, and the signal
+    /// that one of its connections closed (so they look again).
+    pub(crate) deferring: AtomicU32,
+    pub(crate) closed: tokio::sync::Notify,
+}
+
+/// Settings shared by every connection of the process.
+pub struct Shared {
+    pub process: Arc<ProcessInfo>,
+    pub timeouts: Timeouts,
+    /// `max_connections`: beyond it, accept waits.
+    pub limit: Arc<Semaphore>,
+}

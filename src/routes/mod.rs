@@ -1,0 +1,216 @@
+//! The routes of a listener: a request goes to the route with the longest
+//! matching path prefix (after [`path::normalize`]), whose action answers it:
+//! `respond` and `redirect` ([`respond`]), `status` ([`status`]), `static`
+//! ([`crate::files`]) and `proxy` ([`crate::proxy`]).
+
+use std::borrow::Cow;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, StatusCode};
+use hyper::body::Incoming;
+
+use crate::body::{text, Reply};
+use crate::config::{Action, ConfigError, ListenerConfig};
+use crate::context::{ListenerContext, Peer};
+
+/// What a route does. What a deferred answer needs is behind an `Arc`, so
+/// its future takes its own handle on it.
+enum Route {
+    Respond { fixed: Arc<Fixed>, delay: Duration },
+    Static(Arc<crate::files::Root>),
+    Redirect { to: String, status: StatusCode },
+    Status,
+    Proxy(Arc<crate::proxy::Proxy>),
+}
+
+mod path;
+mod respond;
+mod status;
+
+use respond::{redirect, Fixed};
+
+/// The routes of one listener, longest prefix first.
+pub struct Router {
+    routes: Vec<(Arc<str>, Route)>,
+}
+
+impl Router {
+    /// Builds the routes of `listener`; checks that static roots are directories.
+    pub fn new(file: &Path, listener: &ListenerConfig) -> Result<Router, ConfigError> {
+        let mut routes = Vec::new();
+        for r in &listener.routes {
+            let handle = match &r.action {
+                Action::Respond {
+                    status,
+                    body,
+                    headers,
+                    delay,
+                } => Route::Respond {
+                    fixed: Arc::new(Fixed::new(*status, body, headers.clone())),
+                    delay: *delay,
+                },
+                Action::Static { root, index } => {
+                    let canonical = std::fs::canonicalize(&root.path)
+                        .ok()
+                        .filter(|p| p.is_dir())
+                        .ok_or_else(|| {
+                            ConfigError::new(
+                                file,
+                                Some(root.pos),
+                                format!("{}: {} is not a directory", root.key, root.written),
+                            )
+                        })?;
+                    Route::Static(Arc::new(crate::files::Root {
+                        dir: tower_http::services::ServeDir::new(&canonical)
+                            .append_index_html_on_directories(false),
+                        root: canonical,
+                        index: index.clone(),
+                    }))
+                }
+                Action::Redirect { to, status } => Route::Redirect {
+                    to: to.clone(),
+                    status: *status,
+                },
+                Action::Status => Route::Status,
+                Action::Proxy {
+                    upstream,
+                    connect_timeout,
+                    timeout,
+                    strip_prefix,
+                    max_body,
+                } => Route::Proxy(Arc::new(crate::proxy::Proxy::new(
+                    upstream,
+                    *connect_timeout,
+                    *timeout,
+                    *strip_prefix,
+                    *max_body,
+                ))),
+            };
+            routes.push((Arc::<str>::from(r.path.as_str()), handle));
+        }
+        routes.sort_by_key(|r| std::cmp::Reverse(r.0.len()));
+        Ok(Router { routes })
+    }
+
+    /// Answers `req`: at once for fixed responses, redirects and `status`
+    /// (no allocation for the future on the hot path), or with a future for
+    /// what waits (a `delay`, files, the proxy). Every route but the proxy
+    /// leaves the request body to [`discard`].
+    #[inline]
+    pub fn handle(
+        &self,
+        mut req: Request<Incoming>,
+        ctx: &Arc<ListenerContext>,
+        peer: Peer,
+    ) -> Reply {
+        let path = req.uri().path();
+        let mut route = self.route(path);
+        // Routes match the normalised path (and a proxy forwards it), so
+        // `/api/../admin` is `/admin`. A static route keeps the raw path:
+        // it refuses escapes from its root itself, with 404 (SPEC section 5).
+        let normal = path::normalize(path);
+        if !matches!(normal, Ok(Cow::Borrowed(_)))
+            && !route.is_some_and(|i| matches!(self.routes[i].1, Route::Static(_)))
+        {
+            let Ok(normal) = normal else {
+                discard(req.into_body());
+                return Reply::Now(text(StatusCode::BAD_REQUEST, "bad request\n"));
+            };
+            let normal = normal.into_owned();
+            route = self.route(&normal);
+            let mut parts = req.uri().clone().into_parts();
+            let pq = match req.uri().query() {
+                Some(q) => format!("{normal}?{q}"),
+                None => normal,
+            };
+            parts.path_and_query = pq.parse().ok();
+            if let Ok(uri) = http::Uri::from_parts(parts) {
+                *req.uri_mut() = uri;
+            }
+        }
+        let Some(i) = route else {
+            discard(req.into_body());
+            return Reply::Now(text(StatusCode::NOT_FOUND, "not found\n"));
+        };
+        let (prefix, handle) = &self.routes[i];
+        match handle {
+            Route::Proxy(proxy) => {
+                let (proxy, prefix, ctx) = (proxy.clone(), prefix.clone(), ctx.clone());
+                Reply::Later(Box::pin(async move {
+                    proxy.handle(req, &prefix, &ctx, peer).await
+                }))
+            }
+            Route::Respond { fixed, delay } if delay.is_zero() => {
+                Reply::Now(fixed.response(&without_body(req), ctx))
+            }
+            Route::Redirect { to, status } => Reply::Now(redirect(&without_body(req), to, *status)),
+            Route::Status => {
+                discard(req.into_body());
+                Reply::Now(status::response(ctx))
+            }
+            Route::Respond { fixed, delay } => {
+                let (req, fixed, ctx, delay) =
+                    (without_body(req), fixed.clone(), ctx.clone(), *delay);
+                Reply::Later(Box::pin(async move {
+                    tokio::time::sleep(delay).await;
+                    fixed.response(&req, &ctx)
+                }))
+            }
+            Route::Static(root) => Reply::Later(Box::pin(crate::files::serve(
+                without_body(req),
+                prefix.clone(),
+                root.clone(),
+            ))),
+        }
+    }
+}
+
+/// The request without its body, which [`discard`] reads and drops.
+fn without_body(req: Request<Incoming>) -> Request<()> {
+    let (parts, body) = req.into_parts();
+    discard(body);
+    Request::from_parts(parts, ())
+}
+
+impl Router {
+    /// The route for `path`: the longest matching prefix.
+    fn route(&self, path: &str) -> Option<usize> {
+        self.routes
+            .iter()
+            .position(|(prefix, _)| path.starts_with(&**prefix))
+    }
+}
+
+/// The most of an unused request body that is read and dropped.
+const DISCARD_MAX: u64 = 16 * 1024 * 1024;
+/// How long the next piece of an unused body may take.
+const DISCARD_STALL: Duration = Duration::from_secs(10);
+
+/// Reads and drops a request body that the route does not use, as nginx's
+/// discard-body does, so that answering early loses nothing: on HTTP/2 the
+/// stream ends without a reset (resets count against the connection, and
+/// h2 tears it down at its limit with other requests in flight); on
+/// HTTP/1.1 the connection stays usable, and the client is never cut off
+/// mid-upload before it reads the answer. Bounded in size and pace: past
+/// either bound the body is dropped (HTTP/2: RST_STREAM; HTTP/1.1: the
+/// connection closes after the response, with a lingering close).
+fn discard(body: Incoming) {
+    use http_body_util::BodyExt;
+    if hyper::body::Body::is_end_stream(&body) {
+        return;
+    }
+    tokio::spawn(async move {
+        let mut body = body;
+        let mut read = 0u64;
+        while read <= DISCARD_MAX {
+            match tokio::time::timeout(DISCARD_STALL, body.frame()).await {
+                Ok(Some(Ok(frame))) => {
+                    read += frame.data_ref().map_or(0, |d| d.len() as u64);
+                }
+                _ => return,
+            }
+        }
+    });
+}

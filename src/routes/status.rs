@@ -1,0 +1,44 @@
+//! `status`: what this process serves, as JSON.
+
+use std::sync::atomic::Ordering;
+
+use http::{header, HeaderValue, Response};
+
+use crate::body::{full, Body};
+use crate::context::ListenerContext;
+
+pub(super) fn response(ctx: &ListenerContext) -> Response<Body> {
+    let p = &ctx.process;
+    let listeners: Vec<serde_json::Value> = p
+        .listeners
+        .iter()
+        .map(|(name, addr, tls)| serde_json::json!({"name": name, "addr": addr, "tls": tls}))
+        .collect();
+    let body = serde_json::json!({
+        "pid": p.pid,
+        "generation": p.generation,
+        "version": env!("CARGO_PKG_VERSION"),
+        "started_at": crate::config::rfc3339(p.started_at),
+        "uptime_s": p.started.elapsed().as_secs_f64(),
+        "listeners": listeners,
+        "connections_active": p.drain.active(),
+        "requests_total": p.threads.iter().map(|w| w.requests_total.load(Ordering::Relaxed)).sum::<u64>(),
+        "proxied_total": p.proxied_total.load(Ordering::Relaxed),
+        "upstream_errors_total": p.upstream_errors_total.load(Ordering::Relaxed),
+        "client_errors_total": p.client_errors_total.load(Ordering::Relaxed),
+        "upgraded_active": p.drain.upgraded_active(),
+        "threads": p.threads.iter().map(|w| serde_json::json!({
+            "connections": w.connections.load(Ordering::Relaxed),
+            "requests_total": w.requests_total.load(Ordering::Relaxed),
+        })).collect::<Vec<_>>(),
+        "draining": p.drain.is_draining(),
+    });
+    let mut res = Response::new(full(body.to_string() + "\n"));
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    res.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    res
+}
