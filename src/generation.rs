@@ -2,9 +2,7 @@
 //! Starting one opens (or adopts) the sockets, starts the serving threads and only
 //! then reports ready: on the ready pipe, in `pid_file`, and to systemd.
 
-use std::io::Write;
 use std::os::fd::OwnedFd;
-use std::path::Path;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
@@ -19,6 +17,7 @@ use crate::drain::Drain;
 use crate::handoff::InheritedSocket;
 use crate::listeners::Listener;
 use crate::prepare::Prepared;
+use crate::successor::{notify_systemd, write_pid_file, Predecessor};
 
 pub struct Generation {
     pub config: Config,
@@ -30,7 +29,7 @@ pub struct Generation {
     /// while it is open, the previous generation (still draining) can take
     /// over again if this one dies. `DONE` on it says this one ends on
     /// purpose (see [`Generation::ending`]).
-    predecessor: Option<std::fs::File>,
+    predecessor: Option<Predecessor>,
     /// Writing `pid_file` failed (a full disk): the control loop retries.
     pub pid_file_pending: bool,
 }
@@ -129,11 +128,7 @@ impl Generation {
     /// supervisor, which owns the pid file and the systemd notifications.
     pub fn report_ready(&mut self, ready: Option<OwnedFd>, supervised: bool) {
         if let Some(fd) = ready {
-            let mut f = std::fs::File::from(fd);
-            match f.write_all(b"READY\n") {
-                Ok(()) => self.predecessor = Some(f),
-                Err(e) => warn!("cannot report ready to the previous generation: {e}"),
-            }
+            self.predecessor = Predecessor::ready(fd);
         }
         if supervised {
             return;
@@ -166,8 +161,8 @@ impl Generation {
     /// This generation ends on purpose (replaced, or stopping): the previous
     /// one, if it still drains, must not take over when this one exits.
     pub fn ending(&mut self) {
-        if let Some(mut f) = self.predecessor.take() {
-            let _ = f.write_all(b"DONE\n");
+        if let Some(p) = self.predecessor.take() {
+            p.done();
         }
     }
 
@@ -175,70 +170,7 @@ impl Generation {
     /// may have written its own).
     pub fn remove_pid_file(&self) {
         if let Some(path) = &self.config.pid_file {
-            remove_pid_file(path, self.process.pid);
+            crate::successor::remove_pid_file(path, self.process.pid);
         }
     }
-}
-
-/// A supervised worker that serves: if its supervisor dies, it drains
-/// (TERM) rather than being killed mid-request, as it is while it starts.
-/// If the supervisor is already gone, it drains now.
-pub fn serving_under_supervisor(supervisor: u32) {
-    use nix::sys::signal::Signal;
-    if let Err(e) = nix::sys::prctl::set_pdeathsig(Signal::SIGTERM) {
-        warn!("cannot ask for TERM when the supervisor dies: {e}");
-    }
-    if nix::unistd::getppid().as_raw() as u32 != supervisor {
-        warn!("the supervisor is gone: draining");
-        let _ = nix::sys::signal::raise(Signal::SIGTERM);
-    }
-}
-
-/// Reports a failed start on the ready pipe, so the previous generation can
-/// log the reason instead of only "exited".
-pub fn report_error(ready: Option<OwnedFd>, msg: &str) {
-    if let Some(fd) = ready {
-        let mut f = std::fs::File::from(fd);
-        let _ = writeln!(f, "ERROR {}", msg.replace('\n', " "));
-    }
-}
-
-pub fn notify_systemd(state: &[sd_notify::NotifyState]) {
-    if std::env::var_os("NOTIFY_SOCKET").is_some() {
-        if let Err(e) = sd_notify::notify(false, state) {
-            warn!("cannot notify systemd: {e}");
-        }
-    }
-}
-
-/// Removes the pid file at `path` if it still names `pid`.
-pub fn remove_pid_file(path: &Path, pid: u32) {
-    let ours = std::fs::read_to_string(path).is_ok_and(|s| s.trim() == pid.to_string());
-    if ours {
-        let _ = std::fs::remove_file(path);
-    }
-}
-
-/// Writes the pid atomically: a temporary file renamed over the old one, so a
-/// reader never sees a half-written pid.
-pub fn write_pid_file(path: &Path, pid: u32) -> Result<(), String> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::AlreadyExists || dir.exists() && !dir.is_dir() {
-                format!(
-                    "cannot create directory {}: something that is not a directory is in the way",
-                    dir.display()
-                )
-            } else {
-                format!("cannot create directory {}: {e}", dir.display())
-            }
-        })?;
-    }
-    crate::reload::write_atomically(path, format!("{pid}\n").as_bytes()).map_err(|e| {
-        match e.raw_os_error() {
-            Some(libc::ENOSPC) | Some(libc::EDQUOT) => format!("{e}: the disk holding it is full"),
-            Some(libc::EROFS) => format!("{e}: the disk holding it is read-only"),
-            _ => e.to_string(),
-        }
-    })
 }

@@ -1,9 +1,9 @@
 //! Sockets across exec: the systemd socket-activation protocol, both ways.
 //!
-//! Receiving: a new process finds its listening sockets at fds 3.. with
-//! `LISTEN_FDS`, `LISTEN_PID`, `LISTEN_FDNAMES`, and the pipe to report
-//! readiness on in `GRACESRV_READY_FD`. Sending: [`spawn`] forks, moves the
-//! sockets to 3.. in the child and execs the binary.
+//! Receiving: a new process adopts its listening sockets at fds 3.. and the
+//! pipe to report readiness on ([`adopt_listener`], [`adopt_ready_fd`]; the
+//! variables that name them are read in `successor.rs`). Sending: [`spawn`]
+//! forks, moves the sockets to 3.. in the child and execs the binary.
 //!
 //! This is the only module with `unsafe` code: adopting raw fds and the
 //! fork/exec. Each block says why it is sound.
@@ -17,7 +17,7 @@ use nix::sys::socket::{getsockopt, sockopt, SockType};
 use nix::sys::stat::{fstat, SFlag};
 
 /// First fd of the passed sockets, as in sd_listen_fds(3).
-const LISTEN_FDS_START: RawFd = 3;
+pub const LISTEN_FDS_START: RawFd = 3;
 
 /// Environment variables of the handoff; read once and removed at start.
 pub const HANDOFF_VARS: [&str; 7] = [
@@ -35,88 +35,6 @@ pub const HANDOFF_VARS: [&str; 7] = [
 pub struct InheritedSocket {
     pub name: String,
     pub socket: std::net::TcpListener,
-}
-
-/// What a process received from whoever started it.
-#[derive(Debug, Default)]
-pub struct Inherited {
-    pub sockets: Vec<InheritedSocket>,
-    /// Where to report `READY` or an error; `None` when started by hand or by systemd.
-    pub ready: Option<OwnedFd>,
-    /// This process's generation: 1 unless a restart started it.
-    pub generation: u64,
-    /// The supervisor's pid, when this process is a supervised worker.
-    pub supervisor: Option<u32>,
-    /// Older generations still draining, oldest first (see `draining`).
-    pub draining: Vec<crate::predecessors::Gen>,
-}
-
-impl Inherited {
-    /// Reads and removes the handoff variables. They are honoured only when
-    /// `LISTEN_PID` is this process's pid: the variables are inherited by
-    /// every child, and a grandchild that believed them would serve on fds it
-    /// does not own (or close someone else's).
-    ///
-    /// Must run before any thread is started (it edits the environment).
-    pub fn from_env() -> Result<Inherited, String> {
-        let get = |k: &str| std::env::var(k).ok();
-        let (pid, fds, names, ready, generation, supervisor) = (
-            get("LISTEN_PID"),
-            get("LISTEN_FDS"),
-            get("LISTEN_FDNAMES"),
-            get("GRACESRV_READY_FD"),
-            get("GRACESRV_GENERATION"),
-            get("GRACESRV_SUPERVISOR"),
-        );
-        let draining = get("GRACESRV_DRAINING");
-        for k in HANDOFF_VARS {
-            // SAFETY (of the call, which is safe in edition 2021): no other
-            // thread exists yet, see the doc comment.
-            std::env::remove_var(k);
-        }
-        let mut inherited = Inherited {
-            generation: 1,
-            ..Default::default()
-        };
-        let ours = pid
-            .as_deref()
-            .and_then(|p| p.parse::<i32>().ok())
-            .is_some_and(|p| p == std::process::id() as i32);
-        if !ours {
-            return Ok(inherited);
-        }
-        if let Some(g) = generation.and_then(|g| g.parse::<u64>().ok()) {
-            inherited.generation = g.max(1);
-        }
-        inherited.supervisor = supervisor.and_then(|s| s.parse().ok());
-        inherited.draining = draining
-            .map(|d| crate::predecessors::parse(&d))
-            .unwrap_or_default();
-        if let Some(r) = ready {
-            let fd: RawFd = r
-                .parse()
-                .map_err(|_| format!("GRACESRV_READY_FD={r:?} is not a file descriptor number"))?;
-            inherited.ready = Some(adopt_ready_fd(fd)?);
-        }
-        let count: i32 = match fds {
-            None => 0,
-            Some(n) => n
-                .parse()
-                .ok()
-                .filter(|n| (0..=4096).contains(n))
-                .ok_or_else(|| format!("LISTEN_FDS={n:?} is not a count of file descriptors"))?,
-        };
-        let names: Vec<String> = names
-            .map(|n| n.split(':').map(str::to_string).collect())
-            .unwrap_or_default();
-        for i in 0..count {
-            let fd = LISTEN_FDS_START + i;
-            let socket = adopt_listener(fd)?;
-            let name = names.get(i as usize).cloned().unwrap_or_default();
-            inherited.sockets.push(InheritedSocket { name, socket });
-        }
-        Ok(inherited)
-    }
 }
 
 /// Takes ownership of `fd` if it is open, and marks it close-on-exec so it
@@ -140,7 +58,7 @@ fn adopt_fd(fd: RawFd, what: &str) -> Result<OwnedFd, String> {
     Ok(owned)
 }
 
-fn adopt_ready_fd(fd: RawFd) -> Result<OwnedFd, String> {
+pub fn adopt_ready_fd(fd: RawFd) -> Result<OwnedFd, String> {
     if fd <= 2 {
         return Err(format!(
             "GRACESRV_READY_FD={fd} names a standard stream, not a pipe"
@@ -155,7 +73,7 @@ fn adopt_ready_fd(fd: RawFd) -> Result<OwnedFd, String> {
     Ok(owned)
 }
 
-fn adopt_listener(fd: RawFd) -> Result<std::net::TcpListener, String> {
+pub fn adopt_listener(fd: RawFd) -> Result<std::net::TcpListener, String> {
     let what = format!("LISTEN_FDS: fd {fd}");
     let owned = adopt_fd(fd, &what)?;
     let st = fstat(&owned).map_err(|e| format!("{what}: {e}"))?;

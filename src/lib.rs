@@ -47,6 +47,7 @@ pub mod routes;
 pub mod serve;
 pub mod service;
 pub mod signals;
+pub mod successor;
 pub mod supervisor;
 pub mod tls;
 pub mod tunnel;
@@ -113,7 +114,7 @@ impl Server {
     pub fn run(self) -> i32 {
         // Before any thread exists: the handoff variables are read and
         // removed from the environment.
-        let inherited = match handoff::Inherited::from_env() {
+        let inherited = match successor::Inherited::from_env() {
             Ok(i) => i,
             Err(e) => {
                 eprintln!("gracesrv: {e}");
@@ -123,7 +124,7 @@ impl Server {
         let generation = inherited.generation;
         let mut ready = inherited.ready;
         let fail = |ready: &mut Option<std::os::fd::OwnedFd>, msg: &str| {
-            generation::report_error(ready.take(), msg);
+            successor::report_error(ready.take(), msg);
             eprintln!("gracesrv: {msg}");
             1
         };
@@ -165,14 +166,15 @@ impl Server {
             if let Err(e) = prepare::prepare_config(config.clone(), &self.apps) {
                 return fail(&mut ready, &e.to_string());
             }
-            let s = supervisor::Supervisor {
+            let restart = restart::Restart::new(restart::Spawner {
                 exe,
                 argv: std::env::args_os().collect(),
                 config_path,
                 apps: self.apps,
                 reaper,
-            };
-            return rt.block_on(s.run(config, inherited.sockets, signals));
+                role: restart::Role::Worker(std::process::id()),
+            });
+            return rt.block_on(supervisor::run(restart, config, inherited.sockets, signals));
         }
         // What this generation loads, for `watch` to compare changes with.
         let watched = (config.watch && supervisor.is_none())
@@ -187,17 +189,17 @@ impl Server {
                 Ok(g) => g,
                 Err(e) => {
                     tracing::error!("cannot start: {e}");
-                    generation::report_error(ready.take(), &e);
+                    successor::report_error(ready.take(), &e);
                     return 1;
                 }
             };
         gen.report_ready(ready.take(), supervisor.is_some());
         match supervisor {
-            Some(s) => generation::serving_under_supervisor(s),
+            Some(s) => successor::serving_under_supervisor(s),
             None => reload::serve_control(&config_path),
         }
-        let mut draining = inherited.draining;
-        predecessors::enforce(&mut draining, gen.config.max_draining);
+        let mut predecessors = inherited.draining;
+        predecessors.enforce(gen.config.max_draining);
         tracing::info!(version = env!("CARGO_PKG_VERSION"), "ready");
         let watch = watched.and_then(|(loaded, files)| match watch::Watch::start(files, loaded) {
             Ok(w) => Some(w),
@@ -206,16 +208,22 @@ impl Server {
                 None
             }
         });
-        let restarter = restart::Restarter {
+        let restart = restart::Restart::new(restart::Spawner {
             exe,
             argv: std::env::args_os().collect(),
             config_path,
             apps: self.apps,
             reaper,
+            role: restart::Role::Generation,
+        });
+        rt.block_on(restart::control(
+            gen,
+            restart,
+            signals,
+            watch,
+            predecessors,
             supervisor,
-            draining,
-        };
-        rt.block_on(restart::control(gen, restarter, signals, watch))
+        ))
     }
 }
 

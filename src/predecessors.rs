@@ -52,45 +52,68 @@ impl Gen {
     }
 }
 
-/// `pid:start,pid:start`, oldest first.
-pub fn format(list: &[Gen]) -> String {
-    list.iter()
-        .map(|g| format!("{}:{}", g.pid, g.start))
-        .collect::<Vec<_>>()
-        .join(",")
-}
+/// Older generations still draining, oldest first.
+#[derive(Debug, Default)]
+pub struct Predecessors(Vec<Gen>);
 
-pub fn parse(s: &str) -> Vec<Gen> {
-    s.split(',')
-        .filter_map(|item| {
-            let (pid, start) = item.split_once(':')?;
-            Some(Gen {
-                pid: pid.trim().parse().ok()?,
-                start: start.trim().parse().ok()?,
-            })
-        })
-        .collect()
-}
+impl Predecessors {
+    /// The list a predecessor handed over (`GRACESRV_DRAINING`).
+    pub fn parse(s: &str) -> Predecessors {
+        Predecessors(
+            s.split(',')
+                .filter_map(|item| {
+                    let (pid, start) = item.split_once(':')?;
+                    Some(Gen {
+                        pid: pid.trim().parse().ok()?,
+                        start: start.trim().parse().ok()?,
+                    })
+                })
+                .collect(),
+        )
+    }
 
-/// Forgets generations that have exited, and stops the oldest beyond `max`.
-pub fn enforce(list: &mut Vec<Gen>, max: usize) {
-    list.retain(Gen::alive);
-    while list.len() > max {
-        let oldest = list.remove(0);
-        warn!(
-            pid = oldest.pid,
-            draining = list.len() + 1,
-            max,
-            "too many generations draining: stopping the oldest at once"
-        );
-        stop(oldest);
+    /// `pid:start,pid:start`, oldest first, with this process last: what
+    /// the next generation is handed when this one is replaced.
+    pub fn with_current(&self) -> String {
+        self.0
+            .iter()
+            .chain(Gen::current().as_ref())
+            .map(|g| format!("{}:{}", g.pid, g.start))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// A generation that starts draining now (the newest).
+    pub fn push(&mut self, gen: Gen) {
+        self.0.push(gen);
+    }
+
+    /// Forgets generations that have exited.
+    pub fn forget_exited(&mut self) {
+        self.0.retain(Gen::alive);
+    }
+
+    /// Forgets generations that have exited, and stops the oldest beyond
+    /// `max` at once.
+    pub fn enforce(&mut self, max: usize) {
+        self.forget_exited();
+        while self.0.len() > max {
+            let oldest = self.0.remove(0);
+            warn!(
+                pid = oldest.pid,
+                draining = self.0.len() + 1,
+                max,
+                "too many generations draining: stopping the oldest at once"
+            );
+            stop(oldest);
+        }
     }
 }
 
 /// Stops `gen` at once: QUIT (its tunnels hear "going away", its
 /// connections are cut), then SIGKILL if it is still there after
 /// `QUIT_GRACE` (a stopped or hung process never acts on QUIT).
-pub fn stop(gen: Gen) {
+fn stop(gen: Gen) {
     use nix::sys::signal::{kill, Signal};
     let pid = nix::unistd::Pid::from_raw(gen.pid);
     let _ = kill(pid, Signal::SIGQUIT);
@@ -120,15 +143,25 @@ mod tests {
             pid: me.pid,
             start: me.start + 1,
         };
-        let list = parse(&format(&[dead, me]));
-        assert_eq!(list, vec![dead, me]);
-        let mut list = list;
-        enforce(&mut list, 3);
+        let mut list = Predecessors(vec![dead]);
+        let handed = list.with_current();
         assert_eq!(
-            list,
+            handed,
+            format!("{}:{},{}:{}", me.pid, me.start + 1, me.pid, me.start)
+        );
+        let mut list2 = Predecessors::parse(&handed);
+        assert_eq!(list2.0, vec![dead, me]);
+        list2.enforce(3);
+        assert_eq!(
+            list2.0,
             vec![me],
             "a pid with another start time is someone else"
         );
-        assert_eq!(parse("x,1:2,:"), vec![Gen { pid: 1, start: 2 }]);
+        list.forget_exited();
+        assert!(list.0.is_empty());
+        assert_eq!(
+            Predecessors::parse("x,1:2,:").0,
+            vec![Gen { pid: 1, start: 2 }]
+        );
     }
 }

@@ -1,18 +1,39 @@
-//! The restart (SPEC section 4), top to bottom, and the control loop that
-//! runs it: what a serving process does when it is signalled.
+//! The old process's side of a restart (SPEC section 4), top to bottom. The
+//! new process's side is `successor.rs`.
 //!
-//! The states are explicit: `Serving` (idle), `Restarting` (a new process is
-//! starting; further triggers are coalesced into one pending restart),
-//! and then either back to `Serving` (the attempt failed: an ordinary,
-//! retryable error) or `Draining` (the new process is ready; this one stops
-//! accepting, finishes its connections and exits).
+//! 1. Something asks for a restart: a [`Trigger`].
+//! 2. The one state machine both modes run, [`Restart`], starts an attempt,
+//!    or notes one more if an attempt is under way:
+//!
+//!    ```text
+//!    Idle ──request──▶ Starting ──done──▶ Idle
+//!      │                 │  ▲ request: pending (one more follows)
+//!      │                 │  └─ done, failed, pending: Starting again
+//!      └─wait_until──▶ Waiting ──due──▶ Starting (a supervisor's worker died)
+//!    any ──abandon (stop)──▶ Idle, the starting process killed and reaped
+//!    ```
+//!
+//! 3. An attempt ([`Spawner`]) validates the new config in this process
+//!    (a broken config or certificate never gets as far as a new process),
+//!    opens the next generation's sockets (kept ones are duplicates of the
+//!    current ones, so the accept queue is shared), forks and execs the
+//!    binary with them at fds 3.., and waits on the ready pipe for `READY`,
+//!    an error, an exit or `startup_timeout`.
+//! 4. What success means is the mode's: a serving process drains and exits
+//!    ([`control`], then [`drain`]); a supervisor tells its old worker to
+//!    drain (`supervisor.rs`). Older generations still draining are capped
+//!    (`predecessors.rs`).
+//! 5. A replaced generation keeps its sockets until it exits and watches the
+//!    new one's ready pipe: if the new generation dies, it serves again.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::ffi::OsString;
 use std::future::Future;
 use std::os::fd::OwnedFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
@@ -20,15 +41,234 @@ use nix::unistd::Pid;
 use tokio::io::AsyncReadExt;
 use tracing::{error, info, warn};
 
+use crate::config::Config;
 use crate::generation::Generation;
-use crate::handoff::{self, SpawnArgs, HANDOFF_VARS};
+use crate::handoff::{self, InheritedSocket, SpawnArgs, HANDOFF_VARS};
 use crate::listeners::Listener;
+use crate::predecessors::Predecessors;
 use crate::reaper::Reaper;
 use crate::service::Handler;
 use crate::signals::{Sig, Signals};
 
-/// How this process re-executes itself.
-pub struct Restarter {
+/// Why a process is being started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// HUP (or `gracesrv reload`).
+    Signal,
+    /// A watched file changed.
+    Watch,
+    /// A supervisor's worker died: its replacement (no new config).
+    Replace,
+}
+
+/// A new process that said `READY`, with what it was started with.
+pub struct Started {
+    pub ready: Ready,
+    pub config: Config,
+    /// Its sockets, in listener order (this process's copies).
+    pub listeners: Vec<Listener>,
+}
+
+type Attempt = Pin<Box<dyn Future<Output = Result<Box<Started>, String>>>>;
+
+/// Where the restart machine is.
+enum Phase {
+    /// Nothing is being started.
+    Idle,
+    /// A new process is starting.
+    Starting {
+        trigger: Trigger,
+        attempt: Attempt,
+        /// Its pid, once forked (to kill it if the attempt is abandoned).
+        pid: Rc<Cell<Option<i32>>>,
+        /// A trigger arrived meanwhile: one more attempt follows this one
+        /// (the process now starting read its config before it).
+        pending: bool,
+        since: Instant,
+    },
+    /// No process serves (a supervisor's worker died): a replacement
+    /// starts at `at`, after a back-off.
+    Waiting {
+        at: tokio::time::Instant,
+        pending: bool,
+    },
+}
+
+/// What the machine has to say.
+pub enum Event {
+    /// An attempt ended; the machine is idle again.
+    Done {
+        trigger: Trigger,
+        outcome: Result<Box<Started>, String>,
+        /// A trigger arrived during the attempt.
+        pending: bool,
+        took: Duration,
+    },
+    /// The back-off is over: start the replacement.
+    Due { pending: bool },
+}
+
+/// The restart state machine, for a serving process and a supervisor alike.
+pub struct Restart {
+    phase: Phase,
+    pub spawner: Spawner,
+    /// Attempts reported so far (`gracesrv reload` matches results by it).
+    reported: u64,
+}
+
+impl Restart {
+    pub fn new(spawner: Spawner) -> Restart {
+        Restart {
+            phase: Phase::Idle,
+            spawner,
+            reported: 0,
+        }
+    }
+
+    pub fn is_idle(&self) -> bool {
+        matches!(self.phase, Phase::Idle)
+    }
+
+    /// Asks for a restart to generation `generation` from `current` sockets.
+    /// Idle: the attempt starts now (true). Otherwise one more is noted, to
+    /// follow the attempt or the replacement under way (false).
+    pub fn request(
+        &mut self,
+        trigger: Trigger,
+        generation: u64,
+        current: &[Listener],
+        env: Vec<(OsString, OsString)>,
+    ) -> bool {
+        match &mut self.phase {
+            Phase::Starting { pending, .. } | Phase::Waiting { pending, .. } => {
+                *pending = true;
+                info!(
+                    ?trigger,
+                    "restart already in progress: one more will follow"
+                );
+                false
+            }
+            Phase::Idle => {
+                info!(?trigger, "restarting");
+                let pid = Rc::new(Cell::new(None));
+                let attempt = self.spawner.restart(generation, current, env, pid.clone());
+                self.starting(trigger, attempt, pid, false);
+                true
+            }
+        }
+    }
+
+    /// Starts a replacement with the same sockets and config (a supervisor
+    /// whose worker died, or its first worker). `pending` carries a trigger
+    /// that arrived while there was none.
+    pub fn replace(
+        &mut self,
+        generation: u64,
+        listeners: &[Listener],
+        config: &Config,
+        pending: bool,
+    ) {
+        let pid = Rc::new(Cell::new(None));
+        let attempt = self
+            .spawner
+            .replacement(generation, listeners, config, pid.clone());
+        self.starting(Trigger::Replace, attempt, pid, pending);
+    }
+
+    fn starting(
+        &mut self,
+        trigger: Trigger,
+        attempt: Attempt,
+        pid: Rc<Cell<Option<i32>>>,
+        pending: bool,
+    ) {
+        self.phase = Phase::Starting {
+            trigger,
+            attempt,
+            pid,
+            pending,
+            since: Instant::now(),
+        };
+    }
+
+    /// Nothing serves: start a replacement `after` from now. Triggers
+    /// meanwhile follow it.
+    pub fn wait_until(&mut self, after: Duration, pending: bool) {
+        self.phase = Phase::Waiting {
+            at: tokio::time::Instant::now() + after,
+            pending,
+        };
+    }
+
+    /// The next event; never resolves while idle. Cancel-safe: the attempt
+    /// lives in the machine, not in this future.
+    pub async fn next(&mut self) -> Event {
+        match &mut self.phase {
+            Phase::Idle => std::future::pending().await,
+            Phase::Waiting { at, pending } => {
+                tokio::time::sleep_until(*at).await;
+                let pending = *pending;
+                self.phase = Phase::Idle;
+                Event::Due { pending }
+            }
+            Phase::Starting { attempt, .. } => {
+                let outcome = attempt.as_mut().await;
+                let Phase::Starting {
+                    trigger,
+                    pending,
+                    since,
+                    ..
+                } = std::mem::replace(&mut self.phase, Phase::Idle)
+                else {
+                    return std::future::pending().await;
+                };
+                Event::Done {
+                    trigger,
+                    outcome,
+                    pending,
+                    took: since.elapsed(),
+                }
+            }
+        }
+    }
+
+    /// Gives up what is under way: the process being started, if any, is
+    /// killed and reaped (never left to serve on its own).
+    pub async fn abandon(&mut self) {
+        if let Phase::Starting { pid, .. } = std::mem::replace(&mut self.phase, Phase::Idle) {
+            if let Some(pid) = pid.take() {
+                info!(new_pid = pid, "abandoning the restart in progress");
+                self.spawner.reaper.kill_and_wait(pid).await;
+            }
+        }
+    }
+
+    /// Tells `reload` (and the result file next to `pid_file`) how the
+    /// latest attempt ended.
+    pub fn report(
+        &mut self,
+        pid_file: Option<&Path>,
+        pid: u32,
+        generation: u64,
+        outcome: &Result<i32, String>,
+    ) {
+        self.reported += 1;
+        crate::reload::report(pid_file, pid, self.reported, generation, outcome);
+    }
+}
+
+/// What the next process is.
+pub enum Role {
+    /// The next generation of a self-restarting server.
+    Generation,
+    /// A worker of the supervisor with this pid: a process group of its own
+    /// (a terminal's Ctrl-C reaches it once, through the supervisor), and no
+    /// pid file or systemd notification of its own.
+    Worker(u32),
+}
+
+/// Starts the next process: the one spawner of both modes.
+pub struct Spawner {
     /// Absolute path of the executable, resolved at start: a binary replaced
     /// on disk (by rename) is what the next generation runs.
     pub exe: PathBuf,
@@ -36,63 +276,185 @@ pub struct Restarter {
     pub config_path: PathBuf,
     pub apps: HashMap<String, Handler>,
     pub reaper: Reaper,
-    /// Set when this process is a worker of a supervisor (`--supervise`):
-    /// the supervisor runs restarts, so a HUP here is passed on to it.
-    pub supervisor: Option<u32>,
-    /// Older generations still draining (this one joins them when replaced).
-    pub draining: Vec<crate::predecessors::Gen>,
+    pub role: Role,
 }
 
-/// Why a restart was asked for.
-#[derive(Debug, Clone, Copy)]
-pub enum Trigger {
-    Signal,
-    Watch,
-}
-
-enum State {
-    Serving,
-    Restarting {
-        /// A trigger arrived during this attempt: run one more after it.
-        pending: bool,
-    },
-}
-
-type Attempt = Pin<Box<dyn Future<Output = Result<Ready, String>>>>;
-
-/// The pid of the process a restart attempt is starting, so that a stop
-/// during the attempt can take it down too (else it would become an orphan
-/// serving on its own).
-#[derive(Clone, Default)]
-pub struct Starting(std::rc::Rc<std::cell::Cell<Option<i32>>>);
-
-impl Starting {
-    /// Notes the process being started (`None`: none now).
-    pub fn set(&self, pid: Option<i32>) {
-        self.0.set(pid);
+impl Spawner {
+    /// A restart: validate the config, open its sockets (duplicates of
+    /// `current` for kept listeners, fresh ones for new addresses; removed
+    /// ones close with the old set), start the process, wait for it.
+    fn restart(
+        &self,
+        generation: u64,
+        current: &[Listener],
+        env: Vec<(OsString, OsString)>,
+        pid: Rc<Cell<Option<i32>>>,
+    ) -> Attempt {
+        let started = crate::prepare::prepare(&self.config_path, &self.apps)
+            .map_err(|e| e.to_string())
+            .and_then(|p| {
+                let listeners = crate::listeners::open(&p.config.listeners, duplicates(current)?)?;
+                let child = self.spawn(&listeners, generation, env)?;
+                pid.set(Some(child.pid));
+                Ok((child, listeners, p.config))
+            });
+        let reaper = self.reaper.clone();
+        Box::pin(async move {
+            let (child, listeners, config) = started?;
+            let ready = child.ready(config.startup_timeout, &reaper).await?;
+            Ok(Box::new(Started {
+                ready,
+                config,
+                listeners,
+            }))
+        })
     }
 
-    /// Kills and reaps the process being started, if any.
-    pub async fn abandon(&self, reaper: &Reaper) {
-        if let Some(pid) = self.0.take() {
-            info!(new_pid = pid, "abandoning the restart in progress");
-            reaper.kill_and_wait(pid).await;
+    /// A replacement: the same sockets and config, started and waited for.
+    fn replacement(
+        &self,
+        generation: u64,
+        listeners: &[Listener],
+        config: &Config,
+        pid: Rc<Cell<Option<i32>>>,
+    ) -> Attempt {
+        let started = duplicates(listeners)
+            .and_then(|dups| crate::listeners::open(&config.listeners, dups))
+            .and_then(|listeners| {
+                let child = self.spawn(&listeners, generation, Vec::new())?;
+                pid.set(Some(child.pid));
+                Ok((child, listeners))
+            });
+        let (reaper, config) = (self.reaper.clone(), config.clone());
+        Box::pin(async move {
+            let (child, listeners) = started?;
+            let ready = child.ready(config.startup_timeout, &reaper).await?;
+            Ok(Box::new(Started {
+                ready,
+                config,
+                listeners,
+            }))
+        })
+    }
+
+    /// Forks and execs the next process with `listeners` at fds 3.. (SPEC 4.3).
+    fn spawn(
+        &self,
+        listeners: &[Listener],
+        generation: u64,
+        extra: Vec<(OsString, OsString)>,
+    ) -> Result<Child, String> {
+        let (read, write) = handoff::ready_pipe()?;
+        let worker = matches!(self.role, Role::Worker(_));
+        let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
+            .filter(|(k, _)| !HANDOFF_VARS.iter().any(|v| k == v))
+            .filter(|(k, _)| !worker || k != "NOTIFY_SOCKET")
+            .collect();
+        if let Role::Worker(pid) = self.role {
+            env.push(("GRACESRV_SUPERVISOR".into(), pid.to_string().into()));
         }
+        env.extend(extra);
+        let pid = handoff::spawn(SpawnArgs {
+            exe: &self.exe,
+            argv: &self.argv,
+            env,
+            sockets: listeners
+                .iter()
+                .map(|l| (l.name.as_str(), handoff::raw(&l.socket)))
+                .collect(),
+            ready: handoff::raw(&write),
+            generation,
+            own_group: worker,
+        })?;
+        // Before any await: the reaper must know this pid before it can exit.
+        self.reaper.watch(pid);
+        drop(write);
+        info!(
+            new_pid = pid,
+            generation, "new process started; waiting for it to be ready"
+        );
+        Ok(Child { pid, ready: read })
     }
 }
 
-/// Runs until the process should exit; returns its exit code.
+/// Duplicates of `listeners`, handed to `listeners::open` as if inherited.
+fn duplicates(listeners: &[Listener]) -> Result<Vec<InheritedSocket>, String> {
+    listeners
+        .iter()
+        .map(|l| {
+            l.socket
+                .try_clone()
+                .map(|socket| InheritedSocket {
+                    name: l.name.clone(),
+                    socket,
+                })
+                .map_err(|e| format!("listener {}: {e}", l.name))
+        })
+        .collect()
+}
+
+/// A new process, started with the sockets, not yet ready.
+struct Child {
+    pid: i32,
+    ready: OwnedFd,
+}
+
+impl Child {
+    /// Waits for `READY` (SPEC 4.4-4.6), keeping the pipe: the new process
+    /// keeps its end open while it serves and says `DONE` before it ends on
+    /// purpose, so end of file without `DONE` means it died (see
+    /// [`Ready::died`]). On an error report, an exit, or silence past
+    /// `startup_timeout`, kills and reaps it and returns why.
+    async fn ready(self, startup_timeout: Duration, reaper: &Reaper) -> Result<Ready, String> {
+        let pid = self.pid;
+        let waited = async {
+            let rx = tokio::net::unix::pipe::Receiver::from_owned_fd(self.ready)
+                .map_err(|e| format!("ready pipe: {e}"))?;
+            let mut pipe = ReadyPipe {
+                rx,
+                buf: Vec::new(),
+            };
+            match pipe.line().await? {
+                None => Err(String::new()),
+                Some(line) if line == "READY" => Ok(pipe),
+                Some(line) => match line.strip_prefix("ERROR ") {
+                    Some(exec) if exec.starts_with("exec:") => {
+                        let errno = exec["exec:".len()..].parse().unwrap_or(0);
+                        Err(format!(
+                            "cannot execute the new binary: {}",
+                            std::io::Error::from_raw_os_error(errno)
+                        ))
+                    }
+                    Some(reason) => Err(reason.to_string()),
+                    None => Err(format!("unexpected message on the ready pipe: {line:?}")),
+                },
+            }
+        };
+        let outcome = match tokio::time::timeout(startup_timeout, waited).await {
+            Ok(Ok(pipe)) => return Ok(Ready { pid, pipe }),
+            Ok(Err(reason)) => reason,
+            Err(_) => format!("new process {pid} was not ready within {startup_timeout:?}"),
+        };
+        let status = reaper.kill_and_wait(pid).await;
+        Err(if outcome.is_empty() {
+            format!("new process {pid} {status} before it was ready")
+        } else {
+            outcome
+        })
+    }
+}
+
+/// Runs a serving process (not a supervisor) until it should exit; returns
+/// its exit code. A worker of `supervisor` passes restart triggers on to
+/// it, which runs them.
 pub async fn control(
     mut gen: Generation,
-    restarter: Restarter,
+    mut restart: Restart,
     mut signals: Signals,
     mut watch: Option<crate::watch::Watch>,
+    mut predecessors: Predecessors,
+    supervisor: Option<u32>,
 ) -> i32 {
-    let mut state = State::Serving;
-    let mut seq = 0u64;
-    let mut attempt: Option<Attempt> = None;
-    let mut started = Instant::now();
-    let starting = Starting::default();
     let mut retry = tokio::time::interval_at(
         tokio::time::Instant::now() + Duration::from_secs(1),
         Duration::from_secs(1),
@@ -109,9 +471,8 @@ pub async fn control(
                 Sig::Stop => {
                     info!("stopping: draining connections");
                     gen.ending();
-                    drop(attempt.take());
-                    starting.abandon(&restarter.reaper).await;
-                    return match drain(&mut gen, &mut signals, Why::Stop, &restarter.reaper).await {
+                    restart.abandon().await;
+                    return match drain(&mut gen, &mut signals, Why::Stop, &restart.spawner.reaper).await {
                         Drained::Exit(code) => code,
                         Drained::RolledBack(_) => unreachable!("only a replaced generation rolls back"),
                     };
@@ -119,8 +480,7 @@ pub async fn control(
                 Sig::Quit => {
                     info!(connections = gen.process.drain.active(), "quit: closing every connection");
                     gen.ending();
-                    drop(attempt.take());
-                    starting.abandon(&restarter.reaper).await;
+                    restart.abandon().await;
                     gen.process.drain.cut_tunnels(TUNNEL_CLOSE).await;
                     gen.remove_pid_file();
                     return 0;
@@ -129,20 +489,22 @@ pub async fn control(
             _ = async { watch.as_mut().expect("guarded by the if").changed().await }, if watch.is_some() => {
                 Some(Trigger::Watch)
             }
-            outcome = async { attempt.as_mut().expect("guarded by the if").await }, if attempt.is_some() => {
-                attempt = None;
-                starting.0.set(None);
-                report(&gen, &mut seq, &outcome.as_ref().map(|r| r.pid).map_err(Clone::clone));
-                let pending = matches!(state, State::Restarting { pending: true });
-                state = State::Serving;
+            event = restart.next() => {
+                let Event::Done { outcome, pending, took, .. } = event else {
+                    continue; // a serving process never waits to replace itself
+                };
+                let next_generation = gen.process.generation + 1;
+                let pid = outcome.as_ref().map(|s| s.ready.pid).map_err(Clone::clone);
+                restart.report(gen.config.pid_file.as_deref(), gen.process.pid, next_generation, &pid);
+                let took_ms = took.as_millis() as u64;
                 match outcome {
-                    Ok(ready) => {
-                        let new_pid = ready.pid;
+                    Ok(started) => {
+                        let new_pid = started.ready.pid;
                         info!(
                             old_pid = gen.process.pid,
                             new_pid,
-                            generation = gen.process.generation + 1,
-                            took_ms = started.elapsed().as_millis() as u64,
+                            generation = next_generation,
+                            took_ms,
                             "restart complete: draining the old generation"
                         );
                         if pending {
@@ -151,27 +513,30 @@ pub async fn control(
                             let _ = kill(Pid::from_raw(new_pid), Signal::SIGHUP);
                         }
                         gen.ending();
-                        match drain(&mut gen, &mut signals, Why::Replaced(ready), &restarter.reaper).await {
+                        // The new process has its own copies of the sockets.
+                        drop(started.listeners);
+                        match drain(&mut gen, &mut signals, Why::Replaced(started.ready), &restart.spawner.reaper).await {
                             Drained::Exit(code) => return code,
                             Drained::RolledBack(status) => {
                                 let reason = "new generation died after ready (rolled back)".to_string();
                                 error!(new_pid, status, "restart failed: {reason}");
-                                report(&gen, &mut seq, &Err(reason));
+                                restart.report(gen.config.pid_file.as_deref(), gen.process.pid, next_generation, &Err(reason));
                                 // This generation serves again: it is the one
                                 // the pid file and systemd must name.
-                                gen.report_ready(None, restarter.supervisor.is_some());
+                                gen.report_ready(None, supervisor.is_some());
                                 None
                             }
                         }
                     }
                     Err(reason) => {
-                        error!(took_ms = started.elapsed().as_millis() as u64, "restart failed: {reason}");
-                        if pending { Some(Trigger::Signal) } else { None }
+                        error!(took_ms, "restart failed: {reason}");
+                        pending.then_some(Trigger::Signal)
                     }
                 }
             }
         };
-        if let (Some(_), Some(supervisor)) = (trigger, restarter.supervisor) {
+        let Some(trigger) = trigger else { continue };
+        if let Some(supervisor) = supervisor {
             info!(
                 supervisor,
                 "HUP passed on to the supervisor, which runs restarts"
@@ -179,145 +544,12 @@ pub async fn control(
             let _ = kill(Pid::from_raw(supervisor as i32), Signal::SIGHUP);
             continue;
         }
-        if let Some(trigger) = trigger {
-            match &mut state {
-                State::Restarting { pending } => {
-                    *pending = true;
-                    info!(
-                        ?trigger,
-                        "restart already in progress: one more will follow"
-                    );
-                }
-                State::Serving => {
-                    info!(?trigger, "restarting");
-                    state = State::Restarting { pending: false };
-                    started = Instant::now();
-                    attempt = Some(Box::pin(restart(&restarter, &gen, starting.clone())));
-                }
-            }
-        }
+        // The next generation learns which generations drain, this one included.
+        predecessors.forget_exited();
+        let draining = predecessors.with_current();
+        let env = vec![("GRACESRV_DRAINING".into(), draining.into())];
+        restart.request(trigger, gen.process.generation + 1, &gen.listeners, env);
     }
-}
-
-/// Tells `reload` (and the result file) how attempt number `seq + 1` ended.
-fn report(gen: &Generation, seq: &mut u64, outcome: &Result<i32, String>) {
-    *seq += 1;
-    crate::reload::report(
-        gen.config.pid_file.as_deref(),
-        gen.process.pid,
-        *seq,
-        gen.process.generation + 1,
-        outcome,
-    );
-}
-
-/// One restart attempt. Returns the new process's pid once it is ready; on
-/// any failure the new process is gone and this one serves on unchanged.
-fn restart(
-    r: &Restarter,
-    gen: &Generation,
-    starting: Starting,
-) -> impl Future<Output = Result<Ready, String>> + 'static {
-    // 2. Validate in-process first: a broken config or certificate never
-    // gets as far as a new process.
-    let spawned = crate::prepare::prepare(&r.config_path, &r.apps)
-        .map(|p| p.config.startup_timeout)
-        .map_err(|e| e.to_string())
-        .and_then(|startup_timeout| {
-            // 3. Spawn the new process with the sockets at 3.., in listener order.
-            // The successor learns which generations drain, this one included.
-            let mut draining = r.draining.clone();
-            draining.extend(crate::predecessors::Gen::current());
-            let env = vec![(
-                "GRACESRV_DRAINING".into(),
-                crate::predecessors::format(&draining).into(),
-            )];
-            let s = spawn_successor(
-                &r.exe,
-                &r.argv,
-                &gen.listeners,
-                gen.process.generation + 1,
-                Worker::Successor(env),
-                &r.reaper,
-            )?;
-            starting.0.set(Some(s.pid));
-            Ok((s, startup_timeout))
-        });
-    let reaper = r.reaper.clone();
-    async move {
-        let (s, startup_timeout) = spawned?;
-        // 4-6. Wait for READY, an error, its exit, or the startup timeout.
-        await_ready_watched(s, startup_timeout, &reaper).await
-    }
-}
-
-/// A new process, started with the sockets, not yet ready.
-pub struct Successor {
-    pub pid: i32,
-    ready: OwnedFd,
-}
-
-/// What the new process will be.
-pub enum Worker {
-    /// The next generation of a self-restarting server, with extra variables.
-    Successor(Vec<(OsString, OsString)>),
-    /// A worker of the supervisor with this pid: a process group of its own
-    /// (a terminal's Ctrl-C reaches it once, through the supervisor), and no
-    /// pid file or systemd notification of its own.
-    Supervised(u32),
-}
-
-/// Forks and execs the next generation with `listeners` at fds 3.. (SPEC 4.3).
-pub fn spawn_successor(
-    exe: &std::path::Path,
-    argv: &[OsString],
-    listeners: &[Listener],
-    generation: u64,
-    worker: Worker,
-    reaper: &Reaper,
-) -> Result<Successor, String> {
-    let (read, write) = handoff::ready_pipe()?;
-    let supervised = matches!(worker, Worker::Supervised(_));
-    let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
-        .filter(|(k, _)| !HANDOFF_VARS.iter().any(|v| k == v))
-        .filter(|(k, _)| !supervised || k != "NOTIFY_SOCKET")
-        .collect();
-    match worker {
-        Worker::Supervised(pid) => env.push(("GRACESRV_SUPERVISOR".into(), pid.to_string().into())),
-        Worker::Successor(extra) => env.extend(extra),
-    }
-    let pid = handoff::spawn(SpawnArgs {
-        exe,
-        argv,
-        env,
-        sockets: listeners
-            .iter()
-            .map(|l| (l.name.as_str(), handoff::raw(&l.socket)))
-            .collect(),
-        ready: handoff::raw(&write),
-        generation,
-        own_group: supervised,
-    })?;
-    // Before any await: the reaper must know this pid before it can exit.
-    reaper.watch(pid);
-    drop(write);
-    info!(
-        new_pid = pid,
-        generation, "new process started; waiting for it to be ready"
-    );
-    Ok(Successor { pid, ready: read })
-}
-
-/// Waits for a successor's `READY` (SPEC 4.4-4.6). On an error report, an
-/// exit, or silence past `startup_timeout`, kills and reaps it and returns why.
-pub async fn await_ready(
-    s: Successor,
-    startup_timeout: Duration,
-    reaper: &Reaper,
-) -> Result<i32, String> {
-    await_ready_watched(s, startup_timeout, reaper)
-        .await
-        .map(|ready| ready.pid)
 }
 
 /// A successor that said `READY`, and its ready pipe, still open.
@@ -358,51 +590,6 @@ impl ReadyPipe {
     }
 }
 
-/// [`await_ready`], keeping the pipe: a successor keeps its end open while
-/// it serves, and says `DONE` before it ends on purpose, so its end of file
-/// without `DONE` means it died (see [`Ready::died`]).
-async fn await_ready_watched(
-    s: Successor,
-    startup_timeout: Duration,
-    reaper: &Reaper,
-) -> Result<Ready, String> {
-    let pid = s.pid;
-    let waited = async {
-        let rx = tokio::net::unix::pipe::Receiver::from_owned_fd(s.ready)
-            .map_err(|e| format!("ready pipe: {e}"))?;
-        let mut pipe = ReadyPipe {
-            rx,
-            buf: Vec::new(),
-        };
-        match pipe.line().await? {
-            None => Err(String::new()),
-            Some(line) if line == "READY" => Ok(pipe),
-            Some(line) => match line.strip_prefix("ERROR ") {
-                Some(exec) if exec.starts_with("exec:") => {
-                    let errno = exec["exec:".len()..].parse().unwrap_or(0);
-                    Err(format!(
-                        "cannot execute the new binary: {}",
-                        std::io::Error::from_raw_os_error(errno)
-                    ))
-                }
-                Some(reason) => Err(reason.to_string()),
-                None => Err(format!("unexpected message on the ready pipe: {line:?}")),
-            },
-        }
-    };
-    let outcome = match tokio::time::timeout(startup_timeout, waited).await {
-        Ok(Ok(pipe)) => return Ok(Ready { pid, pipe }),
-        Ok(Err(reason)) => reason,
-        Err(_) => format!("new process {pid} was not ready within {startup_timeout:?}"),
-    };
-    let status = reaper.kill_and_wait(pid).await;
-    Err(if outcome.is_empty() {
-        format!("new process {pid} {status} before it was ready")
-    } else {
-        outcome
-    })
-}
-
 impl Ready {
     /// Resolves if the successor dies without saying `DONE` (how it ended);
     /// never, once it said it ends on purpose.
@@ -422,9 +609,6 @@ impl Ready {
     }
 }
 
-/// Stops accepting and drains: in-flight requests finish, then the process
-/// exits; at `shutdown_timeout` whatever is left is cut. A second TERM/INT,
-/// or QUIT, stops at once.
 /// Why a generation drains.
 enum Why {
     /// TERM/INT: a second one stops at once.
@@ -443,6 +627,9 @@ enum Drained {
     RolledBack(String),
 }
 
+/// Stops accepting and drains: in-flight requests finish, then the process
+/// exits; at `shutdown_timeout` whatever is left is cut. A second TERM/INT,
+/// or QUIT, stops at once.
 async fn drain(gen: &mut Generation, signals: &mut Signals, why: Why, reaper: &Reaper) -> Drained {
     // A replaced generation leaves the pid file alone: it names the new
     // generation by now, or is about to (checking and then removing it would

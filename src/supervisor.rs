@@ -3,17 +3,16 @@
 //!
 //! It owns the listening sockets and runs workers: the same binary, handed
 //! the sockets with the same protocol as a restart (LISTEN_FDS, the ready
-//! pipe), in a process group of their own. A restart starts the next worker,
-//! waits for it to be ready, then tells the old one to drain (TERM). A worker
-//! that dies unexpectedly is replaced, with back-off; the sockets stay open
-//! meanwhile, so clients wait in the backlog instead of being refused.
-//! Signals are passed on to the workers; the supervisor exits when they are
-//! gone, with the serving worker's exit status.
+//! pipe), in a process group of their own. Restarts run the same state
+//! machine as a self-restarting server (`restart::Restart`): the next worker
+//! starts, and once it is ready the old one is told to drain (TERM). A
+//! worker that dies unexpectedly is replaced, with back-off, through the same
+//! machine; the sockets stay open meanwhile, so clients wait in the backlog
+//! instead of being refused. Signals are passed on to the workers; the
+//! supervisor exits when they are gone, with the serving worker's exit
+//! status.
 
-use std::collections::HashMap;
-use std::ffi::OsString;
 use std::future::Future;
-use std::path::PathBuf;
 use std::pin::Pin;
 use std::time::{Duration, Instant};
 
@@ -24,34 +23,19 @@ use sd_notify::NotifyState;
 use tracing::{error, info, warn};
 
 use crate::config::Config;
-use crate::generation::{notify_systemd, remove_pid_file, write_pid_file};
 use crate::handoff::InheritedSocket;
 use crate::listeners::Listener;
+use crate::predecessors::{Gen, Predecessors};
 use crate::reaper::{describe, Reaper};
-use crate::restart::{await_ready, spawn_successor, Starting, Trigger, Worker as Spawn};
-use crate::service::Handler;
+use crate::restart::{Event, Restart, Started, Trigger};
 use crate::signals::{Sig, Signals};
-
-pub struct Supervisor {
-    pub exe: PathBuf,
-    pub argv: Vec<OsString>,
-    pub config_path: PathBuf,
-    pub apps: HashMap<String, Handler>,
-    pub reaper: Reaper,
-}
+use crate::successor::{notify_systemd, remove_pid_file, write_pid_file};
 
 /// The worker serving now.
 struct Worker {
     pid: i32,
-    generation: u64,
     ready_at: Instant,
 }
-
-/// A worker starting to replace one that died: its pid once ready.
-type Replacement = Pin<Box<dyn Future<Output = Result<i32, String>>>>;
-
-/// A restart's result: the new worker, its sockets, and its config.
-type Attempt = Pin<Box<dyn Future<Output = Result<(i32, Vec<Listener>, Config), String>>>>;
 
 /// Back-off for replacing workers that die: doubles up to a cap, and starts
 /// over once a worker has served for a while.
@@ -72,313 +56,328 @@ impl Backoff {
     }
 }
 
-impl Supervisor {
-    /// Runs the service until it is stopped; returns the exit code.
-    pub async fn run(
-        self,
-        config: Config,
-        inherited: Vec<InheritedSocket>,
-        mut signals: Signals,
-    ) -> i32 {
-        let pid = std::process::id();
-        let mut listeners = match crate::listeners::open(&config.listeners, inherited) {
-            Ok(l) => l,
-            Err(e) => {
-                error!("cannot start: {e}");
-                eprintln!("gracesrv: {e}");
-                return 1;
-            }
-        };
-        for l in &listeners {
-            info!(listener = %l.name, addr = %l.local_addr, "listening");
+/// What the supervisor holds while it runs.
+struct Supervisor {
+    pid: u32,
+    restart: Restart,
+    config: Config,
+    /// The supervisor's own copies of the sockets, in listener order.
+    listeners: Vec<Listener>,
+    /// The worker serving now; `None` while a dead one's replacement is
+    /// awaited.
+    current: Option<Worker>,
+    /// The generation of the latest worker started.
+    generation: u64,
+    /// Old workers draining, waited for before the supervisor exits.
+    draining: Vec<i32>,
+    /// The same, for the cap on draining generations (`max_draining`).
+    predecessors: Predecessors,
+    backoff: Backoff,
+    watch: Option<crate::watch::Watch>,
+    /// The signal a stop passed on to the workers.
+    stopping: Option<Signal>,
+}
+
+/// Runs the service until it is stopped; returns the exit code. `restart`
+/// starts workers of this process.
+pub async fn run(
+    mut restart: Restart,
+    config: Config,
+    inherited: Vec<InheritedSocket>,
+    mut signals: Signals,
+) -> i32 {
+    let listeners = match crate::listeners::open(&config.listeners, inherited) {
+        Ok(l) => l,
+        Err(e) => {
+            error!("cannot start: {e}");
+            eprintln!("gracesrv: {e}");
+            return 1;
         }
-        // Generation 1. TERM, INT and QUIT act at once, even now.
-        let starting = Starting::default();
-        let first = {
-            let start = self.start_worker(&listeners, 1, config.startup_timeout, &starting);
-            tokio::pin!(start);
-            let mut held_hup = false;
-            loop {
-                tokio::select! {
-                    r = &mut start => break r,
-                    sig = signals.next() => match sig {
-                        Sig::Restart => held_hup = true,
-                        Sig::Stop | Sig::Quit => {
-                            info!("stopping while the first worker starts");
-                            starting.abandon(&self.reaper).await;
-                            return 0;
-                        }
-                    },
+    };
+    for l in &listeners {
+        info!(listener = %l.name, addr = %l.local_addr, "listening");
+    }
+    // Generation 1. TERM, INT and QUIT act at once, even now; a HUP waits.
+    restart.replace(1, &listeners, &config, false);
+    let mut held_hup = false;
+    let first = loop {
+        tokio::select! {
+            event = restart.next() => break event,
+            sig = signals.next() => match sig {
+                Sig::Restart => held_hup = true,
+                Sig::Stop | Sig::Quit => {
+                    info!("stopping while the first worker starts");
+                    restart.abandon().await;
+                    return 0;
                 }
-            }
-            .map(|p| (p, held_hup))
-        };
-        starting.set(None);
-        let (first, held_hup) = match first {
-            Ok(p) => p,
-            Err(e) => {
-                error!("cannot start: {e}");
-                eprintln!("gracesrv: {e}");
-                return 1;
-            }
-        };
-        let mut current = Worker {
+            },
+        }
+    };
+    let outcome = match first {
+        Event::Done { outcome, .. } => outcome,
+        Event::Due { .. } => Err("the first worker was not started".into()),
+    };
+    let first = match outcome {
+        Ok(started) => started.ready.pid,
+        Err(e) => {
+            error!("cannot start: {e}");
+            eprintln!("gracesrv: {e}");
+            return 1;
+        }
+    };
+    let pid = std::process::id();
+    if let Some(p) = &config.pid_file {
+        if let Err(e) = write_pid_file(p, pid) {
+            warn!(pid_file = %p.display(), "cannot write pid file: {e}");
+        }
+    }
+    notify_systemd(&[NotifyState::MainPid(pid), NotifyState::Ready]);
+    crate::reload::serve_control(&restart.spawner.config_path);
+    info!(worker = first, role = "supervisor", "ready");
+    let watch = start_watch(&config);
+    let mut s = Supervisor {
+        pid,
+        restart,
+        config,
+        listeners,
+        current: Some(Worker {
             pid: first,
-            generation: 1,
             ready_at: Instant::now(),
-        };
-        let mut config = config;
-        if let Some(p) = &config.pid_file {
-            if let Err(e) = write_pid_file(p, pid) {
-                warn!(pid_file = %p.display(), "cannot write pid file: {e}");
-            }
-        }
-        notify_systemd(&[NotifyState::MainPid(pid), NotifyState::Ready]);
-        crate::reload::serve_control(&self.config_path);
-        info!(worker = first, role = "supervisor", "ready");
-
-        let mut watch = self.start_watch(&config);
-        let mut draining: Vec<i32> = Vec::new();
-        // Of those, the ones stopped at once by the cap (still to be reaped).
-        let mut quit: Vec<i32> = Vec::new();
-        let mut attempt: Option<Attempt> = None;
-        // A replacement for a worker that died, starting.
-        let mut replacing: Option<Replacement> = None;
-        // A HUP during the first start is acted on now.
-        let mut pending = held_hup;
-        let mut started = Instant::now();
-        let mut seq = 0u64;
-        let mut backoff = Backoff {
+        }),
+        generation: 1,
+        draining: Vec::new(),
+        predecessors: Predecessors::default(),
+        backoff: Backoff {
             next: Backoff::FIRST,
+        },
+        watch,
+        stopping: None,
+    };
+    // A HUP during the first start is acted on now.
+    let mut trigger = held_hup.then_some(Trigger::Signal);
+    loop {
+        if let Some(t) = trigger.take() {
+            s.request(t);
+        }
+        let reaper = s.restart.spawner.reaper.clone();
+        trigger = tokio::select! {
+            sig = signals.next() => match sig {
+                Sig::Restart if s.stopping.is_none() => Some(Trigger::Signal),
+                Sig::Restart => None,
+                Sig::Stop | Sig::Quit => {
+                    if let Some(code) = s.stop(sig).await {
+                        return code;
+                    }
+                    None
+                }
+            },
+            _ = async { s.watch.as_mut().expect("guarded").changed().await }, if s.watch.is_some() && s.stopping.is_none() => {
+                Some(Trigger::Watch)
+            }
+            status = async { reaper.wait(s.current.as_ref().expect("guarded").pid).await }, if s.current.is_some() => {
+                if let Some(code) = s.worker_died(status).await {
+                    return code;
+                }
+                None
+            }
+            event = s.restart.next() => match event {
+                Event::Due { pending } => {
+                    s.generation += 1;
+                    s.restart.replace(s.generation, &s.listeners, &s.config, pending);
+                    None
+                }
+                Event::Done { trigger, outcome, pending, took } => s.done(trigger, outcome, pending, took),
+            },
+            done = wait_any(&reaper, &s.draining), if !s.draining.is_empty() => {
+                s.draining.retain(|p| *p != done);
+                None
+            }
         };
-        let mut stopping: Option<Signal> = None;
-        let mut replace_at: Option<tokio::time::Instant> = None;
+    }
+}
 
-        loop {
-            let mut trigger = None;
-            tokio::select! {
-                sig = signals.next() => match sig {
-                    Sig::Restart if stopping.is_none() => trigger = Some(Trigger::Signal),
-                    Sig::Restart => {}
-                    Sig::Stop | Sig::Quit => {
-                        let s = if sig == Sig::Quit { Signal::SIGQUIT } else { Signal::SIGTERM };
-                        info!(signal = ?s, workers = 1 + draining.len(), "stopping: passing the signal to the workers");
-                        stopping = Some(s);
-                        // A worker being started (a restart, or a replacement)
-                        // is killed and reaped, never left to serve alone.
-                        if attempt.take().is_some() {
-                            info!("abandoning the restart in progress");
-                        }
-                        let was_replacing = replacing.take().is_some();
-                        starting.abandon(&self.reaper).await;
-                        if replace_at.take().is_some() || was_replacing {
-                            // No worker serves (one died, its replacement was
-                            // pending): only draining ones are left to wait for.
-                            for p in std::mem::take(&mut draining) {
-                                let _ = kill(Pid::from_raw(p), s);
-                                self.reaper.wait(p).await;
-                            }
-                            if let Some(p) = &config.pid_file {
-                                remove_pid_file(p, pid);
-                            }
-                            info!("workers gone: exiting");
-                            return 0;
-                        }
-                        for p in std::iter::once(current.pid).chain(draining.iter().copied()) {
-                            let _ = kill(Pid::from_raw(p), s);
-                        }
-                    }
-                },
-                _ = async { watch.as_mut().expect("guarded").changed().await }, if watch.is_some() && stopping.is_none() => {
-                    trigger = Some(Trigger::Watch);
-                }
-                status = self.reaper.wait(current.pid), if replace_at.is_none() => {
-                    if stopping.is_some() {
-                        // The serving worker is gone; wait for the draining ones.
-                        for p in std::mem::take(&mut draining) {
-                            self.reaper.wait(p).await;
-                        }
-                        if let Some(p) = &config.pid_file {
-                            remove_pid_file(p, pid);
-                        }
-                        info!(status = %describe(status), "workers gone: exiting");
-                        return exit_code(status);
-                    }
-                    if current.ready_at.elapsed() > Backoff::STABLE {
-                        backoff.next = Backoff::FIRST;
-                    }
-                    let delay = backoff.take();
-                    error!(worker = current.pid, status = %describe(status), "worker died: replacing it in {delay:?}");
-                    replace_at = Some(tokio::time::Instant::now() + delay);
-                }
-                _ = async { tokio::time::sleep_until(replace_at.expect("guarded")).await }, if replace_at.is_some() && attempt.is_none() && replacing.is_none() => {
-                    replacing = Some(Box::pin(self.start_worker(&listeners, current.generation + 1, config.startup_timeout, &starting)));
-                }
-                started = async { replacing.as_mut().expect("guarded").await }, if replacing.is_some() => {
-                    replacing = None;
-                    starting.set(None);
-                    replace_at = None;
-                    let generation = current.generation + 1;
-                    match started {
-                        Ok(p) => {
-                            info!(worker = p, generation, "worker replaced");
-                            current = Worker { pid: p, generation, ready_at: Instant::now() };
-                        }
-                        Err(e) => {
-                            let delay = backoff.take();
-                            error!("cannot replace the worker: {e}; trying again in {delay:?}");
-                            current.generation = generation;
-                            replace_at = Some(tokio::time::Instant::now() + delay);
-                        }
-                    }
-                }
-                outcome = async { attempt.as_mut().expect("guarded").await }, if attempt.is_some() => {
-                    attempt = None;
-                    starting.set(None);
-                    seq += 1;
-                    let took_ms = started.elapsed().as_millis() as u64;
-                    let result = match outcome {
-                        Ok((new_pid, new_listeners, new_config)) => {
-                            let generation = current.generation + 1;
-                            let old = std::mem::replace(
-                                &mut current,
-                                Worker { pid: new_pid, generation, ready_at: Instant::now() },
-                            );
-                            info!(old_pid = old.pid, new_pid, generation = current.generation, took_ms, "restart complete: the old worker drains");
-                            let _ = kill(Pid::from_raw(old.pid), Signal::SIGTERM);
-                            draining.push(old.pid);
-                            // The same cap as self-restarts (see `draining`).
-                            while draining.len() - quit.len() > new_config.max_draining {
-                                let Some(oldest) = draining.iter().copied().find(|p| !quit.contains(p)) else { break };
-                                warn!(pid = oldest, "too many generations draining: stopping the oldest at once");
-                                match crate::predecessors::Gen::of(oldest) {
-                                    Some(gen) => crate::predecessors::stop(gen),
-                                    None => { let _ = kill(Pid::from_raw(oldest), Signal::SIGQUIT); }
-                                }
-                                quit.push(oldest);
-                            }
-                            // Sockets of removed listeners close here; the
-                            // old worker closes its own copies as it drains.
-                            listeners = new_listeners;
-                            let watch_changed = new_config.watch != config.watch || new_config.watched_files() != config.watched_files();
-                            config = new_config;
-                            if watch_changed {
-                                watch = self.start_watch(&config);
-                            }
-                            Ok(new_pid)
-                        }
-                        Err(reason) => {
-                            error!(took_ms, "restart failed: {reason}");
-                            Err(reason)
-                        }
-                    };
-                    crate::reload::report(config.pid_file.as_deref(), pid, seq, current.generation, &result);
-                    notify_systemd(&[NotifyState::Ready]);
-                    if std::mem::take(&mut pending) {
-                        trigger = Some(Trigger::Signal);
-                    }
-                }
-                done = wait_any(&self.reaper, &draining), if !draining.is_empty() => {
-                    draining.retain(|p| *p != done);
-                    quit.retain(|p| *p != done);
-                }
-            }
-            if let Some(trigger) = trigger {
-                if attempt.is_some() || replace_at.is_some() {
-                    pending = true;
+impl Supervisor {
+    /// A restart is asked for.
+    fn request(&mut self, trigger: Trigger) {
+        if self.restart.is_idle() {
+            // For Type=notify-reload: RELOADING=1 with the time, then READY=1.
+            let mut states = vec![NotifyState::Reloading];
+            states.extend(NotifyState::monotonic_usec_now().ok());
+            notify_systemd(&states);
+        }
+        self.restart
+            .request(trigger, self.generation + 1, &self.listeners, Vec::new());
+    }
+
+    /// An attempt ended. Returns a trigger to act on next.
+    fn done(
+        &mut self,
+        trigger: Trigger,
+        outcome: Result<Box<Started>, String>,
+        pending: bool,
+        took: Duration,
+    ) -> Option<Trigger> {
+        let took_ms = took.as_millis() as u64;
+        if trigger == Trigger::Replace {
+            self.generation += 1;
+            return match outcome {
+                Ok(started) => {
                     info!(
-                        ?trigger,
-                        "restart already in progress: one more will follow"
+                        worker = started.ready.pid,
+                        generation = self.generation,
+                        "worker replaced"
                     );
-                } else {
-                    info!(?trigger, "restarting");
-                    // For Type=notify-reload: RELOADING=1 with the time, then READY=1.
-                    let mut states = vec![NotifyState::Reloading];
-                    states.extend(NotifyState::monotonic_usec_now().ok());
-                    notify_systemd(&states);
-                    started = Instant::now();
-                    attempt = Some(self.restart(&listeners, current.generation + 1, &starting));
+                    self.current = Some(Worker {
+                        pid: started.ready.pid,
+                        ready_at: Instant::now(),
+                    });
+                    pending.then_some(Trigger::Signal)
                 }
+                Err(e) => {
+                    let delay = self.backoff.take();
+                    error!("cannot replace the worker: {e}; trying again in {delay:?}");
+                    self.restart.wait_until(delay, pending);
+                    None
+                }
+            };
+        }
+        let result = match outcome {
+            Ok(started) => {
+                let new_pid = started.ready.pid;
+                self.generation += 1;
+                let old = self.current.replace(Worker {
+                    pid: new_pid,
+                    ready_at: Instant::now(),
+                });
+                info!(
+                    old_pid = old.as_ref().map(|w| w.pid),
+                    new_pid,
+                    generation = self.generation,
+                    took_ms,
+                    "restart complete: the old worker drains"
+                );
+                if let Some(old) = old {
+                    let _ = kill(Pid::from_raw(old.pid), Signal::SIGTERM);
+                    self.draining.push(old.pid);
+                    if let Some(gen) = Gen::of(old.pid) {
+                        self.predecessors.push(gen);
+                    }
+                }
+                // The same cap as self-restarts.
+                self.predecessors.enforce(started.config.max_draining);
+                self.adopt(started);
+                Ok(new_pid)
             }
-        }
-    }
-
-    /// Starts a worker with `listeners`; the future waits until it is
-    /// ready. The worker's pid is in `starting` meanwhile.
-    fn start_worker(
-        &self,
-        listeners: &[Listener],
-        generation: u64,
-        timeout: Duration,
-        starting: &Starting,
-    ) -> impl Future<Output = Result<i32, String>> + 'static {
-        let spawned = spawn_successor(
-            &self.exe,
-            &self.argv,
-            listeners,
-            generation,
-            Spawn::Supervised(std::process::id()),
-            &self.reaper,
+            Err(reason) => {
+                error!(took_ms, "restart failed: {reason}");
+                Err(reason)
+            }
+        };
+        self.restart.report(
+            self.config.pid_file.as_deref(),
+            self.pid,
+            self.generation,
+            &result,
         );
-        if let Ok(s) = &spawned {
-            starting.set(Some(s.pid));
-        }
-        let reaper = self.reaper.clone();
-        async move { await_ready(spawned?, timeout, &reaper).await }
-    }
-
-    /// One restart: validate, re-read the listener list (binding new
-    /// addresses; the sockets of removed ones close after the swap), start
-    /// the next worker, wait for it.
-    fn restart(&self, listeners: &[Listener], generation: u64, starting: &Starting) -> Attempt {
-        let prepared =
-            crate::prepare::prepare(&self.config_path, &self.apps).map_err(|e| e.to_string());
-        // Duplicates of the current sockets, handed to `open` as if inherited:
-        // kept listeners reuse them, removed ones are closed with the old set.
-        let dups: Result<Vec<InheritedSocket>, String> = listeners
-            .iter()
-            .map(|l| {
-                l.socket
-                    .try_clone()
-                    .map(|socket| InheritedSocket {
-                        name: l.name.clone(),
-                        socket,
-                    })
-                    .map_err(|e| e.to_string())
-            })
-            .collect();
-        let started = prepared.and_then(|p| {
-            let config = p.config;
-            let new = crate::listeners::open(&config.listeners, dups?)?;
-            let s = spawn_successor(
-                &self.exe,
-                &self.argv,
-                &new,
-                generation,
-                Spawn::Supervised(std::process::id()),
-                &self.reaper,
-            )?;
-            starting.set(Some(s.pid));
-            Ok((s, new, config))
-        });
-        let reaper = self.reaper.clone();
-        Box::pin(async move {
-            let (s, new, config) = started?;
-            let pid = await_ready(s, config.startup_timeout, &reaper).await?;
-            Ok((pid, new, config))
-        })
-    }
-
-    fn start_watch(&self, config: &Config) -> Option<crate::watch::Watch> {
-        if !config.watch {
+        notify_systemd(&[NotifyState::Ready]);
+        if self.current.is_none() {
+            // The worker died during a failed attempt: replace it.
+            let delay = self.backoff.take();
+            self.restart.wait_until(delay, pending);
             return None;
         }
-        let files = config.watched_files();
-        let loaded = crate::watch::fingerprint(&files);
-        crate::watch::Watch::start(files, loaded)
-            .map_err(|e| error!("cannot watch files, restart with HUP instead: {e}"))
-            .ok()
+        pending.then_some(Trigger::Signal)
     }
+
+    /// Takes on a restart's sockets and config. Sockets of removed
+    /// listeners close here; the old worker closes its own as it drains.
+    fn adopt(&mut self, started: Box<Started>) {
+        let Started {
+            config, listeners, ..
+        } = *started;
+        self.listeners = listeners;
+        let watch_changed = config.watch != self.config.watch
+            || config.watched_files() != self.config.watched_files();
+        self.config = config;
+        if watch_changed {
+            self.watch = start_watch(&self.config);
+        }
+    }
+
+    /// The serving worker exited. Returns the exit code if the supervisor
+    /// is done.
+    async fn worker_died(&mut self, status: WaitStatus) -> Option<i32> {
+        let worker = self.current.take()?;
+        if self.stopping.is_some() {
+            // The serving worker is gone; wait for the draining ones.
+            self.wait_draining(None).await;
+            info!(status = %describe(status), "workers gone: exiting");
+            return Some(exit_code(status));
+        }
+        if worker.ready_at.elapsed() > Backoff::STABLE {
+            self.backoff.next = Backoff::FIRST;
+        }
+        if self.restart.is_idle() {
+            let delay = self.backoff.take();
+            error!(worker = worker.pid, status = %describe(status), "worker died: replacing it in {delay:?}");
+            self.restart.wait_until(delay, false);
+        } else {
+            // A worker is starting already; if it fails, `done` replaces.
+            error!(worker = worker.pid, status = %describe(status), "worker died while the next one starts");
+        }
+        None
+    }
+
+    /// TERM, INT or QUIT: passed on to the workers. Returns the exit code
+    /// if no worker serves (the supervisor is done at once).
+    async fn stop(&mut self, sig: Sig) -> Option<i32> {
+        let s = if sig == Sig::Quit {
+            Signal::SIGQUIT
+        } else {
+            Signal::SIGTERM
+        };
+        let workers = usize::from(self.current.is_some()) + self.draining.len();
+        info!(signal = ?s, workers, "stopping: passing the signal to the workers");
+        self.stopping = Some(s);
+        // A worker being started (a restart, or a replacement) is killed
+        // and reaped, never left to serve alone.
+        self.restart.abandon().await;
+        let Some(current) = &self.current else {
+            // No worker serves: only draining ones are left to wait for.
+            self.wait_draining(Some(s)).await;
+            info!("workers gone: exiting");
+            return Some(0);
+        };
+        for p in std::iter::once(current.pid).chain(self.draining.iter().copied()) {
+            let _ = kill(Pid::from_raw(p), s);
+        }
+        None
+    }
+
+    /// Waits for every draining worker (signalled first, if `sig`), then
+    /// removes the pid file.
+    async fn wait_draining(&mut self, sig: Option<Signal>) {
+        for p in std::mem::take(&mut self.draining) {
+            if let Some(sig) = sig {
+                let _ = kill(Pid::from_raw(p), sig);
+            }
+            self.restart.spawner.reaper.wait(p).await;
+        }
+        if let Some(p) = &self.config.pid_file {
+            remove_pid_file(p, self.pid);
+        }
+    }
+}
+
+fn start_watch(config: &Config) -> Option<crate::watch::Watch> {
+    if !config.watch {
+        return None;
+    }
+    let files = config.watched_files();
+    let loaded = crate::watch::fingerprint(&files);
+    crate::watch::Watch::start(files, loaded)
+        .map_err(|e| error!("cannot watch files, restart with HUP instead: {e}"))
+        .ok()
 }
 
 /// Resolves with the pid of the first of `pids` to exit.

@@ -1,0 +1,199 @@
+//! The new process's side of a restart (SPEC section 4), top to bottom. The
+//! old process's side is `restart.rs`.
+//!
+//! 1. Before any thread exists, [`Inherited::from_env`] reads and removes
+//!    the handoff variables (`LISTEN_PID`, `LISTEN_FDS`, `LISTEN_FDNAMES`,
+//!    `GRACESRV_READY_FD`, `GRACESRV_GENERATION`, `GRACESRV_SUPERVISOR`,
+//!    `GRACESRV_DRAINING`) and adopts the fds they name.
+//! 2. The process reads its config and starts serving: `Generation::start`
+//!    matches the inherited sockets with the configured listeners by name
+//!    (`listeners::open`) and wraps them in TLS with the certificates it
+//!    finds now.
+//! 3. It says `READY` on the pipe ([`Predecessor`]), or `ERROR reason` if
+//!    it cannot start ([`report_error`]); then writes `pid_file` and tells
+//!    systemd (`MAINPID=`, `READY=1`). A supervised worker tells only its
+//!    supervisor.
+//! 4. It keeps the pipe open while it serves, so the old generation can
+//!    take over again if this one dies, and says `DONE` when it ends on
+//!    purpose ([`Predecessor::done`]).
+//! 5. It stops the oldest predecessors beyond `max_draining`
+//!    (`predecessors.rs`).
+
+use std::io::Write;
+use std::os::fd::{OwnedFd, RawFd};
+use std::path::Path;
+
+use tracing::warn;
+
+use crate::handoff::{self, InheritedSocket};
+use crate::predecessors::Predecessors;
+
+/// What a process received from whoever started it.
+#[derive(Debug, Default)]
+pub struct Inherited {
+    pub sockets: Vec<InheritedSocket>,
+    /// Where to report `READY` or an error; `None` when started by hand or by systemd.
+    pub ready: Option<OwnedFd>,
+    /// This process's generation: 1 unless a restart started it.
+    pub generation: u64,
+    /// The supervisor's pid, when this process is a supervised worker.
+    pub supervisor: Option<u32>,
+    /// Older generations still draining, oldest first.
+    pub draining: Predecessors,
+}
+
+impl Inherited {
+    /// Reads and removes the handoff variables. They are honoured only when
+    /// `LISTEN_PID` is this process's pid: the variables are inherited by
+    /// every child, and a grandchild that believed them would serve on fds it
+    /// does not own (or close someone else's).
+    ///
+    /// Must run before any thread is started (it edits the environment).
+    pub fn from_env() -> Result<Inherited, String> {
+        let get = |k: &str| std::env::var(k).ok();
+        let (pid, fds, names, ready, generation, supervisor) = (
+            get("LISTEN_PID"),
+            get("LISTEN_FDS"),
+            get("LISTEN_FDNAMES"),
+            get("GRACESRV_READY_FD"),
+            get("GRACESRV_GENERATION"),
+            get("GRACESRV_SUPERVISOR"),
+        );
+        let draining = get("GRACESRV_DRAINING");
+        for k in handoff::HANDOFF_VARS {
+            // SAFETY (of the call, which is safe in edition 2021): no other
+            // thread exists yet, see the doc comment.
+            std::env::remove_var(k);
+        }
+        let mut inherited = Inherited {
+            generation: 1,
+            ..Default::default()
+        };
+        let ours = pid
+            .as_deref()
+            .and_then(|p| p.parse::<i32>().ok())
+            .is_some_and(|p| p == std::process::id() as i32);
+        if !ours {
+            return Ok(inherited);
+        }
+        if let Some(g) = generation.and_then(|g| g.parse::<u64>().ok()) {
+            inherited.generation = g.max(1);
+        }
+        inherited.supervisor = supervisor.and_then(|s| s.parse().ok());
+        inherited.draining = draining
+            .map(|d| Predecessors::parse(&d))
+            .unwrap_or_default();
+        if let Some(r) = ready {
+            let fd: RawFd = r
+                .parse()
+                .map_err(|_| format!("GRACESRV_READY_FD={r:?} is not a file descriptor number"))?;
+            inherited.ready = Some(handoff::adopt_ready_fd(fd)?);
+        }
+        let count: i32 = match fds {
+            None => 0,
+            Some(n) => n
+                .parse()
+                .ok()
+                .filter(|n| (0..=4096).contains(n))
+                .ok_or_else(|| format!("LISTEN_FDS={n:?} is not a count of file descriptors"))?,
+        };
+        let names: Vec<String> = names
+            .map(|n| n.split(':').map(str::to_string).collect())
+            .unwrap_or_default();
+        for i in 0..count {
+            let fd = handoff::LISTEN_FDS_START + i;
+            let socket = handoff::adopt_listener(fd)?;
+            let name = names.get(i as usize).cloned().unwrap_or_default();
+            inherited.sockets.push(InheritedSocket { name, socket });
+        }
+        Ok(inherited)
+    }
+}
+
+/// The write end of the ready pipe to the previous generation, kept open
+/// after `READY`: while it is open, the previous generation (still
+/// draining) can take over again if this one dies.
+pub struct Predecessor(std::fs::File);
+
+impl Predecessor {
+    /// Says `READY`; the pipe stays open while this process serves.
+    pub fn ready(fd: OwnedFd) -> Option<Predecessor> {
+        let mut f = std::fs::File::from(fd);
+        match f.write_all(b"READY\n") {
+            Ok(()) => Some(Predecessor(f)),
+            Err(e) => {
+                warn!("cannot report ready to the previous generation: {e}");
+                None
+            }
+        }
+    }
+
+    /// This generation ends on purpose (replaced, or stopping): the previous
+    /// one, if it still drains, must not take over when this one exits.
+    pub fn done(mut self) {
+        let _ = self.0.write_all(b"DONE\n");
+    }
+}
+
+/// A supervised worker that serves: if its supervisor dies, it drains
+/// (TERM) rather than being killed mid-request, as it is while it starts.
+/// If the supervisor is already gone, it drains now.
+pub fn serving_under_supervisor(supervisor: u32) {
+    use nix::sys::signal::Signal;
+    if let Err(e) = nix::sys::prctl::set_pdeathsig(Signal::SIGTERM) {
+        warn!("cannot ask for TERM when the supervisor dies: {e}");
+    }
+    if nix::unistd::getppid().as_raw() as u32 != supervisor {
+        warn!("the supervisor is gone: draining");
+        let _ = nix::sys::signal::raise(Signal::SIGTERM);
+    }
+}
+
+/// Reports a failed start on the ready pipe, so the previous generation can
+/// log the reason instead of only "exited".
+pub fn report_error(ready: Option<OwnedFd>, msg: &str) {
+    if let Some(fd) = ready {
+        let mut f = std::fs::File::from(fd);
+        let _ = writeln!(f, "ERROR {}", msg.replace('\n', " "));
+    }
+}
+
+pub fn notify_systemd(state: &[sd_notify::NotifyState]) {
+    if std::env::var_os("NOTIFY_SOCKET").is_some() {
+        if let Err(e) = sd_notify::notify(false, state) {
+            warn!("cannot notify systemd: {e}");
+        }
+    }
+}
+
+/// Removes the pid file at `path` if it still names `pid`.
+pub fn remove_pid_file(path: &Path, pid: u32) {
+    let ours = std::fs::read_to_string(path).is_ok_and(|s| s.trim() == pid.to_string());
+    if ours {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+/// Writes the pid atomically: a temporary file renamed over the old one, so a
+/// reader never sees a half-written pid.
+pub fn write_pid_file(path: &Path, pid: u32) -> Result<(), String> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists || dir.exists() && !dir.is_dir() {
+                format!(
+                    "cannot create directory {}: something that is not a directory is in the way",
+                    dir.display()
+                )
+            } else {
+                format!("cannot create directory {}: {e}", dir.display())
+            }
+        })?;
+    }
+    crate::reload::write_atomically(path, format!("{pid}\n").as_bytes()).map_err(|e| {
+        match e.raw_os_error() {
+            Some(libc::ENOSPC) | Some(libc::EDQUOT) => format!("{e}: the disk holding it is full"),
+            Some(libc::EROFS) => format!("{e}: the disk holding it is read-only"),
+            _ => e.to_string(),
+        }
+    })
+}
