@@ -17,7 +17,7 @@ use crate::drain::Drain;
 use crate::handoff::InheritedSocket;
 use crate::listeners::Listener;
 use crate::prepare::Prepared;
-use crate::successor::{notify_systemd, write_pid_file, Predecessor};
+use crate::successor::{notify_systemd, status_line, write_pid_file, Predecessor};
 
 pub struct Generation {
     pub config: Config,
@@ -140,9 +140,11 @@ impl Generation {
                 self.pid_file_pending = true;
             }
         }
+        let status = status_line(self.process.generation, self.process.pid, &self.listeners);
         notify_systemd(&[
             sd_notify::NotifyState::MainPid(self.process.pid),
             sd_notify::NotifyState::Ready,
+            sd_notify::NotifyState::Status(&status),
         ]);
     }
 

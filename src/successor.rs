@@ -158,6 +158,18 @@ pub fn report_error(ready: Option<OwnedFd>, msg: &str) {
     }
 }
 
+/// The `STATUS=` line a serving process (or a supervisor, for its worker)
+/// sends with `READY=1`: what `systemctl status` shows, and what tools and
+/// tests read the bound addresses from, e.g.
+/// `serving generation 3 (pid 1234) on web=127.0.0.1:8080 web-tls=[::]:8443`.
+pub fn status_line(generation: u64, pid: u32, listeners: &[crate::listeners::Listener]) -> String {
+    let mut line = format!("serving generation {generation} (pid {pid}) on");
+    for l in listeners {
+        line.push_str(&format!(" {}={}", l.name, l.local_addr));
+    }
+    line
+}
+
 pub fn notify_systemd(state: &[sd_notify::NotifyState]) {
     if std::env::var_os("NOTIFY_SOCKET").is_some() {
         if let Err(e) = sd_notify::notify(false, state) {

@@ -29,7 +29,7 @@ use crate::predecessors::{Gen, Predecessors};
 use crate::reaper::{describe, Reaper};
 use crate::restart::{Event, Restart, Started, Trigger};
 use crate::signals::{Sig, Signals};
-use crate::successor::{notify_systemd, remove_pid_file, write_pid_file};
+use crate::successor::{notify_systemd, remove_pid_file, status_line, write_pid_file};
 
 /// The worker serving now.
 struct Worker {
@@ -131,7 +131,12 @@ pub async fn run(
             warn!(pid_file = %p.display(), "cannot write pid file: {e}");
         }
     }
-    notify_systemd(&[NotifyState::MainPid(pid), NotifyState::Ready]);
+    let status = status_line(1, first as u32, &listeners);
+    notify_systemd(&[
+        NotifyState::MainPid(pid),
+        NotifyState::Ready,
+        NotifyState::Status(&status),
+    ]);
     crate::reload::serve_control(&restart.spawner.config_path);
     info!(worker = first, role = "supervisor", "ready");
     let watch = start_watch(&config);
@@ -231,6 +236,7 @@ impl Supervisor {
                         pid: started.ready.pid,
                         ready_at: Instant::now(),
                     });
+                    self.notify_ready();
                     pending.then_some(Trigger::Signal)
                 }
                 Err(e) => {
@@ -279,7 +285,7 @@ impl Supervisor {
             self.generation,
             &result,
         );
-        notify_systemd(&[NotifyState::Ready]);
+        self.notify_ready();
         if self.current.is_none() {
             // The worker died during a failed attempt: replace it.
             let delay = self.backoff.take();
@@ -287,6 +293,18 @@ impl Supervisor {
             return None;
         }
         pending.then_some(Trigger::Signal)
+    }
+
+    /// `READY=1` (after `RELOADING=1`, or a replacement), with the serving
+    /// worker in `STATUS=`.
+    fn notify_ready(&self) {
+        let status = self
+            .current
+            .as_ref()
+            .map(|w| status_line(self.generation, w.pid as u32, &self.listeners));
+        let mut states = vec![NotifyState::Ready];
+        states.extend(status.as_deref().map(NotifyState::Status));
+        notify_systemd(&states);
     }
 
     /// Takes on a restart's sockets and config. Sockets of removed

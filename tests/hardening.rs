@@ -9,12 +9,13 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use util::client::{self, Target};
-use util::{basic_config, TestServer};
+use util::config::Config;
+use util::TestServer;
 
-fn config() -> String {
-    basic_config("").replace(
-        "shutdown_timeout: 10s\n",
-        "shutdown_timeout: 10s\ntimeouts: { header: 500ms, idle: 2s, handshake: 500ms }\n",
+fn config() -> Config {
+    Config::basic().set(
+        "timeouts",
+        serde_json::json!({ "header": "500ms", "idle": "2s", "handshake": "500ms" }),
     )
 }
 
@@ -29,7 +30,7 @@ async fn exchange(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
 
 #[tokio::test]
 async fn malformed_and_oversized_requests_get_4xx_and_the_server_stays_up() {
-    let srv = TestServer::start(&config()).await;
+    let srv = TestServer::builder().config(config()).start().await;
     let web = srv.addr("web");
     for bad in [
         &b"GARBAGE\r\n\r\n"[..],
@@ -60,7 +61,7 @@ async fn malformed_and_oversized_requests_get_4xx_and_the_server_stays_up() {
 
 #[tokio::test]
 async fn a_head_sent_byte_by_byte_is_cut_at_the_header_timeout() {
-    let srv = TestServer::start(&config()).await;
+    let srv = TestServer::builder().config(config()).start().await;
     let mut s = TcpStream::connect(srv.addr("web")).await.unwrap();
     let started = std::time::Instant::now();
     let head =
@@ -134,7 +135,7 @@ async fn read_frames(s: &mut TcpStream) -> Vec<(u8, u32)> {
 
 #[tokio::test]
 async fn http2_rapid_reset_and_stream_floods_are_bounded() {
-    let srv = TestServer::start(&config()).await;
+    let srv = TestServer::builder().config(config()).start().await;
     let web = srv.addr("web");
 
     // Rapid reset: open a stream, cancel it at once, a thousand times.
@@ -187,7 +188,7 @@ async fn http2_rapid_reset_and_stream_floods_are_bounded() {
 
 /// Runs the binary the way systemd would hand it fds, with fd 3 as given.
 fn start_with_fd3(fd3: std::os::fd::RawFd, extra_env: &str) -> (i32, String) {
-    let (dir, _certs, path) = TestServer::prepare(&basic_config(""));
+    let (dir, _certs, path) = TestServer::prepare(&Config::basic().yaml());
     let mut cmd = util::socket_activated(fd3, "web", extra_env);
     cmd.arg("-c").arg(&path).current_dir(dir.path());
     let out = cmd.output().unwrap();
@@ -242,7 +243,7 @@ fn strangers_at_the_handoff_are_refused_with_a_clear_error() {
 
 #[tokio::test]
 async fn a_hup_during_a_drain_is_ignored_and_the_drain_finishes() {
-    let mut srv = TestServer::start(&basic_config("")).await;
+    let mut srv = TestServer::builder().start().await;
     let (old, slow) = srv.restart_with_request_in_flight().await;
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(old as i32),
@@ -259,7 +260,7 @@ async fn a_hup_during_a_drain_is_ignored_and_the_drain_finishes() {
 async fn the_old_process_killed_mid_handoff_leaves_the_new_one_serving() {
     // SIGKILL to the old generation the moment its successor exists: the
     // successor's READY goes nowhere, and it serves anyway.
-    let (dir, certs, path) = TestServer::prepare(&basic_config(""));
+    let (dir, certs, path) = TestServer::prepare(&Config::basic().yaml());
     let mut srv =
         TestServer::start_in(dir, certs, path, &[("GRACESRV_LOG", "gracesrv=info")]).await;
     let old = srv.pid();
@@ -293,10 +294,10 @@ async fn slow_request_on(
 
 #[tokio::test]
 async fn at_most_three_old_generations_drain_at_once() {
-    let config = basic_config("")
-        .replace("delay: 2s", "delay: 20s")
-        .replace("shutdown_timeout: 10s", "shutdown_timeout: 30s");
-    let mut srv = TestServer::start(&config).await;
+    let config = Config::basic()
+        .every_route("delay", "20s")
+        .set("shutdown_timeout", "30s");
+    let mut srv = TestServer::builder().config(config).start().await;
     let web = Target::plain(srv.addr("web"));
     let mut olds = Vec::new();
     let mut slows = Vec::new();
@@ -332,13 +333,11 @@ async fn at_most_three_old_generations_drain_at_once() {
 /// up beyond the cap.
 #[tokio::test]
 async fn a_stopped_generation_past_the_cap_is_killed() {
-    let config = format!(
-        "max_draining: 1\n{}",
-        basic_config("")
-            .replace("delay: 2s", "delay: 30s")
-            .replace("shutdown_timeout: 10s", "shutdown_timeout: 60s")
-    );
-    let mut srv = TestServer::start(&config).await;
+    let config = Config::basic()
+        .set("max_draining", 1)
+        .every_route("delay", "30s")
+        .set("shutdown_timeout", "60s");
+    let mut srv = TestServer::builder().config(config).start().await;
     let web = Target::plain(srv.addr("web"));
     let mut pids = Vec::new();
     let mut slows = Vec::new();
@@ -364,7 +363,7 @@ async fn a_stopped_generation_past_the_cap_is_killed() {
 
 /// Runs the server under `prlimit --nofile=SOFT:HARD`.
 async fn start_with_nofile(limit: &str) -> TestServer {
-    let (dir, certs, path) = TestServer::prepare(&basic_config(""));
+    let (dir, certs, path) = TestServer::prepare(&Config::basic().yaml());
     let mut cmd = std::process::Command::new("prlimit");
     cmd.arg(format!("--nofile={limit}"))
         .arg("--")

@@ -13,8 +13,10 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use util::client::{self, Target};
+use util::config::{Config, Listener};
 use util::load::{Kind, Load};
 use util::TestServer;
 
@@ -146,37 +148,53 @@ async fn start_upstream() -> SocketAddr {
     addr
 }
 
-fn proxy_config(upstream: SocketAddr, extra: &str) -> String {
-    format!(
-        r#"shutdown_timeout: 10s
-listeners:
-  - name: web
-    addr: 127.0.0.1:0
-    routes:
-      - path: /api
-        proxy: {{ upstream: "http://{upstream}", timeout: 1s{extra} }}
-      - path: /plain
-        proxy: {{ upstream: "http://{upstream}", strip_prefix: true }}
-      - path: /down
-        proxy: {{ upstream: "http://127.0.0.1:1", connect_timeout: 1s }}
-      - path: /status
-        status: {{}}
-      - path: /admin
-        respond: {{ body: "admin, not proxied\n" }}
-  - name: web-tls
-    addr: 127.0.0.1:0
-    tls: {{ cert: localhost.crt, key: localhost.key }}
-    routes:
-      - path: /api
-        proxy: {{ upstream: "http://{upstream}" }}
-"#
-    )
+/// `web` proxies `/api` (1 s timeout), `/plain` (prefix stripped) and
+/// `/down` (nothing listens) and answers `/status` and `/admin` itself;
+/// `web-tls` proxies `/api`. `api` adds settings to `web`'s `/api` route.
+fn proxy_config(upstream: SocketAddr, api: serde_json::Value) -> Config {
+    let up = format!("http://{upstream}");
+    let mut api_route = json!({ "upstream": up, "timeout": "1s" });
+    if let (Some(route), serde_json::Value::Object(extra)) = (api_route.as_object_mut(), api) {
+        route.extend(extra);
+    }
+    Config::new()
+        .listener(
+            Listener::plain("web")
+                .route("/api", "proxy", api_route)
+                .route(
+                    "/plain",
+                    "proxy",
+                    json!({ "upstream": up, "strip_prefix": true }),
+                )
+                .route(
+                    "/down",
+                    "proxy",
+                    json!({ "upstream": "http://127.0.0.1:1", "connect_timeout": "1s" }),
+                )
+                .route("/status", "status", json!({}))
+                .route(
+                    "/admin",
+                    "respond",
+                    json!({ "body": "admin, not proxied\n" }),
+                ),
+        )
+        .listener(
+            Listener::tls("web-tls", "localhost.crt", "localhost.key").route(
+                "/api",
+                "proxy",
+                json!({ "upstream": up }),
+            ),
+        )
+}
+
+async fn start(config: Config) -> TestServer {
+    TestServer::builder().config(config).start().await
 }
 
 #[tokio::test]
 async fn headers_are_forwarded_and_hop_by_hop_ones_removed() {
     let up = start_upstream().await;
-    let srv = TestServer::start(&proxy_config(up, "")).await;
+    let srv = start(proxy_config(up, json!({}))).await;
     let web = srv.addr("web");
     let mut c = client::connect(&Target::plain(web)).await.unwrap();
     let req = Request::get("/api/headers")
@@ -242,7 +260,7 @@ async fn headers_are_forwarded_and_hop_by_hop_ones_removed() {
 #[tokio::test]
 async fn upstream_down_or_slow_gives_502_or_504_and_counts() {
     let up = start_upstream().await;
-    let srv = TestServer::start(&proxy_config(up, "")).await;
+    let srv = start(proxy_config(up, json!({}))).await;
     let web = Target::plain(srv.addr("web"));
     let r = client::get(&web, "/down/x").await.unwrap();
     assert_eq!((r.status.as_u16(), r.body.as_str()), (502, "bad gateway\n"));
@@ -309,7 +327,7 @@ fn peak_rss_kb(pid: u32) -> u64 {
 async fn a_large_body_streams_both_ways_without_being_buffered() {
     const SIZE: usize = 128 * 1024 * 1024;
     let up = start_upstream().await;
-    let srv = TestServer::start(&proxy_config(up, "").replace("timeout: 1s", "timeout: 60s")).await;
+    let srv = start(proxy_config(up, json!({ "timeout": "60s" }))).await;
     let before = peak_rss_kb(srv.pid());
     let mut send = h1(srv.addr("web")).await;
     let req = Request::post("/api/echo")
@@ -399,8 +417,7 @@ async fn ws_closed(s: &mut tokio::net::TcpStream) -> u16 {
 #[tokio::test]
 async fn a_websocket_stays_open_across_a_restart_until_shutdown_timeout() {
     let up = start_upstream().await;
-    let config = proxy_config(up, "").replace("shutdown_timeout: 10s", "shutdown_timeout: 1s");
-    let mut srv = TestServer::start(&config).await;
+    let mut srv = start(proxy_config(up, json!({})).set("shutdown_timeout", "1s")).await;
     let old = srv.pid();
     let mut ws = websocket_tagged(srv.addr("web"), "timeout").await;
     assert_eq!(ws_echo(&mut ws, "hello").await.unwrap(), "hello");
@@ -428,7 +445,7 @@ async fn a_websocket_stays_open_across_a_restart_until_shutdown_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxied_requests_survive_restarts_under_load() {
     let up = start_upstream().await;
-    let (dir, certs, path) = TestServer::prepare(&proxy_config(up, ""));
+    let (dir, certs, path) = TestServer::prepare(&proxy_config(up, json!({})).yaml());
     let mut srv =
         TestServer::start_in(dir, certs, path, &[("GRACESRV_LOG", "gracesrv=info")]).await;
     let web = Target::plain(srv.addr("web"));
@@ -452,7 +469,7 @@ async fn proxied_requests_survive_restarts_under_load() {
 #[tokio::test]
 async fn a_body_over_max_body_gets_413() {
     let up = start_upstream().await;
-    let srv = TestServer::start(&proxy_config(up, ", max_body: 1KB")).await;
+    let srv = start(proxy_config(up, json!({ "max_body": "1KB" }))).await;
     let web = srv.addr("web");
     // Declared too large: refused before the upstream is asked.
     let mut send = h1(web).await;
@@ -494,11 +511,10 @@ async fn a_body_over_max_body_gets_413() {
 #[tokio::test]
 async fn websockets_cut_by_max_draining_hear_going_away() {
     let up = start_upstream().await;
-    let config = format!(
-        "max_draining: 1\n{}",
-        proxy_config(up, "").replace("shutdown_timeout: 10s", "shutdown_timeout: 60s")
-    );
-    let mut srv = TestServer::start(&config).await;
+    let config = proxy_config(up, json!({}))
+        .set("max_draining", 1)
+        .set("shutdown_timeout", "60s");
+    let mut srv = start(config).await;
     let first = srv.pid();
     let mut ws1 = websocket_tagged(srv.addr("web"), "cap-1").await;
     assert_eq!(ws_echo(&mut ws1, "one").await.unwrap(), "one");
@@ -520,7 +536,7 @@ async fn websockets_cut_by_max_draining_hear_going_away() {
 #[tokio::test]
 async fn proxied_paths_are_normalised_before_routing() {
     let up = start_upstream().await;
-    let srv = TestServer::start(&proxy_config(up, "")).await;
+    let srv = start(proxy_config(up, json!({}))).await;
     for (path, status, body) in [
         ("/api/../admin", 200, "admin, not proxied\n"),
         ("/api/%2e%2e/admin", 200, "admin, not proxied\n"),
@@ -550,7 +566,7 @@ async fn proxied_paths_are_normalised_before_routing() {
 #[tokio::test]
 async fn only_websockets_are_tunnelled() {
     let up = start_upstream().await;
-    let srv = TestServer::start(&proxy_config(up, "")).await;
+    let srv = start(proxy_config(up, json!({}))).await;
     let r = util::raw::raw(
         &srv,
         "web",
@@ -569,7 +585,7 @@ async fn only_websockets_are_tunnelled() {
 #[tokio::test]
 async fn a_broken_request_body_is_a_bad_request() {
     let up = start_upstream().await;
-    let srv = TestServer::start(&proxy_config(up, "")).await;
+    let srv = start(proxy_config(up, json!({}))).await;
     let r = util::raw::raw(
         &srv,
         "web",

@@ -285,6 +285,8 @@ async fn files_answer_conditional_and_range_requests() {
 async fn clients_cannot_flood_the_log() {
     // An empty GRACESRV_LOG: the config's level (info) and the defaults.
     let srv = start(&[("GRACESRV_LOG", "")]).await;
+    // The start-up lines, the last of which follows READY=1, are all in.
+    srv.wait_log(": ready").await;
     let before = srv.log_count();
     let port = srv.addr("web-tls").port();
     for _ in 0..20 {

@@ -5,35 +5,41 @@ mod util;
 use std::path::Path;
 use std::process::Command;
 
+use serde_json::json;
 use util::client::{self, Target};
-use util::{basic_config, TestServer, BIN};
+use util::config::{Config, Listener};
+use util::{TestServer, BIN};
+
+/// The serial number of a DER certificate, in hex.
+fn serial(der: &[u8]) -> String {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).unwrap();
+    cert.tbs_certificate
+        .raw_serial()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
 
 /// The serial of the certificate a new TLS connection gets.
 async fn serial_of_new_connection(srv: &TestServer) -> String {
     let c = client::connect(&Target::tls(srv.addr("web-tls"), srv.tls_h1()))
         .await
         .unwrap();
-    gracesrv::tls::serial(c.peer_cert.as_deref().unwrap()).unwrap()
+    serial(c.peer_cert.as_deref().unwrap())
 }
 
-fn watch_config() -> String {
-    basic_config("").replace(
-        "shutdown_timeout: 10s\n",
-        "shutdown_timeout: 10s\nwatch: true\n",
-    )
+fn watch_config() -> Config {
+    Config::basic().set("watch", true)
 }
 
 #[tokio::test]
 async fn hup_rotates_the_certificate_for_new_handshakes_only() {
-    let mut srv = TestServer::start(&basic_config("")).await;
+    let mut srv = TestServer::builder().start().await;
     let old = srv.pid();
     let mut before = client::connect(&Target::tls(srv.addr("web-tls"), srv.tls_h1()))
         .await
         .unwrap();
-    assert_eq!(
-        gracesrv::tls::serial(before.peer_cert.as_deref().unwrap()).unwrap(),
-        "01"
-    );
+    assert_eq!(serial(before.peer_cert.as_deref().unwrap()), "01");
     assert_eq!(before.get("/").await.unwrap().pid(), old);
 
     srv.certs
@@ -55,7 +61,7 @@ async fn hup_rotates_the_certificate_for_new_handshakes_only() {
 
 #[tokio::test]
 async fn watch_restarts_when_a_certificate_changes() {
-    let mut srv = TestServer::start(&watch_config()).await;
+    let mut srv = TestServer::builder().config(watch_config()).start().await;
     srv.wait_log("watching the config, certificates and keys")
         .await;
     srv.certs
@@ -69,10 +75,8 @@ async fn watch_restarts_when_a_certificate_changes() {
 #[tokio::test]
 async fn watch_follows_a_kubernetes_style_symlink_swap() {
     // certs/tls.crt -> ..data/tls.crt, ..data -> ..v1: the layout of a mounted Secret.
-    let config = watch_config()
-        .replace("cert: localhost.crt", "cert: certs/tls.crt")
-        .replace("key: localhost.key", "key: certs/tls.key");
-    let (dir, certs, path) = TestServer::prepare(&config);
+    let config = watch_config().edit("web-tls", |l| l.tls_files("certs/tls.crt", "certs/tls.key"));
+    let (dir, certs, path) = TestServer::prepare(&config.yaml());
     let d = dir.path().join("certs");
     std::fs::create_dir_all(d.join("..v1")).unwrap();
     certs.leaf(&d.join("..v1"), "tls", &["localhost", "127.0.0.1"], 4);
@@ -96,7 +100,7 @@ async fn watch_follows_a_kubernetes_style_symlink_swap() {
 
 #[tokio::test]
 async fn a_half_written_pair_keeps_the_old_generation_until_the_key_arrives() {
-    let mut srv = TestServer::start(&watch_config()).await;
+    let mut srv = TestServer::builder().config(watch_config()).start().await;
     srv.wait_log("watching the config").await;
     let old = srv.pid();
     let d = srv.dir.path().to_path_buf();
@@ -126,7 +130,7 @@ async fn a_half_written_pair_keeps_the_old_generation_until_the_key_arrives() {
 
 #[tokio::test]
 async fn unchanged_content_gives_no_restart() {
-    let srv = TestServer::start(&watch_config()).await;
+    let srv = TestServer::builder().config(watch_config()).start().await;
     srv.wait_log("watching the config").await;
     let crt = srv.dir.path().join("localhost.crt");
     let same = std::fs::read(&crt).unwrap();
@@ -137,7 +141,7 @@ async fn unchanged_content_gives_no_restart() {
 
 #[tokio::test]
 async fn an_expired_certificate_is_served_with_a_warning() {
-    let (dir, certs, path) = TestServer::prepare(&basic_config(""));
+    let (dir, certs, path) = TestServer::prepare(&Config::basic().yaml());
     certs.leaf_with(
         dir.path(),
         "localhost",
@@ -172,11 +176,8 @@ async fn reload(config: &Path) -> (i32, String, String) {
 
 #[tokio::test]
 async fn reload_reports_success_and_failure() {
-    let config = basic_config("").replace(
-        "shutdown_timeout: 10s\n",
-        "shutdown_timeout: 10s\npid_file: run/g.pid\n",
-    );
-    let mut srv = TestServer::start(&config).await;
+    let config = Config::basic().set("pid_file", "run/g.pid");
+    let mut srv = TestServer::builder().config(config.clone()).start().await;
     let old = srv.pid();
     let (code, out, err) = reload(&srv.config).await;
     assert_eq!(code, 0, "{err}");
@@ -188,14 +189,18 @@ async fn reload_reports_success_and_failure() {
         "{out}"
     );
 
-    srv.write_config(&config.replace("listeners:", "listeners: [\n"));
+    srv.write_config("listeners: [\n");
     let (code, out, err) = reload(&srv.config).await;
     // The broken config cannot even be read by reload itself: it names the error.
     assert_eq!(code, 1, "{out}");
     assert!(err.contains("server.yaml:"), "{err}");
 
     // A config that reload can read but the server refuses (a missing cert).
-    srv.write_config(&config.replace("localhost.crt", "gone.crt"));
+    srv.write(
+        &config
+            .clone()
+            .edit("web-tls", |l| l.tls_files("gone.crt", "localhost.key")),
+    );
     let (code, out, err) = reload(&srv.config).await;
     assert_eq!(code, 1, "{out}");
     assert!(
@@ -212,10 +217,9 @@ async fn reload_reports_success_and_failure() {
 /// that cannot bind); a good edit then gives exactly one restart.
 #[tokio::test]
 async fn watch_acts_once_per_change_and_never_on_reads() {
-    let mut srv = TestServer::start(&watch_config()).await;
+    let mut srv = TestServer::builder().config(watch_config()).start().await;
     srv.wait_log("watching the config").await;
     let first = srv.pid();
-    let config = std::fs::read_to_string(&srv.config).unwrap();
 
     let now = std::time::SystemTime::now();
     std::fs::File::options()
@@ -244,20 +248,15 @@ async fn watch_acts_once_per_change_and_never_on_reads() {
 
     // A bad edit: a new listener on a port someone else holds.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let bad = config.replacen(
-        "listeners:\n",
-        &format!(
-            "listeners:\n  - name: extra\n    addr: {}\n",
-            taken.local_addr().unwrap()
-        ),
-        1,
-    );
+    let extra = Listener::plain("extra").set("addr", taken.local_addr().unwrap().to_string());
+    let bad = watch_config().listener_before("web", extra).yaml();
     srv.write_config(&bad);
     srv.wait_log("restart failed").await;
     tokio::time::sleep(quiet).await;
 
     // A good edit: a restart, once.
-    srv.write_config(&config.replace("gen {generation}", "generation {generation}"));
+    let edited = json!({ "body": "pid {pid} generation {generation} {listener}\n" });
+    srv.write(&watch_config().edit("web", |l| l.route("/", "respond", edited)));
     let new = srv.restart_from(first).await;
     writer.join().unwrap();
     let logs = srv.logs();
@@ -325,11 +324,8 @@ impl Drop for SmallDisk {
 /// generation writes its pid file, and `reload` works as before.
 #[tokio::test]
 async fn reload_tells_the_truth_on_a_full_disk() {
-    let config = basic_config("").replace(
-        "shutdown_timeout: 10s\n",
-        "shutdown_timeout: 10s\npid_file: run/g.pid\n",
-    );
-    let (dir, certs, path) = TestServer::prepare(&config);
+    let (dir, certs, path) =
+        TestServer::prepare(&Config::basic().set("pid_file", "run/g.pid").yaml());
     let disk = SmallDisk::mount(&dir.path().join("run"));
     let mut srv = TestServer::start_in(dir, certs, path, &[]).await;
     let first = srv.pid();
@@ -378,11 +374,10 @@ async fn reload_tells_the_truth_on_a_full_disk() {
 /// stale: exit 1, and nothing is signalled.
 #[tokio::test]
 async fn reload_never_signals_a_stranger() {
-    let config = basic_config("").replace(
-        "shutdown_timeout: 10s\n",
-        "shutdown_timeout: 10s\npid_file: run/g.pid\n",
-    );
-    let srv = TestServer::start(&config).await;
+    let srv = TestServer::builder()
+        .set("pid_file", "run/g.pid")
+        .start()
+        .await;
     let pid_file = srv.dir.path().join("run/g.pid");
 
     // A stranger's pid.
@@ -407,7 +402,9 @@ async fn reload_never_signals_a_stranger() {
     let other_config = other.path().join("other.yaml");
     std::fs::write(
         &other_config,
-        config.replace("run/g.pid", &pid_file.display().to_string()),
+        Config::basic()
+            .set("pid_file", pid_file.display().to_string())
+            .yaml(),
     )
     .unwrap();
     std::fs::copy(

@@ -2,11 +2,14 @@
 //! a small HTTP client (HTTP/1.1 and HTTP/2, plain and TLS).
 //!
 //! Readiness is never guessed with sleeps: every generation of the server
-//! sends `MAINPID=<pid>` + `READY=1` to a `NOTIFY_SOCKET` the test owns, and
-//! failures are seen in the server's log lines, which the helper collects.
+//! sends `MAINPID=<pid>` + `READY=1` + `STATUS=` (the serving pid and the
+//! bound addresses) to a `NOTIFY_SOCKET` the test owns; that is where a
+//! test learns pids and addresses. Failures are seen in the server's log
+//! lines, which the helper collects.
 #![allow(dead_code)]
 
 pub mod client;
+pub mod config;
 pub mod h2raw;
 pub mod load;
 pub mod raw;
@@ -98,9 +101,114 @@ pub struct TestServer {
     logs: Arc<Logs>,
     /// Pids that reported ready, oldest first.
     pub ready_pids: Vec<u32>,
+    /// The latest `STATUS=` the server sent.
+    status: Option<Status>,
 }
 
-/// A config with one plain and one TLS listener on kernel-picked ports.
+/// A `STATUS=serving generation G (pid P) on NAME=ADDR ...` notification.
+#[derive(Clone, Debug)]
+pub struct Status {
+    pub generation: u64,
+    /// The serving process (a supervisor's worker, under `--supervise`).
+    pub pid: u32,
+    pub addrs: HashMap<String, SocketAddr>,
+}
+
+impl Status {
+    fn parse(msg: &str) -> Option<Status> {
+        let line = msg.lines().find_map(|l| l.strip_prefix("STATUS="))?;
+        let rest = line.strip_prefix("serving generation ")?;
+        let (generation, rest) = rest.split_once(" (pid ")?;
+        let (pid, rest) = rest.split_once(") on")?;
+        let addrs = rest
+            .split_whitespace()
+            .map(|kv| {
+                let (k, v) = kv.split_once('=').expect("NAME=ADDR");
+                (k.to_string(), v.parse().expect("an address"))
+            })
+            .collect();
+        Some(Status {
+            generation: generation.parse().ok()?,
+            pid: pid.parse().ok()?,
+            addrs,
+        })
+    }
+}
+
+/// How to start a test server: a typed config, the environment, the mode.
+pub struct Builder {
+    config: config::Config,
+    env: Vec<(String, String)>,
+    supervise: bool,
+    copy: bool,
+}
+
+impl Builder {
+    pub fn config(mut self, config: config::Config) -> Builder {
+        self.config = config;
+        self
+    }
+
+    /// Adds a listener to the config.
+    pub fn listener(mut self, l: config::Listener) -> Builder {
+        self.config = self.config.listener(l);
+        self
+    }
+
+    /// Sets a top-level config key.
+    pub fn set(mut self, key: &str, value: impl Into<serde_json::Value>) -> Builder {
+        self.config = self.config.set(key, value);
+        self
+    }
+
+    pub fn env(mut self, key: &str, value: &str) -> Builder {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Runs with `--supervise`.
+    pub fn supervise(mut self) -> Builder {
+        self.supervise = true;
+        self
+    }
+
+    /// Runs a copy of the binary in the temp dir (a test may replace it).
+    pub fn copy_binary(mut self) -> Builder {
+        self.copy = true;
+        self
+    }
+
+    /// Starts the server without waiting for it.
+    pub fn spawn(self) -> TestServer {
+        let (dir, certs, path) = TestServer::prepare(&self.config.yaml());
+        let mut cmd = if self.copy {
+            let exe = dir.path().join("gracesrv");
+            std::fs::copy(BIN, &exe).unwrap();
+            Command::new(exe)
+        } else {
+            Command::new(bin())
+        };
+        if self.supervise {
+            cmd.arg("--supervise");
+        }
+        let env: Vec<(&str, &str)> = self
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        TestServer::spawn_cmd(dir, certs, path, &env, cmd)
+    }
+
+    /// Starts the server and waits until it is ready.
+    pub async fn start(self) -> TestServer {
+        let mut srv = self.spawn();
+        srv.wait_ready().await;
+        srv
+    }
+}
+
+/// A config with one plain and one TLS listener on kernel-picked ports, as
+/// text (for tests of the text itself: positions, broken YAML).
 pub fn basic_config(extra_routes: &str) -> String {
     format!(
         r#"shutdown_timeout: 10s
@@ -127,6 +235,16 @@ listeners:
 }
 
 impl TestServer {
+    /// A server on `config::Config::basic()`, unless told otherwise.
+    pub fn builder() -> Builder {
+        Builder {
+            config: config::Config::basic(),
+            env: Vec::new(),
+            supervise: false,
+            copy: false,
+        }
+    }
+
     /// A temp dir with a CA and a `localhost` leaf (serial 1), and `config`
     /// written to `server.yaml`; nothing started yet.
     pub fn prepare(config: &str) -> (tempfile::TempDir, Certs, PathBuf) {
@@ -229,16 +347,21 @@ impl TestServer {
             notify,
             logs,
             ready_pids: Vec::new(),
+            status: None,
         }
     }
 
     /// The next message on the NOTIFY_SOCKET, as sent.
     pub async fn next_notify(&mut self) -> String {
         let mut buf = vec![0u8; 4096];
-        match tokio::time::timeout(WAIT, self.notify.recv(&mut buf)).await {
+        let msg = match tokio::time::timeout(WAIT, self.notify.recv(&mut buf)).await {
             Ok(r) => String::from_utf8_lossy(&buf[..r.unwrap()]).to_string(),
             Err(_) => panic!("no notify message within {WAIT:?}; logs:\n{}", self.logs()),
+        };
+        if let Some(s) = Status::parse(&msg) {
+            self.status = Some(s);
         }
+        msg
     }
 
     /// Waits for the next generation to report `READY=1`; returns its pid.
@@ -250,6 +373,9 @@ impl TestServer {
                 Err(_) => panic!("no READY within {WAIT:?}; logs:\n{}", self.logs()),
             };
             let msg = String::from_utf8_lossy(&buf[..n]).to_string();
+            if let Some(s) = Status::parse(&msg) {
+                self.status = Some(s);
+            }
             if !msg.lines().any(|l| l == "READY=1") {
                 continue;
             }
@@ -258,11 +384,7 @@ impl TestServer {
                 .find_map(|l| l.strip_prefix("MAINPID="))
                 .and_then(|p| p.parse().ok())
                 .expect("READY without MAINPID");
-            // The datagram can overtake the log lines: wait for this
-            // generation's own "ready" line, which follows its "listening" ones.
-            let tag = format!("pid={pid} ");
-            self.wait_log_after(0, |l| l.contains(&tag) && l.contains(": ready"))
-                .await;
+            assert!(self.status.is_some(), "READY without STATUS: {msg}");
             self.ready_pids.push(pid);
             return pid;
         }
@@ -376,30 +498,33 @@ impl TestServer {
         self.logs.lines.lock().unwrap().len()
     }
 
-    /// The address a listener of the current generation bound.
+    /// The latest `STATUS=` notification.
+    pub fn status(&self) -> &Status {
+        self.status.as_ref().expect("no STATUS yet")
+    }
+
+    /// The process serving now, as the latest `STATUS=` says: the
+    /// generation that reported ready, or a supervisor's worker.
+    pub fn serving_pid(&self) -> u32 {
+        self.status().pid
+    }
+
+    /// The address a listener bound, as the latest `STATUS=` says.
     pub fn addr(&self, listener: &str) -> SocketAddr {
-        let pid = format!("pid={}", self.pid());
-        let key = format!("listening listener={listener} addr=");
-        let lines = self.logs.lines.lock().unwrap();
-        let line = lines
-            .iter()
-            .rev()
-            .find(|l| l.contains(&pid) && l.contains(&key))
-            .unwrap_or_else(|| {
-                panic!(
-                    "no listening line for {listener}; logs:\n{}",
-                    lines.join("\n")
-                )
-            });
-        let rest = &line[line.find(&key).unwrap() + key.len()..];
-        rest.split_whitespace().next().unwrap().parse().unwrap()
+        *self
+            .status()
+            .addrs
+            .get(listener)
+            .unwrap_or_else(|| panic!("no listener {listener} in {:?}", self.status()))
     }
 
     pub fn addrs(&self) -> HashMap<String, SocketAddr> {
-        ["web", "web-tls"]
-            .iter()
-            .map(|n| (n.to_string(), self.addr(n)))
-            .collect()
+        self.status().addrs.clone()
+    }
+
+    /// Rewrites the config file from a typed config.
+    pub fn write(&self, config: &config::Config) {
+        self.write_config(&config.yaml());
     }
 
     /// Rewrites the config file.
