@@ -47,7 +47,15 @@ pub struct ListenerContext {
     pub process: Arc<ProcessInfo>,
 }
 
-/// Where a request came from, for the forwarding headers.
+/// Where a request came from: the client's address, and whether it came
+/// over TLS. An application's service finds it in the request's extensions.
+///
+/// ```
+/// fn client(req: &http::Request<()>) -> Option<std::net::SocketAddr> {
+///     req.extensions().get::<gracesrv::Peer>().map(|p| p.addr)
+/// }
+/// # assert_eq!(client(&http::Request::new(())), None);
+/// ```
 #[derive(Clone, Copy, Debug)]
 pub struct Peer {
     pub addr: SocketAddr,

@@ -19,39 +19,46 @@
 //! std::process::exit(code);
 //! ```
 //!
-//! Layout: [`config`] (what the user asked for) → [`listeners`] and
-//! [`handoff`] (sockets across exec) → [`tls`] → [`serve`] (connections) →
-//! [`routes`]. [`restart`] is the state machine, [`signals`] what triggers it.
+//! The public API is small: [`Server`] (with [`Server::run`] and, for an
+//! application on tokio already, [`Server::serve`]), [`check`], [`reload`],
+//! [`Config`] and [`ConfigError`], and [`Peer`] (who sent a request, in its
+//! extensions). Everything else is the binary's, and may change.
+//!
+//! Inside, modules import one way (`tests/layout.rs` checks it): `config` →
+//! `listeners` → `tls` → `connection` → `routes` → the actions (`files`,
+//! `proxy`, `tunnel`), over plain data in `body` and `context`. A restart
+//! reads top to bottom in two files: `restart` (the old process's side, and
+//! the state machine both modes run) and `successor` (the new one's).
 
 #![deny(unsafe_code)]
 
-pub mod body;
-pub mod config;
-pub mod connection;
-pub mod context;
-pub mod drain;
-pub mod files;
-pub mod generation;
+mod body;
+mod config;
+mod connection;
+mod context;
+mod drain;
+mod files;
+mod generation;
 #[allow(unsafe_code)]
-pub mod handoff;
-pub mod limits;
-pub mod listeners;
-pub mod logging;
-pub mod predecessors;
-pub mod prepare;
-pub mod proxy;
-pub mod reaper;
-pub mod reload;
-pub mod restart;
-pub mod routes;
-pub mod serve;
-pub mod service;
-pub mod signals;
-pub mod successor;
-pub mod supervisor;
-pub mod tls;
-pub mod tunnel;
-pub mod watch;
+mod handoff;
+mod limits;
+mod listeners;
+mod logging;
+mod predecessors;
+mod prepare;
+mod proxy;
+mod reaper;
+mod reload;
+mod restart;
+mod routes;
+mod serve;
+mod service;
+mod signals;
+mod successor;
+mod supervisor;
+mod tls;
+mod tunnel;
+mod watch;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -60,10 +67,11 @@ use bytes::Bytes;
 use http::{Request, Response};
 use hyper::body::Incoming;
 
-pub use body::{Body, BoxError};
+pub use body::BoxError;
 pub use config::{Config, ConfigError};
 pub use context::Peer;
-pub use service::Handler;
+use service::Handler;
+use tracing::Instrument;
 
 /// A gracesrv server: a config file, and optionally an application's own
 /// services for some of its listeners.
@@ -74,7 +82,13 @@ pub struct Server {
 }
 
 impl Server {
-    /// A server for the config at `config`.
+    /// A server for the config at `config` (relative paths are resolved
+    /// against the working directory once, at start).
+    ///
+    /// ```no_run
+    /// let server = gracesrv::Server::new("/etc/gracesrv/server.yaml");
+    /// std::process::exit(server.run());
+    /// ```
     pub fn new(config: impl Into<PathBuf>) -> Server {
         Server {
             config: config.into(),
@@ -85,6 +99,11 @@ impl Server {
 
     /// Runs under a supervisor whose pid never changes (as `--supervise`, or
     /// `supervise: true` in the config): restarts replace worker processes.
+    ///
+    /// ```no_run
+    /// let code = gracesrv::Server::new("server.yaml").supervise(true).run();
+    /// std::process::exit(code);
+    /// ```
     pub fn supervise(mut self, yes: bool) -> Server {
         self.supervise = yes;
         self
@@ -92,6 +111,21 @@ impl Server {
 
     /// Serves `svc` on the listener named `listener` instead of its routes.
     /// Anything implementing tower's `Service` works (an axum `Router` too).
+    /// The listener keeps its address, TLS and limits from the config; a
+    /// service error becomes a 500 response and a log line.
+    ///
+    /// ```no_run
+    /// use http_body_util::Full;
+    /// use hyper::{body::{Bytes, Incoming}, Request, Response};
+    ///
+    /// let who = tower::service_fn(|req: Request<Incoming>| async move {
+    ///     let peer = req.extensions().get::<gracesrv::Peer>().copied();
+    ///     let body = format!("hello {:?}\n", peer.map(|p| p.addr));
+    ///     Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(body))))
+    /// });
+    /// let code = gracesrv::Server::new("app.yaml").service("web", who).run();
+    /// std::process::exit(code);
+    /// ```
     pub fn service<S, B>(mut self, listener: &str, svc: S) -> Server
     where
         S: tower::Service<Request<Incoming>, Response = Response<B>>
@@ -109,18 +143,76 @@ impl Server {
     }
 
     /// Runs the server in the foreground until it is stopped (or, after a
-    /// restart, until this generation has drained). Returns the exit code:
-    /// 0 after a clean stop, 1 if it could not start.
+    /// restart, until this generation has drained), on a runtime of its own.
+    /// Returns the exit code: 0 after a clean stop, 1 if it could not start.
+    ///
+    /// Call it from a plain `main`, before any thread is started: it reads
+    /// and removes the handoff variables (`LISTEN_FDS`, ...) from the
+    /// environment. Inside a tokio runtime, use [`Server::serve`] instead.
+    ///
+    /// ```no_run
+    /// let code = gracesrv::Server::new("server.yaml").run();
+    /// std::process::exit(code);
+    /// ```
     pub fn run(self) -> i32 {
         // Before any thread exists: the handoff variables are read and
         // removed from the environment.
-        let inherited = match successor::Inherited::from_env() {
+        let inherited = match successor::Inherited::from_env(true) {
             Ok(i) => i,
             Err(e) => {
                 eprintln!("gracesrv: {e}");
                 return 1;
             }
         };
+        let rt = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                let msg = format!("cannot start runtime: {e}");
+                successor::report_error(inherited.ready, &msg);
+                eprintln!("gracesrv: {msg}");
+                return 1;
+            }
+        };
+        rt.block_on(self.serve_inherited(inherited))
+    }
+
+    /// [`Server::run`] for an application that already runs tokio: serves
+    /// until stopped, and resolves to the exit code.
+    ///
+    /// What it requires of the application:
+    /// - a runtime with IO and time enabled (`#[tokio::main]` has both);
+    /// - awaiting it where it is polled on one thread: the future is not
+    ///   `Send` (await it in `main`, or spawn it on a `LocalSet`);
+    /// - leaving process-wide things to gracesrv: it handles SIGHUP, SIGTERM,
+    ///   SIGINT and SIGQUIT, reaps every child process (SIGCHLD; the
+    ///   application must not wait for children of its own), and installs a
+    ///   log subscriber unless the application has one.
+    ///
+    /// Unlike `run`, it leaves the handoff variables in the environment
+    /// (changing it while threads run is unsound); they name this process's
+    /// pid, so no child takes them for its own.
+    ///
+    /// ```no_run
+    /// #[tokio::main]
+    /// async fn main() {
+    ///     let code = gracesrv::Server::new("server.yaml").serve().await;
+    ///     std::process::exit(code);
+    /// }
+    /// ```
+    pub async fn serve(self) -> i32 {
+        match successor::Inherited::from_env(false) {
+            Ok(inherited) => self.serve_inherited(inherited).await,
+            Err(e) => {
+                eprintln!("gracesrv: {e}");
+                1
+            }
+        }
+    }
+
+    async fn serve_inherited(self, inherited: successor::Inherited) -> i32 {
         let generation = inherited.generation;
         let mut ready = inherited.ready;
         let fail = |ready: &mut Option<std::os::fd::OwnedFd>, msg: &str| {
@@ -132,14 +224,6 @@ impl Server {
             Ok(p) => p,
             Err(e) => return fail(&mut ready, &format!("cannot find my own executable: {e}")),
         };
-        let rt = match tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-        {
-            Ok(rt) => rt,
-            Err(e) => return fail(&mut ready, &format!("cannot start runtime: {e}")),
-        };
-        let _rt = rt.enter();
         // Handlers first, so a HUP during start is held, not fatal.
         let signals = match signals::Signals::install() {
             Ok(s) => s,
@@ -158,34 +242,44 @@ impl Server {
             Err(e) => return fail(&mut ready, &e.to_string()),
         };
         let span = logging::init(&config.log, generation);
-        let _enter = span.clone().entered();
+        let spawner = |role| restart::Spawner {
+            exe,
+            argv: std::env::args_os().collect(),
+            config_path: config_path.clone(),
+            apps: self.apps.clone(),
+            reaper,
+            role,
+        };
         // A process handed its sockets by a gracesrv parent is a generation
         // (or a worker), never a supervisor itself.
         let supervisor = inherited.supervisor;
         if (self.supervise || config.supervise) && ready.is_none() && supervisor.is_none() {
+            let _enter = span.enter();
             if let Err(e) = prepare::prepare_config(config.clone(), &self.apps) {
                 return fail(&mut ready, &e.to_string());
             }
-            let restart = restart::Restart::new(restart::Spawner {
-                exe,
-                argv: std::env::args_os().collect(),
-                config_path,
-                apps: self.apps,
-                reaper,
-                role: restart::Role::Worker(std::process::id()),
-            });
-            return rt.block_on(supervisor::run(restart, config, inherited.sockets, signals));
+            let restart = restart::Restart::new(spawner(restart::Role::Worker(std::process::id())));
+            drop(_enter);
+            return supervisor::run(restart, config, inherited.sockets, signals)
+                .instrument(span)
+                .await;
         }
-        // What this generation loads, for `watch` to compare changes with.
-        let watched = (config.watch && supervisor.is_none())
-            .then(|| config.watched_files())
-            .map(|files| (watch::fingerprint(&files), files));
-        let prepared = match prepare::prepare_config(config, &self.apps) {
-            Ok(p) => p,
-            Err(e) => return fail(&mut ready, &e.to_string()),
-        };
-        let mut gen =
-            match generation::Generation::start(prepared, inherited.sockets, generation, span) {
+        let started = {
+            let _enter = span.enter();
+            // What this generation loads, for `watch` to compare changes with.
+            let watched = (config.watch && supervisor.is_none())
+                .then(|| config.watched_files())
+                .map(|files| (watch::fingerprint(&files), files));
+            let prepared = match prepare::prepare_config(config, &self.apps) {
+                Ok(p) => p,
+                Err(e) => return fail(&mut ready, &e.to_string()),
+            };
+            let mut gen = match generation::Generation::start(
+                prepared,
+                inherited.sockets,
+                generation,
+                span.clone(),
+            ) {
                 Ok(g) => g,
                 Err(e) => {
                     tracing::error!("cannot start: {e}");
@@ -193,43 +287,57 @@ impl Server {
                     return 1;
                 }
             };
-        gen.report_ready(ready.take(), supervisor.is_some());
-        match supervisor {
-            Some(s) => successor::serving_under_supervisor(s),
-            None => reload::serve_control(&config_path),
-        }
-        let mut predecessors = inherited.draining;
-        predecessors.enforce(gen.config.max_draining);
-        tracing::info!(version = env!("CARGO_PKG_VERSION"), "ready");
-        let watch = watched.and_then(|(loaded, files)| match watch::Watch::start(files, loaded) {
-            Ok(w) => Some(w),
-            Err(e) => {
-                tracing::error!("cannot watch files, restart with HUP instead: {e}");
-                None
+            gen.report_ready(ready.take(), supervisor.is_some());
+            match supervisor {
+                Some(s) => successor::serving_under_supervisor(s),
+                None => reload::serve_control(&config_path),
             }
-        });
-        let restart = restart::Restart::new(restart::Spawner {
-            exe,
-            argv: std::env::args_os().collect(),
-            config_path,
-            apps: self.apps,
-            reaper,
-            role: restart::Role::Generation,
-        });
-        rt.block_on(restart::control(
-            gen,
-            restart,
-            signals,
-            watch,
-            predecessors,
-            supervisor,
-        ))
+            let mut predecessors = inherited.draining;
+            predecessors.enforce(gen.config.max_draining);
+            tracing::info!(version = env!("CARGO_PKG_VERSION"), "ready");
+            let watch =
+                watched.and_then(|(loaded, files)| match watch::Watch::start(files, loaded) {
+                    Ok(w) => Some(w),
+                    Err(e) => {
+                        tracing::error!("cannot watch files, restart with HUP instead: {e}");
+                        None
+                    }
+                });
+            (gen, watch, predecessors)
+        };
+        let (gen, watch, predecessors) = started;
+        let restart = restart::Restart::new(spawner(restart::Role::Generation));
+        restart::control(gen, restart, signals, watch, predecessors, supervisor)
+            .instrument(span)
+            .await
     }
 }
 
-/// `gracesrv check`: validates the config and everything it names.
-/// Returns the summary to print, or the error.
+/// `gracesrv check`: validates the config and everything it names
+/// (certificates and keys loaded, static roots and upstreams checked).
+/// Returns the summary to print, or the error, which names file, line and
+/// column.
+///
+/// ```no_run
+/// match gracesrv::check(std::path::Path::new("server.yaml")) {
+///     Ok(summary) => print!("{summary}"),
+///     Err(e) => eprintln!("{e}"),
+/// }
+/// ```
 pub fn check(config: &std::path::Path) -> Result<String, ConfigError> {
     let path = config::absolute(config);
     prepare::prepare(&path, &HashMap::new()).map(|p| prepare::summary(&p))
+}
+
+/// `gracesrv reload`: restarts the server running on `config` (found through
+/// its control socket, or the config's `pid_file`) and waits for the
+/// outcome. Prints it; returns 0 when the new generation is ready, 1 when
+/// the restart failed or no server runs.
+///
+/// ```no_run
+/// let code = gracesrv::reload(std::path::Path::new("server.yaml"));
+/// assert!(code == 0 || code == 1);
+/// ```
+pub fn reload(config: &std::path::Path) -> i32 {
+    reload::run(config)
 }

@@ -51,7 +51,7 @@ fn main() {
                 1
             }
         },
-        Some(Command::Reload) => gracesrv::reload::run(&cli.config),
+        Some(Command::Reload) => gracesrv::reload(&cli.config),
     };
     std::process::exit(code);
 }

@@ -43,13 +43,14 @@ pub struct Inherited {
 }
 
 impl Inherited {
-    /// Reads and removes the handoff variables. They are honoured only when
-    /// `LISTEN_PID` is this process's pid: the variables are inherited by
-    /// every child, and a grandchild that believed them would serve on fds it
-    /// does not own (or close someone else's).
+    /// Reads the handoff variables, and removes them if `remove`. They are
+    /// honoured only when `LISTEN_PID` is this process's pid: the variables
+    /// are inherited by every child, and a grandchild that believed them
+    /// would serve on fds it does not own (or close someone else's).
     ///
-    /// Must run before any thread is started (it edits the environment).
-    pub fn from_env() -> Result<Inherited, String> {
+    /// With `remove`, must run before any thread is started (it edits the
+    /// environment).
+    pub fn from_env(remove: bool) -> Result<Inherited, String> {
         let get = |k: &str| std::env::var(k).ok();
         let (pid, fds, names, ready, generation, supervisor) = (
             get("LISTEN_PID"),
@@ -60,7 +61,7 @@ impl Inherited {
             get("GRACESRV_SUPERVISOR"),
         );
         let draining = get("GRACESRV_DRAINING");
-        for k in handoff::HANDOFF_VARS {
+        for k in handoff::HANDOFF_VARS.iter().filter(|_| remove) {
             // SAFETY (of the call, which is safe in edition 2021): no other
             // thread exists yet, see the doc comment.
             std::env::remove_var(k);

@@ -391,37 +391,49 @@ async fn a_hup_that_reaches_a_new_process_during_its_start_is_not_fatal() {
 
 #[tokio::test]
 async fn an_embedded_application_restarts_the_same_way() {
-    // examples/embedded.rs: an application serving its own service through
-    // the library, with the config's routes on its other listener.
-    let exe = std::path::Path::new(util::BIN)
-        .parent()
-        .unwrap()
-        .join("examples/embedded");
-    // `cargo test` builds examples, `cargo test --test restart` does not.
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let built = std::process::Command::new(cargo)
-        .args(["build", "--quiet", "--example", "embedded"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .status()
-        .unwrap();
-    assert!(built.success() && exe.exists(), "{}", exe.display());
-    let config = "listeners:\n  - name: app\n    addr: 127.0.0.1:0\n  - name: admin\n    addr: 127.0.0.1:0\n    routes: [{ path: /status, status: {} }]\n";
-    let (dir, certs, path) = TestServer::prepare(config);
-    let mut srv = TestServer::spawn_cmd(dir, certs, path, &[], std::process::Command::new(exe));
-    srv.wait_ready().await;
-    let app = Target::plain(srv.addr("app"));
-    let r = client::get(&app, "/hello").await.unwrap();
-    assert_eq!(
-        r.body,
-        format!("hello from the app, pid {}, path /hello\n", srv.pid())
-    );
-    let r = client::get(&Target::plain(srv.addr("admin")), "/status")
-        .await
-        .unwrap();
-    assert!(r.body.contains("\"generation\":1"), "{}", r.body);
-    let new = srv.restart().await;
-    let r = client::get(&app, "/").await.unwrap();
-    assert_eq!(r.body, format!("hello from the app, pid {new}, path /\n"));
+    // examples/embedded.rs (Server::run from a plain main) and
+    // examples/tokio_app.rs (Server::serve inside #[tokio::main]): an
+    // application serving its own service through the library, with the
+    // config's routes on its other listener.
+    for example in ["embedded", "tokio_app"] {
+        let exe = std::path::Path::new(util::BIN)
+            .parent()
+            .unwrap()
+            .join("examples")
+            .join(example);
+        // `cargo test` builds examples, `cargo test --test restart` does not.
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let built = std::process::Command::new(cargo)
+            .args(["build", "--quiet", "--example", example])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .unwrap();
+        assert!(built.success() && exe.exists(), "{}", exe.display());
+        let config = Config::new()
+            .listener(Listener::plain("app"))
+            .listener(Listener::plain("admin").route("/status", "status", serde_json::json!({})));
+        let (dir, certs, path) = TestServer::prepare(&config.yaml());
+        let mut srv = TestServer::spawn_cmd(dir, certs, path, &[], std::process::Command::new(exe));
+        srv.wait_ready().await;
+        let app = Target::plain(srv.addr("app"));
+        let r = client::get(&app, "/hello").await.unwrap();
+        assert_eq!(
+            r.body,
+            format!("hello from the app, pid {}, path /hello\n", srv.pid()),
+            "{example}"
+        );
+        let r = client::get(&Target::plain(srv.addr("admin")), "/status")
+            .await
+            .unwrap();
+        assert!(r.body.contains("\"generation\":1"), "{}", r.body);
+        let new = srv.restart().await;
+        let r = client::get(&app, "/").await.unwrap();
+        assert_eq!(
+            r.body,
+            format!("hello from the app, pid {new}, path /\n"),
+            "{example}"
+        );
+    }
 }
 
 #[tokio::test]

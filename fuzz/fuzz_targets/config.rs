@@ -8,7 +8,7 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(text) = std::str::from_utf8(data) {
-        if let Err(e) = gracesrv::config::Config::parse(std::path::Path::new("/fuzz/server.yaml"), text) {
+        if let Err(e) = gracesrv::Config::parse(std::path::Path::new("/fuzz/server.yaml"), text) {
             // Rendering the error must not panic either.
             let _ = e.to_string();
         }

@@ -36,6 +36,13 @@ impl<T> From<&Spanned<T>> for Pos {
 }
 
 /// A config error: the file, where in it (when known), and what is wrong.
+/// It prints as `FILE:LINE:COL: message`.
+///
+/// ```
+/// let e = gracesrv::Config::parse(std::path::Path::new("/etc/g.yaml"), "listeners: [\n")
+///     .unwrap_err();
+/// assert!(e.to_string().starts_with("/etc/g.yaml:1:"), "{e}");
+/// ```
 #[derive(Debug, Clone)]
 pub struct ConfigError {
     pub file: PathBuf,
@@ -196,6 +203,12 @@ pub enum Action {
 
 impl Config {
     /// Reads and validates the config file at `path`.
+    ///
+    /// ```no_run
+    /// let config = gracesrv::Config::load(std::path::Path::new("server.yaml"))?;
+    /// println!("{} listeners", config.listeners.len());
+    /// # Ok::<(), gracesrv::ConfigError>(())
+    /// ```
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let abs = absolute(path);
         let text = std::fs::read_to_string(&abs)
@@ -203,7 +216,15 @@ impl Config {
         Config::parse(&abs, &text)
     }
 
-    /// Parses and validates `text` as if read from `path` (absolute).
+    /// Parses and validates `text` as if read from `path` (absolute):
+    /// relative paths in it are resolved against `path`'s directory. Files
+    /// it names are not read here (see [`crate::check`]).
+    ///
+    /// ```
+    /// let text = "listeners:\n  - name: web\n    addr: 127.0.0.1:8080\n    routes:\n      - path: /\n        status: {}\n";
+    /// let config = gracesrv::Config::parse(std::path::Path::new("/etc/g.yaml"), text).unwrap();
+    /// assert_eq!(config.listeners[0].name, "web");
+    /// ```
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         let raw: raw::Config = serde_saphyr::from_str(text).map_err(|e| {
             let pos = e.location().map(|l| Pos {
