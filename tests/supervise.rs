@@ -227,3 +227,25 @@ async fn term_acts_at_once_while_a_worker_is_stuck_starting() {
     let refused = tokio::net::TcpStream::connect(web).await;
     assert!(refused.is_err(), "nothing listens any more");
 }
+
+/// One restart machine for both modes: a HUP that arrives while a dead
+/// worker's replacement is pending is not lost; the restart follows the
+/// replacement.
+#[tokio::test]
+async fn a_hup_during_a_replacement_restarts_after_it() {
+    let mut srv = start_supervised(Config::basic()).await;
+    let w = worker(&srv);
+    kill(Pid::from_raw(w as i32), Signal::SIGKILL).unwrap();
+    // The supervisor saw it die: the replacement is pending (100 ms back-off).
+    srv.wait_log("worker died").await;
+    srv.hup();
+    let ready = srv.next_notify().await;
+    assert!(ready.lines().any(|l| l == "READY=1"), "{ready}");
+    let replaced = worker(&srv);
+    assert_ne!(replaced, w);
+    let reloading = srv.next_notify().await;
+    assert!(reloading.contains("RELOADING=1"), "{reloading}");
+    let ready = srv.next_notify().await;
+    assert!(ready.lines().any(|l| l == "READY=1"), "{ready}");
+    assert_ne!(worker(&srv), replaced, "the HUP restarted the replacement");
+}
