@@ -290,24 +290,13 @@ impl Spawner {
         env: Vec<(OsString, OsString)>,
         pid: Rc<Cell<Option<i32>>>,
     ) -> Attempt {
-        let started = crate::prepare::prepare(&self.config_path, &self.apps)
+        let opened = crate::prepare::prepare(&self.config_path, &self.apps)
             .map_err(|e| e.to_string())
             .and_then(|p| {
                 let listeners = crate::listeners::open(&p.config.listeners, duplicates(current)?)?;
-                let child = self.spawn(&listeners, generation, env)?;
-                pid.set(Some(child.pid));
-                Ok((child, listeners, p.config))
+                Ok((p.config, listeners))
             });
-        let reaper = self.reaper.clone();
-        Box::pin(async move {
-            let (child, listeners, config) = started?;
-            let ready = child.ready(config.startup_timeout, &reaper).await?;
-            Ok(Box::new(Started {
-                ready,
-                config,
-                listeners,
-            }))
-        })
+        self.start(opened, generation, env, pid)
     }
 
     /// A replacement: the same sockets and config, started and waited for.
@@ -318,16 +307,29 @@ impl Spawner {
         config: &Config,
         pid: Rc<Cell<Option<i32>>>,
     ) -> Attempt {
-        let started = duplicates(listeners)
+        let opened = duplicates(listeners)
             .and_then(|dups| crate::listeners::open(&config.listeners, dups))
-            .and_then(|listeners| {
-                let child = self.spawn(&listeners, generation, Vec::new())?;
-                pid.set(Some(child.pid));
-                Ok((child, listeners))
-            });
-        let (reaper, config) = (self.reaper.clone(), config.clone());
+            .map(|listeners| (config.clone(), listeners));
+        self.start(opened, generation, Vec::new(), pid)
+    }
+
+    /// Starts the process on `opened` (its config and sockets), noting its
+    /// pid in `pid`; the attempt waits until it is ready.
+    fn start(
+        &self,
+        opened: Result<(Config, Vec<Listener>), String>,
+        generation: u64,
+        env: Vec<(OsString, OsString)>,
+        pid: Rc<Cell<Option<i32>>>,
+    ) -> Attempt {
+        let started = opened.and_then(|(config, listeners)| {
+            let child = self.spawn(&listeners, generation, env)?;
+            pid.set(Some(child.pid));
+            Ok((child, config, listeners))
+        });
+        let reaper = self.reaper.clone();
         Box::pin(async move {
-            let (child, listeners) = started?;
+            let (child, config, listeners) = started?;
             let ready = child.ready(config.startup_timeout, &reaper).await?;
             Ok(Box::new(Started {
                 ready,
