@@ -18,6 +18,7 @@ use crate::handoff::InheritedSocket;
 use crate::listeners::Listener;
 use crate::prepare::Prepared;
 use crate::successor::{notify_systemd, status_line, write_pid_file, Predecessor};
+use crate::tickets::Tickets;
 
 pub struct Generation {
     pub config: Config,
@@ -54,11 +55,13 @@ impl Generation {
         prepared: Prepared,
         inherited: Vec<InheritedSocket>,
         generation: u64,
+        tickets: Arc<Tickets>,
         span: tracing::Span,
     ) -> Result<Generation, String> {
         let Prepared {
             config,
             listeners: prepared,
+            ..
         } = prepared;
         let listeners = crate::listeners::open(&config.listeners, inherited)?;
         let process = Arc::new(ProcessInfo {
@@ -87,7 +90,13 @@ impl Generation {
             specs.push((
                 socket,
                 ListenerSpec {
-                    tls: p.tls.map(tokio_rustls::TlsAcceptor::from),
+                    tls: p.tls.map(|tls| {
+                        // The service's ticket keys, so sessions resume
+                        // across restarts (see `tickets`).
+                        let mut tls = (*tls).clone();
+                        tls.ticketer = tickets.clone();
+                        tokio_rustls::TlsAcceptor::from(Arc::new(tls))
+                    }),
                     handler: p.handler,
                     ctx: Arc::new(ListenerContext {
                         name: l.name.clone(),

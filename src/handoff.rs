@@ -20,7 +20,7 @@ use nix::sys::stat::{fstat, SFlag};
 pub const LISTEN_FDS_START: RawFd = 3;
 
 /// Environment variables of the handoff; read once and removed at start.
-pub const HANDOFF_VARS: [&str; 7] = [
+pub const HANDOFF_VARS: [&str; 8] = [
     "LISTEN_PID",
     "LISTEN_FDS",
     "LISTEN_FDNAMES",
@@ -28,6 +28,7 @@ pub const HANDOFF_VARS: [&str; 7] = [
     "GRACESRV_GENERATION",
     "GRACESRV_SUPERVISOR",
     "GRACESRV_DRAINING",
+    crate::tickets::SECRET_VAR,
 ];
 
 /// A listening socket handed to this process, with the name it was given.

@@ -56,12 +56,14 @@ mod service;
 mod signals;
 mod successor;
 mod supervisor;
+mod tickets;
 mod tls;
 mod tunnel;
 mod watch;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -242,6 +244,19 @@ impl Server {
             Err(e) => return fail(&mut ready, &e.to_string()),
         };
         let span = logging::init(&config.log, generation);
+        // The TLS session ticket secret: the config's key file, else the one
+        // handed over, else a new one (see `tickets`).
+        let prepared = match prepare::prepare_config(config, &self.apps) {
+            Ok(p) => p,
+            Err(e) => return fail(&mut ready, &e.to_string()),
+        };
+        let tickets = match prepared.tickets.clone().or(inherited.tickets.map(Arc::new)) {
+            Some(t) => t,
+            None => match tickets::Tickets::random() {
+                Ok(t) => Arc::new(t),
+                Err(e) => return fail(&mut ready, &e),
+            },
+        };
         let spawner = |role| restart::Spawner {
             exe,
             argv: std::env::args_os().collect(),
@@ -249,18 +264,15 @@ impl Server {
             apps: self.apps.clone(),
             reaper,
             role,
+            tickets: tickets.clone(),
         };
         // A process handed its sockets by a gracesrv parent is a generation
         // (or a worker), never a supervisor itself.
         let supervisor = inherited.supervisor;
+        let config = &prepared.config;
         if (self.supervise || config.supervise) && ready.is_none() && supervisor.is_none() {
-            let _enter = span.enter();
-            if let Err(e) = prepare::prepare_config(config.clone(), &self.apps) {
-                return fail(&mut ready, &e.to_string());
-            }
             let restart = restart::Restart::new(spawner(restart::Role::Worker(std::process::id())));
-            drop(_enter);
-            return supervisor::run(restart, config, inherited.sockets, signals)
+            return supervisor::run(restart, prepared.config, inherited.sockets, signals)
                 .instrument(span)
                 .await;
         }
@@ -270,14 +282,11 @@ impl Server {
             let watched = (config.watch && supervisor.is_none())
                 .then(|| config.watched_files())
                 .map(|files| (watch::fingerprint(&files), files));
-            let prepared = match prepare::prepare_config(config, &self.apps) {
-                Ok(p) => p,
-                Err(e) => return fail(&mut ready, &e.to_string()),
-            };
             let mut gen = match generation::Generation::start(
                 prepared,
                 inherited.sockets,
                 generation,
+                tickets.clone(),
                 span.clone(),
             ) {
                 Ok(g) => g,

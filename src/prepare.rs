@@ -13,6 +13,8 @@ use crate::service::Handler;
 /// A config with everything it names loaded and checked.
 pub struct Prepared {
     pub config: Config,
+    /// The ticket secret from `tls_tickets.key_file`, if the config has one.
+    pub tickets: Option<Arc<crate::tickets::Tickets>>,
     /// Per listener, in config order.
     pub listeners: Vec<PreparedListener>,
 }
@@ -57,7 +59,32 @@ pub fn prepare_config(
         };
         listeners.push(PreparedListener { tls, handler });
     }
-    Ok(Prepared { config, listeners })
+    let tickets = match &config.tls_tickets {
+        Some(f) => {
+            let bytes = std::fs::read(&f.path).map_err(|e| {
+                let what = if e.kind() == std::io::ErrorKind::NotFound {
+                    format!("no such file {}", f.written)
+                } else {
+                    format!("cannot read {}: {e}", f.written)
+                };
+                ConfigError::new(&config.path, Some(f.pos), format!("{}: {what}", f.key))
+            })?;
+            let t = crate::tickets::Tickets::from_key_file(&bytes).map_err(|e| {
+                ConfigError::new(
+                    &config.path,
+                    Some(f.pos),
+                    format!("{}: {} {e}", f.key, f.written),
+                )
+            })?;
+            Some(Arc::new(t))
+        }
+        None => None,
+    };
+    Ok(Prepared {
+        config,
+        tickets,
+        listeners,
+    })
 }
 
 /// The one-screen summary `gracesrv check` prints.

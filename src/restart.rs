@@ -277,6 +277,9 @@ pub struct Spawner {
     pub apps: HashMap<String, Handler>,
     pub reaper: Reaper,
     pub role: Role,
+    /// The service's TLS session ticket secret, handed to every process
+    /// started (unless its config names a key file, which wins).
+    pub tickets: std::sync::Arc<crate::tickets::Tickets>,
 }
 
 impl Spawner {
@@ -355,6 +358,10 @@ impl Spawner {
         if let Role::Worker(pid) = self.role {
             env.push(("GRACESRV_SUPERVISOR".into(), pid.to_string().into()));
         }
+        env.push((
+            crate::tickets::SECRET_VAR.into(),
+            self.tickets.to_hex().into(),
+        ));
         env.extend(extra);
         let pid = handoff::spawn(SpawnArgs {
             exe: &self.exe,

@@ -40,6 +40,8 @@ pub struct Inherited {
     pub supervisor: Option<u32>,
     /// Older generations still draining, oldest first.
     pub draining: Predecessors,
+    /// The TLS session ticket secret of the service (see `tickets`).
+    pub tickets: Option<crate::tickets::Tickets>,
 }
 
 impl Inherited {
@@ -61,6 +63,7 @@ impl Inherited {
             get("GRACESRV_SUPERVISOR"),
         );
         let draining = get("GRACESRV_DRAINING");
+        let tickets = get(crate::tickets::SECRET_VAR);
         for k in handoff::HANDOFF_VARS.iter().filter(|_| remove) {
             // SAFETY (of the call, which is safe in edition 2021): no other
             // thread exists yet, see the doc comment.
@@ -81,6 +84,7 @@ impl Inherited {
             inherited.generation = g.max(1);
         }
         inherited.supervisor = supervisor.and_then(|s| s.parse().ok());
+        inherited.tickets = tickets.and_then(|t| crate::tickets::Tickets::from_hex(&t));
         inherited.draining = draining
             .map(|d| Predecessors::parse(&d))
             .unwrap_or_default();

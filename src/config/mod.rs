@@ -94,6 +94,9 @@ pub struct Config {
     pub max_connections: usize,
     /// Old generations that may drain at once; a restart past it stops the oldest.
     pub max_draining: usize,
+    /// `tls_tickets.key_file`: the secret TLS session tickets derive from,
+    /// shared by every machine given the same file (see `tickets`).
+    pub tls_tickets: Option<FileRef>,
     pub listeners: Vec<ListenerConfig>,
 }
 
@@ -240,6 +243,7 @@ impl Config {
     /// These are what `watch: true` watches.
     pub fn watched_files(&self) -> Vec<PathBuf> {
         let mut files = vec![self.path.clone()];
+        files.extend(self.tls_tickets.as_ref().map(|f| f.path.clone()));
         for l in &self.listeners {
             if let Some(tls) = &l.tls {
                 files.push(tls.cert.path.clone());

@@ -17,7 +17,14 @@ pub struct Config {
     pub timeouts: Option<Timeouts>,
     pub max_connections: Option<Spanned<u64>>,
     pub max_draining: Option<Spanned<u64>>,
+    pub tls_tickets: Option<TlsTickets>,
     pub listeners: Spanned<Vec<Spanned<Listener>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsTickets {
+    pub key_file: Spanned<String>,
 }
 
 #[derive(Deserialize)]

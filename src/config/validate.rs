@@ -178,8 +178,13 @@ impl Validator<'_> {
             listeners.push(listener);
         }
 
+        let tls_tickets = match &raw.tls_tickets {
+            Some(t) => Some(self.file_ref(&t.key_file, "tls_tickets.key_file".into())?),
+            None => None,
+        };
         Ok(Config {
             path: self.file.to_path_buf(),
+            tls_tickets,
             pid_file,
             shutdown_timeout,
             startup_timeout,

@@ -63,6 +63,8 @@ pub struct Conn {
     /// DER of the server's leaf certificate (TLS only).
     pub peer_cert: Option<Vec<u8>>,
     pub alpn: Option<Vec<u8>>,
+    /// The TLS session was resumed (a ticket the server accepted).
+    pub resumed: bool,
 }
 
 /// How to connect: TLS config and server name, or plain; HTTP/2 or HTTP/1.1.
@@ -116,7 +118,7 @@ async fn connect_inner(t: &Target) -> Result<Conn, String> {
     tcp.set_nodelay(true).ok();
     let host = t.addr.to_string();
     match &t.tls {
-        None => handshake(TokioIo::new(tcp), t.h2, host, None, None).await,
+        None => handshake(TokioIo::new(tcp), t.h2, host, None, None, false).await,
         Some((config, name)) => {
             let name = ServerName::try_from(name.clone()).map_err(|e| e.to_string())?;
             let tls = tokio_rustls::TlsConnector::from(config.clone())
@@ -130,7 +132,8 @@ async fn connect_inner(t: &Target) -> Result<Conn, String> {
                 .map(|c| c.to_vec());
             let alpn = session.alpn_protocol().map(|p| p.to_vec());
             let h2 = alpn.as_deref() == Some(b"h2");
-            handshake(TokioIo::new(tls), h2, host, cert, alpn).await
+            let resumed = session.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+            handshake(TokioIo::new(tls), h2, host, cert, alpn, resumed).await
         }
     }
 }
@@ -141,6 +144,7 @@ async fn handshake<T>(
     host: String,
     peer_cert: Option<Vec<u8>>,
     alpn: Option<Vec<u8>>,
+    resumed: bool,
 ) -> Result<Conn, String>
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -163,6 +167,7 @@ where
         host,
         peer_cert,
         alpn,
+        resumed,
     })
 }
 
@@ -270,6 +275,7 @@ impl Conn {
                 host: self.host.clone(),
                 peer_cert: self.peer_cert.clone(),
                 alpn: self.alpn.clone(),
+                resumed: self.resumed,
             }),
             Sender::H1(_) => None,
         }

@@ -178,6 +178,11 @@ impl Builder {
         self
     }
 
+    /// The config's text.
+    pub fn config_yaml(&self) -> String {
+        self.config.yaml()
+    }
+
     /// Starts the server without waiting for it.
     pub fn spawn(self) -> TestServer {
         let (dir, certs, path) = TestServer::prepare(&self.config.yaml());
