@@ -29,6 +29,8 @@ pub struct ProcessInfo {
     /// Proxied requests whose body the client broke (answered 400).
     pub client_errors_total: AtomicU64,
     pub drain: Drain,
+    /// The config's `acme:` section, for `status` to show each certificate.
+    pub acme: Option<crate::config::AcmeConfig>,
 }
 
 impl ProcessInfo {

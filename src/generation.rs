@@ -80,6 +80,7 @@ impl Generation {
             upstream_errors_total: AtomicU64::new(0),
             client_errors_total: AtomicU64::new(0),
             drain: Drain::default(),
+            acme: config.acme.clone(),
         });
         let mut specs = Vec::new();
         for (l, p) in listeners.iter().zip(prepared) {

@@ -32,6 +32,7 @@
 
 #![deny(unsafe_code)]
 
+mod acme;
 mod body;
 mod config;
 mod connection;

@@ -49,15 +49,29 @@ pub fn prepare_config(
     let mut listeners = Vec::new();
     for l in &config.listeners {
         let tls = match &l.tls {
-            Some(t) => Some(crate::tls::server_config(&config.path, t)?),
+            Some(t) => Some(crate::tls::server_config(
+                &config.path,
+                t,
+                config.acme.as_ref(),
+            )?),
             None => None,
         };
-        let router = Router::new(&config.path, l)?;
+        let router = Router::new(&config.path, l, config.acme.as_ref())?;
         let handler = match apps.get(&l.name) {
             Some(h) => h.clone(),
             None => Handler::Routes(Arc::new(router)),
         };
         listeners.push(PreparedListener { tls, handler });
+    }
+    if let Some(f) = config.acme.as_ref().and_then(|a| a.ca_roots.as_ref()) {
+        use rustls_pki_types::pem::PemObject;
+        rustls_pki_types::CertificateDer::from_pem_file(&f.path).map_err(|e| {
+            ConfigError::new(
+                &config.path,
+                Some(f.pos),
+                format!("{}: {}: {e}", f.key, f.written),
+            )
+        })?;
     }
     let tickets = match &config.tls_tickets {
         Some(f) => {

@@ -59,6 +59,28 @@ pub enum Trigger {
     Watch,
     /// A supervisor's worker died: its replacement (no new config).
     Replace,
+    /// ACME stored a new certificate.
+    Certificate,
+}
+
+/// A generation's ACME orderer (`acme::run`), stopped when dropped: only a
+/// serving generation orders.
+struct Orderer(tokio::task::JoinHandle<()>);
+
+impl Orderer {
+    fn start(config: &Config, restart: tokio::sync::mpsc::UnboundedSender<()>) -> Option<Orderer> {
+        config.acme.as_ref()?;
+        let config = config.clone();
+        Some(Orderer(tokio::spawn(crate::acme::run(config, move || {
+            let _ = restart.send(());
+        }))))
+    }
+}
+
+impl Drop for Orderer {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// A new process that said `READY`, with what it was started with.
@@ -468,8 +490,11 @@ pub async fn control(
         tokio::time::Instant::now() + Duration::from_secs(1),
         Duration::from_secs(1),
     );
+    let (certificate, mut certificates) = tokio::sync::mpsc::unbounded_channel();
+    let mut orderer = Orderer::start(&gen.config, certificate.clone());
     loop {
         let trigger = tokio::select! {
+            Some(()) = certificates.recv() => Some(Trigger::Certificate),
             // The pid file could not be written (a full disk): again, until it is.
             _ = retry.tick(), if gen.pid_file_pending => {
                 gen.retry_pid_file();
@@ -479,6 +504,7 @@ pub async fn control(
                 Sig::Restart => Some(Trigger::Signal),
                 Sig::Stop => {
                     info!("stopping: draining connections");
+                    drop(orderer.take());
                     gen.ending();
                     restart.abandon().await;
                     return match drain(&mut gen, &mut signals, Why::Stop, &restart.spawner.reaper).await {
@@ -488,6 +514,7 @@ pub async fn control(
                 }
                 Sig::Quit => {
                     info!(connections = gen.process.drain.active(), "quit: closing every connection");
+                    drop(orderer.take());
                     gen.ending();
                     restart.abandon().await;
                     gen.process.drain.cut_tunnels(TUNNEL_CLOSE).await;
@@ -521,6 +548,7 @@ pub async fn control(
                             // trigger: pass it on so nothing is missed.
                             let _ = kill(Pid::from_raw(new_pid), Signal::SIGHUP);
                         }
+                        drop(orderer.take());
                         gen.ending();
                         // The new process has its own copies of the sockets.
                         drop(started.listeners);
@@ -533,6 +561,7 @@ pub async fn control(
                                 // This generation serves again: it is the one
                                 // the pid file and systemd must name.
                                 gen.report_ready(None, supervisor.is_some());
+                                orderer = Orderer::start(&gen.config, certificate.clone());
                                 None
                             }
                         }

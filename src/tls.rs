@@ -15,28 +15,52 @@ use rustls::ServerConfig;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
-use crate::config::{ConfigError, FileRef, TlsConfig};
+use crate::config::{AcmeConfig, Challenge, ConfigError, FileRef, TlsConfig};
 
 /// The one crypto provider gracesrv uses.
 pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
-/// Builds the rustls server config for one listener, loading every cert and key.
+/// The ALPN protocol of the tls-alpn-01 challenge (RFC 8737).
+pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
+
+/// Builds the rustls server config for one listener, loading every cert and
+/// key. An ACME listener whose certificate is not in storage yet serves a
+/// self-signed placeholder for its names until it is obtained; with
+/// tls-alpn-01 it also answers the challenge.
 pub fn server_config(
     file: &std::path::Path,
     tls: &TlsConfig,
+    acme: Option<&AcmeConfig>,
 ) -> Result<Arc<ServerConfig>, ConfigError> {
     let provider = provider();
-    let default = load_pair(file, &tls.cert, &tls.key, &provider)?;
+    let acme = acme.filter(|_| !tls.acme.is_empty());
+    let default = if acme.is_some() && !tls.cert.path.exists() {
+        tracing::info!(names = ?tls.acme, "no certificate yet: serving a self-signed placeholder until ACME obtains one");
+        placeholder(&tls.acme, &provider).map_err(|e| {
+            ConfigError::new(
+                file,
+                Some(tls.cert.pos),
+                format!("{}: placeholder: {e}", tls.cert.key),
+            )
+        })?
+    } else {
+        load_pair(file, &tls.cert, &tls.key, &provider)?
+    };
     let mut extra = Vec::new();
     for (cert, key) in &tls.sni {
         extra.push(load_pair(file, cert, key, &provider)?);
     }
+    let alpn_challenges = acme
+        .filter(|a| a.challenge == Challenge::TlsAlpn01)
+        .map(|a| a.storage.join("challenges/tls-alpn-01"));
     let resolver = SniResolver {
         default,
         extra,
         cache: RwLock::new(HashMap::new()),
+        alpn_challenges: alpn_challenges.clone(),
+        provider: provider.clone(),
     };
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -44,6 +68,10 @@ pub fn server_config(
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(resolver));
     config.alpn_protocols = tls.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+    if alpn_challenges.is_some() {
+        // Last: a client offering h2 or http/1.1 never gets it.
+        config.alpn_protocols.push(ACME_TLS_ALPN.to_vec());
+    }
     // Resumption keeps reconnecting clients cheap; tickets are per generation,
     // so after a restart a client falls back to one full handshake.
     config.session_storage = rustls::server::ServerSessionMemoryCache::new(4096);
@@ -136,6 +164,43 @@ fn warn_if_not_valid_now(cert: &CertificateDer<'_>, written: &str) {
     }
 }
 
+/// The tls-alpn-01 certificate for `name`, written by the orderer as
+/// `DIR/NAME.pem` (certificate and key).
+fn challenge_cert(
+    dir: &std::path::Path,
+    name: &str,
+    provider: &CryptoProvider,
+) -> Option<Arc<CertifiedKey>> {
+    if name.contains('/') || name.starts_with('.') {
+        return None;
+    }
+    let pem = std::fs::read(dir.join(format!("{name}.pem"))).ok()?;
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<_, _>>()
+        .ok()?;
+    let key = PrivateKeyDer::from_pem_slice(&pem).ok()?;
+    CertifiedKey::from_der(chain, key, provider)
+        .ok()
+        .map(Arc::new)
+}
+
+/// A self-signed certificate for `names`: what an ACME listener serves
+/// until its first certificate is obtained (clients see an untrusted
+/// certificate, a clear failure, rather than a handshake error).
+fn placeholder(names: &[String], provider: &CryptoProvider) -> Result<Arc<CertifiedKey>, String> {
+    let key = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;
+    let mut params = rcgen::CertificateParams::new(names.to_vec()).map_err(|e| e.to_string())?;
+    params.distinguished_name.push(
+        rcgen::DnType::CommonName,
+        "gracesrv placeholder: certificate pending",
+    );
+    let cert = params.self_signed(&key).map_err(|e| e.to_string())?;
+    let key_der = PrivateKeyDer::try_from(key.serialize_der()).map_err(|e| e.to_string())?;
+    CertifiedKey::from_der(vec![cert.der().clone()], key_der, provider)
+        .map(Arc::new)
+        .map_err(|e| e.to_string())
+}
+
 /// One DER element: (tag, content, rest).
 fn der(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
     let (&tag, rest) = input.split_first()?;
@@ -209,6 +274,10 @@ struct SniResolver {
     /// Name → certificate, so each name is matched against SANs once.
     /// Bounded: a client can send any name.
     cache: RwLock<HashMap<String, Arc<CertifiedKey>>>,
+    /// Where tls-alpn-01 challenge certificates are (`NAME.pem`), when this
+    /// listener answers them.
+    alpn_challenges: Option<std::path::PathBuf>,
+    provider: Arc<CryptoProvider>,
 }
 
 const SNI_CACHE_MAX: usize = 1024;
@@ -234,6 +303,16 @@ impl SniResolver {
 
 impl ResolvesServerCert for SniResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        if let Some(dir) = &self.alpn_challenges {
+            let acme = hello
+                .alpn()
+                .is_some_and(|mut protocols| protocols.any(|p| p == ACME_TLS_ALPN));
+            if acme {
+                // Only the ACME server's validation asks for this protocol.
+                let name = hello.server_name()?.to_ascii_lowercase();
+                return challenge_cert(dir, &name, &self.provider);
+            }
+        }
         let Some(name) = hello.server_name() else {
             return Some(self.default.clone());
         };

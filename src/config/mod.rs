@@ -97,7 +97,30 @@ pub struct Config {
     /// `tls_tickets.key_file`: the secret TLS session tickets derive from,
     /// shared by every machine given the same file (see `tickets`).
     pub tls_tickets: Option<FileRef>,
+    /// `acme:`: how certificates are obtained for `tls: { acme: [...] }`.
+    pub acme: Option<AcmeConfig>,
     pub listeners: Vec<ListenerConfig>,
+}
+
+/// Which ACME challenge proves control of a name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Challenge {
+    /// RFC 8737: answered by the TLS listener itself (ALPN `acme-tls/1`).
+    TlsAlpn01,
+    /// Answered on the plain listeners under `/.well-known/acme-challenge/`.
+    Http01,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcmeConfig {
+    pub directory: String,
+    pub email: Option<String>,
+    /// Account key, certificates, keys, challenges, the lock.
+    pub storage: PathBuf,
+    /// Extra roots to trust the directory with (test CAs).
+    pub ca_roots: Option<FileRef>,
+    pub challenge: Challenge,
+    pub renew_before: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -153,8 +176,13 @@ pub struct ListenerConfig {
 
 #[derive(Debug, Clone)]
 pub struct TlsConfig {
+    /// The certificate chain and key; for an ACME listener, where the
+    /// obtained ones are kept in `acme.storage`.
     pub cert: FileRef,
     pub key: FileRef,
+    /// Names whose certificate is obtained by ACME (empty: `cert`/`key`
+    /// are the user's files).
+    pub acme: Vec<String>,
     pub sni: Vec<(FileRef, FileRef)>,
     pub alpn: Vec<String>,
 }

@@ -18,7 +18,19 @@ pub struct Config {
     pub max_connections: Option<Spanned<u64>>,
     pub max_draining: Option<Spanned<u64>>,
     pub tls_tickets: Option<TlsTickets>,
+    pub acme: Option<Spanned<Acme>>,
     pub listeners: Spanned<Vec<Spanned<Listener>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Acme {
+    pub directory: Spanned<String>,
+    pub email: Option<Spanned<String>>,
+    pub storage: Option<Spanned<String>>,
+    pub ca_roots: Option<Spanned<String>>,
+    pub challenge: Option<Spanned<String>>,
+    pub renew_before: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -57,8 +69,10 @@ pub struct Listener {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Tls {
-    pub cert: Spanned<String>,
-    pub key: Spanned<String>,
+    pub cert: Option<Spanned<String>>,
+    pub key: Option<Spanned<String>>,
+    /// Names to obtain a certificate for (instead of `cert` and `key`).
+    pub acme: Option<Spanned<Vec<Spanned<String>>>>,
     #[serde(default)]
     pub sni: Vec<Spanned<CertPair>>,
     pub alpn: Option<Spanned<Vec<String>>>,

@@ -29,7 +29,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("size {s:?} is too large"))
 }
 
-/// Parses `500ms`, `30s`, `2m`, `1h` (also `0`).
+/// Parses `500ms`, `30s`, `2m`, `1h`, `30d` (also `0`).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     if s == "0" {
@@ -37,7 +37,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     }
     let split = s
         .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .ok_or_else(|| format!("duration {s:?} has no unit (use ms, s, m or h, e.g. \"30s\")"))?;
+        .ok_or_else(|| {
+            format!("duration {s:?} has no unit (use ms, s, m, h or d, e.g. \"30s\")")
+        })?;
     let (num, unit) = s.split_at(split);
     let n: f64 = num
         .parse()
@@ -47,9 +49,10 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "s" => n,
         "m" => n * 60.0,
         "h" => n * 3600.0,
+        "d" => n * 86400.0,
         _ => {
             return Err(format!(
-                "duration {s:?} has unknown unit {unit:?} (use ms, s, m or h)"
+                "duration {s:?} has unknown unit {unit:?} (use ms, s, m, h or d)"
             ))
         }
     };

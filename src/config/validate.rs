@@ -152,11 +152,15 @@ impl Validator<'_> {
                 "listeners: at least one listener is needed",
             );
         }
+        let acme = match &raw.acme {
+            Some(a) => Some(self.acme(a)?),
+            None => None,
+        };
         let mut names = HashSet::new();
         let mut addrs = HashSet::new();
         let mut listeners = Vec::new();
         for (i, l) in raw.listeners.value.iter().enumerate() {
-            let listener = self.listener(i, l)?;
+            let listener = self.listener(i, l, acme.as_ref().map(|a| a.storage.as_path()))?;
             if !names.insert(listener.name.clone()) {
                 return self.err(
                     Pos::from(&l.value.name),
@@ -185,6 +189,7 @@ impl Validator<'_> {
         Ok(Config {
             path: self.file.to_path_buf(),
             tls_tickets,
+            acme,
             pid_file,
             shutdown_timeout,
             startup_timeout,
@@ -198,10 +203,59 @@ impl Validator<'_> {
         })
     }
 
+    fn acme(&self, a: &Spanned<raw::Acme>) -> Result<AcmeConfig, ConfigError> {
+        let a = &a.value;
+        let directory = a.directory.value.clone();
+        if !(directory.starts_with("https://") || directory.starts_with("http://"))
+            || directory.parse::<http::Uri>().is_err()
+        {
+            return self.err(
+                Pos::from(&a.directory),
+                format!("acme.directory: {directory:?} is not an http(s) URL"),
+            );
+        }
+        let dir = self.file.parent().unwrap_or(Path::new("/"));
+        let storage = match &a.storage {
+            Some(s) if s.value.is_empty() => {
+                return self.err(Pos::from(s), "acme.storage: must not be empty")
+            }
+            Some(s) => dir.join(&s.value),
+            None => dir.join("acme"),
+        };
+        let challenge =
+            match a.challenge.as_ref().map(|c| (c, c.value.as_str())) {
+                None | Some((_, "tls-alpn-01")) => Challenge::TlsAlpn01,
+                Some((_, "http-01")) => Challenge::Http01,
+                Some((c, other)) => return self.err(
+                    Pos::from(c),
+                    format!(
+                        "acme.challenge: {other:?} is not supported (use tls-alpn-01 or http-01)"
+                    ),
+                ),
+            };
+        let ca_roots = match &a.ca_roots {
+            Some(c) => Some(self.file_ref(c, "acme.ca_roots".into())?),
+            None => None,
+        };
+        Ok(AcmeConfig {
+            directory,
+            email: a.email.as_ref().map(|e| e.value.clone()),
+            storage,
+            ca_roots,
+            challenge,
+            renew_before: self.duration(
+                &a.renew_before,
+                "acme.renew_before",
+                Duration::from_secs(30 * 86400),
+            )?,
+        })
+    }
+
     fn listener(
         &self,
         i: usize,
         l: &Spanned<raw::Listener>,
+        acme_storage: Option<&Path>,
     ) -> Result<ListenerConfig, ConfigError> {
         let raw = &l.value;
         let name = &raw.name.value;
@@ -259,9 +313,70 @@ impl Validator<'_> {
                         a.value.clone()
                     }
                 };
+                let (cert, key, acme) = match (&t.cert, &t.key, &t.acme) {
+                    (Some(c), Some(k2), None) => (
+                        self.file_ref(c, k("cert"))?,
+                        self.file_ref(k2, k("key"))?,
+                        Vec::new(),
+                    ),
+                    (None, None, Some(names)) => {
+                        let Some(storage) = acme_storage else {
+                            return self.err(
+                                Pos::from(names),
+                                format!(
+                                    "{}: needs an `acme:` section (directory, storage)",
+                                    k("acme")
+                                ),
+                            );
+                        };
+                        if names.value.is_empty() {
+                            return self.err(
+                                Pos::from(names),
+                                format!("{}: must name at least one name", k("acme")),
+                            );
+                        }
+                        let mut list = Vec::new();
+                        for n in &names.value {
+                            let name = n.value.to_ascii_lowercase();
+                            if rustls_pki_types::DnsName::try_from(name.as_str()).is_err()
+                                || !name.contains('.')
+                            {
+                                return self.err(
+                                    Pos::from(n),
+                                    format!("{}: {:?} is not a DNS name", k("acme"), n.value),
+                                );
+                            }
+                            list.push(name);
+                        }
+                        let dir = storage.join("certs").join(&list[0]);
+                        let stored = |file: &str| FileRef {
+                            path: dir.join(file),
+                            written: dir.join(file).display().to_string(),
+                            key: k("acme"),
+                            pos: Pos::from(names),
+                        };
+                        (stored("cert.pem"), stored("key.pem"), list)
+                    }
+                    (_, _, Some(names)) => {
+                        return self.err(
+                            Pos::from(names),
+                            format!(
+                                "{}: a listener has either acme or cert and key, not both",
+                                k("acme")
+                            ),
+                        )
+                    }
+                    _ => {
+                        return self.err(
+                            Pos::from(l),
+                            format!("{}: needs cert and key (or acme)", k("cert")),
+                        )
+                    }
+                };
                 Some(TlsConfig {
-                    cert: self.file_ref(&t.cert, k("cert"))?,
-                    key: self.file_ref(&t.key, k("key"))?,
+                    cert,
+                    key,
+                    acme,
                     sni,
                     alpn,
                 })

@@ -34,11 +34,21 @@ use respond::{redirect, Fixed};
 /// The routes of one listener, longest prefix first.
 pub struct Router {
     routes: Vec<(Arc<str>, Route)>,
+    /// Where pending ACME http-01 answers are, when this (plain) listener
+    /// serves them under `/.well-known/acme-challenge/`.
+    acme_http: Option<std::path::PathBuf>,
 }
 
 impl Router {
     /// Builds the routes of `listener`; checks that static roots are directories.
-    pub fn new(file: &Path, listener: &ListenerConfig) -> Result<Router, ConfigError> {
+    pub fn new(
+        file: &Path,
+        listener: &ListenerConfig,
+        acme: Option<&crate::config::AcmeConfig>,
+    ) -> Result<Router, ConfigError> {
+        let acme_http = acme
+            .filter(|a| a.challenge == crate::config::Challenge::Http01 && listener.tls.is_none())
+            .map(|a| a.storage.join("challenges/http-01"));
         let mut routes = Vec::new();
         for r in &listener.routes {
             let handle = match &r.action {
@@ -91,7 +101,7 @@ impl Router {
             routes.push((Arc::<str>::from(r.path.as_str()), handle));
         }
         routes.sort_by_key(|r| std::cmp::Reverse(r.0.len()));
-        Ok(Router { routes })
+        Ok(Router { routes, acme_http })
     }
 
     /// Answers `req`: at once for fixed responses, redirects and `status`
@@ -106,6 +116,23 @@ impl Router {
         peer: Peer,
     ) -> Reply {
         let path = req.uri().path();
+        if let Some(dir) = &self.acme_http {
+            if let Some(token) = path.strip_prefix("/.well-known/acme-challenge/") {
+                let answer = crate::acme::http_answer(dir, token);
+                discard(req.into_body());
+                return Reply::Now(match answer {
+                    Some(answer) => {
+                        let mut res = http::Response::new(crate::body::full(answer));
+                        res.headers_mut().insert(
+                            http::header::CONTENT_TYPE,
+                            http::HeaderValue::from_static("application/octet-stream"),
+                        );
+                        res
+                    }
+                    None => text(StatusCode::NOT_FOUND, "not found\n"),
+                });
+            }
+        }
         let mut route = self.route(path);
         // Routes match the normalised path (and a proxy forwards it), so
         // `/api/../admin` is `/admin`. A static route keeps the raw path:

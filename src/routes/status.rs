@@ -33,6 +33,10 @@ pub(super) fn response(ctx: &ListenerContext) -> Response<Body> {
         })).collect::<Vec<_>>(),
         "draining": p.drain.is_draining(),
     });
+    let mut body = body;
+    if let Some(acme) = &p.acme {
+        body["acme"] = crate::acme::status(acme);
+    }
     let mut res = Response::new(full(body.to_string() + "\n"));
     res.headers_mut().insert(
         header::CONTENT_TYPE,

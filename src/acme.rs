@@ -1,0 +1,411 @@
+//! Automatic certificates (ACME, RFC 8555) for `tls: { acme: [names] }`.
+//!
+//! A serving generation runs one orderer ([`run`]). Each certificate lives
+//! in `storage/certs/FIRST-NAME/` (`cert.pem`, `key.pem`, owner-only). The
+//! orderer checks them on a timer; one that is missing, or has less than
+//! `renew_before` left, is ordered, under an exclusive lock on
+//! `storage/lock`, so that old generations still draining, a supervisor's
+//! workers, or several machines sharing `storage` never order twice: whoever
+//! does not get the lock waits and then finds the certificate done.
+//!
+//! Challenges are answered from files in `storage/challenges/` (a token's
+//! key authorization for http-01, a certificate for tls-alpn-01), so any
+//! process serving the listener, or any machine sharing `storage`, answers
+//! them, whichever of them the validation reaches.
+//!
+//! A new certificate reaches clients through a restart, the same path as a
+//! rotation by HUP: the new generation loads it, and no request is lost.
+//! (Swapping it inside the running generation would save a process start
+//! every 60 days at the cost of a second way for certificates to change.)
+//! Failures back off (1 min doubling to 1 h), are logged with the ACME
+//! problem document, and are in `storage/status.json`, which `status`
+//! shows.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use instant_acme::{
+    Account, AccountCredentials, AuthorizationStatus, ChallengeType, Identifier, NewAccount,
+    NewOrder, OrderStatus, RetryPolicy,
+};
+use serde::{Deserialize, Serialize};
+use tracing::{error, info, warn};
+
+use crate::config::{AcmeConfig, Challenge, Config};
+
+/// One certificate the config asks for: the names of a listener.
+#[derive(Clone, Debug)]
+struct Wanted {
+    names: Vec<String>,
+    cert: PathBuf,
+    key: PathBuf,
+    /// What this generation loaded (`None`: the placeholder).
+    loaded: Option<Vec<u8>>,
+}
+
+/// How each certificate stands, for `status` (`storage/status.json`).
+#[derive(Serialize, Deserialize, Default, Clone, Debug)]
+pub struct CertStatus {
+    pub names: Vec<String>,
+    pub not_after: Option<String>,
+    pub last_error: Option<String>,
+    pub next_attempt: Option<String>,
+}
+
+const FIRST_BACKOFF: Duration = Duration::from_secs(60);
+const MAX_BACKOFF: Duration = Duration::from_secs(3600);
+/// How often certificates are looked at when nothing is due.
+const CHECK: Duration = Duration::from_secs(3600);
+/// How often a process that did not get the lock looks again.
+const LOCK_RETRY: Duration = Duration::from_secs(2);
+
+/// The certificates `config` asks ACME for, with what this process loaded.
+fn wanted(config: &Config) -> Vec<Wanted> {
+    config
+        .listeners
+        .iter()
+        .filter_map(|l| l.tls.as_ref())
+        .filter(|t| !t.acme.is_empty())
+        .map(|t| Wanted {
+            names: t.acme.clone(),
+            cert: t.cert.path.clone(),
+            key: t.key.path.clone(),
+            loaded: std::fs::read(&t.cert.path).ok(),
+        })
+        .collect()
+}
+
+/// Seconds of validity `cert` (PEM) has left; `None` if unreadable.
+fn remaining(pem: &[u8]) -> Option<i64> {
+    use rustls_pki_types::pem::PemObject;
+    let der = rustls_pki_types::CertificateDer::pem_slice_iter(pem)
+        .next()?
+        .ok()?;
+    let (_, not_after) = crate::tls::validity(&der)?;
+    Some(not_after - unix_now())
+}
+
+fn not_after(pem: &[u8]) -> Option<String> {
+    remaining(pem).map(|left| {
+        crate::config::rfc3339(SystemTime::now() + Duration::from_secs(left.max(0) as u64))
+    })
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Does `w` need ordering (missing, or inside `renew_before`)?
+fn due(w: &Wanted, acme: &AcmeConfig) -> bool {
+    match std::fs::read(&w.cert).ok().as_deref().and_then(remaining) {
+        Some(left) => left < acme.renew_before.as_secs() as i64,
+        None => true,
+    }
+}
+
+/// Runs the orderer of this generation until it is dropped. `restart` is
+/// called when storage holds a certificate other than the one loaded (this
+/// process obtained it, or another one sharing `storage` did).
+pub async fn run(config: Config, restart: impl Fn()) {
+    let Some(acme) = config.acme.clone() else {
+        return;
+    };
+    let wanted = wanted(&config);
+    if wanted.is_empty() {
+        warn!("acme: no listener has tls: {{ acme: [...] }}; nothing is ordered");
+        return;
+    }
+    if let Err(e) = prepare_storage(&acme.storage) {
+        error!(storage = %acme.storage.display(), "ACME storage unusable: {e}");
+        return;
+    }
+    let mut backoff: HashMap<Vec<String>, (Duration, tokio::time::Instant)> = HashMap::new();
+    let mut status: HashMap<Vec<String>, CertStatus> = HashMap::new();
+    loop {
+        // Someone (this process or another) stored a newer certificate.
+        if wanted
+            .iter()
+            .any(|w| std::fs::read(&w.cert).ok() != w.loaded && !due(w, &acme))
+        {
+            info!("a new certificate is in storage: restarting to serve it");
+            restart();
+            return;
+        }
+        let now = tokio::time::Instant::now();
+        let due_now: Vec<&Wanted> = wanted
+            .iter()
+            .filter(|w| due(w, &acme))
+            .filter(|w| backoff.get(&w.names).is_none_or(|(_, at)| *at <= now))
+            .collect();
+        if due_now.is_empty() {
+            let next = backoff
+                .values()
+                .map(|(_, at)| *at)
+                .min()
+                .unwrap_or(now + CHECK)
+                .min(now + CHECK);
+            tokio::time::sleep_until(next).await;
+            continue;
+        }
+        let Some(lock) = try_lock(&acme.storage) else {
+            // Another process orders; look again shortly.
+            tokio::time::sleep(LOCK_RETRY).await;
+            continue;
+        };
+        for w in due_now {
+            // Under the lock: another process may have just finished it.
+            if !due(w, &acme) {
+                continue;
+            }
+            info!(names = ?w.names, "ordering a certificate");
+            let s = status.entry(w.names.clone()).or_default();
+            s.names = w.names.clone();
+            match order(&acme, w).await {
+                Ok(()) => {
+                    info!(names = ?w.names, "certificate obtained");
+                    backoff.remove(&w.names);
+                    s.last_error = None;
+                    s.next_attempt = None;
+                }
+                Err(e) => {
+                    let (delay, _) = backoff
+                        .get(&w.names)
+                        .map(|(d, _)| ((*d * 2).min(MAX_BACKOFF), ()))
+                        .unwrap_or((FIRST_BACKOFF, ()));
+                    backoff.insert(
+                        w.names.clone(),
+                        (delay, tokio::time::Instant::now() + delay),
+                    );
+                    error!(names = ?w.names, "cannot obtain the certificate, trying again in {delay:?}: {e}");
+                    s.last_error = Some(e);
+                    s.next_attempt = Some(crate::config::rfc3339(SystemTime::now() + delay));
+                }
+            }
+            s.not_after = std::fs::read(&w.cert).ok().as_deref().and_then(not_after);
+        }
+        write_status(&acme.storage, &status);
+        drop(lock);
+    }
+}
+
+/// The lock file, held until dropped; `None` if another process holds it.
+fn try_lock(storage: &Path) -> Option<nix::fcntl::Flock<std::fs::File>> {
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(storage.join("lock"))
+        .ok()?;
+    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock).ok()
+}
+
+fn prepare_storage(storage: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    for dir in ["", "certs", "challenges/http-01", "challenges/tls-alpn-01"] {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(storage.join(dir))?;
+    }
+    Ok(())
+}
+
+fn write_status(storage: &Path, status: &HashMap<Vec<String>, CertStatus>) {
+    let list: Vec<&CertStatus> = status.values().collect();
+    if let Ok(json) = serde_json::to_vec_pretty(&list) {
+        let _ = crate::reload::write_atomically(&storage.join("status.json"), &json);
+    }
+}
+
+/// What `status` shows of ACME: `storage/status.json`, with each stored
+/// certificate's `not_after` as it is now.
+pub fn status(config: &AcmeConfig) -> serde_json::Value {
+    let list: Vec<CertStatus> = std::fs::read(config.storage.join("status.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    serde_json::to_value(list).unwrap_or_default()
+}
+
+/// Writes `bytes` to `path` atomically, readable by the owner only.
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+    std::fs::rename(&tmp, path)
+}
+
+/// The account: created once, kept in `storage/account.json`.
+async fn account(acme: &AcmeConfig) -> Result<Account, String> {
+    let builder = || match &acme.ca_roots {
+        Some(roots) => Account::builder_with_root(&roots.path),
+        None => Account::builder(),
+    };
+    let path = acme.storage.join("account.json");
+    if let Ok(bytes) = std::fs::read(&path) {
+        let creds: AccountCredentials =
+            serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+        return builder()
+            .map_err(|e| e.to_string())?
+            .from_credentials(creds)
+            .await
+            .map_err(|e| format!("account: {e}"));
+    }
+    let contact = acme.email.as_ref().map(|e| format!("mailto:{e}"));
+    let contact: Vec<&str> = contact.iter().map(String::as_str).collect();
+    let (account, creds) = builder()
+        .map_err(|e| e.to_string())?
+        .create(
+            &NewAccount {
+                contact: &contact,
+                terms_of_service_agreed: true,
+                only_return_existing: false,
+            },
+            acme.directory.clone(),
+            None,
+        )
+        .await
+        .map_err(|e| format!("new account: {e}"))?;
+    let json = serde_json::to_vec(&creds).map_err(|e| e.to_string())?;
+    write_private(&path, &json).map_err(|e| format!("{}: {e}", path.display()))?;
+    info!(directory = %acme.directory, "ACME account created");
+    Ok(account)
+}
+
+/// Orders `w`'s certificate and stores it.
+async fn order(acme: &AcmeConfig, w: &Wanted) -> Result<(), String> {
+    let account = account(acme).await?;
+    let ids: Vec<Identifier> = w.names.iter().map(|n| Identifier::Dns(n.clone())).collect();
+    let mut order = account
+        .new_order(&NewOrder::new(&ids))
+        .await
+        .map_err(|e| format!("new order: {e}"))?;
+    let kind = match acme.challenge {
+        Challenge::TlsAlpn01 => ChallengeType::TlsAlpn01,
+        Challenge::Http01 => ChallengeType::Http01,
+    };
+    let mut written = Vec::new();
+    let mut authzs = order.authorizations();
+    while let Some(authz) = authzs.next().await {
+        let mut authz = authz.map_err(|e| format!("authorization: {e}"))?;
+        match authz.status {
+            AuthorizationStatus::Pending => {}
+            AuthorizationStatus::Valid => continue,
+            other => return Err(format!("authorization is {other:?}")),
+        }
+        let mut challenge = authz
+            .challenge(kind.clone())
+            .ok_or_else(|| format!("the server offers no {kind:?} challenge"))?;
+        let Identifier::Dns(name) = challenge.identifier().identifier.clone() else {
+            return Err("not a DNS identifier".into());
+        };
+        let ka = challenge.key_authorization();
+        let file = match acme.challenge {
+            Challenge::Http01 => {
+                let file = acme
+                    .storage
+                    .join("challenges/http-01")
+                    .join(&challenge.token);
+                write_private(&file, ka.as_str().as_bytes())
+                    .map_err(|e| format!("{}: {e}", file.display()))?;
+                file
+            }
+            Challenge::TlsAlpn01 => {
+                let file = acme
+                    .storage
+                    .join("challenges/tls-alpn-01")
+                    .join(format!("{name}.pem"));
+                let pem = alpn_certificate(&name, ka.digest().as_ref())?;
+                write_private(&file, pem.as_bytes())
+                    .map_err(|e| format!("{}: {e}", file.display()))?;
+                file
+            }
+        };
+        written.push(file);
+        challenge
+            .set_ready()
+            .await
+            .map_err(|e| format!("challenge: {e}"))?;
+    }
+    let result = finish(&mut order, w).await;
+    for f in written {
+        let _ = std::fs::remove_file(f);
+    }
+    result
+}
+
+/// Waits for validation, finalizes, downloads and stores the certificate.
+async fn finish(order: &mut instant_acme::Order, w: &Wanted) -> Result<(), String> {
+    let retries = RetryPolicy::default().timeout(Duration::from_secs(90));
+    let status = order
+        .poll_ready(&retries)
+        .await
+        .map_err(|e| format!("validation: {e}"))?;
+    if status != OrderStatus::Ready {
+        return Err(format!("order is {status:?}: {}", why_invalid(order).await));
+    }
+    let key_pem = order
+        .finalize()
+        .await
+        .map_err(|e| format!("finalize: {e}"))?;
+    let chain = order
+        .poll_certificate(&retries)
+        .await
+        .map_err(|e| format!("certificate: {e}"))?;
+    // Key first: a reader that sees the new certificate finds its key.
+    write_private(&w.key.with_extension("new"), key_pem.as_bytes()).map_err(|e| e.to_string())?;
+    write_private(&w.cert.with_extension("new"), chain.as_bytes()).map_err(|e| e.to_string())?;
+    std::fs::rename(w.key.with_extension("new"), &w.key).map_err(|e| e.to_string())?;
+    std::fs::rename(w.cert.with_extension("new"), &w.cert).map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// The problems the server gives for an invalid order's challenges.
+async fn why_invalid(order: &mut instant_acme::Order) -> String {
+    let mut why = Vec::new();
+    let mut authzs = order.authorizations();
+    while let Some(Ok(authz)) = authzs.next().await {
+        for c in &authz.challenges {
+            if let Some(e) = &c.error {
+                why.push(e.to_string());
+            }
+        }
+    }
+    if why.is_empty() {
+        "no reason given".into()
+    } else {
+        why.join("; ")
+    }
+}
+
+/// The tls-alpn-01 certificate for `name` (RFC 8737): self-signed, with the
+/// key authorization's digest in the acmeIdentifier extension; certificate
+/// and key in one PEM.
+fn alpn_certificate(name: &str, digest: &[u8]) -> Result<String, String> {
+    let key = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;
+    let mut params =
+        rcgen::CertificateParams::new(vec![name.to_string()]).map_err(|e| e.to_string())?;
+    params.custom_extensions = vec![rcgen::CustomExtension::new_acme_identifier(digest)];
+    let cert = params.self_signed(&key).map_err(|e| e.to_string())?;
+    Ok(cert.pem() + &key.serialize_pem())
+}
+
+/// The http-01 answer for `token`, if a challenge for it is pending.
+pub fn http_answer(dir: &Path, token: &str) -> Option<Vec<u8>> {
+    let valid = !token.is_empty()
+        && token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if !valid {
+        return None;
+    }
+    std::fs::read(dir.join(token)).ok()
+}
