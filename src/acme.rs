@@ -99,11 +99,112 @@ fn unix_now() -> i64 {
         .unwrap_or(0)
 }
 
-/// Does `w` need ordering (missing, or inside `renew_before`)?
-fn due(w: &Wanted, acme: &AcmeConfig) -> bool {
-    match std::fs::read(&w.cert).ok().as_deref().and_then(remaining) {
-        Some(left) => left < acme.renew_before.as_secs() as i64,
+/// Does `w` need ordering: missing, inside `renew_before`, or past the time
+/// picked in the server's renewal window (`ari`)?
+fn due(w: &Wanted, acme: &AcmeConfig, ari: &HashMap<Vec<String>, Ari>) -> bool {
+    let left = std::fs::read(&w.cert).ok().as_deref().and_then(remaining);
+    renew_now(
+        left,
+        acme.renew_before,
+        ari.get(&w.names).map(|a| a.renew_at),
+        SystemTime::now(),
+    )
+}
+
+/// The renewal rule: no certificate (or an unreadable one), less than
+/// `renew_before` left, or `now` past the time picked in the ACME Renewal
+/// Information window (RFC 9773).
+fn renew_now(
+    left: Option<i64>,
+    renew_before: Duration,
+    ari_at: Option<SystemTime>,
+    now: SystemTime,
+) -> bool {
+    match left {
         None => true,
+        Some(left) => left < renew_before.as_secs() as i64 || ari_at.is_some_and(|at| now >= at),
+    }
+}
+
+/// What the server's renewal information says of a certificate.
+struct Ari {
+    /// A time picked at random in the suggested window (RFC 9773 4.2).
+    renew_at: SystemTime,
+    /// When to ask again (the server's Retry-After).
+    next_check: tokio::time::Instant,
+}
+
+/// Asks the directory's renewal information for the stored certificates
+/// that are not due yet, when their last answer has expired. A directory
+/// without ARI is asked once.
+async fn refresh_ari(
+    acme: &AcmeConfig,
+    wanted: &[Wanted],
+    ari: &mut HashMap<Vec<String>, Ari>,
+    unsupported: &mut bool,
+) {
+    if *unsupported || !acme.storage.join("account.json").exists() {
+        return;
+    }
+    let now = tokio::time::Instant::now();
+    let mut account = None;
+    for w in wanted {
+        if ari.get(&w.names).is_some_and(|a| a.next_check > now) {
+            continue;
+        }
+        let Some(der) = std::fs::read(&w.cert).ok().and_then(|pem| {
+            use rustls_pki_types::pem::PemObject;
+            rustls_pki_types::CertificateDer::from_pem_slice(&pem).ok()
+        }) else {
+            continue;
+        };
+        if account.is_none() {
+            match self::account(acme).await {
+                Ok(a) => account = Some(a),
+                Err(e) => {
+                    warn!("renewal information: {e}");
+                    return;
+                }
+            }
+        }
+        let Some(account) = &account else { return };
+        let Ok(id) = instant_acme::CertificateIdentifier::try_from(&der) else {
+            continue;
+        };
+        match account.renewal_info(&id).await {
+            Ok((info, retry)) => {
+                let (start, end) = (
+                    SystemTime::from(info.suggested_window.start),
+                    SystemTime::from(info.suggested_window.end),
+                );
+                let span = end.duration_since(start).unwrap_or_default();
+                let mut r = [0u8; 4];
+                let _ = aws_lc_rs::rand::fill(&mut r);
+                let renew_at =
+                    start + span.mul_f64(f64::from(u32::from_be_bytes(r)) / f64::from(u32::MAX));
+                ari.insert(
+                    w.names.clone(),
+                    Ari {
+                        renew_at,
+                        next_check: now + retry.clamp(Duration::from_secs(60), CHECK * 6),
+                    },
+                );
+            }
+            Err(instant_acme::Error::Unsupported(_)) => {
+                *unsupported = true;
+                return;
+            }
+            Err(e) => {
+                warn!(names = ?w.names, "renewal information: {e}");
+                ari.insert(
+                    w.names.clone(),
+                    Ari {
+                        renew_at: SystemTime::now() + Duration::from_secs(u32::MAX.into()),
+                        next_check: now + CHECK,
+                    },
+                );
+            }
+        }
     }
 }
 
@@ -125,11 +226,14 @@ pub async fn run(config: Config, restart: impl Fn()) {
     }
     let mut backoff: HashMap<Vec<String>, (Duration, tokio::time::Instant)> = HashMap::new();
     let mut status: HashMap<Vec<String>, CertStatus> = HashMap::new();
+    let mut ari: HashMap<Vec<String>, Ari> = HashMap::new();
+    let mut no_ari = false;
     loop {
+        refresh_ari(&acme, &wanted, &mut ari, &mut no_ari).await;
         // Someone (this process or another) stored a newer certificate.
         if wanted
             .iter()
-            .any(|w| std::fs::read(&w.cert).ok() != w.loaded && !due(w, &acme))
+            .any(|w| std::fs::read(&w.cert).ok() != w.loaded && !due(w, &acme, &HashMap::new()))
         {
             info!("a new certificate is in storage: restarting to serve it");
             restart();
@@ -138,13 +242,14 @@ pub async fn run(config: Config, restart: impl Fn()) {
         let now = tokio::time::Instant::now();
         let due_now: Vec<&Wanted> = wanted
             .iter()
-            .filter(|w| due(w, &acme))
+            .filter(|w| due(w, &acme, &ari))
             .filter(|w| backoff.get(&w.names).is_none_or(|(_, at)| *at <= now))
             .collect();
         if due_now.is_empty() {
             let next = backoff
                 .values()
                 .map(|(_, at)| *at)
+                .chain(ari.values().map(|a| a.next_check))
                 .min()
                 .unwrap_or(now + CHECK)
                 .min(now + CHECK);
@@ -158,7 +263,7 @@ pub async fn run(config: Config, restart: impl Fn()) {
         };
         for w in due_now {
             // Under the lock: another process may have just finished it.
-            if !due(w, &acme) {
+            if !due(w, &acme, &ari) {
                 continue;
             }
             info!(names = ?w.names, "ordering a certificate");
@@ -168,6 +273,7 @@ pub async fn run(config: Config, restart: impl Fn()) {
                 Ok(()) => {
                     info!(names = ?w.names, "certificate obtained");
                     backoff.remove(&w.names);
+                    ari.remove(&w.names);
                     s.last_error = None;
                     s.next_attempt = None;
                 }
@@ -408,4 +514,35 @@ pub fn http_answer(dir: &Path, token: &str) -> Option<Vec<u8>> {
         return None;
     }
     std::fs::read(dir.join(token)).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    #[test]
+    fn renewal_is_due_when_missing_close_to_expiry_or_in_the_ari_window() {
+        let now = SystemTime::now();
+        let day = 86400;
+        let before = Duration::from_secs(30 * day as u64);
+        assert!(super::renew_now(None, before, None, now), "missing");
+        assert!(super::renew_now(Some(29 * day), before, None, now));
+        assert!(!super::renew_now(Some(31 * day), before, None, now));
+        let past = now - Duration::from_secs(1);
+        let future = now + Duration::from_secs(3600);
+        assert!(
+            super::renew_now(Some(60 * day), before, Some(past), now),
+            "ARI window reached"
+        );
+        assert!(!super::renew_now(Some(60 * day), before, Some(future), now));
+    }
+
+    #[test]
+    fn the_tls_alpn_certificate_loads() {
+        let pem = super::alpn_certificate("a.test", &[7u8; 32]).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.test.pem"), pem).unwrap();
+        let provider = crate::tls::provider();
+        assert!(crate::tls::challenge_cert(dir.path(), "a.test", &provider).is_some());
+    }
 }

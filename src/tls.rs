@@ -166,7 +166,7 @@ fn warn_if_not_valid_now(cert: &CertificateDer<'_>, written: &str) {
 
 /// The tls-alpn-01 certificate for `name`, written by the orderer as
 /// `DIR/NAME.pem` (certificate and key).
-fn challenge_cert(
+pub fn challenge_cert(
     dir: &std::path::Path,
     name: &str,
     provider: &CryptoProvider,
@@ -179,9 +179,10 @@ fn challenge_cert(
         .collect::<Result<_, _>>()
         .ok()?;
     let key = PrivateKeyDer::from_pem_slice(&pem).ok()?;
-    CertifiedKey::from_der(chain, key, provider)
-        .ok()
-        .map(Arc::new)
+    // Not `from_der`: its key check parses the certificate with webpki,
+    // which refuses the critical acmeIdentifier extension RFC 8737 requires.
+    let key = provider.key_provider.load_private_key(key).ok()?;
+    Some(Arc::new(CertifiedKey::new(chain, key)))
 }
 
 /// A self-signed certificate for `names`: what an ACME listener serves

@@ -222,17 +222,18 @@ impl Validator<'_> {
             Some(s) => dir.join(&s.value),
             None => dir.join("acme"),
         };
-        let challenge =
-            match a.challenge.as_ref().map(|c| (c, c.value.as_str())) {
-                None | Some((_, "tls-alpn-01")) => Challenge::TlsAlpn01,
-                Some((_, "http-01")) => Challenge::Http01,
-                Some((c, other)) => return self.err(
+        let challenge = match a.challenge.as_ref().map(|c| (c, c.value.as_str())) {
+            None | Some((_, "tls-alpn-01")) => Challenge::TlsAlpn01,
+            Some((_, "http-01")) => Challenge::Http01,
+            Some((c, other)) => {
+                return self.err(
                     Pos::from(c),
                     format!(
                         "acme.challenge: {other:?} is not supported (use tls-alpn-01 or http-01)"
                     ),
-                ),
-            };
+                )
+            }
+        };
         let ca_roots = match &a.ca_roots {
             Some(c) => Some(self.file_ref(c, "acme.ca_roots".into())?),
             None => None,

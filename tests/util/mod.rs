@@ -12,6 +12,7 @@ pub mod client;
 pub mod config;
 pub mod h2raw;
 pub mod load;
+pub mod pebble;
 pub mod raw;
 
 use std::collections::HashMap;
