@@ -146,6 +146,10 @@ struct Target {
     path: String,
     tls: Option<tokio_rustls::TlsConnector>,
     h2: bool,
+    /// TLS handshakes, and those that resumed a session (a ticket the
+    /// server accepted): the client keeps rustls' default session store.
+    handshakes: AtomicU64,
+    resumed: AtomicU64,
 }
 
 async fn connect(t: &Target) -> Result<Sender, String> {
@@ -173,6 +177,11 @@ async fn connect(t: &Target) -> Result<Sender, String> {
         Some(c) => {
             let name = ServerName::try_from("localhost").unwrap();
             let tls = c.connect(name, tcp).await.map_err(|e| e.to_string())?;
+            let resumed = tls.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+            t.handshakes.fetch_add(1, Ordering::Relaxed);
+            if resumed {
+                t.resumed.fetch_add(1, Ordering::Relaxed);
+            }
             handshake!(TokioIo::new(tls))
         }
     })
@@ -420,6 +429,8 @@ fn main() {
                 .unwrap_or("/".into()),
             tls: tls.then(|| tls_connector(a.mode == Mode::H2)),
             h2: a.mode == Mode::H2,
+            handshakes: AtomicU64::new(0),
+            resumed: AtomicU64::new(0),
         });
         if a.restart_latency > 0 {
             restart_latency(&t, a.restart_latency, &a.restart_cmd, &a.old_pids).await;
@@ -447,13 +458,15 @@ fn main() {
         let mut lat = std::mem::take(&mut *stats.latencies.lock().unwrap());
         lat.sort_unstable();
         let ok = stats.ok.load(Ordering::Relaxed);
+        let handshakes = t.handshakes.load(Ordering::Relaxed);
         println!(
-            "ok={ok} failed={} retried={} rps={:.0} p50_ms={:.2} p99_ms={:.2}",
+            "ok={ok} failed={} retried={} rps={:.0} p50_ms={:.2} p99_ms={:.2} handshakes={handshakes} resumed_pct={:.1}",
             stats.failed.load(Ordering::Relaxed),
             stats.retried.load(Ordering::Relaxed),
             ok as f64 / elapsed.as_secs_f64(),
             percentile(&lat, 0.5),
-            percentile(&lat, 0.99)
+            percentile(&lat, 0.99),
+            100.0 * t.resumed.load(Ordering::Relaxed) as f64 / handshakes.max(1) as f64
         );
         for e in stats.errors.lock().unwrap().iter().take(5) {
             eprintln!("error: {e}");
