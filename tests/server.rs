@@ -288,6 +288,22 @@ fn check_names_file_line_and_column_of_each_error() {
         ("listeners:\n  - {name: Web!, addr: '127.0.0.1:9'}\n".into(), "listeners[0].name: \"Web!\" must be made of"),
         ("listeners:\n  - {name: a, addr: 'localhost'}\n".into(), "listeners[0].addr: \"localhost\" is not host:port"),
         (
+            format!("{l}    tls: {{ acme: [a.example] }}\n"),
+            "FILE:4:18: listeners[0].tls.acme: needs an `acme:` section (directory, storage)",
+        ),
+        (
+            format!("acme: {{ directory: https://ca.example/dir }}\n{l}    tls: {{ acme: [localhost] }}\n"),
+            "FILE:5:19: listeners[0].tls.acme: \"localhost\" is not a DNS name",
+        ),
+        (
+            format!("acme: {{ directory: https://ca.example/dir, challenge: dns-01 }}\n{l}"),
+            "FILE:1:55: acme.challenge: \"dns-01\" is not supported (use tls-alpn-01 or http-01)",
+        ),
+        (
+            format!("acme: {{ directory: ftp://x }}\n{l}"),
+            "FILE:1:20: acme.directory: \"ftp://x\" is not an http(s) URL",
+        ),
+        (
             format!("{l}    routes:\n      - proxy: {{ upstream: \"https://x:1/p\" }}\n"),
             "FILE:5:28: listeners[0].routes[0].proxy.upstream: \"https://x:1/p\" is not http://host:port",
         ),

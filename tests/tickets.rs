@@ -142,3 +142,27 @@ async fn a_short_key_file_is_a_config_error() {
         "{err}"
     );
 }
+
+/// Under `--supervise`, each new worker is handed the same secret.
+#[tokio::test]
+async fn a_session_resumes_across_a_supervised_restart() {
+    let mut srv = TestServer::builder().supervise().start().await;
+    let t = Target::tls(srv.addr("web-tls"), srv.tls_h1());
+    assert!(!resumed(&t).await);
+    let worker = srv.serving_pid();
+    srv.hup();
+    assert!(srv.next_notify().await.contains("RELOADING=1"));
+    assert!(srv.next_notify().await.contains("READY=1"));
+    assert_ne!(srv.serving_pid(), worker);
+    // The old worker may still accept for a moment: ask until the new one answers.
+    let deadline = std::time::Instant::now() + util::WAIT;
+    loop {
+        let mut c = client::connect(&t).await.unwrap();
+        let r = c.get("/").await.unwrap();
+        assert!(c.resumed, "every handshake resumes, old worker or new");
+        if r.pid() == srv.serving_pid() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline);
+    }
+}
