@@ -247,7 +247,7 @@ impl Server {
         let span = logging::init(&config.log, generation);
         // The TLS session ticket secret: the config's key file, else the one
         // handed over, else a new one (see `tickets`).
-        let prepared = match prepare::prepare_config(config, &self.apps) {
+        let prepared = match span.in_scope(|| prepare::prepare_config(config, &self.apps)) {
             Ok(p) => p,
             Err(e) => return fail(&mut ready, &e.to_string()),
         };

@@ -48,7 +48,7 @@ fn errors_name_line_and_column() {
 
     let e = parse("shutdown_timeout: 10x\nlisteners:\n  - {name: a, addr: '127.0.0.1:1'}\n")
         .unwrap_err();
-    assert_eq!(e.to_string(), "/etc/g/server.yaml:1:19: shutdown_timeout: duration \"10x\" has unknown unit \"x\" (use ms, s, m or h)");
+    assert_eq!(e.to_string(), "/etc/g/server.yaml:1:19: shutdown_timeout: duration \"10x\" has unknown unit \"x\" (use ms, s, m, h or d)");
 
     let e = parse(
         "listeners:\n  - {name: a, addr: '127.0.0.1:1'}\n  - {name: a, addr: '127.0.0.1:2'}\n",
