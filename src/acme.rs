@@ -327,13 +327,29 @@ fn write_status(storage: &Path, status: &HashMap<Vec<String>, CertStatus>) {
     }
 }
 
-/// What `status` shows of ACME: `storage/status.json`, with each stored
-/// certificate's `not_after` as it is now.
-pub fn status(config: &AcmeConfig) -> serde_json::Value {
-    let list: Vec<CertStatus> = std::fs::read(config.storage.join("status.json"))
+/// What `status` shows of ACME: every certificate `config` asks for, with
+/// its `not_after` as stored now, and the last error and next attempt of
+/// the orderer (`storage/status.json`, shared by every process).
+pub fn status(config: &Config) -> serde_json::Value {
+    let Some(acme) = &config.acme else {
+        return serde_json::Value::Null;
+    };
+    let recorded: Vec<CertStatus> = std::fs::read(acme.storage.join("status.json"))
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or_default();
+    let list: Vec<CertStatus> = wanted(config)
+        .into_iter()
+        .map(|w| {
+            let last = recorded.iter().find(|r| r.names == w.names);
+            CertStatus {
+                not_after: w.loaded.as_deref().and_then(not_after),
+                last_error: last.and_then(|r| r.last_error.clone()),
+                next_attempt: last.and_then(|r| r.next_attempt.clone()),
+                names: w.names,
+            }
+        })
+        .collect();
     serde_json::to_value(list).unwrap_or_default()
 }
 

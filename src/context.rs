@@ -29,8 +29,9 @@ pub struct ProcessInfo {
     /// Proxied requests whose body the client broke (answered 400).
     pub client_errors_total: AtomicU64,
     pub drain: Drain,
-    /// The config's `acme:` section, for `status` to show each certificate.
-    pub acme: Option<crate::config::AcmeConfig>,
+    /// The config, when it has an `acme:` section: `status` shows each
+    /// certificate it asks for.
+    pub acme: Option<crate::config::Config>,
 }
 
 impl ProcessInfo {

@@ -80,7 +80,7 @@ impl Generation {
             upstream_errors_total: AtomicU64::new(0),
             client_errors_total: AtomicU64::new(0),
             drain: Drain::default(),
-            acme: config.acme.clone(),
+            acme: config.acme.is_some().then(|| config.clone()),
         });
         let mut specs = Vec::new();
         for (l, p) in listeners.iter().zip(prepared) {
