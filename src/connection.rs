@@ -20,6 +20,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tracing::debug;
 
+use crate::access_log::{AccessLog, Entry, TlsInfo};
 use crate::body::{Body, Reply};
 use crate::config::Timeouts;
 use crate::context::{ListenerContext, Peer, Shared, ThreadStats};
@@ -37,6 +38,8 @@ pub struct ListenerSpec {
     /// Set by [`crate::serve::start`]: accepted sockets get TCP_NODELAY from the listening
     /// socket, so no connection needs a `setsockopt` of its own.
     pub nodelay_inherited: bool,
+    /// Where this listener's requests are logged, if anywhere.
+    pub access_log: Option<Arc<AccessLog>>,
 }
 
 /// hyper's connection builders, one per HTTP version (one set per thread).
@@ -290,8 +293,20 @@ pub async fn serve_tls(
                 addr: peer,
                 tls: true,
             };
-            let alpn_h2 = tls.get_ref().1.alpn_protocol().map(|p| p == b"h2");
-            serve_http(tls, alpn_h2, peer, spec, stats, shared, builder).await
+            let session = tls.get_ref().1;
+            let alpn_h2 = session.alpn_protocol().map(|p| p == b"h2");
+            // What the access log says of TLS (only when there is one).
+            let info = spec.access_log.as_ref().map(|_| {
+                Arc::new(TlsInfo {
+                    version: match session.protocol_version() {
+                        Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
+                        Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
+                        _ => "TLS",
+                    },
+                    sni: session.server_name().map(Into::into),
+                })
+            });
+            serve_http(tls, alpn_h2, peer, info, spec, stats, shared, builder).await
         }
         Ok(Err(e)) => debug!(listener = %spec.ctx.name, %peer, "TLS handshake failed: {e}"),
         Err(_) => debug!(listener = %spec.ctx.name, %peer, "TLS handshake timed out"),
@@ -535,10 +550,12 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for TrackedIo<T> {
 /// then closes it with a lingering close (unless the client closed first,
 /// or stopped reading). `alpn_h2` is the version TLS agreed on; without one
 /// (plain, or a TLS client that sent no ALPN) the client's first bytes tell.
+#[allow(clippy::too_many_arguments)]
 pub async fn serve_http<T: Socket>(
     mut io: T,
     alpn_h2: Option<bool>,
     peer: Peer,
+    tls: Option<Arc<TlsInfo>>,
     spec: Arc<ListenerSpec>,
     stats: Arc<ThreadStats>,
     shared: Arc<Shared>,
@@ -584,6 +601,7 @@ pub async fn serve_http<T: Socket>(
     });
     let svc = ConnService {
         peer,
+        tls,
         spec: spec.clone(),
         stats,
         activity: activity.clone(),
@@ -673,6 +691,8 @@ async fn drive<T: Socket>(
 #[derive(Clone)]
 struct ConnService {
     peer: Peer,
+    /// The connection's TLS facts, when its listener has an access log.
+    tls: Option<Arc<TlsInfo>>,
     spec: Arc<ListenerSpec>,
     stats: Arc<ThreadStats>,
     activity: Arc<Activity>,
@@ -687,8 +707,30 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
         let version = req.version();
         self.stats.requests_total.fetch_add(1, Ordering::Relaxed);
         debug!(listener = %self.spec.ctx.name, method = %req.method(), path = req.uri().path(), "request started");
+        let logged = self.spec.access_log.as_ref().map(|log| {
+            Box::new(Logged {
+                log: log.clone(),
+                spec: self.spec.clone(),
+                remote: self.peer.addr,
+                tls: self.tls.clone(),
+                entry: Entry {
+                    started: std::time::Instant::now(),
+                    method: req.method().clone(),
+                    target: req
+                        .uri()
+                        .path_and_query()
+                        .map_or_else(|| req.uri().to_string(), |p| p.as_str().to_string()),
+                    version,
+                    referer: req.headers().get(header::REFERER).cloned(),
+                    user_agent: req.headers().get(header::USER_AGENT).cloned(),
+                    // Until a response exists: the client went away (nginx's 499).
+                    status: 499,
+                    bytes: 0,
+                },
+            })
+        });
         let finish = Finish {
-            guard: InFlight::new(self.activity.clone(), self.stats.clone()),
+            guard: InFlight::new(self.activity.clone(), self.stats.clone(), logged),
             version,
         };
         if version < Version::HTTP_2 {
@@ -847,7 +889,10 @@ struct Finish {
 
 impl Finish {
     /// During a drain, an HTTP/1.x response closes its connection.
-    fn wrap(self, mut res: Response<Body>, spec: &ListenerSpec) -> Response<TrackedBody> {
+    fn wrap(mut self, mut res: Response<Body>, spec: &ListenerSpec) -> Response<TrackedBody> {
+        if let Some(l) = &mut self.guard.logged {
+            l.entry.status = res.status().as_u16();
+        }
         if res.status() == http::StatusCode::SWITCHING_PROTOCOLS {
             self.guard.activity.upgraded.store(true, Ordering::Relaxed);
         }
@@ -871,17 +916,32 @@ impl Finish {
     }
 }
 
-/// A request counted as in flight until its response body is done.
+/// A request counted as in flight until its response body is done, and
+/// then logged, if its listener has an access log.
 struct InFlight {
     activity: Arc<Activity>,
     stats: Arc<ThreadStats>,
+    logged: Option<Box<Logged>>,
+}
+
+/// A request on its way to the access log.
+struct Logged {
+    log: Arc<AccessLog>,
+    spec: Arc<ListenerSpec>,
+    remote: SocketAddr,
+    tls: Option<Arc<TlsInfo>>,
+    entry: Entry,
 }
 
 impl InFlight {
-    fn new(activity: Arc<Activity>, stats: Arc<ThreadStats>) -> Self {
+    fn new(activity: Arc<Activity>, stats: Arc<ThreadStats>, logged: Option<Box<Logged>>) -> Self {
         activity.request_started();
         stats.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight { activity, stats }
+        InFlight {
+            activity,
+            stats,
+            logged,
+        }
     }
 }
 
@@ -889,6 +949,15 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         self.activity.request_finished();
         self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if let Some(l) = self.logged.take() {
+            l.log.record(
+                self.stats.index,
+                &l.spec.ctx.name,
+                l.remote,
+                l.tls.as_deref(),
+                &l.entry,
+            );
+        }
     }
 }
 
@@ -922,9 +991,12 @@ impl hyper::body::Body for TrackedBody {
             this.guard.activity.unpark();
         }
         let res = Pin::new(&mut this.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(_))) = res {
+        if let Poll::Ready(Some(Ok(frame))) = &res {
             this.parked = true;
             this.guard.activity.park();
+            if let (Some(l), Some(data)) = (&mut this.guard.logged, frame.data_ref()) {
+                l.entry.bytes += data.len() as u64;
+            }
         }
         res
     }

@@ -32,6 +32,8 @@ pub struct ProcessInfo {
     /// The config, when it has an `acme:` section: `status` shows each
     /// certificate it asks for.
     pub acme: Option<crate::config::Config>,
+    /// The access logs, for the lines they lost (`status`).
+    pub access_logs: Vec<Arc<crate::access_log::AccessLog>>,
 }
 
 impl ProcessInfo {
@@ -71,6 +73,8 @@ pub struct Peer {
 #[repr(align(128))]
 #[derive(Default)]
 pub struct ThreadStats {
+    /// This thread's place among the process's (its access log buffer).
+    pub index: usize,
     pub requests_total: AtomicU64,
     pub in_flight: AtomicU64,
     /// Connections this thread serves now (for balancing accepts).

@@ -10,9 +10,10 @@ use std::time::{Instant, SystemTime};
 use tokio::sync::Semaphore;
 use tracing::{info, warn};
 
+use crate::access_log::AccessLog;
 use crate::config::Config;
 use crate::connection::ListenerSpec;
-use crate::context::{ListenerContext, ProcessInfo, Shared};
+use crate::context::{ListenerContext, ProcessInfo, Shared, ThreadStats};
 use crate::drain::Drain;
 use crate::handoff::InheritedSocket;
 use crate::listeners::Listener;
@@ -64,6 +65,19 @@ impl Generation {
             ..
         } = prepared;
         let listeners = crate::listeners::open(&config.listeners, inherited)?;
+        let threads = thread_count();
+        // One writer per distinct access log, shared by its listeners.
+        let mut logs: Vec<(crate::config::AccessLogConfig, Arc<AccessLog>)> = Vec::new();
+        for a in config
+            .listeners
+            .iter()
+            .filter_map(|c| c.access_log.as_ref())
+        {
+            if !logs.iter().any(|(c, _)| c == a) {
+                let log = AccessLog::open(a, threads, std::process::id(), generation)?;
+                logs.push((a.clone(), log));
+            }
+        }
         let process = Arc::new(ProcessInfo {
             pid: std::process::id(),
             generation,
@@ -75,15 +89,28 @@ impl Generation {
                 .zip(&listeners)
                 .map(|(c, l)| (c.name.clone(), l.local_addr.to_string(), c.tls.is_some()))
                 .collect(),
-            threads: (0..thread_count()).map(|_| Default::default()).collect(),
+            threads: (0..threads)
+                .map(|index| {
+                    Arc::new(ThreadStats {
+                        index,
+                        ..Default::default()
+                    })
+                })
+                .collect(),
             proxied_total: AtomicU64::new(0),
             upstream_errors_total: AtomicU64::new(0),
             client_errors_total: AtomicU64::new(0),
             drain: Drain::default(),
             acme: config.acme.is_some().then(|| config.clone()),
+            access_logs: logs.iter().map(|(_, l)| l.clone()).collect(),
         });
         let mut specs = Vec::new();
-        for (l, p) in listeners.iter().zip(prepared) {
+        for ((l, p), c) in listeners.iter().zip(prepared).zip(&config.listeners) {
+            let access_log = c
+                .access_log
+                .as_ref()
+                .and_then(|a| logs.iter().find(|(c, _)| c == a))
+                .map(|(_, log)| log.clone());
             let socket = l
                 .socket
                 .try_clone()
@@ -104,6 +131,7 @@ impl Generation {
                         process: process.clone(),
                     }),
                     nodelay_inherited: false,
+                    access_log,
                 },
             ));
         }

@@ -32,6 +32,7 @@
 
 #![deny(unsafe_code)]
 
+mod access_log;
 mod acme;
 mod body;
 mod config;
@@ -317,9 +318,11 @@ impl Server {
         };
         let (gen, watch, predecessors) = started;
         let restart = restart::Restart::new(spawner(restart::Role::Generation));
-        restart::control(gen, restart, signals, watch, predecessors, supervisor)
+        let code = restart::control(gen, restart, signals, watch, predecessors, supervisor)
             .instrument(span)
-            .await
+            .await;
+        access_log::flush_all();
+        code
     }
 }
 

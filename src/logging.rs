@@ -48,6 +48,13 @@ pub struct Throttle {
 }
 
 impl Throttle {
+    pub const fn new() -> Throttle {
+        Throttle {
+            last: std::sync::atomic::AtomicU64::new(0),
+            suppressed: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
     /// `Some(n)`: log now, mentioning `n` lines not logged since the last
     /// one. `None`: count this one and stay quiet.
     pub fn allow(&self) -> Option<u64> {

@@ -502,6 +502,10 @@ pub async fn control(
             }
             sig = signals.next() => match sig {
                 Sig::Restart => Some(Trigger::Signal),
+                Sig::Reopen => {
+                    crate::access_log::reopen_all();
+                    None
+                }
                 Sig::Stop => {
                     info!("stopping: draining connections");
                     drop(orderer.take());
@@ -747,6 +751,10 @@ async fn drain(gen: &mut Generation, signals: &mut Signals, why: Why, reaper: &R
                 match sig {
                     Sig::Restart => {
                         info!("draining: HUP ignored (the new generation handles restarts)");
+                        continue;
+                    }
+                    Sig::Reopen => {
+                        crate::access_log::reopen_all();
                         continue;
                     }
                     Sig::Stop if !stopping => {

@@ -324,7 +324,7 @@ impl Accepted {
                     tls: false,
                 };
                 Box::pin(connection::serve_http(
-                    stream, None, peer, spec, stats, shared, builder,
+                    stream, None, peer, None, spec, stats, shared, builder,
                 ))
                 .await
             }

@@ -14,6 +14,8 @@ pub enum Sig {
     Stop,
     /// QUIT: immediate stop.
     Quit,
+    /// USR1: reopen the access log (after logrotate renamed it).
+    Reopen,
 }
 
 pub struct Signals {
@@ -21,6 +23,7 @@ pub struct Signals {
     term: Signal,
     int: Signal,
     quit: Signal,
+    usr1: Signal,
 }
 
 impl Signals {
@@ -31,6 +34,7 @@ impl Signals {
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
             quit: signal(SignalKind::quit())?,
+            usr1: signal(SignalKind::user_defined1())?,
         })
     }
 
@@ -40,6 +44,7 @@ impl Signals {
             _ = self.term.recv() => Sig::Stop,
             _ = self.int.recv() => Sig::Stop,
             _ = self.quit.recv() => Sig::Quit,
+            _ = self.usr1.recv() => Sig::Reopen,
         }
     }
 }

@@ -105,6 +105,7 @@ pub async fn run(
             event = restart.next() => break event,
             sig = signals.next() => match sig {
                 Sig::Restart => held_hup = true,
+                Sig::Reopen => {}
                 Sig::Stop | Sig::Quit => {
                     info!("stopping while the first worker starts");
                     restart.abandon().await;
@@ -169,6 +170,13 @@ pub async fn run(
             sig = signals.next() => match sig {
                 Sig::Restart if s.stopping.is_none() => Some(Trigger::Signal),
                 Sig::Restart => None,
+                Sig::Reopen => {
+                    // The workers write the access log.
+                    for p in s.current.iter().map(|w| w.pid).chain(s.draining.iter().copied()) {
+                        let _ = kill(Pid::from_raw(p), Signal::SIGUSR1);
+                    }
+                    None
+                }
                 Sig::Stop | Sig::Quit => {
                     if let Some(code) = s.stop(sig).await {
                         return code;

@@ -8,7 +8,7 @@ use std::process::Command;
 use serde_json::json;
 use util::client::{self, Target};
 use util::config::{Config, Listener};
-use util::{TestServer, BIN};
+use util::{SmallDisk, TestServer, BIN};
 
 /// The serial number of a DER certificate, in hex.
 fn serial(der: &[u8]) -> String {
@@ -273,49 +273,6 @@ async fn watch_acts_once_per_change_and_never_on_reads() {
         .await
         .unwrap();
     assert_eq!(r.body, format!("pid {new} generation 2 web\n"));
-}
-
-/// A small tmpfs mounted at `path` (the tests run as root, as CI does),
-/// unmounted when dropped: a disk that can be filled and freed.
-struct SmallDisk(std::path::PathBuf);
-
-impl SmallDisk {
-    fn mount(path: &Path) -> SmallDisk {
-        std::fs::create_dir_all(path).unwrap();
-        let ok = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
-            .arg(path)
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "mounting a tmpfs needs root (CI runs as root)");
-        SmallDisk(path.to_path_buf())
-    }
-
-    fn fill(&self) {
-        use std::io::Write;
-        let mut f = std::fs::File::create(self.0.join("fill")).unwrap();
-        while f.write_all(&[0u8; 4096]).is_ok() {}
-        let _ = f.flush();
-    }
-
-    fn free(&self) {
-        std::fs::remove_file(self.0.join("fill")).unwrap();
-    }
-
-    fn names(&self) -> Vec<String> {
-        let mut names: Vec<String> = std::fs::read_dir(&self.0)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        names.sort();
-        names
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
 }
 
 /// Issue 14.2: with `pid_file` on a full disk, `reload` still reports the

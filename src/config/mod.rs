@@ -102,6 +102,22 @@ pub struct Config {
     pub listeners: Vec<ListenerConfig>,
 }
 
+/// `access_log:` (top level, or a listener's own).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct AccessLogConfig {
+    /// `None`: standard error.
+    pub path: Option<PathBuf>,
+    pub format: AccessLogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AccessLogFormat {
+    /// One JSON object a line.
+    Json,
+    /// The combined format nginx and Apache write.
+    Combined,
+}
+
 /// Which ACME challenge proves control of a name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Challenge {
@@ -170,6 +186,9 @@ pub struct ListenerConfig {
     pub name: String,
     pub addr: SocketAddr,
     pub tls: Option<TlsConfig>,
+    /// Where this listener's requests are logged: its own `access_log`, or
+    /// the top-level one.
+    pub access_log: Option<AccessLogConfig>,
     pub routes: Vec<RouteConfig>,
     pub pos: Pos,
 }

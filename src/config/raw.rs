@@ -19,7 +19,15 @@ pub struct Config {
     pub max_draining: Option<Spanned<u64>>,
     pub tls_tickets: Option<TlsTickets>,
     pub acme: Option<Spanned<Acme>>,
+    pub access_log: Option<Spanned<AccessLog>>,
     pub listeners: Spanned<Vec<Spanned<Listener>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLog {
+    pub path: Spanned<String>,
+    pub format: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -62,6 +70,7 @@ pub struct Listener {
     pub name: Spanned<String>,
     pub addr: Spanned<String>,
     pub tls: Option<Spanned<Tls>>,
+    pub access_log: Option<Spanned<AccessLog>>,
     #[serde(default)]
     pub routes: Vec<Spanned<Route>>,
 }

@@ -156,11 +156,18 @@ impl Validator<'_> {
             Some(a) => Some(self.acme(a)?),
             None => None,
         };
+        let access_log = match &raw.access_log {
+            Some(a) => Some(self.access_log(a, "access_log")?),
+            None => None,
+        };
         let mut names = HashSet::new();
         let mut addrs = HashSet::new();
         let mut listeners = Vec::new();
         for (i, l) in raw.listeners.value.iter().enumerate() {
-            let listener = self.listener(i, l, acme.as_ref().map(|a| a.storage.as_path()))?;
+            let mut listener = self.listener(i, l, acme.as_ref().map(|a| a.storage.as_path()))?;
+            if listener.access_log.is_none() {
+                listener.access_log = access_log.clone();
+            }
             if !names.insert(listener.name.clone()) {
                 return self.err(
                     Pos::from(&l.value.name),
@@ -201,6 +208,30 @@ impl Validator<'_> {
             max_draining,
             listeners,
         })
+    }
+
+    fn access_log(
+        &self,
+        a: &Spanned<raw::AccessLog>,
+        key: &str,
+    ) -> Result<AccessLogConfig, ConfigError> {
+        let a = &a.value;
+        let path = match a.path.value.as_str() {
+            "" => return self.err(Pos::from(&a.path), format!("{key}.path: must not be empty")),
+            "stderr" => None,
+            p => Some(self.file.parent().unwrap_or(Path::new("/")).join(p)),
+        };
+        let format = match a.format.as_ref().map(|f| (f, f.value.as_str())) {
+            None | Some((_, "json")) => AccessLogFormat::Json,
+            Some((_, "combined")) => AccessLogFormat::Combined,
+            Some((f, other)) => {
+                return self.err(
+                    Pos::from(f),
+                    format!("{key}.format: {other:?} is not a format (use json or combined)"),
+                )
+            }
+        };
+        Ok(AccessLogConfig { path, format })
     }
 
     fn acme(&self, a: &Spanned<raw::Acme>) -> Result<AcmeConfig, ConfigError> {
@@ -398,10 +429,15 @@ impl Validator<'_> {
             }
             routes.push(route);
         }
+        let access_log = match &raw.access_log {
+            Some(a) => Some(self.access_log(a, &format!("listeners[{i}].access_log"))?),
+            None => None,
+        };
         Ok(ListenerConfig {
             name: name.clone(),
             addr,
             tls,
+            access_log,
             routes,
             pos: Pos::from(l),
         })

@@ -34,6 +34,14 @@ pub(super) fn response(ctx: &ListenerContext) -> Response<Body> {
         "draining": p.drain.is_draining(),
     });
     let mut body = body;
+    if !p.access_logs.is_empty() {
+        body["access_log_dropped"] = p
+            .access_logs
+            .iter()
+            .map(|l| l.dropped.load(Ordering::Relaxed))
+            .sum::<u64>()
+            .into();
+    }
     if let Some(acme) = &p.acme {
         body["acme"] = crate::acme::status(acme);
     }

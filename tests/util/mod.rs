@@ -708,3 +708,46 @@ impl Drop for TestServer {
         let _ = self.first.wait();
     }
 }
+
+/// A small tmpfs mounted at `path` (the tests run as root, as CI does),
+/// unmounted when dropped: a disk that can be filled and freed.
+pub struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    pub fn mount(path: &Path) -> SmallDisk {
+        std::fs::create_dir_all(path).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
+            .arg(path)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "mounting a tmpfs needs root (CI runs as root)");
+        SmallDisk(path.to_path_buf())
+    }
+
+    pub fn fill(&self) {
+        use std::io::Write;
+        let mut f = std::fs::File::create(self.0.join("fill")).unwrap();
+        while f.write_all(&[0u8; 4096]).is_ok() {}
+        let _ = f.flush();
+    }
+
+    pub fn free(&self) {
+        std::fs::remove_file(self.0.join("fill")).unwrap();
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(&self.0)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
