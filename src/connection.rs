@@ -40,6 +40,8 @@ pub struct ListenerSpec {
     pub nodelay_inherited: bool,
     /// Where this listener's requests are logged, if anywhere.
     pub access_log: Option<Arc<AccessLog>>,
+    /// What this listener counts, when the config serves `metrics: {}`.
+    pub metrics: Option<Arc<crate::metrics::ListenerMetrics>>,
 }
 
 /// hyper's connection builders, one per HTTP version (one set per thread).
@@ -287,7 +289,15 @@ pub async fn serve_tls(
     shared: Arc<Shared>,
     builder: Arc<Builders>,
 ) {
-    match tokio::time::timeout(shared.timeouts.handshake, acceptor.accept(stream)).await {
+    let handshake = tokio::time::timeout(shared.timeouts.handshake, acceptor.accept(stream)).await;
+    if let Some(m) = &spec.metrics {
+        let counter = match &handshake {
+            Ok(Ok(_)) => &m.handshakes,
+            _ => &m.handshake_failures,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+    match handshake {
         Ok(Ok(tls)) => {
             let peer = Peer {
                 addr: peer,
@@ -599,6 +609,7 @@ pub async fn serve_http<T: Socket>(
         eof: false,
         back: Some(back),
     });
+    let _counted = spec.metrics.as_ref().map(|m| m.connection(h2));
     let svc = ConnService {
         peer,
         tls,
@@ -707,9 +718,9 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
         let version = req.version();
         self.stats.requests_total.fetch_add(1, Ordering::Relaxed);
         debug!(listener = %self.spec.ctx.name, method = %req.method(), path = req.uri().path(), "request started");
-        let logged = self.spec.access_log.as_ref().map(|log| {
+        let logged = (self.spec.access_log.is_some() || self.spec.metrics.is_some()).then(|| {
             Box::new(Logged {
-                log: log.clone(),
+                log: self.spec.access_log.clone(),
                 spec: self.spec.clone(),
                 remote: self.peer.addr,
                 tls: self.tls.clone(),
@@ -727,6 +738,7 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
                     status: 499,
                     bytes: 0,
                 },
+                route: None,
             })
         });
         let finish = Finish {
@@ -746,7 +758,16 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
             }
             return ResponseFuture::Now(std::future::ready(Ok(finish.wrap(res, &self.spec))));
         }
-        match self.spec.handler.call(req, &self.spec.ctx, self.peer) {
+        let mut finish = finish;
+        let mut route = None;
+        let reply = self
+            .spec
+            .handler
+            .call(req, &self.spec.ctx, self.peer, &mut route);
+        if let Some(l) = &mut finish.guard.logged {
+            l.route = route;
+        }
+        match reply {
             Reply::Now(res) => {
                 ResponseFuture::Now(std::future::ready(Ok(finish.wrap(res, &self.spec))))
             }
@@ -924,9 +945,11 @@ struct InFlight {
     logged: Option<Box<Logged>>,
 }
 
-/// A request on its way to the access log.
+/// A request on its way to the access log and the metrics.
 struct Logged {
-    log: Arc<AccessLog>,
+    log: Option<Arc<AccessLog>>,
+    /// The route that took it (for the metrics).
+    route: Option<usize>,
     spec: Arc<ListenerSpec>,
     remote: SocketAddr,
     tls: Option<Arc<TlsInfo>>,
@@ -950,13 +973,24 @@ impl Drop for InFlight {
         self.activity.request_finished();
         self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
         if let Some(l) = self.logged.take() {
-            l.log.record(
-                self.stats.index,
-                &l.spec.ctx.name,
-                l.remote,
-                l.tls.as_deref(),
-                &l.entry,
-            );
+            if let Some(log) = &l.log {
+                log.record(
+                    self.stats.index,
+                    &l.spec.ctx.name,
+                    l.remote,
+                    l.tls.as_deref(),
+                    &l.entry,
+                );
+            }
+            if let Some(m) = &l.spec.metrics {
+                let e = &l.entry;
+                m.record(
+                    l.route,
+                    e.status,
+                    e.bytes,
+                    e.started.elapsed().as_secs_f64(),
+                );
+            }
         }
     }
 }

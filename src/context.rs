@@ -34,6 +34,8 @@ pub struct ProcessInfo {
     pub acme: Option<crate::config::Config>,
     /// The access logs, for the lines they lost (`status`).
     pub access_logs: Vec<Arc<crate::access_log::AccessLog>>,
+    /// Set when some listener serves `metrics: {}`.
+    pub metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl ProcessInfo {

@@ -57,6 +57,7 @@ impl Generation {
         inherited: Vec<InheritedSocket>,
         generation: u64,
         tickets: Arc<Tickets>,
+        metrics_base: Option<(Option<String>, bool)>,
         span: tracing::Span,
     ) -> Result<Generation, String> {
         let Prepared {
@@ -78,6 +79,35 @@ impl Generation {
                 logs.push((a.clone(), log));
             }
         }
+        // What each listener counts, when the config serves `metrics: {}`.
+        let listener_metrics: Vec<Option<Arc<crate::metrics::ListenerMetrics>>> = config
+            .listeners
+            .iter()
+            .zip(&prepared)
+            .map(|(c, p)| {
+                config.has_metrics().then(|| {
+                    Arc::new(match &p.handler {
+                        crate::service::Handler::Routes(r) => {
+                            crate::metrics::ListenerMetrics::new(&c.name, r.prefixes(), false)
+                        }
+                        crate::service::Handler::App(_) => {
+                            crate::metrics::ListenerMetrics::new(&c.name, Vec::new(), true)
+                        }
+                    })
+                })
+            })
+            .collect();
+        let metrics = config.has_metrics().then(|| {
+            let (base, restarted) = metrics_base.unwrap_or((None, false));
+            let mut m = crate::metrics::Metrics::new(
+                listener_metrics.iter().flatten().cloned().collect(),
+                base.as_deref(),
+                restarted,
+                generation,
+            );
+            m.certificates = served_certificates(&config);
+            Arc::new(m)
+        });
         let process = Arc::new(ProcessInfo {
             pid: std::process::id(),
             generation,
@@ -103,9 +133,15 @@ impl Generation {
             drain: Drain::default(),
             acme: config.acme.is_some().then(|| config.clone()),
             access_logs: logs.iter().map(|(_, l)| l.clone()).collect(),
+            metrics,
         });
         let mut specs = Vec::new();
-        for ((l, p), c) in listeners.iter().zip(prepared).zip(&config.listeners) {
+        for (((l, p), c), metrics) in listeners
+            .iter()
+            .zip(prepared)
+            .zip(&config.listeners)
+            .zip(listener_metrics)
+        {
             let access_log = c
                 .access_log
                 .as_ref()
@@ -132,6 +168,7 @@ impl Generation {
                     }),
                     nodelay_inherited: false,
                     access_log,
+                    metrics,
                 },
             ));
         }
@@ -213,4 +250,30 @@ impl Generation {
             crate::successor::remove_pid_file(path, self.process.pid);
         }
     }
+}
+
+/// The certificates the listeners serve (as loaded at start): listener,
+/// serial, not after. For `gracesrv_certificate_expiry_seconds`.
+fn served_certificates(config: &Config) -> Vec<(String, String, i64)> {
+    use rustls_pki_types::pem::PemObject;
+    let mut out = Vec::new();
+    for l in &config.listeners {
+        let Some(tls) = &l.tls else { continue };
+        let files = std::iter::once(&tls.cert).chain(tls.sni.iter().map(|(c, _)| c));
+        for f in files {
+            let Some(der) = rustls_pki_types::CertificateDer::pem_file_iter(&f.path)
+                .ok()
+                .and_then(|mut it| it.next())
+                .and_then(Result::ok)
+            else {
+                continue;
+            };
+            if let (Some(serial), Some((_, not_after))) =
+                (crate::tls::serial(&der), crate::tls::validity(&der))
+            {
+                out.push((l.name.clone(), serial, not_after));
+            }
+        }
+    }
+    out
 }

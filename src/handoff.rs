@@ -20,7 +20,7 @@ use nix::sys::stat::{fstat, SFlag};
 pub const LISTEN_FDS_START: RawFd = 3;
 
 /// Environment variables of the handoff; read once and removed at start.
-pub const HANDOFF_VARS: [&str; 8] = [
+pub const HANDOFF_VARS: [&str; 9] = [
     "LISTEN_PID",
     "LISTEN_FDS",
     "LISTEN_FDNAMES",
@@ -29,6 +29,7 @@ pub const HANDOFF_VARS: [&str; 8] = [
     "GRACESRV_SUPERVISOR",
     "GRACESRV_DRAINING",
     crate::tickets::SECRET_VAR,
+    crate::metrics::BASE_VAR,
 ];
 
 /// A listening socket handed to this process, with the name it was given.

@@ -46,6 +46,7 @@ mod handoff;
 mod limits;
 mod listeners;
 mod logging;
+mod metrics;
 mod predecessors;
 mod prepare;
 mod proxy;
@@ -289,6 +290,12 @@ impl Server {
                 inherited.sockets,
                 generation,
                 tickets.clone(),
+                // A new generation of a self-restarting server counts its
+                // restart; a supervisor counts its workers' restarts.
+                Some((
+                    inherited.metrics.clone(),
+                    generation > 1 && supervisor.is_none(),
+                )),
                 span.clone(),
             ) {
                 Ok(g) => g,
@@ -305,6 +312,10 @@ impl Server {
             }
             let mut predecessors = inherited.draining;
             predecessors.enforce(gen.config.max_draining);
+            if let Some(m) = &gen.process.metrics {
+                *m.predecessors.lock().unwrap_or_else(|p| p.into_inner()) =
+                    predecessors.list().to_vec();
+            }
             tracing::info!(version = env!("CARGO_PKG_VERSION"), "ready");
             let watch =
                 watched.and_then(|(loaded, files)| match watch::Watch::start(files, loaded) {

@@ -47,7 +47,7 @@ impl Gen {
         Gen::of(std::process::id() as i32)
     }
 
-    fn alive(&self) -> bool {
+    pub fn alive(&self) -> bool {
         start_time(self.pid) == Some(self.start)
     }
 }
@@ -55,6 +55,13 @@ impl Gen {
 /// Older generations still draining, oldest first.
 #[derive(Debug, Default)]
 pub struct Predecessors(Vec<Gen>);
+
+impl Predecessors {
+    /// The generations in the list.
+    pub fn list(&self) -> &[Gen] {
+        &self.0
+    }
+}
 
 impl Predecessors {
     /// The list a predecessor handed over (`GRACESRV_DRAINING`).

@@ -117,6 +117,7 @@ pub fn summary(p: &Prepared) -> String {
                     crate::config::Action::Static { .. } => "static",
                     crate::config::Action::Redirect { .. } => "redirect",
                     crate::config::Action::Status => "status",
+                    crate::config::Action::Metrics => "metrics",
                     crate::config::Action::Proxy { .. } => "proxy",
                 };
                 format!("{} {kind}", r.path)

@@ -188,12 +188,13 @@ impl Restart {
         generation: u64,
         listeners: &[Listener],
         config: &Config,
+        env: Vec<(OsString, OsString)>,
         pending: bool,
     ) {
         let pid = Rc::new(Cell::new(None));
         let attempt = self
             .spawner
-            .replacement(generation, listeners, config, pid.clone());
+            .replacement(generation, listeners, config, env, pid.clone());
         self.starting(Trigger::Replace, attempt, pid, pending);
     }
 
@@ -330,12 +331,13 @@ impl Spawner {
         generation: u64,
         listeners: &[Listener],
         config: &Config,
+        env: Vec<(OsString, OsString)>,
         pid: Rc<Cell<Option<i32>>>,
     ) -> Attempt {
         let opened = duplicates(listeners)
             .and_then(|dups| crate::listeners::open(&config.listeners, dups))
             .map(|listeners| (config.clone(), listeners));
-        self.start(opened, generation, Vec::new(), pid)
+        self.start(opened, generation, env, pid)
     }
 
     /// Starts the process on `opened` (its config and sockets), noting its
@@ -562,6 +564,7 @@ pub async fn control(
                                 let reason = "new generation died after ready (rolled back)".to_string();
                                 error!(new_pid, status, "restart failed: {reason}");
                                 restart.report(gen.config.pid_file.as_deref(), gen.process.pid, next_generation, &Err(reason));
+                                restart_failed(&gen);
                                 // This generation serves again: it is the one
                                 // the pid file and systemd must name.
                                 gen.report_ready(None, supervisor.is_some());
@@ -572,6 +575,7 @@ pub async fn control(
                     }
                     Err(reason) => {
                         error!(took_ms, "restart failed: {reason}");
+                        restart_failed(&gen);
                         pending.then_some(Trigger::Signal)
                     }
                 }
@@ -589,7 +593,13 @@ pub async fn control(
         // The next generation learns which generations drain, this one included.
         predecessors.forget_exited();
         let draining = predecessors.with_current();
-        let env = vec![("GRACESRV_DRAINING".into(), draining.into())];
+        let mut env = vec![("GRACESRV_DRAINING".into(), draining.into())];
+        if restart.is_idle() {
+            // The counters the new generation counts on from (see `metrics`).
+            if let Some(m) = &gen.process.metrics {
+                env.push((crate::metrics::BASE_VAR.into(), m.freeze().into()));
+            }
+        }
         restart.request(trigger, gen.process.generation + 1, &gen.listeners, env);
     }
 }
@@ -648,6 +658,15 @@ impl Ready {
             Ok(status) => crate::reaper::describe(status),
             Err(_) => "closed its ready pipe".into(),
         }
+    }
+}
+
+/// A restart failed (or was rolled back): this generation counts on.
+fn restart_failed(gen: &Generation) {
+    if let Some(m) = &gen.process.metrics {
+        m.restart_failures
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        m.unfreeze();
     }
 }
 

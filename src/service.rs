@@ -45,9 +45,10 @@ impl Handler {
         mut req: Request<Incoming>,
         ctx: &Arc<ListenerContext>,
         peer: Peer,
+        route: &mut Option<usize>,
     ) -> Reply {
         match self {
-            Handler::Routes(router) => router.handle(req, ctx, peer),
+            Handler::Routes(router) => router.handle(req, ctx, peer, route),
             Handler::App(svc) => {
                 // An application may want to know who is asking.
                 req.extensions_mut().insert(peer);

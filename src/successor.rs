@@ -42,6 +42,8 @@ pub struct Inherited {
     pub draining: Predecessors,
     /// The TLS session ticket secret of the service (see `tickets`).
     pub tickets: Option<crate::tickets::Tickets>,
+    /// The counters handed over (see `metrics`), as JSON.
+    pub metrics: Option<String>,
 }
 
 impl Inherited {
@@ -64,6 +66,7 @@ impl Inherited {
         );
         let draining = get("GRACESRV_DRAINING");
         let tickets = get(crate::tickets::SECRET_VAR);
+        let metrics = get(crate::metrics::BASE_VAR);
         for k in handoff::HANDOFF_VARS.iter().filter(|_| remove) {
             // SAFETY (of the call, which is safe in edition 2021): no other
             // thread exists yet, see the doc comment.
@@ -85,6 +88,7 @@ impl Inherited {
         }
         inherited.supervisor = supervisor.and_then(|s| s.parse().ok());
         inherited.tickets = tickets.and_then(|t| crate::tickets::Tickets::from_hex(&t));
+        inherited.metrics = metrics;
         inherited.draining = draining
             .map(|d| Predecessors::parse(&d))
             .unwrap_or_default();

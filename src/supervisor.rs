@@ -76,6 +76,8 @@ struct Supervisor {
     watch: Option<crate::watch::Watch>,
     /// The signal a stop passed on to the workers.
     stopping: Option<Signal>,
+    /// Restarts that succeeded and failed, handed to each worker's metrics.
+    restarts: (u64, u64),
 }
 
 /// Runs the service until it is stopped; returns the exit code. `restart`
@@ -98,7 +100,7 @@ pub async fn run(
         info!(listener = %l.name, addr = %l.local_addr, "listening");
     }
     // Generation 1. TERM, INT and QUIT act at once, even now; a HUP waits.
-    restart.replace(1, &listeners, &config, false);
+    restart.replace(1, &listeners, &config, Vec::new(), false);
     let mut held_hup = false;
     let first = loop {
         tokio::select! {
@@ -158,6 +160,7 @@ pub async fn run(
         },
         watch,
         stopping: None,
+        restarts: (0, 0),
     };
     // A HUP during the first start is acted on now.
     let mut trigger = held_hup.then_some(Trigger::Signal);
@@ -196,7 +199,8 @@ pub async fn run(
             event = s.restart.next() => match event {
                 Event::Due { pending } => {
                     s.generation += 1;
-                    s.restart.replace(s.generation, &s.listeners, &s.config, pending);
+                    let env = s.counters();
+                    s.restart.replace(s.generation, &s.listeners, &s.config, env, pending);
                     None
                 }
                 Event::Done { trigger, outcome, pending, took } => s.done(trigger, outcome, pending, took),
@@ -210,6 +214,15 @@ pub async fn run(
 }
 
 impl Supervisor {
+    /// The restart counters for a new worker's metrics (see `metrics`).
+    fn counters(&self) -> Vec<(std::ffi::OsString, std::ffi::OsString)> {
+        let (ok, failed) = self.restarts;
+        let json = format!(
+            r#"{{"gracesrv_restarts_total":{ok},"gracesrv_restart_failures_total":{failed}}}"#
+        );
+        vec![(crate::metrics::BASE_VAR.into(), json.into())]
+    }
+
     /// A restart is asked for.
     fn request(&mut self, trigger: Trigger) {
         if self.restart.is_idle() {
@@ -218,8 +231,9 @@ impl Supervisor {
             states.extend(NotifyState::monotonic_usec_now().ok());
             notify_systemd(&states);
         }
+        let env = self.counters();
         self.restart
-            .request(trigger, self.generation + 1, &self.listeners, Vec::new());
+            .request(trigger, self.generation + 1, &self.listeners, env);
     }
 
     /// An attempt ended. Returns a trigger to act on next.
@@ -279,11 +293,13 @@ impl Supervisor {
                 }
                 // The same cap as self-restarts.
                 self.predecessors.enforce(started.config.max_draining);
+                self.restarts.0 += 1;
                 self.adopt(started);
                 Ok(new_pid)
             }
             Err(reason) => {
                 error!(took_ms, "restart failed: {reason}");
+                self.restarts.1 += 1;
                 Err(reason)
             }
         };

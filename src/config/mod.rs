@@ -241,6 +241,8 @@ pub enum Action {
         status: http::StatusCode,
     },
     Status,
+    /// Prometheus text exposition of the service's metrics.
+    Metrics,
     Proxy {
         upstream: http::Uri,
         connect_timeout: Duration,
@@ -252,6 +254,14 @@ pub enum Action {
 }
 
 impl Config {
+    /// Does any listener serve `metrics: {}`? (Only then are requests
+    /// counted by route and status.)
+    pub fn has_metrics(&self) -> bool {
+        self.listeners
+            .iter()
+            .any(|l| l.routes.iter().any(|r| matches!(r.action, Action::Metrics)))
+    }
+
     /// Reads and validates the config file at `path`.
     ///
     /// ```no_run

@@ -103,6 +103,7 @@ pub struct Route {
     pub static_: Option<Spanned<Static>>,
     pub redirect: Option<Spanned<Redirect>>,
     pub status: Option<Spanned<Empty>>,
+    pub metrics: Option<Spanned<Empty>>,
     pub proxy: Option<Spanned<Proxy>>,
 }
 

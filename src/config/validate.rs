@@ -461,6 +461,7 @@ impl Validator<'_> {
             raw.static_.is_some(),
             raw.redirect.is_some(),
             raw.status.is_some(),
+            raw.metrics.is_some(),
             raw.proxy.is_some(),
         ]
         .iter()
@@ -475,7 +476,7 @@ impl Validator<'_> {
             return self.err(
                 pos,
                 format!(
-                    "{key}: route {what}: give exactly one of respond, static, redirect, status, proxy"
+                    "{key}: route {what}: give exactly one of respond, static, redirect, status, metrics, proxy"
                 ),
             );
         }
@@ -566,6 +567,8 @@ impl Validator<'_> {
                     })?),
                 },
             }
+        } else if raw.metrics.is_some() {
+            Action::Metrics
         } else {
             Action::Status
         };

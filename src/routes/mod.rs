@@ -18,6 +18,7 @@ use crate::context::{ListenerContext, Peer};
 /// What a route does. What a deferred answer needs is behind an `Arc`, so
 /// its future takes its own handle on it.
 enum Route {
+    Metrics,
     Respond { fixed: Arc<Fixed>, delay: Duration },
     Static(Arc<crate::files::Root>),
     Redirect { to: String, status: StatusCode },
@@ -84,6 +85,7 @@ impl Router {
                     status: *status,
                 },
                 Action::Status => Route::Status,
+                Action::Metrics => Route::Metrics,
                 Action::Proxy {
                     upstream,
                     connect_timeout,
@@ -114,6 +116,7 @@ impl Router {
         mut req: Request<Incoming>,
         ctx: &Arc<ListenerContext>,
         peer: Peer,
+        taken: &mut Option<usize>,
     ) -> Reply {
         let path = req.uri().path();
         if let Some(dir) = &self.acme_http {
@@ -161,8 +164,31 @@ impl Router {
             discard(req.into_body());
             return Reply::Now(text(StatusCode::NOT_FOUND, "not found\n"));
         };
+        *taken = Some(i);
         let (prefix, handle) = &self.routes[i];
         match handle {
+            Route::Metrics => {
+                discard(req.into_body());
+                Reply::Now(match &ctx.process.metrics {
+                    Some(m) => {
+                        let mut res = http::Response::new(crate::body::full(m.render()));
+                        res.headers_mut().insert(
+                            http::header::CONTENT_TYPE,
+                            http::HeaderValue::from_static(
+                                "text/plain; version=0.0.4; charset=utf-8",
+                            ),
+                        );
+                        // Each scrape on a new connection: after a restart it
+                        // reaches the new generation (see `metrics`).
+                        res.headers_mut().insert(
+                            http::header::CONNECTION,
+                            http::HeaderValue::from_static("close"),
+                        );
+                        res
+                    }
+                    None => text(StatusCode::NOT_FOUND, "not found\n"),
+                })
+            }
             Route::Proxy(proxy) => {
                 let (proxy, prefix, ctx) = (proxy.clone(), prefix.clone(), ctx.clone());
                 Reply::Later(Box::pin(async move {
@@ -202,6 +228,11 @@ fn without_body(req: Request<Incoming>) -> Request<()> {
 }
 
 impl Router {
+    /// The routes' paths, in the order `handle` numbers them.
+    pub fn prefixes(&self) -> Vec<String> {
+        self.routes.iter().map(|(p, _)| p.to_string()).collect()
+    }
+
     /// The route for `path`: the longest matching prefix.
     fn route(&self, path: &str) -> Option<usize> {
         self.routes
