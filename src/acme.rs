@@ -210,7 +210,8 @@ async fn refresh_ari(
 
 /// Runs the orderer of this generation until it is dropped. `restart` is
 /// called when storage holds a certificate other than the one loaded (this
-/// process obtained it, or another one sharing `storage` did).
+/// process obtained it, or another one sharing `storage` did), and again,
+/// with back-off, while this generation is still the one serving.
 pub async fn run(config: Config, restart: impl Fn()) {
     let Some(acme) = config.acme.clone() else {
         return;
@@ -228,6 +229,7 @@ pub async fn run(config: Config, restart: impl Fn()) {
     let mut status: HashMap<Vec<String>, CertStatus> = HashMap::new();
     let mut ari: HashMap<Vec<String>, Ari> = HashMap::new();
     let mut no_ari = false;
+    let mut retry_restart = FIRST_BACKOFF;
     loop {
         refresh_ari(&acme, &wanted, &mut ari, &mut no_ari).await;
         // Someone (this process or another) stored a newer certificate.
@@ -237,7 +239,11 @@ pub async fn run(config: Config, restart: impl Fn()) {
         {
             info!("a new certificate is in storage: restarting to serve it");
             restart();
-            return;
+            // A successful restart stops this orderer; if this generation is
+            // still here (the restart failed), ask again later.
+            tokio::time::sleep(retry_restart).await;
+            retry_restart = (retry_restart * 2).min(MAX_BACKOFF);
+            continue;
         }
         let now = tokio::time::Instant::now();
         let due_now: Vec<&Wanted> = wanted
