@@ -198,7 +198,11 @@ impl Server {
     ///
     /// Unlike `run`, it leaves the handoff variables in the environment
     /// (changing it while threads run is unsound); they name this process's
-    /// pid, so no child takes them for its own.
+    /// pid, so no child takes them for its own. They include the TLS
+    /// session ticket secret (`GRACESRV_TICKET_SECRET`): an application
+    /// that starts programs of its own should remove `GRACESRV_*` from
+    /// their environment (`Command::env_remove`). gracesrv's own new
+    /// generations never inherit them.
     ///
     /// ```no_run
     /// #[tokio::main]

@@ -234,6 +234,47 @@ impl Validator<'_> {
         Ok(AccessLogConfig { path, format })
     }
 
+    /// The stored certificate and key of an ACME listener, and its names
+    /// (lower case, each a DNS name).
+    fn acme_cert(
+        &self,
+        names: &Spanned<Vec<Spanned<String>>>,
+        storage: Option<&Path>,
+        key: String,
+    ) -> Result<(FileRef, FileRef, Vec<String>), ConfigError> {
+        let Some(storage) = storage else {
+            return self.err(
+                Pos::from(names),
+                format!("{key}: needs an `acme:` section (directory, storage)"),
+            );
+        };
+        if names.value.is_empty() {
+            return self.err(
+                Pos::from(names),
+                format!("{key}: must name at least one name"),
+            );
+        }
+        let mut list = Vec::new();
+        for n in &names.value {
+            let name = n.value.to_ascii_lowercase();
+            if rustls_pki_types::DnsName::try_from(name.as_str()).is_err() || !name.contains('.') {
+                return self.err(
+                    Pos::from(n),
+                    format!("{key}: {:?} is not a DNS name", n.value),
+                );
+            }
+            list.push(name);
+        }
+        let dir = storage.join("certs").join(&list[0]);
+        let stored = |file: &str| FileRef {
+            path: dir.join(file),
+            written: dir.join(file).display().to_string(),
+            key: key.clone(),
+            pos: Pos::from(names),
+        };
+        Ok((stored("cert.pem"), stored("key.pem"), list))
+    }
+
     fn acme(&self, a: &Spanned<raw::Acme>) -> Result<AcmeConfig, ConfigError> {
         let a = &a.value;
         let directory = a.directory.value.clone();
@@ -351,44 +392,7 @@ impl Validator<'_> {
                         self.file_ref(k2, k("key"))?,
                         Vec::new(),
                     ),
-                    (None, None, Some(names)) => {
-                        let Some(storage) = acme_storage else {
-                            return self.err(
-                                Pos::from(names),
-                                format!(
-                                    "{}: needs an `acme:` section (directory, storage)",
-                                    k("acme")
-                                ),
-                            );
-                        };
-                        if names.value.is_empty() {
-                            return self.err(
-                                Pos::from(names),
-                                format!("{}: must name at least one name", k("acme")),
-                            );
-                        }
-                        let mut list = Vec::new();
-                        for n in &names.value {
-                            let name = n.value.to_ascii_lowercase();
-                            if rustls_pki_types::DnsName::try_from(name.as_str()).is_err()
-                                || !name.contains('.')
-                            {
-                                return self.err(
-                                    Pos::from(n),
-                                    format!("{}: {:?} is not a DNS name", k("acme"), n.value),
-                                );
-                            }
-                            list.push(name);
-                        }
-                        let dir = storage.join("certs").join(&list[0]);
-                        let stored = |file: &str| FileRef {
-                            path: dir.join(file),
-                            written: dir.join(file).display().to_string(),
-                            key: k("acme"),
-                            pos: Pos::from(names),
-                        };
-                        (stored("cert.pem"), stored("key.pem"), list)
-                    }
+                    (None, None, Some(names)) => self.acme_cert(names, acme_storage, k("acme"))?,
                     (_, _, Some(names)) => {
                         return self.err(
                             Pos::from(names),
