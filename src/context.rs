@@ -36,6 +36,8 @@ pub struct ProcessInfo {
     pub access_logs: Vec<Arc<crate::access_log::AccessLog>>,
     /// Set when some listener serves `metrics: {}`.
     pub metrics: Option<Arc<crate::metrics::Metrics>>,
+    /// The instances of the config's apps (`proxy: { app }`).
+    pub apps: Arc<crate::apps::Table>,
 }
 
 impl ProcessInfo {

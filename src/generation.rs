@@ -90,7 +90,7 @@ impl Generation {
                         crate::service::Handler::Routes(r) => {
                             crate::metrics::ListenerMetrics::new(&c.name, r.prefixes(), false)
                         }
-                        crate::service::Handler::App(_) => {
+                        crate::service::Handler::Service(_) => {
                             crate::metrics::ListenerMetrics::new(&c.name, Vec::new(), true)
                         }
                     })
@@ -134,6 +134,7 @@ impl Generation {
             acme: config.acme.is_some().then(|| config.clone()),
             access_logs: logs.iter().map(|(_, l)| l.clone()).collect(),
             metrics,
+            apps: Arc::new(crate::apps::Table::new(&config)),
         });
         let mut specs = Vec::new();
         for (((l, p), c), metrics) in listeners

@@ -19,8 +19,11 @@ use nix::sys::stat::{fstat, SFlag};
 /// First fd of the passed sockets, as in sd_listen_fds(3).
 pub const LISTEN_FDS_START: RawFd = 3;
 
+/// Names a supervised worker's link to its supervisor (see `apps::link`).
+pub const APPS_FD: &str = "GRACESRV_APPS_FD";
+
 /// Environment variables of the handoff; read once and removed at start.
-pub const HANDOFF_VARS: [&str; 9] = [
+pub const HANDOFF_VARS: [&str; 10] = [
     "LISTEN_PID",
     "LISTEN_FDS",
     "LISTEN_FDNAMES",
@@ -30,6 +33,7 @@ pub const HANDOFF_VARS: [&str; 9] = [
     "GRACESRV_DRAINING",
     crate::tickets::SECRET_VAR,
     crate::metrics::BASE_VAR,
+    APPS_FD,
 ];
 
 /// A listening socket handed to this process, with the name it was given.
@@ -75,6 +79,20 @@ pub fn adopt_ready_fd(fd: RawFd) -> Result<OwnedFd, String> {
     Ok(owned)
 }
 
+/// The worker's end of its link to the supervisor (see `apps::link`).
+pub fn adopt_link(fd: RawFd) -> Result<OwnedFd, String> {
+    let what = format!("{APPS_FD}={fd}");
+    if fd <= 2 {
+        return Err(format!("{what} names a standard stream"));
+    }
+    let owned = adopt_fd(fd, &what)?;
+    let st = fstat(&owned).map_err(|e| format!("{what}: {e}"))?;
+    if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFSOCK {
+        return Err(format!("{what} is not a socket"));
+    }
+    Ok(owned)
+}
+
 pub fn adopt_listener(fd: RawFd) -> Result<std::net::TcpListener, String> {
     let what = format!("LISTEN_FDS: fd {fd}");
     let owned = adopt_fd(fd, &what)?;
@@ -105,30 +123,56 @@ pub struct SpawnArgs<'a> {
     pub argv: &'a [OsString],
     /// Environment without any handoff variable; those are added here.
     pub env: Vec<(OsString, OsString)>,
-    /// Sockets in listener order, with their names.
+    /// Sockets in listener order, with their names: fds 3.., and the
+    /// `LISTEN_*` variables (none at all when there is no socket).
     pub sockets: Vec<(&'a str, RawFd)>,
-    /// The write end of the ready pipe.
-    pub ready: RawFd,
-    pub generation: u64,
-    /// A supervised worker: a process group of its own, and SIGTERM when
-    /// its parent dies.
-    pub own_group: bool,
+    /// Further fds, placed after the sockets, each with the variable that
+    /// tells the new process its number (`GRACESRV_READY_FD`, ...).
+    pub fds: Vec<(&'static str, RawFd)>,
+    /// Where a failed exec says why (`ERROR exec:<errno>`): the ready pipe,
+    /// or an application's close-on-exec error pipe.
+    pub exec_error: RawFd,
+    /// `GRACESRV_GENERATION`, for a gracesrv process.
+    pub generation: Option<u64>,
+    /// The working directory, when not this process's.
+    pub dir: Option<&'a Path>,
+    pub group: Group,
+}
+
+/// What a new process is to its parent.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Group {
+    /// The next generation of a self-restarting server: nothing changes.
+    Same,
+    /// A supervised worker: a process group of its own (Ctrl-C reaches it
+    /// once, through the supervisor), and SIGKILL if the supervisor dies
+    /// while it starts (a stopped or hung start would never act on TERM, and
+    /// would keep the ports). Once it serves, it asks for TERM instead (a
+    /// drain; see `serving_under_supervisor`).
+    Worker,
+    /// An application instance: a process group of its own (stopped by the
+    /// supervisor after the workers drain, its children with it), and TERM
+    /// if the supervisor dies.
+    App,
 }
 
 fn cstring(bytes: &[u8]) -> Result<CString, String> {
     CString::new(bytes).map_err(|_| "argument or environment holds a NUL byte".to_string())
 }
 
-/// Forks and execs `exe` with the sockets at fds 3.., the ready pipe after
+/// Forks and execs `exe` with the sockets at fds 3.., the further fds after
 /// them, and the handoff variables. Returns the child's pid.
 pub fn spawn(args: SpawnArgs<'_>) -> Result<libc::pid_t, String> {
     let n = args.sockets.len() as i32;
-    let own_group = args.own_group;
+    let group = args.group;
     // SAFETY: getpid has no preconditions.
     let parent = unsafe { libc::getpid() };
-    let ready_target = LISTEN_FDS_START + n;
 
     let path = cstring(args.exe.as_os_str().as_bytes())?;
+    let dir = args
+        .dir
+        .map(|d| cstring(d.as_os_str().as_bytes()))
+        .transpose()?;
     let argv: Vec<CString> = args
         .argv
         .iter()
@@ -141,17 +185,20 @@ pub fn spawn(args: SpawnArgs<'_>) -> Result<libc::pid_t, String> {
         kv.extend_from_slice(v.as_bytes());
         env.push(cstring(&kv)?);
     }
-    let names: Vec<&str> = args.sockets.iter().map(|(name, _)| *name).collect();
-    env.push(cstring(format!("LISTEN_FDS={n}").as_bytes())?);
-    env.push(cstring(
-        format!("LISTEN_FDNAMES={}", names.join(":")).as_bytes(),
-    )?);
-    env.push(cstring(
-        format!("GRACESRV_READY_FD={ready_target}").as_bytes(),
-    )?);
-    env.push(cstring(
-        format!("GRACESRV_GENERATION={}", args.generation).as_bytes(),
-    )?);
+    if n > 0 {
+        let names: Vec<&str> = args.sockets.iter().map(|(name, _)| *name).collect();
+        env.push(cstring(format!("LISTEN_FDS={n}").as_bytes())?);
+        env.push(cstring(
+            format!("LISTEN_FDNAMES={}", names.join(":")).as_bytes(),
+        )?);
+    }
+    for (i, (var, _)) in args.fds.iter().enumerate() {
+        let target = LISTEN_FDS_START + n + i as i32;
+        env.push(cstring(format!("{var}={target}").as_bytes())?);
+    }
+    if let Some(g) = args.generation {
+        env.push(cstring(format!("GRACESRV_GENERATION={g}").as_bytes())?);
+    }
     // LISTEN_PID must be the child's own pid, known only after fork: reserve
     // room for the digits now, and write them in the child without allocating.
     let mut listen_pid: Vec<u8> = b"LISTEN_PID=".to_vec();
@@ -161,24 +208,31 @@ pub fn spawn(args: SpawnArgs<'_>) -> Result<libc::pid_t, String> {
     let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
     argv_ptrs.push(std::ptr::null());
     let mut env_ptrs: Vec<*const libc::c_char> = env.iter().map(|e| e.as_ptr()).collect();
-    env_ptrs.push(listen_pid.as_ptr().cast());
+    if n > 0 || !args.fds.is_empty() {
+        env_ptrs.push(listen_pid.as_ptr().cast());
+    }
     env_ptrs.push(std::ptr::null());
 
+    // Every fd the child keeps, in target order, then the exec error fd
+    // (moved like the others, but left close-on-exec).
     let sources: Vec<RawFd> = args
         .sockets
         .iter()
         .map(|(_, fd)| *fd)
-        .chain([args.ready])
+        .chain(args.fds.iter().map(|(_, fd)| *fd))
+        .chain([args.exec_error])
         .collect();
+    let kept = sources.len() - 1;
     let mut moved: Vec<RawFd> = vec![-1; sources.len()];
     // Copies are made at or above this fd, so they never land on a target.
-    let scratch_floor = ready_target + 1;
+    let scratch_floor = LISTEN_FDS_START + kept as i32;
 
     // Hold SIGHUP from before the fork until the new process has installed
     // its handler (it unblocks it then): the child inherits this thread's
     // mask, and a blocked signal stays pending across exec. A HUP sent to the
     // new process while it starts is then delivered later, neither fatal
     // (the default action) nor swallowed by this process's inherited handler.
+    // An application gets the mask it would have had: nothing blocked.
     let mut hup = nix::sys::signal::SigSet::empty();
     hup.add(nix::sys::signal::Signal::SIGHUP);
     let mut old_mask = nix::sys::signal::SigSet::empty();
@@ -188,10 +242,13 @@ pub fn spawn(args: SpawnArgs<'_>) -> Result<libc::pid_t, String> {
         Some(&mut old_mask),
     )
     .map_err(|e| format!("sigprocmask: {e}"))?;
+    let empty = nix::sys::signal::SigSet::empty();
+    let empty_ptr = empty.as_ref() as *const libc::sigset_t;
 
     // SAFETY: fork in a multi-threaded process. The child calls only
-    // async-signal-safe functions (getpid, fcntl, dup2, execve, _exit) and
-    // writes only into memory allocated above, before the fork.
+    // async-signal-safe functions (getpid, fcntl, dup2, setpgid, prctl,
+    // getppid, chdir, sigprocmask, signal, execve, write, _exit) and writes
+    // only into memory allocated above, before the fork.
     let pid = unsafe { libc::fork() };
     if pid != 0 {
         // Parent: restore this thread's mask (a HUP meanwhile is pending, not lost).
@@ -219,44 +276,61 @@ pub fn spawn(args: SpawnArgs<'_>) -> Result<libc::pid_t, String> {
                     libc::_exit(126);
                 }
             }
-            if own_group {
-                // A supervised worker: its own process group (Ctrl-C reaches
-                // it once, through the supervisor), and SIGKILL if the
-                // supervisor dies while it starts (a stopped or hung start
-                // would never act on TERM, and would keep the ports). Once
-                // it serves, it asks for TERM instead (a drain; see
-                // `serving_under_supervisor`).
-                if libc::setpgid(0, 0) < 0 || libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0
+            let error_fd = moved[kept];
+            if group != Group::Same {
+                // See `Group`. The parent may have died before the prctl
+                // took effect: then end now.
+                let on_parent_death = match group {
+                    Group::App => libc::SIGTERM,
+                    _ => libc::SIGKILL,
+                };
+                if libc::setpgid(0, 0) < 0
+                    || libc::prctl(libc::PR_SET_PDEATHSIG, on_parent_death) < 0
+                    || libc::getppid() != parent
                 {
                     libc::_exit(126);
                 }
-                // The supervisor may have died before the prctl took effect.
-                if libc::getppid() != parent {
-                    libc::_exit(126);
+            }
+            if group == Group::App {
+                // Signals this process ignores or blocks would be inherited.
+                libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+                libc::sigprocmask(libc::SIG_SETMASK, empty_ptr, std::ptr::null_mut());
+            }
+            if let Some(dir) = &dir {
+                if libc::chdir(dir.as_ptr()) < 0 {
+                    exec_failed(error_fd);
                 }
             }
             // dup2 clears close-on-exec on the target: these survive exec.
-            for (i, fd) in moved.iter().enumerate() {
+            for (i, fd) in moved[..kept].iter().enumerate() {
                 if libc::dup2(*fd, LISTEN_FDS_START + i as i32) < 0 {
                     libc::_exit(126);
                 }
             }
             libc::execve(path.as_ptr(), argv_ptrs.as_ptr(), env_ptrs.as_ptr());
-            // The exec failed: say why on the ready pipe (`ERROR exec:<errno>`),
-            // for the parent to report instead of a bare exit status.
-            let errno = *libc::__errno_location();
-            let mut msg = *b"ERROR exec:\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0";
-            write_decimal(errno.max(0) as u64, &mut msg[11..]);
-            let len = msg[11..]
-                .iter()
-                .position(|b| *b == 0)
-                .map_or(msg.len(), |n| 11 + n);
-            msg[len] = b'\n';
-            libc::write(ready_target, msg.as_ptr().cast(), len + 1);
-            libc::_exit(127);
+            exec_failed(error_fd);
         }
     }
     Ok(pid)
+}
+
+/// In the child, after a failed chdir or exec: says why on `fd`
+/// (`ERROR exec:<errno>`), for the parent to report instead of a bare exit
+/// status, and exits 127.
+///
+/// # Safety
+/// Only in a forked child: async-signal-safe calls, no allocation.
+unsafe fn exec_failed(fd: RawFd) -> ! {
+    let errno = *libc::__errno_location();
+    let mut msg = *b"ERROR exec:\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0";
+    write_decimal(errno.max(0) as u64, &mut msg[11..]);
+    let len = msg[11..]
+        .iter()
+        .position(|b| *b == 0)
+        .map_or(msg.len(), |n| 11 + n);
+    msg[len] = b'\n';
+    libc::write(fd, msg.as_ptr().cast(), len + 1);
+    libc::_exit(127);
 }
 
 /// Writes `n` as decimal digits followed by NUL into `buf` (21 bytes fit any u64).

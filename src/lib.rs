@@ -34,10 +34,13 @@
 
 mod access_log;
 mod acme;
+mod apps;
+mod backoff;
 mod body;
 mod config;
 mod connection;
 mod context;
+mod deploy;
 mod drain;
 mod files;
 mod generation;
@@ -62,6 +65,7 @@ mod supervisor;
 mod tickets;
 mod tls;
 mod tunnel;
+mod upstream;
 mod watch;
 
 use std::collections::HashMap;
@@ -82,7 +86,7 @@ use tracing::Instrument;
 /// services for some of its listeners.
 pub struct Server {
     config: PathBuf,
-    apps: HashMap<String, Handler>,
+    services: HashMap<String, Handler>,
     supervise: bool,
 }
 
@@ -97,7 +101,7 @@ impl Server {
     pub fn new(config: impl Into<PathBuf>) -> Server {
         Server {
             config: config.into(),
-            apps: HashMap::new(),
+            services: HashMap::new(),
             supervise: false,
         }
     }
@@ -143,7 +147,8 @@ impl Server {
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
-        self.apps.insert(listener.to_string(), Handler::app(svc));
+        self.services
+            .insert(listener.to_string(), Handler::service(svc));
         self
     }
 
@@ -253,7 +258,7 @@ impl Server {
         let span = logging::init(&config.log, generation);
         // The TLS session ticket secret: the config's key file, else the one
         // handed over, else a new one (see `tickets`).
-        let prepared = match span.in_scope(|| prepare::prepare_config(config, &self.apps)) {
+        let prepared = match span.in_scope(|| prepare::prepare_config(config, &self.services)) {
             Ok(p) => p,
             Err(e) => return fail(&mut ready, &e.to_string()),
         };
@@ -268,16 +273,19 @@ impl Server {
             exe,
             argv: std::env::args_os().collect(),
             config_path: config_path.clone(),
-            apps: self.apps.clone(),
+            services: self.services.clone(),
             reaper,
             role,
             tickets: tickets.clone(),
+            links: None,
         };
         // A process handed its sockets by a gracesrv parent is a generation
         // (or a worker), never a supervisor itself.
         let supervisor = inherited.supervisor;
         let config = &prepared.config;
-        if (self.supervise || config.supervise) && ready.is_none() && supervisor.is_none() {
+        // With apps, the supervisor owns their processes: it runs supervised.
+        let supervised = self.supervise || config.supervise || !config.apps.is_empty();
+        if supervised && ready.is_none() && supervisor.is_none() {
             let restart = restart::Restart::new(spawner(restart::Role::Worker(std::process::id())));
             return supervisor::run(restart, prepared.config, inherited.sockets, signals)
                 .instrument(span)
@@ -309,6 +317,9 @@ impl Server {
                     return 1;
                 }
             };
+            if let Some(link) = inherited.apps_link {
+                gen.process.apps.follow(link, gen.config.shutdown_timeout);
+            }
             gen.report_ready(ready.take(), supervisor.is_some());
             match supervisor {
                 Some(s) => successor::serving_under_supervisor(s),
@@ -368,4 +379,10 @@ pub fn check(config: &std::path::Path) -> Result<String, ConfigError> {
 /// ```
 pub fn reload(config: &std::path::Path) -> i32 {
     reload::run(config)
+}
+
+/// `gracesrv deploy -c FILE APP`: deploys a new instance of an app of the
+/// running service (see SPEC section 7); returns the exit code.
+pub fn deploy(config: &std::path::Path, app: &str) -> i32 {
+    deploy::run(config, app)
 }

@@ -33,6 +33,13 @@ enum Command {
     /// Restart the running server (the pid in the config's pid_file) and wait
     /// until the new generation is ready (exit 0) or the restart failed (exit 1).
     Reload,
+    /// Deploy a new instance of an app (`apps:`): start it, switch to it once
+    /// it is ready, stop the old one once nothing is in flight on it; exit 0,
+    /// or 1 with the reason the new one failed (the old one keeps serving).
+    Deploy {
+        /// The app's name in `apps:`.
+        app: String,
+    },
 }
 
 fn main() {
@@ -52,6 +59,7 @@ fn main() {
             }
         },
         Some(Command::Reload) => gracesrv::reload(&cli.config),
+        Some(Command::Deploy { app }) => gracesrv::deploy(&cli.config, &app),
     };
     std::process::exit(code);
 }

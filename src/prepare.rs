@@ -24,18 +24,18 @@ pub struct PreparedListener {
     pub handler: Handler,
 }
 
-/// Loads and checks `path`. Listeners named in `apps` serve the application's
-/// service instead of their routes; every app name must exist in the config.
-pub fn prepare(path: &Path, apps: &HashMap<String, Handler>) -> Result<Prepared, ConfigError> {
-    prepare_config(Config::load(path)?, apps)
+/// Loads and checks `path`. Listeners named in `services` serve the embedding application's
+/// service instead of their routes; every one must exist in the config.
+pub fn prepare(path: &Path, services: &HashMap<String, Handler>) -> Result<Prepared, ConfigError> {
+    prepare_config(Config::load(path)?, services)
 }
 
 /// Like [`prepare`], for a config already parsed.
 pub fn prepare_config(
     config: Config,
-    apps: &HashMap<String, Handler>,
+    services: &HashMap<String, Handler>,
 ) -> Result<Prepared, ConfigError> {
-    for name in apps.keys() {
+    for name in services.keys() {
         if !config.listeners.iter().any(|l| &l.name == name) {
             return Err(ConfigError::new(
                 &config.path,
@@ -57,11 +57,27 @@ pub fn prepare_config(
             None => None,
         };
         let router = Router::new(&config.path, l, config.acme.as_ref())?;
-        let handler = match apps.get(&l.name) {
+        let handler = match services.get(&l.name) {
             Some(h) => h.clone(),
             None => Handler::Routes(Arc::new(router)),
         };
         listeners.push(PreparedListener { tls, handler });
+    }
+    for (i, app) in config.apps.iter().enumerate() {
+        app.resolve_program().map_err(|e| {
+            ConfigError::new(
+                &config.path,
+                Some(app.pos),
+                format!("apps[{i}].command: {e}"),
+            )
+        })?;
+        if !app.dir.is_dir() {
+            return Err(ConfigError::new(
+                &config.path,
+                Some(app.pos),
+                format!("apps[{i}].dir: {} is not a directory", app.dir.display()),
+            ));
+        }
     }
     if let Some(f) = config.acme.as_ref().and_then(|a| a.ca_roots.as_ref()) {
         use rustls_pki_types::pem::PemObject;
@@ -136,6 +152,17 @@ pub fn summary(p: &Prepared) -> String {
             }
             out += &format!(", alpn {}\n", t.alpn.join(","));
         }
+    }
+    for a in &c.apps {
+        let socket = match a.socket {
+            crate::config::AppSocket::Fd => "fd 3",
+            crate::config::AppSocket::Port => "PORT",
+        };
+        out += &format!(
+            "  app {:<12} {}  (socket: {socket})\n",
+            a.name,
+            a.command.join(" ")
+        );
     }
     out += &format!(
         "  shutdown_timeout {:?}, startup_timeout {:?}, max_connections {}, watch {}\n",

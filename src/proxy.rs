@@ -23,24 +23,38 @@ use http::{Request, Response, StatusCode, Uri};
 use hyper::body::{Frame, Incoming, SizeHint};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use tracing::{debug, warn};
 
+use tokio::sync::watch;
+
+use crate::apps::InFlight;
 use crate::body::{has_token, text, Body, BoxError};
+use crate::config::ProxyTarget;
 use crate::context::{ListenerContext, Peer};
 
 /// A proxy route, built once per generation.
 pub struct Proxy {
-    client: Client<HttpConnector, Body>,
+    target: Target,
     /// Largest request body forwarded (413 beyond it).
     max_body: Option<u64>,
-    /// `http://host:port`, without a trailing slash.
-    upstream: Uri,
+    /// How long a request waits for an app instance to be ready.
+    connect_timeout: Duration,
     timeout: Duration,
     strip_prefix: bool,
     /// Upstream failures are logged at most once a second (every request
     /// to a down upstream fails).
     errors_logged: crate::logging::Throttle,
+}
+
+enum Target {
+    /// `http://host:port`, without a trailing slash, and its pool.
+    Upstream {
+        uri: Uri,
+        client: Box<Client<HttpConnector, Body>>,
+    },
+    /// The serving instance of this app (see `apps::table`).
+    App(String),
 }
 
 /// Headers that describe one hop, not the message (RFC 9110 7.6.1).
@@ -87,23 +101,23 @@ fn is_websocket<B>(req: &Request<B>) -> bool {
 
 impl Proxy {
     pub fn new(
-        upstream: &Uri,
+        target: &ProxyTarget,
         connect_timeout: Duration,
         timeout: Duration,
         strip_prefix: bool,
         max_body: Option<u64>,
     ) -> Proxy {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(connect_timeout));
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(256)
-            .build(connector);
+        let target = match target {
+            ProxyTarget::Upstream(uri) => Target::Upstream {
+                uri: uri.clone(),
+                client: Box::new(crate::upstream::client(connect_timeout)),
+            },
+            ProxyTarget::App(name) => Target::App(name.clone()),
+        };
         Proxy {
-            client,
+            target,
             max_body,
-            upstream: upstream.clone(),
+            connect_timeout,
             timeout,
             strip_prefix,
             errors_logged: Default::default(),
@@ -132,8 +146,7 @@ impl Proxy {
         let websocket = is_websocket(&req);
         let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
 
-        // The upstream URI: its scheme and authority, this path (without the
-        // route's prefix if asked), this query.
+        // The path (without the route's prefix if asked) and query.
         let pq = req
             .uri()
             .path_and_query()
@@ -150,21 +163,11 @@ impl Proxy {
             }
             false => pq.to_string(),
         };
-        let uri = match Uri::builder()
-            .scheme(self.upstream.scheme_str().unwrap_or("http"))
-            .authority(self.upstream.authority().map(|a| a.as_str()).unwrap_or(""))
-            .path_and_query(pq)
-            .build()
-        {
-            Ok(u) => u,
-            Err(_) => return text(StatusCode::BAD_REQUEST, "bad request\n"),
-        };
         let host = req.headers().get(header::HOST).cloned().or_else(|| {
             req.uri()
                 .authority()
                 .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
         });
-        *req.uri_mut() = uri;
         *req.version_mut() = http::Version::HTTP_11;
         let h = req.headers_mut();
         strip_hop_by_hop(h, websocket);
@@ -177,54 +180,166 @@ impl Proxy {
         // A body the client breaks (bad chunked framing, a reset stream) is
         // noted, so that failure is the client's 400, not an upstream's 502.
         let client_failed = Arc::new(AtomicBool::new(false));
-        let req = req.map(|body| {
-            let body = ClientBody {
-                inner: body,
-                failed: client_failed.clone(),
-            };
-            match self.max_body {
-                Some(max) => Body::new(http_body_util::Limited::new(
-                    body,
-                    usize::try_from(max).unwrap_or(usize::MAX),
-                )),
-                None => Body::new(body),
+        let (parts, body) = req.into_parts();
+        let body = ClientBody {
+            inner: body,
+            failed: client_failed.clone(),
+        };
+        let body = match self.max_body {
+            Some(max) => Body::new(http_body_util::Limited::new(
+                body,
+                usize::try_from(max).unwrap_or(usize::MAX),
+            )),
+            None => Body::new(body),
+        };
+        let sent = match &self.target {
+            Target::Upstream { uri, client } => {
+                let Some(req) = request(&parts, uri.authority(), &pq, body) else {
+                    return text(StatusCode::BAD_REQUEST, "bad request\n");
+                };
+                self.send(client, req).await.map(|res| (res, None))
             }
-        });
-        let res = match tokio::time::timeout(self.timeout, self.client.request(req)).await {
-            Ok(Ok(res)) => res,
-            Ok(Err(e)) if error_chain(&e).contains("length limit exceeded") => {
-                return text(StatusCode::PAYLOAD_TOO_LARGE, "payload too large\n");
-            }
-            Ok(Err(e)) if client_failed.load(Ordering::Relaxed) => {
-                stats.client_errors_total.fetch_add(1, Ordering::Relaxed);
-                debug!(upstream = %self.upstream, "request body from the client failed: {}", error_chain(&e));
-                return text(StatusCode::BAD_REQUEST, "bad request\n");
-            }
-            Ok(Err(e)) => {
-                stats.upstream_errors_total.fetch_add(1, Ordering::Relaxed);
-                if let Some(suppressed) = self.errors_logged.allow() {
-                    warn!(upstream = %self.upstream, suppressed, "upstream error: {}", error_chain(&e));
-                }
-                return text(StatusCode::BAD_GATEWAY, "bad gateway\n");
-            }
-            Err(_) => {
-                stats.upstream_errors_total.fetch_add(1, Ordering::Relaxed);
-                if let Some(suppressed) = self.errors_logged.allow() {
-                    warn!(upstream = %self.upstream, timeout = ?self.timeout, suppressed, "upstream timed out");
-                }
-                return text(StatusCode::GATEWAY_TIMEOUT, "gateway timeout\n");
-            }
+            Target::App(app) => match self.send_to_app(app, &parts, &pq, body, ctx).await {
+                Ok(sent) => Ok(sent),
+                Err(Failed::Response(res)) => return res,
+                Err(failed) => Err(failed),
+            },
+        };
+        let (res, in_flight) = match sent {
+            Ok(sent) => sent,
+            Err(failed) => return self.failed(failed, &client_failed, ctx),
         };
 
         if res.status() == StatusCode::SWITCHING_PROTOCOLS {
             if let Some(client_upgrade) = client_upgrade {
-                return self.tunnel(res, client_upgrade, websocket, ctx);
+                return self.tunnel(res, client_upgrade, websocket, ctx, in_flight);
             }
         }
         let (mut parts, body) = res.into_parts();
         strip_hop_by_hop(&mut parts.headers, false);
         let deadline = tokio::time::Instant::now() + self.timeout;
-        Response::from_parts(parts, Body::new(Deadline::new(body, deadline)))
+        Response::from_parts(parts, Body::new(Deadline::new(body, deadline, in_flight)))
+    }
+
+    /// Sends `req` upstream within the route's `timeout`.
+    async fn send(
+        &self,
+        client: &Client<HttpConnector, Body>,
+        req: Request<Body>,
+    ) -> Result<Response<Incoming>, Failed> {
+        match tokio::time::timeout(self.timeout, client.request(req)).await {
+            Ok(Ok(res)) => Ok(res),
+            Ok(Err(e)) => Err(Failed::Upstream(e)),
+            Err(_) => Err(Failed::TimedOut),
+        }
+    }
+
+    /// Sends the request to the serving instance of `app`, waiting up to
+    /// `connect_timeout` for one to be ready. A connection refused before
+    /// anything was sent (the instance just died) is tried again on the
+    /// next instance. The response holds the request's place in flight on
+    /// the instance (see `apps::table`).
+    async fn send_to_app(
+        &self,
+        app: &str,
+        parts: &http::request::Parts,
+        pq: &str,
+        body: Body,
+        ctx: &ListenerContext,
+    ) -> Result<(Response<Incoming>, Option<InFlight>), Failed> {
+        let table = &ctx.process.apps;
+        let deadline = tokio::time::Instant::now() + self.connect_timeout;
+        let body = Arc::new(Reclaimable::new(body));
+        let mut except = None;
+        loop {
+            let wait = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let Some(instance) = table.pick(app, except, wait).await else {
+                ctx.process
+                    .upstream_errors_total
+                    .fetch_add(1, Ordering::Relaxed);
+                if let Some(suppressed) = self.errors_logged.allow() {
+                    warn!(app, wait = ?self.connect_timeout, suppressed, "no instance of the app is ready");
+                }
+                return Err(Failed::Response(text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "service unavailable\n",
+                )));
+            };
+            let authority = http::uri::Authority::try_from(instance.addr.to_string()).ok();
+            let Some(req) = request(parts, authority.as_ref(), pq, Body::new(body.attempt()))
+            else {
+                return Err(Failed::Response(text(
+                    StatusCode::BAD_REQUEST,
+                    "bad request\n",
+                )));
+            };
+            let in_flight = InFlight::new(instance.clone());
+            match self.send(&instance.client, req).await {
+                Ok(res) => return Ok((res, Some(in_flight))),
+                Err(Failed::Upstream(e))
+                    if !body.touched()
+                        && (e.is_connect()
+                            || (idempotent(&parts.method) && closed_unanswered(&e))) =>
+                {
+                    debug!(
+                        app,
+                        instance = instance.id,
+                        "the instance is gone: trying the next one: {}",
+                        error_chain(&e)
+                    );
+                    except = Some(instance.id);
+                }
+                Err(failed) => return Err(failed),
+            }
+        }
+    }
+
+    /// The answer to a request that got no response upstream.
+    fn failed(
+        &self,
+        failed: Failed,
+        client_failed: &AtomicBool,
+        ctx: &ListenerContext,
+    ) -> Response<Body> {
+        let stats = &ctx.process;
+        let upstream = self.name();
+        match failed {
+            Failed::Response(res) => res,
+            Failed::Upstream(e) if error_chain(&e).contains("length limit exceeded") => {
+                text(StatusCode::PAYLOAD_TOO_LARGE, "payload too large\n")
+            }
+            Failed::Upstream(e) if client_failed.load(Ordering::Relaxed) => {
+                stats.client_errors_total.fetch_add(1, Ordering::Relaxed);
+                debug!(
+                    upstream,
+                    "request body from the client failed: {}",
+                    error_chain(&e)
+                );
+                text(StatusCode::BAD_REQUEST, "bad request\n")
+            }
+            Failed::Upstream(e) => {
+                stats.upstream_errors_total.fetch_add(1, Ordering::Relaxed);
+                if let Some(suppressed) = self.errors_logged.allow() {
+                    warn!(upstream, suppressed, "upstream error: {}", error_chain(&e));
+                }
+                text(StatusCode::BAD_GATEWAY, "bad gateway\n")
+            }
+            Failed::TimedOut => {
+                stats.upstream_errors_total.fetch_add(1, Ordering::Relaxed);
+                if let Some(suppressed) = self.errors_logged.allow() {
+                    warn!(upstream, timeout = ?self.timeout, suppressed, "upstream timed out");
+                }
+                text(StatusCode::GATEWAY_TIMEOUT, "gateway timeout\n")
+            }
+        }
+    }
+
+    /// Where this route sends requests, for the log.
+    fn name(&self) -> String {
+        match &self.target {
+            Target::Upstream { uri, .. } => uri.to_string(),
+            Target::App(app) => format!("app {app}"),
+        }
     }
 
     /// Answers 101 to the client and joins the two upgraded connections.
@@ -234,6 +349,7 @@ impl Proxy {
         client: hyper::upgrade::OnUpgrade,
         websocket: bool,
         ctx: &ListenerContext,
+        in_flight: Option<InFlight>,
     ) -> Response<Body> {
         let (mut parts, _) = res.into_parts();
         let upstream = hyper::upgrade::on(Response::from_parts(parts.clone(), ()));
@@ -241,7 +357,12 @@ impl Proxy {
         // Counted as a connection (and as an upgraded one) until it ends.
         let guard = ctx.process.drain.connection();
         let upgraded = ctx.process.drain.upgraded();
-        let cut = ctx.process.drain.tunnel_cut();
+        let cut = match &in_flight {
+            // Cut when this process stops, or when the instance is retired
+            // and its tunnels outlive shutdown_timeout.
+            Some(i) => either_cut(ctx.process.drain.tunnel_cut(), i.cut()),
+            None => ctx.process.drain.tunnel_cut(),
+        };
         let listener = ctx.name.clone();
         tokio::spawn(async move {
             let (client, upstream) = match tokio::join!(client, upstream) {
@@ -255,10 +376,145 @@ impl Proxy {
                 crate::tunnel::relay(TokioIo::new(client), TokioIo::new(upstream), websocket, cut)
                     .await;
             debug!(%listener, up, down, "upgraded connection ended");
+            drop(in_flight);
             drop(upgraded);
             drop(guard);
         });
         Response::from_parts(parts, crate::body::full(Bytes::new()))
+    }
+}
+
+/// Why a request got no response upstream.
+enum Failed {
+    /// The answer is decided already.
+    Response(Response<Body>),
+    Upstream(hyper_util::client::legacy::Error),
+    TimedOut,
+}
+
+/// The upstream request: `parts` (method, headers) to `authority`, with
+/// this path and query.
+fn request(
+    parts: &http::request::Parts,
+    authority: Option<&http::uri::Authority>,
+    pq: &str,
+    body: Body,
+) -> Option<Request<Body>> {
+    let uri = Uri::builder()
+        .scheme("http")
+        .authority(authority?.as_str())
+        .path_and_query(pq)
+        .build()
+        .ok()?;
+    let mut req = Request::new(body);
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = uri;
+    *req.version_mut() = parts.version;
+    *req.headers_mut() = parts.headers.clone();
+    Some(req)
+}
+
+/// RFC 9110 section 9.2.2: a request that may be sent twice.
+fn idempotent(method: &http::Method) -> bool {
+    use http::Method;
+    [
+        Method::GET,
+        Method::HEAD,
+        Method::OPTIONS,
+        Method::TRACE,
+        Method::PUT,
+        Method::DELETE,
+    ]
+    .contains(method)
+}
+
+/// The connection closed (or was reset) before any response: an instance
+/// that just died, with this request written to a connection it had open.
+fn closed_unanswered(e: &hyper_util::client::legacy::Error) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(c) = cur {
+        if let Some(h) = c.downcast_ref::<hyper::Error>() {
+            if h.is_incomplete_message() || h.is_canceled() {
+                return true;
+            }
+        }
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+            ) {
+                return true;
+            }
+        }
+        cur = c.source();
+    }
+    false
+}
+
+/// A tunnel cut signal that fires when either `a` or `b` does.
+fn either_cut(mut a: watch::Receiver<bool>, mut b: watch::Receiver<bool>) -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = a.wait_for(|c| *c) => {}
+            _ = b.wait_for(|c| *c) => {}
+            _ = tx.closed() => return,
+        }
+        let _ = tx.send(true);
+    });
+    rx
+}
+
+/// A request body that can be sent again while none of it has been read:
+/// a connection refused by a dying instance leaves it untouched, for the
+/// next instance.
+struct Reclaimable {
+    body: std::sync::Mutex<Option<Body>>,
+    touched: AtomicBool,
+}
+
+impl Reclaimable {
+    fn new(body: Body) -> Reclaimable {
+        Reclaimable {
+            body: std::sync::Mutex::new(Some(body)),
+            touched: AtomicBool::new(false),
+        }
+    }
+
+    fn touched(&self) -> bool {
+        self.touched.load(Ordering::Relaxed)
+    }
+
+    /// The body of one attempt.
+    fn attempt(self: &Arc<Self>) -> Attempt {
+        Attempt(self.clone())
+    }
+}
+
+struct Attempt(Arc<Reclaimable>);
+
+impl hyper::body::Body for Attempt {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.0.touched.store(true, Ordering::Relaxed);
+        let mut body = self.0.body.lock().unwrap_or_else(|p| p.into_inner());
+        match body.as_mut() {
+            Some(b) => Pin::new(b).poll_frame(cx),
+            None => Poll::Ready(None),
+        }
+    }
+    fn is_end_stream(&self) -> bool {
+        let body = self.0.body.lock().unwrap_or_else(|p| p.into_inner());
+        body.as_ref().is_none_or(|b| b.is_end_stream())
+    }
+    fn size_hint(&self) -> SizeHint {
+        let body = self.0.body.lock().unwrap_or_else(|p| p.into_inner());
+        body.as_ref().map(|b| b.size_hint()).unwrap_or_default()
     }
 }
 
@@ -345,13 +601,16 @@ impl hyper::body::Body for ClientBody {
 struct Deadline {
     inner: Incoming,
     sleep: Pin<Box<tokio::time::Sleep>>,
+    /// An app instance's count of this request, until the body ends.
+    _in_flight: Option<InFlight>,
 }
 
 impl Deadline {
-    fn new(inner: Incoming, deadline: tokio::time::Instant) -> Self {
+    fn new(inner: Incoming, deadline: tokio::time::Instant, in_flight: Option<InFlight>) -> Self {
         Deadline {
             inner,
             sleep: Box::pin(tokio::time::sleep_until(deadline)),
+            _in_flight: in_flight,
         }
     }
 }

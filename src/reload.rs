@@ -62,7 +62,7 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 }
 
 /// The name of process `pid`'s control socket, in the abstract namespace.
-fn control_name(pid: u32) -> String {
+pub fn control_name(pid: u32) -> String {
     format!("gracesrv.{pid}")
 }
 
@@ -179,47 +179,12 @@ pub fn run(config: &Path) -> i32 {
 fn reload(config: &Path) -> Result<String, String> {
     use std::io::BufRead;
     let config = Config::load(config).map_err(|e| e.to_string())?;
-    let pid_file = config.pid_file.clone().ok_or_else(|| {
-        format!(
-            "{}: reload needs a pid_file in the config",
-            config.path.display()
-        )
-    })?;
-    let text = std::fs::read_to_string(&pid_file).map_err(|e| {
-        format!(
-            "cannot read pid_file {}: {e} (is gracesrv running?)",
-            pid_file.display()
-        )
-    })?;
-    let pid: u32 = text
-        .trim()
-        .parse()
-        .map_err(|_| format!("pid_file {} does not hold a pid", pid_file.display()))?;
-    let stale = |why: String| {
-        format!(
-            "stale pid file {}: pid {pid} {why}; not signalled",
-            pid_file.display()
-        )
-    };
-    // Is it a gracesrv, serving this config? Ask it, before any signal.
-    let control =
-        connect_control(pid).map_err(|e| stale(format!("is not a running gracesrv ({e})")))?;
-    let _ = control.set_read_timeout(Some(Duration::from_secs(5)));
-    let mut reader = std::io::BufReader::new(control.try_clone().map_err(|e| e.to_string())?);
-    let mut hello = String::new();
-    reader
-        .read_line(&mut hello)
-        .map_err(|e| stale(format!("did not answer on its control socket ({e})")))?;
-    let hello: serde_json::Value =
-        serde_json::from_str(hello.trim()).map_err(|_| stale("is not a gracesrv".into()))?;
-    let serves = hello["config"].as_str().map(PathBuf::from);
-    let same = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
-    if serves.as_deref().map(same) != Some(same(&config.path)) {
-        return Err(stale(format!(
-            "serves {}",
-            serves.map_or("another config".into(), |p| p.display().to_string())
-        )));
-    }
+    let Running {
+        pid,
+        pid_file,
+        control,
+        mut reader,
+    } = running(&config, "reload")?;
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid as i32),
         nix::sys::signal::Signal::SIGHUP,
@@ -277,6 +242,68 @@ fn reload(config: &Path) -> Result<String, String> {
         ));
     }
     Ok(outcome)
+}
+
+/// The gracesrv serving `config`, found through its `pid_file` and asked on
+/// its control socket (subscribed to its restart results).
+pub struct Running {
+    pub pid: u32,
+    pub pid_file: PathBuf,
+    pub control: std::os::unix::net::UnixStream,
+    pub reader: std::io::BufReader<std::os::unix::net::UnixStream>,
+}
+
+/// Finds the gracesrv serving `config` for command `what`: the pid in its
+/// `pid_file`, checked (before any signal) to be a gracesrv serving this
+/// very config; a stale pid file is an error.
+pub fn running(config: &Config, what: &str) -> Result<Running, String> {
+    use std::io::BufRead;
+    let pid_file = config.pid_file.clone().ok_or_else(|| {
+        format!(
+            "{}: {what} needs a pid_file in the config",
+            config.path.display()
+        )
+    })?;
+    let text = std::fs::read_to_string(&pid_file).map_err(|e| {
+        format!(
+            "cannot read pid_file {}: {e} (is gracesrv running?)",
+            pid_file.display()
+        )
+    })?;
+    let pid: u32 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("pid_file {} does not hold a pid", pid_file.display()))?;
+    let stale = |why: String| {
+        format!(
+            "stale pid file {}: pid {pid} {why}; not signalled",
+            pid_file.display()
+        )
+    };
+    let control =
+        connect_control(pid).map_err(|e| stale(format!("is not a running gracesrv ({e})")))?;
+    let _ = control.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut reader = std::io::BufReader::new(control.try_clone().map_err(|e| e.to_string())?);
+    let mut hello = String::new();
+    reader
+        .read_line(&mut hello)
+        .map_err(|e| stale(format!("did not answer on its control socket ({e})")))?;
+    let hello: serde_json::Value =
+        serde_json::from_str(hello.trim()).map_err(|_| stale("is not a gracesrv".into()))?;
+    let serves = hello["config"].as_str().map(PathBuf::from);
+    let same = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    if serves.as_deref().map(same) != Some(same(&config.path)) {
+        return Err(stale(format!(
+            "serves {}",
+            serves.map_or("another config".into(), |p| p.display().to_string())
+        )));
+    }
+    Ok(Running {
+        pid,
+        pid_file,
+        control,
+        reader,
+    })
 }
 
 /// Connects to process `pid`'s control socket.

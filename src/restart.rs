@@ -297,12 +297,15 @@ pub struct Spawner {
     pub exe: PathBuf,
     pub argv: Vec<OsString>,
     pub config_path: PathBuf,
-    pub apps: HashMap<String, Handler>,
+    pub services: HashMap<String, Handler>,
     pub reaper: Reaper,
     pub role: Role,
     /// The service's TLS session ticket secret, handed to every process
     /// started (unless its config names a key file, which wins).
     pub tickets: std::sync::Arc<crate::tickets::Tickets>,
+    /// A supervisor with apps: each worker gets a link to it (see
+    /// `apps::link`).
+    pub links: Option<crate::apps::Links>,
 }
 
 impl Spawner {
@@ -316,9 +319,15 @@ impl Spawner {
         env: Vec<(OsString, OsString)>,
         pid: Rc<Cell<Option<i32>>>,
     ) -> Attempt {
-        let opened = crate::prepare::prepare(&self.config_path, &self.apps)
+        let opened = crate::prepare::prepare(&self.config_path, &self.services)
             .map_err(|e| e.to_string())
             .and_then(|p| {
+                if matches!(self.role, Role::Generation) && !p.config.apps.is_empty() {
+                    return Err(format!(
+                        "{}: apps need the supervisor, which owns their processes: stop gracesrv and start it again (with apps in the config it runs supervised)",
+                        p.config.path.display()
+                    ));
+                }
                 let listeners = crate::listeners::open(&p.config.listeners, duplicates(current)?)?;
                 Ok((p.config, listeners))
             });
@@ -387,6 +396,15 @@ impl Spawner {
             self.tickets.to_hex().into(),
         ));
         env.extend(extra);
+        let link = match &self.links {
+            Some(links) if worker => Some(links.open()?),
+            _ => None,
+        };
+        let mut fds = vec![("GRACESRV_READY_FD", handoff::raw(&write))];
+        fds.extend(
+            link.as_ref()
+                .map(|l| (crate::handoff::APPS_FD, handoff::raw(l))),
+        );
         let pid = handoff::spawn(SpawnArgs {
             exe: &self.exe,
             argv: &self.argv,
@@ -395,13 +413,20 @@ impl Spawner {
                 .iter()
                 .map(|l| (l.name.as_str(), handoff::raw(&l.socket)))
                 .collect(),
-            ready: handoff::raw(&write),
-            generation,
-            own_group: worker,
+            fds,
+            exec_error: handoff::raw(&write),
+            generation: Some(generation),
+            dir: None,
+            group: if worker {
+                handoff::Group::Worker
+            } else {
+                handoff::Group::Same
+            },
         })?;
         // Before any await: the reaper must know this pid before it can exit.
         self.reaper.watch(pid);
         drop(write);
+        drop(link);
         info!(
             new_pid = pid,
             generation, "new process started; waiting for it to be ready"

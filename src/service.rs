@@ -18,13 +18,13 @@ pub enum Handler {
     /// The routes of the config file.
     Routes(Arc<crate::routes::Router>),
     /// An application's service.
-    App(BoxCloneSyncService<Request<Incoming>, Response<Body>, BoxError>),
+    Service(BoxCloneSyncService<Request<Incoming>, Response<Body>, BoxError>),
 }
 
 impl Handler {
     /// Wraps any tower service (an axum `Router`, a `service_fn`, …).
     /// A service error becomes a 500 response and a log line.
-    pub fn app<S, B>(svc: S) -> Handler
+    pub fn service<S, B>(svc: S) -> Handler
     where
         S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + Sync + 'static,
         S::Future: Send + 'static,
@@ -35,7 +35,7 @@ impl Handler {
         let svc = svc
             .map_response(|res: Response<B>| res.map(Body::new))
             .map_err(Into::into);
-        Handler::App(BoxCloneSyncService::new(svc))
+        Handler::Service(BoxCloneSyncService::new(svc))
     }
 
     /// Answers `req`, at once when the answer needs no waiting.
@@ -49,7 +49,7 @@ impl Handler {
     ) -> Reply {
         match self {
             Handler::Routes(router) => router.handle(req, ctx, peer, route),
-            Handler::App(svc) => {
+            Handler::Service(svc) => {
                 // An application may want to know who is asking.
                 req.extensions_mut().insert(peer);
                 let call = svc.clone().oneshot(req);

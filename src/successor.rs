@@ -44,6 +44,8 @@ pub struct Inherited {
     pub tickets: Option<crate::tickets::Tickets>,
     /// The counters handed over (see `metrics`), as JSON.
     pub metrics: Option<String>,
+    /// A supervised worker's link to its supervisor (see `apps::link`).
+    pub apps_link: Option<OwnedFd>,
 }
 
 impl Inherited {
@@ -67,6 +69,7 @@ impl Inherited {
         let draining = get("GRACESRV_DRAINING");
         let tickets = get(crate::tickets::SECRET_VAR);
         let metrics = get(crate::metrics::BASE_VAR);
+        let apps_link = get(crate::handoff::APPS_FD);
         for k in handoff::HANDOFF_VARS.iter().filter(|_| remove) {
             // SAFETY (of the call, which is safe in edition 2021): no other
             // thread exists yet, see the doc comment.
@@ -92,6 +95,15 @@ impl Inherited {
         inherited.draining = draining
             .map(|d| Predecessors::parse(&d))
             .unwrap_or_default();
+        if let Some(l) = apps_link {
+            let fd: RawFd = l.parse().map_err(|_| {
+                format!(
+                    "{}={l:?} is not a file descriptor number",
+                    crate::handoff::APPS_FD
+                )
+            })?;
+            inherited.apps_link = Some(handoff::adopt_link(fd)?);
+        }
         if let Some(r) = ready {
             let fd: RawFd = r
                 .parse()

@@ -22,6 +22,8 @@ use nix::unistd::Pid;
 use sd_notify::NotifyState;
 use tracing::{error, info, warn};
 
+use crate::apps::Apps;
+use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::handoff::InheritedSocket;
 use crate::listeners::Listener;
@@ -35,25 +37,6 @@ use crate::successor::{notify_systemd, remove_pid_file, status_line, write_pid_f
 struct Worker {
     pid: i32,
     ready_at: Instant,
-}
-
-/// Back-off for replacing workers that die: doubles up to a cap, and starts
-/// over once a worker has served for a while.
-struct Backoff {
-    next: Duration,
-}
-
-impl Backoff {
-    const FIRST: Duration = Duration::from_millis(100);
-    const MAX: Duration = Duration::from_secs(10);
-    /// A worker that served this long before dying resets the back-off.
-    const STABLE: Duration = Duration::from_secs(30);
-
-    fn take(&mut self) -> Duration {
-        let d = self.next;
-        self.next = (self.next * 2).min(Self::MAX);
-        d
-    }
 }
 
 /// What the supervisor holds while it runs.
@@ -78,6 +61,10 @@ struct Supervisor {
     stopping: Option<Signal>,
     /// Restarts that succeeded and failed, handed to each worker's metrics.
     restarts: (u64, u64),
+    /// The application processes (`apps:`).
+    apps: Apps,
+    /// `gracesrv deploy` requests.
+    deploys: tokio::sync::mpsc::UnboundedReceiver<crate::deploy::Request>,
 }
 
 /// Runs the service until it is stopped; returns the exit code. `restart`
@@ -99,6 +86,10 @@ pub async fn run(
     for l in &listeners {
         info!(listener = %l.name, addr = %l.local_addr, "listening");
     }
+    // The apps start beside the first worker: requests to an app wait for
+    // its instance to be ready.
+    let mut apps = Apps::start(&config, restart.spawner.reaper.clone());
+    restart.spawner.links = Some(apps.links.clone());
     // Generation 1. TERM, INT and QUIT act at once, even now; a HUP waits.
     restart.replace(1, &listeners, &config, Vec::new(), false);
     let mut held_hup = false;
@@ -111,6 +102,7 @@ pub async fn run(
                 Sig::Stop | Sig::Quit => {
                     info!("stopping while the first worker starts");
                     restart.abandon().await;
+                    apps.stop().await;
                     return 0;
                 }
             },
@@ -125,6 +117,7 @@ pub async fn run(
         Err(e) => {
             error!("cannot start: {e}");
             eprintln!("gracesrv: {e}");
+            apps.stop().await;
             return 1;
         }
     };
@@ -141,6 +134,7 @@ pub async fn run(
         NotifyState::Status(&status),
     ]);
     crate::reload::serve_control(&restart.spawner.config_path);
+    let deploys = crate::deploy::serve();
     info!(worker = first, role = "supervisor", "ready");
     let watch = start_watch(&config);
     let mut s = Supervisor {
@@ -155,16 +149,16 @@ pub async fn run(
         generation: 1,
         draining: Vec::new(),
         predecessors: Predecessors::default(),
-        backoff: Backoff {
-            next: Backoff::FIRST,
-        },
+        backoff: Backoff::default(),
         watch,
         stopping: None,
         restarts: (0, 0),
+        apps,
+        deploys,
     };
     // A HUP during the first start is acted on now.
     let mut trigger = held_hup.then_some(Trigger::Signal);
-    loop {
+    let code = loop {
         if let Some(t) = trigger.take() {
             s.request(t);
         }
@@ -182,7 +176,7 @@ pub async fn run(
                 }
                 Sig::Stop | Sig::Quit => {
                     if let Some(code) = s.stop(sig).await {
-                        return code;
+                        break code;
                     }
                     None
                 }
@@ -192,7 +186,7 @@ pub async fn run(
             }
             status = async { reaper.wait(s.current.as_ref().expect("guarded").pid).await }, if s.current.is_some() => {
                 if let Some(code) = s.worker_died(status).await {
-                    return code;
+                    break code;
                 }
                 None
             }
@@ -209,8 +203,15 @@ pub async fn run(
                 s.draining.retain(|p| *p != done);
                 None
             }
+            Some(req) = s.deploys.recv() => {
+                s.deploy(req);
+                None
+            }
         };
-    }
+    };
+    // The workers are gone: nothing proxies to the apps any more.
+    s.apps.stop().await;
+    code
 }
 
 impl Supervisor {
@@ -221,6 +222,34 @@ impl Supervisor {
             r#"{{"gracesrv_restarts_total":{ok},"gracesrv_restart_failures_total":{failed}}}"#
         );
         vec![(crate::metrics::BASE_VAR.into(), json.into())]
+    }
+
+    /// `gracesrv deploy APP`: the app as the config file defines it now.
+    fn deploy(&self, req: crate::deploy::Request) {
+        let path = &self.restart.spawner.config_path;
+        let outcome = Config::load(path).map_err(|e| e.to_string()).and_then(|c| {
+            let app = c.apps.iter().find(|a| a.name == req.app).ok_or_else(|| {
+                format!("{}: no app named {:?} in apps:", c.path.display(), req.app)
+            })?;
+            app.resolve_program()
+                .map_err(|e| format!("{}: {e}", c.path.display()))?;
+            info!(app = %app.name, "deploy requested");
+            Ok(self.apps.deploy(app, c.shutdown_timeout))
+        });
+        match outcome {
+            Ok(pending) => {
+                tokio::spawn(async move {
+                    let outcome = pending
+                        .await
+                        .unwrap_or_else(|_| Err("the app was stopped".into()));
+                    let _ = req.reply.send(outcome);
+                });
+            }
+            Err(e) => {
+                warn!(app = %req.app, "deploy refused: {e}");
+                let _ = req.reply.send(Err(e));
+            }
+        }
     }
 
     /// A restart is asked for.
@@ -340,6 +369,7 @@ impl Supervisor {
         self.listeners = listeners;
         let watch_changed = config.watch != self.config.watch
             || config.watched_files() != self.config.watched_files();
+        self.apps.apply(&config);
         self.config = config;
         if watch_changed {
             self.watch = start_watch(&self.config);
@@ -356,9 +386,7 @@ impl Supervisor {
             info!(status = %describe(status), "workers gone: exiting");
             return Some(exit_code(status));
         }
-        if worker.ready_at.elapsed() > Backoff::STABLE {
-            self.backoff.next = Backoff::FIRST;
-        }
+        self.backoff.served(worker.ready_at.elapsed());
         if self.restart.is_idle() {
             let delay = self.backoff.take();
             error!(worker = worker.pid, status = %describe(status), "worker died: replacing it in {delay:?}");

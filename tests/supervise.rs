@@ -29,24 +29,9 @@ fn worker(srv: &TestServer) -> u32 {
     srv.serving_pid()
 }
 
-/// HUP to the supervisor; waits for RELOADING=1 then READY=1, and for the
-/// old worker to stop accepting. Returns the new worker.
+/// HUP to the supervisor; see `TestServer::supervised_restart`.
 async fn supervised_restart(srv: &mut TestServer) -> u32 {
-    let old = worker(srv);
-    srv.hup();
-    let reloading = srv.next_notify().await;
-    assert!(
-        reloading.contains("RELOADING=1") && reloading.contains("MONOTONIC_USEC="),
-        "{reloading}"
-    );
-    let ready = srv.next_notify().await;
-    assert!(ready.lines().any(|l| l == "READY=1"), "{ready}");
-    let new = worker(srv);
-    assert_ne!(new, old);
-    let tag = format!("pid={old} ");
-    srv.wait_log_after(0, |l| l.contains(&tag) && l.contains("stopped accepting"))
-        .await;
-    new
+    srv.supervised_restart().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -99,7 +99,75 @@ pub struct Config {
     pub tls_tickets: Option<FileRef>,
     /// `acme:`: how certificates are obtained for `tls: { acme: [...] }`.
     pub acme: Option<AcmeConfig>,
+    /// `apps:`: application processes the supervisor runs (see `apps`).
+    pub apps: Vec<AppConfig>,
     pub listeners: Vec<ListenerConfig>,
+}
+
+/// One application of `apps:`: how to run it, hand it a socket, see that it
+/// is ready and stop it.
+#[derive(Debug, Clone)]
+pub struct AppConfig {
+    pub name: String,
+    /// The program, resolved (on `PATH`, or against `dir`), then its
+    /// arguments as written.
+    pub program: PathBuf,
+    pub command: Vec<String>,
+    /// The working directory: `dir`, or the config's directory.
+    pub dir: PathBuf,
+    pub env: Vec<(String, String)>,
+    pub socket: AppSocket,
+    pub ready: AppReady,
+    pub start_timeout: Duration,
+    pub stop_signal: nix::sys::signal::Signal,
+    pub stop_timeout: Duration,
+    /// Files whose change redeploys the app.
+    pub watch: Vec<PathBuf>,
+    pub pos: Pos,
+}
+
+/// A definition is the same when everything but its place in the file is:
+/// an app whose definition did not change is left alone by a restart.
+impl PartialEq for AppConfig {
+    fn eq(&self, o: &Self) -> bool {
+        (
+            &self.name,
+            &self.program,
+            &self.command,
+            &self.dir,
+            &self.env,
+            self.socket,
+            &self.ready,
+        ) == (
+            &o.name, &o.program, &o.command, &o.dir, &o.env, o.socket, &o.ready,
+        ) && (
+            self.start_timeout,
+            self.stop_signal,
+            self.stop_timeout,
+            &self.watch,
+        ) == (o.start_timeout, o.stop_signal, o.stop_timeout, &o.watch)
+    }
+}
+
+/// How an instance gets its socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AppSocket {
+    /// gracesrv binds a fresh 127.0.0.1 socket per instance and passes it
+    /// at fd 3 (`LISTEN_FDS=1`, `LISTEN_FDNAMES=<app>`).
+    Fd,
+    /// gracesrv picks a free port and passes `PORT=<n>`; the app binds it.
+    Port,
+}
+
+/// When an instance counts as ready.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AppReady {
+    /// `GET path` answers 2xx or 3xx.
+    Http(String),
+    /// No `ready:`: it answers an HTTP request at all (any status).
+    Answers,
+    /// It sends `READY=1` to `NOTIFY_SOCKET`.
+    Notify,
 }
 
 /// `access_log:` (top level, or a listener's own).
@@ -244,13 +312,22 @@ pub enum Action {
     /// Prometheus text exposition of the service's metrics.
     Metrics,
     Proxy {
-        upstream: http::Uri,
+        target: ProxyTarget,
         connect_timeout: Duration,
         timeout: Duration,
         strip_prefix: bool,
         /// Largest request body forwarded; larger ones get 413.
         max_body: Option<u64>,
     },
+}
+
+/// Where a proxy route sends requests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProxyTarget {
+    /// `upstream: http://host:port`.
+    Upstream(http::Uri),
+    /// `app: NAME`: the serving instance of an application of `apps:`.
+    App(String),
 }
 
 impl Config {
@@ -338,6 +415,7 @@ pub fn absolute(path: &Path) -> PathBuf {
     }
 }
 
+mod apps;
 mod raw;
 #[cfg(test)]
 mod tests;

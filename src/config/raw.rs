@@ -20,7 +20,41 @@ pub struct Config {
     pub tls_tickets: Option<TlsTickets>,
     pub acme: Option<Spanned<Acme>>,
     pub access_log: Option<Spanned<AccessLog>>,
+    #[serde(default)]
+    pub apps: Vec<Spanned<App>>,
     pub listeners: Spanned<Vec<Spanned<Listener>>>,
+}
+
+/// An application process gracesrv runs and proxies to (`apps:`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct App {
+    pub name: Spanned<String>,
+    pub command: Spanned<Vec<String>>,
+    pub dir: Option<Spanned<String>>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    pub socket: Option<Spanned<String>>,
+    pub ready: Option<Spanned<AppReady>>,
+    pub start_timeout: Option<Spanned<String>>,
+    pub stop_signal: Option<Spanned<String>>,
+    pub stop_timeout: Option<Spanned<String>>,
+    #[serde(default)]
+    pub watch: Vec<Spanned<String>>,
+}
+
+/// `ready: notify`, or `ready: { http: /healthz }`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub enum AppReady {
+    Word(String),
+    Http(AppReadyHttp),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppReadyHttp {
+    pub http: String,
 }
 
 #[derive(Deserialize)]
@@ -110,7 +144,9 @@ pub struct Route {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Proxy {
-    pub upstream: Spanned<String>,
+    pub upstream: Option<Spanned<String>>,
+    /// An application of `apps:`, instead of an upstream.
+    pub app: Option<Spanned<String>>,
     pub connect_timeout: Option<Spanned<String>>,
     pub timeout: Option<Spanned<String>>,
     #[serde(default)]

@@ -9,7 +9,7 @@ pub(super) struct Validator<'a> {
 }
 
 impl Validator<'_> {
-    fn err<T>(
+    pub(super) fn err<T>(
         &self,
         pos: impl Into<Option<Pos>>,
         msg: impl Into<String>,
@@ -17,7 +17,7 @@ impl Validator<'_> {
         Err(ConfigError::new(self.file, pos.into(), msg))
     }
 
-    fn duration(
+    pub(super) fn duration(
         &self,
         v: &Option<Spanned<String>>,
         key: &str,
@@ -160,6 +160,7 @@ impl Validator<'_> {
             Some(a) => Some(self.access_log(a, "access_log")?),
             None => None,
         };
+        let apps = self.apps(&raw.apps)?;
         let mut names = HashSet::new();
         let mut addrs = HashSet::new();
         let mut listeners = Vec::new();
@@ -186,6 +187,20 @@ impl Validator<'_> {
                     ),
                 );
             }
+            for (j, r) in listener.routes.iter().enumerate() {
+                if let Action::Proxy {
+                    target: ProxyTarget::App(app),
+                    ..
+                } = &r.action
+                {
+                    if !apps.iter().any(|a| &a.name == app) {
+                        return self.err(
+                            r.pos,
+                            format!("listeners[{i}].routes[{j}].proxy.app: no app named {app:?} in apps:"),
+                        );
+                    }
+                }
+            }
             listeners.push(listener);
         }
 
@@ -197,6 +212,7 @@ impl Validator<'_> {
             path: self.file.to_path_buf(),
             tls_tickets,
             acme,
+            apps,
             pid_file,
             shutdown_timeout,
             startup_timeout,
@@ -533,26 +549,38 @@ impl Validator<'_> {
             }
         } else if let Some(p) = &raw.proxy {
             let v = &p.value;
-            let bad = || {
-                ConfigError::new(
-                    self.file,
-                    Some(Pos::from(&v.upstream)),
-                    format!(
-                        "{key}.proxy.upstream: {:?} is not http://host:port",
-                        v.upstream.value
-                    ),
-                )
+            let target = match (&v.upstream, &v.app) {
+                (Some(upstream), None) => {
+                    let bad = || {
+                        ConfigError::new(
+                            self.file,
+                            Some(Pos::from(upstream)),
+                            format!(
+                                "{key}.proxy.upstream: {:?} is not http://host:port",
+                                upstream.value
+                            ),
+                        )
+                    };
+                    let uri: http::Uri = upstream.value.parse().map_err(|_| bad())?;
+                    let plain_origin = uri.scheme_str() == Some("http")
+                        && uri.authority().is_some()
+                        && matches!(uri.path(), "" | "/")
+                        && uri.query().is_none();
+                    if !plain_origin {
+                        return Err(bad());
+                    }
+                    ProxyTarget::Upstream(uri)
+                }
+                (None, Some(app)) => ProxyTarget::App(app.value.clone()),
+                _ => {
+                    return self.err(
+                        Pos::from(p),
+                        format!("{key}.proxy: give exactly one of upstream, app"),
+                    )
+                }
             };
-            let upstream: http::Uri = v.upstream.value.parse().map_err(|_| bad())?;
-            let plain_origin = upstream.scheme_str() == Some("http")
-                && upstream.authority().is_some()
-                && matches!(upstream.path(), "" | "/")
-                && upstream.query().is_none();
-            if !plain_origin {
-                return Err(bad());
-            }
             Action::Proxy {
-                upstream,
+                target,
                 connect_timeout: self.duration(
                     &v.connect_timeout,
                     &format!("{key}.proxy.connect_timeout"),

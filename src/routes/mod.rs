@@ -87,13 +87,13 @@ impl Router {
                 Action::Status => Route::Status,
                 Action::Metrics => Route::Metrics,
                 Action::Proxy {
-                    upstream,
+                    target,
                     connect_timeout,
                     timeout,
                     strip_prefix,
                     max_body,
                 } => Route::Proxy(Arc::new(crate::proxy::Proxy::new(
-                    upstream,
+                    target,
                     *connect_timeout,
                     *timeout,
                     *strip_prefix,

@@ -42,6 +42,9 @@ pub(super) fn response(ctx: &ListenerContext) -> Response<Body> {
             .sum::<u64>()
             .into();
     }
+    if !p.apps.is_empty() {
+        body["apps"] = p.apps.status();
+    }
     if let Some(acme) = &p.acme {
         body["acme"] = crate::acme::status(acme);
     }

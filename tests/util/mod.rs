@@ -370,6 +370,26 @@ impl TestServer {
         msg
     }
 
+    /// HUP to a supervisor; waits for RELOADING=1 then READY=1, and for the
+    /// old worker to stop accepting. Returns the new worker.
+    pub async fn supervised_restart(&mut self) -> u32 {
+        let old = self.serving_pid();
+        self.hup();
+        let reloading = self.next_notify().await;
+        assert!(
+            reloading.contains("RELOADING=1") && reloading.contains("MONOTONIC_USEC="),
+            "{reloading}"
+        );
+        let ready = self.next_notify().await;
+        assert!(ready.lines().any(|l| l == "READY=1"), "{ready}");
+        let new = self.serving_pid();
+        assert_ne!(new, old);
+        let tag = format!("pid={old} ");
+        self.wait_log_after(0, |l| l.contains(&tag) && l.contains("stopped accepting"))
+            .await;
+        new
+    }
+
     /// Waits for the next generation to report `READY=1`; returns its pid.
     pub async fn wait_ready(&mut self) -> u32 {
         let mut buf = vec![0u8; 4096];

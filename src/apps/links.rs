@@ -1,0 +1,161 @@
+//! The supervisor's side of the links to its workers (see [`super::link`]):
+//! every update goes to every worker, and a retired instance is released
+//! once each worker that could have sent to it says so, or is gone.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::future::Future;
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, Mutex};
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, warn};
+
+use super::link::{Released, Update};
+
+#[derive(Clone, Default)]
+pub struct Links {
+    inner: Arc<Mutex<Inner>>,
+}
+
+#[derive(Default)]
+struct Inner {
+    next: u64,
+    /// Each worker's queue of lines to send.
+    workers: HashMap<u64, mpsc::UnboundedSender<String>>,
+    /// The latest update of each app, for a worker that starts later.
+    latest: BTreeMap<String, Update>,
+    /// Retired instances, by app and id: the workers yet to release them,
+    /// and who waits for that.
+    retiring: HashMap<(String, u64), Waiting>,
+}
+
+struct Waiting {
+    workers: HashSet<u64>,
+    done: Vec<oneshot::Sender<()>>,
+}
+
+impl Links {
+    /// A link for a worker about to start: returns the worker's end, to be
+    /// passed at `GRACESRV_APPS_FD`. The worker hears the latest update of
+    /// every app first.
+    pub fn open(&self) -> Result<OwnedFd, String> {
+        let (ours, theirs) =
+            std::os::unix::net::UnixStream::pair().map_err(|e| format!("apps: socketpair: {e}"))?;
+        let ours = ours
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::UnixStream::from_std(ours))
+            .map_err(|e| format!("apps: link: {e}"))?;
+        let (read, mut write) = ours.into_split();
+        let (tx, mut lines) = mpsc::unbounded_channel::<String>();
+        let id = {
+            let mut inner = self.lock();
+            inner.next += 1;
+            let id = inner.next;
+            for u in inner.latest.values() {
+                let _ = tx.send(line(u));
+            }
+            inner.workers.insert(id, tx);
+            id
+        };
+        tokio::spawn(async move {
+            while let Some(l) = lines.recv().await {
+                if write.write_all(l.as_bytes()).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let links = self.clone();
+        tokio::spawn(async move {
+            let mut lines = tokio::io::BufReader::new(read).lines();
+            while let Ok(Some(l)) = lines.next_line().await {
+                match serde_json::from_str::<Released>(&l) {
+                    Ok(r) => links.released(id, &r.released, r.id),
+                    Err(e) => warn!(
+                        worker_link = id,
+                        "apps: unreadable message from a worker: {e}"
+                    ),
+                }
+            }
+            debug!(worker_link = id, "apps: a worker's link closed");
+            links.gone(id);
+        });
+        Ok(theirs.into())
+    }
+
+    /// Sends `update` to every worker. Resolves once each of them has
+    /// released the instances it retires.
+    pub fn publish(&self, update: Update) -> impl Future<Output = ()> + Send + 'static {
+        let mut waits = Vec::new();
+        let mut inner = self.lock();
+        for id in &update.retire {
+            let (tx, rx) = oneshot::channel();
+            let workers: HashSet<u64> = inner.workers.keys().copied().collect();
+            if workers.is_empty() {
+                continue;
+            }
+            waits.push(rx);
+            inner
+                .retiring
+                .entry((update.app.clone(), *id))
+                .or_insert_with(|| Waiting {
+                    workers,
+                    done: Vec::new(),
+                })
+                .done
+                .push(tx);
+        }
+        let l = line(&update);
+        inner.workers.retain(|_, w| w.send(l.clone()).is_ok());
+        let latest = Update {
+            retire: Vec::new(),
+            ..update
+        };
+        inner.latest.insert(latest.app.clone(), latest);
+        async move {
+            for w in waits {
+                let _ = w.await;
+            }
+        }
+    }
+
+    /// An app is gone from the config: a worker started from now on does
+    /// not hear of it.
+    pub fn forget(&self, app: &str) {
+        self.lock().latest.remove(app);
+    }
+
+    fn released(&self, worker: u64, app: &str, id: u64) {
+        let mut inner = self.lock();
+        let key = (app.to_string(), id);
+        if let Some(w) = inner.retiring.get_mut(&key) {
+            w.workers.remove(&worker);
+            if w.workers.is_empty() {
+                if let Some(w) = inner.retiring.remove(&key) {
+                    w.done.into_iter().for_each(|d| {
+                        let _ = d.send(());
+                    });
+                }
+            }
+        }
+    }
+
+    /// A worker exited: it holds nothing anywhere.
+    fn gone(&self, worker: u64) {
+        let mut inner = self.lock();
+        inner.workers.remove(&worker);
+        let keys: Vec<(String, u64)> = inner.retiring.keys().cloned().collect();
+        drop(inner);
+        for (app, id) in keys {
+            self.released(worker, &app, id);
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn line(u: &Update) -> String {
+    serde_json::to_string(u).unwrap_or_default() + "\n"
+}

@@ -1,0 +1,599 @@
+//! One app's instances over time, run by the supervisor: one task per app,
+//! one loop over explicit states, fed by events that small tasks send (an
+//! instance exited, got ready, was released by the workers, ...).
+//!
+//! A deploy, top to bottom:
+//!
+//! 1. A new instance starts beside the serving one (`Starting`).
+//! 2. Once ready, new requests go to it (`Serving`); the old one gets no new
+//!    request and finishes what it has (`Standby`) while the new one proves
+//!    itself for [`PROBATION`]. If the new one dies meanwhile, the old one
+//!    serves again and the deploy fails.
+//! 3. The old one is retired (`Retiring`): every worker stops sending to
+//!    it and says when nothing of its own is in flight there.
+//! 4. Only then is it stopped (`Stopping`): `stop_signal`, then SIGKILL to
+//!    its process group after `stop_timeout`.
+//!
+//! A new instance that exits, or is not ready within `start_timeout`, is
+//! stopped, and the serving one is left alone. A serving instance that dies
+//! is replaced with back-off; requests wait meanwhile (see `table`).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use nix::sys::wait::WaitStatus;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{error, info, warn};
+
+use super::instance::{self, Process};
+use super::link::{InstanceInfo, Serving, Update};
+use super::links::Links;
+use crate::backoff::Backoff;
+use crate::config::AppConfig;
+use crate::reaper::{describe, Reaper};
+
+/// How long a new instance must live after it is ready before the previous
+/// one is let go: a version that dies on its first requests is caught here,
+/// with the previous one still running.
+pub const PROBATION: Duration = Duration::from_secs(2);
+
+/// What a deploy ended in: a line for `gracesrv deploy` to print, or why it
+/// failed.
+pub type Outcome = Result<String, String>;
+
+pub enum Command {
+    /// A new definition (a HUP, or `deploy` after an edit): deploy it.
+    Define {
+        app: Box<AppConfig>,
+        shutdown_timeout: Duration,
+        reply: Option<oneshot::Sender<Outcome>>,
+    },
+    /// Retire and stop every instance, then end.
+    Stop(oneshot::Sender<()>),
+}
+
+enum Event {
+    Exited(u64, WaitStatus),
+    Ready(u64),
+    NotReady(u64, String),
+    ProbationOver(u64),
+    Released(u64),
+    KillDue(u64),
+    RestartDue,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Starting,
+    Serving,
+    Standby,
+    Retiring,
+    Stopping,
+}
+
+impl State {
+    fn name(self) -> &'static str {
+        match self {
+            State::Starting => "starting",
+            State::Serving => "serving",
+            State::Standby => "standby",
+            State::Retiring => "retiring",
+            State::Stopping => "stopping",
+        }
+    }
+}
+
+struct Instance {
+    process: Process,
+    state: State,
+    /// The readiness check, aborted if the instance exits first.
+    check: Option<tokio::task::JoinHandle<()>>,
+    /// Deploys that end when this instance has stopped, with their line.
+    on_exit: Vec<(oneshot::Sender<Outcome>, String)>,
+}
+
+/// A deploy (or a replacement) under way.
+struct Start {
+    id: u64,
+    replies: Vec<oneshot::Sender<Outcome>>,
+}
+
+/// A new instance serving on probation, and the one it replaced.
+struct Probation {
+    old: u64,
+    new: u64,
+    replies: Vec<oneshot::Sender<Outcome>>,
+}
+
+struct Runner {
+    app: AppConfig,
+    shutdown_timeout: Duration,
+    links: Links,
+    reaper: Reaper,
+    events: mpsc::UnboundedSender<Event>,
+    next_id: u64,
+    instances: BTreeMap<u64, Instance>,
+    serving: Option<u64>,
+    starting: Option<Start>,
+    probation: Option<Probation>,
+    backoff: Backoff,
+    restart_pending: bool,
+    stopping: Vec<oneshot::Sender<()>>,
+    watch: Option<crate::watch::Watch>,
+}
+
+/// Runs `app` until it is told to stop (or the supervisor drops `commands`).
+pub async fn run(
+    app: AppConfig,
+    shutdown_timeout: Duration,
+    links: Links,
+    reaper: Reaper,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+) {
+    let (events, mut incoming) = mpsc::unbounded_channel();
+    let mut r = Runner {
+        watch: watch(&app),
+        app,
+        shutdown_timeout,
+        links,
+        reaper,
+        events,
+        next_id: 1,
+        instances: BTreeMap::new(),
+        serving: None,
+        starting: None,
+        probation: None,
+        backoff: Backoff::default(),
+        restart_pending: false,
+        stopping: Vec::new(),
+    };
+    r.start(Vec::new());
+    let mut commands_open = true;
+    loop {
+        tokio::select! {
+            Some(event) = incoming.recv() => r.on(event),
+            cmd = commands.recv(), if commands_open => match cmd {
+                Some(cmd) => r.command(cmd),
+                None => {
+                    commands_open = false;
+                    r.stop(None);
+                }
+            },
+            _ = async { r.watch.as_mut().expect("guarded").changed().await }, if r.watch.is_some() && r.stopping.is_empty() && commands_open => {
+                info!("a watched file changed: deploying");
+                r.deploy(None);
+            }
+        }
+        if (!r.stopping.is_empty() || !commands_open) && r.instances.is_empty() {
+            info!("stopped");
+            for s in r.stopping.drain(..) {
+                let _ = s.send(());
+            }
+            return;
+        }
+    }
+}
+
+fn watch(app: &AppConfig) -> Option<crate::watch::Watch> {
+    if app.watch.is_empty() {
+        return None;
+    }
+    let loaded = crate::watch::fingerprint(&app.watch);
+    crate::watch::Watch::start(app.watch.clone(), loaded)
+        .map_err(|e| {
+            error!("cannot watch the app's files, deploy with `gracesrv deploy` instead: {e}")
+        })
+        .ok()
+}
+
+impl Runner {
+    fn command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Define {
+                app,
+                shutdown_timeout,
+                reply,
+            } => {
+                self.shutdown_timeout = shutdown_timeout;
+                if *app == self.app {
+                    // Unchanged: a HUP leaves it alone; a deploy deploys.
+                    if reply.is_some() {
+                        self.deploy(reply);
+                    }
+                    return;
+                }
+                info!("the app's definition changed: deploying it");
+                let watch_changed = app.watch != self.app.watch;
+                self.app = *app;
+                if watch_changed {
+                    self.watch = watch(&self.app);
+                }
+                self.deploy(reply);
+            }
+            Command::Stop(done) => self.stop(Some(done)),
+        }
+    }
+
+    /// Starts a new instance, unless one is starting already (the deploy
+    /// joins it).
+    fn deploy(&mut self, reply: Option<oneshot::Sender<Outcome>>) {
+        if !self.stopping.is_empty() {
+            if let Some(r) = reply {
+                let _ = r.send(Err("gracesrv is stopping".into()));
+            }
+            return;
+        }
+        if let Some(s) = &mut self.starting {
+            s.replies.extend(reply);
+            return;
+        }
+        // A deploy during the last one's probation ends that probation.
+        if let Some(p) = &self.probation {
+            let new = p.new;
+            self.probation_over(new);
+        }
+        self.start(reply.into_iter().collect());
+    }
+
+    fn start(&mut self, replies: Vec<oneshot::Sender<Outcome>>) {
+        self.restart_pending = false;
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut process = match instance::start(&self.app, id, &self.reaper) {
+            Ok(p) => p,
+            Err(e) => {
+                self.failed_start(replies, format!("cannot start a new instance: {e}"));
+                return;
+            }
+        };
+        info!(instance = id, pid = process.pid, addr = %process.addr, "instance starting");
+        let (pid, events, reaper) = (process.pid, self.events.clone(), self.reaper.clone());
+        tokio::spawn(async move {
+            let status = reaper.wait(pid).await;
+            let _ = events.send(Event::Exited(id, status));
+        });
+        let ready = process.ready(&self.app.ready);
+        let (events, timeout) = (self.events.clone(), self.app.start_timeout);
+        let check = tokio::spawn(async move {
+            let event = match tokio::time::timeout(timeout, ready).await {
+                Ok(Ok(())) => Event::Ready(id),
+                Ok(Err(e)) => Event::NotReady(id, e),
+                Err(_) => {
+                    Event::NotReady(id, format!("not ready within start_timeout ({timeout:?})"))
+                }
+            };
+            let _ = events.send(event);
+        });
+        self.instances.insert(
+            id,
+            Instance {
+                process,
+                state: State::Starting,
+                check: Some(check),
+                on_exit: Vec::new(),
+            },
+        );
+        self.starting = Some(Start { id, replies });
+        self.announce();
+    }
+
+    fn on(&mut self, event: Event) {
+        match event {
+            Event::Ready(id) => self.ready(id),
+            Event::NotReady(id, reason) => {
+                if self.starting.as_ref().is_some_and(|s| s.id == id) {
+                    let start = self.starting.take().expect("checked");
+                    let pid = self.instances.get(&id).map_or(0, |i| i.process.pid);
+                    self.stop_instance(id);
+                    self.failed_start(start.replies, format!("new instance (pid {pid}): {reason}"));
+                }
+            }
+            Event::Exited(id, status) => self.exited(id, status),
+            Event::ProbationOver(id) => self.probation_over(id),
+            Event::Released(id) => {
+                if self
+                    .instances
+                    .get(&id)
+                    .is_some_and(|i| i.state == State::Retiring)
+                {
+                    self.stop_instance(id);
+                }
+            }
+            Event::KillDue(id) => {
+                if let Some(i) = self.instances.get(&id) {
+                    warn!(
+                        instance = id,
+                        pid = i.process.pid,
+                        "stop_timeout ({:?}) reached: killing the instance",
+                        self.app.stop_timeout
+                    );
+                    i.process.kill();
+                }
+            }
+            Event::RestartDue => {
+                if self.restart_pending
+                    && self.serving.is_none()
+                    && self.starting.is_none()
+                    && self.stopping.is_empty()
+                {
+                    self.start(Vec::new());
+                }
+            }
+        }
+    }
+
+    /// The instance being started is ready: it serves.
+    fn ready(&mut self, id: u64) {
+        if self.starting.as_ref().is_none_or(|s| s.id != id) {
+            return;
+        }
+        let start = self.starting.take().expect("checked");
+        let Some(inst) = self.instances.get_mut(&id) else {
+            return;
+        };
+        inst.state = State::Serving;
+        inst.check = None;
+        let (pid, took) = (inst.process.pid, inst.process.started.elapsed());
+        let old = self.serving.replace(id);
+        info!(instance = id, pid, took_ms = took.as_millis() as u64, previous = ?old, "instance ready: it serves");
+        match old.and_then(|o| self.instances.get_mut(&o).map(|i| (o, i))) {
+            Some((old, inst)) => {
+                inst.state = State::Standby;
+                self.probation = Some(Probation {
+                    old,
+                    new: id,
+                    replies: start.replies,
+                });
+                let events = self.events.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(PROBATION).await;
+                    let _ = events.send(Event::ProbationOver(id));
+                });
+            }
+            None => {
+                for r in start.replies {
+                    let _ = r.send(Ok(format!("instance {id} (pid {pid}) serves")));
+                }
+            }
+        }
+        self.announce();
+    }
+
+    /// The new instance proved itself: the old one is retired.
+    fn probation_over(&mut self, new: u64) {
+        if self.probation.as_ref().is_none_or(|p| p.new != new) {
+            return;
+        }
+        let p = self.probation.take().expect("checked");
+        let new_pid = self.instances.get(&new).map_or(0, |i| i.process.pid);
+        let Some(old) = self.instances.get_mut(&p.old) else {
+            for r in p.replies {
+                let _ = r.send(Ok(format!("instance {new} (pid {new_pid}) serves")));
+            }
+            return;
+        };
+        old.state = State::Retiring;
+        let line = format!(
+            "instance {new} (pid {new_pid}) serves; instance {} (pid {}) stopped",
+            p.old, old.process.pid
+        );
+        old.on_exit
+            .extend(p.replies.into_iter().map(|r| (r, line.clone())));
+        self.retire(p.old);
+    }
+
+    /// Tells the workers to stop sending to `id`; it is stopped once they
+    /// have nothing left there (or `shutdown_timeout` and a margin passed).
+    fn retire(&mut self, id: u64) {
+        info!(
+            instance = id,
+            "retiring the instance: waiting for its requests to finish"
+        );
+        let released = self.publish(vec![id]);
+        let (events, within) = (
+            self.events.clone(),
+            self.shutdown_timeout + Duration::from_secs(3),
+        );
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(within, released).await;
+            let _ = events.send(Event::Released(id));
+        });
+    }
+
+    /// Sends `stop_signal`, and SIGKILL after `stop_timeout`.
+    fn stop_instance(&mut self, id: u64) {
+        let Some(inst) = self.instances.get_mut(&id) else {
+            return;
+        };
+        if inst.state == State::Stopping {
+            return;
+        }
+        inst.state = State::Stopping;
+        if let Some(c) = inst.check.take() {
+            c.abort();
+        }
+        info!(instance = id, pid = inst.process.pid, signal = ?self.app.stop_signal, "stopping the instance");
+        inst.process.signal(self.app.stop_signal);
+        let (events, after) = (self.events.clone(), self.app.stop_timeout);
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            let _ = events.send(Event::KillDue(id));
+        });
+        self.announce();
+    }
+
+    fn exited(&mut self, id: u64, status: WaitStatus) {
+        let Some(inst) = self.instances.remove(&id) else {
+            return;
+        };
+        if let Some(c) = inst.check {
+            c.abort();
+        }
+        let pid = inst.process.pid;
+        let how = describe(status);
+        for (r, line) in inst.on_exit {
+            let _ = r.send(Ok(line));
+        }
+        match inst.state {
+            State::Starting => {
+                if self.starting.as_ref().is_some_and(|s| s.id == id) {
+                    let start = self.starting.take().expect("checked");
+                    self.failed_start(
+                        start.replies,
+                        format!("new instance (pid {pid}) {how} before it was ready"),
+                    );
+                }
+            }
+            State::Serving => {
+                self.serving = None;
+                self.backoff.served(inst.process.started.elapsed());
+                match self.probation.take() {
+                    // The new version died on probation: the old one serves again.
+                    Some(p) if p.new == id => {
+                        self.serving = Some(p.old);
+                        if let Some(old) = self.instances.get_mut(&p.old) {
+                            old.state = State::Serving;
+                        }
+                        let reason = format!(
+                            "new instance (pid {pid}) {how} {} ms after it was ready; instance {} serves again",
+                            inst.process.started.elapsed().as_millis(),
+                            p.old
+                        );
+                        error!("deploy failed: {reason}");
+                        for r in p.replies {
+                            let _ = r.send(Err(reason.clone()));
+                        }
+                    }
+                    other => {
+                        self.probation = other;
+                        if self.stopping.is_empty() {
+                            let delay = self.backoff.take();
+                            error!(
+                                instance = id,
+                                pid, "instance {how}: starting another in {delay:?}"
+                            );
+                            self.restart_in(delay);
+                        }
+                    }
+                }
+            }
+            State::Standby => {
+                // The old one ended on its own during the probation.
+                warn!(instance = id, pid, "previous instance {how}");
+                if let Some(p) = self.probation.take() {
+                    let new_pid = self.instances.get(&p.new).map_or(0, |i| i.process.pid);
+                    for r in p.replies {
+                        let _ = r.send(Ok(format!(
+                            "instance {} (pid {new_pid}) serves; instance {id} (pid {pid}) {how}",
+                            p.new
+                        )));
+                    }
+                }
+            }
+            State::Retiring | State::Stopping => info!(instance = id, pid, "instance {how}"),
+        }
+        self.announce();
+    }
+
+    /// A start failed: the serving instance (if any) is left alone; with
+    /// none, another is tried after a back-off.
+    fn failed_start(&mut self, replies: Vec<oneshot::Sender<Outcome>>, reason: String) {
+        error!("{reason}");
+        for r in replies {
+            let _ = r.send(Err(reason.clone()));
+        }
+        if self.serving.is_none() && self.stopping.is_empty() {
+            let delay = self.backoff.take();
+            info!("no instance serves: trying again in {delay:?}");
+            self.restart_in(delay);
+        }
+    }
+
+    fn restart_in(&mut self, delay: Duration) {
+        self.restart_pending = true;
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let _ = events.send(Event::RestartDue);
+        });
+    }
+
+    /// Retires and stops everything; `done` hears when all have exited.
+    fn stop(&mut self, done: Option<oneshot::Sender<()>>) {
+        let first = self.stopping.is_empty();
+        self.stopping.extend(done);
+        if !first {
+            return;
+        }
+        self.restart_pending = false;
+        if let Some(s) = self.starting.take() {
+            for r in s.replies {
+                let _ = r.send(Err("gracesrv is stopping".into()));
+            }
+        }
+        if let Some(p) = self.probation.take() {
+            for r in p.replies {
+                let _ = r.send(Err("gracesrv is stopping".into()));
+            }
+        }
+        self.serving = None;
+        let ids: Vec<u64> = self.instances.keys().copied().collect();
+        let mut retire = Vec::new();
+        for id in ids {
+            let inst = self.instances.get_mut(&id).expect("listed");
+            match inst.state {
+                State::Starting => self.stop_instance(id),
+                State::Serving | State::Standby => {
+                    inst.state = State::Retiring;
+                    retire.push(id);
+                }
+                State::Retiring | State::Stopping => {}
+            }
+        }
+        info!(instances = self.instances.len(), "stopping the app");
+        let released = self.publish(retire.clone());
+        let (events, within) = (
+            self.events.clone(),
+            self.shutdown_timeout + Duration::from_secs(3),
+        );
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(within, released).await;
+            for id in retire {
+                let _ = events.send(Event::Released(id));
+            }
+        });
+    }
+
+    /// Tells every worker where this app stands (nothing retired: nothing
+    /// to wait for).
+    fn announce(&self) {
+        drop(self.publish(Vec::new()));
+    }
+
+    /// Tells every worker where this app stands, retiring `retire`.
+    fn publish(&self, retire: Vec<u64>) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let serving = self.serving.and_then(|id| {
+            self.instances.get(&id).map(|i| Serving {
+                id,
+                addr: i.process.addr,
+            })
+        });
+        let instances = self
+            .instances
+            .iter()
+            .map(|(id, i)| InstanceInfo {
+                id: *id,
+                pid: i.process.pid,
+                state: i.state.name().into(),
+                started_at: crate::config::rfc3339(i.process.started_at),
+                addr: i.process.addr,
+            })
+            .collect();
+        self.links.publish(Update {
+            app: self.app.name.clone(),
+            serving,
+            retire,
+            instances,
+        })
+    }
+}

@@ -1,0 +1,143 @@
+//! `gracesrv deploy -c FILE APP`: start a new instance of an app, switch
+//! to it once it is ready, stop the old one once nothing is in flight on
+//! it, and say how it went.
+//!
+//! The supervisor listens for deploys on a second abstract Unix socket,
+//! `@gracesrv.<pid>.deploy` (same user or root only). `deploy` first finds
+//! the running gracesrv as `reload` does (the pid file, checked on the
+//! control socket), then sends `APP` on a line and reads one JSON line
+//! back: `{"ok": true, "message": ...}` or `{"ok": false, "message": why}`.
+
+use std::io::{BufRead, Write};
+use std::path::Path;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::apps::Outcome;
+use crate::config::Config;
+
+/// A deploy asked for, and where its outcome goes.
+pub struct Request {
+    pub app: String,
+    pub reply: oneshot::Sender<Outcome>,
+}
+
+fn socket_name(pid: u32) -> String {
+    format!("{}.deploy", crate::reload::control_name(pid))
+}
+
+/// Listens for deploys (see the module doc), on the current runtime.
+pub fn serve() -> mpsc::UnboundedReceiver<Request> {
+    use std::os::linux::net::SocketAddrExt;
+    let (tx, rx) = mpsc::unbounded_channel();
+    let bound = std::os::unix::net::SocketAddr::from_abstract_name(socket_name(std::process::id()))
+        .and_then(|addr| std::os::unix::net::UnixListener::bind_addr(&addr))
+        .and_then(|l| {
+            l.set_nonblocking(true)?;
+            tokio::net::UnixListener::from_std(l)
+        });
+    let listener = match bound {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!("no deploy socket, `gracesrv deploy` will not reach this process: {e}");
+            return rx;
+        }
+    };
+    let me = nix::unistd::geteuid().as_raw();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            if !stream
+                .peer_cred()
+                .is_ok_and(|c| c.uid() == 0 || c.uid() == me)
+            {
+                continue;
+            }
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let (read, mut write) = stream.into_split();
+                let mut line = String::new();
+                let mut read = tokio::io::BufReader::new(read).take(256);
+                let asked =
+                    tokio::time::timeout(Duration::from_secs(5), read.read_line(&mut line)).await;
+                if !matches!(asked, Ok(Ok(n)) if n > 0) {
+                    return;
+                }
+                let (reply, outcome) = oneshot::channel();
+                let _ = tx.send(Request {
+                    app: line.trim().to_string(),
+                    reply,
+                });
+                let outcome = outcome
+                    .await
+                    .unwrap_or_else(|_| Err("gracesrv ended the deploy".into()));
+                let answer = match outcome {
+                    Ok(m) => serde_json::json!({ "ok": true, "message": m }),
+                    Err(m) => serde_json::json!({ "ok": false, "message": m }),
+                };
+                let _ = write.write_all(format!("{answer}\n").as_bytes()).await;
+            });
+        }
+    });
+    rx
+}
+
+/// Runs `gracesrv deploy -c FILE APP`; returns the exit code.
+pub fn run(config: &Path, app: &str) -> i32 {
+    match deploy(config, app) {
+        Ok(msg) => {
+            println!("deployed {app}: {msg}");
+            0
+        }
+        Err(msg) => {
+            eprintln!("gracesrv deploy {app}: {msg}");
+            1
+        }
+    }
+}
+
+fn deploy(config: &Path, app: &str) -> Result<String, String> {
+    use std::os::linux::net::SocketAddrExt;
+    let config = Config::load(config).map_err(|e| e.to_string())?;
+    let Some(def) = config.apps.iter().find(|a| a.name == app) else {
+        return Err(format!(
+            "{}: no app named {app:?} in apps:",
+            config.path.display()
+        ));
+    };
+    let running = crate::reload::running(&config, "deploy")?;
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(socket_name(running.pid))
+        .map_err(|e| e.to_string())?;
+    let mut stream = std::os::unix::net::UnixStream::connect_addr(&addr).map_err(|e| {
+        format!(
+            "pid {} takes no deploys ({e}): is it running with apps, under its supervisor?",
+            running.pid
+        )
+    })?;
+    // Starting, proving itself, the old one's requests and its stop.
+    let waited = def.start_timeout
+        + crate::apps::PROBATION
+        + config.shutdown_timeout
+        + def.stop_timeout
+        + Duration::from_secs(10);
+    let _ = stream.set_read_timeout(Some(waited));
+    stream
+        .write_all(format!("{app}\n").as_bytes())
+        .map_err(|e| format!("pid {}: {e}", running.pid))?;
+    let mut line = String::new();
+    std::io::BufReader::new(stream)
+        .read_line(&mut line)
+        .map_err(|e| format!("no answer from pid {} within {waited:?}: {e}", running.pid))?;
+    let answer: serde_json::Value = serde_json::from_str(line.trim())
+        .map_err(|_| format!("pid {} gave no answer (did it stop?)", running.pid))?;
+    let message = answer["message"].as_str().unwrap_or("").to_string();
+    match answer["ok"].as_bool() {
+        Some(true) => Ok(message),
+        _ => Err(message),
+    }
+}

@@ -1,0 +1,316 @@
+//! Applications behind gracesrv (`apps:`, `proxy: { app }`, `gracesrv
+//! deploy`), with a real app: `tests/apps/app.py`, a Python HTTP server
+//! (the standard library only) that takes its socket from fd 3 (or binds
+//! `PORT`) and answers `pid P version V`.
+
+mod util;
+
+use std::process::Command;
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::{json, Value};
+use util::client::{self, Target};
+use util::config::Config;
+use util::load::{Kind, Load};
+use util::{TestServer, BIN};
+
+const APP: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/apps/app.py");
+
+/// The basic config with `/` of both listeners proxied to app `api`
+/// (`app` overrides the app's settings).
+fn config(app: Value) -> Config {
+    let mut api = json!({
+        "name": "api",
+        "command": ["python3", APP],
+        "ready": { "http": "/healthz" },
+        "start_timeout": "5s",
+        "stop_timeout": "5s",
+    });
+    if let (Some(a), Some(o)) = (api.as_object_mut(), app.as_object()) {
+        a.extend(o.clone());
+    }
+    let proxy = json!({ "app": "api", "connect_timeout": "10s" });
+    Config::basic()
+        .set("pid_file", "run/gracesrv.pid")
+        .set("apps", json!([api]))
+        .edit("web", |l| l.route("/", "proxy", proxy.clone()))
+        .edit("web-tls", |l| l.route("/", "proxy", proxy.clone()))
+}
+
+async fn start(app: Value) -> TestServer {
+    TestServer::builder().config(config(app)).start().await
+}
+
+/// What the app answers on `/`: its pid and version.
+async fn answer(srv: &TestServer) -> (u32, String) {
+    let r = client::get(&Target::plain(srv.addr("web")), "/")
+        .await
+        .expect("the app answers");
+    assert_eq!(r.status, 200, "{}", r.body);
+    let words: Vec<&str> = r.body.split_whitespace().collect();
+    assert_eq!(words.first(), Some(&"pid"), "{}", r.body);
+    (words[1].parse().unwrap(), words[3].to_string())
+}
+
+/// Sets what the next instance reads at start (`version`, `mode`).
+fn set(srv: &TestServer, file: &str, value: &str) {
+    std::fs::write(srv.dir.path().join(file), value).unwrap();
+}
+
+/// `gracesrv deploy -c FILE api`: exit status and output.
+async fn deploy(srv: &TestServer) -> (bool, String) {
+    let config = srv.config.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(BIN)
+            .args(["deploy", "-c"])
+            .arg(&config)
+            .arg("api")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+/// The app's instances, as `status` reports them.
+async fn instances(srv: &TestServer) -> Vec<Value> {
+    let r = client::get(&Target::plain(srv.addr("web")), "/status")
+        .await
+        .unwrap();
+    let v: Value = serde_json::from_str(&r.body).unwrap();
+    v["apps"]["api"]["instances"].as_array().unwrap().clone()
+}
+
+fn alive(pid: u32) -> bool {
+    kill(Pid::from_raw(pid as i32), None).is_ok()
+}
+
+/// Waits until `pid` has exited (it is the supervisor's child, reaped by it).
+async fn wait_gone(pid: u32) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while alive(pid) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "pid {pid} is still there"
+        );
+        // A foreign process's exit has no readiness signal to wait on.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn deploys_under_load_lose_nothing_and_leave_no_old_instance() {
+    let srv = start(json!({})).await;
+    let (first, version) = answer(&srv).await;
+    assert_eq!(version, "0");
+    let web = Target::plain(srv.addr("web"));
+    let tls = Target::tls(srv.addr("web-tls"), srv.tls());
+    let mut load = Load::new();
+    load.spawn(Kind::KeepAlive, web.clone(), "/", 2);
+    load.spawn(Kind::NewConnection, web.clone(), "/", 1);
+    load.spawn(Kind::H2 { streams: 4 }, tls, "/", 1);
+    load.stats.wait_for_more(50).await;
+    let mut pids = vec![first];
+    for i in 1..=10 {
+        set(&srv, "version", &i.to_string());
+        let (ok, out) = deploy(&srv).await;
+        assert!(ok, "deploy {i}: {out}\n{}", srv.logs());
+        assert!(out.contains("serves") && out.contains("stopped"), "{out}");
+        let (pid, version) = answer(&srv).await;
+        assert_eq!(
+            version,
+            i.to_string(),
+            "deploy {i}: the new version answers"
+        );
+        assert!(!pids.contains(&pid));
+        pids.push(pid);
+        load.stats.wait_for_more(20).await;
+    }
+    let stats = load.stop().await;
+    assert_eq!(
+        stats.failed(),
+        0,
+        "failed requests: {:?}",
+        stats.errors.lock().unwrap()
+    );
+    assert!(stats.ok() > 500, "{} requests", stats.ok());
+    // Only the last instance is left.
+    let left = instances(&srv).await;
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(left[0]["pid"], *pids.last().unwrap());
+    for old in &pids[..pids.len() - 1] {
+        assert!(!alive(*old), "old instance {old} is still running");
+    }
+}
+
+#[tokio::test]
+async fn a_broken_version_leaves_the_old_one_serving() {
+    let srv = start(json!({ "start_timeout": "2s" })).await;
+    let (serving, _) = answer(&srv).await;
+    for (mode, reason) in [
+        ("exit", "exited with status 3 before it was ready"),
+        ("hang", "not ready within start_timeout"),
+        ("crash-after-first", "after it was ready"),
+    ] {
+        set(&srv, "mode", mode);
+        set(&srv, "version", mode);
+        let (ok, out) = deploy(&srv).await;
+        assert!(!ok, "{mode}: deploy must fail: {out}");
+        assert!(out.contains(reason), "{mode}: {out}");
+        assert_eq!(answer(&srv).await, (serving, "0".to_string()), "{mode}");
+        let left = instances(&srv).await;
+        assert_eq!(
+            left.len(),
+            1,
+            "{mode}: the broken instance is stopped: {left:?}"
+        );
+    }
+    // A good version deploys after all that.
+    std::fs::remove_file(srv.dir.path().join("mode")).unwrap();
+    set(&srv, "version", "good");
+    let (ok, out) = deploy(&srv).await;
+    assert!(ok, "{out}");
+    assert_eq!(answer(&srv).await.1, "good");
+}
+
+#[tokio::test]
+async fn a_slow_request_completes_across_a_deploy() {
+    let srv = start(json!({})).await;
+    let (old, _) = answer(&srv).await;
+    let web = Target::plain(srv.addr("web"));
+    let slow = tokio::spawn(async move { client::get(&web, "/slow").await });
+    // Wait until the request is in flight on the instance.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while instances(&srv).await[0]["in_flight"] != 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the slow request never started"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    set(&srv, "version", "2");
+    let started = std::time::Instant::now();
+    let (ok, out) = deploy(&srv).await;
+    assert!(ok, "{out}");
+    let r = slow.await.unwrap().expect("the slow request completes");
+    assert_eq!(r.status, 200);
+    assert!(r.body.starts_with(&format!("pid {old} ")), "{}", r.body);
+    // The old instance was stopped only once its request was done.
+    assert!(
+        started.elapsed() >= Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(!alive(old));
+    assert_eq!(answer(&srv).await.1, "2");
+}
+
+#[tokio::test]
+async fn a_killed_instance_costs_only_its_requests_in_flight() {
+    let srv = start(json!({})).await;
+    let (victim, _) = answer(&srv).await;
+    let web = Target::plain(srv.addr("web"));
+    let mut load = Load::new();
+    load.spawn(Kind::KeepAlive, web.clone(), "/", 2);
+    load.spawn(Kind::NewConnection, web.clone(), "/", 1);
+    load.stats.wait_for_more(50).await;
+    let killed = std::time::Instant::now();
+    kill(Pid::from_raw(victim as i32), Signal::SIGKILL).unwrap();
+    // The next instance serves, within its start time.
+    let next = loop {
+        let (pid, _) = answer(&srv).await;
+        if pid != victim {
+            break pid;
+        }
+        assert!(killed.elapsed() < Duration::from_secs(5), "no new instance");
+    };
+    assert!(
+        killed.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        killed.elapsed()
+    );
+    load.stats.wait_for_more(50).await;
+    let stats = load.stop().await;
+    // Three clients, each with at most one request in flight.
+    assert!(
+        stats.failed() <= 3,
+        "{} failed: {:?}",
+        stats.failed(),
+        stats.errors.lock().unwrap()
+    );
+    assert!(stats.pids.lock().unwrap().contains(&next));
+}
+
+#[tokio::test]
+async fn an_app_that_binds_port_itself() {
+    let srv = start(json!({ "socket": "port" })).await;
+    let (first, _) = answer(&srv).await;
+    set(&srv, "version", "2");
+    let (ok, out) = deploy(&srv).await;
+    assert!(ok, "{out}");
+    let (pid, version) = answer(&srv).await;
+    assert_ne!(pid, first);
+    assert_eq!(version, "2");
+}
+
+#[tokio::test]
+async fn a_restart_leaves_unchanged_apps_alone_and_a_stop_stops_them() {
+    let mut srv = start(json!({})).await;
+    let (app, _) = answer(&srv).await;
+    srv.supervised_restart().await;
+    assert_eq!(answer(&srv).await.0, app, "same app instance after a HUP");
+    // A changed definition is deployed by the restart.
+    srv.write(&config(json!({ "env": { "APP_SETTING": "2" } })));
+    srv.supervised_restart().await;
+    wait_gone(app).await;
+    let (next, _) = answer(&srv).await;
+    assert_ne!(next, app);
+    // Stopping gracesrv stops the app.
+    srv.signal(Signal::SIGTERM);
+    let status = srv.wait_first_exit().await;
+    assert!(status.success(), "{status:?}");
+    assert!(!alive(next), "the app outlived gracesrv");
+}
+
+#[tokio::test]
+async fn app_config_errors_name_their_place() {
+    let check = |config: &Config| {
+        let (dir, _certs, path) = TestServer::prepare(&config.yaml());
+        let out = Command::new(BIN)
+            .args(["check", "-c"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        drop(dir);
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (ok, err) = check(&config(json!({})).edit("web", |l| {
+        l.route("/other", "proxy", json!({ "app": "nope" }))
+    }));
+    assert!(!ok);
+    assert!(err.contains("proxy.app: no app named \"nope\""), "{err}");
+    assert!(err.contains("server.yaml:"), "{err}");
+    let (ok, err) = check(&config(json!({ "command": ["no-such-program-here"] })));
+    assert!(!ok);
+    assert!(
+        err.contains("apps[0].command: no-such-program-here is not found on PATH"),
+        "{err}"
+    );
+    let (ok, err) = check(&config(json!({ "socket": "pipe" })));
+    assert!(!ok);
+    assert!(
+        err.contains("apps[0].socket: \"pipe\" is not a socket kind"),
+        "{err}"
+    );
+    let (ok, err) = check(&config(json!({ "stop_signal": "NOPE" })));
+    assert!(!ok);
+    assert!(err.contains("apps[0].stop_signal"), "{err}");
+}
