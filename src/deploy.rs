@@ -68,6 +68,8 @@ pub fn serve() -> mpsc::UnboundedReceiver<Request> {
                 if !matches!(asked, Ok(Ok(n)) if n > 0) {
                     return;
                 }
+                // The deploy command's check on the control socket is over.
+                crate::reload::prune_subscribers();
                 let (reply, outcome) = oneshot::channel();
                 let _ = tx.send(Request {
                     app: line.trim().to_string(),
@@ -111,12 +113,15 @@ fn deploy(config: &Path, app: &str) -> Result<String, String> {
         ));
     };
     let running = crate::reload::running(&config, "deploy")?;
-    let addr = std::os::unix::net::SocketAddr::from_abstract_name(socket_name(running.pid))
+    let pid = running.pid;
+    // Only the check was wanted, not restart results.
+    drop(running);
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(socket_name(pid))
         .map_err(|e| e.to_string())?;
     let mut stream = std::os::unix::net::UnixStream::connect_addr(&addr).map_err(|e| {
         format!(
             "pid {} takes no deploys ({e}): is it running with apps, under its supervisor?",
-            running.pid
+            pid
         )
     })?;
     // Starting, proving itself, the old one's requests and its stop.
@@ -128,13 +133,13 @@ fn deploy(config: &Path, app: &str) -> Result<String, String> {
     let _ = stream.set_read_timeout(Some(waited));
     stream
         .write_all(format!("{app}\n").as_bytes())
-        .map_err(|e| format!("pid {}: {e}", running.pid))?;
+        .map_err(|e| format!("pid {}: {e}", pid))?;
     let mut line = String::new();
     std::io::BufReader::new(stream)
         .read_line(&mut line)
-        .map_err(|e| format!("no answer from pid {} within {waited:?}: {e}", running.pid))?;
+        .map_err(|e| format!("no answer from pid {} within {waited:?}: {e}", pid))?;
     let answer: serde_json::Value = serde_json::from_str(line.trim())
-        .map_err(|_| format!("pid {} gave no answer (did it stop?)", running.pid))?;
+        .map_err(|_| format!("pid {} gave no answer (did it stop?)", pid))?;
     let message = answer["message"].as_str().unwrap_or("").to_string();
     match answer["ok"].as_bool() {
         Some(true) => Ok(message),

@@ -116,6 +116,7 @@ pub fn serve_control(config: &Path) {
                     .is_ok()
                 && stream.write_all(hello.as_bytes()).is_ok();
             if ok {
+                prune_subscribers();
                 let mut subs = SUBSCRIBERS.lock().unwrap_or_else(|p| p.into_inner());
                 if subs.len() >= MAX_SUBSCRIBERS {
                     subs.remove(0);
@@ -123,6 +124,27 @@ pub fn serve_control(config: &Path) {
                 subs.push(stream);
             }
         }
+    });
+}
+
+/// Forgets subscribers that hung up (a `deploy` checks the pid file on the
+/// control socket and leaves; a `reload` may be interrupted): their
+/// sockets would otherwise stay open until the next restart.
+pub fn prune_subscribers() {
+    use nix::sys::socket::{recv, MsgFlags};
+    use std::os::fd::AsRawFd;
+    let mut subs = SUBSCRIBERS.lock().unwrap_or_else(|p| p.into_inner());
+    subs.retain(|s| {
+        let mut b = [0u8; 1];
+        // Still connected: nothing to read (EAGAIN). Hung up: end of file.
+        !matches!(
+            recv(
+                s.as_raw_fd(),
+                &mut b,
+                MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT
+            ),
+            Ok(0) | Err(nix::errno::Errno::ECONNRESET)
+        )
     });
 }
 

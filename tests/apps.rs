@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use util::client::{self, Target};
 use util::config::Config;
 use util::load::{Kind, Load};
-use util::{TestServer, BIN};
+use util::{alive, fd_count, wait_gone, TestServer, BIN};
 
 const APP: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/apps/app.py");
 
@@ -86,23 +86,6 @@ async fn instances(srv: &TestServer) -> Vec<Value> {
     v["apps"]["api"]["instances"].as_array().unwrap().clone()
 }
 
-fn alive(pid: u32) -> bool {
-    kill(Pid::from_raw(pid as i32), None).is_ok()
-}
-
-/// Waits until `pid` has exited (it is the supervisor's child, reaped by it).
-async fn wait_gone(pid: u32) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while alive(pid) {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "pid {pid} is still there"
-        );
-        // A foreign process's exit has no readiness signal to wait on.
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test]
 async fn deploys_under_load_lose_nothing_and_leave_no_old_instance() {
     let srv = start(json!({})).await;
@@ -115,6 +98,8 @@ async fn deploys_under_load_lose_nothing_and_leave_no_old_instance() {
     load.spawn(Kind::NewConnection, web.clone(), "/", 1);
     load.spawn(Kind::H2 { streams: 4 }, tls, "/", 1);
     load.stats.wait_for_more(50).await;
+    let supervisor = srv.pid();
+    let fds = fd_count(supervisor);
     let mut pids = vec![first];
     for i in 1..=10 {
         set(&srv, "version", &i.to_string());
@@ -146,6 +131,13 @@ async fn deploys_under_load_lose_nothing_and_leave_no_old_instance() {
     for old in &pids[..pids.len() - 1] {
         assert!(!alive(*old), "old instance {old} is still running");
     }
+    // Nothing leaks in the supervisor: fds flat, every instance reaped.
+    assert_eq!(
+        fd_count(supervisor),
+        fds,
+        "the supervisor's fds after 10 deploys"
+    );
+    assert_eq!(util::zombie_children(supervisor), 0);
 }
 
 #[tokio::test]
@@ -313,4 +305,95 @@ async fn app_config_errors_name_their_place() {
     let (ok, err) = check(&config(json!({ "stop_signal": "NOPE" })));
     assert!(!ok);
     assert!(err.contains("apps[0].stop_signal"), "{err}");
+}
+
+#[tokio::test]
+async fn a_websocket_to_the_old_instance_ends_as_in_a_restart() {
+    let srv = TestServer::builder()
+        .config(config(json!({})).set("shutdown_timeout", "1s"))
+        .start()
+        .await;
+    let (old, _) = answer(&srv).await;
+    let mut ws = util::ws::open(srv.addr("web"), "/ws").await;
+    assert_eq!(util::ws::echo(&mut ws, "hello").await.unwrap(), "hello");
+    set(&srv, "version", "2");
+    let deploy = tokio::spawn({
+        let config = srv.config.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                Command::new(BIN)
+                    .args(["deploy", "-c"])
+                    .arg(&config)
+                    .arg("api")
+                    .output()
+                    .unwrap()
+            })
+            .await
+            .unwrap()
+        }
+    });
+    // New requests go to the new instance; the WebSocket stays on the old.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while answer(&srv).await.1 != "2" {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the new version never served"
+        );
+    }
+    assert_eq!(util::ws::echo(&mut ws, "still").await.unwrap(), "still");
+    // At shutdown_timeout both ends hear "going away" (1001).
+    assert_eq!(util::ws::closed(&mut ws).await, 1001);
+    let out = deploy.await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_gone(old).await;
+    let code = std::fs::read_to_string(srv.dir.path().join("ws-close")).unwrap();
+    assert_eq!(code, "1001", "the app's end of the WebSocket");
+}
+
+#[tokio::test]
+async fn notify_readiness_and_a_watched_file_deploy() {
+    let srv = start(json!({ "ready": "notify", "watch": ["version"] })).await;
+    let (first, _) = answer(&srv).await;
+    // The watch is on the file's directory; writing it deploys.
+    set(&srv, "version", "watched");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let (pid, version) = answer(&srv).await;
+        if version == "watched" {
+            assert_ne!(pid, first);
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no deploy after the change"
+        );
+        // A deploy started by a file change has no signal for the test to wait on.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    wait_gone(first).await;
+}
+
+#[tokio::test]
+async fn an_instance_that_ignores_its_stop_signal_is_killed() {
+    let srv = start(json!({ "stop_timeout": "1s" })).await;
+    set(&srv, "mode", "ignore-term");
+    set(&srv, "version", "stubborn");
+    let (ok, out) = deploy(&srv).await;
+    assert!(ok, "{out}");
+    let (stubborn, _) = answer(&srv).await;
+    std::fs::remove_file(srv.dir.path().join("mode")).unwrap();
+    let started = std::time::Instant::now();
+    let (ok, out) = deploy(&srv).await;
+    assert!(ok, "{out}");
+    assert!(!alive(stubborn), "killed after stop_timeout");
+    assert!(started.elapsed() >= Duration::from_secs(1));
+    let logs = srv.logs();
+    assert!(
+        logs.contains("stop_timeout (1s) reached: killing the instance"),
+        "{logs}"
+    );
 }

@@ -46,8 +46,7 @@ async fn upstream_close(tag: &str) -> u16 {
 }
 
 /// The RFC 6455 example key and its accept value.
-const WS_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
-const WS_ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
+use util::ws::{ACCEPT as WS_ACCEPT, KEY as WS_KEY};
 
 /// The upstream: echoes, reports headers, answers slowly, speaks WebSocket.
 async fn upstream(mut req: Request<Incoming>) -> Result<Response<UpBody>, Infallible> {
@@ -359,60 +358,10 @@ async fn websocket(addr: SocketAddr) -> tokio::net::TcpStream {
 
 /// Opens a WebSocket through the proxy, tagged for [`upstream_close`].
 async fn websocket_tagged(addr: SocketAddr, tag: &str) -> tokio::net::TcpStream {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let req = format!(
-        "GET /api/ws?{tag} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut b = [0u8; 1];
-        s.read_exact(&mut b).await.unwrap();
-        head.push(b[0]);
-    }
-    let head = String::from_utf8(head).unwrap().to_lowercase();
-    assert!(head.starts_with("http/1.1 101"), "{head}");
-    assert!(
-        head.contains(&format!(
-            "sec-websocket-accept: {}",
-            WS_ACCEPT.to_lowercase()
-        )),
-        "{head}"
-    );
-    s
+    util::ws::open(addr, &format!("/api/ws?{tag}")).await
 }
 
-/// Sends a masked text frame and reads the echo.
-async fn ws_echo(s: &mut tokio::net::TcpStream, msg: &str) -> std::io::Result<String> {
-    let mask = [1u8, 2, 3, 4];
-    let mut frame = vec![0x81, 0x80 | msg.len() as u8];
-    frame.extend_from_slice(&mask);
-    frame.extend(msg.bytes().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    s.write_all(&frame).await?;
-    let mut head = [0u8; 2];
-    s.read_exact(&mut head).await?;
-    let mut data = vec![0u8; (head[1] & 0x7f) as usize];
-    s.read_exact(&mut data).await?;
-    Ok(String::from_utf8(data).unwrap())
-}
-
-/// Reads the close frame the server sends a client when it cuts a tunnel,
-/// then the end of the stream; returns the close code.
-async fn ws_closed(s: &mut tokio::net::TcpStream) -> u16 {
-    let read = async {
-        let mut head = [0u8; 2];
-        s.read_exact(&mut head).await.unwrap();
-        assert_eq!(head[0], 0x88, "a close frame, final");
-        assert_eq!(head[1] & 0x80, 0, "server frames are not masked");
-        let mut data = vec![0u8; (head[1] & 0x7f) as usize];
-        s.read_exact(&mut data).await.unwrap();
-        assert_eq!(&data[2..], b"going away");
-        let mut rest = [0u8; 16];
-        assert_eq!(s.read(&mut rest).await.unwrap_or(0), 0, "then closed");
-        u16::from_be_bytes([data[0], data[1]])
-    };
-    tokio::time::timeout(util::WAIT, read).await.unwrap()
-}
+use util::ws::{closed as ws_closed, echo as ws_echo};
 
 #[tokio::test]
 async fn a_websocket_stays_open_across_a_restart_until_shutdown_timeout() {

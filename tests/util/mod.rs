@@ -14,6 +14,7 @@ pub mod h2raw;
 pub mod load;
 pub mod pebble;
 pub mod raw;
+pub mod ws;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
