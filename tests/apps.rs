@@ -397,3 +397,40 @@ async fn an_instance_that_ignores_its_stop_signal_is_killed() {
         "{logs}"
     );
 }
+
+/// A real application server, unchanged: gunicorn (Debian's), two workers,
+/// its socket from fd 3, deployed three times under load. gunicorn adopts
+/// `LISTEN_FDS` by itself; `--bind fd://3` as well would make gunicorn 20
+/// adopt fd 3 twice and fail with EBADF.
+#[tokio::test]
+async fn gunicorn_deploys_under_load() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/apps");
+    let srv = start(json!({
+        "command": ["gunicorn", "--workers", "2", "--pythonpath", dir, "wsgi:application"],
+        "ready": { "http": "/" },
+        "start_timeout": "10s",
+    }))
+    .await;
+    let (_, version) = answer(&srv).await;
+    assert_eq!(version, "0");
+    let master = instances(&srv).await[0]["pid"].as_u64().unwrap() as u32;
+    let web = Target::plain(srv.addr("web"));
+    let mut load = Load::new();
+    load.spawn(Kind::KeepAlive, web.clone(), "/", 2);
+    load.spawn(Kind::NewConnection, web, "/", 1);
+    load.stats.wait_for_more(50).await;
+    let mut masters = vec![master];
+    for i in 1..=3 {
+        set(&srv, "version", &i.to_string());
+        let (ok, out) = deploy(&srv).await;
+        assert!(ok, "deploy {i}: {out}");
+        assert_eq!(answer(&srv).await.1, i.to_string());
+        masters.push(instances(&srv).await[0]["pid"].as_u64().unwrap() as u32);
+        load.stats.wait_for_more(20).await;
+    }
+    let stats = load.stop().await;
+    assert_eq!(stats.failed(), 0, "{:?}", stats.errors.lock().unwrap());
+    for old in &masters[..3] {
+        wait_gone(*old).await;
+    }
+}
