@@ -89,7 +89,7 @@ struct Instance {
     /// The readiness check, aborted if the instance exits first.
     check: Option<tokio::task::JoinHandle<()>>,
     /// Deploys that end when this instance has stopped, with their line.
-    on_exit: Vec<(oneshot::Sender<Outcome>, String)>,
+    on_exit: Vec<(oneshot::Sender<Outcome>, Outcome)>,
 }
 
 /// A deploy (or a replacement) under way.
@@ -284,8 +284,19 @@ impl Runner {
                 if self.starting.as_ref().is_some_and(|s| s.id == id) {
                     let start = self.starting.take().expect("checked");
                     let pid = self.instances.get(&id).map_or(0, |i| i.process.pid);
+                    let reason = format!("new instance (pid {pid}): {reason}");
                     self.stop_instance(id);
-                    self.failed_start(start.replies, format!("new instance (pid {pid}): {reason}"));
+                    // `deploy` hears of it once the instance is gone.
+                    let replies = match self.instances.get_mut(&id) {
+                        Some(inst) => {
+                            let failed =
+                                start.replies.into_iter().map(|r| (r, Err(reason.clone())));
+                            inst.on_exit.extend(failed);
+                            Vec::new()
+                        }
+                        None => start.replies,
+                    };
+                    self.failed_start(replies, reason);
                 }
             }
             Event::Exited(id, status) => self.exited(id, status),
@@ -378,7 +389,7 @@ impl Runner {
             p.old, old.process.pid
         );
         old.on_exit
-            .extend(p.replies.into_iter().map(|r| (r, line.clone())));
+            .extend(p.replies.into_iter().map(|r| (r, Ok(line.clone()))));
         self.retire(p.old);
     }
 
@@ -431,9 +442,6 @@ impl Runner {
         }
         let pid = inst.process.pid;
         let how = describe(status);
-        for (r, line) in inst.on_exit {
-            let _ = r.send(Ok(line));
-        }
         match inst.state {
             State::Starting => {
                 if self.starting.as_ref().is_some_and(|s| s.id == id) {
@@ -493,6 +501,10 @@ impl Runner {
             State::Retiring | State::Stopping => info!(instance = id, pid, "instance {how}"),
         }
         self.announce();
+        // After the workers heard: whoever waited sees the instance gone.
+        for (r, outcome) in inst.on_exit {
+            let _ = r.send(outcome);
+        }
     }
 
     /// A start failed: the serving instance (if any) is left alone; with
