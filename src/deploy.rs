@@ -30,34 +30,17 @@ fn socket_name(pid: u32) -> String {
 
 /// Listens for deploys (see the module doc), on the current runtime.
 pub fn serve() -> mpsc::UnboundedReceiver<Request> {
-    use std::os::linux::net::SocketAddrExt;
     let (tx, rx) = mpsc::unbounded_channel();
-    let bound = std::os::unix::net::SocketAddr::from_abstract_name(socket_name(std::process::id()))
-        .and_then(|addr| std::os::unix::net::UnixListener::bind_addr(&addr))
-        .and_then(|l| {
-            l.set_nonblocking(true)?;
-            tokio::net::UnixListener::from_std(l)
-        });
-    let listener = match bound {
+    let listener = match crate::reload::OwnListener::bind(&socket_name(std::process::id())) {
         Ok(l) => l,
         Err(e) => {
             tracing::warn!("no deploy socket, `gracesrv deploy` will not reach this process: {e}");
             return rx;
         }
     };
-    let me = nix::unistd::geteuid().as_raw();
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            };
-            if !stream
-                .peer_cred()
-                .is_ok_and(|c| c.uid() == 0 || c.uid() == me)
-            {
-                continue;
-            }
+            let stream = listener.accept().await;
             let tx = tx.clone();
             tokio::spawn(async move {
                 let (read, mut write) = stream.into_split();

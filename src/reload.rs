@@ -66,6 +66,41 @@ pub fn control_name(pid: u32) -> String {
     format!("gracesrv.{pid}")
 }
 
+/// An abstract Unix socket (no file: nothing a full or read-only disk can
+/// stop, nothing left behind) that only this user, or root, may use.
+pub struct OwnListener {
+    listener: tokio::net::UnixListener,
+    me: u32,
+}
+
+impl OwnListener {
+    /// Binds `@name`, on the current tokio runtime.
+    pub fn bind(name: &str) -> std::io::Result<OwnListener> {
+        use std::os::linux::net::SocketAddrExt;
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+        let l = std::os::unix::net::UnixListener::bind_addr(&addr)?;
+        l.set_nonblocking(true)?;
+        Ok(OwnListener {
+            listener: tokio::net::UnixListener::from_std(l)?,
+            me: nix::unistd::geteuid().as_raw(),
+        })
+    }
+
+    /// The next connection from this user or root; others are dropped.
+    pub async fn accept(&self) -> tokio::net::UnixStream {
+        loop {
+            let Ok((stream, _)) = self.listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            let uid = stream.peer_cred().map(|c| c.uid());
+            if uid.is_ok_and(|u| u == 0 || u == self.me) {
+                return stream;
+            }
+        }
+    }
+}
+
 /// Who gets the outcome of each restart attempt: connected `reload`s.
 static SUBSCRIBERS: std::sync::Mutex<Vec<std::os::unix::net::UnixStream>> =
     std::sync::Mutex::new(Vec::new());
@@ -76,35 +111,18 @@ const MAX_SUBSCRIBERS: usize = 64;
 /// Listens on this process's control socket (see the module doc), on the
 /// current tokio runtime. Only the same user, or root, may connect.
 pub fn serve_control(config: &Path) {
-    use std::os::linux::net::SocketAddrExt;
     let pid = std::process::id();
     let hello = serde_json::json!({ "pid": pid, "config": config }).to_string() + "\n";
-    let bound = std::os::unix::net::SocketAddr::from_abstract_name(control_name(pid))
-        .and_then(|addr| std::os::unix::net::UnixListener::bind_addr(&addr))
-        .and_then(|l| {
-            l.set_nonblocking(true)?;
-            tokio::net::UnixListener::from_std(l)
-        });
-    let listener = match bound {
+    let listener = match OwnListener::bind(&control_name(pid)) {
         Ok(l) => l,
         Err(e) => {
             tracing::warn!("no control socket, `gracesrv reload` will not reach this process: {e}");
             return;
         }
     };
-    let me = nix::unistd::geteuid().as_raw();
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            };
-            if !stream
-                .peer_cred()
-                .is_ok_and(|c| c.uid() == 0 || c.uid() == me)
-            {
-                continue;
-            }
+            let stream = listener.accept().await;
             let Ok(stream) = stream.into_std() else {
                 continue;
             };

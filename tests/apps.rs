@@ -59,22 +59,25 @@ fn set(srv: &TestServer, file: &str, value: &str) {
     std::fs::write(srv.dir.path().join(file), value).unwrap();
 }
 
-/// `gracesrv deploy -c FILE api`: exit status and output.
-async fn deploy(srv: &TestServer) -> (bool, String) {
+/// Starts `gracesrv deploy -c FILE api`; resolves to its exit status and output.
+fn spawn_deploy(srv: &TestServer) -> tokio::task::JoinHandle<(bool, String)> {
     let config = srv.config.clone();
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(BIN)
+    tokio::task::spawn_blocking(move || {
+        let out = Command::new(BIN)
             .args(["deploy", "-c"])
             .arg(&config)
             .arg("api")
             .output()
-            .unwrap()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), text)
     })
-    .await
-    .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    (out.status.success(), text)
+}
+
+/// `gracesrv deploy -c FILE api`: exit status and output.
+async fn deploy(srv: &TestServer) -> (bool, String) {
+    spawn_deploy(srv).await.unwrap()
 }
 
 /// The app's instances, as `status` reports them.
@@ -325,21 +328,7 @@ async fn a_websocket_to_the_old_instance_ends_as_in_a_restart() {
     let mut ws = util::ws::open(srv.addr("web"), "/ws").await;
     assert_eq!(util::ws::echo(&mut ws, "hello").await.unwrap(), "hello");
     set(&srv, "version", "2");
-    let deploy = tokio::spawn({
-        let config = srv.config.clone();
-        async move {
-            tokio::task::spawn_blocking(move || {
-                Command::new(BIN)
-                    .args(["deploy", "-c"])
-                    .arg(&config)
-                    .arg("api")
-                    .output()
-                    .unwrap()
-            })
-            .await
-            .unwrap()
-        }
-    });
+    let deploy = spawn_deploy(&srv);
     // New requests go to the new instance; the WebSocket stays on the old.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while answer(&srv).await.1 != "2" {
@@ -351,12 +340,8 @@ async fn a_websocket_to_the_old_instance_ends_as_in_a_restart() {
     assert_eq!(util::ws::echo(&mut ws, "still").await.unwrap(), "still");
     // At shutdown_timeout both ends hear "going away" (1001).
     assert_eq!(util::ws::closed(&mut ws).await, 1001);
-    let out = deploy.await.unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (ok, out) = deploy.await.unwrap();
+    assert!(ok, "{out}");
     wait_gone(old).await;
     let code = std::fs::read_to_string(srv.dir.path().join("ws-close")).unwrap();
     assert_eq!(code, "1001", "the app's end of the WebSocket");

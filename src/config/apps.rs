@@ -37,20 +37,7 @@ impl Validator<'_> {
     fn app(&self, i: usize, a: &Spanned<raw::App>) -> Result<AppConfig, ConfigError> {
         let raw = &a.value;
         let key = |f: &str| format!("apps[{i}].{f}");
-        let name = &raw.name.value;
-        let valid_name = !name.is_empty()
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
-        if !valid_name {
-            return self.err(
-                Pos::from(&raw.name),
-                format!(
-                    "{}: {name:?} must be made of a-z, 0-9, '_' and '-'",
-                    key("name")
-                ),
-            );
-        }
+        let name = &self.name(&raw.name, &key("name"))?;
         let here = self.file.parent().unwrap_or(Path::new("/"));
         let dir = match &raw.dir {
             Some(d) if d.value.is_empty() => {

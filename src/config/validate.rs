@@ -17,6 +17,23 @@ impl Validator<'_> {
         Err(ConfigError::new(self.file, pos.into(), msg))
     }
 
+    /// A name that keys something across restarts (a listener, an app):
+    /// `[a-z0-9_-]+`.
+    pub(super) fn name(&self, s: &Spanned<String>, key: &str) -> Result<String, ConfigError> {
+        let name = &s.value;
+        let valid = !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+        if !valid {
+            return self.err(
+                Pos::from(s),
+                format!("{key}: {name:?} must be made of a-z, 0-9, '_' and '-'"),
+            );
+        }
+        Ok(name.clone())
+    }
+
     pub(super) fn duration(
         &self,
         v: &Option<Spanned<String>>,
@@ -347,17 +364,7 @@ impl Validator<'_> {
         acme_storage: Option<&Path>,
     ) -> Result<ListenerConfig, ConfigError> {
         let raw = &l.value;
-        let name = &raw.name.value;
-        let valid_name = !name.is_empty()
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
-        if !valid_name {
-            return self.err(
-                Pos::from(&raw.name),
-                format!("listeners[{i}].name: {name:?} must be made of a-z, 0-9, '_' and '-'"),
-            );
-        }
+        let name = &self.name(&raw.name, &format!("listeners[{i}].name"))?;
         let addr: SocketAddr = raw.addr.value.parse().or_else(|_| {
             self.err(
                 Pos::from(&raw.addr),

@@ -375,6 +375,7 @@ impl TestServer {
     /// old worker to stop accepting. Returns the new worker.
     pub async fn supervised_restart(&mut self) -> u32 {
         let old = self.serving_pid();
+        let seen = self.log_count();
         self.hup();
         let reloading = self.next_notify().await;
         assert!(
@@ -386,8 +387,10 @@ impl TestServer {
         let new = self.serving_pid();
         assert_ne!(new, old);
         let tag = format!("pid={old} ");
-        self.wait_log_after(0, |l| l.contains(&tag) && l.contains("stopped accepting"))
-            .await;
+        self.wait_log_after(seen, |l| {
+            l.contains(&tag) && l.contains("stopped accepting")
+        })
+        .await;
         new
     }
 
@@ -472,18 +475,29 @@ impl TestServer {
     /// queue); returns the new pid.
     pub async fn restart(&mut self) -> u32 {
         let old = self.pid();
+        // Only a line from this restart counts: `old` may have stopped
+        // accepting before, in a restart that was rolled back.
+        let seen = self.log_count();
         self.hup();
-        self.restart_from(old).await
+        self.restart_seen(old, seen).await
     }
 
     /// Waits for the restart of `old` that is under way: the new generation
     /// ready, `old` no longer accepting.
     pub async fn restart_from(&mut self, old: u32) -> u32 {
+        self.restart_seen(old, 0).await
+    }
+
+    /// [`TestServer::restart_from`], counting only log lines after the
+    /// first `seen`.
+    async fn restart_seen(&mut self, old: u32, seen: usize) -> u32 {
         let new = self.wait_ready().await;
         assert_ne!(new, old);
         let tag = format!("pid={old} ");
-        self.wait_log_after(0, |l| l.contains(&tag) && l.contains("stopped accepting"))
-            .await;
+        self.wait_log_after(seen, |l| {
+            l.contains(&tag) && l.contains("stopped accepting")
+        })
+        .await;
         new
     }
 
