@@ -391,15 +391,12 @@ async fn an_instance_that_ignores_its_stop_signal_is_killed() {
     );
 }
 
-/// A real application server, unchanged: gunicorn (Debian's), two workers,
-/// its socket from fd 3, deployed three times under load. gunicorn adopts
-/// `LISTEN_FDS` by itself; `--bind fd://3` as well would make gunicorn 20
-/// adopt fd 3 twice and fail with EBADF.
-#[tokio::test]
-async fn gunicorn_deploys_under_load() {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/apps");
+/// A real application server, unchanged, deployed three times under load:
+/// the answers carry the new version, no request fails, every old instance
+/// (the server's master process) is stopped.
+async fn real_server_deploys_under_load(command: Value) {
     let srv = start(json!({
-        "command": ["gunicorn", "--workers", "2", "--pythonpath", dir, "wsgi:application"],
+        "command": command,
         "ready": { "http": "/" },
         "start_timeout": "10s",
     }))
@@ -426,4 +423,39 @@ async fn gunicorn_deploys_under_load() {
     for old in &masters[..3] {
         wait_gone(*old).await;
     }
+}
+
+const APPS_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/apps");
+
+/// gunicorn (Debian's), two workers, a WSGI app. gunicorn adopts
+/// `LISTEN_FDS` by itself; `--bind fd://3` as well would make gunicorn 20
+/// adopt fd 3 twice and fail with EBADF.
+#[tokio::test]
+async fn gunicorn_deploys_under_load() {
+    real_server_deploys_under_load(json!([
+        "gunicorn",
+        "--workers",
+        "2",
+        "--pythonpath",
+        APPS_DIR,
+        "wsgi:application"
+    ]))
+    .await;
+}
+
+/// uvicorn (Debian's python3-uvicorn, which has no `uvicorn` script: run as
+/// a module of Debian's python3), an ASGI app, given the socket as `--fd 3`.
+#[tokio::test]
+async fn uvicorn_deploys_under_load() {
+    real_server_deploys_under_load(json!([
+        "/usr/bin/python3",
+        "-m",
+        "uvicorn",
+        "--fd",
+        "3",
+        "--app-dir",
+        APPS_DIR,
+        "asgi:application"
+    ]))
+    .await;
 }
