@@ -32,6 +32,7 @@ use crate::apps::InFlight;
 use crate::body::{has_token, text, Body, BoxError};
 use crate::config::ProxyTarget;
 use crate::context::{ListenerContext, Peer};
+use crate::upstream::Pools;
 
 /// A proxy route, built once per generation.
 pub struct Proxy {
@@ -49,10 +50,7 @@ pub struct Proxy {
 
 enum Target {
     /// `http://host:port`, without a trailing slash, and its pool.
-    Upstream {
-        uri: Uri,
-        client: Box<Client<HttpConnector, Body>>,
-    },
+    Upstream { uri: Uri, pools: Pools },
     /// The serving instance of this app (see `apps::table`).
     App(String),
 }
@@ -110,7 +108,7 @@ impl Proxy {
         let target = match target {
             ProxyTarget::Upstream(uri) => Target::Upstream {
                 uri: uri.clone(),
-                client: Box::new(crate::upstream::client(connect_timeout)),
+                pools: Pools::new(connect_timeout),
             },
             ProxyTarget::App(name) => Target::App(name.clone()),
         };
@@ -193,8 +191,9 @@ impl Proxy {
             None => Body::new(body),
         };
         let sent = match &self.target {
-            Target::Upstream { uri, client } => {
-                let Some(req) = request(&parts, uri.authority(), &pq, body) else {
+            Target::Upstream { uri, pools } => {
+                let client = pools.get();
+                let Some(req) = request(parts, uri.authority(), &pq, body) else {
                     return text(StatusCode::BAD_REQUEST, "bad request\n");
                 };
                 self.send(client, req).await.map(|res| (res, None))
@@ -266,15 +265,19 @@ impl Proxy {
                 )));
             };
             let authority = http::uri::Authority::try_from(instance.addr.to_string()).ok();
-            let Some(req) = request(parts, authority.as_ref(), pq, Body::new(body.attempt()))
-            else {
+            let Some(req) = request(
+                copy(parts),
+                authority.as_ref(),
+                pq,
+                Body::new(body.attempt()),
+            ) else {
                 return Err(Failed::Response(text(
                     StatusCode::BAD_REQUEST,
                     "bad request\n",
                 )));
             };
             let in_flight = InFlight::new(instance.clone());
-            match self.send(&instance.client, req).await {
+            match self.send(instance.pools.get(), req).await {
                 Ok(res) => return Ok((res, Some(in_flight))),
                 Err(Failed::Upstream(e))
                     if !body.touched()
@@ -395,23 +398,27 @@ enum Failed {
 /// The upstream request: `parts` (method, headers) to `authority`, with
 /// this path and query.
 fn request(
-    parts: &http::request::Parts,
+    mut parts: http::request::Parts,
     authority: Option<&http::uri::Authority>,
     pq: &str,
     body: Body,
 ) -> Option<Request<Body>> {
-    let uri = Uri::builder()
+    parts.uri = Uri::builder()
         .scheme("http")
         .authority(authority?.as_str())
         .path_and_query(pq)
         .build()
         .ok()?;
-    let mut req = Request::new(body);
+    Some(Request::from_parts(parts, body))
+}
+
+/// A copy of `parts` for one attempt: a request to an app may be sent again.
+fn copy(parts: &http::request::Parts) -> http::request::Parts {
+    let mut req = Request::new(());
     *req.method_mut() = parts.method.clone();
-    *req.uri_mut() = uri;
     *req.version_mut() = parts.version;
     *req.headers_mut() = parts.headers.clone();
-    Some(req)
+    req.into_parts().0
 }
 
 /// RFC 9110 section 9.2.2: a request that may be sent twice.

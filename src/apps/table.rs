@@ -16,14 +16,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, watch, Notify};
 use tracing::{debug, warn};
 
 use super::link::{self, InstanceInfo, Released, Update};
-use crate::body::Body;
 
 /// Every app of this generation's config, by name.
 #[derive(Default)]
@@ -44,8 +41,8 @@ struct Entry {
 pub struct Instance {
     pub id: u64,
     pub addr: SocketAddr,
-    /// Connections to this instance only: retiring it closes its pool.
-    pub client: Client<HttpConnector, Body>,
+    /// Connections to this instance only: retiring it closes its pools.
+    pub pools: crate::upstream::Pools,
     in_flight: AtomicU64,
     idle: Notify,
     /// Set when its tunnels are to be cut (see the module doc).
@@ -235,7 +232,7 @@ impl Instance {
         Instance {
             id: s.id,
             addr: s.addr,
-            client: crate::upstream::client(Duration::from_secs(5)),
+            pools: crate::upstream::Pools::new(Duration::from_secs(5)),
             in_flight: AtomicU64::new(0),
             idle: Notify::new(),
             cut: watch::Sender::new(false),
