@@ -96,18 +96,3 @@ pub struct Shared {
     /// `max_connections`: beyond it, accept waits.
     pub limit: Arc<Semaphore>,
 }
-
-thread_local! {
-    /// This serving thread's place among the process's (0 elsewhere).
-    static SERVING_THREAD: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
-}
-
-/// Marks the current thread as serving thread `index`.
-pub fn set_serving_thread(index: usize) {
-    SERVING_THREAD.with(|t| t.set(index));
-}
-
-/// The current serving thread's index (0 on any other thread).
-pub fn serving_thread() -> usize {
-    SERVING_THREAD.with(|t| t.get())
-}

@@ -46,7 +46,7 @@ pub fn start(
             .name(format!("gracesrv-w{w}"))
             .spawn(move || {
                 let _enter = span.enter();
-                crate::context::set_serving_thread(w);
+                crate::upstream::set_serving_thread(w);
                 let rt = match tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()

@@ -43,7 +43,21 @@ impl Pools {
 
     /// The current serving thread's pool.
     pub fn get(&self) -> &Client<HttpConnector, Body> {
-        let slot = &self.clients[crate::context::serving_thread() % SLOTS];
+        let slot = &self.clients[serving_thread() % SLOTS];
         slot.get_or_init(|| client(self.connect_timeout))
     }
+}
+
+thread_local! {
+    /// This serving thread's place among the process's (0 elsewhere).
+    static SERVING_THREAD: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Marks the current thread as serving thread `index`: its pools are its own.
+pub fn set_serving_thread(index: usize) {
+    SERVING_THREAD.with(|t| t.set(index));
+}
+
+fn serving_thread() -> usize {
+    SERVING_THREAD.with(|t| t.get())
 }
