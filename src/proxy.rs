@@ -37,6 +37,8 @@ use crate::upstream::Pools;
 /// A proxy route, built once per generation.
 pub struct Proxy {
     target: Target,
+    /// Where this route sends requests, for the log.
+    label: String,
     /// Largest request body forwarded (413 beyond it).
     max_body: Option<u64>,
     /// How long a request waits for an app instance to be ready.
@@ -105,6 +107,10 @@ impl Proxy {
         strip_prefix: bool,
         max_body: Option<u64>,
     ) -> Proxy {
+        let label = match target {
+            ProxyTarget::Upstream(uri) => uri.to_string(),
+            ProxyTarget::App(app) => format!("app {app}"),
+        };
         let target = match target {
             ProxyTarget::Upstream(uri) => Target::Upstream {
                 uri: uri.clone(),
@@ -114,6 +120,7 @@ impl Proxy {
         };
         Proxy {
             target,
+            label,
             max_body,
             connect_timeout,
             timeout,
@@ -264,10 +271,9 @@ impl Proxy {
                     "service unavailable\n",
                 )));
             };
-            let authority = http::uri::Authority::try_from(instance.addr.to_string()).ok();
             let Some(req) = request(
                 copy(parts),
-                authority.as_ref(),
+                instance.authority.as_ref(),
                 pq,
                 Body::new(body.attempt()),
             ) else {
@@ -305,7 +311,7 @@ impl Proxy {
         ctx: &ListenerContext,
     ) -> Response<Body> {
         let stats = &ctx.process;
-        let upstream = self.name();
+        let upstream = &self.label;
         match failed {
             Failed::Response(res) => res,
             Failed::Upstream(e) if error_chain(&e).contains("length limit exceeded") => {
@@ -334,14 +340,6 @@ impl Proxy {
                 }
                 text(StatusCode::GATEWAY_TIMEOUT, "gateway timeout\n")
             }
-        }
-    }
-
-    /// Where this route sends requests, for the log.
-    fn name(&self) -> String {
-        match &self.target {
-            Target::Upstream { uri, .. } => uri.to_string(),
-            Target::App(app) => format!("app {app}"),
         }
     }
 
@@ -476,20 +474,24 @@ fn either_cut(mut a: watch::Receiver<bool>, mut b: watch::Receiver<bool>) -> wat
 /// a connection refused by a dying instance leaves it untouched, for the
 /// next instance.
 struct Reclaimable {
-    body: std::sync::Mutex<Option<Body>>,
+    body: std::sync::Mutex<Body>,
     touched: AtomicBool,
 }
 
 impl Reclaimable {
     fn new(body: Body) -> Reclaimable {
         Reclaimable {
-            body: std::sync::Mutex::new(Some(body)),
+            body: std::sync::Mutex::new(body),
             touched: AtomicBool::new(false),
         }
     }
 
     fn touched(&self) -> bool {
         self.touched.load(Ordering::Relaxed)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Body> {
+        self.body.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The body of one attempt.
@@ -509,19 +511,14 @@ impl hyper::body::Body for Attempt {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         self.0.touched.store(true, Ordering::Relaxed);
-        let mut body = self.0.body.lock().unwrap_or_else(|p| p.into_inner());
-        match body.as_mut() {
-            Some(b) => Pin::new(b).poll_frame(cx),
-            None => Poll::Ready(None),
-        }
+        let mut body = self.0.lock();
+        Pin::new(&mut *body).poll_frame(cx)
     }
     fn is_end_stream(&self) -> bool {
-        let body = self.0.body.lock().unwrap_or_else(|p| p.into_inner());
-        body.as_ref().is_none_or(|b| b.is_end_stream())
+        self.0.lock().is_end_stream()
     }
     fn size_hint(&self) -> SizeHint {
-        let body = self.0.body.lock().unwrap_or_else(|p| p.into_inner());
-        body.as_ref().map(|b| b.size_hint()).unwrap_or_default()
+        self.0.lock().size_hint()
     }
 }
 

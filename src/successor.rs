@@ -96,18 +96,11 @@ impl Inherited {
             .map(|d| Predecessors::parse(&d))
             .unwrap_or_default();
         if let Some(l) = apps_link {
-            let fd: RawFd = l.parse().map_err(|_| {
-                format!(
-                    "{}={l:?} is not a file descriptor number",
-                    crate::handoff::APPS_FD
-                )
-            })?;
+            let fd = fd_number(crate::handoff::APPS_FD, &l)?;
             inherited.apps_link = Some(handoff::adopt_link(fd)?);
         }
         if let Some(r) = ready {
-            let fd: RawFd = r
-                .parse()
-                .map_err(|_| format!("GRACESRV_READY_FD={r:?} is not a file descriptor number"))?;
+            let fd = fd_number("GRACESRV_READY_FD", &r)?;
             inherited.ready = Some(handoff::adopt_ready_fd(fd)?);
         }
         let count: i32 = match fds {
@@ -129,6 +122,13 @@ impl Inherited {
         }
         Ok(inherited)
     }
+}
+
+/// The fd number variable `var` holds.
+fn fd_number(var: &str, value: &str) -> Result<RawFd, String> {
+    value
+        .parse()
+        .map_err(|_| format!("{var}={value:?} is not a file descriptor number"))
 }
 
 /// The write end of the ready pipe to the previous generation, kept open

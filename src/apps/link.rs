@@ -11,6 +11,35 @@
 use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::net::unix::OwnedReadHalf;
+use tokio::sync::mpsc;
+
+/// One end of a link, for either side: its lines as they arrive, and a
+/// queue whose lines a task writes, in order, until the link breaks.
+pub fn open(
+    stream: std::os::unix::net::UnixStream,
+) -> std::io::Result<(
+    Lines<BufReader<OwnedReadHalf>>,
+    mpsc::UnboundedSender<String>,
+)> {
+    stream.set_nonblocking(true)?;
+    let (read, mut write) = tokio::net::UnixStream::from_std(stream)?.into_split();
+    let (tx, mut queued) = mpsc::unbounded_channel::<String>();
+    tokio::spawn(async move {
+        while let Some(line) = queued.recv().await {
+            if write.write_all(line.as_bytes()).await.is_err() {
+                return;
+            }
+        }
+    });
+    Ok((BufReader::new(read).lines(), tx))
+}
+
+/// `message` as a line of the link.
+pub fn line(message: &impl Serialize) -> String {
+    serde_json::to_string(message).unwrap_or_default() + "\n"
+}
 
 /// An app's instances, as the supervisor sees them now.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

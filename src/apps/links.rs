@@ -7,11 +7,10 @@ use std::future::Future;
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
-use super::link::{Released, Update};
+use super::link::{self, Released, Update};
 
 #[derive(Clone, Default)]
 pub struct Links {
@@ -42,32 +41,19 @@ impl Links {
     pub fn open(&self) -> Result<OwnedFd, String> {
         let (ours, theirs) =
             std::os::unix::net::UnixStream::pair().map_err(|e| format!("apps: socketpair: {e}"))?;
-        let ours = ours
-            .set_nonblocking(true)
-            .and_then(|()| tokio::net::UnixStream::from_std(ours))
-            .map_err(|e| format!("apps: link: {e}"))?;
-        let (read, mut write) = ours.into_split();
-        let (tx, mut lines) = mpsc::unbounded_channel::<String>();
+        let (mut lines, tx) = link::open(ours).map_err(|e| format!("apps: link: {e}"))?;
         let id = {
             let mut inner = self.lock();
             inner.next += 1;
             let id = inner.next;
             for u in inner.latest.values() {
-                let _ = tx.send(line(u));
+                let _ = tx.send(link::line(u));
             }
             inner.workers.insert(id, tx);
             id
         };
-        tokio::spawn(async move {
-            while let Some(l) = lines.recv().await {
-                if write.write_all(l.as_bytes()).await.is_err() {
-                    return;
-                }
-            }
-        });
         let links = self.clone();
         tokio::spawn(async move {
-            let mut lines = tokio::io::BufReader::new(read).lines();
             while let Ok(Some(l)) = lines.next_line().await {
                 match serde_json::from_str::<Released>(&l) {
                     Ok(r) => links.released(id, &r.released, r.id),
@@ -105,7 +91,7 @@ impl Links {
                 .done
                 .push(tx);
         }
-        let l = line(&update);
+        let l = link::line(&update);
         inner.workers.retain(|_, w| w.send(l.clone()).is_ok());
         let latest = Update {
             retire: Vec::new(),
@@ -154,8 +140,4 @@ impl Links {
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
-}
-
-fn line(u: &Update) -> String {
-    serde_json::to_string(u).unwrap_or_default() + "\n"
 }

@@ -117,7 +117,6 @@ struct Runner {
     starting: Option<Start>,
     probation: Option<Probation>,
     backoff: Backoff,
-    restart_pending: bool,
     stopping: Vec<oneshot::Sender<()>>,
     watch: Option<crate::watch::Watch>,
 }
@@ -144,7 +143,6 @@ pub async fn run(
         starting: None,
         probation: None,
         backoff: Backoff::default(),
-        restart_pending: false,
         stopping: Vec::new(),
     };
     r.start(Vec::new());
@@ -236,7 +234,6 @@ impl Runner {
     }
 
     fn start(&mut self, replies: Vec<oneshot::Sender<Outcome>>) {
-        self.restart_pending = false;
         let id = self.next_id;
         self.next_id += 1;
         let mut process = match instance::start(&self.app, id, &self.reaper) {
@@ -321,12 +318,10 @@ impl Runner {
                     i.process.kill();
                 }
             }
+            // Due unless something serves or starts by now (a deploy,
+            // or a replacement whose back-off ended first).
             Event::RestartDue => {
-                if self.restart_pending
-                    && self.serving.is_none()
-                    && self.starting.is_none()
-                    && self.stopping.is_empty()
-                {
+                if self.serving.is_none() && self.starting.is_none() && self.stopping.is_empty() {
                     self.start(Vec::new());
                 }
             }
@@ -522,7 +517,6 @@ impl Runner {
     }
 
     fn restart_in(&mut self, delay: Duration) {
-        self.restart_pending = true;
         let events = self.events.clone();
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
@@ -537,7 +531,6 @@ impl Runner {
         if !first {
             return;
         }
-        self.restart_pending = false;
         if let Some(s) = self.starting.take() {
             for r in s.replies {
                 let _ = r.send(Err("gracesrv is stopping".into()));

@@ -10,13 +10,11 @@
 //! side told "going away" (1001), as in a restart.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, watch, Notify};
 use tracing::{debug, warn};
 
@@ -40,7 +38,8 @@ struct Entry {
 /// One running instance of an app, as this process sends to it.
 pub struct Instance {
     pub id: u64,
-    pub addr: SocketAddr,
+    /// Where it serves, as the requests to it name it.
+    pub authority: Option<http::uri::Authority>,
     /// Connections to this instance only: retiring it closes its pools.
     pub pools: crate::upstream::Pools,
     in_flight: AtomicU64,
@@ -104,6 +103,7 @@ impl Table {
         let entry = self.apps.get(app)?;
         let usable = |s: &Option<Arc<Instance>>| s.as_ref().is_some_and(|i| Some(i.id) != except);
         let mut rx = entry.serving.subscribe();
+        // Bound, so the borrow of `rx` ends before `rx` does.
         let picked = match tokio::time::timeout(wait, rx.wait_for(usable)).await {
             Ok(Ok(serving)) => serving.clone(),
             _ => None,
@@ -113,40 +113,19 @@ impl Table {
 
     /// Follows the supervisor's updates on `link` (this worker's end),
     /// answering releases on it, for as long as it is open.
-    pub fn follow(self: &Arc<Self>, link: OwnedFd, shutdown_timeout: Duration) {
-        let stream = std::os::unix::net::UnixStream::from(link);
-        let stream = match stream
-            .set_nonblocking(true)
-            .and_then(|()| tokio::net::UnixStream::from_std(stream))
-        {
-            Ok(s) => s,
+    pub fn follow(self: &Arc<Self>, fd: OwnedFd, shutdown_timeout: Duration) {
+        let (mut lines, queue) = match link::open(fd.into()) {
+            Ok(l) => l,
             Err(e) => {
                 warn!("apps: cannot use the link to the supervisor: {e}");
                 return;
             }
         };
-        let (read, mut write) = stream.into_split();
-        let (released, mut to_send) = mpsc::unbounded_channel::<Released>();
-        tokio::spawn(async move {
-            while let Some(r) = to_send.recv().await {
-                let Ok(line) = serde_json::to_string(&r) else {
-                    continue;
-                };
-                if write
-                    .write_all(format!("{line}\n").as_bytes())
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-            }
-        });
         let table = self.clone();
         tokio::spawn(async move {
-            let mut lines = tokio::io::BufReader::new(read).lines();
             while let Ok(Some(line)) = lines.next_line().await {
                 match serde_json::from_str::<Update>(&line) {
-                    Ok(update) => table.apply(update, &released, shutdown_timeout),
+                    Ok(update) => table.apply(update, &queue, shutdown_timeout),
                     Err(e) => warn!("apps: unreadable update from the supervisor: {e}"),
                 }
             }
@@ -154,16 +133,16 @@ impl Table {
         });
     }
 
-    fn apply(&self, update: Update, released: &mpsc::UnboundedSender<Released>, grace: Duration) {
-        let release = |id: u64| {
-            let _ = released.send(Released {
-                released: update.app.clone(),
-                id,
-            });
+    /// Takes on `update`, answering releases on `link`.
+    fn apply(&self, update: Update, link: &mpsc::UnboundedSender<String>, grace: Duration) {
+        let release = |link: &mpsc::UnboundedSender<String>, app: String, id: u64| {
+            let _ = link.send(link::line(&Released { released: app, id }));
         };
         let Some(entry) = self.apps.get(&update.app) else {
             // Not an app of this generation's config: nothing of it here.
-            update.retire.iter().for_each(|id| release(*id));
+            for id in &update.retire {
+                release(link, update.app.clone(), *id);
+            }
             return;
         };
         let mut known = entry.known.lock().unwrap_or_else(|p| p.into_inner());
@@ -180,17 +159,13 @@ impl Table {
         entry.serving.send_replace(serving);
         for id in &update.retire {
             let Some(instance) = known.remove(id) else {
-                release(*id);
+                release(link, update.app.clone(), *id);
                 continue;
             };
-            let released = released.clone();
-            let app = update.app.clone();
+            let (link, app) = (link.clone(), update.app.clone());
             tokio::spawn(async move {
                 instance.retire(grace).await;
-                let _ = released.send(Released {
-                    released: app,
-                    id: instance.id,
-                });
+                release(&link, app, instance.id);
             });
         }
     }
@@ -231,7 +206,7 @@ impl Instance {
     fn new(s: link::Serving) -> Instance {
         Instance {
             id: s.id,
-            addr: s.addr,
+            authority: http::uri::Authority::try_from(s.addr.to_string()).ok(),
             pools: crate::upstream::Pools::new(Duration::from_secs(5)),
             in_flight: AtomicU64::new(0),
             idle: Notify::new(),
@@ -239,32 +214,25 @@ impl Instance {
         }
     }
 
+    /// Resolves once nothing of this process is in flight here.
+    async fn idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            if self.in_flight.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
     /// Resolves once nothing of this process is in flight here; at `grace`,
     /// what is left (tunnels) is cut and given a moment to close.
     async fn retire(&self, grace: Duration) {
-        let idle = async {
-            loop {
-                let notified = self.idle.notified();
-                if self.in_flight.load(Ordering::Acquire) == 0 {
-                    return;
-                }
-                notified.await;
-            }
-        };
-        if tokio::time::timeout(grace, idle).await.is_err() {
+        if tokio::time::timeout(grace, self.idle()).await.is_err() {
             let left = self.in_flight.load(Ordering::Relaxed);
             warn!(instance = self.id, left, "shutdown_timeout ({grace:?}) reached on a retired app instance: cutting what is left");
             self.cut.send_replace(true);
-            let _ = tokio::time::timeout(Duration::from_secs(2), async {
-                while self.in_flight.load(Ordering::Acquire) > 0 {
-                    let notified = self.idle.notified();
-                    if self.in_flight.load(Ordering::Acquire) == 0 {
-                        break;
-                    }
-                    notified.await;
-                }
-            })
-            .await;
+            let _ = tokio::time::timeout(Duration::from_secs(2), self.idle()).await;
         }
     }
 }
