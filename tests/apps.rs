@@ -92,10 +92,20 @@ async fn instances(srv: &TestServer) -> Vec<Value> {
 /// Waits until `status` lists `n` instances (the worker hears of an
 /// instance's exit over its link, a moment after `deploy` does).
 async fn wait_instances(srv: &TestServer, n: usize) -> Vec<Value> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    wait_status(srv, Duration::from_secs(10), |now| now.len() == n).await
+}
+
+/// Waits up to `within` until the instances `status` lists satisfy `done`;
+/// returns them.
+async fn wait_status(
+    srv: &TestServer,
+    within: Duration,
+    done: impl Fn(&[Value]) -> bool,
+) -> Vec<Value> {
+    let deadline = tokio::time::Instant::now() + within;
     loop {
         let now = instances(srv).await;
-        if now.len() == n {
+        if done(&now) {
             return now;
         }
         assert!(tokio::time::Instant::now() < deadline, "instances: {now:?}");
@@ -188,14 +198,7 @@ async fn a_slow_request_completes_across_a_deploy() {
     let web = Target::plain(srv.addr("web"));
     let slow = tokio::spawn(async move { client::get(&web, "/slow").await });
     // Wait until the request is in flight on the instance.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while instances(&srv).await[0]["in_flight"] != 1 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the slow request never started"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_status(&srv, Duration::from_secs(5), |now| now[0]["in_flight"] == 1).await;
     set(&srv, "version", "2");
     let started = std::time::Instant::now();
     let (ok, out) = deploy(&srv).await;

@@ -386,11 +386,7 @@ impl TestServer {
         assert!(ready.lines().any(|l| l == "READY=1"), "{ready}");
         let new = self.serving_pid();
         assert_ne!(new, old);
-        let tag = format!("pid={old} ");
-        self.wait_log_after(seen, |l| {
-            l.contains(&tag) && l.contains("stopped accepting")
-        })
-        .await;
+        self.wait_stopped_accepting(old, seen).await;
         new
     }
 
@@ -493,12 +489,18 @@ impl TestServer {
     async fn restart_seen(&mut self, old: u32, seen: usize) -> u32 {
         let new = self.wait_ready().await;
         assert_ne!(new, old);
+        self.wait_stopped_accepting(old, seen).await;
+        new
+    }
+
+    /// Waits until process `old` says it stopped accepting, in a log line
+    /// after the first `seen`.
+    async fn wait_stopped_accepting(&self, old: u32, seen: usize) {
         let tag = format!("pid={old} ");
         self.wait_log_after(seen, |l| {
             l.contains(&tag) && l.contains("stopped accepting")
         })
         .await;
-        new
     }
 
     /// All log lines so far.
