@@ -61,6 +61,17 @@ impl http_body::Body for Body {
     }
 }
 
+/// A request body as the routes see it: hyper's (HTTP/1.1, HTTP/2) or
+/// HTTP/3's (`quic::serve`).
+pub trait RequestBody:
+    http_body::Body<Data = Bytes, Error: Into<BoxError>> + Send + Unpin + 'static
+{
+    /// The route does not read the body: let the client know it may stop
+    /// sending, without losing the answer (see `routes::discard`; HTTP/3
+    /// asks with STOP_SENDING, RFC 9114 section 4.1.1).
+    fn discard(self);
+}
+
 /// A body holding `data`.
 pub fn full(data: impl Into<Bytes>) -> Body {
     let data: Bytes = data.into();

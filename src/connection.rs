@@ -42,6 +42,8 @@ pub struct ListenerSpec {
     pub access_log: Option<Arc<AccessLog>>,
     /// What this listener counts, when the config serves `metrics: {}`.
     pub metrics: Option<Arc<crate::metrics::ListenerMetrics>>,
+    /// `Alt-Svc` advertising the listener's HTTP/3 (`h3=":PORT"; ma=86400`).
+    pub alt_svc: Option<HeaderValue>,
 }
 
 /// hyper's connection builders, one per HTTP version (one set per thread).
@@ -789,7 +791,7 @@ fn asks_to_close<B>(req: &Request<B>) -> bool {
 /// authority wins over `Host` (which is set to it, so every later reader
 /// sees one host), and an HTTP/2 `Host` agrees with `:authority`. Only a
 /// host that passed here reaches a template, a header or a log line.
-fn check_host<B>(req: &mut Request<B>) -> Result<(), &'static str> {
+pub(crate) fn check_host<B>(req: &mut Request<B>) -> Result<(), &'static str> {
     let mut hosts = req.headers().get_all(header::HOST).iter();
     let host = hosts.next();
     if hosts.next().is_some() {
@@ -916,6 +918,9 @@ impl Finish {
         }
         if res.status() == http::StatusCode::SWITCHING_PROTOCOLS {
             self.guard.activity.upgraded.store(true, Ordering::Relaxed);
+        }
+        if let Some(v) = &spec.alt_svc {
+            res.headers_mut().insert(header::ALT_SVC, v.clone());
         }
         if self.version < Version::HTTP_2 && spec.ctx.process.drain.is_draining() {
             res.headers_mut()

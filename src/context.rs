@@ -38,6 +38,23 @@ pub struct ProcessInfo {
     pub metrics: Option<Arc<crate::metrics::Metrics>>,
     /// The instances of the config's apps (`proxy: { app }`).
     pub apps: Arc<crate::apps::Table>,
+    /// What each listener's HTTP/3 counts (`http3: true`).
+    pub http3: Vec<Arc<QuicStats>>,
+}
+
+/// One listener's HTTP/3 in this process (`quic`).
+#[derive(Debug, Default)]
+pub struct QuicStats {
+    pub listener: String,
+    /// QUIC connections open (handshakes done).
+    pub connections: AtomicU64,
+    pub requests_total: AtomicU64,
+    /// Does this process read the listener's UDP socket (the newest does)?
+    pub reading: std::sync::atomic::AtomicBool,
+    /// Datagrams passed on to older generations.
+    pub forwarded_total: AtomicU64,
+    /// Datagrams a newer generation passed to this one.
+    pub received_total: AtomicU64,
 }
 
 impl ProcessInfo {

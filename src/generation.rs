@@ -34,6 +34,8 @@ pub struct Generation {
     predecessor: Option<Predecessor>,
     /// Writing `pid_file` failed (a full disk): the control loop retries.
     pub pid_file_pending: bool,
+    /// The HTTP/3 endpoints, until they read their sockets (once this is ready).
+    http3: Option<crate::quic::Http3>,
 }
 
 /// Serving threads: one per core, or `GRACESRV_THREADS` (`GRACESRV_WORKERS`,
@@ -135,8 +137,20 @@ impl Generation {
             access_logs: logs.iter().map(|(_, l)| l.clone()).collect(),
             metrics,
             apps: Arc::new(crate::apps::Table::new(&config)),
+            http3: config
+                .listeners
+                .iter()
+                .filter(|l| l.http3)
+                .map(|l| {
+                    Arc::new(crate::context::QuicStats {
+                        listener: l.name.clone(),
+                        ..Default::default()
+                    })
+                })
+                .collect(),
         });
         let mut specs = Vec::new();
+        let mut quic = Vec::new();
         for (((l, p), c), metrics) in listeners
             .iter()
             .zip(prepared)
@@ -152,6 +166,40 @@ impl Generation {
                 .socket
                 .try_clone()
                 .map_err(|e| format!("listener {}: {e}", l.name))?;
+            let ctx = Arc::new(ListenerContext {
+                name: l.name.clone(),
+                process: process.clone(),
+            });
+            let mut alt_svc = None;
+            if let (Some(q), Some(tls)) = (&l.quic, &p.tls) {
+                match &p.handler {
+                    crate::service::Handler::Routes(router) => {
+                        let stats = process
+                            .http3
+                            .iter()
+                            .find(|s| s.listener == l.name)
+                            .cloned()
+                            .unwrap_or_default();
+                        let mut tls = (**tls).clone();
+                        tls.ticketer = tickets.clone();
+                        quic.push(crate::quic::QuicListener {
+                            name: l.name.clone(),
+                            socket: q
+                                .socket
+                                .try_clone()
+                                .map_err(|e| format!("listener {}: {e}", l.name))?,
+                            tls: Arc::new(tls),
+                            router: router.clone(),
+                            ctx: ctx.clone(),
+                            stats,
+                        });
+                        alt_svc = Some(crate::quic::alt_svc(l.local_addr.port()));
+                    }
+                    crate::service::Handler::Service(_) => {
+                        warn!(listener = %l.name, "http3: an application's service is served over HTTP/1.1 and HTTP/2 only");
+                    }
+                }
+            }
             specs.push((
                 socket,
                 ListenerSpec {
@@ -163,13 +211,11 @@ impl Generation {
                         tokio_rustls::TlsAcceptor::from(Arc::new(tls))
                     }),
                     handler: p.handler,
-                    ctx: Arc::new(ListenerContext {
-                        name: l.name.clone(),
-                        process: process.clone(),
-                    }),
+                    ctx,
                     nodelay_inherited: false,
                     access_log,
                     metrics,
+                    alt_svc,
                 },
             ));
         }
@@ -185,10 +231,17 @@ impl Generation {
                 }),
             ))),
         });
+        let keys = crate::quic::Keys {
+            cid: tickets.derive("gracesrv quic cid")[..16]
+                .try_into()
+                .unwrap_or([0; 16]),
+            reset: tickets.derive("gracesrv quic stateless reset"),
+        };
+        let http3 = crate::quic::start(quic, shared.clone(), keys, span.clone())?;
         crate::serve::start(process.threads.len(), specs, shared, span)?;
         for (c, l) in config.listeners.iter().zip(&listeners) {
             let scheme = if c.tls.is_some() { "https" } else { "http" };
-            info!(listener = %l.name, addr = %l.local_addr, %scheme, "listening");
+            info!(listener = %l.name, addr = %l.local_addr, %scheme, http3 = l.quic.is_some(), "listening");
         }
         Ok(Generation {
             config,
@@ -196,6 +249,7 @@ impl Generation {
             process,
             predecessor: None,
             pid_file_pending: false,
+            http3,
         })
     }
 
@@ -205,6 +259,12 @@ impl Generation {
     pub fn report_ready(&mut self, ready: Option<OwnedFd>, supervised: bool) {
         if let Some(fd) = ready {
             self.predecessor = Predecessor::ready(fd);
+        }
+        // Only now may this generation read the UDP sockets (the previous
+        // one hands them over). Once: a generation that reports ready again
+        // after a rollback reads again by itself (see `quic::socket`).
+        if let Some(h) = self.http3.take() {
+            h.take_over();
         }
         if supervised {
             return;

@@ -36,11 +36,27 @@ pub const HANDOFF_VARS: [&str; 10] = [
     APPS_FD,
 ];
 
-/// A listening socket handed to this process, with the name it was given.
+/// A socket handed to this process, with the name it was given.
 #[derive(Debug)]
 pub struct InheritedSocket {
     pub name: String,
-    pub socket: std::net::TcpListener,
+    pub socket: Socket,
+}
+
+/// A listener's TCP socket, or the UDP socket of its HTTP/3 (`<name>.quic`).
+#[derive(Debug)]
+pub enum Socket {
+    Stream(std::net::TcpListener),
+    Datagram(std::net::UdpSocket),
+}
+
+impl Socket {
+    pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        match self {
+            Socket::Stream(s) => s.local_addr(),
+            Socket::Datagram(s) => s.local_addr(),
+        }
+    }
 }
 
 /// Takes ownership of `fd` if it is open, and marks it close-on-exec so it
@@ -93,27 +109,39 @@ pub fn adopt_link(fd: RawFd) -> Result<OwnedFd, String> {
     Ok(owned)
 }
 
-pub fn adopt_listener(fd: RawFd) -> Result<std::net::TcpListener, String> {
+/// A passed socket: a listening TCP socket, or a bound UDP socket (HTTP/3;
+/// systemd's `ListenDatagram=`).
+pub fn adopt_listener(fd: RawFd) -> Result<Socket, String> {
     let what = format!("LISTEN_FDS: fd {fd}");
     let owned = adopt_fd(fd, &what)?;
     let st = fstat(&owned).map_err(|e| format!("{what}: {e}"))?;
     if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFSOCK {
         return Err(format!("{what} is not a socket"));
     }
-    match getsockopt(&owned, sockopt::SockType) {
-        Ok(SockType::Stream) => {}
-        Ok(other) => return Err(format!("{what} is not a stream socket ({other:?})")),
+    let socket = match getsockopt(&owned, sockopt::SockType) {
+        Ok(SockType::Stream) => {
+            if !getsockopt(&owned, sockopt::AcceptConn).unwrap_or(false) {
+                return Err(format!("{what} is not listening"));
+            }
+            Socket::Stream(std::net::TcpListener::from(owned))
+        }
+        Ok(SockType::Datagram) => Socket::Datagram(std::net::UdpSocket::from(owned)),
+        Ok(other) => {
+            return Err(format!(
+                "{what} is neither a stream nor a datagram socket ({other:?})"
+            ))
+        }
         Err(e) => return Err(format!("{what}: {e}")),
-    }
-    if !getsockopt(&owned, sockopt::AcceptConn).unwrap_or(false) {
-        return Err(format!("{what} is not listening"));
-    }
-    let listener = std::net::TcpListener::from(owned);
-    let addr = listener.local_addr().map_err(|e| format!("{what}: {e}"))?;
+    };
+    // An IP socket (not a Unix one), and bound: a UDP socket's port is 0 until then.
+    let addr = socket.local_addr().map_err(|e| format!("{what}: {e}"))?;
     if !(addr.is_ipv4() || addr.is_ipv6()) {
-        return Err(format!("{what} is not a TCP socket"));
+        return Err(format!("{what} is not a TCP or UDP socket"));
     }
-    Ok(listener)
+    if addr.port() == 0 {
+        return Err(format!("{what} is not bound"));
+    }
+    Ok(socket)
 }
 
 /// Everything `spawn` needs, prepared before the fork: the child may only make
@@ -383,6 +411,18 @@ pub fn unacknowledged(socket: &impl AsRawFd) -> usize {
     } else {
         usize::try_from(queued).unwrap_or(0)
     }
+}
+
+/// Registers a UDP socket with this thread's reactor for `interest` only:
+/// a socket another process reads must not wake this one (`quic::socket`).
+pub fn register_udp(
+    socket: std::net::UdpSocket,
+    interest: tokio::io::Interest,
+) -> std::io::Result<tokio::io::unix::AsyncFd<std::net::UdpSocket>> {
+    // SAFETY: `socket` is moved into the AsyncFd, which owns it (and its
+    // fd, which therefore stays open and the same) until the AsyncFd drops.
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(socket, interest) }
+        .map_err(std::io::Error::from)
 }
 
 /// Raw fd of anything that has one, for `SpawnArgs`.

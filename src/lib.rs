@@ -53,6 +53,7 @@ mod metrics;
 mod predecessors;
 mod prepare;
 mod proxy;
+mod quic;
 mod reaper;
 mod reload;
 mod restart;

@@ -29,7 +29,7 @@ use tracing::{debug, warn};
 use tokio::sync::watch;
 
 use crate::apps::InFlight;
-use crate::body::{has_token, text, Body, BoxError};
+use crate::body::{has_token, text, Body, BoxError, RequestBody};
 use crate::config::ProxyTarget;
 use crate::context::{ListenerContext, Peer};
 use crate::upstream::Pools;
@@ -129,9 +129,9 @@ impl Proxy {
         }
     }
 
-    pub async fn handle(
+    pub async fn handle<B: RequestBody>(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<B>,
         prefix: &str,
         ctx: &ListenerContext,
         peer: Peer,
@@ -573,24 +573,28 @@ fn set_forwarded(h: &mut HeaderMap, peer: Peer, host: Option<&HeaderValue>) {
 
 /// The client's request body on its way upstream, noting whether the
 /// client broke it.
-struct ClientBody {
-    inner: Incoming,
+struct ClientBody<B> {
+    inner: B,
     failed: Arc<AtomicBool>,
 }
 
-impl hyper::body::Body for ClientBody {
+impl<B: RequestBody> hyper::body::Body for ClientBody<B> {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let res = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Err(_))) = &res {
-            self.failed.store(true, Ordering::Relaxed);
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Err(e))) => {
+                self.failed.store(true, Ordering::Relaxed);
+                Poll::Ready(Some(Err(e.into())))
+            }
+            Poll::Ready(Some(Ok(f))) => Poll::Ready(Some(Ok(f))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
         }
-        res
     }
     fn is_end_stream(&self) -> bool {
         self.inner.is_end_stream()

@@ -409,10 +409,7 @@ impl Spawner {
             exe: &self.exe,
             argv: &self.argv,
             env,
-            sockets: listeners
-                .iter()
-                .map(|l| (l.name.as_str(), handoff::raw(&l.socket)))
-                .collect(),
+            sockets: listeners.iter().flat_map(Listener::handed_over).collect(),
             fds,
             exec_error: handoff::raw(&write),
             generation: Some(generation),
@@ -437,18 +434,21 @@ impl Spawner {
 
 /// Duplicates of `listeners`, handed to `listeners::open` as if inherited.
 fn duplicates(listeners: &[Listener]) -> Result<Vec<InheritedSocket>, String> {
-    listeners
-        .iter()
-        .map(|l| {
-            l.socket
-                .try_clone()
-                .map(|socket| InheritedSocket {
-                    name: l.name.clone(),
-                    socket,
-                })
-                .map_err(|e| format!("listener {}: {e}", l.name))
-        })
-        .collect()
+    let mut out = Vec::new();
+    for l in listeners {
+        let err = |e: std::io::Error| format!("listener {}: {e}", l.name);
+        out.push(InheritedSocket {
+            name: l.name.clone(),
+            socket: handoff::Socket::Stream(l.socket.try_clone().map_err(err)?),
+        });
+        if let Some(q) = &l.quic {
+            out.push(InheritedSocket {
+                name: q.name.clone(),
+                socket: handoff::Socket::Datagram(q.socket.try_clone().map_err(err)?),
+            });
+        }
+    }
+    Ok(out)
 }
 
 /// A new process, started with the sockets, not yet ready.
@@ -735,7 +735,11 @@ async fn drain(gen: &mut Generation, signals: &mut Signals, why: Why, reaper: &R
         gen.listeners.clear();
         drain.close_listeners().await;
     }
-    info!("stopped accepting");
+    info!(
+        connections = drain.active(),
+        quic_connections = crate::quic::open_connections(&gen.process.http3),
+        "stopped accepting"
+    );
     let timeout = gen.config.shutdown_timeout;
     let started = Instant::now();
     let wait = drain.wait(timeout);

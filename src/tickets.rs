@@ -73,6 +73,16 @@ impl Tickets {
         self.secret.iter().map(|b| format!("{b:02x}")).collect()
     }
 
+    /// A key for another purpose, derived from the same secret (HTTP/3's
+    /// connection IDs and stateless resets: every generation agrees).
+    pub fn derive(&self, label: &str) -> [u8; 32] {
+        let mac = hmac::Key::new(hmac::HMAC_SHA256, &self.secret);
+        let tag = hmac::sign(&mac, label.as_bytes());
+        let mut out = [0u8; 32];
+        out.copy_from_slice(&tag.as_ref()[..32]);
+        out
+    }
+
     fn key(&self, period: u64) -> Option<LessSafeKey> {
         let mac = hmac::Key::new(hmac::HMAC_SHA256, &self.secret);
         let mut msg = b"gracesrv ticket key".to_vec();

@@ -254,6 +254,8 @@ pub struct ListenerConfig {
     pub name: String,
     pub addr: SocketAddr,
     pub tls: Option<TlsConfig>,
+    /// Also serve HTTP/3 on a UDP socket at the same address (`src/quic/`).
+    pub http3: bool,
     /// Where this listener's requests are logged: its own `access_log`, or
     /// the top-level one.
     pub access_log: Option<AccessLogConfig>,

@@ -104,6 +104,7 @@ pub struct Listener {
     pub name: Spanned<String>,
     pub addr: Spanned<String>,
     pub tls: Option<Spanned<Tls>>,
+    pub http3: Option<Spanned<bool>>,
     pub access_log: Option<Spanned<AccessLog>>,
     #[serde(default)]
     pub routes: Vec<Spanned<Route>>,

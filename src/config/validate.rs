@@ -460,10 +460,21 @@ impl Validator<'_> {
             Some(a) => Some(self.access_log(a, &format!("listeners[{i}].access_log"))?),
             None => None,
         };
+        let http3 = match &raw.http3 {
+            Some(h) if h.value && tls.is_none() => {
+                return self.err(
+                    Pos::from(h),
+                    format!("listeners[{i}].http3: HTTP/3 needs tls on the listener"),
+                )
+            }
+            Some(h) => h.value,
+            None => false,
+        };
         Ok(ListenerConfig {
             name: name.clone(),
             addr,
             tls,
+            http3,
             access_log,
             routes,
             pos: Pos::from(l),

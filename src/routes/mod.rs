@@ -11,7 +11,7 @@ use std::time::Duration;
 use http::{Request, StatusCode};
 use hyper::body::Incoming;
 
-use crate::body::{text, Reply};
+use crate::body::{text, Reply, RequestBody};
 use crate::config::{Action, ConfigError, ListenerConfig};
 use crate::context::{ListenerContext, Peer};
 
@@ -111,9 +111,9 @@ impl Router {
     /// what waits (a `delay`, files, the proxy). Every route but the proxy
     /// leaves the request body to [`discard`].
     #[inline]
-    pub fn handle(
+    pub fn handle<B: RequestBody>(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<B>,
         ctx: &Arc<ListenerContext>,
         peer: Peer,
         taken: &mut Option<usize>,
@@ -122,7 +122,7 @@ impl Router {
         if let Some(dir) = &self.acme_http {
             if let Some(token) = path.strip_prefix("/.well-known/acme-challenge/") {
                 let answer = crate::acme::http_answer(dir, token);
-                discard(req.into_body());
+                req.into_body().discard();
                 return Reply::Now(match answer {
                     Some(answer) => {
                         let mut res = http::Response::new(crate::body::full(answer));
@@ -145,7 +145,7 @@ impl Router {
             && !route.is_some_and(|i| matches!(self.routes[i].1, Route::Static(_)))
         {
             let Ok(normal) = normal else {
-                discard(req.into_body());
+                req.into_body().discard();
                 return Reply::Now(text(StatusCode::BAD_REQUEST, "bad request\n"));
             };
             let normal = normal.into_owned();
@@ -161,14 +161,14 @@ impl Router {
             }
         }
         let Some(i) = route else {
-            discard(req.into_body());
+            req.into_body().discard();
             return Reply::Now(text(StatusCode::NOT_FOUND, "not found\n"));
         };
         *taken = Some(i);
         let (prefix, handle) = &self.routes[i];
         match handle {
             Route::Metrics => {
-                discard(req.into_body());
+                req.into_body().discard();
                 Reply::Now(match &ctx.process.metrics {
                     Some(m) => {
                         let mut res = http::Response::new(crate::body::full(m.render()));
@@ -200,7 +200,7 @@ impl Router {
             }
             Route::Redirect { to, status } => Reply::Now(redirect(&without_body(req), to, *status)),
             Route::Status => {
-                discard(req.into_body());
+                req.into_body().discard();
                 Reply::Now(status::response(ctx))
             }
             Route::Respond { fixed, delay } => {
@@ -221,9 +221,9 @@ impl Router {
 }
 
 /// The request without its body, which [`discard`] reads and drops.
-fn without_body(req: Request<Incoming>) -> Request<()> {
+fn without_body<B: RequestBody>(req: Request<B>) -> Request<()> {
     let (parts, body) = req.into_parts();
-    discard(body);
+    body.discard();
     Request::from_parts(parts, ())
 }
 
@@ -254,6 +254,13 @@ const DISCARD_STALL: Duration = Duration::from_secs(10);
 /// mid-upload before it reads the answer. Bounded in size and pace: past
 /// either bound the body is dropped (HTTP/2: RST_STREAM; HTTP/1.1: the
 /// connection closes after the response, with a lingering close).
+impl RequestBody for Incoming {
+    fn discard(self) {
+        discard(self)
+    }
+}
+
+/// See [`RequestBody::discard`].
 fn discard(body: Incoming) {
     use http_body_util::BodyExt;
     if hyper::body::Body::is_end_stream(&body) {

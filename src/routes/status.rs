@@ -34,6 +34,23 @@ pub(super) fn response(ctx: &ListenerContext) -> Response<Body> {
         "draining": p.drain.is_draining(),
     });
     let mut body = body;
+    if !p.http3.is_empty() {
+        body["http3"] = p
+            .http3
+            .iter()
+            .map(|q| {
+                serde_json::json!({
+                    "listener": q.listener,
+                    "connections": q.connections.load(Ordering::Relaxed),
+                    "requests_total": q.requests_total.load(Ordering::Relaxed),
+                    "reading": q.reading.load(Ordering::Relaxed),
+                    "forwarded_total": q.forwarded_total.load(Ordering::Relaxed),
+                    "received_total": q.received_total.load(Ordering::Relaxed),
+                })
+            })
+            .collect::<Vec<_>>()
+            .into();
+    }
     if !p.access_logs.is_empty() {
         body["access_log_dropped"] = p
             .access_logs

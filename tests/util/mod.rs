@@ -11,6 +11,7 @@
 pub mod client;
 pub mod config;
 pub mod h2raw;
+pub mod h3;
 pub mod load;
 pub mod pebble;
 pub mod raw;

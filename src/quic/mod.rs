@@ -1,0 +1,504 @@
+//! HTTP/3 (RFC 9114, QUIC v1) on the listeners with `http3: true`: the
+//! listener's routes, certificates and SNI, on a UDP socket at its address.
+//!
+//! Each generation runs one QUIC endpoint per such listener on a thread of
+//! its own. Only the newest generation reads the shared UDP socket and
+//! passes older generations' datagrams on to them (`socket`), recognised
+//! by the connection IDs they issued (`cid`); so a restart breaks no QUIC
+//! connection. A draining generation sends HTTP/3 GOAWAY, lets its
+//! requests finish, and closes each connection once it is idle (or the
+//! client closes it), as HTTP/1.1 connections are closed after
+//! `timeouts.draining_idle`.
+
+mod cid;
+mod socket;
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes};
+use http::{header, HeaderValue, Request, Response};
+use http_body::Frame;
+use http_body_util::BodyExt;
+use tracing::debug;
+
+use crate::body::{text, Reply, RequestBody};
+use crate::context::{ListenerContext, Peer, QuicStats, Shared};
+use crate::routes::Router;
+
+/// Requests a client may have open at once on a connection.
+const MAX_STREAMS: u32 = 100;
+/// Handshakes in progress beyond which a client must first prove its
+/// address with a Retry (RFC 9000 section 8.1.2): a flood of spoofed
+/// Initials then costs one stateless packet each.
+const RETRY_ABOVE: usize = 64;
+/// The largest request head (QPACK-decoded field section).
+const MAX_HEAD: u64 = 64 * 1024;
+
+/// One listener's HTTP/3, before it serves.
+pub struct QuicListener {
+    pub name: String,
+    pub socket: std::net::UdpSocket,
+    pub tls: Arc<rustls::ServerConfig>,
+    pub router: Arc<Router>,
+    pub ctx: Arc<ListenerContext>,
+    pub stats: Arc<QuicStats>,
+}
+
+/// `Alt-Svc` for a listener on `port`.
+pub fn alt_svc(port: u16) -> HeaderValue {
+    HeaderValue::from_str(&format!("h3=\":{port}\"; ma=86400"))
+        .unwrap_or_else(|_| HeaderValue::from_static("clear"))
+}
+
+/// This generation's HTTP/3 endpoints, started but not reading yet.
+pub struct Http3 {
+    runtime: tokio::runtime::Handle,
+    sockets: Vec<(String, Arc<socket::Socket>)>,
+    shared: Arc<Shared>,
+}
+
+/// The key of the connection IDs and the stateless reset key, from the
+/// service's secret: the same in every generation.
+pub struct Keys {
+    pub cid: [u8; 16],
+    pub reset: [u8; 32],
+}
+
+/// Starts an endpoint per listener on a thread of its own. They answer
+/// nothing until [`Http3::take_over`]: before `READY` the previous
+/// generation still reads the sockets.
+pub fn start(
+    listeners: Vec<QuicListener>,
+    shared: Arc<Shared>,
+    keys: Keys,
+    span: tracing::Span,
+) -> Result<Option<Http3>, String> {
+    if listeners.is_empty() {
+        return Ok(None);
+    }
+    let key = Arc::new(cid::Key::new(&keys.cid)?);
+    let reset = Arc::new(aws_lc_rs::hmac::Key::new(
+        aws_lc_rs::hmac::HMAC_SHA256,
+        &keys.reset,
+    ));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let shared2 = shared.clone();
+    std::thread::Builder::new()
+        .name("gracesrv-h3".into())
+        .spawn(move || {
+            let _enter = span.enter();
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = tx.send(Err(format!("HTTP/3 runtime: {e}")));
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let mut sockets = Vec::new();
+                for l in listeners {
+                    let name = l.name.clone();
+                    match endpoint(l, &key, &reset, &shared2) {
+                        Ok(s) => sockets.push((name, s)),
+                        Err(e) => {
+                            let _ = tx.send(Err(format!("listener {name}: HTTP/3: {e}")));
+                            return;
+                        }
+                    }
+                }
+                let _ = tx.send(Ok((tokio::runtime::Handle::current(), sockets)));
+                std::future::pending::<()>().await;
+            });
+        })
+        .map_err(|e| format!("cannot start the HTTP/3 thread: {e}"))?;
+    let (runtime, sockets) = rx
+        .recv()
+        .map_err(|_| "the HTTP/3 thread died at start".to_string())??;
+    Ok(Some(Http3 {
+        runtime,
+        sockets,
+        shared,
+    }))
+}
+
+impl Http3 {
+    /// This generation is ready: it becomes the one reading the UDP
+    /// sockets (see `socket`).
+    pub fn take_over(self) {
+        for (name, s) in self.sockets {
+            let drain = self.shared.process.drain.clone();
+            self.runtime.spawn(s.keep(drain, name));
+        }
+    }
+}
+
+fn endpoint(
+    l: QuicListener,
+    key: &Arc<cid::Key>,
+    reset: &Arc<aws_lc_rs::hmac::Key>,
+    shared: &Arc<Shared>,
+) -> Result<Arc<socket::Socket>, String> {
+    let mut tls = (*l.tls).clone();
+    tls.alpn_protocols = vec![b"h3".to_vec()];
+    tls.max_early_data_size = 0;
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(Arc::new(tls))
+        .map_err(|e| format!("TLS for QUIC: {e}"))?;
+    let t = shared.timeouts;
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_idle_timeout(t.idle.try_into().ok())
+        .max_concurrent_bidi_streams(MAX_STREAMS.into())
+        // A client opens 3 (control and QPACK); a little room for more.
+        .max_concurrent_uni_streams(8u32.into());
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    server.transport_config(Arc::new(transport));
+    let mut config = quinn::EndpointConfig::new(reset.clone());
+    let pid = std::process::id();
+    let k = key.clone();
+    config.cid_generator(move || {
+        Box::new(cid::Generator {
+            key: k.clone(),
+            pid,
+        })
+    });
+    let socket = Arc::new(
+        socket::Socket::new(l.socket, key.clone(), l.stats.clone())
+            .map_err(|e| format!("UDP socket: {e}"))?,
+    );
+    let endpoint = quinn::Endpoint::new_with_abstract_socket(
+        config,
+        Some(server),
+        socket.clone(),
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|e| e.to_string())?;
+    let spec = Arc::new(Spec {
+        router: l.router,
+        ctx: l.ctx,
+        stats: l.stats,
+        shared: shared.clone(),
+        handshaking: AtomicUsize::new(0),
+    });
+    tokio::spawn(accept(endpoint, spec));
+    Ok(socket)
+}
+
+/// What a listener's connections share.
+struct Spec {
+    router: Arc<Router>,
+    ctx: Arc<ListenerContext>,
+    stats: Arc<QuicStats>,
+    shared: Arc<Shared>,
+    handshaking: AtomicUsize,
+}
+
+async fn accept(endpoint: quinn::Endpoint, spec: Arc<Spec>) {
+    while let Some(incoming) = endpoint.accept().await {
+        if !incoming.remote_address_validated()
+            && incoming.may_retry()
+            && spec.handshaking.load(Ordering::Relaxed) >= RETRY_ABOVE
+        {
+            let _ = incoming.retry();
+            continue;
+        }
+        // `max_connections` counts QUIC connections too. A client cannot
+        // wait in a queue here: it is refused, and tries again.
+        let Ok(permit) = spec.shared.limit.clone().try_acquire_owned() else {
+            debug!(listener = %spec.ctx.name, "max_connections reached: HTTP/3 connection refused");
+            incoming.refuse();
+            continue;
+        };
+        let guard = spec.shared.process.drain.connection();
+        let spec = spec.clone();
+        let endpoint = endpoint.clone();
+        tokio::spawn(async move {
+            connection(incoming, &spec, &endpoint).await;
+            drop(guard);
+            drop(permit);
+        });
+    }
+}
+
+/// A count held while it is alive.
+struct Held<'a>(&'a std::sync::atomic::AtomicU64);
+
+impl<'a> Held<'a> {
+    fn new(n: &'a std::sync::atomic::AtomicU64) -> Held<'a> {
+        n.fetch_add(1, Ordering::Relaxed);
+        Held(n)
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn connection(incoming: quinn::Incoming, spec: &Arc<Spec>, endpoint: &quinn::Endpoint) {
+    let t = spec.shared.timeouts;
+    spec.handshaking.fetch_add(1, Ordering::Relaxed);
+    let handshake = async {
+        let connecting = incoming.accept().map_err(|e| e.to_string())?;
+        match tokio::time::timeout(t.handshake, connecting).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err("handshake timed out".to_string()),
+        }
+    };
+    let conn = handshake.await;
+    spec.handshaking.fetch_sub(1, Ordering::Relaxed);
+    let conn = match conn {
+        Ok(c) => c,
+        Err(e) => {
+            debug!(listener = %spec.ctx.name, "HTTP/3 handshake: {e}");
+            return;
+        }
+    };
+    let _open = Held::new(&spec.stats.connections);
+    let peer = Peer {
+        addr: conn.remote_address(),
+        tls: true,
+    };
+    let h3 = h3::server::builder()
+        .max_field_section_size(MAX_HEAD)
+        .build::<_, Bytes>(h3_quinn::Connection::new(conn.clone()))
+        .await;
+    let mut h3 = match h3 {
+        Ok(h) => h,
+        Err(e) => {
+            debug!(listener = %spec.ctx.name, "HTTP/3 connection: {e}");
+            return;
+        }
+    };
+    let drain = &spec.shared.process.drain;
+    let draining = drain.started();
+    tokio::pin!(draining);
+    let mut cut = drain.tunnel_cut();
+    let in_flight = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    // 0: serving; 1: a first GOAWAY (with the largest stream ID: open no
+    // more) sent; 2: the real one sent, one round trip later (so requests
+    // the client sent before it heard the first are not refused: the two
+    // steps of RFC 9114 section 5.2, as HTTP/2 does).
+    let mut phase = 0;
+    let step = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(step);
+    let mut accepted_since = false;
+    let code: quinn::VarInt = quinn::VarInt::from_u32(0x100); // H3_NO_ERROR
+    loop {
+        tokio::select! {
+            _ = &mut draining, if phase == 0 => {
+                phase = 1;
+                if let Err(e) = h3.shutdown(usize::MAX >> 8).await {
+                    debug!(listener = %spec.ctx.name, "HTTP/3 GOAWAY: {e}");
+                    break;
+                }
+                let rtt = conn.rtt();
+                step.as_mut().reset(tokio::time::Instant::now() + 2 * rtt + Duration::from_millis(10));
+            }
+            _ = &mut step, if phase > 0 => {
+                if phase == 1 {
+                    phase = 2;
+                    if let Err(e) = h3.shutdown(1).await {
+                        debug!(listener = %spec.ctx.name, "HTTP/3 GOAWAY: {e}");
+                        break;
+                    }
+                } else if !accepted_since && in_flight.load(Ordering::Acquire) == 0 {
+                    // Idle for draining_idle since the last GOAWAY, or the last request.
+                    break;
+                }
+                accepted_since = false;
+                step.as_mut().reset(tokio::time::Instant::now() + t.draining_idle);
+            }
+            _ = cut.changed() => {
+                conn.close(code, b"shutting down");
+                return;
+            }
+            accepted = h3.accept() => match accepted {
+                Ok(Some(resolver)) => {
+                    accepted_since = true;
+                    spec.stats.requests_total.fetch_add(1, Ordering::Relaxed);
+                    in_flight.fetch_add(1, Ordering::AcqRel);
+                    let (spec, in_flight) = (spec.clone(), in_flight.clone());
+                    tokio::spawn(async move {
+                        request(resolver, &spec, peer).await;
+                        in_flight.fetch_sub(1, Ordering::AcqRel);
+                    });
+                }
+                // The client's GOAWAY, and every request done.
+                Ok(None) => break,
+                Err(e) => {
+                    debug!(listener = %spec.ctx.name, "HTTP/3 connection: {e}");
+                    return;
+                }
+            }
+        }
+    }
+    // Every request is answered, but maybe not yet acknowledged, and a
+    // CONNECTION_CLOSE makes the client drop what it has not read: close
+    // once the client closes, or it has been quiet for draining_idle.
+    while in_flight.load(Ordering::Acquire) > 0 {
+        tokio::select! {
+            _ = conn.closed() => return,
+            _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+        }
+    }
+    let _ = tokio::time::timeout(t.draining_idle, conn.closed()).await;
+    conn.close(code, b"");
+    // Let the endpoint send the CONNECTION_CLOSE before the process may exit.
+    let _ = tokio::time::timeout(Duration::from_millis(100), endpoint.wait_idle()).await;
+}
+
+type Stream = h3::server::RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>;
+
+async fn request(
+    resolver: h3::server::RequestResolver<h3_quinn::Connection, Bytes>,
+    spec: &Arc<Spec>,
+    peer: Peer,
+) {
+    let (req, stream): (Request<()>, Stream) = match resolver.resolve_request().await {
+        Ok(r) => r,
+        Err(e) => {
+            debug!(listener = %spec.ctx.name, "HTTP/3 request: {e}");
+            return;
+        }
+    };
+    debug!(listener = %spec.ctx.name, method = %req.method(), path = req.uri().path(), "request started");
+    let (mut send, recv) = stream.split();
+    let mut req = req.map(|()| H3Body {
+        stream: recv,
+        done: false,
+    });
+    let res = if let Err(why) = crate::connection::check_host(&mut req) {
+        debug!(listener = %spec.ctx.name, "bad request: {why}");
+        req.into_body().discard();
+        text(http::StatusCode::BAD_REQUEST, "bad request\n")
+    } else {
+        let mut route = None;
+        match spec.router.handle(req, &spec.ctx, peer, &mut route) {
+            Reply::Now(res) => res,
+            Reply::Later(fut) => fut.await,
+        }
+    };
+    if let Err(e) = respond(&mut send, res, spec.shared.timeouts.send).await {
+        debug!(listener = %spec.ctx.name, "HTTP/3 response: {e}");
+        send.stop_stream(h3::error::Code::H3_REQUEST_CANCELLED);
+    }
+}
+
+/// Headers that mean nothing in HTTP/3 (RFC 9114 section 4.2).
+const CONNECTION_SPECIFIC: [header::HeaderName; 4] = [
+    header::CONNECTION,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::HeaderName::from_static("keep-alive"),
+];
+
+/// Sends `res`; each piece must leave within `send` (a client that stops
+/// reading cannot hold the stream forever).
+async fn respond(
+    send: &mut h3::server::RequestStream<h3_quinn::SendStream<Bytes>, Bytes>,
+    res: Response<crate::body::Body>,
+    within: Duration,
+) -> Result<(), String> {
+    let (mut parts, mut body) = res.into_parts();
+    for h in &CONNECTION_SPECIFIC {
+        parts.headers.remove(h);
+    }
+    let timed = |what: &'static str| move |_| format!("{what}: no progress for {within:?}");
+    tokio::time::timeout(within, send.send_response(Response::from_parts(parts, ())))
+        .await
+        .map_err(timed("head"))?
+        .map_err(|e| e.to_string())?;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| e.to_string())?;
+        match frame.into_data() {
+            Ok(data) => {
+                if !data.is_empty() {
+                    tokio::time::timeout(within, send.send_data(data))
+                        .await
+                        .map_err(timed("body"))?
+                        .map_err(|e| e.to_string())?;
+                }
+            }
+            Err(frame) => {
+                if let Ok(trailers) = frame.into_trailers() {
+                    tokio::time::timeout(within, send.send_trailers(trailers))
+                        .await
+                        .map_err(timed("trailers"))?
+                        .map_err(|e| e.to_string())?;
+                    return Ok(());
+                }
+            }
+        }
+    }
+    tokio::time::timeout(within, send.finish())
+        .await
+        .map_err(timed("end"))?
+        .map_err(|e| e.to_string())
+}
+
+/// An HTTP/3 request's body, for the routes.
+pub struct H3Body {
+    stream: h3::server::RequestStream<h3_quinn::RecvStream, Bytes>,
+    done: bool,
+}
+
+impl http_body::Body for H3Body {
+    type Data = Bytes;
+    type Error = h3::error::StreamError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        match self.stream.poll_recv_data(cx) {
+            Poll::Ready(Ok(Some(mut data))) => {
+                let n = data.remaining();
+                Poll::Ready(Some(Ok(Frame::data(data.copy_to_bytes(n)))))
+            }
+            Poll::Ready(Ok(None)) => {
+                self.done = true;
+                Poll::Ready(None)
+            }
+            Poll::Ready(Err(e)) => {
+                self.done = true;
+                Poll::Ready(Some(Err(e)))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+    }
+}
+
+impl RequestBody for H3Body {
+    /// HTTP/3 needs no read-and-drop: STOP_SENDING with H3_NO_ERROR tells
+    /// the client the answer does not need the rest (RFC 9114 section
+    /// 4.1.1). (Also when the request had no body: h3 cannot tell before
+    /// a read, and a read would leave the stream without a way to stop it.)
+    fn discard(mut self) {
+        if !self.done {
+            self.stream.stop_sending(h3::error::Code::H3_NO_ERROR);
+        }
+    }
+}
+
+/// This process's open QUIC connections, for the restart log.
+pub fn open_connections(stats: &[Arc<QuicStats>]) -> u64 {
+    stats
+        .iter()
+        .map(|s| s.connections.load(Ordering::Relaxed))
+        .sum()
+}

@@ -1,0 +1,202 @@
+"""An HTTP/3 client for gracesrv's tests, on aioquic (not quinn or h3, the
+server's own libraries, so that a protocol mistake they share shows up).
+
+    client.py get URL [--count N] [--method M] [--body-size N] [--header K:V]
+        N requests one after another on one connection; prints one JSON
+        object: {"responses": [{"status", "headers", "body"}...], "error"}.
+
+    client.py load URL --connections C
+        Requests on C connections, one at a time each, until stdin closes;
+        then prints {"ok", "failed", "retried", "errors", "pids",
+        "connections"}. A request the server refused unprocessed
+        (H3_REQUEST_REJECTED, RFC 9114 section 4.1.1) is retried on a new
+        connection and counted in "retried"; any other request without a
+        complete response is "failed". After a refusal a connection is
+        replaced, as after a GOAWAY (aioquic does not report GOAWAY).
+        "pids" counts the body of each answer (the route answers "{pid}").
+"""
+
+import argparse
+import asyncio
+import json
+import ssl
+import sys
+import threading
+from urllib.parse import urlparse
+
+from aioquic.asyncio.client import connect
+from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.h3.connection import H3_ALPN, ErrorCode, H3Connection
+from aioquic.h3.events import DataReceived, HeadersReceived
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.events import ConnectionTerminated, StreamReset
+
+
+class Rejected(Exception):
+    """The server did not process the request: safe to retry."""
+
+
+class Failed(Exception):
+    pass
+
+
+class Client(QuicConnectionProtocol):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.h3 = H3Connection(self._quic)
+        self.streams = {}
+        self.terminated = None
+
+    def quic_event_received(self, event):
+        if isinstance(event, ConnectionTerminated):
+            self.terminated = f"connection closed: {event.error_code:#x} {event.reason_phrase}"
+            for s in self.streams.values():
+                if not s["done"].done():
+                    s["done"].set_exception(Failed(self.terminated))
+            return
+        if isinstance(event, StreamReset) and event.stream_id in self.streams:
+            s = self.streams[event.stream_id]
+            if not s["done"].done():
+                if event.error_code == ErrorCode.H3_REQUEST_REJECTED:
+                    s["done"].set_exception(Rejected())
+                else:
+                    s["done"].set_exception(Failed(f"stream reset: {event.error_code:#x}"))
+            return
+        for ev in self.h3.handle_event(event):
+            s = self.streams.get(getattr(ev, "stream_id", None))
+            if s is None:
+                continue
+            if isinstance(ev, HeadersReceived):
+                if s["headers"] is None:
+                    s["headers"] = ev.headers
+            elif isinstance(ev, DataReceived):
+                s["body"] += ev.data
+            if getattr(ev, "stream_ended", False) and not s["done"].done():
+                s["done"].set_result(None)
+
+    async def request(self, method, url, body=b"", headers=()):
+        if self.terminated:
+            raise Failed(self.terminated)
+        u = urlparse(url)
+        path = (u.path or "/") + (f"?{u.query}" if u.query else "")
+        sid = self._quic.get_next_available_stream_id()
+        s = {"headers": None, "body": b"", "done": asyncio.get_running_loop().create_future()}
+        self.streams[sid] = s
+        self.h3.send_headers(
+            sid,
+            [
+                (b":method", method.encode()),
+                (b":scheme", b"https"),
+                (b":authority", u.netloc.encode()),
+                (b":path", path.encode()),
+                (b"user-agent", b"aioquic-test"),
+                *([(b"content-length", str(len(body)).encode())] if body else []),
+                *headers,
+            ],
+            end_stream=not body,
+        )
+        if body:
+            self.h3.send_data(sid, body, end_stream=True)
+        self.transmit()
+        try:
+            await s["done"]
+        finally:
+            del self.streams[sid]
+        headers = {k.decode(): v.decode() for k, v in s["headers"] or []}
+        return int(headers.get(":status", "0")), headers, s["body"]
+
+
+def configuration():
+    c = QuicConfiguration(is_client=True, alpn_protocols=H3_ALPN)
+    c.verify_mode = ssl.CERT_NONE
+    c.idle_timeout = 30.0
+    return c
+
+
+def opened(url):
+    u = urlparse(url)
+    return connect(
+        u.hostname,
+        u.port or 443,
+        configuration=configuration(),
+        create_protocol=Client,
+        wait_connected=True,
+    )
+
+
+async def get(args):
+    out = {"responses": [], "error": None}
+    try:
+        async with opened(args.url) as client:
+            for _ in range(args.count):
+                extra = [
+                    tuple(x.strip().encode() for x in h.split(":", 1)) for h in args.header
+                ]
+                status, headers, body = await asyncio.wait_for(
+                    client.request(args.method, args.url, b"x" * args.body_size, extra), 60
+                )
+                out["responses"].append(
+                    {"status": status, "headers": headers, "body": body.decode(errors="replace")}
+                )
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        out["error"] = f"{type(e).__name__}: {e}"
+    print(json.dumps(out), flush=True)
+
+
+async def load(args):
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def watch_stdin():
+        sys.stdin.read()
+        loop.call_soon_threadsafe(stop.set)
+
+    threading.Thread(target=watch_stdin, daemon=True).start()
+    totals = {"ok": 0, "failed": 0, "retried": 0, "errors": [], "pids": {}, "connections": 0}
+
+    async def worker():
+        while not stop.is_set():
+            try:
+                async with opened(args.url) as client:
+                    totals["connections"] += 1
+                    while not stop.is_set():
+                        try:
+                            status, _, body = await asyncio.wait_for(
+                                client.request("GET", args.url), 30
+                            )
+                        except Rejected:
+                            totals["retried"] += 1
+                            break
+                        if status != 200:
+                            raise Failed(f"status {status}")
+                        totals["ok"] += 1
+                        pid = body.decode().strip()
+                        totals["pids"][pid] = totals["pids"].get(pid, 0) + 1
+            except Exception as e:  # noqa: BLE001 - counted
+                totals["failed"] += 1
+                if len(totals["errors"]) < 10:
+                    totals["errors"].append(f"{type(e).__name__}: {e}")
+                await asyncio.sleep(0.05)
+
+    await asyncio.gather(*(worker() for _ in range(args.connections)))
+    print(json.dumps(totals), flush=True)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    sub = p.add_subparsers(dest="cmd", required=True)
+    g = sub.add_parser("get")
+    g.add_argument("url")
+    g.add_argument("--count", type=int, default=1)
+    g.add_argument("--method", default="GET")
+    g.add_argument("--body-size", type=int, default=0)
+    g.add_argument("--header", action="append", default=[])
+    l = sub.add_parser("load")
+    l.add_argument("url")
+    l.add_argument("--connections", type=int, default=4)
+    args = p.parse_args()
+    asyncio.run(get(args) if args.cmd == "get" else load(args))
+
+
+if __name__ == "__main__":
+    main()

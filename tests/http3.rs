@@ -1,0 +1,379 @@
+//! HTTP/3 (SPEC section 7, issue 18): the routes over QUIC, and QUIC
+//! connections that survive restarts, rollbacks and a new binary. The
+//! client is aioquic (`tests/util/h3.rs`), not the server's own quinn/h3.
+
+mod util;
+
+use serde_json::json;
+use util::client::{self, Target};
+use util::config::{Config, Listener};
+use util::h3;
+use util::TestServer;
+
+/// `web` (plain, with `/status`) and `h3` (TLS with `http3: true`): `/`
+/// answers the pid, `/delay` after 2 s.
+fn config() -> Config {
+    Config::new()
+        .listener(
+            Listener::plain("web")
+                .route("/status", "status", json!({}))
+                .route("/", "respond", json!({ "body": "{pid}\n" })),
+        )
+        .listener(
+            Listener::tls("h3", "localhost.crt", "localhost.key")
+                .set("http3", true)
+                .route(
+                    "/delay",
+                    "respond",
+                    json!({ "body": "slow {pid}\n", "delay": "2s" }),
+                )
+                .route("/", "respond", json!({ "body": "{pid}\n" })),
+        )
+}
+
+/// The serving generation's `status.http3[0]`, asked over HTTP/1.1.
+async fn quic_status(srv: &TestServer) -> serde_json::Value {
+    let r = client::get(&Target::plain(srv.addr("web")), "/status")
+        .await
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    v["http3"][0].clone()
+}
+
+/// A tiny HTTP/1.1 upstream: answers `METHOD PATH BODYLEN`.
+async fn upstream() -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = l.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                let head_end = loop {
+                    let n = s.read(&mut chunk).await.unwrap();
+                    assert!(n > 0, "upstream: head cut");
+                    buf.extend_from_slice(&chunk[..n]);
+                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break i + 4;
+                    }
+                };
+                let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().parse().unwrap())
+                    })
+                    .unwrap_or(0);
+                while buf.len() < head_end + len {
+                    let n = s.read(&mut chunk).await.unwrap();
+                    assert!(n > 0, "upstream: body cut");
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+                let mut first = head.lines().next().unwrap().split(' ');
+                let body = format!("{} {} {len}", first.next().unwrap(), first.next().unwrap());
+                let res = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                s.write_all(res.as_bytes()).await.unwrap();
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn every_route_action_answers_over_http3_and_tcp_advertises_it() {
+    let files = tempfile::tempdir().unwrap();
+    std::fs::write(files.path().join("a.txt"), "0123456789").unwrap();
+    let up = upstream().await;
+    let srv = TestServer::builder()
+        .config(config().edit("h3", |l| {
+            l.route("/files", "static", json!({ "root": files.path() }))
+                .route("/status", "status", json!({}))
+                .route("/old", "redirect", json!({ "to": "/new" }))
+                .route(
+                    "/api",
+                    "proxy",
+                    json!({ "upstream": format!("http://{up}") }),
+                )
+        }))
+        .start()
+        .await;
+    let addr = srv.addr("h3");
+    let pid = srv.pid();
+
+    let body = h3::bodies(&h3::get(addr, "/", 3).await);
+    assert_eq!(
+        body,
+        vec![format!("{pid}\n"); 3],
+        "three requests on one connection"
+    );
+
+    let r = h3::get_with(addr, "/files/a.txt", &["--header", "range: bytes=2-5"]).await;
+    let r = &r["responses"][0];
+    assert_eq!(r["status"], 206, "{r}");
+    assert_eq!(r["body"], "2345");
+    assert_eq!(r["headers"]["content-range"], "bytes 2-5/10");
+
+    let r = h3::get(addr, "/old", 1).await;
+    assert_eq!(r["responses"][0]["status"], 308, "{r}");
+    assert_eq!(r["responses"][0]["headers"]["location"], "/new");
+
+    let r = h3::get_with(
+        addr,
+        "/api/x?y=1",
+        &["--method", "POST", "--body-size", "100000"],
+    )
+    .await;
+    assert_eq!(
+        h3::bodies(&r),
+        vec!["POST /api/x?y=1 100000"],
+        "the body reached the upstream"
+    );
+
+    let r = h3::get(addr, "/status", 1).await;
+    let status: serde_json::Value = serde_json::from_str(h3::bodies(&r)[0].as_str()).unwrap();
+    assert_eq!(status["pid"], pid);
+    assert_eq!(status["http3"][0]["reading"], true);
+    assert!(
+        status["http3"][0]["connections"].as_u64().unwrap() >= 1,
+        "{status}"
+    );
+
+    // An upload the route does not read: answered, nothing reset.
+    let r = h3::get_with(addr, "/", &["--method", "POST", "--body-size", "3000000"]).await;
+    assert_eq!(h3::bodies(&r), vec![format!("{pid}\n")]);
+
+    // TCP responses on the listener advertise HTTP/3 on the same port.
+    let r = client::get(&Target::tls(addr, srv.tls()), "/")
+        .await
+        .unwrap();
+    assert_eq!(
+        r.headers.get("alt-svc").and_then(|v| v.to_str().ok()),
+        Some(format!("h3=\":{}\"; ma=86400", addr.port()).as_str())
+    );
+    let r = client::get(&Target::plain(srv.addr("web")), "/")
+        .await
+        .unwrap();
+    assert!(
+        r.headers.get("alt-svc").is_none(),
+        "not on a listener without HTTP/3"
+    );
+}
+
+#[tokio::test]
+async fn a_request_in_flight_across_a_restart_finishes_on_the_old_generation() {
+    let mut srv = TestServer::builder().config(config()).start().await;
+    let addr = srv.addr("h3");
+    let old = srv.pid();
+    let slow = tokio::spawn(async move { h3::get(addr, "/delay", 1).await });
+    srv.wait_log("path=\"/delay\"").await;
+    let new = srv.restart().await;
+    // The new generation reads the socket now: the old one's datagrams
+    // reach it only through the new one.
+    srv.wait_log(&format!("pid={old} ")).await;
+    assert_eq!(
+        h3::bodies(&slow.await.unwrap()),
+        vec![format!("slow {old}\n")]
+    );
+    assert_eq!(
+        h3::bodies(&h3::get(addr, "/", 1).await),
+        vec![format!("{new}\n")]
+    );
+    let q = quic_status(&srv).await;
+    assert!(q["forwarded_total"].as_u64().unwrap() > 0, "{q}");
+    assert_eq!(q["reading"], true);
+    util::wait_gone(old).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_restarts_under_http3_load_lose_no_request() {
+    let mut srv = TestServer::builder().config(config()).start().await;
+    let addr = srv.addr("h3");
+    let load = h3::Load::start(addr, "/", 4);
+    // Served before the first restart.
+    while h3::bodies(&h3::get(addr, "/", 1).await).is_empty() {}
+    let mut forwarded = 0;
+    for _ in 0..20 {
+        srv.restart().await;
+        // Until the load's connections have moved to the new generation.
+        loop {
+            let q = quic_status(&srv).await;
+            if q["requests_total"].as_u64().unwrap() >= 20 {
+                forwarded += q["forwarded_total"].as_u64().unwrap();
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+    let totals = load.finish().await;
+    assert_eq!(totals["failed"], 0, "{totals}");
+    let ok = totals["ok"].as_u64().unwrap();
+    assert!(ok > 200, "{totals}");
+    // Requests the server refused unprocessed (aioquic does not read
+    // GOAWAY, and keeps sending on the old connection): at most one per
+    // connection per restart, each retried and answered.
+    assert!(totals["retried"].as_u64().unwrap() <= 4 * 20, "{totals}");
+    let pids = totals["pids"].as_object().unwrap();
+    assert_eq!(
+        pids.len(),
+        21,
+        "served by every generation in turn: {totals}"
+    );
+    assert!(forwarded > 0, "old generations' datagrams were passed on");
+    for old in &srv.ready_pids[..srv.ready_pids.len() - 1] {
+        util::wait_gone(*old).await;
+    }
+}
+
+#[tokio::test]
+async fn a_rollback_keeps_quic_serving() {
+    let mut srv = TestServer::builder().config(config()).start().await;
+    let addr = srv.addr("h3");
+    let old = srv.pid();
+    // A broken config: the restart fails, the old generation reads on.
+    srv.write_config("listeners: [ {name: web, addr: nope} ]\n");
+    srv.failed_restart().await;
+    assert_eq!(
+        h3::bodies(&h3::get(addr, "/", 1).await),
+        vec![format!("{old}\n")]
+    );
+    // A new generation that dies right after ready: the old one reads again.
+    srv.write(&config());
+    srv.hup();
+    let new = srv.wait_ready().await;
+    assert_ne!(new, old);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(new as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert_eq!(srv.wait_ready().await, old);
+    assert_eq!(
+        h3::bodies(&h3::get(addr, "/", 2).await),
+        vec![format!("{old}\n"); 2]
+    );
+    assert_eq!(quic_status(&srv).await["reading"], true);
+}
+
+#[tokio::test]
+async fn a_binary_replaced_on_disk_serves_http3_after_a_hup() {
+    let mut srv = TestServer::builder()
+        .config(config())
+        .copy_binary()
+        .start()
+        .await;
+    let addr = srv.addr("h3");
+    let exe = srv.dir.path().join("gracesrv");
+    let tmp = srv.dir.path().join("gracesrv.new");
+    std::fs::copy(util::BIN, &tmp).unwrap();
+    std::fs::rename(&tmp, &exe).unwrap();
+    let old = srv.pid();
+    let new = srv.restart().await;
+    assert_ne!(old, new);
+    assert_eq!(
+        h3::bodies(&h3::get(addr, "/", 1).await),
+        vec![format!("{new}\n")]
+    );
+}
+
+#[tokio::test]
+async fn fds_and_processes_stay_flat_over_30_restarts_with_http3() {
+    let mut srv = TestServer::builder().config(config()).start().await;
+    let addr = srv.addr("h3");
+    srv.restart().await;
+    h3::get(addr, "/", 1).await;
+    let fds = util::fd_count(srv.pid());
+    for _ in 0..29 {
+        srv.restart().await;
+    }
+    let pid = srv.pid();
+    assert_eq!(
+        h3::bodies(&h3::get(addr, "/", 1).await),
+        vec![format!("{pid}\n")]
+    );
+    assert_eq!(util::fd_count(pid), fds, "fds of the serving process");
+    assert_eq!(util::zombie_children(pid), 0);
+    for old in &srv.ready_pids[..srv.ready_pids.len() - 1] {
+        util::wait_gone(*old).await;
+    }
+}
+
+/// systemd: a `.socket` unit with `ListenStream=` and `ListenDatagram=`
+/// on one address, both named after the listener (`FileDescriptorName=`).
+#[tokio::test]
+async fn a_datagram_socket_from_systemd_is_adopted() {
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = tcp.local_addr().unwrap();
+    let udp = std::net::UdpSocket::bind(addr).unwrap();
+    let config = Config::new().listener(
+        Listener::tls("h3", "localhost.crt", "localhost.key")
+            .set("addr", addr.to_string())
+            .set("http3", true)
+            .route("/", "respond", json!({ "body": "{pid}\n" })),
+    );
+    let (dir, certs, path) = TestServer::prepare(&config.yaml());
+    let mut cmd = std::process::Command::new("/bin/sh");
+    let fds = [
+        std::os::fd::AsRawFd::as_raw_fd(&tcp),
+        std::os::fd::AsRawFd::as_raw_fd(&udp),
+    ];
+    // SAFETY: only async-signal-safe calls (fcntl, dup2) between fork and exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+            let high: Vec<i32> = fds
+                .iter()
+                .map(|fd| libc::fcntl(*fd, libc::F_DUPFD, 10))
+                .collect();
+            for (i, fd) in high.iter().enumerate() {
+                if *fd < 0 || libc::dup2(*fd, 3 + i as i32) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    cmd.arg("-c")
+        .arg(format!(
+            "LISTEN_PID=$$ LISTEN_FDS=2 LISTEN_FDNAMES=h3:h3 exec {} \"$@\"",
+            util::BIN
+        ))
+        .arg("sh");
+    let mut srv = TestServer::spawn_cmd(dir, certs, path, &[], cmd);
+    srv.wait_ready().await;
+    drop((tcp, udp));
+    // Served on the passed UDP socket: binding it again would have failed.
+    assert_eq!(
+        h3::bodies(&h3::get(addr, "/", 1).await),
+        vec![format!("{}\n", srv.pid())]
+    );
+    let new = srv.restart().await;
+    assert_eq!(
+        h3::bodies(&h3::get(addr, "/", 1).await),
+        vec![format!("{new}\n")]
+    );
+}
+
+#[tokio::test]
+async fn http3_without_tls_is_a_config_error() {
+    let config = "listeners:\n  - name: web\n    addr: 127.0.0.1:0\n    http3: true\n";
+    let (dir, _certs, path) = TestServer::prepare(config);
+    let out = std::process::Command::new(util::bin())
+        .arg("check")
+        .arg("-c")
+        .arg(&path)
+        .output()
+        .unwrap();
+    drop(dir);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("server.yaml:4:") && err.contains("listeners[0].http3: HTTP/3 needs tls"),
+        "{err}"
+    );
+}

@@ -1,0 +1,125 @@
+//! HTTP/3 from another project: `tests/h3/client.py` on aioquic, in a venv
+//! made once under the target dir (`python3 -m venv`, `pip install aioquic`).
+//! `GRACESRV_H3_PYTHON` names a Python that has aioquic instead.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+
+use serde_json::Value;
+use tokio::io::AsyncReadExt;
+
+const CLIENT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/h3/client.py");
+
+/// A Python with aioquic, made if needed (one test at a time: a file lock).
+pub fn python() -> PathBuf {
+    if let Ok(p) = std::env::var("GRACESRV_H3_PYTHON") {
+        return p.into();
+    }
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("h3-venv");
+    let python = dir.join("bin/python");
+    let has = |p: &PathBuf| {
+        std::process::Command::new(p)
+            .args(["-c", "import aioquic"])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let lock = std::fs::File::create(format!("{}.lock", dir.display())).unwrap();
+    lock.lock().unwrap();
+    if !has(&python) {
+        let ok = std::process::Command::new("python3")
+            .args(["-m", "venv", "--clear"])
+            .arg(&dir)
+            .status()
+            .is_ok_and(|s| s.success())
+            && std::process::Command::new(dir.join("bin/pip"))
+                .args(["install", "-q", "aioquic"])
+                .status()
+                .is_ok_and(|s| s.success());
+        assert!(
+            ok && has(&python),
+            "cannot make a venv with aioquic in {dir:?} (needs python3-venv and PyPI)"
+        );
+    }
+    python
+}
+
+fn url(addr: SocketAddr, path: &str) -> String {
+    format!("https://{addr}{path}")
+}
+
+/// `count` requests on one connection: `{"responses": [...], "error"}`.
+pub async fn get(addr: SocketAddr, path: &str, count: usize) -> Value {
+    get_with(addr, path, &["--count", &count.to_string()]).await
+}
+
+pub async fn get_with(addr: SocketAddr, path: &str, args: &[&str]) -> Value {
+    let out = tokio::process::Command::new(python())
+        .arg(CLIENT)
+        .arg("get")
+        .arg(url(addr, path))
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "client output: {e}: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// The answers' bodies of a `get`, checking each is a 200.
+pub fn bodies(v: &Value) -> Vec<String> {
+    assert!(v["error"].is_null(), "HTTP/3 client: {v}");
+    v["responses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            assert_eq!(r["status"], 200, "{r}");
+            r["body"].as_str().unwrap().to_string()
+        })
+        .collect()
+}
+
+/// Requests on `connections` connections until [`Load::finish`].
+pub struct Load {
+    child: tokio::process::Child,
+}
+
+impl Load {
+    pub fn start(addr: SocketAddr, path: &str, connections: usize) -> Load {
+        let child = tokio::process::Command::new(python())
+            .arg(CLIENT)
+            .arg("load")
+            .arg(url(addr, path))
+            .args(["--connections", &connections.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        Load { child }
+    }
+
+    /// Stops and returns the totals (`ok`, `failed`, `retried`, `errors`,
+    /// `pids`, `connections`).
+    pub async fn finish(mut self) -> Value {
+        drop(self.child.stdin.take());
+        let mut out = String::new();
+        let mut stdout = self.child.stdout.take().unwrap();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(60),
+            stdout.read_to_string(&mut out),
+        )
+        .await
+        .expect("the HTTP/3 load client did not finish")
+        .unwrap();
+        let _ = self.child.wait().await;
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("load output: {e}: {out}"))
+    }
+}
