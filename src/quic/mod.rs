@@ -281,16 +281,15 @@ async fn connection(incoming: quinn::Incoming, spec: &Arc<Spec>, endpoint: &quin
     let draining = drain.started();
     tokio::pin!(draining);
     let mut cut = drain.tunnel_cut();
-    let in_flight = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let in_flight = Arc::new(InFlight::default());
     // 0: serving; 1: a first GOAWAY (with the largest stream ID: open no
-    // more) sent; 2: the real one sent, one round trip later (so requests
+    // more) sent; 2: the real one sent, two round trips later (so requests
     // the client sent before it heard the first are not refused: the two
     // steps of RFC 9114 section 5.2, as HTTP/2 does).
     let mut phase = 0;
     let step = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(step);
-    let mut accepted_since = false;
-    let code: quinn::VarInt = quinn::VarInt::from_u32(0x100); // H3_NO_ERROR
+    let code = quinn::VarInt::from_u32(0x100); // H3_NO_ERROR
     loop {
         tokio::select! {
             _ = &mut draining, if phase == 0 => {
@@ -302,19 +301,20 @@ async fn connection(incoming: quinn::Incoming, spec: &Arc<Spec>, endpoint: &quin
                 let rtt = conn.rtt();
                 step.as_mut().reset(tokio::time::Instant::now() + 2 * rtt + Duration::from_millis(10));
             }
-            _ = &mut step, if phase > 0 => {
-                if phase == 1 {
-                    phase = 2;
-                    if let Err(e) = h3.shutdown(1).await {
-                        debug!(listener = %spec.ctx.name, "HTTP/3 GOAWAY: {e}");
-                        break;
-                    }
-                } else if !accepted_since && in_flight.load(Ordering::Acquire) == 0 {
-                    // Idle for draining_idle since the last GOAWAY, or the last request.
+            _ = &mut step, if phase == 1 => {
+                phase = 2;
+                if let Err(e) = h3.shutdown(1).await {
+                    debug!(listener = %spec.ctx.name, "HTTP/3 GOAWAY: {e}");
                     break;
                 }
-                accepted_since = false;
-                step.as_mut().reset(tokio::time::Instant::now() + t.draining_idle);
+                if in_flight.count.load(Ordering::Acquire) == 0 {
+                    break;
+                }
+            }
+            _ = in_flight.idle.notified(), if phase == 2 => {
+                if in_flight.count.load(Ordering::Acquire) == 0 {
+                    break;
+                }
             }
             _ = cut.changed() => {
                 conn.close(code, b"shutting down");
@@ -322,13 +322,14 @@ async fn connection(incoming: quinn::Incoming, spec: &Arc<Spec>, endpoint: &quin
             }
             accepted = h3.accept() => match accepted {
                 Ok(Some(resolver)) => {
-                    accepted_since = true;
                     spec.stats.requests_total.fetch_add(1, Ordering::Relaxed);
-                    in_flight.fetch_add(1, Ordering::AcqRel);
+                    in_flight.count.fetch_add(1, Ordering::AcqRel);
                     let (spec, in_flight) = (spec.clone(), in_flight.clone());
                     tokio::spawn(async move {
                         request(resolver, &spec, peer).await;
-                        in_flight.fetch_sub(1, Ordering::AcqRel);
+                        if in_flight.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+                            in_flight.idle.notify_one();
+                        }
                     });
                 }
                 // The client's GOAWAY, and every request done.
@@ -342,17 +343,35 @@ async fn connection(incoming: quinn::Incoming, spec: &Arc<Spec>, endpoint: &quin
     }
     // Every request is answered, but maybe not yet acknowledged, and a
     // CONNECTION_CLOSE makes the client drop what it has not read: close
-    // once the client closes, or it has been quiet for draining_idle.
-    while in_flight.load(Ordering::Acquire) > 0 {
-        tokio::select! {
-            _ = conn.closed() => return,
-            _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+    // once the client closes, or after draining_idle. Meanwhile streams
+    // the client still opens are refused (H3_REQUEST_REJECTED) by h3.
+    let wait = async {
+        while in_flight.count.load(Ordering::Acquire) > 0 {
+            in_flight.idle.notified().await;
         }
-    }
-    let _ = tokio::time::timeout(t.draining_idle, conn.closed()).await;
+        // Streams the client opened before it heard the GOAWAY are refused
+        // (h3 does so within `accept`, which says `None` after each), but
+        // the one the GOAWAY still allows, which is served; until the
+        // client closes (`accept` fails then).
+        loop {
+            match h3.accept().await {
+                Ok(Some(resolver)) => request(resolver, spec, peer).await,
+                Ok(None) => {}
+                Err(_) => break,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(t.draining_idle, wait).await;
     conn.close(code, b"");
     // Let the endpoint send the CONNECTION_CLOSE before the process may exit.
     let _ = tokio::time::timeout(Duration::from_millis(100), endpoint.wait_idle()).await;
+}
+
+/// A connection's requests in flight, and a signal when none is left.
+#[derive(Default)]
+struct InFlight {
+    count: std::sync::atomic::AtomicU64,
+    idle: tokio::sync::Notify,
 }
 
 type Stream = h3::server::RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>;
