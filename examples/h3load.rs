@@ -161,39 +161,36 @@ async fn client(t: Arc<Target>, streams: usize, stats: Arc<Stats>) {
             }
         };
         let closing = Arc::new(AtomicBool::new(false));
-        let tasks: Vec<_> =
-            (0..streams)
-                .map(|_| {
-                    let (t, stats, closing) = (t.clone(), stats.clone(), closing.clone());
-                    let mut s = sender.clone();
-                    tokio::spawn(async move {
-                        let mut lat = Vec::new();
-                        while !stats.stop.load(Ordering::Relaxed)
-                            && !closing.load(Ordering::Relaxed)
-                        {
-                            let started = Instant::now();
-                            match request(&mut s, &t).await {
-                                Outcome::Ok => {
-                                    stats.ok.fetch_add(1, Ordering::Relaxed);
-                                    lat.push(
+        let tasks: Vec<_> = (0..streams)
+            .map(|_| {
+                let (t, stats, closing) = (t.clone(), stats.clone(), closing.clone());
+                let mut s = sender.clone();
+                tokio::spawn(async move {
+                    let mut lat = Vec::new();
+                    while !stats.stop.load(Ordering::Relaxed) && !closing.load(Ordering::Relaxed) {
+                        let started = Instant::now();
+                        match request(&mut s, &t).await {
+                            Outcome::Ok => {
+                                stats.ok.fetch_add(1, Ordering::Relaxed);
+                                lat.push(
                                         started.elapsed().as_micros().min(u32::MAX as u128) as u32
                                     );
-                                }
-                                Outcome::NotProcessed => {
-                                    stats.retried.fetch_add(1, Ordering::Relaxed);
-                                    closing.store(true, Ordering::Relaxed);
-                                }
-                                Outcome::Failed(e) => {
-                                    stats.failed.fetch_add(1, Ordering::Relaxed);
-                                    stats.errors.lock().unwrap().push(e);
-                                    closing.store(true, Ordering::Relaxed);
-                                }
+                            }
+                            Outcome::NotProcessed => {
+                                stats.retried.fetch_add(1, Ordering::Relaxed);
+                                closing.store(true, Ordering::Relaxed);
+                            }
+                            Outcome::Failed(e) => {
+                                stats.failed.fetch_add(1, Ordering::Relaxed);
+                                stats.errors.lock().unwrap().push(e);
+                                closing.store(true, Ordering::Relaxed);
                             }
                         }
-                        stats.latencies.lock().unwrap().extend(lat);
-                    })
+                    }
+                    stats.latencies.lock().unwrap().extend(lat);
                 })
-                .collect();
+            })
+            .collect();
         drop(sender);
         for task in tasks {
             let _ = task.await;

@@ -55,6 +55,10 @@ pub struct QuicStats {
     pub forwarded_total: AtomicU64,
     /// Datagrams a newer generation passed to this one.
     pub received_total: AtomicU64,
+    /// Clients sent a Retry first (many handshakes under way).
+    pub retries_total: AtomicU64,
+    /// Connections refused at `max_connections`.
+    pub refused_total: AtomicU64,
 }
 
 impl ProcessInfo {

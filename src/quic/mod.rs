@@ -205,6 +205,7 @@ async fn accept(endpoint: quinn::Endpoint, spec: Arc<Spec>) {
             && incoming.may_retry()
             && spec.handshaking.load(Ordering::Relaxed) >= RETRY_ABOVE
         {
+            spec.stats.retries_total.fetch_add(1, Ordering::Relaxed);
             let _ = incoming.retry();
             continue;
         }
@@ -212,6 +213,7 @@ async fn accept(endpoint: quinn::Endpoint, spec: Arc<Spec>) {
         // wait in a queue here: it is refused, and tries again.
         let Ok(permit) = spec.shared.limit.clone().try_acquire_owned() else {
             debug!(listener = %spec.ctx.name, "max_connections reached: HTTP/3 connection refused");
+            spec.stats.refused_total.fetch_add(1, Ordering::Relaxed);
             incoming.refuse();
             continue;
         };

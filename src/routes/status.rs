@@ -46,6 +46,8 @@ pub(super) fn response(ctx: &ListenerContext) -> Response<Body> {
                     "reading": q.reading.load(Ordering::Relaxed),
                     "forwarded_total": q.forwarded_total.load(Ordering::Relaxed),
                     "received_total": q.received_total.load(Ordering::Relaxed),
+                    "retries_total": q.retries_total.load(Ordering::Relaxed),
+                    "refused_total": q.refused_total.load(Ordering::Relaxed),
                 })
             })
             .collect::<Vec<_>>()

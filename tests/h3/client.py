@@ -1,12 +1,16 @@
 """An HTTP/3 client for gracesrv's tests, on aioquic (not quinn or h3, the
 server's own libraries, so that a protocol mistake they share shows up).
 
-    client.py get URL [--count N] [--method M] [--body-size N] [--header K:V]
+    client.py get URL [--count N] [--pause S] [--method M] [--body-size N] [--header K:V]
         N requests one after another on one connection; prints one JSON
         object: {"responses": [{"status", "headers", "body"}...], "error"}.
 
-    client.py load URL --connections C
-        Requests on C connections, one at a time each, until stdin closes;
+    client.py parallel URL --connections C
+        C connections at once, one request each; prints {"ok", "errors"}.
+
+    client.py load URL --connections C [--fresh F]
+        Requests on C connections, one at a time each (and on F workers that
+        open a new connection for every request), until stdin closes;
         then prints {"ok", "failed", "retried", "errors", "pids",
         "connections"}. A request the server refused unprocessed
         (H3_REQUEST_REJECTED, RFC 9114 section 4.1.1) is retried on a new
@@ -128,7 +132,9 @@ async def get(args):
     out = {"responses": [], "error": None}
     try:
         async with opened(args.url) as client:
-            for _ in range(args.count):
+            for i in range(args.count):
+                if i > 0 and args.pause:
+                    await asyncio.sleep(args.pause)
                 extra = [
                     tuple(x.strip().encode() for x in h.split(":", 1)) for h in args.header
                 ]
@@ -178,8 +184,47 @@ async def load(args):
                     totals["errors"].append(f"{type(e).__name__}: {e}")
                 await asyncio.sleep(0.05)
 
-    await asyncio.gather(*(worker() for _ in range(args.connections)))
+    async def fresh():
+        while not stop.is_set():
+            try:
+                async with opened(args.url) as client:
+                    totals["connections"] += 1
+                    status, _, body = await asyncio.wait_for(client.request("GET", args.url), 30)
+                    if status != 200:
+                        raise Failed(f"status {status}")
+                    totals["ok"] += 1
+                    pid = body.decode().strip()
+                    totals["pids"][pid] = totals["pids"].get(pid, 0) + 1
+            except Rejected:
+                totals["retried"] += 1
+            except Exception as e:  # noqa: BLE001 - counted
+                totals["failed"] += 1
+                if len(totals["errors"]) < 10:
+                    totals["errors"].append(f"fresh {type(e).__name__}: {e}")
+                await asyncio.sleep(0.05)
+
+    await asyncio.gather(
+        *(worker() for _ in range(args.connections)), *(fresh() for _ in range(args.fresh))
+    )
     print(json.dumps(totals), flush=True)
+
+
+async def parallel(args):
+    out = {"ok": 0, "errors": []}
+
+    async def one():
+        try:
+            async with opened(args.url) as client:
+                status, _, _ = await asyncio.wait_for(client.request("GET", args.url), 60)
+                if status == 200:
+                    out["ok"] += 1
+                else:
+                    out["errors"].append(f"status {status}")
+        except Exception as e:  # noqa: BLE001 - reported
+            out["errors"].append(f"{type(e).__name__}: {e}")
+
+    await asyncio.gather(*(one() for _ in range(args.connections)))
+    print(json.dumps(out), flush=True)
 
 
 def main():
@@ -191,11 +236,17 @@ def main():
     g.add_argument("--method", default="GET")
     g.add_argument("--body-size", type=int, default=0)
     g.add_argument("--header", action="append", default=[])
+    g.add_argument("--pause", type=float, default=0.0)
     l = sub.add_parser("load")
     l.add_argument("url")
     l.add_argument("--connections", type=int, default=4)
+    l.add_argument("--fresh", type=int, default=0)
+    par = sub.add_parser("parallel")
+    par.add_argument("url")
+    par.add_argument("--connections", type=int, default=100)
     args = p.parse_args()
-    asyncio.run(get(args) if args.cmd == "get" else load(args))
+    run = {"get": get, "load": load, "parallel": parallel}[args.cmd]
+    asyncio.run(run(args))
 
 
 if __name__ == "__main__":

@@ -86,18 +86,38 @@ pub fn bodies(v: &Value) -> Vec<String> {
         .collect()
 }
 
-/// Requests on `connections` connections until [`Load::finish`].
+/// `connections` connections at once, one request each: `{"ok", "errors"}`.
+pub async fn parallel(addr: SocketAddr, connections: usize) -> Value {
+    let out = tokio::process::Command::new(python())
+        .arg(CLIENT)
+        .arg("parallel")
+        .arg(url(addr, "/"))
+        .args(["--connections", &connections.to_string()])
+        .output()
+        .await
+        .unwrap();
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "client output: {e}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// Requests on `connections` connections (and on `fresh` workers that open
+/// a connection per request) until [`Load::finish`].
 pub struct Load {
     child: tokio::process::Child,
 }
 
 impl Load {
-    pub fn start(addr: SocketAddr, path: &str, connections: usize) -> Load {
+    pub fn start(addr: SocketAddr, path: &str, connections: usize, fresh: usize) -> Load {
         let child = tokio::process::Command::new(python())
             .arg(CLIENT)
             .arg("load")
             .arg(url(addr, path))
             .args(["--connections", &connections.to_string()])
+            .args(["--fresh", &fresh.to_string()])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .kill_on_drop(true)
