@@ -452,3 +452,32 @@ async fn an_idle_quic_connection_is_closed_after_timeouts_idle() {
         "the second request found the connection gone: {r}"
     );
 }
+
+#[tokio::test]
+async fn a_supervisor_hands_the_udp_socket_to_each_new_worker() {
+    let mut srv = TestServer::builder()
+        .config(config())
+        .supervise()
+        .start()
+        .await;
+    let addr = srv.addr("h3");
+    let old = srv.serving_pid();
+    let load = h3::Load::start(addr, "/", 2, 1);
+    let slow = tokio::spawn(async move { h3::get(addr, "/delay", 1).await });
+    srv.wait_log("path=\"/delay\"").await;
+    for _ in 0..3 {
+        srv.supervised_restart().await;
+    }
+    let new = srv.serving_pid();
+    assert_ne!(new, old);
+    assert_eq!(
+        h3::bodies(&slow.await.unwrap()),
+        vec![format!("slow {old}\n")]
+    );
+    assert_eq!(
+        h3::bodies(&h3::get(addr, "/", 1).await),
+        vec![format!("{new}\n")]
+    );
+    let totals = load.finish().await;
+    assert_eq!(totals["failed"], 0, "{totals}");
+}
