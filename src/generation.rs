@@ -236,6 +236,7 @@ impl Generation {
                 .try_into()
                 .unwrap_or([0; 16]),
             reset: tickets.derive("gracesrv quic stateless reset"),
+            token: tickets.derive("gracesrv quic address token"),
         };
         let http3 = crate::quic::start(quic, shared.clone(), keys, span.clone())?;
         crate::serve::start(process.threads.len(), specs, shared, span)?;

@@ -205,13 +205,23 @@ fn strangers_at_the_handoff_are_refused_with_a_clear_error() {
     assert_eq!(code, 1);
     assert!(err.contains("LISTEN_FDS: fd 3 is not a socket"), "{err}");
 
-    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    // A UDP socket is taken (HTTP/3), but only a bound one.
+    let udp = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Inet,
+        nix::sys::socket::SockType::Datagram,
+        nix::sys::socket::SockFlag::empty(),
+        None,
+    )
+    .unwrap();
     let (code, err) = start_with_fd3(udp.as_raw_fd(), "");
     assert_eq!(code, 1);
-    assert!(
-        err.contains("LISTEN_FDS: fd 3 is not a stream socket"),
-        "{err}"
-    );
+    assert!(err.contains("LISTEN_FDS: fd 3 is not bound"), "{err}");
+
+    let (unix, _other) = std::os::unix::net::UnixStream::pair().unwrap();
+    let (code, err) = start_with_fd3(unix.as_raw_fd(), "");
+    assert_eq!(code, 1);
+    assert!(err.contains("LISTEN_FDS: fd 3"), "{err}");
+    assert!(err.contains("not listening"), "{err}");
 
     // A TCP socket that is bound but not listening.
     let sock = nix::sys::socket::socket(

@@ -61,11 +61,13 @@ pub struct Http3 {
     shared: Arc<Shared>,
 }
 
-/// The key of the connection IDs and the stateless reset key, from the
-/// service's secret: the same in every generation.
+/// The key of the connection IDs, the stateless reset key and the key of
+/// address validation tokens (Retry, NEW_TOKEN), from the service's
+/// secret: the same in every generation, so each accepts the others'.
 pub struct Keys {
     pub cid: [u8; 16],
     pub reset: [u8; 32],
+    pub token: [u8; 32],
 }
 
 /// Starts an endpoint per listener on a thread of its own. They answer
@@ -85,6 +87,9 @@ pub fn start(
         aws_lc_rs::hmac::HMAC_SHA256,
         &keys.reset,
     ));
+    let token: Arc<dyn quinn::crypto::HandshakeTokenKey> = Arc::new(
+        aws_lc_rs::hkdf::Salt::new(aws_lc_rs::hkdf::HKDF_SHA256, &[]).extract(&keys.token),
+    );
     let (tx, rx) = std::sync::mpsc::channel();
     let shared2 = shared.clone();
     std::thread::Builder::new()
@@ -105,7 +110,7 @@ pub fn start(
                 let mut sockets = Vec::new();
                 for l in listeners {
                     let name = l.name.clone();
-                    match endpoint(l, &key, &reset, &shared2) {
+                    match endpoint(l, &key, &reset, &token, &shared2) {
                         Ok(s) => sockets.push((name, s)),
                         Err(e) => {
                             let _ = tx.send(Err(format!("listener {name}: HTTP/3: {e}")));
@@ -143,6 +148,7 @@ fn endpoint(
     l: QuicListener,
     key: &Arc<cid::Key>,
     reset: &Arc<aws_lc_rs::hmac::Key>,
+    token: &Arc<dyn quinn::crypto::HandshakeTokenKey>,
     shared: &Arc<Shared>,
 ) -> Result<Arc<socket::Socket>, String> {
     let mut tls = (*l.tls).clone();
@@ -157,7 +163,7 @@ fn endpoint(
         .max_concurrent_bidi_streams(MAX_STREAMS.into())
         // A client opens 3 (control and QPACK); a little room for more.
         .max_concurrent_uni_streams(8u32.into());
-    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let mut server = quinn::ServerConfig::new(Arc::new(crypto), token.clone());
     server.transport_config(Arc::new(transport));
     let mut config = quinn::EndpointConfig::new(reset.clone());
     let pid = std::process::id();
