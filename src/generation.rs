@@ -192,6 +192,8 @@ impl Generation {
                             router: router.clone(),
                             ctx: ctx.clone(),
                             stats,
+                            access_log: access_log.clone(),
+                            metrics: metrics.clone(),
                         });
                         alt_svc = Some(crate::quic::alt_svc(l.local_addr.port()));
                     }

@@ -481,3 +481,34 @@ async fn a_supervisor_hands_the_udp_socket_to_each_new_worker() {
     let totals = load.finish().await;
     assert_eq!(totals["failed"], 0, "{totals}");
 }
+
+#[tokio::test]
+async fn http3_requests_are_in_the_access_log() {
+    let srv = TestServer::builder()
+        .config(config().set(
+            "access_log",
+            json!({ "path": "access.log", "format": "json" }),
+        ))
+        .start()
+        .await;
+    h3::bodies(&h3::get(srv.addr("h3"), "/?q=1", 1).await);
+    let path = srv.dir.path().join("access.log");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let line = loop {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        if let Some(l) = text.lines().find(|l| l.contains("HTTP/3.0")) {
+            break l.to_string();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no HTTP/3 line in {text:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["listener"], "h3", "{line}");
+    assert_eq!(v["target"], "/?q=1");
+    assert_eq!(v["status"], 200);
+    assert_eq!(v["tls_version"], "TLSv1.3");
+    assert_eq!(v["bytes"], format!("{}\n", srv.pid()).len());
+}

@@ -25,6 +25,7 @@ use http_body::Frame;
 use http_body_util::BodyExt;
 use tracing::debug;
 
+use crate::access_log::{Entry, TlsInfo};
 use crate::body::{text, Reply, RequestBody};
 use crate::context::{ListenerContext, Peer, QuicStats, Shared};
 use crate::routes::Router;
@@ -46,6 +47,9 @@ pub struct QuicListener {
     pub router: Arc<Router>,
     pub ctx: Arc<ListenerContext>,
     pub stats: Arc<QuicStats>,
+    /// Where the listener's requests are logged and counted, as over TCP.
+    pub access_log: Option<Arc<crate::access_log::AccessLog>>,
+    pub metrics: Option<Arc<crate::metrics::ListenerMetrics>>,
 }
 
 /// `Alt-Svc` for a listener on `port`.
@@ -191,6 +195,8 @@ fn endpoint(
         stats: l.stats,
         shared: shared.clone(),
         handshaking: AtomicUsize::new(0),
+        access_log: l.access_log,
+        metrics: l.metrics,
     });
     tokio::spawn(accept(endpoint, spec));
     Ok(socket)
@@ -203,6 +209,8 @@ struct Spec {
     stats: Arc<QuicStats>,
     shared: Arc<Shared>,
     handshaking: AtomicUsize,
+    access_log: Option<Arc<crate::access_log::AccessLog>>,
+    metrics: Option<Arc<crate::metrics::ListenerMetrics>>,
 }
 
 async fn accept(endpoint: quinn::Endpoint, spec: Arc<Spec>) {
@@ -397,27 +405,60 @@ async fn request(
         }
     };
     debug!(listener = %spec.ctx.name, method = %req.method(), path = req.uri().path(), "request started");
+    let mut entry = (spec.access_log.is_some() || spec.metrics.is_some()).then(|| Entry {
+        started: std::time::Instant::now(),
+        method: req.method().clone(),
+        target: req
+            .uri()
+            .path_and_query()
+            .map_or_else(|| req.uri().to_string(), |p| p.as_str().to_string()),
+        version: http::Version::HTTP_3,
+        referer: req.headers().get(header::REFERER).cloned(),
+        user_agent: req.headers().get(header::USER_AGENT).cloned(),
+        // Until a response exists: the client went away (nginx's 499).
+        status: 499,
+        bytes: 0,
+    });
     let (mut send, recv) = stream.split();
     let mut req = req.map(|()| H3Body {
         stream: recv,
         done: false,
     });
+    let mut route = None;
     let res = if let Err(why) = crate::connection::check_host(&mut req) {
         debug!(listener = %spec.ctx.name, "bad request: {why}");
         req.into_body().discard();
         text(http::StatusCode::BAD_REQUEST, "bad request\n")
     } else {
-        let mut route = None;
         match spec.router.handle(req, &spec.ctx, peer, &mut route) {
             Reply::Now(res) => res,
             Reply::Later(fut) => fut.await,
         }
     };
-    if let Err(e) = respond(&mut send, res, spec.shared.timeouts.send).await {
+    let status = res.status().as_u16();
+    let mut sent = 0;
+    if let Err(e) = respond(&mut send, res, spec.shared.timeouts.send, &mut sent).await {
         debug!(listener = %spec.ctx.name, "HTTP/3 response: {e}");
         send.stop_stream(h3::error::Code::H3_REQUEST_CANCELLED);
     }
+    if let Some(e) = &mut entry {
+        e.status = status;
+        e.bytes = sent;
+        if let Some(log) = &spec.access_log {
+            // The buffer of the first serving thread: this thread has none.
+            log.record(0, &spec.ctx.name, peer.addr, Some(&TLS_INFO), e);
+        }
+        if let Some(m) = &spec.metrics {
+            m.record(route, e.status, e.bytes, e.started.elapsed().as_secs_f64());
+        }
+    }
 }
+
+/// QUIC is always TLS 1.3.
+static TLS_INFO: TlsInfo = TlsInfo {
+    version: "TLSv1.3",
+    sni: None,
+};
 
 /// Headers that mean nothing in HTTP/3 (RFC 9114 section 4.2).
 const CONNECTION_SPECIFIC: [header::HeaderName; 4] = [
@@ -433,6 +474,7 @@ async fn respond(
     send: &mut h3::server::RequestStream<h3_quinn::SendStream<Bytes>, Bytes>,
     res: Response<crate::body::Body>,
     within: Duration,
+    sent: &mut u64,
 ) -> Result<(), String> {
     let (mut parts, mut body) = res.into_parts();
     for h in &CONNECTION_SPECIFIC {
@@ -448,6 +490,7 @@ async fn respond(
         match frame.into_data() {
             Ok(data) => {
                 if !data.is_empty() {
+                    *sent += data.len() as u64;
                     tokio::time::timeout(within, send.send_data(data))
                         .await
                         .map_err(timed("body"))?
