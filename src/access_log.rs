@@ -51,6 +51,26 @@ pub struct Entry {
     pub bytes: u64,
 }
 
+impl Entry {
+    /// The entry of `req`, before it is answered.
+    pub fn of<B>(req: &http::Request<B>, version: http::Version) -> Entry {
+        Entry {
+            started: Instant::now(),
+            method: req.method().clone(),
+            target: req
+                .uri()
+                .path_and_query()
+                .map_or_else(|| req.uri().to_string(), |p| p.as_str().to_string()),
+            version,
+            referer: req.headers().get(http::header::REFERER).cloned(),
+            user_agent: req.headers().get(http::header::USER_AGENT).cloned(),
+            // Until a response exists: the client went away (nginx's 499).
+            status: 499,
+            bytes: 0,
+        }
+    }
+}
+
 /// The TLS side of a connection, for its requests' lines.
 pub struct TlsInfo {
     pub version: &'static str,

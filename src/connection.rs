@@ -726,20 +726,7 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
                 spec: self.spec.clone(),
                 remote: self.peer.addr,
                 tls: self.tls.clone(),
-                entry: Entry {
-                    started: std::time::Instant::now(),
-                    method: req.method().clone(),
-                    target: req
-                        .uri()
-                        .path_and_query()
-                        .map_or_else(|| req.uri().to_string(), |p| p.as_str().to_string()),
-                    version,
-                    referer: req.headers().get(header::REFERER).cloned(),
-                    user_agent: req.headers().get(header::USER_AGENT).cloned(),
-                    // Until a response exists: the client went away (nginx's 499).
-                    status: 499,
-                    bytes: 0,
-                },
+                entry: Entry::of(&req, version),
                 route: None,
             })
         });

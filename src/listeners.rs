@@ -211,14 +211,19 @@ fn open_quic(
     Ok(QuicSocket { name, socket })
 }
 
-/// Binds a fresh UDP socket for HTTP/3, close-on-exec like the TCP ones.
-pub fn bind_udp(addr: SocketAddr) -> Result<std::net::UdpSocket, nix::Error> {
+/// A fresh socket bound at `addr`: close-on-exec (only the handoff passes it
+/// on, deliberately), IPv6 sockets IPv6 only; a TCP one with SO_REUSEADDR (a
+/// restart after a crash must not wait for TIME_WAIT).
+fn bound(addr: SocketAddr, kind: SockType) -> Result<OwnedFd, nix::Error> {
     let family = if addr.is_ipv4() {
         AddressFamily::Inet
     } else {
         AddressFamily::Inet6
     };
-    let fd: OwnedFd = socket::socket(family, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)?;
+    let fd: OwnedFd = socket::socket(family, kind, SockFlag::SOCK_CLOEXEC, None)?;
+    if kind == SockType::Stream {
+        socket::setsockopt(&fd, socket::sockopt::ReuseAddr, &true)?;
+    }
     if addr.is_ipv6() {
         socket::setsockopt(&fd, socket::sockopt::Ipv6V6Only, &true)?;
     }
@@ -226,27 +231,18 @@ pub fn bind_udp(addr: SocketAddr) -> Result<std::net::UdpSocket, nix::Error> {
         std::os::fd::AsRawFd::as_raw_fd(&fd),
         &SockaddrStorage::from(addr),
     )?;
-    Ok(std::net::UdpSocket::from(fd))
+    Ok(fd)
 }
 
-/// Binds a fresh listening socket: close-on-exec (only the handoff passes it
-/// on, deliberately), SO_REUSEADDR (a restart after a crash must not wait for
-/// TIME_WAIT), and a backlog deep enough to absorb a burst during a handoff.
+/// Binds a fresh UDP socket for HTTP/3.
+pub fn bind_udp(addr: SocketAddr) -> Result<std::net::UdpSocket, nix::Error> {
+    bound(addr, SockType::Datagram).map(std::net::UdpSocket::from)
+}
+
+/// Binds a fresh listening socket, with a backlog deep enough to absorb a
+/// burst during a handoff.
 pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, nix::Error> {
-    let family = if addr.is_ipv4() {
-        AddressFamily::Inet
-    } else {
-        AddressFamily::Inet6
-    };
-    let fd: OwnedFd = socket::socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
-    socket::setsockopt(&fd, socket::sockopt::ReuseAddr, &true)?;
-    if addr.is_ipv6() {
-        socket::setsockopt(&fd, socket::sockopt::Ipv6V6Only, &true)?;
-    }
-    socket::bind(
-        std::os::fd::AsRawFd::as_raw_fd(&fd),
-        &SockaddrStorage::from(addr),
-    )?;
+    let fd = bound(addr, SockType::Stream)?;
     socket::listen(&fd, Backlog::new(BACKLOG).unwrap_or(Backlog::MAXCONN))?;
     Ok(std::net::TcpListener::from(fd))
 }

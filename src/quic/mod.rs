@@ -405,20 +405,8 @@ async fn request(
         }
     };
     debug!(listener = %spec.ctx.name, method = %req.method(), path = req.uri().path(), "request started");
-    let mut entry = (spec.access_log.is_some() || spec.metrics.is_some()).then(|| Entry {
-        started: std::time::Instant::now(),
-        method: req.method().clone(),
-        target: req
-            .uri()
-            .path_and_query()
-            .map_or_else(|| req.uri().to_string(), |p| p.as_str().to_string()),
-        version: http::Version::HTTP_3,
-        referer: req.headers().get(header::REFERER).cloned(),
-        user_agent: req.headers().get(header::USER_AGENT).cloned(),
-        // Until a response exists: the client went away (nginx's 499).
-        status: 499,
-        bytes: 0,
-    });
+    let mut entry = (spec.access_log.is_some() || spec.metrics.is_some())
+        .then(|| Entry::of(&req, http::Version::HTTP_3));
     let (mut send, recv) = stream.split();
     let mut req = req.map(|()| H3Body {
         stream: recv,
