@@ -512,3 +512,26 @@ async fn http3_requests_are_in_the_access_log() {
     assert_eq!(v["tls_version"], "TLSv1.3");
     assert_eq!(v["bytes"], format!("{}\n", srv.pid()).len());
 }
+
+#[tokio::test]
+async fn sni_picks_the_certificate_over_http3_too() {
+    let config = Config::new().listener(
+        Listener::tls("h3", "localhost.crt", "localhost.key")
+            .set(
+                "tls",
+                json!({ "cert": "localhost.crt", "key": "localhost.key",
+                        "sni": [{ "cert": "other.crt", "key": "other.key" }] }),
+            )
+            .set("http3", true)
+            .route("/", "respond", json!({ "body": "{pid}\n" })),
+    );
+    let (dir, certs, path) = TestServer::prepare(&config.yaml());
+    certs.leaf(dir.path(), "other", &["other.test"], 2);
+    let srv = TestServer::start_in(dir, certs, path, &[]).await;
+    let addr = srv.addr("h3");
+    let other = h3::get_with(addr, "/", &["--sni", "other.test"]).await;
+    assert_eq!(h3::bodies(&other), vec![format!("{}\n", srv.pid())]);
+    assert_eq!(other["sans"], json!(["other.test"]), "{other}");
+    let default = h3::get_with(addr, "/", &["--sni", "localhost"]).await;
+    assert_eq!(default["sans"], json!(["localhost"]), "{default}");
+}

@@ -2,8 +2,10 @@
 server's own libraries, so that a protocol mistake they share shows up).
 
     client.py get URL [--count N] [--pause S] [--method M] [--body-size N] [--header K:V]
+                      [--sni NAME]
         N requests one after another on one connection; prints one JSON
-        object: {"responses": [{"status", "headers", "body"}...], "error"}.
+        object: {"responses": [{"status", "headers", "body"}...], "error",
+        "sans": the DNS names of the certificate the server sent}.
 
     client.py parallel URL --connections C
         C connections at once, one request each; prints {"ok", "errors"}.
@@ -110,28 +112,33 @@ class Client(QuicConnectionProtocol):
         return int(headers.get(":status", "0")), headers, s["body"]
 
 
-def configuration():
-    c = QuicConfiguration(is_client=True, alpn_protocols=H3_ALPN)
+def configuration(sni=None):
+    c = QuicConfiguration(is_client=True, alpn_protocols=H3_ALPN, server_name=sni)
     c.verify_mode = ssl.CERT_NONE
     c.idle_timeout = 30.0
     return c
 
 
-def opened(url):
+def opened(url, sni=None):
     u = urlparse(url)
     return connect(
         u.hostname,
         u.port or 443,
-        configuration=configuration(),
+        configuration=configuration(sni),
         create_protocol=Client,
         wait_connected=True,
     )
 
 
 async def get(args):
-    out = {"responses": [], "error": None}
+    out = {"responses": [], "error": None, "sans": []}
     try:
-        async with opened(args.url) as client:
+        async with opened(args.url, args.sni) as client:
+            from cryptography import x509
+
+            cert = client._quic.tls._peer_certificate
+            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+            out["sans"] = san.value.get_values_for_type(x509.DNSName)
             for i in range(args.count):
                 if i > 0 and args.pause:
                     await asyncio.sleep(args.pause)
@@ -237,6 +244,7 @@ def main():
     g.add_argument("--body-size", type=int, default=0)
     g.add_argument("--header", action="append", default=[])
     g.add_argument("--pause", type=float, default=0.0)
+    g.add_argument("--sni", default=None)
     l = sub.add_parser("load")
     l.add_argument("url")
     l.add_argument("--connections", type=int, default=4)
