@@ -208,11 +208,14 @@ impl Socket {
             let n = self.hand_over(to);
             info!(%listener, to, handshakes = n, "HTTP/3: handed the UDP socket over");
             // Until the name is free again (the new reader died) or this
-            // process stops.
+            // process stops. A resumed drain (a rollback) says so at once,
+            // also when the takeover came before this drain began; the
+            // check every second covers the rest.
             loop {
                 let tick = tokio::time::sleep(Duration::from_secs(1));
                 tokio::select! {
                     _ = tick => {}
+                    _ = drain.started(), if !drain.is_draining() => continue,
                     resumed = drain.resumed(), if drain.is_draining() => {
                         if !resumed {
                             return;
