@@ -123,7 +123,8 @@ pub fn summary(p: &Prepared) -> String {
     let mut out = format!("{}: ok\n", c.path.display());
     for l in &c.listeners {
         let scheme = if l.tls.is_some() { "https" } else { "http" };
-        out += &format!("  {:<16} {scheme}://{}  routes: ", l.name, l.addr);
+        let h3 = if l.http3 { " + HTTP/3 (UDP)" } else { "" };
+        out += &format!("  {:<16} {scheme}://{}{h3}  routes: ", l.name, l.addr);
         let routes: Vec<String> = l
             .routes
             .iter()

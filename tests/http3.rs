@@ -364,8 +364,8 @@ async fn a_datagram_socket_from_systemd_is_adopted() {
 
 #[tokio::test]
 async fn http3_without_tls_is_a_config_error() {
-    let config = "listeners:\n  - name: web\n    addr: 127.0.0.1:0\n    http3: true\n";
-    let (dir, _certs, path) = TestServer::prepare(config);
+    let text = "listeners:\n  - name: web\n    addr: 127.0.0.1:0\n    http3: true\n";
+    let (dir, _certs, path) = TestServer::prepare(text);
     let out = std::process::Command::new(util::bin())
         .arg("check")
         .arg("-c")
@@ -378,6 +378,23 @@ async fn http3_without_tls_is_a_config_error() {
     assert!(
         err.contains("server.yaml:4:") && err.contains("listeners[0].http3: HTTP/3 needs tls"),
         "{err}"
+    );
+    // `check` names it on a listener that has it.
+    let (dir, _certs, path) = TestServer::prepare(&config().yaml());
+    let out = std::process::Command::new(util::bin())
+        .arg("check")
+        .arg("-c")
+        .arg(&path)
+        .output()
+        .unwrap();
+    drop(dir);
+    let summary = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{summary}");
+    assert!(
+        summary
+            .lines()
+            .any(|l| l.contains("h3") && l.contains("+ HTTP/3 (UDP)")),
+        "{summary}"
     );
 }
 
