@@ -552,3 +552,59 @@ async fn sni_picks_the_certificate_over_http3_too() {
     let default = h3::get_with(addr, "/", &["--sni", "localhost"]).await;
     assert_eq!(default["sans"], json!(["localhost"]), "{default}");
 }
+
+/// A client that stops reading cannot hold a stream: the response piece
+/// that makes no progress for `timeouts.send` resets it. (quinn and h3 as
+/// the client here: aioquic always reads.)
+#[tokio::test]
+async fn a_client_that_stops_reading_gets_its_stream_reset_after_timeouts_send() {
+    use bytes::Buf;
+    let files = tempfile::tempdir().unwrap();
+    std::fs::write(files.path().join("big"), vec![b'x'; 32 << 20]).unwrap();
+    let srv = TestServer::builder()
+        .config(
+            config()
+                .set("timeouts", json!({ "send": "1s" }))
+                .edit("h3", |l| {
+                    l.route("/files", "static", json!({ "root": files.path() }))
+                }),
+        )
+        .start()
+        .await;
+    let addr = srv.addr("h3");
+    let mut tls = (*srv.tls()).clone();
+    tls.alpn_protocols = vec![b"h3".to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(quinn::ClientConfig::new(std::sync::Arc::new(crypto)));
+    let conn = endpoint.connect(addr, "localhost").unwrap().await.unwrap();
+    let (mut driver, mut send) = ::h3::client::new(h3_quinn::Connection::new(conn))
+        .await
+        .unwrap();
+    tokio::spawn(async move { std::future::poll_fn(|cx| driver.poll_close(cx)).await });
+    let req = http::Request::get(format!("https://localhost:{}/files/big", addr.port()))
+        .body(())
+        .unwrap();
+    let mut stream = send.send_request(req).await.unwrap();
+    stream.finish().await.unwrap();
+    let res = stream.recv_response().await.unwrap();
+    assert_eq!(res.status(), 200);
+    // Not reading: the flow-control window fills and the server waits.
+    srv.wait_log("HTTP/3 response: body: no progress for 1s")
+        .await;
+    let mut got = 0;
+    let end = loop {
+        match stream.recv_data().await {
+            Ok(Some(d)) => got += d.remaining(),
+            Ok(None) => break "the whole body",
+            Err(_) => break "reset",
+        }
+    };
+    assert_eq!(end, "reset", "after {got} bytes");
+    assert!(got < 32 << 20);
+    // The connection serves on.
+    assert_eq!(
+        h3::bodies(&h3::get(addr, "/", 1).await),
+        vec![format!("{}\n", srv.pid())]
+    );
+}
