@@ -170,8 +170,15 @@ impl Generation {
                 name: l.name.clone(),
                 process: process.clone(),
             });
+            // The service's ticket keys, so sessions resume across restarts
+            // (see `tickets`); over TCP and QUIC alike.
+            let tls = p.tls.map(|tls| {
+                let mut tls = (*tls).clone();
+                tls.ticketer = tickets.clone();
+                Arc::new(tls)
+            });
             let mut alt_svc = None;
-            if let (Some(q), Some(tls)) = (&l.quic, &p.tls) {
+            if let (Some(q), Some(tls)) = (&l.quic, &tls) {
                 match &p.handler {
                     crate::service::Handler::Routes(router) => {
                         let stats = process
@@ -180,15 +187,12 @@ impl Generation {
                             .find(|s| s.listener == l.name)
                             .cloned()
                             .unwrap_or_default();
-                        let mut tls = (**tls).clone();
-                        tls.ticketer = tickets.clone();
                         quic.push(crate::quic::QuicListener {
-                            name: l.name.clone(),
                             socket: q
                                 .socket
                                 .try_clone()
                                 .map_err(|e| format!("listener {}: {e}", l.name))?,
-                            tls: Arc::new(tls),
+                            tls: tls.clone(),
                             router: router.clone(),
                             ctx: ctx.clone(),
                             stats,
@@ -205,13 +209,7 @@ impl Generation {
             specs.push((
                 socket,
                 ListenerSpec {
-                    tls: p.tls.map(|tls| {
-                        // The service's ticket keys, so sessions resume
-                        // across restarts (see `tickets`).
-                        let mut tls = (*tls).clone();
-                        tls.ticketer = tickets.clone();
-                        tokio_rustls::TlsAcceptor::from(Arc::new(tls))
-                    }),
+                    tls: tls.map(tokio_rustls::TlsAcceptor::from),
                     handler: p.handler,
                     ctx,
                     nodelay_inherited: false,
@@ -233,14 +231,7 @@ impl Generation {
                 }),
             ))),
         });
-        let keys = crate::quic::Keys {
-            cid: tickets.derive("gracesrv quic cid")[..16]
-                .try_into()
-                .unwrap_or([0; 16]),
-            reset: tickets.derive("gracesrv quic stateless reset"),
-            token: tickets.derive("gracesrv quic address token"),
-        };
-        let http3 = crate::quic::start(quic, shared.clone(), keys, span.clone())?;
+        let http3 = crate::quic::start(quic, shared.clone(), &tickets, span.clone())?;
         crate::serve::start(process.threads.len(), specs, shared, span)?;
         for (c, l) in config.listeners.iter().zip(&listeners) {
             let scheme = if c.tls.is_some() { "https" } else { "http" };

@@ -73,22 +73,21 @@ impl Tickets {
         self.secret.iter().map(|b| format!("{b:02x}")).collect()
     }
 
-    /// A key for another purpose, derived from the same secret (HTTP/3's
-    /// connection IDs and stateless resets: every generation agrees).
-    pub fn derive(&self, label: &str) -> [u8; 32] {
+    /// A key derived from the secret for `label`: HMAC-SHA256(secret,
+    /// label). The ticket keys, and HTTP/3's keys (connection IDs,
+    /// stateless resets, address tokens), so every generation agrees.
+    pub fn derive(&self, label: &[u8]) -> [u8; 32] {
         let mac = hmac::Key::new(hmac::HMAC_SHA256, &self.secret);
-        let tag = hmac::sign(&mac, label.as_bytes());
+        let tag = hmac::sign(&mac, label);
         let mut out = [0u8; 32];
         out.copy_from_slice(&tag.as_ref()[..32]);
         out
     }
 
     fn key(&self, period: u64) -> Option<LessSafeKey> {
-        let mac = hmac::Key::new(hmac::HMAC_SHA256, &self.secret);
         let mut msg = b"gracesrv ticket key".to_vec();
         msg.extend_from_slice(&period.to_be_bytes());
-        let tag = hmac::sign(&mac, &msg);
-        UnboundKey::new(&AES_256_GCM, tag.as_ref())
+        UnboundKey::new(&AES_256_GCM, &self.derive(&msg))
             .ok()
             .map(LessSafeKey::new)
     }

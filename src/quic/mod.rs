@@ -14,7 +14,7 @@ mod cid;
 mod socket;
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -35,13 +35,12 @@ const MAX_STREAMS: u32 = 100;
 /// Handshakes in progress beyond which a client must first prove its
 /// address with a Retry (RFC 9000 section 8.1.2): a flood of spoofed
 /// Initials then costs one stateless packet each.
-const RETRY_ABOVE: usize = 64;
+const RETRY_ABOVE: u64 = 64;
 /// The largest request head (QPACK-decoded field section).
 const MAX_HEAD: u64 = 64 * 1024;
 
 /// One listener's HTTP/3, before it serves.
 pub struct QuicListener {
-    pub name: String,
     pub socket: std::net::UdpSocket,
     pub tls: Arc<rustls::ServerConfig>,
     pub router: Arc<Router>,
@@ -65,34 +64,34 @@ pub struct Http3 {
     shared: Arc<Shared>,
 }
 
-/// The key of the connection IDs, the stateless reset key and the key of
-/// address validation tokens (Retry, NEW_TOKEN), from the service's
-/// secret: the same in every generation, so each accepts the others'.
-pub struct Keys {
-    pub cid: [u8; 16],
-    pub reset: [u8; 32],
-    pub token: [u8; 32],
-}
-
 /// Starts an endpoint per listener on a thread of its own. They answer
 /// nothing until [`Http3::take_over`]: before `READY` the previous
 /// generation still reads the sockets.
+///
+/// The key of the connection IDs, the stateless reset key and the key of
+/// address validation tokens (Retry, NEW_TOKEN) derive from the service's
+/// secret (`tickets`): the same in every generation, so each accepts the
+/// others'.
 pub fn start(
     listeners: Vec<QuicListener>,
     shared: Arc<Shared>,
-    keys: Keys,
+    tickets: &crate::tickets::Tickets,
     span: tracing::Span,
 ) -> Result<Option<Http3>, String> {
     if listeners.is_empty() {
         return Ok(None);
     }
-    let key = Arc::new(cid::Key::new(&keys.cid)?);
+    let cid_secret = tickets.derive(b"gracesrv quic cid");
+    let mut cid_key = [0u8; 16];
+    cid_key.copy_from_slice(&cid_secret[..16]);
+    let key = Arc::new(cid::Key::new(&cid_key)?);
     let reset = Arc::new(aws_lc_rs::hmac::Key::new(
         aws_lc_rs::hmac::HMAC_SHA256,
-        &keys.reset,
+        &tickets.derive(b"gracesrv quic stateless reset"),
     ));
     let token: Arc<dyn quinn::crypto::HandshakeTokenKey> = Arc::new(
-        aws_lc_rs::hkdf::Salt::new(aws_lc_rs::hkdf::HKDF_SHA256, &[]).extract(&keys.token),
+        aws_lc_rs::hkdf::Salt::new(aws_lc_rs::hkdf::HKDF_SHA256, &[])
+            .extract(&tickets.derive(b"gracesrv quic address token")),
     );
     let (tx, rx) = std::sync::mpsc::channel();
     let shared2 = shared.clone();
@@ -113,7 +112,7 @@ pub fn start(
             rt.block_on(async move {
                 let mut sockets = Vec::new();
                 for l in listeners {
-                    let name = l.name.clone();
+                    let name = l.ctx.name.clone();
                     match endpoint(l, &key, &reset, &token, &shared2) {
                         Ok(s) => sockets.push((name, s)),
                         Err(e) => {
@@ -194,7 +193,7 @@ fn endpoint(
         ctx: l.ctx,
         stats: l.stats,
         shared: shared.clone(),
-        handshaking: AtomicUsize::new(0),
+        handshaking: Default::default(),
         access_log: l.access_log,
         metrics: l.metrics,
     });
@@ -208,7 +207,8 @@ struct Spec {
     ctx: Arc<ListenerContext>,
     stats: Arc<QuicStats>,
     shared: Arc<Shared>,
-    handshaking: AtomicUsize,
+    /// Handshakes under way.
+    handshaking: std::sync::atomic::AtomicU64,
     access_log: Option<Arc<crate::access_log::AccessLog>>,
     metrics: Option<Arc<crate::metrics::ListenerMetrics>>,
 }
@@ -260,7 +260,7 @@ impl Drop for Held<'_> {
 
 async fn connection(incoming: quinn::Incoming, spec: &Arc<Spec>, endpoint: &quinn::Endpoint) {
     let t = spec.shared.timeouts;
-    spec.handshaking.fetch_add(1, Ordering::Relaxed);
+    let handshaking = Held::new(&spec.handshaking);
     let handshake = async {
         let connecting = incoming.accept().map_err(|e| e.to_string())?;
         match tokio::time::timeout(t.handshake, connecting).await {
@@ -269,7 +269,7 @@ async fn connection(incoming: quinn::Incoming, spec: &Arc<Spec>, endpoint: &quin
         }
     };
     let conn = handshake.await;
-    spec.handshaking.fetch_sub(1, Ordering::Relaxed);
+    drop(handshaking);
     let conn = match conn {
         Ok(c) => c,
         Err(e) => {

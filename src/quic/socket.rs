@@ -181,13 +181,10 @@ impl Socket {
     /// takes over; reads again if that one goes away (a rollback) unless
     /// this process is stopping. Runs for the life of the endpoint.
     pub async fn keep(self: Arc<Self>, drain: Drain, listener: String) {
-        let mut first = true;
+        let Some(mut reader) = self.claim(&listener).await else {
+            return;
+        };
         loop {
-            let reader = match self.claim(first, &listener).await {
-                Some(r) => r,
-                None => return,
-            };
-            first = false;
             let to = loop {
                 let mut buf = [0u8; 8];
                 match reader.recv(&mut buf).await {
@@ -211,7 +208,7 @@ impl Socket {
             // process stops. A resumed drain (a rollback) says so at once,
             // also when the takeover came before this drain began; the
             // check every second covers the rest.
-            loop {
+            reader = loop {
                 let tick = tokio::time::sleep(Duration::from_secs(1));
                 tokio::select! {
                     _ = tick => {}
@@ -222,18 +219,21 @@ impl Socket {
                         }
                     }
                 }
-                if bind_abstract(&reader_name(self.inode)).is_ok() {
-                    // Free: taken back below (bound again by `claim`).
+                if let Ok(reader) = bind_abstract(&reader_name(self.inode)) {
+                    if let Err(e) = self.start_reading() {
+                        warn!(%listener, "HTTP/3: cannot read the UDP socket: {e}");
+                        return;
+                    }
                     info!(%listener, "HTTP/3: nobody reads the UDP socket: reading it again");
-                    break;
+                    break reader;
                 }
-            }
+            };
         }
     }
 
     /// Becomes the reader: takes the name, asking its holder to hand over
     /// first. `None` if this process cannot take part (no abstract sockets).
-    async fn claim(&self, first: bool, listener: &str) -> Option<tokio::net::UnixDatagram> {
+    async fn claim(&self, listener: &str) -> Option<tokio::net::UnixDatagram> {
         let name = reader_name(self.inode);
         let mut asked = 0u32;
         loop {
@@ -243,7 +243,7 @@ impl Socket {
                         warn!(%listener, "HTTP/3: cannot read the UDP socket: {e}");
                         return None;
                     }
-                    if !first || asked > 0 {
+                    if asked > 0 {
                         debug!(%listener, "HTTP/3: reading the UDP socket");
                     }
                     return Some(reader);
