@@ -16,9 +16,9 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes};
 
-#[path = "common/any_cert.rs"]
-mod any_cert;
-use any_cert::AnyCert;
+#[path = "common/mod.rs"]
+mod common;
+use common::{percentile, AnyCert};
 
 struct Target {
     addr: SocketAddr,
@@ -164,13 +164,6 @@ async fn client(t: Arc<Target>, streams: usize, stats: Arc<Stats>) {
         // Done with it (GOAWAY, or the end): close it, as browsers do.
         conn.close(quinn::VarInt::from_u32(0x100), b"");
     }
-}
-
-fn percentile(sorted: &[u32], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize] as f64 / 1000.0
 }
 
 fn main() {

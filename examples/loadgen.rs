@@ -82,9 +82,9 @@ fn args() -> Args {
     a
 }
 
-#[path = "common/any_cert.rs"]
-mod any_cert;
-use any_cert::AnyCert;
+#[path = "common/mod.rs"]
+mod common;
+use common::{percentile, AnyCert};
 
 fn tls_connector(h2: bool) -> tokio_rustls::TlsConnector {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
@@ -317,14 +317,6 @@ async fn client(t: Arc<Target>, mode: Mode, streams: usize, stats: Arc<Stats>) {
         }
     }
     stats.latencies.lock().unwrap().extend(lat);
-}
-
-fn percentile(sorted: &[u32], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i] as f64 / 1000.0
 }
 
 /// HUP to new generation serving: runs `cmd`, then asks with new connections

@@ -1,5 +1,5 @@
 //! What the load generators share: a certificate verifier that accepts any
-//! (they talk to the dev certificate).
+//! (they talk to the dev certificate), and latency percentiles.
 
 use std::sync::Arc;
 
@@ -40,4 +40,13 @@ impl ServerCertVerifier for AnyCert {
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
     }
+}
+
+/// The `p` quantile of `sorted` latencies in microseconds, in milliseconds.
+pub fn percentile(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i] as f64 / 1000.0
 }

@@ -55,9 +55,23 @@ pub async fn get(addr: SocketAddr, path: &str, count: usize) -> Value {
 }
 
 pub async fn get_with(addr: SocketAddr, path: &str, args: &[&str]) -> Value {
+    run("get", addr, path, args).await
+}
+
+/// The one answer's body of a request on a connection of its own, checking
+/// it is a 200.
+pub async fn body(addr: SocketAddr, path: &str) -> String {
+    let v = get(addr, path, 1).await;
+    let mut bodies = bodies(&v);
+    assert_eq!(bodies.len(), 1, "{v}");
+    bodies.remove(0)
+}
+
+/// Runs the client's `command` on `addr` and `path`; its JSON output.
+async fn run(command: &str, addr: SocketAddr, path: &str, args: &[&str]) -> Value {
     let out = tokio::process::Command::new(python())
         .arg(CLIENT)
-        .arg("get")
+        .arg(command)
         .arg(url(addr, path))
         .args(args)
         .output()
@@ -88,20 +102,13 @@ pub fn bodies(v: &Value) -> Vec<String> {
 
 /// `connections` connections at once, one request each: `{"ok", "errors"}`.
 pub async fn parallel(addr: SocketAddr, connections: usize) -> Value {
-    let out = tokio::process::Command::new(python())
-        .arg(CLIENT)
-        .arg("parallel")
-        .arg(url(addr, "/"))
-        .args(["--connections", &connections.to_string()])
-        .output()
-        .await
-        .unwrap();
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "client output: {e}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
+    run(
+        "parallel",
+        addr,
+        "/",
+        &["--connections", &connections.to_string()],
+    )
+    .await
 }
 
 /// Requests on `connections` connections (and on `fresh` workers that open
