@@ -298,6 +298,20 @@ async fn fds_and_processes_stay_flat_over_30_restarts_with_http3() {
 /// on one address, both named after the listener (`FileDescriptorName=`).
 #[tokio::test]
 async fn a_datagram_socket_from_systemd_is_adopted() {
+    served_on_systemd_sockets("h3:h3").await;
+}
+
+/// The same without `FileDescriptorName=`: systemd names both after the
+/// unit, and they are matched by address.
+#[tokio::test]
+async fn a_datagram_socket_from_systemd_without_a_known_name_is_adopted_by_address() {
+    served_on_systemd_sockets("gracesrv.socket:gracesrv.socket").await;
+}
+
+/// A TCP and a UDP socket bound here on one address, passed at fds 3 and 4
+/// with `LISTEN_FDNAMES=names`: gracesrv serves HTTP/3 on them, and hands
+/// them on in a restart.
+async fn served_on_systemd_sockets(names: &str) {
     let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = tcp.local_addr().unwrap();
     let udp = std::net::UdpSocket::bind(addr).unwrap();
@@ -330,7 +344,7 @@ async fn a_datagram_socket_from_systemd_is_adopted() {
     }
     cmd.arg("-c")
         .arg(format!(
-            "LISTEN_PID=$$ LISTEN_FDS=2 LISTEN_FDNAMES=h3:h3 exec {} \"$@\"",
+            "LISTEN_PID=$$ LISTEN_FDS=2 LISTEN_FDNAMES={names} exec {} \"$@\"",
             util::BIN
         ))
         .arg("sh");
