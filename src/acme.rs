@@ -57,6 +57,9 @@ const FIRST_BACKOFF: Duration = Duration::from_secs(60);
 const MAX_BACKOFF: Duration = Duration::from_secs(3600);
 /// How often certificates are looked at when nothing is due.
 const CHECK: Duration = Duration::from_secs(3600);
+/// How often storage is looked at for what `status` shows (and for a
+/// certificate another process stored).
+const SHOWN: Duration = Duration::from_secs(60);
 /// How often a process that did not get the lock looks again.
 const LOCK_RETRY: Duration = Duration::from_secs(2);
 
@@ -212,7 +215,7 @@ async fn refresh_ari(
 /// called when storage holds a certificate other than the one loaded (this
 /// process obtained it, or another one sharing `storage` did), and again,
 /// with back-off, while this generation is still the one serving.
-pub async fn run(config: Config, restart: impl Fn()) {
+pub async fn run(config: Config, shown: Option<std::sync::Arc<Status>>, restart: impl Fn()) {
     let Some(acme) = config.acme.clone() else {
         return;
     };
@@ -231,6 +234,9 @@ pub async fn run(config: Config, restart: impl Fn()) {
     let mut no_ari = false;
     let mut retry_restart = FIRST_BACKOFF;
     loop {
+        if let Some(shown) = &shown {
+            shown.refresh(&acme.storage, &wanted);
+        }
         refresh_ari(&acme, &wanted, &mut ari, &mut no_ari).await;
         // Someone (this process or another) stored a newer certificate.
         if wanted
@@ -258,7 +264,7 @@ pub async fn run(config: Config, restart: impl Fn()) {
                 .chain(ari.values().map(|a| a.next_check))
                 .min()
                 .unwrap_or(now + CHECK)
-                .min(now + CHECK);
+                .min(now + SHOWN);
             tokio::time::sleep_until(next).await;
             continue;
         }
@@ -301,6 +307,9 @@ pub async fn run(config: Config, restart: impl Fn()) {
         }
         write_status(&acme.storage, &status);
         drop(lock);
+        if let Some(shown) = &shown {
+            shown.refresh(&acme.storage, &wanted);
+        }
     }
 }
 
@@ -333,42 +342,94 @@ fn write_status(storage: &Path, status: &HashMap<Vec<String>, CertStatus>) {
     }
 }
 
-/// What `status` shows of ACME: every certificate `config` asks for, with
-/// its `not_after` as stored now, and the last error and next attempt of
-/// the orderer (`storage/status.json`, shared by every process).
-pub fn status(config: &Config) -> serde_json::Value {
-    let Some(acme) = &config.acme else {
-        return serde_json::Value::Null;
-    };
-    let recorded: Vec<CertStatus> = std::fs::read(acme.storage.join("status.json"))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or_default();
-    let list: Vec<CertStatus> = wanted(config)
-        .into_iter()
-        .map(|w| {
-            let last = recorded.iter().find(|r| r.names == w.names);
-            CertStatus {
-                not_after: w.loaded.as_deref().and_then(not_after),
-                last_error: last.and_then(|r| r.last_error.clone()),
-                next_attempt: last.and_then(|r| r.next_attempt.clone()),
-                names: w.names,
-            }
-        })
-        .collect();
-    serde_json::to_value(list).unwrap_or_default()
+/// What `status` shows of ACME, kept in memory so that a `status` request
+/// never touches the disk: per certificate the config asks for, the
+/// `not_after` of the one this generation serves (loaded at its start) and
+/// of the one in storage (a renewal lands there before the restart that
+/// serves it), and the orderer's last error and next attempt. The orderer
+/// ([`run`]) refreshes it.
+pub struct Status {
+    certs: std::sync::Mutex<Vec<Shown>>,
 }
 
-/// Writes `bytes` to `path` atomically, readable by the owner only.
+#[derive(Serialize, Clone, Debug)]
+struct Shown {
+    names: Vec<String>,
+    /// The served certificate's, as before `served_not_after` existed.
+    not_after: Option<String>,
+    served_not_after: Option<String>,
+    stored_not_after: Option<String>,
+    last_error: Option<String>,
+    next_attempt: Option<String>,
+}
+
+impl Status {
+    /// The certificates `config` asks for, as this generation loaded them
+    /// (`None` without an `acme:` section). Reads the files: call it where
+    /// the generation loads its certificates, not on a serving thread.
+    pub fn new(config: &Config) -> Option<std::sync::Arc<Status>> {
+        let acme = config.acme.as_ref()?;
+        let recorded = recorded(&acme.storage);
+        let certs = wanted(config)
+            .into_iter()
+            .map(|w| {
+                let served = w.loaded.as_deref().and_then(not_after);
+                let last = recorded.iter().find(|r| r.names == w.names);
+                Shown {
+                    not_after: served.clone(),
+                    stored_not_after: served.clone(),
+                    served_not_after: served,
+                    last_error: last.and_then(|r| r.last_error.clone()),
+                    next_attempt: last.and_then(|r| r.next_attempt.clone()),
+                    names: w.names,
+                }
+            })
+            .collect();
+        Some(std::sync::Arc::new(Status {
+            certs: std::sync::Mutex::new(certs),
+        }))
+    }
+
+    /// For the `status` route.
+    pub fn json(&self) -> serde_json::Value {
+        let certs = self.certs.lock().unwrap_or_else(|p| p.into_inner());
+        serde_json::to_value(&*certs).unwrap_or_default()
+    }
+
+    /// What storage holds now: each certificate's `not_after`, and the
+    /// orderers' records (this process's or another's that shares storage).
+    fn refresh(&self, storage: &Path, wanted: &[Wanted]) {
+        let recorded = recorded(storage);
+        let stored: Vec<Option<String>> = wanted
+            .iter()
+            .map(|w| std::fs::read(&w.cert).ok().as_deref().and_then(not_after))
+            .collect();
+        let mut certs = self.certs.lock().unwrap_or_else(|p| p.into_inner());
+        for (shown, stored) in certs.iter_mut().zip(stored) {
+            shown.stored_not_after = stored;
+            if let Some(r) = recorded.iter().find(|r| r.names == shown.names) {
+                shown.last_error = r.last_error.clone();
+                shown.next_attempt = r.next_attempt.clone();
+            }
+        }
+    }
+}
+
+/// The orderers' records in `storage/status.json`.
+fn recorded(storage: &Path) -> Vec<CertStatus> {
+    std::fs::read(storage.join("status.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+/// Writes `bytes` to `path` atomically, readable by the owner only, from
+/// the moment the file exists.
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes)?;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
-    std::fs::rename(&tmp, path)
+    crate::reload::write_atomically_mode(path, bytes, 0o600)
 }
 
 /// The account: created once, kept in `storage/account.json`.
@@ -526,16 +587,14 @@ fn alpn_certificate(name: &str, digest: &[u8]) -> Result<String, String> {
     Ok(cert.pem() + &key.serialize_pem())
 }
 
-/// The http-01 answer for `token`, if a challenge for it is pending.
-pub fn http_answer(dir: &Path, token: &str) -> Option<Vec<u8>> {
+/// The file that holds the http-01 answer for `token` (if a challenge for
+/// it is pending); `None` for a token that is not one.
+pub fn http_answer_file(dir: &Path, token: &str) -> Option<PathBuf> {
     let valid = !token.is_empty()
         && token
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-    if !valid {
-        return None;
-    }
-    std::fs::read(dir.join(token)).ok()
+    valid.then(|| dir.join(token))
 }
 
 #[cfg(test)]

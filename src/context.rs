@@ -29,9 +29,9 @@ pub struct ProcessInfo {
     /// Proxied requests whose body the client broke (answered 400).
     pub client_errors_total: AtomicU64,
     pub drain: Drain,
-    /// The config, when it has an `acme:` section: `status` shows each
-    /// certificate it asks for.
-    pub acme: Option<crate::config::Config>,
+    /// With an `acme:` section: what `status` shows of each certificate
+    /// it asks for (kept up to date by the orderer).
+    pub acme: Option<Arc<crate::acme::Status>>,
     /// The access logs, for the lines they lost (`status`).
     pub access_logs: Vec<Arc<crate::access_log::AccessLog>>,
     /// Set when some listener serves `metrics: {}`.

@@ -1,11 +1,11 @@
 //! The `static` route: files under a root, never outside it, with the
 //! validators and conditional requests of RFC 9110 sections 8.8 and 13.
 //!
-//! tower-http's ServeDir reads the file (content type, streaming, a single
+//! tower-http's ServeFile reads the file (content type, streaming, a single
 //! range) but sends no ETag and ignores `If-Range`, so a resumed download
 //! of a changed file would be spliced from two versions. The conditions
 //! are therefore evaluated here, in the order section 13.2.2 gives, and
-//! ServeDir only sees a plain GET, or a GET of one range that still
+//! ServeFile only sees a plain GET, or a GET of one range that still
 //! applies. A request for several ranges gets the whole file (200), which
 //! RFC 9110 section 14.2 allows; multipart/byteranges is not served.
 
@@ -26,8 +26,10 @@ fn empty(status: StatusCode) -> Response<Body> {
 }
 
 /// The file under `root` that `rel` (the path after the route prefix, still
-/// percent-encoded) names, or `None` if it would leave `root`: `..`, encoded
-/// slashes, NUL bytes, and symlinks that resolve outside are all refused.
+/// percent-encoded) names, decoded and canonical, or `None` if it would
+/// leave `root`: `..`, encoded slashes, NUL bytes, and symlinks that
+/// resolve outside are all refused. Blocking: call it off the serving
+/// threads.
 pub fn resolve_static(root: &Path, rel: &str) -> Option<PathBuf> {
     let mut path = root.to_path_buf();
     for seg in rel.split('/') {
@@ -50,20 +52,57 @@ pub fn resolve_static(root: &Path, rel: &str) -> Option<PathBuf> {
     canonical.starts_with(root).then_some(canonical)
 }
 
-/// A `static` route: its root (canonical), the index file of directories,
-/// and tower-http's file server over the root.
+/// A `static` route: its root (canonical) and the index file of directories.
 pub struct Root {
     pub root: PathBuf,
     pub index: String,
-    pub dir: tower_http::services::ServeDir,
+}
+
+/// What a request names under a root, found off the serving thread.
+enum Found {
+    /// Nothing (or something outside the root).
+    Missing,
+    /// A directory asked for without its trailing slash.
+    Directory,
+    /// A file to serve (a directory's index included), decoded and canonical.
+    File(PathBuf, Validators),
+}
+
+/// Looks `rel` up under `route`'s root: every filesystem call a static
+/// request makes before the file is opened, together, so that they run in
+/// one blocking task (a slow `stat` on a network filesystem must not stall
+/// the serving thread's other connections).
+fn find(route: &Root, rel: &str, slash: bool) -> Found {
+    let Some(mut file) = resolve_static(&route.root, rel) else {
+        return Found::Missing;
+    };
+    let Ok(mut meta) = std::fs::metadata(&file) else {
+        return Found::Missing;
+    };
+    if meta.is_dir() {
+        if !slash {
+            return Found::Directory;
+        }
+        match resolve_static(&route.root, &format!("{rel}/{}", route.index)) {
+            Some(index) => file = index,
+            None => return Found::Missing,
+        }
+        match std::fs::metadata(&file) {
+            Ok(m) if m.is_file() => meta = m,
+            _ => return Found::Missing,
+        }
+    }
+    match Validators::of(&meta) {
+        Some(v) => Found::File(file, v),
+        None => Found::Missing,
+    }
 }
 
 /// A `static` route's answer: GET/HEAD of the file `req` names under
 /// `root`, with the validators and conditions of RFC 9110 (see
-/// [`conditions`]); tower-http's ServeDir reads the file (content type,
-/// a single range).
+/// [`conditions`]); tower-http's ServeFile reads the file (content type,
+/// a single range) on tokio's blocking threads.
 pub async fn serve(req: Request<()>, prefix: Arc<str>, route: Arc<Root>) -> Response<Body> {
-    let (prefix, root, index) = (&*prefix, route.root.as_path(), route.index.as_str());
     if req.method() != Method::GET && req.method() != Method::HEAD {
         let mut res = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
         res.headers_mut()
@@ -71,15 +110,15 @@ pub async fn serve(req: Request<()>, prefix: Arc<str>, route: Arc<Root>) -> Resp
         return res;
     }
     let path = req.uri().path();
-    let rel = path[prefix.len()..].trim_start_matches('/');
-    let Some(file) = resolve_static(root, rel) else {
-        return text(StatusCode::NOT_FOUND, "not found\n");
-    };
-    // The path ServeDir sees: relative to the root, with the index appended
-    // for directories (it re-checks for `..` itself).
-    let mut served = format!("/{rel}");
-    if file.is_dir() {
-        if !path.ends_with('/') {
+    let rel = path[prefix.len()..].trim_start_matches('/').to_owned();
+    let slash = path.ends_with('/');
+    let lookup = route.clone();
+    let found = tokio::task::spawn_blocking(move || find(&lookup, &rel, slash))
+        .await
+        .unwrap_or(Found::Missing);
+    let (file, validators) = match found {
+        Found::Missing => return text(StatusCode::NOT_FOUND, "not found\n"),
+        Found::Directory => {
             let mut location = format!("{path}/");
             if let Some(q) = req.uri().query() {
                 location.push('?');
@@ -91,17 +130,7 @@ pub async fn serve(req: Request<()>, prefix: Arc<str>, route: Arc<Root>) -> Resp
             }
             return res;
         }
-        if resolve_static(root, &format!("{rel}/{index}")).is_none_or(|f| !f.is_file()) {
-            return text(StatusCode::NOT_FOUND, "not found\n");
-        }
-        if !served.ends_with('/') {
-            served.push('/');
-        }
-        served.push_str(index);
-    }
-    let target = root.join(served.trim_start_matches('/'));
-    let Some(validators) = Validators::of(&target) else {
-        return text(StatusCode::NOT_FOUND, "not found\n");
+        Found::File(file, validators) => (file, validators),
     };
     let (mut parts, body) = req.into_parts();
     match conditions(&parts.method, &mut parts.headers, &validators) {
@@ -111,16 +140,10 @@ pub async fn serve(req: Request<()>, prefix: Arc<str>, route: Arc<Root>) -> Resp
             return text(StatusCode::PRECONDITION_FAILED, "precondition failed\n")
         }
     }
-    let Ok(uri) = served.parse::<http::Uri>() else {
-        return text(StatusCode::NOT_FOUND, "not found\n");
-    };
-    parts.uri = uri;
-    match route
-        .dir
-        .clone()
-        .oneshot(Request::from_parts(parts, body))
-        .await
-    {
+    // The file found, by its decoded canonical name: ServeFile opens it
+    // whatever the request's (encoded) path says.
+    let serve = tower_http::services::ServeFile::new(file);
+    match serve.oneshot(Request::from_parts(parts, body)).await {
         Ok(res) if res.status().is_success() => validators.apply(res.map(Body::new)),
         Ok(res) => res.map(Body::new),
         Err(never) => match never {},
@@ -137,8 +160,7 @@ struct Validators {
 }
 
 impl Validators {
-    fn of(file: &Path) -> Option<Validators> {
-        let meta = std::fs::metadata(file).ok()?;
+    fn of(meta: &std::fs::Metadata) -> Option<Validators> {
         let since = meta.modified().ok()?.duration_since(UNIX_EPOCH).ok()?;
         Some(Validators {
             etag: format!(
@@ -174,7 +196,7 @@ enum Verdict {
 }
 
 /// Evaluates the conditions of a GET or HEAD (RFC 9110 section 13.2.2), and
-/// takes their headers out of `headers`: what is left for ServeDir is a
+/// takes their headers out of `headers`: what is left for ServeFile is a
 /// plain request, with a `Range` only where one range still applies.
 fn conditions(method: &Method, headers: &mut HeaderMap, v: &Validators) -> Verdict {
     let take = |h: &mut HeaderMap, name| -> Option<String> {

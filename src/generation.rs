@@ -133,7 +133,7 @@ impl Generation {
             upstream_errors_total: AtomicU64::new(0),
             client_errors_total: AtomicU64::new(0),
             drain: Drain::default(),
-            acme: config.acme.is_some().then(|| config.clone()),
+            acme: crate::acme::Status::new(&config),
             access_logs: logs.iter().map(|(_, l)| l.clone()).collect(),
             metrics,
             apps: Arc::new(crate::apps::Table::new(&config)),

@@ -68,12 +68,20 @@ pub enum Trigger {
 struct Orderer(tokio::task::JoinHandle<()>);
 
 impl Orderer {
-    fn start(config: &Config, restart: tokio::sync::mpsc::UnboundedSender<()>) -> Option<Orderer> {
+    fn start(
+        config: &Config,
+        shown: Option<std::sync::Arc<crate::acme::Status>>,
+        restart: tokio::sync::mpsc::UnboundedSender<()>,
+    ) -> Option<Orderer> {
         config.acme.as_ref()?;
         let config = config.clone();
-        Some(Orderer(tokio::spawn(crate::acme::run(config, move || {
-            let _ = restart.send(());
-        }))))
+        Some(Orderer(tokio::spawn(crate::acme::run(
+            config,
+            shown,
+            move || {
+                let _ = restart.send(());
+            },
+        ))))
     }
 }
 
@@ -518,7 +526,7 @@ pub async fn control(
         Duration::from_secs(1),
     );
     let (certificate, mut certificates) = tokio::sync::mpsc::unbounded_channel();
-    let mut orderer = Orderer::start(&gen.config, certificate.clone());
+    let mut orderer = Orderer::start(&gen.config, gen.process.acme.clone(), certificate.clone());
     loop {
         let trigger = tokio::select! {
             Some(()) = certificates.recv() => Some(Trigger::Certificate),
@@ -593,7 +601,7 @@ pub async fn control(
                                 // This generation serves again: it is the one
                                 // the pid file and systemd must name.
                                 gen.report_ready(None, supervisor.is_some());
-                                orderer = Orderer::start(&gen.config, certificate.clone());
+                                orderer = Orderer::start(&gen.config, gen.process.acme.clone(), certificate.clone());
                                 None
                             }
                         }

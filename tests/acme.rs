@@ -61,7 +61,14 @@ fn site(addr: std::net::SocketAddr, roots_pem: &str, name: &str) -> Target {
 /// Starts the server and waits for the restart that serves the obtained
 /// certificate (generation 1 serves the placeholder).
 async fn start_and_obtain(config: Config) -> TestServer {
-    let mut srv = TestServer::builder().config(config).start().await;
+    // Every file the server creates is recorded with its mode (issue 25.3).
+    let lib = util::preload::record_created();
+    let mut srv = TestServer::builder()
+        .config(config)
+        .env("LD_PRELOAD", lib.to_str().unwrap())
+        .env("CREATED_LOG", "created.log")
+        .start()
+        .await;
     let first = srv.pid();
     srv.restart_from(first).await;
     srv
@@ -87,6 +94,22 @@ async fn obtains_with(challenge: &str) {
     for kind in ["http-01", "tls-alpn-01"] {
         let dir = srv.dir.path().join("acme/challenges").join(kind);
         assert_eq!(std::fs::read_dir(dir).unwrap().count(), 0, "{kind}");
+    }
+    // Issue 25.3: every secret (account, keys, challenge answers, and
+    // their temporary files) was created owner-only, never widened later.
+    let created = std::fs::read_to_string(srv.dir.path().join("created.log")).unwrap();
+    let secrets: Vec<&str> = created
+        .lines()
+        .filter(|l| l.contains("/acme/") && !l.ends_with("/lock") && !l.contains("status.json"))
+        .collect();
+    assert!(
+        secrets.iter().any(|l| l.contains("/certs/a.test/key"))
+            && secrets.iter().any(|l| l.contains("account.json")),
+        "{created}"
+    );
+    for line in &secrets {
+        let mode = u32::from_str_radix(line.split(' ').next().unwrap(), 8).unwrap();
+        assert_eq!(mode & 0o077, 0, "created open to others: {line}");
     }
     let status = client::get(&Target::plain(srv.addr("web")), "/status")
         .await
@@ -153,6 +176,48 @@ async fn a_renewal_under_load_loses_no_request() {
         "r.test",
     );
     assert_eq!(client::get(&pebble_only, "/").await.unwrap().status, 200);
+}
+
+/// Issue 25.5: between a renewal and the restart that serves it (here a
+/// restart that fails: the config broke meanwhile), `status` tells the
+/// certificate served from the one stored.
+#[tokio::test]
+async fn status_tells_the_served_certificate_from_the_stored_one() {
+    let (web, site_port) = (free_port(), free_port());
+    let pebble = Pebble::start(web, site_port).await;
+    let config = acme_config(&pebble, "tls-alpn-01", web, site_port, &["t.test"]);
+    let (dir, certs, path) = TestServer::prepare(&config.yaml());
+    expiring(&certs, dir.path(), "t.test");
+    let mut srv = TestServer::spawn(dir, certs, path, &[]);
+    srv.wait_ready().await;
+    // Before the order is through (it takes several round trips to pebble).
+    srv.write_config("listeners: [\n");
+    srv.wait_log("certificate obtained").await;
+    // The orderer asks for the restart that would serve it, which fails.
+    srv.wait_log("restart failed").await;
+    let status = client::get(&Target::plain(srv.addr("web")), "/status")
+        .await
+        .unwrap();
+    let s: serde_json::Value = serde_json::from_str(&status.body).unwrap();
+    let acme = &s["acme"][0];
+    // RFC 3339 dates in UTC: the day is the first ten characters.
+    let day = |k: &str| acme[k].as_str().unwrap_or_else(|| panic!("{k} in {s}"))[..10].to_string();
+    let in_two_days = (time::OffsetDateTime::now_utc() + time::Duration::days(2))
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap()[..10]
+        .to_string();
+    let served = day("served_not_after");
+    assert!(served < in_two_days, "the expiring one is served: {s}");
+    assert_eq!(acme["not_after"], acme["served_not_after"], "{s}");
+    assert!(
+        day("stored_not_after") > in_two_days,
+        "the renewed one is stored: {s}"
+    );
+    // The served one is still what clients get.
+    let r = client::get(&site(srv.addr("site"), &srv.certs.ca_pem, "t.test"), "/")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
 }
 
 #[tokio::test]

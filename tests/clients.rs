@@ -610,3 +610,108 @@ async fn clients_that_stop_reading_are_cut() {
     let (code, out, _) = run(curl(&srv).arg(url(&srv, "web-tls", "/status"))).await;
     assert_eq!((code, out.as_str()), (0, "200"));
 }
+
+/// Issue 25.1: files whose names need percent-encoding are served under
+/// their decoded names (curl sends them encoded); encoded slashes, NULs and
+/// dot segments in any encoding stay 404.
+#[tokio::test]
+async fn files_with_encoded_names_are_served() {
+    let names = [
+        "a b.txt",
+        "ü.txt",
+        "a+b.txt",
+        "100%.txt",
+        "a#b.txt",
+        "plain.txt",
+    ];
+    let (srv, _) = start("", &[]).await;
+    for name in names {
+        std::fs::write(srv.dir.path().join("public").join(name), name).unwrap();
+    }
+    std::fs::create_dir(srv.dir.path().join("public/d e")).unwrap();
+    std::fs::write(srv.dir.path().join("public/d e/index.html"), "index").unwrap();
+    for listener in ["web", "web-tls"] {
+        for (path, want) in [
+            ("/files/a%20b.txt", "a b.txt"),
+            ("/files/%C3%BC.txt", "ü.txt"),
+            ("/files/%c3%bc.txt", "ü.txt"),
+            ("/files/a+b.txt", "a+b.txt"),
+            ("/files/100%25.txt", "100%.txt"),
+            ("/files/a%23b.txt", "a#b.txt"),
+            ("/files/plain.txt", "plain.txt"),
+        ] {
+            let (code, body, err) = run(program("curl")
+                .arg("--cacert")
+                .arg(srv.dir.path().join("ca.pem"))
+                .args(["-sS", "--fail", "--max-time", "60"])
+                .arg(url(&srv, listener, path)))
+            .await;
+            assert_eq!(code, 0, "{listener} {path}: {err}");
+            assert_eq!(body, want, "{listener} {path}");
+        }
+        let (code, status, _) = run(curl(&srv).arg(url(&srv, listener, "/files/d%20e/"))).await;
+        assert_eq!((code, status.as_str()), (0, "200"), "a directory's index");
+        for path in [
+            "/files/a%2Fb.txt",
+            "/files/a%2fb.txt",
+            "/files/plain.txt%00",
+            "/files/%2e%2e/server.yaml",
+            "/files/%2E%2E/server.yaml",
+            "/files/.%2e/server.yaml",
+            "/files/..%2Fserver.yaml",
+            "/files/%252e%252e/server.yaml",
+        ] {
+            let (code, status, _) = run(curl(&srv)
+                .arg("--path-as-is")
+                .arg(url(&srv, listener, path)))
+            .await;
+            assert_eq!(code, 0);
+            assert!(
+                status == "404" || status == "400",
+                "{listener} {path}: {status}, not a file"
+            );
+        }
+    }
+}
+
+/// Issue 25.2: a static request whose `stat` is slow does not stall the
+/// other requests of its serving thread: on the same HTTP/2 connection
+/// (so the same thread), a `respond` route keeps answering at once.
+#[tokio::test]
+async fn a_slow_filesystem_does_not_stall_the_thread() {
+    let lib = util::preload::slow_stat();
+    let (dir, certs, path) = TestServer::prepare(&config(""));
+    std::fs::create_dir(dir.path().join("public")).unwrap();
+    std::fs::write(dir.path().join("public/slow-stat.txt"), "slow").unwrap();
+    let srv =
+        TestServer::start_in(dir, certs, path, &[("LD_PRELOAD", lib.to_str().unwrap())]).await;
+    let tls = util::client::Target::tls(srv.addr("web-tls"), srv.tls()).h2();
+    let conn = util::client::connect(&tls).await.unwrap();
+    let mut slow = conn.h2_clone().unwrap();
+    let started = Instant::now();
+    let file = tokio::spawn(async move { slow.get("/files/slow-stat.txt").await });
+    // Give the slow request time to reach its `stat`.
+    let mut fast = conn.h2_clone().unwrap();
+    let first = fast.get("/fixed").await.unwrap();
+    assert_eq!(first.status, 200);
+    let mut took = Vec::new();
+    while started.elapsed() < Duration::from_millis(1500) {
+        let t = Instant::now();
+        let r = fast.get("/fixed").await.unwrap();
+        assert_eq!(r.status, 200);
+        took.push(t.elapsed());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let r = file.await.unwrap().unwrap();
+    assert_eq!((r.status.as_u16(), r.body.as_str()), (200, "slow"));
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "the stat was slow"
+    );
+    took.sort();
+    let (median, max) = (took[took.len() / 2], took[took.len() - 1]);
+    assert!(
+        median < Duration::from_millis(10) && max < Duration::from_millis(500),
+        "answers while the file's stat waits: median {median:?}, max {max:?}"
+    );
+}

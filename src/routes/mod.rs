@@ -74,8 +74,6 @@ impl Router {
                             )
                         })?;
                     Route::Static(Arc::new(crate::files::Root {
-                        dir: tower_http::services::ServeDir::new(&canonical)
-                            .append_index_html_on_directories(false),
                         root: canonical,
                         index: index.clone(),
                     }))
@@ -121,19 +119,26 @@ impl Router {
         let path = req.uri().path();
         if let Some(dir) = &self.acme_http {
             if let Some(token) = path.strip_prefix("/.well-known/acme-challenge/") {
-                let answer = crate::acme::http_answer(dir, token);
+                let file = crate::acme::http_answer_file(dir, token);
                 req.into_body().discard();
-                return Reply::Now(match answer {
-                    Some(answer) => {
-                        let mut res = http::Response::new(crate::body::full(answer));
-                        res.headers_mut().insert(
-                            http::header::CONTENT_TYPE,
-                            http::HeaderValue::from_static("application/octet-stream"),
-                        );
-                        res
+                // Read on tokio's blocking threads, not the serving thread.
+                return Reply::Later(Box::pin(async move {
+                    let answer = match file {
+                        Some(file) => tokio::fs::read(file).await.ok(),
+                        None => None,
+                    };
+                    match answer {
+                        Some(answer) => {
+                            let mut res = http::Response::new(crate::body::full(answer));
+                            res.headers_mut().insert(
+                                http::header::CONTENT_TYPE,
+                                http::HeaderValue::from_static("application/octet-stream"),
+                            );
+                            res
+                        }
+                        None => text(StatusCode::NOT_FOUND, "not found\n"),
                     }
-                    None => text(StatusCode::NOT_FOUND, "not found\n"),
-                });
+                }));
             }
         }
         let mut route = self.route(path);

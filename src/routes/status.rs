@@ -65,7 +65,7 @@ pub(super) fn response(ctx: &ListenerContext) -> Response<Body> {
         body["apps"] = p.apps.status();
     }
     if let Some(acme) = &p.acme {
-        body["acme"] = crate::acme::status(acme);
+        body["acme"] = acme.json();
     }
     let mut res = Response::new(full(body.to_string() + "\n"));
     res.headers_mut().insert(

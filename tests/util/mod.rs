@@ -14,6 +14,7 @@ pub mod h2raw;
 pub mod h3;
 pub mod load;
 pub mod pebble;
+pub mod preload;
 pub mod raw;
 pub mod ws;
 
