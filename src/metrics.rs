@@ -42,6 +42,8 @@ pub struct ListenerMetrics {
     bytes: AtomicU64,
     pub handshakes: AtomicU64,
     pub handshake_failures: AtomicU64,
+    /// Failed accepts (out of fds or buffers).
+    pub accept_errors: AtomicU64,
     /// Open connections, HTTP/1.x and HTTP/2.
     connections: [AtomicI64; 2],
 }
@@ -60,6 +62,7 @@ impl ListenerMetrics {
             bytes: AtomicU64::new(0),
             handshakes: AtomicU64::new(0),
             handshake_failures: AtomicU64::new(0),
+            accept_errors: AtomicU64::new(0),
             connections: Default::default(),
         }
     }
@@ -195,6 +198,10 @@ impl Metrics {
                 format!("gracesrv_tls_handshake_failures_total{{listener=\"{name}\"}}"),
                 l.handshake_failures.load(Ordering::Relaxed),
             ));
+            out.push((
+                format!("gracesrv_accept_errors_total{{listener=\"{name}\"}}"),
+                l.accept_errors.load(Ordering::Relaxed),
+            ));
         }
         out.push((
             "gracesrv_restart_failures_total".into(),
@@ -326,7 +333,8 @@ impl Metrics {
 
 /// The family a series belongs to, as a static name.
 fn family_name(f: &str) -> &'static str {
-    const FAMILIES: [&str; 7] = [
+    const FAMILIES: [&str; 8] = [
+        "gracesrv_accept_errors_total",
         "gracesrv_requests_total",
         "gracesrv_request_duration_seconds",
         "gracesrv_response_bytes_total",
@@ -358,6 +366,10 @@ fn describe(family: &str) -> (&'static str, &'static str) {
             ("counter", "TLS handshakes that failed or timed out.")
         }
         "gracesrv_restarts_total" => ("counter", "Restarts since the service started."),
+        "gracesrv_accept_errors_total" => (
+            "counter",
+            "Accepts that failed (out of file descriptors or buffers); clients wait in the queue.",
+        ),
         "gracesrv_restart_failures_total" => {
             ("counter", "Restarts that failed since the service started.")
         }

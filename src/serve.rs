@@ -168,6 +168,10 @@ fn should_defer(threads: &[Arc<ThreadStats>], me: usize) -> bool {
     mine > least + SLACK
 }
 
+/// The first pause after a failed accept, and the longest.
+const ACCEPT_PAUSE_FIRST: Duration = Duration::from_millis(10);
+const ACCEPT_PAUSE_MAX: Duration = Duration::from_secs(1);
+
 /// Accepts until the process drains.
 ///
 /// `max_connections` is enforced after accept: a loop that reaches the limit
@@ -187,6 +191,7 @@ async fn accept_loop(
     let threads = &shared.process.threads;
     let stop = drain.started();
     tokio::pin!(stop);
+    let mut pause = ACCEPT_PAUSE_FIRST;
     loop {
         if should_defer(threads, me) {
             // Leave the connections arriving now to less busy threads, until
@@ -218,12 +223,29 @@ async fn accept_loop(
             a = listener.accept() => a,
         };
         let (stream, peer) = match accepted {
-            Ok(a) => a,
+            Ok(a) => {
+                pause = ACCEPT_PAUSE_FIRST;
+                a
+            }
             Err(e) => {
-                // Out of fds (EMFILE/ENFILE) or a transient error: back off
-                // briefly rather than spin; the queue keeps the clients.
-                warn!(listener = %spec.ctx.name, "accept: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                // Out of fds (EMFILE/ENFILE: static files, upstream and app
+                // connections share the limit with clients) or buffers
+                // (ENOBUFS/ENOMEM): the clients wait in the queue meanwhile.
+                // Back off, doubling up to a second as mini-redis does, and
+                // log at most a line a second for the whole process.
+                if let Some(m) = &spec.metrics {
+                    m.accept_errors.fetch_add(1, Ordering::Relaxed);
+                }
+                static LOGGED: crate::logging::Throttle = crate::logging::Throttle::new();
+                if let Some(suppressed) = LOGGED.allow() {
+                    warn!(listener = %spec.ctx.name, suppressed, "accept: {e}; retrying in {pause:?}");
+                }
+                tokio::select! {
+                    biased;
+                    _ = &mut stop => break,
+                    _ = tokio::time::sleep(pause) => {}
+                }
+                pause = (pause * 2).min(ACCEPT_PAUSE_MAX);
                 continue;
             }
         };

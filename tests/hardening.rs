@@ -373,7 +373,17 @@ async fn a_stopped_generation_past_the_cap_is_killed() {
 
 /// Runs the server under `prlimit --nofile=SOFT:HARD`.
 async fn start_with_nofile(limit: &str) -> TestServer {
-    let (dir, certs, path) = TestServer::prepare(&Config::basic().yaml());
+    start_with_nofile_on(limit, Config::basic(), |_| {}).await
+}
+
+/// [`start_with_nofile`] on `config`, `prepare` filling its directory first.
+async fn start_with_nofile_on(
+    limit: &str,
+    config: Config,
+    prepare: impl FnOnce(&std::path::Path),
+) -> TestServer {
+    let (dir, certs, path) = TestServer::prepare(&config.yaml());
+    prepare(dir.path());
     let mut cmd = std::process::Command::new("prlimit");
     cmd.arg(format!("--nofile={limit}"))
         .arg("--")
@@ -423,4 +433,105 @@ async fn the_fd_limit_is_raised_and_a_restart_fits_under_it() {
         "{}",
         srv.logs()
     );
+}
+
+/// Issue 25.4: with the fd limit used up by files a route holds open, the
+/// failing accepts back off and are logged at most once a second (with a
+/// count of the lines left out), counted in the metrics, and the clients
+/// waiting in the queue are served once fds are free again.
+#[tokio::test]
+async fn accept_errors_back_off_and_do_not_flood_the_log() {
+    let config = Config::basic()
+        .edit("web", |l| {
+            l.route("/metrics", "metrics", serde_json::json!({}))
+        })
+        .edit("web-tls", |l| {
+            l.route("/files/", "static", serde_json::json!({ "root": "public" }))
+        });
+    let mut srv = start_with_nofile_on("120:120", config, |dir| {
+        std::fs::create_dir(dir.join("public")).unwrap();
+        std::fs::write(dir.join("public/big.bin"), vec![7u8; 8 << 20]).unwrap();
+    })
+    .await;
+    // One HTTP/2 connection holds the file open on 100 streams it does not
+    // read: the process runs out of fds.
+    let tls = Target::tls(srv.addr("web-tls"), srv.tls()).h2();
+    let h2 = client::connect(&tls).await.unwrap();
+    let mut streams = Vec::new();
+    for _ in 0..100 {
+        let mut c = h2.h2_clone().unwrap();
+        streams.push(tokio::spawn(
+            async move { c.get_unread("/files/big.bin").await },
+        ));
+    }
+    let mut held = Vec::new();
+    for s in streams {
+        held.push(s.await.unwrap().unwrap());
+    }
+    assert!(held.iter().any(|r| r.status() == 200));
+    assert!(
+        util::fd_count(srv.pid()) >= 115,
+        "the fds are used up: {}",
+        util::fd_count(srv.pid())
+    );
+    // Clients arrive: the kernel queues them, accept fails.
+    let seen = srv.log_count();
+    let mut waiting = Vec::new();
+    for _ in 0..4 {
+        let mut s = TcpStream::connect(srv.addr("web")).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        waiting.push(s);
+    }
+    srv.wait_log_after(seen, |l| l.contains("accept: ")).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let lines: Vec<String> = srv
+        .logs()
+        .lines()
+        .skip(seen)
+        .filter(|l| l.contains("accept: "))
+        .map(String::from)
+        .collect();
+    assert!(
+        lines.len() <= 5,
+        "at most a line a second: {} lines\n{}",
+        lines.len(),
+        lines.join("\n")
+    );
+    assert!(
+        lines
+            .iter()
+            .skip(1)
+            .any(|l| l.contains("suppressed=") && !l.contains("suppressed=0")),
+        "the lines left out are counted: {}",
+        lines.join("\n")
+    );
+    // The fds come back; every client in the queue is served.
+    drop(held);
+    drop(h2);
+    for mut s in waiting {
+        let mut out = Vec::new();
+        tokio::time::timeout(util::WAIT, s.read_to_end(&mut out))
+            .await
+            .expect("served once fds are free")
+            .unwrap();
+        assert!(
+            out.starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&out)
+        );
+    }
+    let metrics = client::get(&Target::plain(srv.addr("web")), "/metrics")
+        .await
+        .unwrap();
+    let failed: u64 = metrics
+        .body
+        .lines()
+        .find(|l| l.starts_with("gracesrv_accept_errors_total{listener=\"web\"}"))
+        .and_then(|l| l.split_whitespace().last()?.parse().ok())
+        .unwrap_or_else(|| panic!("{}", metrics.body));
+    assert!(failed >= 2, "{}", metrics.body);
+    srv.signal(nix::sys::signal::Signal::SIGTERM);
+    srv.wait_first_exit().await;
 }
