@@ -118,18 +118,24 @@ impl OwnListener {
     }
 }
 
-/// Who gets the outcome of each restart attempt: connected `reload`s.
-static SUBSCRIBERS: std::sync::Mutex<Vec<std::os::unix::net::UnixStream>> =
+/// Who gets the outcome of the next restart attempt: each connected
+/// `reload`'s queue. A subscriber's socket is written by a task of its own,
+/// with a deadline, so one that stops reading delays nobody: not the
+/// control loop, not the restart that publishes, not another `reload`.
+static SUBSCRIBERS: std::sync::Mutex<Vec<tokio::sync::mpsc::Sender<std::sync::Arc<str>>>> =
     std::sync::Mutex::new(Vec::new());
 
 /// The most `reload`s waiting at once; beyond, the oldest is dropped.
 const MAX_SUBSCRIBERS: usize = 64;
+/// How long a subscriber may take to accept a line before it is dropped.
+const WRITE_WITHIN: Duration = Duration::from_secs(1);
 
 /// Listens on this process's control socket (see the module doc), on the
 /// current tokio runtime. Only the same user, or root, may connect.
 pub fn serve_control(config: &Path) {
     let pid = std::process::id();
-    let hello = serde_json::json!({ "pid": pid, "config": config }).to_string() + "\n";
+    let hello: std::sync::Arc<str> =
+        (serde_json::json!({ "pid": pid, "config": config }).to_string() + "\n").into();
     let listener = match OwnListener::bind(&control_name(pid)) {
         Ok(l) => l,
         Err(e) => {
@@ -140,58 +146,72 @@ pub fn serve_control(config: &Path) {
     tokio::spawn(async move {
         loop {
             let stream = listener.accept().await;
-            let Ok(stream) = stream.into_std() else {
-                continue;
-            };
-            use std::io::Write;
-            let mut stream = stream;
-            let ok = stream.set_nonblocking(false).is_ok()
-                && stream
-                    .set_write_timeout(Some(Duration::from_secs(1)))
-                    .is_ok()
-                && stream.write_all(hello.as_bytes()).is_ok();
-            if ok {
-                prune_subscribers();
+            // One result at most is ever queued (it is the last line).
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            {
                 let mut subs = SUBSCRIBERS.lock().unwrap_or_else(|p| p.into_inner());
+                subs.retain(|s| !s.is_closed());
                 if subs.len() >= MAX_SUBSCRIBERS {
                     subs.remove(0);
                 }
-                subs.push(stream);
+                subs.push(tx);
             }
+            tokio::spawn(subscriber(stream, hello.clone(), rx));
         }
     });
 }
 
-/// Forgets subscribers that hung up (a `deploy` checks the pid file on the
-/// control socket and leaves; a `reload` may be interrupted): their
-/// sockets would otherwise stay open until the next restart.
-pub fn prune_subscribers() {
-    use nix::sys::socket::{recv, MsgFlags};
-    use std::os::fd::AsRawFd;
-    let mut subs = SUBSCRIBERS.lock().unwrap_or_else(|p| p.into_inner());
-    subs.retain(|s| {
-        let mut b = [0u8; 1];
-        // Still connected: nothing to read (EAGAIN). Hung up: end of file.
-        !matches!(
-            recv(
-                s.as_raw_fd(),
-                &mut b,
-                MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT
-            ),
-            Ok(0) | Err(nix::errno::Errno::ECONNRESET)
-        )
-    });
+/// One connected `reload` (or `deploy`, checking the pid file): told the
+/// pid and config, then the outcome of the next restart, then hung up on.
+/// Ends early when it hangs up, or stops reading for [`WRITE_WITHIN`]; its
+/// queue closes with it, and the next publish or connection forgets it.
+async fn subscriber(
+    stream: tokio::net::UnixStream,
+    hello: std::sync::Arc<str>,
+    mut results: tokio::sync::mpsc::Receiver<std::sync::Arc<str>>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut read, mut write) = stream.into_split();
+    let sent = tokio::time::timeout(WRITE_WITHIN, write.write_all(hello.as_bytes())).await;
+    if !matches!(sent, Ok(Ok(()))) {
+        return;
+    }
+    let mut ignored = [0u8; 64];
+    loop {
+        tokio::select! {
+            line = results.recv() => {
+                if let Some(line) = line {
+                    let _ = tokio::time::timeout(WRITE_WITHIN, write.write_all(line.as_bytes())).await;
+                }
+                return;
+            }
+            n = read.read(&mut ignored) => {
+                // Hung up (or an error): nobody is waiting.
+                if !matches!(n, Ok(n) if n > 0) {
+                    return;
+                }
+            }
+        }
+    }
 }
 
-/// Sends `r` to every connected `reload`; they hang up after one.
+/// Forgets subscribers that hung up (a `deploy` checks the pid file on the
+/// control socket and leaves; a `reload` may be interrupted).
+pub fn prune_subscribers() {
+    let mut subs = SUBSCRIBERS.lock().unwrap_or_else(|p| p.into_inner());
+    subs.retain(|s| !s.is_closed());
+}
+
+/// Queues `r` for every connected `reload`; each gets one result and is
+/// hung up on. Never waits: a subscriber whose queue is full is dropped.
 fn publish(r: &RestartResult) {
-    use std::io::Write;
     let Ok(line) = serde_json::to_string(r) else {
         return;
     };
+    let line: std::sync::Arc<str> = (line + "\n").into();
     let mut subs = SUBSCRIBERS.lock().unwrap_or_else(|p| p.into_inner());
-    for mut s in subs.drain(..) {
-        let _ = s.write_all(format!("{line}\n").as_bytes());
+    for s in subs.drain(..) {
+        let _ = s.try_send(line.clone());
     }
 }
 

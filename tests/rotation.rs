@@ -210,6 +210,40 @@ async fn reload_reports_success_and_failure() {
     assert_eq!(srv.answering_pid().await, new);
 }
 
+/// Issue 25.6: `reload`s, or anything else on the control socket, that
+/// never read delay no other `reload`: 80 silent subscribers (more than the
+/// 64 kept), then two reloads in a row; every silent one is hung up on.
+#[tokio::test]
+async fn subscribers_that_never_read_delay_no_reload() {
+    use std::os::linux::net::SocketAddrExt;
+    let config = Config::basic().set("pid_file", "run/g.pid");
+    let mut srv = TestServer::builder().config(config).start().await;
+    let old = srv.pid();
+    let addr =
+        std::os::unix::net::SocketAddr::from_abstract_name(format!("gracesrv.{old}")).unwrap();
+    let silent: Vec<std::os::unix::net::UnixStream> = (0..80)
+        .map(|_| std::os::unix::net::UnixStream::connect_addr(&addr).unwrap())
+        .collect();
+    for _ in 0..2 {
+        let started = std::time::Instant::now();
+        let (code, out, err) = reload(&srv.config).await;
+        assert_eq!(code, 0, "{out}{err}");
+        srv.wait_ready().await;
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(3),
+            "took {:?}",
+            started.elapsed()
+        );
+    }
+    for s in silent {
+        use std::io::Read;
+        s.set_read_timeout(Some(util::WAIT)).unwrap();
+        let mut got = Vec::new();
+        (&s).read_to_end(&mut got)
+            .expect("hung up on, not left open");
+    }
+}
+
 /// Issue 14.1: the watcher acts once per change of content, never on the
 /// reads of its own fingerprinting, of validation or of a new process, nor
 /// on a log written next to the config. A touch gives one line and no
