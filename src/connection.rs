@@ -52,17 +52,23 @@ pub struct Builders {
     h2: http2::Builder<TokioExecutor>,
 }
 
-impl Default for Builders {
+impl Builders {
     /// Timeouts for heads and idle connections are ours (see `Activity`):
     /// hyper's header timer also runs while a keep-alive connection is idle.
     /// A request head over 64 KiB gets 431 (nginx allows about 32 KiB).
     /// HTTP/2 limits against floods: 256 concurrent streams a connection
     /// (more are refused), and a GOAWAY (ENHANCE_YOUR_CALM) for a client that
     /// resets streams faster than they can be accepted (CVE-2023-44487).
-    fn default() -> Builders {
+    /// An HTTP/1.x request may carry `max_headers` header fields (hyper
+    /// parses into a buffer of that many).
+    pub fn new(max_headers: usize) -> Builders {
         let mut h1 = http1::Builder::new();
         h1.timer(TokioTimer::new())
             .header_read_timeout(None)
+            .max_headers(max_headers)
+            // Both: the buffer bound alone lets a head that arrives in one
+            // read (a TLS read decrypts several records) run past it.
+            .max_header_size(MAX_HEAD)
             .max_buf_size(MAX_HEAD);
         let mut h2 = http2::Builder::new(TokioExecutor::new());
         h2.timer(TokioTimer::new())

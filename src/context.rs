@@ -116,4 +116,6 @@ pub struct Shared {
     pub timeouts: Timeouts,
     /// `max_connections`: beyond it, accept waits.
     pub limit: Arc<Semaphore>,
+    /// `limits.max_headers`: header fields an HTTP/1.x request may carry.
+    pub max_headers: usize,
 }

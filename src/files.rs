@@ -235,18 +235,28 @@ fn conditions(method: &Method, headers: &mut HeaderMap, v: &Validators) -> Verdi
             return Verdict::NotModified;
         }
     }
-    // 5: a range of the current version only, and one range at most.
-    let range_applies = *method == Method::GET
-        && headers.contains_key(header::RANGE)
-        && if_range.is_none_or(|r| range_condition_holds(&r, v))
-        && headers
-            .get(header::RANGE)
-            .and_then(|r| r.to_str().ok())
-            .is_some_and(|r| !r.contains(','));
-    if !range_applies {
-        headers.remove(header::RANGE);
+    // 5: a range of the current version only, one range at most, in bytes
+    // (units compare case-insensitively; a range in a unit the server does
+    // not know is ignored: RFC 9110 section 14.2).
+    let range = headers
+        .remove(header::RANGE)
+        .filter(|_| *method == Method::GET)
+        .filter(|_| if_range.is_none_or(|r| range_condition_holds(&r, v)))
+        .and_then(|r| bytes_range(r.to_str().ok()?));
+    if let Some(range) = range {
+        headers.insert(header::RANGE, range);
     }
     Verdict::Serve
+}
+
+/// A `Range` value in bytes with one range, as `bytes=...` (the spelling
+/// ServeFile reads); `None` for another unit or several ranges.
+fn bytes_range(range: &str) -> Option<HeaderValue> {
+    let (unit, ranges) = range.split_once('=')?;
+    if !unit.trim().eq_ignore_ascii_case("bytes") || ranges.contains(',') {
+        return None;
+    }
+    HeaderValue::from_str(&format!("bytes={}", ranges.trim())).ok()
 }
 
 /// `If-Range`: an entity tag (strong comparison) or the exact
@@ -399,5 +409,8 @@ mod tests {
             check(&[("range", "bytes=0-9,20-29".into())]),
             (Serve, false)
         );
+        assert_eq!(check(&[("range", "Bytes=0-1".into())]), (Serve, true));
+        assert_eq!(check(&[("range", "items=0-1".into())]), (Serve, false));
+        assert_eq!(check(&[("range", "none".into())]), (Serve, false));
     }
 }

@@ -222,6 +222,7 @@ impl Generation {
         let shared = Arc::new(Shared {
             process: process.clone(),
             timeouts: config.timeouts,
+            max_headers: config.max_headers,
             limit: Arc::new(Semaphore::new(crate::limits::connection_limit(
                 config.max_connections,
                 config.listeners.iter().any(|l| {

@@ -71,7 +71,7 @@ pub fn start(
                             }
                         }
                     }
-                    let builder = Arc::new(connection::Builders::default());
+                    let builder = Arc::new(connection::Builders::new(shared.max_headers));
                     // This thread's own allocation of each spec: cloning it per
                     // request touches no cache line another thread writes.
                     let specs = listeners.into_iter().map(|(_, spec)| Arc::new(spec));

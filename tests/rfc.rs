@@ -248,6 +248,14 @@ async fn files_answer_conditional_and_range_requests() {
         // Unsatisfiable: 416.
         let r = raw(&srv, listener, &get("Range: bytes=100-200\r\n".into())).await;
         assert_eq!(r.status, 416);
+        // Issue 25.10: units compare case-insensitively; a range in a unit
+        // the server does not know is ignored (RFC 9110 section 14.2).
+        let r = raw(&srv, listener, &get("Range: Bytes=0-1\r\n".into())).await;
+        assert_eq!((r.status, &r.body[..]), (206, &b"01"[..]));
+        for unknown in ["items=0-1", "none"] {
+            let r = raw(&srv, listener, &get(format!("Range: {unknown}\r\n"))).await;
+            assert_eq!((r.status, r.body.len()), (200, 36), "Range: {unknown}");
+        }
     }
     // HTTP/2.
     let r = h2_get(&srv, "/files/a.txt", &[("if-none-match", &etag)]).await;
@@ -276,6 +284,57 @@ async fn files_answer_conditional_and_range_requests() {
     let r = raw(&srv, "web", &get(format!("If-None-Match: {etag}\r\n"))).await;
     assert_eq!(r.status, 200);
     assert_ne!(r.header("etag"), Some(etag.as_str()));
+}
+
+/// Issue 25.9: an HTTP/1.1 request may carry hundreds of header fields
+/// (hyper's default of 100 answered a 917-byte request with 431), up to
+/// `limits.max_headers` (500 by default); the 64 KiB head limit stays.
+#[tokio::test]
+async fn requests_with_hundreds_of_header_fields_are_served() {
+    let srv = start(&[]).await;
+    let fields = |n: usize| (0..n).map(|i| format!("x-{i}: v\r\n")).collect::<String>();
+    for listener in ["web", "web-tls"] {
+        let r = raw(
+            &srv,
+            listener,
+            &format!("GET / HTTP/1.1\r\nHost: a\r\n{}\r\n", fields(150)),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{listener}: 150 fields");
+        let r = raw(
+            &srv,
+            listener,
+            &format!("GET / HTTP/1.1\r\nHost: a\r\n{}\r\n", fields(450)),
+        )
+        .await;
+        assert_eq!(r.status, 200, "{listener}: 450 fields");
+        let r = raw(
+            &srv,
+            listener,
+            &format!("GET / HTTP/1.1\r\nHost: a\r\n{}\r\n", fields(600)),
+        )
+        .await;
+        assert_eq!(r.status, 431, "{listener}: 600 fields");
+        let big = format!("x-big: {}\r\n", "a".repeat(70 * 1024));
+        let r = raw(
+            &srv,
+            listener,
+            &format!("GET / HTTP/1.1\r\nHost: a\r\n{big}\r\n"),
+        )
+        .await;
+        assert_eq!(r.status, 431, "{listener}: a head over 64 KiB");
+    }
+    // And curl, with 200 headers of its own.
+    let mut curl = std::process::Command::new("curl");
+    curl.args(["-sS", "-o", "/dev/null", "-w", "%{http_code}"]);
+    for i in 0..200 {
+        curl.arg("-H").arg(format!("x-{i}: v"));
+    }
+    let out = curl
+        .arg(format!("http://{}/", srv.addr("web")))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
 }
 
 /// Issue 13.11: what any client can provoke is not logged at the default

@@ -94,6 +94,9 @@ pub struct Config {
     pub max_connections: usize,
     /// Old generations that may drain at once; a restart past it stops the oldest.
     pub max_draining: usize,
+    /// `limits.max_headers`: header fields an HTTP/1.x request may carry
+    /// (the 64 KiB head limit holds beside it).
+    pub max_headers: usize,
     /// `tls_tickets.key_file`: the secret TLS session tickets derive from,
     /// shared by every machine given the same file (see `tickets`).
     pub tls_tickets: Option<FileRef>,

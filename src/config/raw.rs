@@ -17,6 +17,7 @@ pub struct Config {
     pub timeouts: Option<Timeouts>,
     pub max_connections: Option<Spanned<u64>>,
     pub max_draining: Option<Spanned<u64>>,
+    pub limits: Option<Limits>,
     pub tls_tickets: Option<TlsTickets>,
     pub acme: Option<Spanned<Acme>>,
     pub access_log: Option<Spanned<AccessLog>>,
@@ -86,6 +87,12 @@ pub struct TlsTickets {
 pub struct Log {
     pub level: Option<Spanned<String>>,
     pub format: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    pub max_headers: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]

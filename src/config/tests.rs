@@ -71,3 +71,18 @@ fn routes_need_exactly_one_action() {
     .unwrap_err();
     assert!(e.message.contains("more than one action"), "{e}");
 }
+
+#[test]
+fn max_headers_has_a_default_and_bounds() {
+    let l = "listeners:\n  - name: web\n    addr: 127.0.0.1:0\n";
+    assert_eq!(parse(l).unwrap().max_headers, 500);
+    let c = parse(&format!("limits: {{ max_headers: 1000 }}\n{l}")).unwrap();
+    assert_eq!(c.max_headers, 1000);
+    let e = parse(&format!("limits:\n  max_headers: 0\n{l}")).unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with("/etc/g/server.yaml:2:16: limits.max_headers"),
+        "{e}"
+    );
+    assert!(parse(&format!("limits: {{ headers: 5 }}\n{l}")).is_err());
+}

@@ -163,6 +163,19 @@ impl Validator<'_> {
             Some(m) => usize::try_from(m.value).unwrap_or(usize::MAX).min(1024),
         };
 
+        // hyper's default is 100, which real requests (behind several
+        // proxies, with many cookies) exceed; nginx and HTTP/2 take hundreds.
+        // A field takes at least 4 bytes of the 64 KiB head.
+        let max_headers =
+            match raw.limits.as_ref().and_then(|l| l.max_headers.as_ref()) {
+                None => 500,
+                Some(m) if m.value == 0 || m.value > 16_384 => return self.err(
+                    Pos::from(m),
+                    "limits.max_headers: must be between 1 and 16384 (a head is at most 64 KiB)",
+                ),
+                Some(m) => m.value as usize,
+            };
+
         if raw.listeners.value.is_empty() {
             return self.err(
                 Pos::from(&raw.listeners),
@@ -239,6 +252,7 @@ impl Validator<'_> {
             timeouts,
             max_connections,
             max_draining,
+            max_headers,
             listeners,
         })
     }
