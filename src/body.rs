@@ -66,10 +66,73 @@ impl http_body::Body for Body {
 pub trait RequestBody:
     http_body::Body<Data = Bytes, Error: Into<BoxError>> + Send + Unpin + 'static
 {
-    /// The route does not read the body: let the client know it may stop
-    /// sending, without losing the answer (see `routes::discard`; HTTP/3
-    /// asks with STOP_SENDING, RFC 9114 section 4.1.1).
-    fn discard(self);
+    /// The route does not read the body of a request of `version`: take
+    /// it in without losing the answer (see `routes`; HTTP/3 asks the client
+    /// to stop with STOP_SENDING, RFC 9114 section 4.1.1). What the end of
+    /// the answer must wait for, if anything: see [`hold`].
+    fn discard(self, version: http::Version) -> Option<Unread>;
+}
+
+/// The reading and dropping of a request body the route did not use, which
+/// the end of the answer waits for (HTTP/2: see `routes`).
+pub type Unread = Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// `res`, whose last frame (HTTP/2: END_STREAM) waits for `unread`; its
+/// head and data go out at once, without a Content-Length (a client that
+/// has all the bytes it announced stops reading, and would stall on its
+/// upload). An answer of 300 or more does not wait: clients stop sending
+/// on those (curl ends its upload short of its Content-Length), and the
+/// rest of the body is read and dropped after it.
+pub fn hold(mut res: Response<Body>, unread: Option<Unread>) -> Response<Body> {
+    match unread {
+        None => res,
+        Some(unread) if res.status().as_u16() >= 300 => {
+            tokio::spawn(unread);
+            res
+        }
+        Some(unread) => {
+            res.headers_mut().remove(http::header::CONTENT_LENGTH);
+            res.map(|body| {
+                Body::new(Held {
+                    body,
+                    unread: Some(unread),
+                })
+            })
+        }
+    }
+}
+
+/// See [`hold`].
+struct Held {
+    body: Body,
+    unread: Option<Unread>,
+}
+
+impl http_body::Body for Held {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if !this.body.is_end_stream() {
+            match Pin::new(&mut this.body).poll_frame(cx) {
+                Poll::Ready(None) => {}
+                other => return other,
+            }
+        }
+        if let Some(unread) = &mut this.unread {
+            std::task::ready!(unread.as_mut().poll(cx));
+            this.unread = None;
+        }
+        Poll::Ready(None)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.unread.is_none() && self.body.is_end_stream()
+    }
 }
 
 /// A body holding `data`.

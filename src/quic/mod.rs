@@ -415,7 +415,7 @@ async fn request(
     let mut route = None;
     let res = if let Err(why) = crate::connection::check_host(&mut req) {
         debug!(listener = %spec.ctx.name, "bad request: {why}");
-        req.into_body().discard();
+        let _ = req.into_body().discard(http::Version::HTTP_3);
         text(http::StatusCode::BAD_REQUEST, "bad request\n")
     } else {
         match spec.router.handle(req, &spec.ctx, peer, &mut route) {
@@ -546,10 +546,11 @@ impl RequestBody for H3Body {
     /// the client the answer does not need the rest (RFC 9114 section
     /// 4.1.1). (Also when the request had no body: h3 cannot tell before
     /// a read, and a read would leave the stream without a way to stop it.)
-    fn discard(mut self) {
+    fn discard(mut self, _: http::Version) -> Option<crate::body::Unread> {
         if !self.done {
             self.stream.stop_sending(h3::error::Code::H3_NO_ERROR);
         }
+        None
     }
 }
 

@@ -11,7 +11,7 @@ use std::time::Duration;
 use http::{Request, StatusCode};
 use hyper::body::Incoming;
 
-use crate::body::{text, Reply, RequestBody};
+use crate::body::{hold, text, Reply, RequestBody, Unread};
 use crate::config::{Action, ConfigError, ListenerConfig};
 use crate::context::{ListenerContext, Peer};
 
@@ -120,14 +120,14 @@ impl Router {
         if let Some(dir) = &self.acme_http {
             if let Some(token) = path.strip_prefix("/.well-known/acme-challenge/") {
                 let file = crate::acme::http_answer_file(dir, token);
-                req.into_body().discard();
+                let unread = discard(req);
                 // Read on tokio's blocking threads, not the serving thread.
                 return Reply::Later(Box::pin(async move {
                     let answer = match file {
                         Some(file) => tokio::fs::read(file).await.ok(),
                         None => None,
                     };
-                    match answer {
+                    let res = match answer {
                         Some(answer) => {
                             let mut res = http::Response::new(crate::body::full(answer));
                             res.headers_mut().insert(
@@ -137,7 +137,8 @@ impl Router {
                             res
                         }
                         None => text(StatusCode::NOT_FOUND, "not found\n"),
-                    }
+                    };
+                    hold(res, unread)
                 }));
             }
         }
@@ -150,8 +151,8 @@ impl Router {
             && !route.is_some_and(|i| matches!(self.routes[i].1, Route::Static(_)))
         {
             let Ok(normal) = normal else {
-                req.into_body().discard();
-                return Reply::Now(text(StatusCode::BAD_REQUEST, "bad request\n"));
+                let unread = discard(req);
+                return Reply::Now(hold(text(StatusCode::BAD_REQUEST, "bad request\n"), unread));
             };
             let normal = normal.into_owned();
             route = self.route(&normal);
@@ -166,15 +167,15 @@ impl Router {
             }
         }
         let Some(i) = route else {
-            req.into_body().discard();
-            return Reply::Now(text(StatusCode::NOT_FOUND, "not found\n"));
+            let unread = discard(req);
+            return Reply::Now(hold(text(StatusCode::NOT_FOUND, "not found\n"), unread));
         };
         *taken = Some(i);
         let (prefix, handle) = &self.routes[i];
         match handle {
             Route::Metrics => {
-                req.into_body().discard();
-                Reply::Now(match &ctx.process.metrics {
+                let unread = discard(req);
+                let res = match &ctx.process.metrics {
                     Some(m) => {
                         let mut res = http::Response::new(crate::body::full(m.render()));
                         res.headers_mut().insert(
@@ -192,7 +193,8 @@ impl Router {
                         res
                     }
                     None => text(StatusCode::NOT_FOUND, "not found\n"),
-                })
+                };
+                Reply::Now(hold(res, unread))
             }
             Route::Proxy(proxy) => {
                 let (proxy, prefix, ctx) = (proxy.clone(), prefix.clone(), ctx.clone());
@@ -201,35 +203,52 @@ impl Router {
                 }))
             }
             Route::Respond { fixed, delay } if delay.is_zero() => {
-                Reply::Now(fixed.response(&without_body(req), ctx))
+                let (req, unread) = without_body(req);
+                Reply::Now(hold(fixed.response(&req, ctx), unread))
             }
-            Route::Redirect { to, status } => Reply::Now(redirect(&without_body(req), to, *status)),
+            Route::Redirect { to, status } => {
+                let (req, unread) = without_body(req);
+                Reply::Now(hold(redirect(&req, to, *status), unread))
+            }
             Route::Status => {
-                req.into_body().discard();
-                Reply::Now(status::response(ctx))
+                let unread = discard(req);
+                Reply::Now(hold(status::response(ctx), unread))
             }
             Route::Respond { fixed, delay } => {
-                let (req, fixed, ctx, delay) =
+                let ((req, unread), fixed, ctx, delay) =
                     (without_body(req), fixed.clone(), ctx.clone(), *delay);
                 Reply::Later(Box::pin(async move {
                     tokio::time::sleep(delay).await;
-                    fixed.response(&req, &ctx)
+                    hold(fixed.response(&req, &ctx), unread)
                 }))
             }
-            Route::Static(root) => Reply::Later(Box::pin(crate::files::serve(
-                without_body(req),
-                prefix.clone(),
-                root.clone(),
-            ))),
+            Route::Static(root) => {
+                let (req, unread) = without_body(req);
+                let file = crate::files::serve(req, prefix.clone(), root.clone());
+                match unread {
+                    None => Reply::Later(Box::pin(file)),
+                    Some(unread) => {
+                        Reply::Later(Box::pin(async move { hold(file.await, Some(unread)) }))
+                    }
+                }
+            }
         }
     }
 }
 
-/// The request without its body, which [`discard`] reads and drops.
-fn without_body<B: RequestBody>(req: Request<B>) -> Request<()> {
+/// The request without its body, which [`RequestBody::discard`] takes in;
+/// and what the end of the answer waits for (see [`crate::body::hold`]).
+fn without_body<B: RequestBody>(req: Request<B>) -> (Request<()>, Option<Unread>) {
     let (parts, body) = req.into_parts();
-    body.discard();
-    Request::from_parts(parts, ())
+    let unread = body.discard(parts.version);
+    (Request::from_parts(parts, ()), unread)
+}
+
+/// Takes in the body of a request a route answers without it; what the end
+/// of the answer waits for.
+fn discard<B: RequestBody>(req: Request<B>) -> Option<Unread> {
+    let version = req.version();
+    req.into_body().discard(version)
 }
 
 impl Router {
@@ -251,36 +270,47 @@ const DISCARD_MAX: u64 = 16 * 1024 * 1024;
 /// How long the next piece of an unused body may take.
 const DISCARD_STALL: Duration = Duration::from_secs(10);
 
-/// Reads and drops a request body that the route does not use, as nginx's
-/// discard-body does, so that answering early loses nothing: on HTTP/2 the
-/// stream ends without a reset (resets count against the connection, and
-/// h2 tears it down at its limit with other requests in flight); on
-/// HTTP/1.1 the connection stays usable, and the client is never cut off
-/// mid-upload before it reads the answer. Bounded in size and pace: past
-/// either bound the body is dropped (HTTP/2: RST_STREAM; HTTP/1.1: the
-/// connection closes after the response, with a lingering close).
+/// A request body that the route does not use is read and dropped, as
+/// nginx's discard-body does, bounded in size and pace.
+///
+/// HTTP/1.1: after the answer, so the connection stays usable and the
+/// client is never cut off mid-upload before it reads the answer; past a
+/// bound the connection closes after the response, with a lingering close.
+///
+/// HTTP/2: the answer's head and data go out at once, and its END_STREAM
+/// waits until the body is in (RFC 9113 section 8.1 lets a server answer
+/// early; this is the way every client keeps): a client that stops reading
+/// the connection once it has the whole answer (curl 7.88 does, and then
+/// stalls on flow control, or fails on a reset) finishes its upload first,
+/// and a client that sends its body only after the answer's head (issue
+/// 12.3) is not kept waiting. The stream ends without a reset, so no DATA
+/// ever arrives for a closed stream (h2 counts those, and ends the
+/// connection at 1024). Past a bound the body is dropped: once the answer
+/// is complete, h2 resets the stream with NO_ERROR.
 impl RequestBody for Incoming {
-    fn discard(self) {
-        discard(self)
+    fn discard(self, version: http::Version) -> Option<Unread> {
+        if hyper::body::Body::is_end_stream(&self) {
+            return None;
+        }
+        if version == http::Version::HTTP_2 {
+            return Some(Box::pin(read_and_drop(self)));
+        }
+        tokio::spawn(read_and_drop(self));
+        None
     }
 }
 
-/// See [`RequestBody::discard`].
-fn discard(body: Incoming) {
+/// Reads `body` to its end, or to [`DISCARD_MAX`] bytes, or until a piece
+/// takes longer than [`DISCARD_STALL`], and drops it.
+async fn read_and_drop(mut body: Incoming) {
     use http_body_util::BodyExt;
-    if hyper::body::Body::is_end_stream(&body) {
-        return;
-    }
-    tokio::spawn(async move {
-        let mut body = body;
-        let mut read = 0u64;
-        while read <= DISCARD_MAX {
-            match tokio::time::timeout(DISCARD_STALL, body.frame()).await {
-                Ok(Some(Ok(frame))) => {
-                    read += frame.data_ref().map_or(0, |d| d.len() as u64);
-                }
-                _ => return,
+    let mut read = 0u64;
+    while read <= DISCARD_MAX {
+        match tokio::time::timeout(DISCARD_STALL, body.frame()).await {
+            Ok(Some(Ok(frame))) => {
+                read += frame.data_ref().map_or(0, |d| d.len() as u64);
             }
+            _ => return,
         }
-    });
+    }
 }
