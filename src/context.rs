@@ -59,6 +59,8 @@ pub struct QuicStats {
     pub retries_total: AtomicU64,
     /// Connections refused at `max_connections`.
     pub refused_total: AtomicU64,
+    /// Requests refused as malformed (RFC 9114 section 4.1.2).
+    pub malformed_total: AtomicU64,
 }
 
 impl ProcessInfo {

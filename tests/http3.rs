@@ -597,3 +597,100 @@ async fn a_client_that_stops_reading_gets_its_stream_reset_after_timeouts_send()
     // The connection serves on.
     assert_eq!(h3::body(addr, "/").await, format!("{}\n", srv.pid()));
 }
+
+/// An HTTP/1.1 upstream that reads each request's body to its declared
+/// length (or to the end, quietly, when the proxy gives up) and answers
+/// `read N`.
+async fn reading_upstream() -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                let head_end = loop {
+                    match s.read(&mut chunk).await {
+                        Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                        _ => return,
+                    }
+                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break i + 4;
+                    }
+                };
+                let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:")?.trim().parse().ok())
+                    .unwrap_or(0);
+                while buf.len() < head_end + len {
+                    match s.read(&mut chunk).await {
+                        Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                        _ => return,
+                    }
+                }
+                let body = format!("read {len}");
+                let res = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = s.write_all(res.as_bytes()).await;
+            });
+        }
+    });
+    addr
+}
+
+/// Issue 25.8: requests RFC 9114 sections 4.2 and 4.3 call malformed are
+/// refused with H3_MESSAGE_ERROR (the stream reset and stopped), on one
+/// aioquic connection that serves on afterwards; a body that breaks its
+/// content-length resets its stream with H3_MESSAGE_ERROR and counts as the
+/// client's error, not the upstream's; an early answer stops the body
+/// with H3_NO_ERROR (0x100), not 0.
+#[tokio::test]
+async fn malformed_http3_requests_are_refused() {
+    let up = reading_upstream().await;
+    let config = config().edit("h3", |l| {
+        l.route(
+            "/api",
+            "proxy",
+            json!({ "upstream": format!("http://{up}") }),
+        )
+    });
+    let srv = TestServer::builder().config(config).start().await;
+    let v = h3::malformed(srv.addr("h3"), "/api").await;
+    const MESSAGE_ERROR: u64 = 0x10e;
+    for case in [
+        "repeated :path",
+        "pseudo-header after a regular field",
+        ":status in a request",
+        "connection",
+        "te gzip",
+        "transfer-encoding",
+        "content-length not a number",
+        "content-length 3 and 5",
+    ] {
+        let r = &v[case];
+        assert_eq!(r["status"], json!(null), "{case}: not served: {v}");
+        assert_eq!(r["reset"], json!(MESSAGE_ERROR), "{case}: {v}");
+        assert_eq!(r["stop_sending"], json!(MESSAGE_ERROR), "{case}: {v}");
+    }
+    for case in ["10 declared, 5 sent", "5 declared, 10 sent"] {
+        let r = &v[case];
+        assert_eq!(r["status"], json!(null), "{case}: not served: {v}");
+        assert_eq!(r["reset"], json!(MESSAGE_ERROR), "{case}: {v}");
+    }
+    assert_eq!(v["te trailers (allowed)"]["status"], 200, "{v}");
+    let unread = &v["an unread body (allowed)"];
+    assert_eq!(unread["status"], 200, "{v}");
+    assert_eq!(unread["stop_sending"], json!(0x100), "H3_NO_ERROR: {v}");
+    assert_eq!(v["good"]["status"], 200, "the connection serves on: {v}");
+    let r = client::get(&Target::plain(srv.addr("web")), "/status")
+        .await
+        .unwrap();
+    let s: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(s["http3"][0]["malformed_total"], 10, "{s}");
+    assert_eq!(s["upstream_errors_total"], 0, "the client's fault: {s}");
+    assert_eq!(s["client_errors_total"], 2, "{s}");
+}

@@ -11,6 +11,7 @@
 //! `timeouts.draining_idle`.
 
 mod cid;
+mod fields;
 mod socket;
 
 use std::pin::Pin;
@@ -26,7 +27,7 @@ use http_body_util::BodyExt;
 use tracing::debug;
 
 use crate::access_log::{Entry, TlsInfo};
-use crate::body::{text, Reply, RequestBody};
+use crate::body::{text, BoxError, Reply, RequestBody};
 use crate::context::{ListenerContext, Peer, QuicStats, Shared};
 use crate::routes::Router;
 
@@ -393,17 +394,38 @@ struct InFlight {
 type Stream = h3::server::RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>;
 
 async fn request(
-    resolver: h3::server::RequestResolver<h3_quinn::Connection, Bytes>,
+    mut resolver: h3::server::RequestResolver<h3_quinn::Connection, Bytes>,
     spec: &Arc<Spec>,
     peer: Peer,
 ) {
-    let (req, stream): (Request<()>, Stream) = match resolver.resolve_request().await {
+    // The head as sent, for the checks h3 does not make (`fields`).
+    let frame = std::future::poll_fn(|cx| resolver.frame_stream.poll_next(cx)).await;
+    let order = match &frame {
+        Ok(Some(h3::proto::frame::Frame::Headers(section))) => fields::check(section),
+        _ => Ok(()),
+    };
+    let resolved = match resolver.accept_with_frame(frame) {
+        Ok(r) => r.resolve().await,
+        Err(e) => Err(e),
+    };
+    let (req, mut stream): (Request<()>, Stream) = match resolved {
         Ok(r) => r,
         Err(e) => {
             debug!(listener = %spec.ctx.name, "HTTP/3 request: {e}");
             return;
         }
     };
+    if let Err(why) = order.and_then(|()| malformed(&req)) {
+        // A stream error (RFC 9114 section 4.1.2); the connection serves on.
+        debug!(listener = %spec.ctx.name, "HTTP/3 malformed request: {why}");
+        spec.stats.malformed_total.fetch_add(1, Ordering::Relaxed);
+        stream.stop_sending(h3::error::Code::H3_MESSAGE_ERROR);
+        stream.stop_stream(h3::error::Code::H3_MESSAGE_ERROR);
+        return;
+    }
+    let declared = content_length(&req);
+    // Set if the body breaks its declared length (see `H3Body`).
+    let broke = declared.map(|_| Arc::new(std::sync::atomic::AtomicBool::new(false)));
     debug!(listener = %spec.ctx.name, method = %req.method(), path = req.uri().path(), "request started");
     let mut entry = (spec.access_log.is_some() || spec.metrics.is_some())
         .then(|| Entry::of(&req, http::Version::HTTP_3));
@@ -411,11 +433,16 @@ async fn request(
     let mut req = req.map(|()| H3Body {
         stream: recv,
         done: false,
+        reading: false,
+        declared,
+        received: 0,
+        broke: broke.clone(),
+        stop: h3::error::Code::H3_NO_ERROR,
     });
     let mut route = None;
     let res = if let Err(why) = crate::connection::check_host(&mut req) {
         debug!(listener = %spec.ctx.name, "bad request: {why}");
-        let _ = req.into_body().discard(http::Version::HTTP_3);
+        drop(req);
         text(http::StatusCode::BAD_REQUEST, "bad request\n")
     } else {
         match spec.router.handle(req, &spec.ctx, peer, &mut route) {
@@ -423,6 +450,14 @@ async fn request(
             Reply::Later(fut) => fut.await,
         }
     };
+    if broke.is_some_and(|b| b.load(Ordering::Relaxed)) {
+        // Whatever the route made of it, the request was malformed: the
+        // stream ends with H3_MESSAGE_ERROR (RFC 9114 section 4.1.2).
+        debug!(listener = %spec.ctx.name, "HTTP/3 request body does not match its content-length");
+        spec.stats.malformed_total.fetch_add(1, Ordering::Relaxed);
+        send.stop_stream(h3::error::Code::H3_MESSAGE_ERROR);
+        return;
+    }
     let status = res.status().as_u16();
     let mut sent = 0;
     if let Err(e) = respond(&mut send, res, spec.shared.timeouts.send, &mut sent).await {
@@ -502,15 +537,87 @@ async fn respond(
         .map_err(|e| e.to_string())
 }
 
-/// An HTTP/3 request's body, for the routes.
+/// Why `req` is malformed (RFC 9114 section 4.2, and RFC 9110 section 8.6
+/// for `content-length`), in what h3 does not check: connection-specific
+/// fields, `te` other than `trailers`, a length that is not one number.
+fn malformed(req: &Request<()>) -> Result<(), &'static str> {
+    let h = req.headers();
+    let specific = [
+        header::CONNECTION,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::HeaderName::from_static("keep-alive"),
+        header::HeaderName::from_static("proxy-connection"),
+    ];
+    if specific.iter().any(|name| h.contains_key(name)) {
+        return Err("a connection-specific field");
+    }
+    if h.get_all(header::TE)
+        .iter()
+        .any(|v| !v.as_bytes().eq_ignore_ascii_case(b"trailers"))
+    {
+        return Err("te other than trailers");
+    }
+    let mut lengths = h.get_all(header::CONTENT_LENGTH).iter();
+    if let Some(first) = lengths.next() {
+        let valid = |v: &HeaderValue| !v.is_empty() && v.as_bytes().iter().all(u8::is_ascii_digit);
+        if !valid(first) || first.len() > 19 || lengths.any(|v| v != first) {
+            return Err("content-length is not one number");
+        }
+    }
+    Ok(())
+}
+
+/// The request's `content-length` (checked by [`malformed`]).
+fn content_length(req: &Request<()>) -> Option<u64> {
+    req.headers()
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// An HTTP/3 request's body, for the routes. Its DATA must add up to the
+/// request's `content-length` (RFC 9114 section 4.1.2): more, or fewer at
+/// the end, is the client's error, and the stream's.
 pub struct H3Body {
     stream: h3::server::RequestStream<h3_quinn::RecvStream, Bytes>,
     done: bool,
+    /// A read is under way: h3-quinn holds the QUIC stream inside it, and
+    /// cannot stop it meanwhile.
+    reading: bool,
+    declared: Option<u64>,
+    received: u64,
+    /// Set when the body breaks `declared`, for the request to see.
+    broke: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// What STOP_SENDING says if the body is let go unread.
+    stop: h3::error::Code,
+}
+
+impl H3Body {
+    /// The client sent a body that does not match its `content-length`.
+    fn mismatch(&mut self, why: &'static str) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(b) = &self.broke {
+            b.store(true, Ordering::Relaxed);
+        }
+        self.stop = h3::error::Code::H3_MESSAGE_ERROR;
+        self.stop_reading();
+        self.done = true;
+        Poll::Ready(Some(Err(why.into())))
+    }
+
+    fn stop_reading(&mut self) {
+        if !self.done && !self.reading {
+            self.stream.stop_sending(self.stop);
+            self.done = true;
+        }
+    }
 }
 
 impl http_body::Body for H3Body {
     type Data = Bytes;
-    type Error = h3::error::StreamError;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
@@ -519,18 +626,27 @@ impl http_body::Body for H3Body {
         if self.done {
             return Poll::Ready(None);
         }
-        match self.stream.poll_recv_data(cx) {
+        let polled = self.stream.poll_recv_data(cx);
+        self.reading = polled.is_pending();
+        match polled {
             Poll::Ready(Ok(Some(mut data))) => {
                 let n = data.remaining();
+                self.received += n as u64;
+                if self.declared.is_some_and(|d| self.received > d) {
+                    return self.mismatch("request body longer than its content-length");
+                }
                 Poll::Ready(Some(Ok(Frame::data(data.copy_to_bytes(n)))))
             }
             Poll::Ready(Ok(None)) => {
                 self.done = true;
+                if self.declared.is_some_and(|d| self.received != d) {
+                    return self.mismatch("request body shorter than its content-length");
+                }
                 Poll::Ready(None)
             }
             Poll::Ready(Err(e)) => {
                 self.done = true;
-                Poll::Ready(Some(Err(e)))
+                Poll::Ready(Some(Err(e.into())))
             }
             Poll::Pending => Poll::Pending,
         }
@@ -541,15 +657,20 @@ impl http_body::Body for H3Body {
     }
 }
 
+/// A body let go unread tells the client to stop sending, with H3_NO_ERROR
+/// (RFC 9114 section 4.1.1: the answer does not need the rest), or
+/// H3_MESSAGE_ERROR for a body that broke its length; quinn would say 0.
+impl Drop for H3Body {
+    fn drop(&mut self) {
+        self.stop_reading();
+    }
+}
+
 impl RequestBody for H3Body {
-    /// HTTP/3 needs no read-and-drop: STOP_SENDING with H3_NO_ERROR tells
-    /// the client the answer does not need the rest (RFC 9114 section
-    /// 4.1.1). (Also when the request had no body: h3 cannot tell before
-    /// a read, and a read would leave the stream without a way to stop it.)
-    fn discard(mut self, _: http::Version) -> Option<crate::body::Unread> {
-        if !self.done {
-            self.stream.stop_sending(h3::error::Code::H3_NO_ERROR);
-        }
+    /// HTTP/3 needs no read-and-drop: STOP_SENDING (on drop) tells the
+    /// client the answer does not need the rest. (Also when the request
+    /// had no body: h3 cannot tell before a read.)
+    fn discard(self, _: http::Version) -> Option<crate::body::Unread> {
         None
     }
 }

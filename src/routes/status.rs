@@ -48,6 +48,7 @@ pub(super) fn response(ctx: &ListenerContext) -> Response<Body> {
                     "received_total": q.received_total.load(Ordering::Relaxed),
                     "retries_total": q.retries_total.load(Ordering::Relaxed),
                     "refused_total": q.refused_total.load(Ordering::Relaxed),
+                    "malformed_total": q.malformed_total.load(Ordering::Relaxed),
                 })
             })
             .collect::<Vec<_>>()

@@ -10,6 +10,13 @@ server's own libraries, so that a protocol mistake they share shows up).
     client.py parallel URL --connections C
         C connections at once, one request each; prints {"ok", "errors"}.
 
+    client.py malformed URL --proxy PATH
+        On one connection, one request for each malformation of RFC 9114
+        sections 4.2 and 4.3 (and bodies that break their content-length,
+        sent to PATH, a route that reads them), then a good request; prints
+        {"CASE": {"status", "reset", "stop_sending"}...} with the error
+        codes the server reset or stopped each stream with.
+
     client.py load URL --connections C [--fresh F]
         Requests on C connections, one at a time each (and on F workers that
         open a new connection for every request), until stdin closes;
@@ -35,7 +42,7 @@ from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.h3.connection import H3_ALPN, ErrorCode, H3Connection
 from aioquic.h3.events import DataReceived, HeadersReceived
 from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.events import ConnectionTerminated, StreamReset
+from aioquic.quic.events import ConnectionTerminated, StopSendingReceived, StreamReset
 
 
 class Rejected(Exception):
@@ -52,6 +59,9 @@ class Client(QuicConnectionProtocol):
         self.h3 = H3Connection(self._quic)
         self.streams = {}
         self.terminated = None
+        # Stream: the code of the server's RESET_STREAM, of its STOP_SENDING.
+        self.resets = {}
+        self.stops = {}
 
     def quic_event_received(self, event):
         if isinstance(event, ConnectionTerminated):
@@ -60,6 +70,11 @@ class Client(QuicConnectionProtocol):
                 if not s["done"].done():
                     s["done"].set_exception(Failed(self.terminated))
             return
+        if isinstance(event, StopSendingReceived):
+            self.stops[event.stream_id] = event.error_code
+            return
+        if isinstance(event, StreamReset):
+            self.resets[event.stream_id] = event.error_code
         if isinstance(event, StreamReset) and event.stream_id in self.streams:
             s = self.streams[event.stream_id]
             if not s["done"].done():
@@ -79,6 +94,27 @@ class Client(QuicConnectionProtocol):
                 s["body"] += ev.data
             if getattr(ev, "stream_ended", False) and not s["done"].done():
                 s["done"].set_result(None)
+
+    async def raw(self, fields, body=b"", end=True):
+        """Sends `fields` exactly as given (order, repeats), then `body`;
+        waits for the answer or a reset: (status or None, reset code)."""
+        sid = self._quic.get_next_available_stream_id()
+        s = {"headers": None, "body": b"", "done": asyncio.get_running_loop().create_future()}
+        self.streams[sid] = s
+        self.h3.send_headers(sid, fields, end_stream=not body and end)
+        if body:
+            self.h3.send_data(sid, body, end_stream=end)
+        self.transmit()
+        reset = None
+        try:
+            await asyncio.wait_for(s["done"], 10)
+        except (Failed, Rejected):
+            reset = self.resets.get(sid)
+        finally:
+            del self.streams[sid]
+        headers = {k.decode(): v.decode() for k, v in s["headers"] or []}
+        status = int(headers[":status"]) if ":status" in headers else None
+        return status, reset, self.stops.get(sid)
 
     async def request(self, method, url, body=b"", headers=()):
         if self.terminated:
@@ -234,6 +270,38 @@ async def parallel(args):
     print(json.dumps(out), flush=True)
 
 
+async def malformed(args):
+    u = urlparse(args.url)
+    host = u.netloc.encode()
+    get = [(b":method", b"GET"), (b":scheme", b"https"), (b":authority", host), (b":path", b"/")]
+    post = [(b":method", b"POST"), (b":scheme", b"https"), (b":authority", host),
+            (b":path", args.proxy.encode())]
+    cases = [
+        ("repeated :path", get + [(b":path", b"/other")], b""),
+        ("pseudo-header after a regular field",
+         get[:2] + [(b"x-a", b"b")] + get[2:], b""),
+        (":status in a request", get + [(b":status", b"200")], b""),
+        ("connection", get + [(b"connection", b"close")], b""),
+        ("te gzip", get + [(b"te", b"gzip")], b""),
+        ("transfer-encoding", get + [(b"transfer-encoding", b"chunked")], b""),
+        ("content-length not a number", post + [(b"content-length", b"ten")], b"0123456789"),
+        ("content-length 3 and 5", post + [(b"content-length", b"3"), (b"content-length", b"5")],
+         b"abc"),
+        ("10 declared, 5 sent", post + [(b"content-length", b"10")], b"01234"),
+        ("5 declared, 10 sent", post + [(b"content-length", b"5")], b"0123456789"),
+        ("te trailers (allowed)", get + [(b"te", b"trailers")], b""),
+        ("an unread body (allowed)", [(b":method", b"POST")] + get[1:] + [(b"content-length", b"200000")],
+         b"x" * 200000),
+        ("good", get, b""),
+    ]
+    out = {}
+    async with opened(args.url) as client:
+        for name, fields, body in cases:
+            status, reset, stop = await client.raw(fields, body)
+            out[name] = {"status": status, "reset": reset, "stop_sending": stop}
+    print(json.dumps(out), flush=True)
+
+
 def main():
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -252,8 +320,11 @@ def main():
     par = sub.add_parser("parallel")
     par.add_argument("url")
     par.add_argument("--connections", type=int, default=100)
+    m = sub.add_parser("malformed")
+    m.add_argument("url")
+    m.add_argument("--proxy", required=True)
     args = p.parse_args()
-    run = {"get": get, "load": load, "parallel": parallel}[args.cmd]
+    run = {"get": get, "load": load, "parallel": parallel, "malformed": malformed}[args.cmd]
     asyncio.run(run(args))
 
 

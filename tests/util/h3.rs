@@ -150,3 +150,9 @@ impl Load {
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("load output: {e}: {out}"))
     }
 }
+
+/// The answer to each malformed request of `client.py malformed`, on one
+/// connection; `proxy` is a path whose route reads request bodies.
+pub async fn malformed(addr: SocketAddr, proxy: &str) -> Value {
+    run("malformed", addr, "/", &["--proxy", proxy]).await
+}
