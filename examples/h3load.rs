@@ -62,7 +62,7 @@ enum Outcome {
 fn not_processed(e: &h3::error::StreamError) -> bool {
     match e {
         h3::error::StreamError::ConnectionError { 0: c, .. } => c.is_h3_no_error(),
-        h3::error::StreamError::RemoteClosing { .. } => true,
+        h3::error::StreamError::RemoteClosing => true,
         h3::error::StreamError::RemoteTerminate { code, .. } => {
             *code == h3::error::Code::H3_REQUEST_REJECTED
         }

@@ -378,6 +378,11 @@ struct Activity {
     /// client sends nothing after it, so a plain close loses nothing (no
     /// lingering, as nginx does when nothing can be unread).
     client_done: AtomicBool,
+    /// HTTP/1.x: requests handed to the service so far, and the ordinal of
+    /// the one `heads` refused (0: none) with the status it gets.
+    requests: AtomicU64,
+    refused_at: AtomicU64,
+    refused_status: AtomicU32,
 }
 
 /// Why a connection's timer ends it.
@@ -466,6 +471,8 @@ struct TrackedIo<T> {
     plain: bool,
     /// The client closed its side (a read returned end of file).
     eof: bool,
+    /// HTTP/1.x: the request heads hyper's parser cannot be told about.
+    heads: Option<crate::heads::Heads>,
     back: Option<tokio::sync::oneshot::Sender<(T, bool)>>,
 }
 
@@ -488,27 +495,48 @@ impl<T: AsyncRead + Unpin> AsyncRead for TrackedIo<T> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        if !self.prefix.is_empty() {
-            let n = self.prefix.len().min(buf.remaining());
-            buf.put_slice(&self.prefix.split_to(n));
-            return Poll::Ready(Ok(()));
-        }
         let this = &mut *self;
-        let Some(inner) = this.inner.as_mut() else {
-            return Poll::Ready(Err(gone()));
-        };
-        let before = buf.filled().len();
-        let res = Pin::new(inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            let a = &this.activity;
-            if a.in_flight.load(Ordering::Relaxed) == 0 && a.head_since.load(Ordering::Relaxed) == 0
-            {
-                a.head_since.store(now_ms(), Ordering::Relaxed);
+        loop {
+            if this.heads.as_mut().is_some_and(|h| h.pending(buf)) {
+                return Poll::Ready(Ok(()));
             }
-        } else if matches!(res, Poll::Ready(Ok(()))) && buf.remaining() > 0 {
-            this.eof = true;
+            let before = buf.filled().len();
+            if !this.prefix.is_empty() {
+                let n = this.prefix.len().min(buf.remaining());
+                buf.put_slice(&this.prefix.split_to(n));
+            } else {
+                let Some(inner) = this.inner.as_mut() else {
+                    return Poll::Ready(Err(gone()));
+                };
+                std::task::ready!(Pin::new(inner).poll_read(cx, buf))?;
+                if buf.filled().len() == before {
+                    if buf.remaining() > 0 {
+                        this.eof = true;
+                    }
+                    return Poll::Ready(Ok(()));
+                }
+                let a = &this.activity;
+                if a.in_flight.load(Ordering::Relaxed) == 0
+                    && a.head_since.load(Ordering::Relaxed) == 0
+                {
+                    a.head_since.store(now_ms(), Ordering::Relaxed);
+                }
+            }
+            let Some(heads) = this.heads.as_mut() else {
+                return Poll::Ready(Ok(()));
+            };
+            heads.filter(buf, before);
+            if let Some((at, status)) = heads.refused() {
+                this.activity.refused_at.store(at, Ordering::Relaxed);
+                this.activity
+                    .refused_status
+                    .store(status.as_u16().into(), Ordering::Relaxed);
+            }
+            if buf.filled().len() > before {
+                return Poll::Ready(Ok(()));
+            }
+            // All of it held back (part of a head) or queued: read on.
         }
-        res
     }
 }
 
@@ -607,6 +635,9 @@ pub async fn serve_http<T: Socket>(
         parked: AtomicU32::new(0),
         progress_at: AtomicU64::new(now),
         client_done: AtomicBool::new(false),
+        requests: AtomicU64::new(0),
+        refused_at: AtomicU64::new(0),
+        refused_status: AtomicU32::new(0),
     });
     let (back, mut returned) = tokio::sync::oneshot::channel();
     let io = TokioIo::new(TrackedIo {
@@ -615,6 +646,7 @@ pub async fn serve_http<T: Socket>(
         activity: activity.clone(),
         plain: !peer.tls,
         eof: false,
+        heads: (!h2).then(crate::heads::Heads::default),
         back: Some(back),
     });
     let _counted = spec.metrics.as_ref().map(|m| m.connection(h2));
@@ -743,6 +775,27 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
         if version < Version::HTTP_2 {
             let done = asks_to_close(&req) && hyper::body::Body::is_end_stream(req.body());
             self.activity.client_done.store(done, Ordering::Relaxed);
+            let a = &self.activity;
+            if a.requests.fetch_add(1, Ordering::Relaxed) + 1
+                == a.refused_at.load(Ordering::Relaxed)
+            {
+                // The head `heads` refused (an HTTP version other than 1.x,
+                // a transfer coding other than chunked): nothing after it
+                // was read, so the connection closes.
+                let status =
+                    http::StatusCode::from_u16(a.refused_status.load(Ordering::Relaxed) as u16)
+                        .unwrap_or(http::StatusCode::BAD_REQUEST);
+                debug!(listener = %self.spec.ctx.name, %status, "request refused");
+                let msg = if status == http::StatusCode::NOT_IMPLEMENTED {
+                    "transfer coding not implemented\n"
+                } else {
+                    "HTTP version not supported\n"
+                };
+                let mut res = crate::body::text(status, msg);
+                res.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                return ResponseFuture::Now(std::future::ready(Ok(finish.wrap(res, &self.spec))));
+            }
         }
         if let Err(why) = check_host(&mut req) {
             debug!(listener = %self.spec.ctx.name, "bad request: {why}");

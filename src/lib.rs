@@ -46,6 +46,7 @@ mod files;
 mod generation;
 #[allow(unsafe_code)]
 mod handoff;
+mod heads;
 mod limits;
 mod listeners;
 mod logging;

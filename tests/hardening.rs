@@ -35,12 +35,15 @@ async fn malformed_and_oversized_requests_get_4xx_and_the_server_stays_up() {
     for bad in [
         &b"GARBAGE\r\n\r\n"[..],
         b"GET / HTTP/1.1\r\nHost x\r\n\r\n",
-        b"GET / HTTP/9.9\r\n\r\n",
+        b"GET / HTTP/1.x\r\n\r\n",
         b"\x00\x01\x02\r\n\r\n",
     ] {
         let r = exchange(web, bad).await;
         assert!(r.starts_with("HTTP/1.1 400"), "{bad:?}: {r:?}");
     }
+    // Another major version: 505 (RFC 9112 section 2.3, issue 25.10).
+    let r = exchange(web, b"GET / HTTP/9.9\r\n\r\n").await;
+    assert!(r.starts_with("HTTP/1.1 505"), "{r:?}");
     // A head over the 64 KiB limit.
     let mut big = b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: ".to_vec();
     big.extend(std::iter::repeat_n(b'a', 100 * 1024));

@@ -337,6 +337,86 @@ async fn requests_with_hundreds_of_header_fields_are_served() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
 }
 
+/// Issue 25.10, RFC 9112 sections 2.3 and 6.1: a later HTTP/1 minor
+/// version is served as HTTP/1.1, another major version gets 505, and a
+/// transfer coding other than chunked alone gets 501 (hyper answered all
+/// three with 400); pipelined requests around them are framed right.
+#[tokio::test]
+async fn http_versions_and_transfer_codings_get_their_status() {
+    let srv = start(&[]).await;
+    for listener in ["web", "web-tls"] {
+        let r = raw(&srv, listener, "GET / HTTP/1.2\r\nHost: a\r\n\r\n").await;
+        assert_eq!(r.status, 200, "{listener}: {r:?}");
+        assert!(r.head.starts_with("HTTP/1.1 200"), "{}", r.head);
+        assert!(!r.closed, "the connection serves on");
+        let r = raw(&srv, listener, "GET / HTTP/2.0\r\nHost: a\r\n\r\n").await;
+        assert_eq!(r.status, 505, "{listener}: {r:?}");
+        assert!(r.closed);
+        let r = raw(&srv, listener, "GET / HTTP/3.1\r\nHost: a\r\n\r\n").await;
+        assert_eq!(r.status, 505, "{listener}: {r:?}");
+        for coding in ["identity", "gzip, chunked", "gzip"] {
+            let r = raw(
+                &srv,
+                listener,
+                &format!("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: {coding}\r\n\r\n3\r\nabc\r\n0\r\n\r\n"),
+            )
+            .await;
+            assert_eq!(r.status, 501, "{listener} {coding}: {r:?}");
+            assert!(r.closed);
+        }
+        // `TE: identity` is not a transfer coding of the request: served.
+        let r = raw(
+            &srv,
+            listener,
+            "GET / HTTP/1.1\r\nHost: a\r\nTE: identity\r\n\r\n",
+        )
+        .await;
+        assert_eq!(r.status, 200, "{listener}: {r:?}");
+    }
+    // Pipelined on one connection: a chunked body holding a request line,
+    // a counted one, HTTP/1.2, then HTTP/2.0: four answers, the last 505.
+    let pipelined = concat!(
+        "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n",
+        "12\r\nGET / HTTP/2.0\r\n\r\n\r\n0\r\n\r\n",
+        "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 16\r\n\r\nGET / HTTP/2.0\r\n",
+        "GET / HTTP/1.2\r\nHost: a\r\n\r\n",
+        "GET / HTTP/2.0\r\nHost: a\r\n\r\n",
+    );
+    let mut s = tokio::net::TcpStream::connect(srv.addr("web"))
+        .await
+        .unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(pipelined.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(util::WAIT, s.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    let out = String::from_utf8_lossy(&out);
+    let statuses: Vec<&str> = out
+        .match_indices("HTTP/1.1 ")
+        .map(|(i, _)| &out[i + 9..i + 12])
+        .collect();
+    assert_eq!(statuses, ["200", "200", "200", "505"], "{out}");
+    // curl says HTTP/1.1 and chunked itself.
+    let out = std::process::Command::new("curl")
+        .args([
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-H",
+            "Transfer-Encoding: chunked",
+            "--data-binary",
+            "abc",
+        ])
+        .arg(format!("http://{}/", srv.addr("web")))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
+}
+
 /// Issue 13.11: what any client can provoke is not logged at the default
 /// level: TLS hellos with an IP address for SNI (testssl.sh sends them),
 /// and HTTP/2 PING acks the server never asked for (h2spec does).
