@@ -49,6 +49,11 @@ pub struct ListenerSpec {
 /// hyper's connection builders, one per HTTP version (one set per thread).
 pub struct Builders {
     h1: http1::Builder,
+    /// For a connection whose request has more header fields than `h1`
+    /// parses on its stack (see `heads::STACK_FIELDS`): up to `max_headers`.
+    h1_more: Option<http1::Builder>,
+    /// The fields `h1` takes.
+    h1_fields: usize,
     h2: http2::Builder<TokioExecutor>,
 }
 
@@ -59,24 +64,42 @@ impl Builders {
     /// HTTP/2 limits against floods: 256 concurrent streams a connection
     /// (more are refused), and a GOAWAY (ENHANCE_YOUR_CALM) for a client that
     /// resets streams faster than they can be accepted (CVE-2023-44487).
-    /// An HTTP/1.x request may carry `max_headers` header fields (hyper
-    /// parses into a buffer of that many).
+    /// An HTTP/1.x request may carry `max_headers` header fields: a
+    /// connection starts with hyper's stack buffer, and moves to a builder
+    /// with a buffer of `max_headers` (allocated per request) only when a
+    /// request needs it (see `heads`).
     pub fn new(max_headers: usize) -> Builders {
-        let mut h1 = http1::Builder::new();
-        h1.timer(TokioTimer::new())
-            .header_read_timeout(None)
-            .max_headers(max_headers)
-            // Both: the buffer bound alone lets a head that arrives in one
-            // read (a TLS read decrypts several records) run past it.
-            .max_header_size(MAX_HEAD)
-            .max_buf_size(MAX_HEAD);
+        let h1_builder = |fields: Option<usize>| {
+            let mut h1 = http1::Builder::new();
+            h1.timer(TokioTimer::new())
+                .header_read_timeout(None)
+                // Both: the buffer bound alone lets a head that arrives in one
+                // read (a TLS read decrypts several records) run past it.
+                .max_header_size(MAX_HEAD)
+                .max_buf_size(MAX_HEAD);
+            if let Some(fields) = fields {
+                h1.max_headers(fields);
+            }
+            h1
+        };
+        let stack = crate::heads::STACK_FIELDS;
+        let (h1, h1_fields, h1_more) = if max_headers > stack {
+            (h1_builder(None), stack, Some(h1_builder(Some(max_headers))))
+        } else {
+            (h1_builder(Some(max_headers)), max_headers, None)
+        };
         let mut h2 = http2::Builder::new(TokioExecutor::new());
         h2.timer(TokioTimer::new())
             .max_concurrent_streams(256)
             .max_header_list_size(MAX_HEAD as u32)
             .max_pending_accept_reset_streams(64)
             .max_local_error_reset_streams(1024);
-        Builders { h1, h2 }
+        Builders {
+            h1,
+            h1_more,
+            h1_fields,
+            h2,
+        }
     }
 }
 
@@ -274,6 +297,14 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> HttpConn<T> {
             Pin::new(c).graceful_shutdown();
         }
     }
+
+    /// HTTP/1.x: ends hyper's connection once it is idle (at once if it
+    /// is), to go on with the IO elsewhere.
+    fn close_idle(self: Pin<&mut Self>) {
+        if let HttpConn::H1(c) = self.get_mut() {
+            Pin::new(c).graceful_shutdown();
+        }
+    }
 }
 
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> std::future::Future for HttpConn<T> {
@@ -383,6 +414,11 @@ struct Activity {
     requests: AtomicU64,
     refused_at: AtomicU64,
     refused_status: AtomicU32,
+    /// HTTP/1.x: a request has more header fields than the parser takes;
+    /// the connection moves to a larger one once nothing is in flight,
+    /// told through `moving`.
+    more_fields: AtomicBool,
+    moving: tokio::sync::Notify,
 }
 
 /// Why a connection's timer ends it.
@@ -404,6 +440,9 @@ impl Activity {
     fn request_finished(&self) {
         if self.in_flight.fetch_sub(1, Ordering::Relaxed) == 1 {
             self.idle_since.store(now_ms(), Ordering::Relaxed);
+            if self.more_fields.load(Ordering::Relaxed) {
+                self.moving.notify_one();
+            }
         }
     }
 
@@ -473,14 +512,19 @@ struct TrackedIo<T> {
     eof: bool,
     /// HTTP/1.x: the request heads hyper's parser cannot be told about.
     heads: Option<crate::heads::Heads>,
-    back: Option<tokio::sync::oneshot::Sender<(T, bool)>>,
+    back: Option<tokio::sync::oneshot::Sender<Returned<T>>>,
 }
+
+/// What a connection's IO hands back when hyper is done with it: the IO,
+/// whether the client closed its side, and the HTTP/1.x head filter (with
+/// what it holds back, when the connection moves to a larger parser).
+type Returned<T> = (T, bool, Option<crate::heads::Heads>);
 
 impl<T> Drop for TrackedIo<T> {
     fn drop(&mut self) {
         if let (Some(io), Some(back)) = (self.inner.take(), self.back.take()) {
             // No receiver: the connection upgraded, and the tunnel owned us.
-            let _ = back.send((io, self.eof));
+            let _ = back.send((io, self.eof, self.heads.take()));
         }
     }
 }
@@ -531,6 +575,10 @@ impl<T: AsyncRead + Unpin> AsyncRead for TrackedIo<T> {
                 this.activity
                     .refused_status
                     .store(status.as_u16().into(), Ordering::Relaxed);
+            }
+            if heads.wants_more_fields() && !this.activity.more_fields.swap(true, Ordering::Relaxed)
+            {
+                this.activity.moving.notify_one();
             }
             if buf.filled().len() > before {
                 return Poll::Ready(Ok(()));
@@ -583,6 +631,10 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for TrackedIo<T> {
         // upgraded connection (a proxied WebSocket) is another matter: its
         // tunnel half-closes, and the other direction goes on.
         if self.plain && !self.activity.upgraded.load(Ordering::Relaxed) {
+            return Poll::Ready(Ok(()));
+        }
+        // Moving to a larger parser: the connection goes on.
+        if self.activity.more_fields.load(Ordering::Relaxed) {
             return Poll::Ready(Ok(()));
         }
         match self.inner.as_mut() {
@@ -638,16 +690,8 @@ pub async fn serve_http<T: Socket>(
         requests: AtomicU64::new(0),
         refused_at: AtomicU64::new(0),
         refused_status: AtomicU32::new(0),
-    });
-    let (back, mut returned) = tokio::sync::oneshot::channel();
-    let io = TokioIo::new(TrackedIo {
-        inner: Some(io),
-        prefix,
-        activity: activity.clone(),
-        plain: !peer.tls,
-        eof: false,
-        heads: (!h2).then(crate::heads::Heads::default),
-        back: Some(back),
+        more_fields: AtomicBool::new(false),
+        moving: tokio::sync::Notify::new(),
     });
     let _counted = spec.metrics.as_ref().map(|m| m.connection(h2));
     let svc = ConnService {
@@ -657,20 +701,52 @@ pub async fn serve_http<T: Socket>(
         stats,
         activity: activity.clone(),
     };
-    let conn = if h2 {
-        HttpConn::H2(builder.h2.serve_connection(io, svc))
-    } else {
-        HttpConn::H1(builder.h1.serve_connection(io, svc).with_upgrades())
+    let mut io = io;
+    let mut prefix = prefix;
+    // The filter asks for a larger parser only while there is one; the
+    // last one answers 431 itself.
+    let fields = match builder.h1_more {
+        Some(_) => builder.h1_fields,
+        None => usize::MAX,
     };
-    let end = drive(conn, &activity, &spec, &shared).await;
-    // hyper's state is gone now, and it handed the IO back (unless an
-    // upgrade took it: the tunnel closes it).
-    let Ok((io, client_closed)) = returned.try_recv() else {
+    let mut heads = (!h2).then(|| crate::heads::Heads::new(fields));
+    let mut h1 = &builder.h1;
+    loop {
+        let (back, mut returned) = tokio::sync::oneshot::channel();
+        let tracked = TokioIo::new(TrackedIo {
+            inner: Some(io),
+            prefix,
+            activity: activity.clone(),
+            plain: !peer.tls,
+            eof: false,
+            heads: heads.take(),
+            back: Some(back),
+        });
+        let conn = if h2 {
+            HttpConn::H2(builder.h2.serve_connection(tracked, svc.clone()))
+        } else {
+            HttpConn::H1(h1.serve_connection(tracked, svc.clone()).with_upgrades())
+        };
+        let end = drive(conn, &activity, &spec, &shared).await;
+        // hyper's state is gone now, and it handed the IO back (unless an
+        // upgrade took it: the tunnel closes it).
+        let Ok((back, client_closed, filter)) = returned.try_recv() else {
+            return;
+        };
+        if activity.more_fields.swap(false, Ordering::Relaxed) {
+            if let (Some(more), Some(mut filter)) = (&builder.h1_more, filter) {
+                // The same connection, on a parser that takes the request's
+                // fields, from the head the filter held back.
+                let (next, held) = filter.more_fields(usize::MAX);
+                (io, prefix, heads, h1) = (back, held.freeze(), Some(next), more);
+                continue;
+            }
+        }
+        let client_done = activity.client_done.load(Ordering::Relaxed);
+        if end != Some(Expiry::Stalled) && !client_closed && !client_done {
+            linger(back, h2, t.send).await;
+        }
         return;
-    };
-    let client_done = activity.client_done.load(Ordering::Relaxed);
-    if end != Some(Expiry::Stalled) && !client_closed && !client_done {
-        linger(io, h2, t.send).await;
     }
 }
 
@@ -704,6 +780,13 @@ async fn drive<T: Socket>(
                     debug!(listener = %spec.ctx.name, "connection: {e}");
                 }
                 return None;
+            }
+            _ = activity.moving.notified(), if !h2 => {
+                // A request needs a larger parser: once nothing is in
+                // flight, hyper closes the idle connection (the IO goes on).
+                if activity.in_flight.load(Ordering::Relaxed) == 0 {
+                    conn.as_mut().close_idle();
+                }
             }
             _ = &mut draining, if drain_at == 0 => {
                 drain_at = now_ms();

@@ -23,6 +23,13 @@ use tokio::io::ReadBuf;
 /// Heads longer than this are left to hyper (it answers 431).
 const MAX_HEAD: usize = 64 * 1024;
 
+/// The header fields hyper parses on its stack (its default). A larger
+/// limit makes it allocate arrays of that size for every request (16% of
+/// keep-alive throughput at 500), so a connection starts with this one and
+/// moves to the configured limit only when a head needs it (see
+/// [`Heads::wants_more_fields`]).
+pub const STACK_FIELDS: usize = 100;
+
 /// The filter of one HTTP/1.x connection.
 #[derive(Default)]
 pub struct Heads {
@@ -36,6 +43,8 @@ pub struct Heads {
     /// Heads passed on (the refused one included).
     count: u64,
     refused: Option<(u64, StatusCode)>,
+    /// The most fields the parser behind this filter takes.
+    fields: usize,
 }
 
 #[derive(Default, Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,6 +59,9 @@ enum State {
     Through,
     /// After a refused head: nothing more is read for hyper.
     Refused,
+    /// A head with more fields than this parser takes is held (with all
+    /// after it) until the connection moves to one that takes them.
+    MoreFields,
 }
 
 /// Where in a chunked body (RFC 9112 section 7.1).
@@ -70,9 +82,38 @@ enum Verdict {
     /// Pass it on (maybe rewritten in place); what follows it.
     Pass(State),
     Refuse(StatusCode),
+    /// It has more fields than the parser takes.
+    MoreFields,
 }
 
 impl Heads {
+    /// A filter for a parser that takes at most `fields` header fields.
+    pub fn new(fields: usize) -> Heads {
+        Heads {
+            fields,
+            ..Default::default()
+        }
+    }
+
+    /// A head needs a parser that takes more fields than this one: hyper
+    /// has been given nothing of it (nor of what follows), which
+    /// [`Heads::more_fields`] hands on.
+    pub fn wants_more_fields(&self) -> bool {
+        self.state == State::MoreFields
+    }
+
+    /// The filter for a parser taking `fields`, and what this one held
+    /// back, for hyper to read first.
+    pub fn more_fields(&mut self, fields: usize) -> (Heads, BytesMut) {
+        let held = std::mem::take(&mut self.held);
+        let next = Heads {
+            fields,
+            count: self.count,
+            ..Default::default()
+        };
+        (next, held)
+    }
+
     /// The ordinal (from 1) of the head the filter refused, and the status
     /// its request must get.
     pub fn refused(&self) -> Option<(u64, StatusCode)> {
@@ -98,6 +139,11 @@ impl Heads {
             return;
         }
         if self.state == State::Refused {
+            buf.set_filled(start);
+            return;
+        }
+        if self.state == State::MoreFields {
+            self.held.extend_from_slice(&buf.filled()[start..]);
             buf.set_filled(start);
             return;
         }
@@ -133,6 +179,7 @@ impl Heads {
             match self.state {
                 State::Through => return (data.len(), data.len()),
                 State::Refused => return (i, data.len()),
+                State::MoreFields => return (i, i),
                 State::Body(left) => {
                     let n = left.min((data.len() - i) as u64);
                     i += n as usize;
@@ -160,13 +207,18 @@ impl Heads {
                         }
                         return (i, i);
                     };
-                    self.count += 1;
-                    match inspect(&mut data[i..i + len]) {
+                    match inspect(&mut data[i..i + len], self.fields) {
                         Verdict::Pass(next) => {
+                            self.count += 1;
                             i += len;
                             self.state = next;
                         }
+                        Verdict::MoreFields => {
+                            self.state = State::MoreFields;
+                            return (i, i);
+                        }
                         Verdict::Refuse(status) => {
+                            self.count += 1;
                             self.refused = Some((self.count, status));
                             self.stand_in = Some(stand_in(&data[i..i + len]));
                             self.state = State::Refused;
@@ -203,8 +255,9 @@ fn lines(head: &[u8]) -> impl Iterator<Item = &[u8]> {
 
 /// Looks at a complete head: rewrites a later HTTP/1 minor version to 1.1,
 /// refuses another major version and transfer codings it does not know,
-/// and says how the body that follows is framed.
-fn inspect(head: &mut [u8]) -> Verdict {
+/// and says how the body that follows is framed; or that it has more than
+/// `fields` header fields (nothing rewritten then).
+fn inspect(head: &mut [u8], fields: usize) -> Verdict {
     let line_end = head.iter().position(|&b| b == b'\n').unwrap_or(head.len());
     let line = &head[..line_end];
     let line = line.strip_suffix(b"\r").unwrap_or(line);
@@ -231,15 +284,14 @@ fn inspect(head: &mut [u8]) -> Verdict {
         };
     }
     let http10 = minor == b'0';
-    if minor > b'1' {
-        // The version's last digit: `HTTP/1.x` ends at the line's end.
-        let at = line.len() - 1;
-        head[at] = b'1';
-    }
+    // The version's last digit: `HTTP/1.x` ends at the line's end.
+    let later = (minor > b'1').then_some(line.len() - 1);
+    let mut count = 0;
     let mut length: Option<u64> = None;
     let mut codings: Vec<Vec<u8>> = Vec::new();
     let mut encoded = false;
     for field in lines(head).skip(1) {
+        count += 1;
         if field[0] == b' ' || field[0] == b'\t' {
             // Obsolete line folding: hyper refuses it.
             return Verdict::Pass(State::Through);
@@ -267,6 +319,12 @@ fn inspect(head: &mut [u8]) -> Verdict {
         } else if name.eq_ignore_ascii_case(b"upgrade") {
             return Verdict::Pass(State::Through);
         }
+    }
+    if count > fields {
+        return Verdict::MoreFields;
+    }
+    if let Some(at) = later {
+        head[at] = b'1';
     }
     if connect {
         return Verdict::Pass(State::Through);
@@ -402,7 +460,7 @@ mod tests {
     /// Runs `input`, split into reads of `size` bytes, through a filter;
     /// what hyper would read, and the refusal.
     fn through(input: &[u8], size: usize) -> (Vec<u8>, Option<(u64, StatusCode)>) {
-        let mut h = Heads::default();
+        let mut h = Heads::new(STACK_FIELDS);
         let mut seen = Vec::new();
         let mut storage = vec![0u8; 1 << 17];
         for piece in input.chunks(size) {

@@ -324,6 +324,38 @@ async fn requests_with_hundreds_of_header_fields_are_served() {
         .await;
         assert_eq!(r.status, 431, "{listener}: a head over 64 KiB");
     }
+    // Within one keep-alive connection, pipelined: a request with few
+    // fields, one with 300, one with few again. All three answered, and the
+    // connection stays open.
+    let three = format!(
+        "GET / HTTP/1.1\r\nHost: a\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n{}\r\nGET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        fields(300)
+    );
+    let mut s = tokio::net::TcpStream::connect(srv.addr("web"))
+        .await
+        .unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(three.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(util::WAIT, s.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    let out = String::from_utf8_lossy(&out);
+    assert_eq!(out.matches("HTTP/1.1 200").count(), 3, "{out}");
+    // Over TLS, one request after another on one connection.
+    let tls = Target::tls(srv.addr("web-tls"), srv.tls_h1());
+    let mut conn = client::connect(&tls).await.unwrap();
+    for n in [3, 250, 3, 120] {
+        let mut req = http::Request::get("/").header("host", "localhost");
+        for i in 0..n {
+            req = req.header(format!("x-{i}"), "v");
+        }
+        let r = conn
+            .request(req.body(http_body_util::Empty::new()).unwrap())
+            .await;
+        assert_eq!(r.unwrap().status, 200, "{n} fields");
+    }
     // And curl, with 200 headers of its own.
     let mut curl = std::process::Command::new("curl");
     curl.args(["-sS", "-o", "/dev/null", "-w", "%{http_code}"]);
