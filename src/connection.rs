@@ -424,8 +424,12 @@ struct Activity {
 /// Why a connection's timer ends it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Expiry {
-    /// Idle, or a head too slow, or idle while draining: closed with a linger.
+    /// Idle, or a head too slow: closed with a linger.
     Idle,
+    /// Idle while draining, `draining_idle` after the drain began (HTTP/2:
+    /// its GOAWAY went out then): closed with a short linger, whether or
+    /// not the client answered.
+    Drained,
     /// A response made no progress for `timeouts.send`: the client is not
     /// reading, so there is nothing to linger for. Cut.
     Stalled,
@@ -485,11 +489,16 @@ impl Activity {
             return Some((head + ms(t.header), Expiry::Idle));
         }
         let idle_since = self.idle_since.load(Ordering::Relaxed);
-        let mut at = idle_since + ms(t.idle);
-        if drain_at != 0 && !self.h2 {
+        let at = idle_since + ms(t.idle);
+        if drain_at != 0 {
             // Idle while draining: closed soon, but never sooner than
-            // `draining_idle` after the drain began.
-            at = at.min(idle_since.max(drain_at) + ms(t.draining_idle));
+            // `draining_idle` after the drain began. HTTP/2 too: a client
+            // that never answers the GOAWAY's PING (httpx) would otherwise
+            // hold the old generation until `shutdown_timeout`.
+            let drained = idle_since.max(drain_at) + ms(t.draining_idle);
+            if drained <= at {
+                return Some((drained, Expiry::Drained));
+            }
         }
         Some((at, Expiry::Idle))
     }
@@ -744,7 +753,9 @@ pub async fn serve_http<T: Socket>(
         }
         let client_done = activity.client_done.load(Ordering::Relaxed);
         if end != Some(Expiry::Stalled) && !client_closed && !client_done {
-            linger(back, h2, t.send).await;
+            // An HTTP/2 client gets the long quiet wait, for frames it may
+            // still send; not one idle since the drain's GOAWAY.
+            linger(back, h2 && end != Some(Expiry::Drained), t.send).await;
         }
         return;
     }
@@ -796,9 +807,8 @@ async fn drive<T: Socket>(
                 // (the timer looks again now).
                 if h2 {
                     conn.as_mut().goaway();
-                } else {
-                    timer.as_mut().reset(tokio::time::Instant::now());
                 }
+                timer.as_mut().reset(tokio::time::Instant::now());
             }
             _ = &mut timer => {
                 let now = now_ms();

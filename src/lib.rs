@@ -322,10 +322,14 @@ impl Server {
             if let Some(link) = inherited.apps_link {
                 gen.process.apps.follow(link, gen.config.shutdown_timeout);
             }
+            // The control socket before READY: a `reload` that reads the
+            // new pid file finds it listening.
+            if supervisor.is_none() {
+                reload::serve_control(&config_path);
+            }
             gen.report_ready(ready.take(), supervisor.is_some());
-            match supervisor {
-                Some(s) => successor::serving_under_supervisor(s),
-                None => reload::serve_control(&config_path),
+            if let Some(s) = supervisor {
+                successor::serving_under_supervisor(s);
             }
             let mut predecessors = inherited.draining;
             predecessors.enforce(gen.config.max_draining);

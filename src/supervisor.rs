@@ -122,6 +122,9 @@ pub async fn run(
         }
     };
     let pid = std::process::id();
+    // The control socket first: a `reload` that reads the pid file finds
+    // it listening.
+    crate::reload::serve_control(&restart.spawner.config_path);
     if let Some(p) = &config.pid_file {
         if let Err(e) = write_pid_file(p, pid) {
             warn!(pid_file = %p.display(), "cannot write pid file: {e}");
@@ -133,7 +136,6 @@ pub async fn run(
         NotifyState::Ready,
         NotifyState::Status(&status),
     ]);
-    crate::reload::serve_control(&restart.spawner.config_path);
     let deploys = crate::deploy::serve();
     info!(worker = first, role = "supervisor", "ready");
     let watch = start_watch(&config);

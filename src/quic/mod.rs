@@ -283,6 +283,18 @@ async fn connection(incoming: quinn::Incoming, spec: &Arc<Spec>, endpoint: &quin
         addr: conn.remote_address(),
         tls: true,
     };
+    // For the access log: QUIC is always TLS 1.3, and the client's SNI.
+    let tls = spec.access_log.as_ref().map(|_| {
+        let sni = conn
+            .handshake_data()
+            .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+            .and_then(|d| d.server_name)
+            .map(String::into_boxed_str);
+        Arc::new(TlsInfo {
+            version: "TLSv1.3",
+            sni,
+        })
+    });
     let h3 = h3::server::builder()
         .max_field_section_size(MAX_HEAD)
         .build::<_, Bytes>(h3_quinn::Connection::new(conn.clone()))
@@ -341,9 +353,9 @@ async fn connection(incoming: quinn::Incoming, spec: &Arc<Spec>, endpoint: &quin
                 Ok(Some(resolver)) => {
                     spec.stats.requests_total.fetch_add(1, Ordering::Relaxed);
                     in_flight.count.fetch_add(1, Ordering::AcqRel);
-                    let (spec, in_flight) = (spec.clone(), in_flight.clone());
+                    let (spec, in_flight, tls) = (spec.clone(), in_flight.clone(), tls.clone());
                     tokio::spawn(async move {
-                        request(resolver, &spec, peer).await;
+                        request(resolver, &spec, peer, tls.as_deref()).await;
                         if in_flight.count.fetch_sub(1, Ordering::AcqRel) == 1 {
                             in_flight.idle.notify_one();
                         }
@@ -372,7 +384,7 @@ async fn connection(incoming: quinn::Incoming, spec: &Arc<Spec>, endpoint: &quin
         // client closes (`accept` fails then).
         loop {
             match h3.accept().await {
-                Ok(Some(resolver)) => request(resolver, spec, peer).await,
+                Ok(Some(resolver)) => request(resolver, spec, peer, tls.as_deref()).await,
                 Ok(None) => {}
                 Err(_) => break,
             }
@@ -397,6 +409,7 @@ async fn request(
     mut resolver: h3::server::RequestResolver<h3_quinn::Connection, Bytes>,
     spec: &Arc<Spec>,
     peer: Peer,
+    tls: Option<&TlsInfo>,
 ) {
     // The head as sent, for the checks h3 does not make (`fields`).
     let frame = std::future::poll_fn(|cx| resolver.frame_stream.poll_next(cx)).await;
@@ -469,19 +482,13 @@ async fn request(
         e.bytes = sent;
         if let Some(log) = &spec.access_log {
             // The buffer of the first serving thread: this thread has none.
-            log.record(0, &spec.ctx.name, peer.addr, Some(&TLS_INFO), e);
+            log.record(0, &spec.ctx.name, peer.addr, tls, e);
         }
         if let Some(m) = &spec.metrics {
             m.record(route, e.status, e.bytes, e.started.elapsed().as_secs_f64());
         }
     }
 }
-
-/// QUIC is always TLS 1.3.
-static TLS_INFO: TlsInfo = TlsInfo {
-    version: "TLSv1.3",
-    sni: None,
-};
 
 /// Headers that mean nothing in HTTP/3 (RFC 9114 section 4.2).
 const CONNECTION_SPECIFIC: [header::HeaderName; 4] = [

@@ -1,6 +1,5 @@
-//! HTTP/3 from another project: `tests/h3/client.py` on aioquic, in a venv
-//! made once under the target dir (`python3 -m venv`, `pip install aioquic`).
-//! `GRACESRV_H3_PYTHON` names a Python that has aioquic instead.
+//! HTTP/3 from another project: `tests/h3/client.py` on aioquic, in the
+//! tests' venv (`venv.rs`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -11,38 +10,9 @@ use tokio::io::AsyncReadExt;
 
 const CLIENT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/h3/client.py");
 
-/// A Python with aioquic, made if needed (one test at a time: a file lock).
+/// The Python of the tests' venv (aioquic in it).
 pub fn python() -> PathBuf {
-    if let Ok(p) = std::env::var("GRACESRV_H3_PYTHON") {
-        return p.into();
-    }
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("h3-venv");
-    let python = dir.join("bin/python");
-    let has = |p: &PathBuf| {
-        std::process::Command::new(p)
-            .args(["-c", "import aioquic"])
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    let lock = std::fs::File::create(format!("{}.lock", dir.display())).unwrap();
-    lock.lock().unwrap();
-    if !has(&python) {
-        let ok = std::process::Command::new("python3")
-            .args(["-m", "venv", "--clear"])
-            .arg(&dir)
-            .status()
-            .is_ok_and(|s| s.success())
-            && std::process::Command::new(dir.join("bin/pip"))
-                .args(["install", "-q", "aioquic"])
-                .status()
-                .is_ok_and(|s| s.success());
-        assert!(
-            ok && has(&python),
-            "cannot make a venv with aioquic in {dir:?} (needs python3-venv and PyPI)"
-        );
-    }
-    python
+    super::venv::python()
 }
 
 fn url(addr: SocketAddr, path: &str) -> String {
