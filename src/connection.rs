@@ -419,6 +419,13 @@ struct Activity {
     /// told through `moving`.
     more_fields: AtomicBool,
     moving: tokio::sync::Notify,
+    /// HTTP/2 (from `h2frames`): no stream open and no frame half passed,
+    /// the last stream the client opened, and a signal when it goes quiet.
+    h2_quiet: AtomicBool,
+    /// When it last went quiet (`now_ms`).
+    h2_quiet_at: AtomicU64,
+    h2_last: AtomicU32,
+    h2_quieted: tokio::sync::Notify,
 }
 
 /// Why a connection's timer ends it.
@@ -426,6 +433,9 @@ struct Activity {
 enum Expiry {
     /// Idle, or a head too slow: closed with a linger.
     Idle,
+    /// HTTP/2, draining: no stream open. hyper is dropped here, and one
+    /// GOAWAY with the last stream's ID goes out (`h2frames`).
+    GoAway,
     /// Idle while draining, `draining_idle` after the drain began (HTTP/2:
     /// its GOAWAY went out then): closed with a short linger, whether or
     /// not the client answered.
@@ -439,6 +449,20 @@ impl Activity {
     fn request_started(&self) {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.head_since.store(0, Ordering::Relaxed);
+    }
+
+    /// What the HTTP/2 frames say now; wakes the drain when the
+    /// connection goes quiet.
+    fn h2_seen(&self, frames: &crate::h2frames::Frames) {
+        let quiet = frames.quiet();
+        if quiet != self.h2_quiet.load(Ordering::Relaxed) {
+            self.h2_quiet.store(quiet, Ordering::Relaxed);
+            self.h2_last.store(frames.last(), Ordering::Relaxed);
+            if quiet {
+                self.h2_quiet_at.store(now_ms(), Ordering::Relaxed);
+                self.h2_quieted.notify_one();
+            }
+        }
     }
 
     fn request_finished(&self) {
@@ -521,6 +545,8 @@ struct TrackedIo<T> {
     eof: bool,
     /// HTTP/1.x: the request heads hyper's parser cannot be told about.
     heads: Option<crate::heads::Heads>,
+    /// HTTP/2: the streams open, for the drain (`h2frames`).
+    frames: Option<Box<crate::h2frames::Frames>>,
     back: Option<tokio::sync::oneshot::Sender<Returned<T>>>,
 }
 
@@ -575,6 +601,10 @@ impl<T: AsyncRead + Unpin> AsyncRead for TrackedIo<T> {
                     a.head_since.store(now_ms(), Ordering::Relaxed);
                 }
             }
+            if let Some(frames) = this.frames.as_mut() {
+                frames.read(&buf.filled()[before..]);
+                this.activity.h2_seen(frames);
+            }
             let Some(heads) = this.heads.as_mut() else {
                 return Poll::Ready(Ok(()));
             };
@@ -609,6 +639,10 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for TrackedIo<T> {
         };
         let res = Pin::new(inner).poll_write(cx, buf);
         this.activity.wrote(&res);
+        if let (Some(frames), Poll::Ready(Ok(n))) = (this.frames.as_mut(), &res) {
+            frames.wrote(&buf[..*n]);
+            this.activity.h2_seen(frames);
+        }
         res
     }
     fn poll_write_vectored(
@@ -622,6 +656,15 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for TrackedIo<T> {
         };
         let res = Pin::new(inner).poll_write_vectored(cx, bufs);
         this.activity.wrote(&res);
+        if let (Some(frames), Poll::Ready(Ok(n))) = (this.frames.as_mut(), &res) {
+            let mut left = *n;
+            for b in bufs {
+                let take = left.min(b.len());
+                frames.wrote(&b[..take]);
+                left -= take;
+            }
+            this.activity.h2_seen(frames);
+        }
         res
     }
     /// Not vectored: hyper then flattens a response's head and body into
@@ -701,6 +744,10 @@ pub async fn serve_http<T: Socket>(
         refused_status: AtomicU32::new(0),
         more_fields: AtomicBool::new(false),
         moving: tokio::sync::Notify::new(),
+        h2_quiet: AtomicBool::new(false),
+        h2_quiet_at: AtomicU64::new(0),
+        h2_last: AtomicU32::new(0),
+        h2_quieted: tokio::sync::Notify::new(),
     });
     let _counted = spec.metrics.as_ref().map(|m| m.connection(h2));
     let svc = ConnService {
@@ -729,6 +776,7 @@ pub async fn serve_http<T: Socket>(
             plain: !peer.tls,
             eof: false,
             heads: heads.take(),
+            frames: h2.then(Box::default),
             back: Some(back),
         });
         let conn = if h2 {
@@ -751,15 +799,47 @@ pub async fn serve_http<T: Socket>(
                 continue;
             }
         }
+        let mut back = back;
+        if end == Some(Expiry::GoAway) {
+            let last = activity.h2_last.load(Ordering::Relaxed);
+            let frame = crate::h2frames::goaway(last);
+            let sent = tokio::time::timeout(t.send, async {
+                back.write_all(&frame).await?;
+                back.flush().await
+            })
+            .await;
+            if !matches!(sent, Ok(Ok(()))) {
+                return;
+            }
+        }
         let client_done = activity.client_done.load(Ordering::Relaxed);
         if end != Some(Expiry::Stalled) && !client_closed && !client_done {
             // An HTTP/2 client gets the long quiet wait, for frames it may
             // still send; not one idle since the drain's GOAWAY.
-            linger(back, h2 && end != Some(Expiry::Drained), t.send).await;
+            let quiet = matches!(end, Some(Expiry::Drained | Expiry::GoAway));
+            linger(back, h2 && !quiet, t.send).await;
         }
         return;
     }
 }
+
+/// How long an HTTP/2 connection must stay without an open stream before
+/// the drain's GOAWAY goes out: a client that just got its last answer is
+/// often starting its next request, and one that is mid-way (python-h2
+/// between its HEADERS and its DATA) fails when it hears the GOAWAY.
+const SETTLE: Duration = Duration::from_millis(1);
+
+/// How long a draining HTTP/2 connection waits for that quiet moment before
+/// it drains in hyper's two steps instead (GOAWAY, PING, GOAWAY), which
+/// conforming clients keep. Short: a connection that never goes quiet keeps
+/// its generation draining, and under restarts in quick succession
+/// `max_draining` stops the oldest generation, cutting what it still serves.
+const QUIET_WAIT: Duration = Duration::from_millis(100);
+
+/// Within QUIET_WAIT, the wait ends sooner for a connection that has not
+/// been quiet at all for this long (many streams at once, always one open):
+/// it will not be.
+const QUIET_GAP: Duration = Duration::from_millis(20);
 
 /// Runs hyper's connection until it ends (`None`) or a timer ends it.
 async fn drive<T: Socket>(
@@ -776,6 +856,13 @@ async fn drive<T: Socket>(
     tokio::pin!(draining);
     // When the drain began (as `now_ms`), 0 until then.
     let mut drain_at = 0;
+    // HTTP/2: hyper's own drain started (the connection was never quiet).
+    let mut two_steps = false;
+    // HTTP/2, draining: no stream is open since a moment, and the last
+    // stream then; the GOAWAY waits SETTLE more.
+    let mut quiet_since: Option<u32> = None;
+    let settle = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(settle);
     // The timer looks at least this often: what the connection is doing
     // changes without waking it (a head starts, a response parks), so a
     // deadline is never slept past by more than this.
@@ -801,17 +888,46 @@ async fn drive<T: Socket>(
             }
             _ = &mut draining, if drain_at == 0 => {
                 drain_at = now_ms();
-                // HTTP/2: GOAWAY now, open streams finish. HTTP/1.1: the next
+                // HTTP/2: one GOAWAY with the last stream's ID, once no stream
+                // is open (now, or when the last one ends: `h2frames`); if
+                // that moment does not come within QUIET_WAIT, hyper's two
+                // steps (GOAWAY, PING, GOAWAY). HTTP/1.1: the next
                 // response carries `Connection: close` (see ConnService), and
                 // an idle connection is closed after `timeouts.draining_idle`
                 // (the timer looks again now).
-                if h2 {
-                    conn.as_mut().goaway();
+                if h2 && activity.h2_quiet.load(Ordering::Relaxed) {
+                    quiet_since = Some(activity.h2_last.load(Ordering::Relaxed));
+                    settle.as_mut().reset(tokio::time::Instant::now() + SETTLE);
                 }
                 timer.as_mut().reset(tokio::time::Instant::now());
             }
+            _ = activity.h2_quieted.notified(), if h2 && drain_at != 0 && !two_steps => {
+                if activity.h2_quiet.load(Ordering::Relaxed) {
+                    quiet_since = Some(activity.h2_last.load(Ordering::Relaxed));
+                    settle.as_mut().reset(tokio::time::Instant::now() + SETTLE);
+                }
+            }
+            _ = &mut settle, if quiet_since.is_some() => {
+                // Quiet for SETTLE, and no stream opened meanwhile: the
+                // client is between requests, not starting one.
+                let last = quiet_since.take().unwrap_or_default();
+                if activity.h2_quiet.load(Ordering::Relaxed)
+                    && activity.h2_last.load(Ordering::Relaxed) == last
+                {
+                    return Some(Expiry::GoAway);
+                }
+            }
             _ = &mut timer => {
                 let now = now_ms();
+                let quiet_at = activity.h2_quiet_at.load(Ordering::Relaxed).max(drain_at);
+                if h2 && drain_at != 0 && !two_steps
+                    && (now >= drain_at + QUIET_WAIT.as_millis() as u64
+                        || now >= quiet_at + QUIET_GAP.as_millis() as u64)
+                {
+                    // Never quiet: the drain every conforming client keeps.
+                    two_steps = true;
+                    conn.as_mut().goaway();
+                }
                 match activity.deadline(&t, drain_at) {
                     Some((d, why)) if d <= now => {
                         debug!(listener = %spec.ctx.name, ?why, "closing connection: timed out");
@@ -824,6 +940,17 @@ async fn drive<T: Socket>(
                     }
                     Some((d, _)) => timer.as_mut().reset(tokio::time::Instant::now() + period.min(Duration::from_millis(d - now))),
                     None => timer.as_mut().reset(tokio::time::Instant::now() + period),
+                }
+                if h2 && drain_at != 0 && !two_steps {
+                    // Look again when the wait for a quiet moment runs out.
+                    let quiet_at = activity.h2_quiet_at.load(Ordering::Relaxed).max(drain_at);
+                    let fallback = (drain_at + QUIET_WAIT.as_millis() as u64)
+                        .min(quiet_at + QUIET_GAP.as_millis() as u64)
+                        + tick_ms();
+                    let at = tokio::time::Instant::now() + Duration::from_millis(fallback.saturating_sub(now));
+                    if at < timer.deadline() {
+                        timer.as_mut().reset(at);
+                    }
                 }
             }
         }

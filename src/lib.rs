@@ -44,6 +44,7 @@ mod deploy;
 mod drain;
 mod files;
 mod generation;
+mod h2frames;
 #[allow(unsafe_code)]
 mod handoff;
 mod heads;
