@@ -298,9 +298,13 @@ pub async fn run(config: Config, shown: Option<std::sync::Arc<Status>>, restart:
                         w.names.clone(),
                         (delay, tokio::time::Instant::now() + delay),
                     );
-                    error!(names = ?w.names, "cannot obtain the certificate, trying again in {delay:?}: {e}");
-                    s.last_error = Some(e);
+                    s.last_error = Some(e.clone());
                     s.next_attempt = Some(crate::config::rfc3339(SystemTime::now() + delay));
+                    // `status` says so before the log does.
+                    if let Some(shown) = &shown {
+                        shown.failed(s);
+                    }
+                    error!(names = ?w.names, "cannot obtain the certificate, trying again in {delay:?}: {e}");
                 }
             }
             s.not_after = std::fs::read(&w.cert).ok().as_deref().and_then(not_after);
@@ -394,6 +398,15 @@ impl Status {
     pub fn json(&self) -> serde_json::Value {
         let certs = self.certs.lock().unwrap_or_else(|p| p.into_inner());
         serde_json::to_value(&*certs).unwrap_or_default()
+    }
+
+    /// The orderer's failure for a certificate, at once.
+    fn failed(&self, record: &CertStatus) {
+        let mut certs = self.certs.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(shown) = certs.iter_mut().find(|c| c.names == record.names) {
+            shown.last_error = record.last_error.clone();
+            shown.next_attempt = record.next_attempt.clone();
+        }
     }
 
     /// What storage holds now: each certificate's `not_after`, and the

@@ -829,17 +829,16 @@ pub async fn serve_http<T: Socket>(
 /// between its HEADERS and its DATA) fails when it hears the GOAWAY.
 const SETTLE: Duration = Duration::from_millis(1);
 
-/// How long a draining HTTP/2 connection waits for that quiet moment before
-/// it drains in hyper's two steps instead (GOAWAY, PING, GOAWAY), which
-/// conforming clients keep. Short: a connection that never goes quiet keeps
-/// its generation draining, and under restarts in quick succession
-/// `max_draining` stops the oldest generation, cutting what it still serves.
-const QUIET_WAIT: Duration = Duration::from_millis(100);
+/// How long a draining HTTP/2 connection waits for a quiet moment that
+/// lasts SETTLE; after it, the GOAWAY goes out at the next quiet moment of
+/// any length. Short: a connection that keeps its generation draining is
+/// cut when restarts in quick succession make `max_draining` stop it.
+const QUIET_WAIT: Duration = Duration::from_millis(50);
 
-/// Within QUIET_WAIT, the wait ends sooner for a connection that has not
-/// been quiet at all for this long (many streams at once, always one open):
-/// it will not be.
-const QUIET_GAP: Duration = Duration::from_millis(20);
+/// A connection that has not been quiet at all for this long (many streams
+/// at once, always one open) will not be: it drains in hyper's two steps
+/// (GOAWAY, PING, GOAWAY), which conforming clients keep.
+const QUIET_GAP: Duration = Duration::from_millis(50);
 
 /// Runs hyper's connection until it ends (`None`) or a timer ends it.
 async fn drive<T: Socket>(
@@ -858,6 +857,8 @@ async fn drive<T: Socket>(
     let mut drain_at = 0;
     // HTTP/2: hyper's own drain started (the connection was never quiet).
     let mut two_steps = false;
+    // HTTP/2: QUIET_WAIT passed; the next quiet moment will do.
+    let mut hurry = false;
     // HTTP/2, draining: no stream is open since a moment, and the last
     // stream then; the GOAWAY waits SETTLE more.
     let mut quiet_since: Option<u32> = None;
@@ -903,6 +904,9 @@ async fn drive<T: Socket>(
             }
             _ = activity.h2_quieted.notified(), if h2 && drain_at != 0 && !two_steps => {
                 if activity.h2_quiet.load(Ordering::Relaxed) {
+                    if hurry {
+                        return Some(Expiry::GoAway);
+                    }
                     quiet_since = Some(activity.h2_last.load(Ordering::Relaxed));
                     settle.as_mut().reset(tokio::time::Instant::now() + SETTLE);
                 }
@@ -920,13 +924,18 @@ async fn drive<T: Socket>(
             _ = &mut timer => {
                 let now = now_ms();
                 let quiet_at = activity.h2_quiet_at.load(Ordering::Relaxed).max(drain_at);
-                if h2 && drain_at != 0 && !two_steps
-                    && (now >= drain_at + QUIET_WAIT.as_millis() as u64
-                        || now >= quiet_at + QUIET_GAP.as_millis() as u64)
-                {
-                    // Never quiet: the drain every conforming client keeps.
-                    two_steps = true;
-                    conn.as_mut().goaway();
+                if h2 && drain_at != 0 && !two_steps {
+                    if activity.h2_quiet.load(Ordering::Relaxed) {
+                        if hurry || now >= drain_at + QUIET_WAIT.as_millis() as u64 {
+                            return Some(Expiry::GoAway);
+                        }
+                    } else if now >= quiet_at + QUIET_GAP.as_millis() as u64 {
+                        // Never quiet: the drain every conforming client keeps.
+                        two_steps = true;
+                        conn.as_mut().goaway();
+                    } else if now >= drain_at + QUIET_WAIT.as_millis() as u64 {
+                        hurry = true;
+                    }
                 }
                 match activity.deadline(&t, drain_at) {
                     Some((d, why)) if d <= now => {
@@ -944,9 +953,12 @@ async fn drive<T: Socket>(
                 if h2 && drain_at != 0 && !two_steps {
                     // Look again when the wait for a quiet moment runs out.
                     let quiet_at = activity.h2_quiet_at.load(Ordering::Relaxed).max(drain_at);
-                    let fallback = (drain_at + QUIET_WAIT.as_millis() as u64)
-                        .min(quiet_at + QUIET_GAP.as_millis() as u64)
-                        + tick_ms();
+                    let fallback = if hurry {
+                        quiet_at + QUIET_GAP.as_millis() as u64
+                    } else {
+                        (drain_at + QUIET_WAIT.as_millis() as u64)
+                            .min(quiet_at + QUIET_GAP.as_millis() as u64)
+                    } + tick_ms();
                     let at = tokio::time::Instant::now() + Duration::from_millis(fallback.saturating_sub(now));
                     if at < timer.deadline() {
                         timer.as_mut().reset(at);

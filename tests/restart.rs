@@ -223,14 +223,14 @@ async fn fds_and_zombies_stay_flat_over_50_restarts() {
     let web = Target::plain(srv.addr("web"));
     srv.restart().await;
     client::get(&web, "/").await.unwrap();
-    let fds_after_one = util::fd_count(srv.pid());
+    let fds_after_one = util::settled_fd_count(srv.pid()).await;
     for _ in 0..49 {
         srv.restart().await;
     }
     let pid = srv.pid();
     assert_eq!(client::get(&web, "/").await.unwrap().pid(), pid);
     assert_eq!(
-        util::fd_count(pid),
+        util::settled_fd_count(pid).await,
         fds_after_one,
         "fds of the serving process"
     );

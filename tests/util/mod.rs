@@ -716,6 +716,27 @@ pub fn fd_count(pid: u32) -> usize {
         .unwrap_or(0)
 }
 
+/// `pid`'s open fds once the count holds still for 300 ms (a connection
+/// the test just closed may still be lingering on the server's side).
+pub async fn settled_fd_count(pid: u32) -> usize {
+    let deadline = std::time::Instant::now() + WAIT;
+    let mut last = fd_count(pid);
+    let mut since = std::time::Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let now = fd_count(pid);
+        if now != last {
+            (last, since) = (now, std::time::Instant::now());
+        } else if since.elapsed() >= Duration::from_millis(300) {
+            return now;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "fds of {pid} never settled"
+        );
+    }
+}
+
 /// Children of `pid` that are zombies.
 pub fn zombie_children(pid: u32) -> usize {
     let mut n = 0;
