@@ -367,6 +367,14 @@ struct Shown {
     next_attempt: Option<String>,
 }
 
+impl Shown {
+    /// The orderer's last error and next attempt, from its record.
+    fn record(&mut self, r: &CertStatus) {
+        self.last_error = r.last_error.clone();
+        self.next_attempt = r.next_attempt.clone();
+    }
+}
+
 impl Status {
     /// The certificates `config` asks for, as this generation loaded them
     /// (`None` without an `acme:` section). Reads the files: call it where
@@ -378,15 +386,18 @@ impl Status {
             .into_iter()
             .map(|w| {
                 let served = w.loaded.as_deref().and_then(not_after);
-                let last = recorded.iter().find(|r| r.names == w.names);
-                Shown {
+                let mut shown = Shown {
                     not_after: served.clone(),
                     stored_not_after: served.clone(),
                     served_not_after: served,
-                    last_error: last.and_then(|r| r.last_error.clone()),
-                    next_attempt: last.and_then(|r| r.next_attempt.clone()),
+                    last_error: None,
+                    next_attempt: None,
                     names: w.names,
+                };
+                if let Some(r) = recorded.iter().find(|r| r.names == shown.names) {
+                    shown.record(r);
                 }
+                shown
             })
             .collect();
         Some(std::sync::Arc::new(Status {
@@ -404,8 +415,7 @@ impl Status {
     fn failed(&self, record: &CertStatus) {
         let mut certs = self.certs.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(shown) = certs.iter_mut().find(|c| c.names == record.names) {
-            shown.last_error = record.last_error.clone();
-            shown.next_attempt = record.next_attempt.clone();
+            shown.record(record);
         }
     }
 
@@ -421,8 +431,7 @@ impl Status {
         for (shown, stored) in certs.iter_mut().zip(stored) {
             shown.stored_not_after = stored;
             if let Some(r) = recorded.iter().find(|r| r.names == shown.names) {
-                shown.last_error = r.last_error.clone();
-                shown.next_attempt = r.next_attempt.clone();
+                shown.record(r);
             }
         }
     }

@@ -787,7 +787,7 @@ pub async fn serve_http<T: Socket>(
         let end = drive(conn, &activity, &spec, &shared).await;
         // hyper's state is gone now, and it handed the IO back (unless an
         // upgrade took it: the tunnel closes it).
-        let Ok((back, client_closed, filter)) = returned.try_recv() else {
+        let Ok((mut back, client_closed, filter)) = returned.try_recv() else {
             return;
         };
         if activity.more_fields.swap(false, Ordering::Relaxed) {
@@ -799,7 +799,6 @@ pub async fn serve_http<T: Socket>(
                 continue;
             }
         }
-        let mut back = back;
         if end == Some(Expiry::GoAway) {
             let last = activity.h2_last.load(Ordering::Relaxed);
             let frame = crate::h2frames::goaway(last);

@@ -533,12 +533,14 @@ async fn request(
     }
 }
 
-/// Headers that mean nothing in HTTP/3 (RFC 9114 section 4.2).
-const CONNECTION_SPECIFIC: [header::HeaderName; 4] = [
+/// Headers that mean nothing in HTTP/3 (RFC 9114 section 4.2): a request
+/// with one is malformed, and a response never carries one.
+const CONNECTION_SPECIFIC: [header::HeaderName; 5] = [
     header::CONNECTION,
     header::TRANSFER_ENCODING,
     header::UPGRADE,
     header::HeaderName::from_static("keep-alive"),
+    header::HeaderName::from_static("proxy-connection"),
 ];
 
 /// Sends `res`; each piece must leave within `send` (a client that stops
@@ -592,14 +594,7 @@ async fn respond(
 /// fields, `te` other than `trailers`, a length that is not one number.
 fn malformed(req: &Request<()>) -> Result<(), &'static str> {
     let h = req.headers();
-    let specific = [
-        header::CONNECTION,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-        header::HeaderName::from_static("keep-alive"),
-        header::HeaderName::from_static("proxy-connection"),
-    ];
-    if specific.iter().any(|name| h.contains_key(name)) {
+    if CONNECTION_SPECIFIC.iter().any(|name| h.contains_key(name)) {
         return Err("a connection-specific field");
     }
     if h.get_all(header::TE)
