@@ -263,3 +263,83 @@ fn which(name: &str) -> Option<std::path::PathBuf> {
             .find(|p| p.is_file())
     })
 }
+
+/// Issue 26.4: the GOAWAY IDs a draining generation sends on an HTTP/3
+/// connection never increase (RFC 9114 section 5.2), read by aioquic from
+/// the server's control stream: on a connection that has taken no request
+/// (one GOAWAY, 0), and on one busy with requests one after another, which
+/// is never quiet and so drains in two steps (a first GOAWAY that allows
+/// every stream, then the real one). Every request below the last ID is
+/// answered; none is failed.
+#[tokio::test]
+async fn http3_goaway_ids_never_increase() {
+    let config = Config::new()
+        .set("timeouts", json!({ "draining_idle": "1s" }))
+        .listener(
+            Listener::tls("h3", "localhost.crt", "localhost.key")
+                .set("http3", true)
+                .route("/", "respond", json!({ "body": "{pid}\n" })),
+        );
+    let mut srv = TestServer::builder().config(config).start().await;
+    let url = format!("https://{}/", srv.addr("h3"));
+    let client = |busy: bool| {
+        let mut cmd = tokio::process::Command::new(util::venv::python());
+        cmd.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/h3/client.py"))
+            .args(["goaway", &url])
+            .args(busy.then_some("--busy"))
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        cmd.spawn().unwrap()
+    };
+    let (mut idle, mut busy) = (client(false), client(true));
+    for child in [&mut idle, &mut busy] {
+        let mut out = tokio::io::BufReader::new(child.stdout.as_mut().unwrap());
+        let mut line = String::new();
+        tokio::time::timeout(util::WAIT, out.read_line(&mut line))
+            .await
+            .expect("connected in time")
+            .unwrap();
+        assert_eq!(line.trim(), "connected");
+    }
+    // The busy client is past its first answers.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    srv.restart().await;
+    for (name, child) in [("idle", idle), ("busy", busy)] {
+        let out = tokio::time::timeout(util::WAIT, child.wait_with_output())
+            .await
+            .expect("the client finished in time")
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+        let ids: Vec<u64> = v["goaways"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|id| id.as_u64().unwrap())
+            .collect();
+        assert!(!ids.is_empty(), "{name}: no GOAWAY: {v}");
+        assert!(
+            ids.windows(2).all(|w| w[1] <= w[0]),
+            "{name}: the GOAWAY ID increased: {v}"
+        );
+        assert_eq!(v["closed"], true, "{name}: the server closed: {v}");
+        assert_eq!(v["failed"], json!([]), "{name}: {v}");
+        let last = *ids.last().unwrap();
+        let answered = v["answered"].as_array().unwrap();
+        assert!(
+            answered.iter().all(|id| id.as_u64().unwrap() < last),
+            "{name}: {v}"
+        );
+        if name == "idle" {
+            assert_eq!(ids, [0], "{v}");
+        } else {
+            assert!(answered.len() > 10, "{v}");
+            assert_eq!(ids.len(), 2, "two steps: {v}");
+            assert_eq!(
+                last,
+                answered.last().unwrap().as_u64().unwrap() + 4,
+                "the last GOAWAY names the stream after the last one served: {v}"
+            );
+        }
+    }
+}

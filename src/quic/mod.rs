@@ -327,6 +327,12 @@ async fn connection(incoming: quinn::Incoming, spec: &Arc<Spec>, endpoint: &quin
     let step = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(step);
     let mut last_started = tokio::time::Instant::now();
+    // The last request stream taken, and once the final GOAWAY is out, the
+    // ID it names: streams from there on are refused unprocessed (h3 0.0.8
+    // serves the stream the ID names, which RFC 9114 section 5.2 says was
+    // not processed; its GOAWAY IDs are right).
+    let mut last_id: Option<u64> = None;
+    let mut refuse_from = u64::MAX;
     let mut wait_until = tokio::time::Instant::now();
     let code = quinn::VarInt::from_u32(0x100); // H3_NO_ERROR
     loop {
@@ -339,6 +345,7 @@ async fn connection(incoming: quinn::Incoming, spec: &Arc<Spec>, endpoint: &quin
             _ = &mut step, if phase == 1 || phase == 3 => {
                 if phase == 1 {
                     phase = 2;
+                    refuse_from = last_id.map_or(0, |id| id + 4);
                     if let Err(e) = h3.shutdown(1).await {
                         debug!(listener = %spec.ctx.name, "HTTP/3 GOAWAY: {e}");
                         break;
@@ -352,6 +359,7 @@ async fn connection(incoming: quinn::Incoming, spec: &Arc<Spec>, endpoint: &quin
                 let quiet = in_flight.count.load(Ordering::Acquire) == 0 && now >= last_started + QUIET;
                 if quiet {
                     // One GOAWAY naming the stream after the last one taken.
+                    refuse_from = last_id.map_or(0, |id| id + 4);
                     if let Err(e) = h3.shutdown(1).await {
                         debug!(listener = %spec.ctx.name, "HTTP/3 GOAWAY: {e}");
                     }
@@ -384,7 +392,13 @@ async fn connection(incoming: quinn::Incoming, spec: &Arc<Spec>, endpoint: &quin
                 return;
             }
             accepted = h3.accept() => match accepted {
-                Ok(Some(resolver)) => {
+                Ok(Some(mut resolver)) => {
+                    let id = resolver.frame_stream.id().into_inner();
+                    if id >= refuse_from {
+                        refuse(&mut resolver);
+                        continue;
+                    }
+                    last_id = Some(id);
                     last_started = tokio::time::Instant::now();
                     spec.stats.requests_total.fetch_add(1, Ordering::Relaxed);
                     in_flight.count.fetch_add(1, Ordering::AcqRel);
@@ -407,18 +421,22 @@ async fn connection(incoming: quinn::Incoming, spec: &Arc<Spec>, endpoint: &quin
     }
     // Every request is answered, but maybe not yet acknowledged, and a
     // CONNECTION_CLOSE makes the client drop what it has not read: close
-    // once the client closes, or after draining_idle. Meanwhile streams
-    // the client still opens are refused (H3_REQUEST_REJECTED) by h3.
+    // once the client closes, or after draining_idle.
     let wait = async {
         while in_flight.count.load(Ordering::Acquire) > 0 {
             in_flight.idle.notified().await;
         }
-        // Streams the client opened before it heard the GOAWAY are refused
-        // (h3 does so within `accept`, which says `None` after each), but
-        // the one the GOAWAY still allows, which is served; until the
-        // client closes (`accept` fails then).
+        // Streams below the GOAWAY's ID that arrive late are served; those
+        // the client opened from it on before it heard the GOAWAY are
+        // refused (H3_REQUEST_REJECTED: by h3 past the ID, by `refuse` at
+        // it); until the client closes (`accept` fails then).
         loop {
             match h3.accept().await {
+                Ok(Some(mut resolver))
+                    if resolver.frame_stream.id().into_inner() >= refuse_from =>
+                {
+                    refuse(&mut resolver)
+                }
                 Ok(Some(resolver)) => request(resolver, spec, peer, tls.as_deref()).await,
                 Ok(None) => {}
                 Err(_) => break,
@@ -447,6 +465,15 @@ struct InFlight {
 }
 
 type Stream = h3::server::RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>;
+
+/// Refuses a request stream unprocessed (RFC 9114 section 4.1.1): the
+/// client may send it again on a new connection, whatever its method.
+fn refuse(resolver: &mut h3::server::RequestResolver<h3_quinn::Connection, Bytes>) {
+    use h3::quic::SendStream;
+    resolver
+        .frame_stream
+        .reset(h3::error::Code::H3_REQUEST_REJECTED.value());
+}
 
 async fn request(
     mut resolver: h3::server::RequestResolver<h3_quinn::Connection, Bytes>,

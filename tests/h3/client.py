@@ -17,6 +17,14 @@ server's own libraries, so that a protocol mistake they share shows up).
         {"CASE": {"status", "reset", "stop_sending"}...} with the error
         codes the server reset or stopped each stream with.
 
+    client.py goaway URL [--busy]
+        One connection; prints "connected" once it is; with --busy, GETs one
+        after another (the next as soon as the last is answered, and none
+        past a GOAWAY's ID) until the server closes the connection. Reads
+        every GOAWAY frame on the server's control stream (aioquic itself
+        discards their IDs) and prints {"goaways": [ID...], "answered":
+        [stream ID...], "rejected": [...], "failed": [...], "closed"}.
+
     client.py load URL --connections C [--fresh F]
         Requests on C connections, one at a time each (and on F workers that
         open a new connection for every request), until stdin closes;
@@ -42,7 +50,12 @@ from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.h3.connection import H3_ALPN, ErrorCode, H3Connection
 from aioquic.h3.events import DataReceived, HeadersReceived
 from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.events import ConnectionTerminated, StopSendingReceived, StreamReset
+from aioquic.quic.events import (
+    ConnectionTerminated,
+    StopSendingReceived,
+    StreamDataReceived,
+    StreamReset,
+)
 
 
 class Rejected(Exception):
@@ -62,10 +75,44 @@ class Client(QuicConnectionProtocol):
         # Stream: the code of the server's RESET_STREAM, of its STOP_SENDING.
         self.resets = {}
         self.stops = {}
+        # The server's unidirectional streams as received, and the IDs of
+        # the GOAWAY frames on its control stream, in order.
+        self.uni = {}
+        self.goaways = []
+        self.goaway = asyncio.Event()
+        self.closed = asyncio.Event()
+
+    def read_control(self, event):
+        """Follows the server's control stream (type 0x00) to its GOAWAYs."""
+        if event.stream_id % 4 != 3:
+            return
+        buf = self.uni.setdefault(event.stream_id, {"data": b"", "at": 0, "kind": None})
+        buf["data"] += event.data
+        while True:
+            at = buf["at"]
+            if buf["kind"] is None:
+                kind, at = varint(buf["data"], at)
+                if kind is None:
+                    return
+                buf["kind"], buf["at"] = kind, at
+                continue
+            if buf["kind"] != 0:
+                return
+            ftype, at = varint(buf["data"], at)
+            length, at = varint(buf["data"], at) if ftype is not None else (None, at)
+            if length is None or len(buf["data"]) < at + length:
+                return
+            if ftype == 0x7:
+                self.goaways.append(varint(buf["data"][at : at + length], 0)[0])
+                self.goaway.set()
+            buf["at"] = at + length
 
     def quic_event_received(self, event):
+        if isinstance(event, StreamDataReceived):
+            self.read_control(event)
         if isinstance(event, ConnectionTerminated):
             self.terminated = f"connection closed: {event.error_code:#x} {event.reason_phrase}"
+            self.closed.set()
             for s in self.streams.values():
                 if not s["done"].done():
                     s["done"].set_exception(Failed(self.terminated))
@@ -146,6 +193,19 @@ class Client(QuicConnectionProtocol):
             del self.streams[sid]
         headers = {k.decode(): v.decode() for k, v in s["headers"] or []}
         return int(headers.get(":status", "0")), headers, s["body"]
+
+
+def varint(data, at):
+    """A QUIC variable-length integer at `at`: (value, next), or (None, at)."""
+    if at >= len(data):
+        return None, at
+    n = 1 << (data[at] >> 6)
+    if at + n > len(data):
+        return None, at
+    v = data[at] & 0x3F
+    for b in data[at + 1 : at + n]:
+        v = (v << 8) | b
+    return v, at + n
 
 
 def configuration(sni=None):
@@ -252,6 +312,31 @@ async def load(args):
     print(json.dumps(totals), flush=True)
 
 
+async def goaway(args):
+    out = {"goaways": [], "answered": [], "rejected": [], "failed": [], "closed": False}
+    async with opened(args.url) as client:
+        print("connected", flush=True)
+        if args.busy:
+            while not client.terminated:
+                sid = client._quic.get_next_available_stream_id()
+                if client.goaways and sid >= min(client.goaways):
+                    break
+                try:
+                    status, _, _ = await asyncio.wait_for(client.request("GET", args.url), 10)
+                    (out["answered"] if status == 200 else out["failed"]).append(sid)
+                except Rejected:
+                    out["rejected"].append(sid)
+                except Exception:  # noqa: BLE001 - counted
+                    out["failed"].append(sid)
+        try:
+            await asyncio.wait_for(client.closed.wait(), 15)
+            out["closed"] = True
+        except asyncio.TimeoutError:
+            pass
+        out["goaways"] = client.goaways
+    print(json.dumps(out), flush=True)
+
+
 async def parallel(args):
     out = {"ok": 0, "errors": []}
 
@@ -320,11 +405,15 @@ def main():
     par = sub.add_parser("parallel")
     par.add_argument("url")
     par.add_argument("--connections", type=int, default=100)
+    ga = sub.add_parser("goaway")
+    ga.add_argument("url")
+    ga.add_argument("--busy", action="store_true")
     m = sub.add_parser("malformed")
     m.add_argument("url")
     m.add_argument("--proxy", required=True)
     args = p.parse_args()
-    run = {"get": get, "load": load, "parallel": parallel, "malformed": malformed}[args.cmd]
+    run = {"get": get, "load": load, "parallel": parallel, "malformed": malformed,
+           "goaway": goaway}[args.cmd]
     asyncio.run(run(args))
 
 
