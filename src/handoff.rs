@@ -22,6 +22,11 @@ pub const LISTEN_FDS_START: RawFd = 3;
 /// Names a supervised worker's link to its supervisor (see `apps::link`).
 pub const APPS_FD: &str = "GRACESRV_APPS_FD";
 
+/// Hands the TLS ticket secret to the next process (`tickets`).
+pub const TICKET_SECRET_VAR: &str = "GRACESRV_TICKET_SECRET";
+/// Hands the metrics' counters to the next process (`metrics::freeze`).
+pub const METRICS_VAR: &str = "GRACESRV_METRICS";
+
 /// Environment variables of the handoff; read once and removed at start.
 pub const HANDOFF_VARS: [&str; 10] = [
     "LISTEN_PID",
@@ -31,8 +36,8 @@ pub const HANDOFF_VARS: [&str; 10] = [
     "GRACESRV_GENERATION",
     "GRACESRV_SUPERVISOR",
     "GRACESRV_DRAINING",
-    crate::tickets::SECRET_VAR,
-    crate::metrics::BASE_VAR,
+    TICKET_SECRET_VAR,
+    METRICS_VAR,
     APPS_FD,
 ];
 

@@ -35,6 +35,7 @@
 mod access_log;
 mod acme;
 mod apps;
+mod atomic;
 mod backoff;
 mod body;
 mod config;
@@ -52,6 +53,7 @@ mod limits;
 mod listeners;
 mod logging;
 mod metrics;
+mod pid;
 mod predecessors;
 mod prepare;
 mod proxy;

@@ -20,9 +20,6 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-/// The environment variable that hands counters to the next process.
-pub const BASE_VAR: &str = "GRACESRV_METRICS";
-
 /// Upper bounds of the duration histogram, in seconds.
 const BUCKETS: [f64; 11] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0,
@@ -110,7 +107,7 @@ pub struct Metrics {
     /// Served certificates: listener, serial, not after (Unix seconds).
     pub certificates: Vec<(String, String, i64)>,
     /// Older generations still draining, as this generation was told.
-    pub predecessors: Mutex<Vec<crate::predecessors::Gen>>,
+    pub predecessors: Mutex<Vec<crate::pid::Gen>>,
     generation: u64,
 }
 
@@ -230,7 +227,7 @@ impl Metrics {
     }
 
     /// A restart starts: export these values from now on, and hand them
-    /// over (JSON, for [`BASE_VAR`]).
+    /// over (JSON, for `handoff::METRICS_VAR`).
     pub fn freeze(&self) -> String {
         let now = self.counters();
         let json = serde_json::to_string(&now).unwrap_or_default();

@@ -14,43 +14,10 @@
 
 use tracing::warn;
 
+use crate::pid::Gen;
+
 /// How long a generation told to QUIT has before SIGKILL.
 const QUIT_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Gen {
-    pub pid: i32,
-    /// Start time in clock ticks since boot (/proc/PID/stat, field 22).
-    pub start: u64,
-}
-
-/// The start time of `pid`, if it runs (a zombie does not).
-fn start_time(pid: i32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name may hold spaces and parentheses: fields follow the last ')'.
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    if fields.first() == Some(&"Z") {
-        return None;
-    }
-    // Field 22 overall is the 20th after the command name.
-    fields.get(19)?.parse().ok()
-}
-
-impl Gen {
-    /// Process `pid`, if it runs.
-    pub fn of(pid: i32) -> Option<Gen> {
-        start_time(pid).map(|start| Gen { pid, start })
-    }
-
-    /// This process.
-    pub fn current() -> Option<Gen> {
-        Gen::of(std::process::id() as i32)
-    }
-
-    pub fn alive(&self) -> bool {
-        start_time(self.pid) == Some(self.start)
-    }
-}
 
 /// Older generations still draining, oldest first.
 #[derive(Debug, Default)]

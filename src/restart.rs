@@ -400,7 +400,7 @@ impl Spawner {
             env.push(("GRACESRV_SUPERVISOR".into(), pid.to_string().into()));
         }
         env.push((
-            crate::tickets::SECRET_VAR.into(),
+            crate::handoff::TICKET_SECRET_VAR.into(),
             self.tickets.to_hex().into(),
         ));
         env.extend(extra);
@@ -630,7 +630,7 @@ pub async fn control(
         if restart.is_idle() {
             // The counters the new generation counts on from (see `metrics`).
             if let Some(m) = &gen.process.metrics {
-                env.push((crate::metrics::BASE_VAR.into(), m.freeze().into()));
+                env.push((crate::handoff::METRICS_VAR.into(), m.freeze().into()));
             }
         }
         restart.request(trigger, gen.process.generation + 1, &gen.listeners, env);

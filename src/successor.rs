@@ -67,8 +67,8 @@ impl Inherited {
             get("GRACESRV_SUPERVISOR"),
         );
         let draining = get("GRACESRV_DRAINING");
-        let tickets = get(crate::tickets::SECRET_VAR);
-        let metrics = get(crate::metrics::BASE_VAR);
+        let tickets = get(crate::handoff::TICKET_SECRET_VAR);
+        let metrics = get(crate::handoff::METRICS_VAR);
         let apps_link = get(crate::handoff::APPS_FD);
         for k in handoff::HANDOFF_VARS.iter().filter(|_| remove) {
             // SAFETY (of the call, which is safe in edition 2021): no other
@@ -222,7 +222,7 @@ pub fn write_pid_file(path: &Path, pid: u32) -> Result<(), String> {
             }
         })?;
     }
-    crate::reload::write_atomically(path, format!("{pid}\n").as_bytes()).map_err(|e| {
+    crate::atomic::write_atomically(path, format!("{pid}\n").as_bytes()).map_err(|e| {
         match e.raw_os_error() {
             Some(libc::ENOSPC) | Some(libc::EDQUOT) => format!("{e}: the disk holding it is full"),
             Some(libc::EROFS) => format!("{e}: the disk holding it is read-only"),

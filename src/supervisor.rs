@@ -27,7 +27,8 @@ use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::handoff::InheritedSocket;
 use crate::listeners::Listener;
-use crate::predecessors::{Gen, Predecessors};
+use crate::pid::Gen;
+use crate::predecessors::Predecessors;
 use crate::reaper::{describe, Reaper};
 use crate::restart::{Event, Restart, Started, Trigger};
 use crate::signals::{Sig, Signals};
@@ -223,7 +224,7 @@ impl Supervisor {
         let json = format!(
             r#"{{"gracesrv_restarts_total":{ok},"gracesrv_restart_failures_total":{failed}}}"#
         );
-        vec![(crate::metrics::BASE_VAR.into(), json.into())]
+        vec![(crate::handoff::METRICS_VAR.into(), json.into())]
     }
 
     /// `gracesrv deploy APP`: the app as the config file defines it now.

@@ -19,9 +19,6 @@ use aws_lc_rs::hmac;
 /// How long one key encrypts new tickets.
 const PERIOD: u64 = 12 * 3600;
 
-/// The environment variable that hands the secret to the next process.
-pub const SECRET_VAR: &str = "GRACESRV_TICKET_SECRET";
-
 pub struct Tickets {
     secret: [u8; 32],
 }
