@@ -24,68 +24,48 @@
 //! [`Config`] and [`ConfigError`], and [`Peer`] (who sent a request, in its
 //! extensions). Everything else is the binary's, and may change.
 //!
-//! Inside, modules import one way (`tests/layout.rs` checks it): `config` →
-//! `listeners` → `tls` → `connection` → `routes` → the actions (`files`,
-//! `proxy`, `tunnel`), over plain data in `body` and `context`. A restart
-//! reads top to bottom in two files: `restart` (the old process's side, and
-//! the state machine both modes run) and `successor` (the new one's).
+//! Inside, one folder per layer, each importing only those below it
+//! (`tests/layout.rs` checks it): `control` (restarts, generations, the
+//! supervisor) → `quic` (HTTP/3) → `serve` (accept loops, connections) →
+//! `http` (routes and their actions) → `process` (what a serving process
+//! shares: context, drain) → `apps` → `tls` → `observe` (logs, metrics) →
+//! `wire` (bodies, heads, frames, upstream pools) → `sys` (the operating
+//! system, the only `unsafe`) → `config`. A restart reads top to bottom in
+//! two files: `control::restart` (the old process's side, and the state
+//! machine both modes run) and `control::successor` (the new one's).
 
 #![deny(unsafe_code)]
 
-mod access_log;
-mod acme;
 mod apps;
-mod atomic;
-mod backoff;
-mod body;
 mod config;
-mod connection;
-mod context;
-mod deploy;
-mod drain;
-mod files;
-mod generation;
-mod h2frames;
-#[allow(unsafe_code)]
-mod handoff;
-mod heads;
-mod limits;
-mod listeners;
-mod logging;
-mod metrics;
-mod pid;
-mod predecessors;
-mod prepare;
-mod proxy;
+mod control;
+mod http;
+mod observe;
+mod process;
 mod quic;
-mod reaper;
-mod reload;
-mod restart;
-mod routes;
 mod serve;
-mod service;
-mod signals;
-mod successor;
-mod supervisor;
-mod tickets;
+mod sys;
 mod tls;
-mod tunnel;
-mod upstream;
-mod watch;
+mod wire;
+
+use control::{deploy, generation, prepare, reload, restart, successor, supervisor};
+use observe::{access_log, logging};
+use sys::{handoff, reaper, signals, watch};
+use tls::tickets;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use ::http::{Request, Response};
 use bytes::Bytes;
-use http::{Request, Response};
 use hyper::body::Incoming;
 
-pub use body::BoxError;
 pub use config::{Config, ConfigError};
-pub use context::Peer;
-use service::Handler;
+use http::service::Handler;
+pub use process::context::Peer;
 use tracing::Instrument;
+pub use wire::body::BoxError;
 
 /// A gracesrv server: a config file, and optionally an application's own
 /// services for some of its listeners.

@@ -15,7 +15,7 @@ use nix::unistd::Pid;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::config::{AppConfig, AppReady, AppSocket};
-use crate::handoff::{self, Group, SpawnArgs, HANDOFF_VARS};
+use crate::sys::handoff::{self, Group, SpawnArgs, HANDOFF_VARS};
 
 /// A started instance.
 pub struct Process {
@@ -32,11 +32,15 @@ pub struct Process {
 
 /// Starts instance `id` of `app`. The caller watches its pid's exit (it is
 /// registered with `reaper` before this returns).
-pub fn start(app: &AppConfig, id: u64, reaper: &crate::reaper::Reaper) -> Result<Process, String> {
+pub fn start(
+    app: &AppConfig,
+    id: u64,
+    reaper: &crate::sys::reaper::Reaper,
+) -> Result<Process, String> {
     let program = app.resolve_program()?;
     // fd: a fresh socket of its own (its accept queue is this instance's
     // only); port: a free port, which the app binds itself.
-    let listener = crate::listeners::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+    let listener = crate::sys::listeners::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
         .map_err(|e| format!("cannot bind a socket for the app: {e}"))?;
     let addr = listener
         .local_addr()

@@ -29,7 +29,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
 use crate::config::{AppConfig, Config};
-use crate::reaper::Reaper;
+use crate::sys::reaper::Reaper;
 pub use links::Links;
 pub use runner::{Outcome, PROBATION};
 

@@ -28,9 +28,9 @@ use tracing::{error, info, warn};
 use super::instance::{self, Process};
 use super::link::{InstanceInfo, Serving, Update};
 use super::links::Links;
-use crate::backoff::Backoff;
 use crate::config::AppConfig;
-use crate::reaper::{describe, Reaper};
+use crate::sys::backoff::Backoff;
+use crate::sys::reaper::{describe, Reaper};
 
 /// How long a new instance must live after it is ready before the previous
 /// one is let go: a version that dies on its first requests is caught here,
@@ -118,7 +118,7 @@ struct Runner {
     probation: Option<Probation>,
     backoff: Backoff,
     stopping: Vec<oneshot::Sender<()>>,
-    watch: Option<crate::watch::Watch>,
+    watch: Option<crate::sys::watch::Watch>,
 }
 
 /// Runs `app` until it is told to stop (or the supervisor drops `commands`).
@@ -172,12 +172,12 @@ pub async fn run(
     }
 }
 
-fn watch(app: &AppConfig) -> Option<crate::watch::Watch> {
+fn watch(app: &AppConfig) -> Option<crate::sys::watch::Watch> {
     if app.watch.is_empty() {
         return None;
     }
-    let loaded = crate::watch::fingerprint(&app.watch);
-    crate::watch::Watch::start(app.watch.clone(), loaded)
+    let loaded = crate::sys::watch::fingerprint(&app.watch);
+    crate::sys::watch::Watch::start(app.watch.clone(), loaded)
         .map_err(|e| {
             error!("cannot watch the app's files, deploy with `gracesrv deploy` instead: {e}")
         })

@@ -41,7 +41,7 @@ pub struct Instance {
     /// Where it serves, as the requests to it name it.
     pub authority: Option<http::uri::Authority>,
     /// Connections to this instance only: retiring it closes its pools.
-    pub pools: crate::upstream::Pools,
+    pub pools: crate::wire::upstream::Pools,
     in_flight: AtomicU64,
     idle: Notify,
     /// Set when its tunnels are to be cut (see the module doc).
@@ -207,7 +207,7 @@ impl Instance {
         Instance {
             id: s.id,
             authority: http::uri::Authority::try_from(s.addr.to_string()).ok(),
-            pools: crate::upstream::Pools::new(Duration::from_secs(5)),
+            pools: crate::wire::upstream::Pools::new(Duration::from_secs(5)),
             in_flight: AtomicU64::new(0),
             idle: Notify::new(),
             cut: watch::Sender::new(false),

@@ -26,10 +26,10 @@ use http_body::Frame;
 use http_body_util::BodyExt;
 use tracing::debug;
 
-use crate::access_log::{Entry, TlsInfo};
-use crate::body::{text, BoxError, Reply, RequestBody};
-use crate::context::{ListenerContext, Peer, QuicStats, Shared};
-use crate::routes::Router;
+use crate::http::routes::Router;
+use crate::observe::access_log::{Entry, TlsInfo};
+use crate::process::context::{ListenerContext, Peer, QuicStats, Shared};
+use crate::wire::body::{text, BoxError, Reply, RequestBody};
 
 /// Requests a client may have open at once on a connection.
 const MAX_STREAMS: u32 = 100;
@@ -48,8 +48,8 @@ pub struct QuicListener {
     pub ctx: Arc<ListenerContext>,
     pub stats: Arc<QuicStats>,
     /// Where the listener's requests are logged and counted, as over TCP.
-    pub access_log: Option<Arc<crate::access_log::AccessLog>>,
-    pub metrics: Option<Arc<crate::metrics::ListenerMetrics>>,
+    pub access_log: Option<Arc<crate::observe::access_log::AccessLog>>,
+    pub metrics: Option<Arc<crate::observe::metrics::ListenerMetrics>>,
 }
 
 /// `Alt-Svc` for a listener on `port`.
@@ -76,7 +76,7 @@ pub struct Http3 {
 pub fn start(
     listeners: Vec<QuicListener>,
     shared: Arc<Shared>,
-    tickets: &crate::tickets::Tickets,
+    tickets: &crate::tls::tickets::Tickets,
     span: tracing::Span,
 ) -> Result<Option<Http3>, String> {
     if listeners.is_empty() {
@@ -210,8 +210,8 @@ struct Spec {
     shared: Arc<Shared>,
     /// Handshakes under way.
     handshaking: std::sync::atomic::AtomicU64,
-    access_log: Option<Arc<crate::access_log::AccessLog>>,
-    metrics: Option<Arc<crate::metrics::ListenerMetrics>>,
+    access_log: Option<Arc<crate::observe::access_log::AccessLog>>,
+    metrics: Option<Arc<crate::observe::metrics::ListenerMetrics>>,
 }
 
 async fn accept(endpoint: quinn::Endpoint, spec: Arc<Spec>) {
@@ -523,7 +523,7 @@ async fn request(
         stop: h3::error::Code::H3_NO_ERROR,
     });
     let mut route = None;
-    let res = if let Err(why) = crate::connection::check_host(&mut req) {
+    let res = if let Err(why) = crate::serve::connection::check_host(&mut req) {
         debug!(listener = %spec.ctx.name, "bad request: {why}");
         drop(req);
         text(http::StatusCode::BAD_REQUEST, "bad request\n")
@@ -574,7 +574,7 @@ const CONNECTION_SPECIFIC: [header::HeaderName; 5] = [
 /// reading cannot hold the stream forever).
 async fn respond(
     send: &mut h3::server::RequestStream<h3_quinn::SendStream<Bytes>, Bytes>,
-    res: Response<crate::body::Body>,
+    res: Response<crate::wire::body::Body>,
     within: Duration,
     sent: &mut u64,
 ) -> Result<(), String> {
@@ -742,7 +742,7 @@ impl RequestBody for H3Body {
     /// HTTP/3 needs no read-and-drop: STOP_SENDING (on drop) tells the
     /// client the answer does not need the rest. (Also when the request
     /// had no body: h3 cannot tell before a read.)
-    fn discard(self, _: http::Version) -> Option<crate::body::Unread> {
+    fn discard(self, _: http::Version) -> Option<crate::wire::body::Unread> {
         None
     }
 }

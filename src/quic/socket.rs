@@ -36,8 +36,8 @@ use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
 use super::cid;
-use crate::context::QuicStats;
-use crate::drain::Drain;
+use crate::process::context::QuicStats;
+use crate::process::drain::Drain;
 
 /// What the inbox carries, in the first byte.
 const PACKET: u8 = 1;
@@ -138,7 +138,7 @@ impl Socket {
         let local = udp.local_addr()?;
         let inode = nix::sys::stat::fstat(&udp).map_err(io::Error::from)?.st_ino;
         let pid = std::process::id();
-        let send = crate::handoff::register_udp(udp.try_clone()?, Interest::WRITABLE)?;
+        let send = crate::sys::handoff::register_udp(udp.try_clone()?, Interest::WRITABLE)?;
         let out = std::os::unix::net::UnixDatagram::unbound()?;
         out.set_nonblocking(true)?;
         Ok(Socket {
@@ -161,7 +161,7 @@ impl Socket {
 
     /// Reads the shared socket from now on.
     fn start_reading(&self) -> io::Result<()> {
-        let fd = crate::handoff::register_udp(self.udp.try_clone()?, Interest::READABLE)?;
+        let fd = crate::sys::handoff::register_udp(self.udp.try_clone()?, Interest::READABLE)?;
         *lock(&self.recv) = Some(fd);
         self.stats.reading.store(true, Ordering::Release);
         if let Some(w) = lock(&self.receiver).as_ref() {

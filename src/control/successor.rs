@@ -25,8 +25,8 @@ use std::path::Path;
 
 use tracing::warn;
 
-use crate::handoff::{self, InheritedSocket};
-use crate::predecessors::Predecessors;
+use crate::control::predecessors::Predecessors;
+use crate::sys::handoff::{self, InheritedSocket};
 
 /// What a process received from whoever started it.
 #[derive(Debug, Default)]
@@ -41,7 +41,7 @@ pub struct Inherited {
     /// Older generations still draining, oldest first.
     pub draining: Predecessors,
     /// The TLS session ticket secret of the service (see `tickets`).
-    pub tickets: Option<crate::tickets::Tickets>,
+    pub tickets: Option<crate::tls::tickets::Tickets>,
     /// The counters handed over (see `metrics`), as JSON.
     pub metrics: Option<String>,
     /// A supervised worker's link to its supervisor (see `apps::link`).
@@ -67,9 +67,9 @@ impl Inherited {
             get("GRACESRV_SUPERVISOR"),
         );
         let draining = get("GRACESRV_DRAINING");
-        let tickets = get(crate::handoff::TICKET_SECRET_VAR);
-        let metrics = get(crate::handoff::METRICS_VAR);
-        let apps_link = get(crate::handoff::APPS_FD);
+        let tickets = get(crate::sys::handoff::TICKET_SECRET_VAR);
+        let metrics = get(crate::sys::handoff::METRICS_VAR);
+        let apps_link = get(crate::sys::handoff::APPS_FD);
         for k in handoff::HANDOFF_VARS.iter().filter(|_| remove) {
             // SAFETY (of the call, which is safe in edition 2021): no other
             // thread exists yet, see the doc comment.
@@ -90,13 +90,13 @@ impl Inherited {
             inherited.generation = g.max(1);
         }
         inherited.supervisor = supervisor.and_then(|s| s.parse().ok());
-        inherited.tickets = tickets.and_then(|t| crate::tickets::Tickets::from_hex(&t));
+        inherited.tickets = tickets.and_then(|t| crate::tls::tickets::Tickets::from_hex(&t));
         inherited.metrics = metrics;
         inherited.draining = draining
             .map(|d| Predecessors::parse(&d))
             .unwrap_or_default();
         if let Some(l) = apps_link {
-            let fd = fd_number(crate::handoff::APPS_FD, &l)?;
+            let fd = fd_number(crate::sys::handoff::APPS_FD, &l)?;
             inherited.apps_link = Some(handoff::adopt_link(fd)?);
         }
         if let Some(r) = ready {
@@ -183,7 +183,11 @@ pub fn report_error(ready: Option<OwnedFd>, msg: &str) {
 /// sends with `READY=1`: what `systemctl status` shows, and what tools and
 /// tests read the bound addresses from, e.g.
 /// `serving generation 3 (pid 1234) on web=127.0.0.1:8080 web-tls=[::]:8443`.
-pub fn status_line(generation: u64, pid: u32, listeners: &[crate::listeners::Listener]) -> String {
+pub fn status_line(
+    generation: u64,
+    pid: u32,
+    listeners: &[crate::sys::listeners::Listener],
+) -> String {
     let mut line = format!("serving generation {generation} (pid {pid}) on");
     for l in listeners {
         line.push_str(&format!(" {}={}", l.name, l.local_addr));
@@ -222,7 +226,7 @@ pub fn write_pid_file(path: &Path, pid: u32) -> Result<(), String> {
             }
         })?;
     }
-    crate::atomic::write_atomically(path, format!("{pid}\n").as_bytes()).map_err(|e| {
+    crate::sys::atomic::write_atomically(path, format!("{pid}\n").as_bytes()).map_err(|e| {
         match e.raw_os_error() {
             Some(libc::ENOSPC) | Some(libc::EDQUOT) => format!("{e}: the disk holding it is full"),
             Some(libc::EROFS) => format!("{e}: the disk holding it is read-only"),

@@ -14,7 +14,7 @@
 
 use tracing::warn;
 
-use crate::pid::Gen;
+use crate::sys::pid::Gen;
 
 /// How long a generation told to QUIT has before SIGKILL.
 const QUIT_GRACE: std::time::Duration = std::time::Duration::from_secs(1);

@@ -13,7 +13,7 @@ use nix::sys::socket::{self, AddressFamily, Backlog, SockFlag, SockType, Sockadd
 use tracing::{info, warn};
 
 use crate::config::ListenerConfig;
-use crate::handoff::{InheritedSocket, Socket};
+use crate::sys::handoff::{InheritedSocket, Socket};
 
 /// A listening socket with the name of the listener it serves.
 #[derive(Debug)]
@@ -37,11 +37,11 @@ pub struct QuicSocket {
 impl Listener {
     /// What a restart hands over of this listener: its sockets and their names.
     pub fn handed_over(&self) -> impl Iterator<Item = (&str, RawFd)> {
-        let tcp = (self.name.as_str(), crate::handoff::raw(&self.socket));
+        let tcp = (self.name.as_str(), crate::sys::handoff::raw(&self.socket));
         let udp = self
             .quic
             .as_ref()
-            .map(|q| (q.name.as_str(), crate::handoff::raw(&q.socket)));
+            .map(|q| (q.name.as_str(), crate::sys::handoff::raw(&q.socket)));
         std::iter::once(tcp).chain(udp)
     }
 }

@@ -25,13 +25,14 @@ pub struct Request {
 }
 
 fn socket_name(pid: u32) -> String {
-    format!("{}.deploy", crate::reload::control_name(pid))
+    format!("{}.deploy", crate::control::reload::control_name(pid))
 }
 
 /// Listens for deploys (see the module doc), on the current runtime.
 pub fn serve() -> mpsc::UnboundedReceiver<Request> {
     let (tx, rx) = mpsc::unbounded_channel();
-    let listener = match crate::reload::OwnListener::bind(&socket_name(std::process::id())) {
+    let listener = match crate::control::reload::OwnListener::bind(&socket_name(std::process::id()))
+    {
         Ok(l) => l,
         Err(e) => {
             tracing::warn!("no deploy socket, `gracesrv deploy` will not reach this process: {e}");
@@ -52,7 +53,7 @@ pub fn serve() -> mpsc::UnboundedReceiver<Request> {
                     return;
                 }
                 // The deploy command's check on the control socket is over.
-                crate::reload::prune_subscribers();
+                crate::control::reload::prune_subscribers();
                 let (reply, outcome) = oneshot::channel();
                 let _ = tx.send(Request {
                     app: line.trim().to_string(),
@@ -95,7 +96,7 @@ fn deploy(config: &Path, app: &str) -> Result<String, String> {
             config.path.display()
         ));
     };
-    let running = crate::reload::running(&config, "deploy")?;
+    let running = crate::control::reload::running(&config, "deploy")?;
     let pid = running.pid;
     // Only the check was wanted, not restart results.
     drop(running);

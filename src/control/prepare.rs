@@ -7,14 +7,14 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::config::{Config, ConfigError};
-use crate::routes::Router;
-use crate::service::Handler;
+use crate::http::routes::Router;
+use crate::http::service::Handler;
 
 /// A config with everything it names loaded and checked.
 pub struct Prepared {
     pub config: Config,
     /// The ticket secret from `tls_tickets.key_file`, if the config has one.
-    pub tickets: Option<Arc<crate::tickets::Tickets>>,
+    pub tickets: Option<Arc<crate::tls::tickets::Tickets>>,
     /// Per listener, in config order.
     pub listeners: Vec<PreparedListener>,
 }
@@ -99,7 +99,7 @@ pub fn prepare_config(
                 };
                 ConfigError::new(&config.path, Some(f.pos), format!("{}: {what}", f.key))
             })?;
-            let t = crate::tickets::Tickets::from_key_file(&bytes).map_err(|e| {
+            let t = crate::tls::tickets::Tickets::from_key_file(&bytes).map_err(|e| {
                 ConfigError::new(
                     &config.path,
                     Some(f.pos),

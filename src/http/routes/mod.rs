@@ -1,7 +1,7 @@
 //! The routes of a listener: a request goes to the route with the longest
 //! matching path prefix (after [`path::normalize`]), whose action answers it:
 //! `respond` and `redirect` ([`respond`]), `status` ([`status`]), `static`
-//! ([`crate::files`]) and `proxy` ([`crate::proxy`]).
+//! ([`crate::http::files`]) and `proxy` ([`crate::http::proxy`]).
 
 use std::borrow::Cow;
 use std::path::Path;
@@ -11,19 +11,19 @@ use std::time::Duration;
 use http::{Request, StatusCode};
 use hyper::body::Incoming;
 
-use crate::body::{hold, text, Reply, RequestBody, Unread};
 use crate::config::{Action, ConfigError, ListenerConfig};
-use crate::context::{ListenerContext, Peer};
+use crate::process::context::{ListenerContext, Peer};
+use crate::wire::body::{hold, text, Reply, RequestBody, Unread};
 
 /// What a route does. What a deferred answer needs is behind an `Arc`, so
 /// its future takes its own handle on it.
 enum Route {
     Metrics,
     Respond { fixed: Arc<Fixed>, delay: Duration },
-    Static(Arc<crate::files::Root>),
+    Static(Arc<crate::http::files::Root>),
     Redirect { to: String, status: StatusCode },
     Status,
-    Proxy(Arc<crate::proxy::Proxy>),
+    Proxy(Arc<crate::http::proxy::Proxy>),
 }
 
 mod path;
@@ -73,7 +73,7 @@ impl Router {
                                 format!("{}: {} is not a directory", root.key, root.written),
                             )
                         })?;
-                    Route::Static(Arc::new(crate::files::Root {
+                    Route::Static(Arc::new(crate::http::files::Root {
                         root: canonical,
                         index: index.clone(),
                     }))
@@ -90,7 +90,7 @@ impl Router {
                     timeout,
                     strip_prefix,
                     max_body,
-                } => Route::Proxy(Arc::new(crate::proxy::Proxy::new(
+                } => Route::Proxy(Arc::new(crate::http::proxy::Proxy::new(
                     target,
                     *connect_timeout,
                     *timeout,
@@ -119,7 +119,7 @@ impl Router {
         let path = req.uri().path();
         if let Some(dir) = &self.acme_http {
             if let Some(token) = path.strip_prefix("/.well-known/acme-challenge/") {
-                let file = crate::acme::http_answer_file(dir, token);
+                let file = crate::tls::acme::http_answer_file(dir, token);
                 let unread = discard(req);
                 // Read on tokio's blocking threads, not the serving thread.
                 return Reply::Later(Box::pin(async move {
@@ -129,7 +129,7 @@ impl Router {
                     };
                     let res = match answer {
                         Some(answer) => {
-                            let mut res = http::Response::new(crate::body::full(answer));
+                            let mut res = http::Response::new(crate::wire::body::full(answer));
                             res.headers_mut().insert(
                                 http::header::CONTENT_TYPE,
                                 http::HeaderValue::from_static("application/octet-stream"),
@@ -177,7 +177,7 @@ impl Router {
                 let unread = discard(req);
                 let res = match &ctx.process.metrics {
                     Some(m) => {
-                        let mut res = http::Response::new(crate::body::full(m.render()));
+                        let mut res = http::Response::new(crate::wire::body::full(m.render()));
                         res.headers_mut().insert(
                             http::header::CONTENT_TYPE,
                             http::HeaderValue::from_static(
@@ -224,7 +224,7 @@ impl Router {
             }
             Route::Static(root) => {
                 let (req, unread) = without_body(req);
-                let file = crate::files::serve(req, prefix.clone(), root.clone());
+                let file = crate::http::files::serve(req, prefix.clone(), root.clone());
                 match unread {
                     None => Reply::Later(Box::pin(file)),
                     Some(unread) => {
@@ -237,7 +237,7 @@ impl Router {
 }
 
 /// The request without its body, which [`RequestBody::discard`] takes in;
-/// and what the end of the answer waits for (see [`crate::body::hold`]).
+/// and what the end of the answer waits for (see [`crate::wire::body::hold`]).
 fn without_body<B: RequestBody>(req: Request<B>) -> (Request<()>, Option<Unread>) {
     let (parts, body) = req.into_parts();
     let unread = body.discard(parts.version);

@@ -4,8 +4,8 @@
 use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response, StatusCode};
 
-use crate::body::{full, text, Body};
-use crate::context::ListenerContext;
+use crate::process::context::ListenerContext;
+use crate::wire::body::{full, text, Body};
 
 /// A `respond` route's response.
 pub(super) struct Fixed {

@@ -44,7 +44,7 @@ pub fn result_path(pid_file: &Path) -> PathBuf {
 /// Writes `r` atomically next to `pid_file`.
 pub fn write_result(pid_file: &Path, r: &RestartResult) -> std::io::Result<()> {
     let line = serde_json::to_string(r).map_err(std::io::Error::other)? + "\n";
-    crate::atomic::write_atomically(&result_path(pid_file), line.as_bytes())
+    crate::sys::atomic::write_atomically(&result_path(pid_file), line.as_bytes())
 }
 
 /// The name of process `pid`'s control socket, in the abstract namespace.

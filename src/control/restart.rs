@@ -42,13 +42,13 @@ use tokio::io::AsyncReadExt;
 use tracing::{error, info, warn};
 
 use crate::config::Config;
-use crate::generation::Generation;
-use crate::handoff::{self, InheritedSocket, SpawnArgs, HANDOFF_VARS};
-use crate::listeners::Listener;
-use crate::predecessors::Predecessors;
-use crate::reaper::Reaper;
-use crate::service::Handler;
-use crate::signals::{Sig, Signals};
+use crate::control::generation::Generation;
+use crate::control::predecessors::Predecessors;
+use crate::http::service::Handler;
+use crate::sys::handoff::{self, InheritedSocket, SpawnArgs, HANDOFF_VARS};
+use crate::sys::listeners::Listener;
+use crate::sys::reaper::Reaper;
+use crate::sys::signals::{Sig, Signals};
 
 /// Why a process is being started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,12 +70,12 @@ struct Orderer(tokio::task::JoinHandle<()>);
 impl Orderer {
     fn start(
         config: &Config,
-        shown: Option<std::sync::Arc<crate::acme::Status>>,
+        shown: Option<std::sync::Arc<crate::tls::acme::Status>>,
         restart: tokio::sync::mpsc::UnboundedSender<()>,
     ) -> Option<Orderer> {
         config.acme.as_ref()?;
         let config = config.clone();
-        Some(Orderer(tokio::spawn(crate::acme::run(
+        Some(Orderer(tokio::spawn(crate::tls::acme::run(
             config,
             shown,
             move || {
@@ -284,7 +284,7 @@ impl Restart {
         outcome: &Result<i32, String>,
     ) {
         self.reported += 1;
-        crate::reload::report(pid_file, pid, self.reported, generation, outcome);
+        crate::control::reload::report(pid_file, pid, self.reported, generation, outcome);
     }
 }
 
@@ -310,7 +310,7 @@ pub struct Spawner {
     pub role: Role,
     /// The service's TLS session ticket secret, handed to every process
     /// started (unless its config names a key file, which wins).
-    pub tickets: std::sync::Arc<crate::tickets::Tickets>,
+    pub tickets: std::sync::Arc<crate::tls::tickets::Tickets>,
     /// A supervisor with apps: each worker gets a link to it (see
     /// `apps::link`).
     pub links: Option<crate::apps::Links>,
@@ -327,7 +327,7 @@ impl Spawner {
         env: Vec<(OsString, OsString)>,
         pid: Rc<Cell<Option<i32>>>,
     ) -> Attempt {
-        let opened = crate::prepare::prepare(&self.config_path, &self.services)
+        let opened = crate::control::prepare::prepare(&self.config_path, &self.services)
             .map_err(|e| e.to_string())
             .and_then(|p| {
                 if matches!(self.role, Role::Generation) && !p.config.apps.is_empty() {
@@ -336,7 +336,7 @@ impl Spawner {
                         p.config.path.display()
                     ));
                 }
-                let listeners = crate::listeners::open(&p.config.listeners, duplicates(current)?)?;
+                let listeners = crate::sys::listeners::open(&p.config.listeners, duplicates(current)?)?;
                 Ok((p.config, listeners))
             });
         self.start(opened, generation, env, pid)
@@ -352,7 +352,7 @@ impl Spawner {
         pid: Rc<Cell<Option<i32>>>,
     ) -> Attempt {
         let opened = duplicates(listeners)
-            .and_then(|dups| crate::listeners::open(&config.listeners, dups))
+            .and_then(|dups| crate::sys::listeners::open(&config.listeners, dups))
             .map(|listeners| (config.clone(), listeners));
         self.start(opened, generation, env, pid)
     }
@@ -400,7 +400,7 @@ impl Spawner {
             env.push(("GRACESRV_SUPERVISOR".into(), pid.to_string().into()));
         }
         env.push((
-            crate::handoff::TICKET_SECRET_VAR.into(),
+            crate::sys::handoff::TICKET_SECRET_VAR.into(),
             self.tickets.to_hex().into(),
         ));
         env.extend(extra);
@@ -411,7 +411,7 @@ impl Spawner {
         let mut fds = vec![("GRACESRV_READY_FD", handoff::raw(&write))];
         fds.extend(
             link.as_ref()
-                .map(|l| (crate::handoff::APPS_FD, handoff::raw(l))),
+                .map(|l| (crate::sys::handoff::APPS_FD, handoff::raw(l))),
         );
         let pid = handoff::spawn(SpawnArgs {
             exe: &self.exe,
@@ -517,7 +517,7 @@ pub async fn control(
     mut gen: Generation,
     mut restart: Restart,
     mut signals: Signals,
-    mut watch: Option<crate::watch::Watch>,
+    mut watch: Option<crate::sys::watch::Watch>,
     mut predecessors: Predecessors,
     supervisor: Option<u32>,
 ) -> i32 {
@@ -538,7 +538,7 @@ pub async fn control(
             sig = signals.next() => match sig {
                 Sig::Restart => Some(Trigger::Signal),
                 Sig::Reopen => {
-                    crate::access_log::reopen_all();
+                    crate::observe::access_log::reopen_all();
                     None
                 }
                 Sig::Stop => {
@@ -630,7 +630,7 @@ pub async fn control(
         if restart.is_idle() {
             // The counters the new generation counts on from (see `metrics`).
             if let Some(m) = &gen.process.metrics {
-                env.push((crate::handoff::METRICS_VAR.into(), m.freeze().into()));
+                env.push((crate::sys::handoff::METRICS_VAR.into(), m.freeze().into()));
             }
         }
         restart.request(trigger, gen.process.generation + 1, &gen.listeners, env);
@@ -688,7 +688,7 @@ impl Ready {
         }
         // Its end closed: it is exiting (or has).
         match tokio::time::timeout(Duration::from_secs(1), reaper.wait(self.pid)).await {
-            Ok(status) => crate::reaper::describe(status),
+            Ok(status) => crate::sys::reaper::describe(status),
             Err(_) => "closed its ready pipe".into(),
         }
     }
@@ -810,7 +810,7 @@ async fn drain(gen: &mut Generation, signals: &mut Signals, why: Why, reaper: &R
                         continue;
                     }
                     Sig::Reopen => {
-                        crate::access_log::reopen_all();
+                        crate::observe::access_log::reopen_all();
                         continue;
                     }
                     Sig::Stop if !stopping => {

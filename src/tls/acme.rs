@@ -342,7 +342,7 @@ fn prepare_storage(storage: &Path) -> std::io::Result<()> {
 fn write_status(storage: &Path, status: &HashMap<Vec<String>, CertStatus>) {
     let list: Vec<&CertStatus> = status.values().collect();
     if let Ok(json) = serde_json::to_vec_pretty(&list) {
-        let _ = crate::atomic::write_atomically(&storage.join("status.json"), &json);
+        let _ = crate::sys::atomic::write_atomically(&storage.join("status.json"), &json);
     }
 }
 
@@ -451,7 +451,7 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    crate::atomic::write_atomically_mode(path, bytes, 0o600)
+    crate::sys::atomic::write_atomically_mode(path, bytes, 0o600)
 }
 
 /// The account: created once, kept in `storage/account.json`.

@@ -10,16 +10,16 @@ use std::time::{Instant, SystemTime};
 use tokio::sync::Semaphore;
 use tracing::{info, warn};
 
-use crate::access_log::AccessLog;
 use crate::config::Config;
-use crate::connection::ListenerSpec;
-use crate::context::{ListenerContext, ProcessInfo, Shared, ThreadStats};
-use crate::drain::Drain;
-use crate::handoff::InheritedSocket;
-use crate::listeners::Listener;
-use crate::prepare::Prepared;
-use crate::successor::{notify_systemd, status_line, write_pid_file, Predecessor};
-use crate::tickets::Tickets;
+use crate::control::prepare::Prepared;
+use crate::control::successor::{notify_systemd, status_line, write_pid_file, Predecessor};
+use crate::observe::access_log::AccessLog;
+use crate::process::context::{ListenerContext, ProcessInfo, Shared, ThreadStats};
+use crate::process::drain::Drain;
+use crate::serve::connection::ListenerSpec;
+use crate::sys::handoff::InheritedSocket;
+use crate::sys::listeners::Listener;
+use crate::tls::tickets::Tickets;
 
 pub struct Generation {
     pub config: Config,
@@ -67,7 +67,7 @@ impl Generation {
             listeners: prepared,
             ..
         } = prepared;
-        let listeners = crate::listeners::open(&config.listeners, inherited)?;
+        let listeners = crate::sys::listeners::open(&config.listeners, inherited)?;
         let threads = thread_count();
         // One writer per distinct access log, shared by its listeners.
         let mut logs: Vec<(crate::config::AccessLogConfig, Arc<AccessLog>)> = Vec::new();
@@ -82,18 +82,22 @@ impl Generation {
             }
         }
         // What each listener counts, when the config serves `metrics: {}`.
-        let listener_metrics: Vec<Option<Arc<crate::metrics::ListenerMetrics>>> = config
+        let listener_metrics: Vec<Option<Arc<crate::observe::metrics::ListenerMetrics>>> = config
             .listeners
             .iter()
             .zip(&prepared)
             .map(|(c, p)| {
                 config.has_metrics().then(|| {
                     Arc::new(match &p.handler {
-                        crate::service::Handler::Routes(r) => {
-                            crate::metrics::ListenerMetrics::new(&c.name, r.prefixes(), false)
+                        crate::http::service::Handler::Routes(r) => {
+                            crate::observe::metrics::ListenerMetrics::new(
+                                &c.name,
+                                r.prefixes(),
+                                false,
+                            )
                         }
-                        crate::service::Handler::Service(_) => {
-                            crate::metrics::ListenerMetrics::new(&c.name, Vec::new(), true)
+                        crate::http::service::Handler::Service(_) => {
+                            crate::observe::metrics::ListenerMetrics::new(&c.name, Vec::new(), true)
                         }
                     })
                 })
@@ -101,7 +105,7 @@ impl Generation {
             .collect();
         let metrics = config.has_metrics().then(|| {
             let (base, restarted) = metrics_base.unwrap_or((None, false));
-            let mut m = crate::metrics::Metrics::new(
+            let mut m = crate::observe::metrics::Metrics::new(
                 listener_metrics.iter().flatten().cloned().collect(),
                 base.as_deref(),
                 restarted,
@@ -133,7 +137,7 @@ impl Generation {
             upstream_errors_total: AtomicU64::new(0),
             client_errors_total: AtomicU64::new(0),
             drain: Drain::default(),
-            acme: crate::acme::Status::new(&config),
+            acme: crate::tls::acme::Status::new(&config),
             access_logs: logs.iter().map(|(_, l)| l.clone()).collect(),
             metrics,
             apps: Arc::new(crate::apps::Table::new(&config)),
@@ -142,7 +146,7 @@ impl Generation {
                 .iter()
                 .filter(|l| l.http3)
                 .map(|l| {
-                    Arc::new(crate::context::QuicStats {
+                    Arc::new(crate::process::context::QuicStats {
                         listener: l.name.clone(),
                         ..Default::default()
                     })
@@ -180,7 +184,7 @@ impl Generation {
             let mut alt_svc = None;
             if let (Some(q), Some(tls)) = (&l.quic, &tls) {
                 match &p.handler {
-                    crate::service::Handler::Routes(router) => {
+                    crate::http::service::Handler::Routes(router) => {
                         let stats = process
                             .http3
                             .iter()
@@ -201,7 +205,7 @@ impl Generation {
                         });
                         alt_svc = Some(crate::quic::alt_svc(l.local_addr.port()));
                     }
-                    crate::service::Handler::Service(_) => {
+                    crate::http::service::Handler::Service(_) => {
                         warn!(listener = %l.name, "http3: an application's service is served over HTTP/1.1 and HTTP/2 only");
                     }
                 }
@@ -223,7 +227,7 @@ impl Generation {
             process: process.clone(),
             timeouts: config.timeouts,
             max_headers: config.max_headers,
-            limit: Arc::new(Semaphore::new(crate::limits::connection_limit(
+            limit: Arc::new(Semaphore::new(crate::sys::limits::connection_limit(
                 config.max_connections,
                 config.listeners.iter().any(|l| {
                     l.routes
@@ -233,7 +237,7 @@ impl Generation {
             ))),
         });
         let http3 = crate::quic::start(quic, shared.clone(), &tickets, span.clone())?;
-        crate::serve::start(process.threads.len(), specs, shared, span)?;
+        crate::serve::accept::start(process.threads.len(), specs, shared, span)?;
         for (c, l) in config.listeners.iter().zip(&listeners) {
             let scheme = if c.tls.is_some() { "https" } else { "http" };
             info!(listener = %l.name, addr = %l.local_addr, %scheme, http3 = l.quic.is_some(), "listening");
@@ -303,7 +307,7 @@ impl Generation {
     /// may have written its own).
     pub fn remove_pid_file(&self) {
         if let Some(path) = &self.config.pid_file {
-            crate::successor::remove_pid_file(path, self.process.pid);
+            crate::control::successor::remove_pid_file(path, self.process.pid);
         }
     }
 }

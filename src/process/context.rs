@@ -12,7 +12,7 @@ use std::time::SystemTime;
 use tokio::sync::Semaphore;
 
 use crate::config::Timeouts;
-use crate::drain::Drain;
+use crate::process::drain::Drain;
 
 /// Facts about this process that responses report.
 pub struct ProcessInfo {
@@ -31,11 +31,11 @@ pub struct ProcessInfo {
     pub drain: Drain,
     /// With an `acme:` section: what `status` shows of each certificate
     /// it asks for (kept up to date by the orderer).
-    pub acme: Option<Arc<crate::acme::Status>>,
+    pub acme: Option<Arc<crate::tls::acme::Status>>,
     /// The access logs, for the lines they lost (`status`).
-    pub access_logs: Vec<Arc<crate::access_log::AccessLog>>,
+    pub access_logs: Vec<Arc<crate::observe::access_log::AccessLog>>,
     /// Set when some listener serves `metrics: {}`.
-    pub metrics: Option<Arc<crate::metrics::Metrics>>,
+    pub metrics: Option<Arc<crate::observe::metrics::Metrics>>,
     /// The instances of the config's apps (`proxy: { app }`).
     pub apps: Arc<crate::apps::Table>,
     /// What each listener's HTTP/3 counts (`http3: true`).

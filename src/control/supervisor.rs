@@ -23,16 +23,16 @@ use sd_notify::NotifyState;
 use tracing::{error, info, warn};
 
 use crate::apps::Apps;
-use crate::backoff::Backoff;
 use crate::config::Config;
-use crate::handoff::InheritedSocket;
-use crate::listeners::Listener;
-use crate::pid::Gen;
-use crate::predecessors::Predecessors;
-use crate::reaper::{describe, Reaper};
-use crate::restart::{Event, Restart, Started, Trigger};
-use crate::signals::{Sig, Signals};
-use crate::successor::{notify_systemd, remove_pid_file, status_line, write_pid_file};
+use crate::control::predecessors::Predecessors;
+use crate::control::restart::{Event, Restart, Started, Trigger};
+use crate::control::successor::{notify_systemd, remove_pid_file, status_line, write_pid_file};
+use crate::sys::backoff::Backoff;
+use crate::sys::handoff::InheritedSocket;
+use crate::sys::listeners::Listener;
+use crate::sys::pid::Gen;
+use crate::sys::reaper::{describe, Reaper};
+use crate::sys::signals::{Sig, Signals};
 
 /// The worker serving now.
 struct Worker {
@@ -57,7 +57,7 @@ struct Supervisor {
     /// The same, for the cap on draining generations (`max_draining`).
     predecessors: Predecessors,
     backoff: Backoff,
-    watch: Option<crate::watch::Watch>,
+    watch: Option<crate::sys::watch::Watch>,
     /// The signal a stop passed on to the workers.
     stopping: Option<Signal>,
     /// Restarts that succeeded and failed, handed to each worker's metrics.
@@ -65,7 +65,7 @@ struct Supervisor {
     /// The application processes (`apps:`).
     apps: Apps,
     /// `gracesrv deploy` requests.
-    deploys: tokio::sync::mpsc::UnboundedReceiver<crate::deploy::Request>,
+    deploys: tokio::sync::mpsc::UnboundedReceiver<crate::control::deploy::Request>,
 }
 
 /// Runs the service until it is stopped; returns the exit code. `restart`
@@ -76,7 +76,7 @@ pub async fn run(
     inherited: Vec<InheritedSocket>,
     mut signals: Signals,
 ) -> i32 {
-    let listeners = match crate::listeners::open(&config.listeners, inherited) {
+    let listeners = match crate::sys::listeners::open(&config.listeners, inherited) {
         Ok(l) => l,
         Err(e) => {
             error!("cannot start: {e}");
@@ -125,7 +125,7 @@ pub async fn run(
     let pid = std::process::id();
     // The control socket first: a `reload` that reads the pid file finds
     // it listening.
-    crate::reload::serve_control(&restart.spawner.config_path);
+    crate::control::reload::serve_control(&restart.spawner.config_path);
     if let Some(p) = &config.pid_file {
         if let Err(e) = write_pid_file(p, pid) {
             warn!(pid_file = %p.display(), "cannot write pid file: {e}");
@@ -137,7 +137,7 @@ pub async fn run(
         NotifyState::Ready,
         NotifyState::Status(&status),
     ]);
-    let deploys = crate::deploy::serve();
+    let deploys = crate::control::deploy::serve();
     info!(worker = first, role = "supervisor", "ready");
     let watch = start_watch(&config);
     let mut s = Supervisor {
@@ -224,11 +224,11 @@ impl Supervisor {
         let json = format!(
             r#"{{"gracesrv_restarts_total":{ok},"gracesrv_restart_failures_total":{failed}}}"#
         );
-        vec![(crate::handoff::METRICS_VAR.into(), json.into())]
+        vec![(crate::sys::handoff::METRICS_VAR.into(), json.into())]
     }
 
     /// `gracesrv deploy APP`: the app as the config file defines it now.
-    fn deploy(&self, req: crate::deploy::Request) {
+    fn deploy(&self, req: crate::control::deploy::Request) {
         let path = &self.restart.spawner.config_path;
         let outcome = Config::load(path).map_err(|e| e.to_string()).and_then(|c| {
             let app = c.apps.iter().find(|a| a.name == req.app).ok_or_else(|| {
@@ -442,13 +442,13 @@ impl Supervisor {
     }
 }
 
-fn start_watch(config: &Config) -> Option<crate::watch::Watch> {
+fn start_watch(config: &Config) -> Option<crate::sys::watch::Watch> {
     if !config.watch {
         return None;
     }
     let files = config.watched_files();
-    let loaded = crate::watch::fingerprint(&files);
-    crate::watch::Watch::start(files, loaded)
+    let loaded = crate::sys::watch::fingerprint(&files);
+    crate::sys::watch::Watch::start(files, loaded)
         .map_err(|e| error!("cannot watch files, restart with HUP instead: {e}"))
         .ok()
 }

@@ -107,7 +107,7 @@ pub struct Metrics {
     /// Served certificates: listener, serial, not after (Unix seconds).
     pub certificates: Vec<(String, String, i64)>,
     /// Older generations still draining, as this generation was told.
-    pub predecessors: Mutex<Vec<crate::pid::Gen>>,
+    pub predecessors: Mutex<Vec<crate::sys::pid::Gen>>,
     generation: u64,
 }
 

@@ -14,8 +14,8 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
-use crate::connection::{self, ListenerSpec};
-use crate::context::{Peer, Shared, ThreadStats};
+use crate::process::context::{Peer, Shared, ThreadStats};
+use crate::serve::connection::{self, ListenerSpec};
 
 /// Starts `threads` threads serving `listeners`. Each accept loop ends, and
 /// drops its copy of the socket, when the process starts draining.
@@ -46,7 +46,7 @@ pub fn start(
             .name(format!("gracesrv-w{w}"))
             .spawn(move || {
                 let _enter = span.enter();
-                crate::upstream::set_serving_thread(w);
+                crate::wire::upstream::set_serving_thread(w);
                 let rt = match tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
@@ -236,7 +236,8 @@ async fn accept_loop(
                 if let Some(m) = &spec.metrics {
                     m.accept_errors.fetch_add(1, Ordering::Relaxed);
                 }
-                static LOGGED: crate::logging::Throttle = crate::logging::Throttle::new();
+                static LOGGED: crate::observe::logging::Throttle =
+                    crate::observe::logging::Throttle::new();
                 if let Some(suppressed) = LOGGED.allow() {
                     warn!(listener = %spec.ctx.name, suppressed, "accept: {e}; retrying in {pause:?}");
                 }
@@ -300,7 +301,7 @@ struct Accepted {
     stats: Arc<ThreadStats>,
     shared: Arc<Shared>,
     builder: Arc<connection::Builders>,
-    guard: crate::drain::ConnectionGuard,
+    guard: crate::process::drain::ConnectionGuard,
     on_thread: OnThread,
 }
 

@@ -5,6 +5,9 @@
 //! half-written rotation (new cert, old key) fails validation before any
 //! socket is touched, and the old generation keeps serving.
 
+pub mod acme;
+pub mod tickets;
+
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 

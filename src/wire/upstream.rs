@@ -7,7 +7,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
-use crate::body::Body;
+use crate::wire::body::Body;
 
 /// A pooled, keep-alive HTTP/1.1 client for one upstream.
 fn client(connect_timeout: Duration) -> Client<HttpConnector, Body> {

@@ -20,11 +20,11 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use crate::access_log::{AccessLog, Entry, TlsInfo};
-use crate::body::{Body, Reply};
 use crate::config::Timeouts;
-use crate::context::{ListenerContext, Peer, Shared, ThreadStats};
-use crate::service::Handler;
+use crate::http::service::Handler;
+use crate::observe::access_log::{AccessLog, Entry, TlsInfo};
+use crate::process::context::{ListenerContext, Peer, Shared, ThreadStats};
+use crate::wire::body::{Body, Reply};
 
 /// The largest request head accepted, HTTP/1.1 and HTTP/2 alike.
 const MAX_HEAD: usize = 64 * 1024;
@@ -35,13 +35,13 @@ pub struct ListenerSpec {
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub handler: Handler,
     pub ctx: Arc<ListenerContext>,
-    /// Set by [`crate::serve::start`]: accepted sockets get TCP_NODELAY from the listening
+    /// Set by [`crate::serve::accept::start`]: accepted sockets get TCP_NODELAY from the listening
     /// socket, so no connection needs a `setsockopt` of its own.
     pub nodelay_inherited: bool,
     /// Where this listener's requests are logged, if anywhere.
     pub access_log: Option<Arc<AccessLog>>,
     /// What this listener counts, when the config serves `metrics: {}`.
-    pub metrics: Option<Arc<crate::metrics::ListenerMetrics>>,
+    pub metrics: Option<Arc<crate::observe::metrics::ListenerMetrics>>,
     /// `Alt-Svc` advertising the listener's HTTP/3 (`h3=":PORT"; ma=86400`).
     pub alt_svc: Option<HeaderValue>,
 }
@@ -82,7 +82,7 @@ impl Builders {
             }
             h1
         };
-        let stack = crate::heads::STACK_FIELDS;
+        let stack = crate::wire::heads::STACK_FIELDS;
         let (h1, h1_fields, h1_more) = if max_headers > stack {
             (h1_builder(None), stack, Some(h1_builder(Some(max_headers))))
         } else {
@@ -212,7 +212,7 @@ async fn linger<T: Socket>(mut io: T, h2: bool, send_timeout: Duration) {
         if now < look_at {
             continue;
         }
-        let queued = crate::handoff::unacknowledged(tcp);
+        let queued = crate::sys::handoff::unacknowledged(tcp);
         if queued < unacked {
             moved_at = now;
         }
@@ -453,7 +453,7 @@ impl Activity {
 
     /// What the HTTP/2 frames say now; wakes the drain when the
     /// connection goes quiet.
-    fn h2_seen(&self, frames: &crate::h2frames::Frames) {
+    fn h2_seen(&self, frames: &crate::wire::h2frames::Frames) {
         let quiet = frames.quiet();
         if quiet != self.h2_quiet.load(Ordering::Relaxed) {
             self.h2_quiet.store(quiet, Ordering::Relaxed);
@@ -544,16 +544,16 @@ struct TrackedIo<T> {
     /// The client closed its side (a read returned end of file).
     eof: bool,
     /// HTTP/1.x: the request heads hyper's parser cannot be told about.
-    heads: Option<crate::heads::Heads>,
+    heads: Option<crate::wire::heads::Heads>,
     /// HTTP/2: the streams open, for the drain (`h2frames`).
-    frames: Option<Box<crate::h2frames::Frames>>,
+    frames: Option<Box<crate::wire::h2frames::Frames>>,
     back: Option<tokio::sync::oneshot::Sender<Returned<T>>>,
 }
 
 /// What a connection's IO hands back when hyper is done with it: the IO,
 /// whether the client closed its side, and the HTTP/1.x head filter (with
 /// what it holds back, when the connection moves to a larger parser).
-type Returned<T> = (T, bool, Option<crate::heads::Heads>);
+type Returned<T> = (T, bool, Option<crate::wire::heads::Heads>);
 
 impl<T> Drop for TrackedIo<T> {
     fn drop(&mut self) {
@@ -765,7 +765,7 @@ pub async fn serve_http<T: Socket>(
         Some(_) => builder.h1_fields,
         None => usize::MAX,
     };
-    let mut heads = (!h2).then(|| crate::heads::Heads::new(fields));
+    let mut heads = (!h2).then(|| crate::wire::heads::Heads::new(fields));
     let mut h1 = &builder.h1;
     loop {
         let (back, mut returned) = tokio::sync::oneshot::channel();
@@ -801,7 +801,7 @@ pub async fn serve_http<T: Socket>(
         }
         if end == Some(Expiry::GoAway) {
             let last = activity.h2_last.load(Ordering::Relaxed);
-            let frame = crate::h2frames::goaway(last);
+            let frame = crate::wire::h2frames::goaway(last);
             let sent = tokio::time::timeout(t.send, async {
                 back.write_all(&frame).await?;
                 back.flush().await
@@ -1022,7 +1022,7 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
                 } else {
                     "HTTP version not supported\n"
                 };
-                let mut res = crate::body::text(status, msg);
+                let mut res = crate::wire::body::text(status, msg);
                 res.headers_mut()
                     .insert(header::CONNECTION, HeaderValue::from_static("close"));
                 return ResponseFuture::Now(std::future::ready(Ok(finish.wrap(res, &self.spec))));
@@ -1030,7 +1030,7 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
         }
         if let Err(why) = check_host(&mut req) {
             debug!(listener = %self.spec.ctx.name, "bad request: {why}");
-            let mut res = crate::body::text(http::StatusCode::BAD_REQUEST, "bad request\n");
+            let mut res = crate::wire::body::text(http::StatusCode::BAD_REQUEST, "bad request\n");
             if version < Version::HTTP_2 {
                 res.headers_mut()
                     .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -1058,7 +1058,7 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
 /// Does this HTTP/1.x request close its connection itself (`Connection:
 /// close`, or HTTP/1.0 without `keep-alive`)?
 fn asks_to_close<B>(req: &Request<B>) -> bool {
-    let has = |token| crate::body::has_token(req.headers(), header::CONNECTION, token);
+    let has = |token| crate::wire::body::has_token(req.headers(), header::CONNECTION, token);
     has("close") || (req.version() == Version::HTTP_10 && !has("keep-alive"))
 }
 
@@ -1295,7 +1295,7 @@ impl Drop for TrackedBody {
 
 impl hyper::body::Body for TrackedBody {
     type Data = Bytes;
-    type Error = crate::body::BoxError;
+    type Error = crate::wire::body::BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,

@@ -9,14 +9,14 @@ use hyper::body::Incoming;
 use tower::util::BoxCloneSyncService;
 use tower::{Service, ServiceExt};
 
-use crate::body::{text, Body, BoxError, Reply};
-use crate::context::{ListenerContext, Peer};
+use crate::process::context::{ListenerContext, Peer};
+use crate::wire::body::{text, Body, BoxError, Reply};
 
 /// What handles the requests of one listener.
 #[derive(Clone)]
 pub enum Handler {
     /// The routes of the config file.
-    Routes(Arc<crate::routes::Router>),
+    Routes(Arc<crate::http::routes::Router>),
     /// An application's service.
     Service(BoxCloneSyncService<Request<Incoming>, Response<Body>, BoxError>),
 }

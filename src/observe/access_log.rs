@@ -223,7 +223,8 @@ impl AccessLog {
             if let Err((unwritten, e)) = result {
                 let lost = data[unwritten..].iter().filter(|b| **b == b'\n').count();
                 self.dropped.fetch_add(lost as u64, Ordering::Relaxed);
-                static WARNED: crate::logging::Throttle = crate::logging::Throttle::new();
+                static WARNED: crate::observe::logging::Throttle =
+                    crate::observe::logging::Throttle::new();
                 if let Some(suppressed) = WARNED.allow() {
                     tracing::warn!(lost, suppressed, "access log: cannot write: {e}");
                 }

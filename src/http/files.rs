@@ -17,7 +17,7 @@ use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use tower::ServiceExt;
 
-use crate::body::{full, text, Body};
+use crate::wire::body::{full, text, Body};
 
 fn empty(status: StatusCode) -> Response<Body> {
     let mut res = Response::new(full(Bytes::new()));

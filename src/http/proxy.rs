@@ -29,10 +29,10 @@ use tracing::{debug, warn};
 use tokio::sync::watch;
 
 use crate::apps::InFlight;
-use crate::body::{has_token, text, Body, BoxError, RequestBody};
 use crate::config::ProxyTarget;
-use crate::context::{ListenerContext, Peer};
-use crate::upstream::Pools;
+use crate::process::context::{ListenerContext, Peer};
+use crate::wire::body::{has_token, text, Body, BoxError, RequestBody};
+use crate::wire::upstream::Pools;
 
 /// A proxy route, built once per generation.
 pub struct Proxy {
@@ -47,7 +47,7 @@ pub struct Proxy {
     strip_prefix: bool,
     /// Upstream failures are logged at most once a second (every request
     /// to a down upstream fails).
-    errors_logged: crate::logging::Throttle,
+    errors_logged: crate::observe::logging::Throttle,
 }
 
 enum Target {
@@ -373,15 +373,19 @@ impl Proxy {
                     return;
                 }
             };
-            let (up, down) =
-                crate::tunnel::relay(TokioIo::new(client), TokioIo::new(upstream), websocket, cut)
-                    .await;
+            let (up, down) = crate::http::tunnel::relay(
+                TokioIo::new(client),
+                TokioIo::new(upstream),
+                websocket,
+                cut,
+            )
+            .await;
             debug!(%listener, up, down, "upgraded connection ended");
             drop(in_flight);
             drop(upgraded);
             drop(guard);
         });
-        Response::from_parts(parts, crate::body::full(Bytes::new()))
+        Response::from_parts(parts, crate::wire::body::full(Bytes::new()))
     }
 }
 

@@ -4,8 +4,8 @@ use std::sync::atomic::Ordering;
 
 use http::{header, HeaderValue, Response};
 
-use crate::body::{full, Body};
-use crate::context::ListenerContext;
+use crate::process::context::ListenerContext;
+use crate::wire::body::{full, Body};
 
 pub(super) fn response(ctx: &ListenerContext) -> Response<Body> {
     let p = &ctx.process;

@@ -1,0 +1,6 @@
+//! What every connection and request of a serving process shares: its
+//! facts and counters, each listener's context and the client's address
+//! (`context`), and the drain.
+
+pub mod context;
+pub mod drain;

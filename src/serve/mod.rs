@@ -1,0 +1,6 @@
+//! TCP connections, plain and TLS, HTTP/1.1 and HTTP/2: the accept loops
+//! (`accept`), and each connection from its first byte to its lingering
+//! close (`connection`).
+
+pub mod accept;
+pub mod connection;
