@@ -48,7 +48,7 @@ mod sys;
 mod tls;
 mod wire;
 
-use control::{deploy, generation, prepare, reload, restart, successor, supervisor};
+use control::{deploy, generation, prepare, reload, restart, run, spawn, successor, supervisor};
 use observe::{access_log, logging};
 use sys::{handoff, reaper, signals, watch};
 use tls::tickets;
@@ -254,7 +254,7 @@ impl Server {
                 Err(e) => return fail(&mut ready, &e),
             },
         };
-        let spawner = |role| restart::Spawner {
+        let spawner = |role| spawn::Spawner {
             exe,
             argv: std::env::args_os().collect(),
             config_path: config_path.clone(),
@@ -271,7 +271,7 @@ impl Server {
         // With apps, the supervisor owns their processes: it runs supervised.
         let supervised = self.supervise || config.supervise || !config.apps.is_empty();
         if supervised && ready.is_none() && supervisor.is_none() {
-            let restart = restart::Restart::new(spawner(restart::Role::Worker(std::process::id())));
+            let restart = restart::Restart::new(spawner(spawn::Role::Worker(std::process::id())));
             return supervisor::run(restart, prepared.config, inherited.sockets, signals)
                 .instrument(span)
                 .await;
@@ -332,8 +332,8 @@ impl Server {
             (gen, watch, predecessors)
         };
         let (gen, watch, predecessors) = started;
-        let restart = restart::Restart::new(spawner(restart::Role::Generation));
-        let code = restart::control(gen, restart, signals, watch, predecessors, supervisor)
+        let restart = restart::Restart::new(spawner(spawn::Role::Generation));
+        let code = run::control(gen, restart, signals, watch, predecessors, supervisor)
             .instrument(span)
             .await;
         access_log::flush_all();

@@ -16,6 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::config::{AppConfig, AppReady, AppSocket};
 use crate::sys::handoff::{self, Group, SpawnArgs, HANDOFF_VARS};
+use crate::sys::ready::Said;
 
 /// A started instance.
 pub struct Process {
@@ -159,11 +160,11 @@ async fn exec_succeeded(errors: OwnedFd) -> Result<(), String> {
     let mut said = Vec::new();
     let _ = rx.read_to_end(&mut said).await;
     let said = String::from_utf8_lossy(&said);
-    match said.trim().strip_prefix("ERROR exec:") {
+    match Said::parse(said.trim()).and_then(|s| s.exec_errno()) {
         None => Ok(()),
         Some(errno) => Err(format!(
             "cannot execute the command: {}",
-            std::io::Error::from_raw_os_error(errno.parse().unwrap_or(0))
+            std::io::Error::from_raw_os_error(errno)
         )),
     }
 }

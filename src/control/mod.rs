@@ -10,5 +10,7 @@ pub mod predecessors;
 pub mod prepare;
 pub mod reload;
 pub mod restart;
+pub mod run;
+pub mod spawn;
 pub mod successor;
 pub mod supervisor;

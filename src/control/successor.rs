@@ -27,6 +27,7 @@ use tracing::warn;
 
 use crate::control::predecessors::Predecessors;
 use crate::sys::handoff::{self, InheritedSocket};
+use crate::sys::ready::Said;
 
 /// What a process received from whoever started it.
 #[derive(Debug, Default)]
@@ -140,7 +141,7 @@ impl Predecessor {
     /// Says `READY`; the pipe stays open while this process serves.
     pub fn ready(fd: OwnedFd) -> Option<Predecessor> {
         let mut f = std::fs::File::from(fd);
-        match f.write_all(b"READY\n") {
+        match f.write_all(Said::Ready.line().as_bytes()) {
             Ok(()) => Some(Predecessor(f)),
             Err(e) => {
                 warn!("cannot report ready to the previous generation: {e}");
@@ -152,7 +153,7 @@ impl Predecessor {
     /// This generation ends on purpose (replaced, or stopping): the previous
     /// one, if it still drains, must not take over when this one exits.
     pub fn done(mut self) {
-        let _ = self.0.write_all(b"DONE\n");
+        let _ = self.0.write_all(Said::Done.line().as_bytes());
     }
 }
 
@@ -175,7 +176,7 @@ pub fn serving_under_supervisor(supervisor: u32) {
 pub fn report_error(ready: Option<OwnedFd>, msg: &str) {
     if let Some(fd) = ready {
         let mut f = std::fs::File::from(fd);
-        let _ = writeln!(f, "ERROR {}", msg.replace('\n', " "));
+        let _ = f.write_all(Said::Error(msg.into()).line().as_bytes());
     }
 }
 

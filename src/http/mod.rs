@@ -3,6 +3,7 @@
 //! connection.
 
 pub mod files;
+pub mod host;
 pub mod proxy;
 pub mod routes;
 pub mod service;

@@ -523,7 +523,7 @@ async fn request(
         stop: h3::error::Code::H3_NO_ERROR,
     });
     let mut route = None;
-    let res = if let Err(why) = crate::serve::connection::check_host(&mut req) {
+    let res = if let Err(why) = crate::http::host::check_host(&mut req) {
         debug!(listener = %spec.ctx.name, "bad request: {why}");
         drop(req);
         text(http::StatusCode::BAD_REQUEST, "bad request\n")

@@ -3,4 +3,7 @@
 //! close (`connection`).
 
 pub mod accept;
+mod activity;
 pub mod connection;
+mod exchange;
+mod linger;

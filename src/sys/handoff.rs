@@ -355,12 +355,14 @@ pub fn spawn(args: SpawnArgs<'_>) -> Result<libc::pid_t, String> {
 /// Only in a forked child: async-signal-safe calls, no allocation.
 unsafe fn exec_failed(fd: RawFd) -> ! {
     let errno = *libc::__errno_location();
-    let mut msg = *b"ERROR exec:\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0";
-    write_decimal(errno.max(0) as u64, &mut msg[11..]);
-    let len = msg[11..]
+    const AT: usize = crate::sys::ready::EXEC_ERROR.len();
+    let mut msg = [0u8; AT + 22];
+    msg[..AT].copy_from_slice(crate::sys::ready::EXEC_ERROR);
+    write_decimal(errno.max(0) as u64, &mut msg[AT..]);
+    let len = msg[AT..]
         .iter()
         .position(|b| *b == 0)
-        .map_or(msg.len(), |n| 11 + n);
+        .map_or(msg.len(), |n| AT + n);
     msg[len] = b'\n';
     libc::write(fd, msg.as_ptr().cast(), len + 1);
     libc::_exit(127);

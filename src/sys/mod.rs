@@ -11,6 +11,7 @@ pub mod handoff;
 pub mod limits;
 pub mod listeners;
 pub mod pid;
+pub mod ready;
 pub mod reaper;
 pub mod signals;
 pub mod watch;
