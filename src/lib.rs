@@ -21,8 +21,10 @@
 //!
 //! The public API is small: [`Server`] (with [`Server::run`] and, for an
 //! application on tokio already, [`Server::serve`]), [`check`], [`reload`],
-//! [`Config`] and [`ConfigError`], and [`Peer`] (who sent a request, in its
-//! extensions). Everything else is the binary's, and may change.
+//! [`ConfigError`] (what is wrong with a config, and where), and [`Peer`]
+//! (who sent a request, in its extensions). `Config` is public only for the
+//! fuzzer's `Config::parse`; its contents, like everything else, are the
+//! binary's (`pub(crate)`), and may change.
 //!
 //! Inside, one folder per layer, each importing only those below it
 //! (`tests/layout.rs` checks it): `control` (restarts, generations, the
@@ -30,9 +32,10 @@
 //! `http` (routes and their actions) → `process` (what a serving process
 //! shares: context, drain) → `apps` → `tls` → `observe` (logs, metrics) →
 //! `wire` (bodies, heads, frames, upstream pools) → `sys` (the operating
-//! system, the only `unsafe`) → `config`. A restart reads top to bottom in
-//! two files: `control::restart` (the old process's side, and the state
-//! machine both modes run) and `control::successor` (the new one's).
+//! system, the only `unsafe`) → `config`. A restart reads top to bottom
+//! from `control::restart` (the old process's side: the state machine both
+//! modes run, whose steps lead to `control::spawn` and `control::run`) and
+//! `control::successor` (the new one's).
 
 #![deny(unsafe_code)]
 

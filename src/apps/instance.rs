@@ -19,12 +19,12 @@ use crate::sys::handoff::{self, Group, SpawnArgs, HANDOFF_VARS};
 use crate::sys::ready::Said;
 
 /// A started instance.
-pub struct Process {
-    pub pid: i32,
+pub(crate) struct Process {
+    pub(crate) pid: i32,
     /// Where it serves: its socket's (or `PORT`'s) 127.0.0.1 address.
-    pub addr: SocketAddr,
-    pub started_at: SystemTime,
-    pub started: Instant,
+    pub(crate) addr: SocketAddr,
+    pub(crate) started_at: SystemTime,
+    pub(crate) started: Instant,
     /// Says why a failed exec failed; end of file once the exec succeeded.
     exec_errors: Option<OwnedFd>,
     /// `ready: notify`: where the instance sends `READY=1`.
@@ -33,7 +33,7 @@ pub struct Process {
 
 /// Starts instance `id` of `app`. The caller watches its pid's exit (it is
 /// registered with `reaper` before this returns).
-pub fn start(
+pub(crate) fn start(
     app: &AppConfig,
     id: u64,
     reaper: &crate::sys::reaper::Reaper,
@@ -117,7 +117,7 @@ impl Process {
     /// Resolves once the instance is ready, or says why it never will be
     /// (its exec failed). The caller bounds it with `start_timeout`, and
     /// drops it if the instance exits.
-    pub fn ready(
+    pub(crate) fn ready(
         &mut self,
         how: &AppReady,
     ) -> impl std::future::Future<Output = Result<(), String>> + Send + 'static {
@@ -141,12 +141,12 @@ impl Process {
     }
 
     /// Asks the instance to stop (its `stop_signal`).
-    pub fn signal(&self, sig: Signal) {
+    pub(crate) fn signal(&self, sig: Signal) {
         let _ = kill(Pid::from_raw(self.pid), sig);
     }
 
     /// Kills the instance and every process of its group (what it started).
-    pub fn kill(&self) {
+    pub(crate) fn kill(&self) {
         let _ = kill(Pid::from_raw(-self.pid), Signal::SIGKILL);
         let _ = kill(Pid::from_raw(self.pid), Signal::SIGKILL);
     }

@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 
 /// One end of a link, for either side: its lines as they arrive, and a
 /// queue whose lines a task writes, in order, until the link breaks.
-pub fn open(
+pub(crate) fn open(
     stream: std::os::unix::net::UnixStream,
 ) -> std::io::Result<(
     Lines<BufReader<OwnedReadHalf>>,
@@ -37,43 +37,43 @@ pub fn open(
 }
 
 /// `message` as a line of the link.
-pub fn line(message: &impl Serialize) -> String {
+pub(crate) fn line(message: &impl Serialize) -> String {
     serde_json::to_string(message).unwrap_or_default() + "\n"
 }
 
 /// An app's instances, as the supervisor sees them now.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Update {
-    pub app: String,
+pub(crate) struct Update {
+    pub(crate) app: String,
     /// The instance new requests go to; `None` while none is ready (they
     /// wait, up to the route's `connect_timeout`).
-    pub serving: Option<Serving>,
+    pub(crate) serving: Option<Serving>,
     /// Instances to stop sending to: the worker answers [`Released`] for
     /// each once nothing of its own is in flight there.
-    pub retire: Vec<u64>,
+    pub(crate) retire: Vec<u64>,
     /// Every live instance, for `status`.
-    pub instances: Vec<InstanceInfo>,
+    pub(crate) instances: Vec<InstanceInfo>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Serving {
-    pub id: u64,
-    pub addr: SocketAddr,
+pub(crate) struct Serving {
+    pub(crate) id: u64,
+    pub(crate) addr: SocketAddr,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct InstanceInfo {
-    pub id: u64,
-    pub pid: i32,
+pub(crate) struct InstanceInfo {
+    pub(crate) id: u64,
+    pub(crate) pid: i32,
     /// `starting`, `serving`, `standby` (the previous instance, kept while
     /// a new one proves itself), `retiring`, `stopping`.
-    pub state: String,
-    pub started_at: String,
-    pub addr: SocketAddr,
+    pub(crate) state: String,
+    pub(crate) started_at: String,
+    pub(crate) addr: SocketAddr,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct Released {
-    pub released: String,
-    pub id: u64,
+pub(crate) struct Released {
+    pub(crate) released: String,
+    pub(crate) id: u64,
 }

@@ -13,7 +13,7 @@ use tracing::{debug, warn};
 use super::link::{self, Released, Update};
 
 #[derive(Clone, Default)]
-pub struct Links {
+pub(crate) struct Links {
     inner: Arc<Mutex<Inner>>,
 }
 
@@ -38,7 +38,7 @@ impl Links {
     /// A link for a worker about to start: returns the worker's end, to be
     /// passed at `GRACESRV_APPS_FD`. The worker hears the latest update of
     /// every app first.
-    pub fn open(&self) -> Result<OwnedFd, String> {
+    pub(crate) fn open(&self) -> Result<OwnedFd, String> {
         let (ours, theirs) =
             std::os::unix::net::UnixStream::pair().map_err(|e| format!("apps: socketpair: {e}"))?;
         let (mut lines, tx) = link::open(ours).map_err(|e| format!("apps: link: {e}"))?;
@@ -71,7 +71,7 @@ impl Links {
 
     /// Sends `update` to every worker. Resolves once each of them has
     /// released the instances it retires.
-    pub fn publish(&self, update: Update) -> impl Future<Output = ()> + Send + 'static {
+    pub(crate) fn publish(&self, update: Update) -> impl Future<Output = ()> + Send + 'static {
         let mut waits = Vec::new();
         let mut inner = self.lock();
         for id in &update.retire {
@@ -107,7 +107,7 @@ impl Links {
 
     /// An app is gone from the config: a worker started from now on does
     /// not hear of it.
-    pub fn forget(&self, app: &str) {
+    pub(crate) fn forget(&self, app: &str) {
         self.lock().latest.remove(app);
     }
 

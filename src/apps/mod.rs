@@ -13,10 +13,10 @@
 //! - Worker side: the [`table`] of instances `proxy: { app }` routes send
 //!   to, counting what is in flight on each.
 
-pub mod link;
-pub mod table;
+pub(crate) mod link;
+pub(crate) mod table;
 
-pub use table::{InFlight, Table};
+pub(crate) use table::{InFlight, Table};
 
 mod instance;
 mod links;
@@ -30,13 +30,13 @@ use tracing::Instrument;
 
 use crate::config::{AppConfig, Config};
 use crate::sys::reaper::Reaper;
-pub use links::Links;
-pub use runner::{Outcome, PROBATION};
+pub(crate) use links::Links;
+pub(crate) use runner::{Outcome, PROBATION};
 
 /// The supervisor's apps: a runner task per app of the config.
-pub struct Apps {
+pub(crate) struct Apps {
     runners: HashMap<String, Runner>,
-    pub links: Links,
+    pub(crate) links: Links,
     reaper: Reaper,
 }
 
@@ -47,7 +47,7 @@ struct Runner {
 
 impl Apps {
     /// Starts every app of `config` (each its first instance).
-    pub fn start(config: &Config, reaper: Reaper) -> Apps {
+    pub(crate) fn start(config: &Config, reaper: Reaper) -> Apps {
         let mut apps = Apps {
             runners: HashMap::new(),
             links: Links::default(),
@@ -79,7 +79,7 @@ impl Apps {
     /// A restart brought a new config: new apps start, changed ones are
     /// deployed, removed ones are retired and stopped. Unchanged apps are
     /// left alone.
-    pub fn apply(&mut self, config: &Config) {
+    pub(crate) fn apply(&mut self, config: &Config) {
         for app in &config.apps {
             match self.runners.get(&app.name) {
                 Some(r) => {
@@ -112,7 +112,7 @@ impl Apps {
     }
 
     /// `gracesrv deploy`: deploys `app` as `config` (read now) defines it.
-    pub fn deploy(
+    pub(crate) fn deploy(
         &self,
         app: &AppConfig,
         shutdown_timeout: Duration,
@@ -138,7 +138,7 @@ impl Apps {
 
     /// Stops every app: retired (the workers are gone by now, so at once),
     /// then `stop_signal`, then SIGKILL after `stop_timeout`.
-    pub async fn stop(&mut self) {
+    pub(crate) async fn stop(&mut self) {
         let mut waits = Vec::new();
         for (_, r) in self.runners.drain() {
             let (done, rx) = oneshot::channel();

@@ -35,13 +35,13 @@ use crate::sys::reaper::{describe, Reaper};
 /// How long a new instance must live after it is ready before the previous
 /// one is let go: a version that dies on its first requests is caught here,
 /// with the previous one still running.
-pub const PROBATION: Duration = Duration::from_secs(2);
+pub(crate) const PROBATION: Duration = Duration::from_secs(2);
 
 /// What a deploy ended in: a line for `gracesrv deploy` to print, or why it
 /// failed.
-pub type Outcome = Result<String, String>;
+pub(crate) type Outcome = Result<String, String>;
 
-pub enum Command {
+pub(crate) enum Command {
     /// A new definition (a HUP, or `deploy` after an edit): deploy it.
     Define {
         app: Box<AppConfig>,
@@ -122,7 +122,7 @@ struct Runner {
 }
 
 /// Runs `app` until it is told to stop (or the supervisor drops `commands`).
-pub async fn run(
+pub(crate) async fn run(
     app: AppConfig,
     shutdown_timeout: Duration,
     links: Links,

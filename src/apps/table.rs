@@ -22,7 +22,7 @@ use super::link::{self, InstanceInfo, Released, Update};
 
 /// Every app of this generation's config, by name.
 #[derive(Default)]
-pub struct Table {
+pub(crate) struct Table {
     apps: HashMap<String, Entry>,
 }
 
@@ -36,23 +36,23 @@ struct Entry {
 }
 
 /// One running instance of an app, as this process sends to it.
-pub struct Instance {
-    pub id: u64,
+pub(crate) struct Instance {
+    pub(crate) id: u64,
     /// Where it serves, as the requests to it name it.
-    pub authority: Option<http::uri::Authority>,
+    pub(crate) authority: Option<http::uri::Authority>,
     /// Connections to this instance only: retiring it closes its pools.
-    pub pools: crate::wire::upstream::Pools,
+    pub(crate) pools: crate::wire::upstream::Pools,
     in_flight: AtomicU64,
     idle: Notify,
     /// Set when its tunnels are to be cut (see the module doc).
-    pub cut: watch::Sender<bool>,
+    pub(crate) cut: watch::Sender<bool>,
 }
 
 /// A request (or tunnel) of this process on an instance, until dropped.
-pub struct InFlight(Arc<Instance>);
+pub(crate) struct InFlight(Arc<Instance>);
 
 impl InFlight {
-    pub fn new(instance: Arc<Instance>) -> InFlight {
+    pub(crate) fn new(instance: Arc<Instance>) -> InFlight {
         instance.in_flight.fetch_add(1, Ordering::Relaxed);
         InFlight(instance)
     }
@@ -60,7 +60,7 @@ impl InFlight {
 
 impl InFlight {
     /// Fires when this instance's tunnels are to be cut.
-    pub fn cut(&self) -> watch::Receiver<bool> {
+    pub(crate) fn cut(&self) -> watch::Receiver<bool> {
         self.0.cut.subscribe()
     }
 }
@@ -74,7 +74,7 @@ impl Drop for InFlight {
 }
 
 impl Table {
-    pub fn new(config: &crate::config::Config) -> Table {
+    pub(crate) fn new(config: &crate::config::Config) -> Table {
         Table {
             apps: config
                 .apps
@@ -94,7 +94,7 @@ impl Table {
     /// The instance of `app` to send to: the serving one, other than
     /// `except` (one that just refused a connection), waiting up to `wait`
     /// for one to be ready.
-    pub async fn pick(
+    pub(crate) async fn pick(
         &self,
         app: &str,
         except: Option<u64>,
@@ -113,7 +113,7 @@ impl Table {
 
     /// Follows the supervisor's updates on `link` (this worker's end),
     /// answering releases on it, for as long as it is open.
-    pub fn follow(self: &Arc<Self>, fd: OwnedFd, shutdown_timeout: Duration) {
+    pub(crate) fn follow(self: &Arc<Self>, fd: OwnedFd, shutdown_timeout: Duration) {
         let (mut lines, queue) = match link::open(fd.into()) {
             Ok(l) => l,
             Err(e) => {
@@ -172,7 +172,7 @@ impl Table {
 
     /// For `status`: each app's instances, with this process's requests in
     /// flight on each.
-    pub fn status(&self) -> serde_json::Value {
+    pub(crate) fn status(&self) -> serde_json::Value {
         let mut out = serde_json::Map::new();
         for (name, entry) in &self.apps {
             let known = entry.known.lock().unwrap_or_else(|p| p.into_inner());
@@ -197,7 +197,7 @@ impl Table {
         serde_json::Value::Object(out)
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.apps.is_empty()
     }
 }

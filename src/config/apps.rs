@@ -161,7 +161,7 @@ impl Validator<'_> {
 impl AppConfig {
     /// The program to execute: a path as given, or a bare name found on
     /// `PATH` (the app's own `env: { PATH }` first).
-    pub fn resolve_program(&self) -> Result<PathBuf, String> {
+    pub(crate) fn resolve_program(&self) -> Result<PathBuf, String> {
         let executable = |p: &Path| {
             use std::os::unix::fs::PermissionsExt;
             std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)

@@ -21,9 +21,9 @@ use serde_saphyr::Spanned;
 
 /// A position in the config file, 1-based.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Pos {
-    pub line: u64,
-    pub col: u64,
+pub(crate) struct Pos {
+    pub(crate) line: u64,
+    pub(crate) col: u64,
 }
 
 impl<T> From<&Spanned<T>> for Pos {
@@ -45,13 +45,13 @@ impl<T> From<&Spanned<T>> for Pos {
 /// ```
 #[derive(Debug, Clone)]
 pub struct ConfigError {
-    pub file: PathBuf,
-    pub pos: Option<Pos>,
-    pub message: String,
+    pub(crate) file: PathBuf,
+    pub(crate) pos: Option<Pos>,
+    pub(crate) message: String,
 }
 
 impl ConfigError {
-    pub fn new(file: &Path, pos: Option<Pos>, message: impl Into<String>) -> Self {
+    pub(crate) fn new(file: &Path, pos: Option<Pos>, message: impl Into<String>) -> Self {
         ConfigError {
             file: file.to_path_buf(),
             pos: pos.filter(|p| p.line > 0),
@@ -82,51 +82,51 @@ impl std::error::Error for ConfigError {}
 #[derive(Debug, Clone)]
 pub struct Config {
     /// Absolute path of the config file.
-    pub path: PathBuf,
-    pub pid_file: Option<PathBuf>,
-    pub shutdown_timeout: Duration,
-    pub startup_timeout: Duration,
-    pub watch: bool,
+    pub(crate) path: PathBuf,
+    pub(crate) pid_file: Option<PathBuf>,
+    pub(crate) shutdown_timeout: Duration,
+    pub(crate) startup_timeout: Duration,
+    pub(crate) watch: bool,
     /// Run under a supervisor whose pid never changes (`--supervise`).
-    pub supervise: bool,
-    pub log: LogConfig,
-    pub timeouts: Timeouts,
-    pub max_connections: usize,
+    pub(crate) supervise: bool,
+    pub(crate) log: LogConfig,
+    pub(crate) timeouts: Timeouts,
+    pub(crate) max_connections: usize,
     /// Old generations that may drain at once; a restart past it stops the oldest.
-    pub max_draining: usize,
+    pub(crate) max_draining: usize,
     /// `limits.max_headers`: header fields an HTTP/1.x request may carry
     /// (the 64 KiB head limit holds beside it).
-    pub max_headers: usize,
+    pub(crate) max_headers: usize,
     /// `tls_tickets.key_file`: the secret TLS session tickets derive from,
     /// shared by every machine given the same file (see `tickets`).
-    pub tls_tickets: Option<FileRef>,
+    pub(crate) tls_tickets: Option<FileRef>,
     /// `acme:`: how certificates are obtained for `tls: { acme: [...] }`.
-    pub acme: Option<AcmeConfig>,
+    pub(crate) acme: Option<AcmeConfig>,
     /// `apps:`: application processes the supervisor runs (see `apps`).
-    pub apps: Vec<AppConfig>,
-    pub listeners: Vec<ListenerConfig>,
+    pub(crate) apps: Vec<AppConfig>,
+    pub(crate) listeners: Vec<ListenerConfig>,
 }
 
 /// One application of `apps:`: how to run it, hand it a socket, see that it
 /// is ready and stop it.
 #[derive(Debug, Clone)]
-pub struct AppConfig {
-    pub name: String,
+pub(crate) struct AppConfig {
+    pub(crate) name: String,
     /// The program, resolved (on `PATH`, or against `dir`), then its
     /// arguments as written.
-    pub program: PathBuf,
-    pub command: Vec<String>,
+    pub(crate) program: PathBuf,
+    pub(crate) command: Vec<String>,
     /// The working directory: `dir`, or the config's directory.
-    pub dir: PathBuf,
-    pub env: Vec<(String, String)>,
-    pub socket: AppSocket,
-    pub ready: AppReady,
-    pub start_timeout: Duration,
-    pub stop_signal: nix::sys::signal::Signal,
-    pub stop_timeout: Duration,
+    pub(crate) dir: PathBuf,
+    pub(crate) env: Vec<(String, String)>,
+    pub(crate) socket: AppSocket,
+    pub(crate) ready: AppReady,
+    pub(crate) start_timeout: Duration,
+    pub(crate) stop_signal: nix::sys::signal::Signal,
+    pub(crate) stop_timeout: Duration,
     /// Files whose change redeploys the app.
-    pub watch: Vec<PathBuf>,
-    pub pos: Pos,
+    pub(crate) watch: Vec<PathBuf>,
+    pub(crate) pos: Pos,
 }
 
 /// A definition is the same when everything but its place in the file is:
@@ -154,7 +154,7 @@ impl PartialEq for AppConfig {
 
 /// How an instance gets its socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AppSocket {
+pub(crate) enum AppSocket {
     /// gracesrv binds a fresh 127.0.0.1 socket per instance and passes it
     /// at fd 3 (`LISTEN_FDS=1`, `LISTEN_FDNAMES=<app>`).
     Fd,
@@ -164,7 +164,7 @@ pub enum AppSocket {
 
 /// When an instance counts as ready.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AppReady {
+pub(crate) enum AppReady {
     /// `GET path` answers 2xx or 3xx.
     Http(String),
     /// No `ready:`: it answers an HTTP request at all (any status).
@@ -175,14 +175,14 @@ pub enum AppReady {
 
 /// `access_log:` (top level, or a listener's own).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct AccessLogConfig {
+pub(crate) struct AccessLogConfig {
     /// `None`: standard error.
-    pub path: Option<PathBuf>,
-    pub format: AccessLogFormat,
+    pub(crate) path: Option<PathBuf>,
+    pub(crate) format: AccessLogFormat,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum AccessLogFormat {
+pub(crate) enum AccessLogFormat {
     /// One JSON object a line.
     Json,
     /// The combined format nginx and Apache write.
@@ -191,7 +191,7 @@ pub enum AccessLogFormat {
 
 /// Which ACME challenge proves control of a name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Challenge {
+pub(crate) enum Challenge {
     /// RFC 8737: answered by the TLS listener itself (ALPN `acme-tls/1`).
     TlsAlpn01,
     /// Answered on the plain listeners under `/.well-known/acme-challenge/`.
@@ -199,44 +199,44 @@ pub enum Challenge {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AcmeConfig {
-    pub directory: String,
-    pub email: Option<String>,
+pub(crate) struct AcmeConfig {
+    pub(crate) directory: String,
+    pub(crate) email: Option<String>,
     /// Account key, certificates, keys, challenges, the lock.
-    pub storage: PathBuf,
+    pub(crate) storage: PathBuf,
     /// Extra roots to trust the directory with (test CAs).
-    pub ca_roots: Option<FileRef>,
-    pub challenge: Challenge,
-    pub renew_before: Duration,
+    pub(crate) ca_roots: Option<FileRef>,
+    pub(crate) challenge: Challenge,
+    pub(crate) renew_before: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LogConfig {
-    pub level: String,
-    pub format: LogFormat,
+pub(crate) struct LogConfig {
+    pub(crate) level: String,
+    pub(crate) format: LogFormat,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogFormat {
+pub(crate) enum LogFormat {
     Text,
     Json,
 }
 
 /// Per-connection timeouts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Timeouts {
+pub(crate) struct Timeouts {
     /// To receive a complete request head.
-    pub header: Duration,
+    pub(crate) header: Duration,
     /// Keep-alive idle: no request in flight.
-    pub idle: Duration,
+    pub(crate) idle: Duration,
     /// TLS handshake.
-    pub handshake: Duration,
+    pub(crate) handshake: Duration,
     /// A response that makes no progress this long (the client stopped
     /// reading, or holds an HTTP/2 connection shut with flow control) is cut.
-    pub send: Duration,
+    pub(crate) send: Duration,
     /// While draining, an HTTP/1.x connection with no request in flight is
     /// closed after this.
-    pub draining_idle: Duration,
+    pub(crate) draining_idle: Duration,
 }
 
 impl Default for Timeouts {
@@ -252,53 +252,52 @@ impl Default for Timeouts {
 }
 
 #[derive(Debug, Clone)]
-pub struct ListenerConfig {
+pub(crate) struct ListenerConfig {
     /// The key a socket keeps across restarts.
-    pub name: String,
-    pub addr: SocketAddr,
-    pub tls: Option<TlsConfig>,
+    pub(crate) name: String,
+    pub(crate) addr: SocketAddr,
+    pub(crate) tls: Option<TlsConfig>,
     /// Also serve HTTP/3 on a UDP socket at the same address (`src/quic/`).
-    pub http3: bool,
+    pub(crate) http3: bool,
     /// Where this listener's requests are logged: its own `access_log`, or
     /// the top-level one.
-    pub access_log: Option<AccessLogConfig>,
-    pub routes: Vec<RouteConfig>,
-    pub pos: Pos,
+    pub(crate) access_log: Option<AccessLogConfig>,
+    pub(crate) routes: Vec<RouteConfig>,
 }
 
 #[derive(Debug, Clone)]
-pub struct TlsConfig {
+pub(crate) struct TlsConfig {
     /// The certificate chain and key; for an ACME listener, where the
     /// obtained ones are kept in `acme.storage`.
-    pub cert: FileRef,
-    pub key: FileRef,
+    pub(crate) cert: FileRef,
+    pub(crate) key: FileRef,
     /// Names whose certificate is obtained by ACME (empty: `cert`/`key`
     /// are the user's files).
-    pub acme: Vec<String>,
-    pub sni: Vec<(FileRef, FileRef)>,
-    pub alpn: Vec<String>,
+    pub(crate) acme: Vec<String>,
+    pub(crate) sni: Vec<(FileRef, FileRef)>,
+    pub(crate) alpn: Vec<String>,
 }
 
 /// A path from the config, resolved, with where it was written and how.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FileRef {
-    pub path: PathBuf,
+pub(crate) struct FileRef {
+    pub(crate) path: PathBuf,
     /// As written in the config, for error messages.
-    pub written: String,
+    pub(crate) written: String,
     /// The config key, e.g. `listeners[1].tls.cert`.
-    pub key: String,
-    pub pos: Pos,
+    pub(crate) key: String,
+    pub(crate) pos: Pos,
 }
 
 #[derive(Debug, Clone)]
-pub struct RouteConfig {
-    pub path: String,
-    pub action: Action,
-    pub pos: Pos,
+pub(crate) struct RouteConfig {
+    pub(crate) path: String,
+    pub(crate) action: Action,
+    pub(crate) pos: Pos,
 }
 
 #[derive(Debug, Clone)]
-pub enum Action {
+pub(crate) enum Action {
     Respond {
         status: http::StatusCode,
         body: String,
@@ -328,7 +327,7 @@ pub enum Action {
 
 /// Where a proxy route sends requests.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ProxyTarget {
+pub(crate) enum ProxyTarget {
     /// `upstream: http://host:port`.
     Upstream(http::Uri),
     /// `app: NAME`: the serving instance of an application of `apps:`.
@@ -338,20 +337,15 @@ pub enum ProxyTarget {
 impl Config {
     /// Does any listener serve `metrics: {}`? (Only then are requests
     /// counted by route and status.)
-    pub fn has_metrics(&self) -> bool {
+    pub(crate) fn has_metrics(&self) -> bool {
         self.listeners
             .iter()
             .any(|l| l.routes.iter().any(|r| matches!(r.action, Action::Metrics)))
     }
 
-    /// Reads and validates the config file at `path`.
-    ///
-    /// ```no_run
-    /// let config = gracesrv::Config::load(std::path::Path::new("server.yaml"))?;
-    /// println!("{} listeners", config.listeners.len());
-    /// # Ok::<(), gracesrv::ConfigError>(())
-    /// ```
-    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    /// Reads and validates the config file at `path` (what the library's
+    /// users get from [`crate::check`]).
+    pub(crate) fn load(path: &Path) -> Result<Config, ConfigError> {
         let abs = absolute(path);
         let text = std::fs::read_to_string(&abs)
             .map_err(|e| ConfigError::new(&abs, None, format!("cannot read config: {e}")))?;
@@ -364,9 +358,12 @@ impl Config {
     ///
     /// ```
     /// let text = "listeners:\n  - name: web\n    addr: 127.0.0.1:8080\n    routes:\n      - path: /\n        status: {}\n";
-    /// let config = gracesrv::Config::parse(std::path::Path::new("/etc/g.yaml"), text).unwrap();
-    /// assert_eq!(config.listeners[0].name, "web");
+    /// let config = gracesrv::Config::parse(std::path::Path::new("/etc/g.yaml"), text);
+    /// assert!(config.is_ok());
     /// ```
+    ///
+    /// Public for the fuzzer (`fuzz/`); the config's contents are not.
+    #[doc(hidden)]
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         let raw: raw::Config = serde_saphyr::from_str(text).map_err(|e| {
             let pos = e.location().map(|l| Pos {
@@ -380,7 +377,7 @@ impl Config {
 
     /// Every file this config depends on: itself, certificates and keys.
     /// These are what `watch: true` watches.
-    pub fn watched_files(&self) -> Vec<PathBuf> {
+    pub(crate) fn watched_files(&self) -> Vec<PathBuf> {
         let mut files = vec![self.path.clone()];
         files.extend(self.tls_tickets.as_ref().map(|f| f.path.clone()));
         for l in &self.listeners {
@@ -410,7 +407,7 @@ fn yaml_message(e: &serde_saphyr::Error) -> String {
 }
 
 /// `path` made absolute against the cwd, without touching the filesystem.
-pub fn absolute(path: &Path) -> PathBuf {
+pub(crate) fn absolute(path: &Path) -> PathBuf {
     if path.is_absolute() {
         path.to_path_buf()
     } else {
@@ -427,5 +424,5 @@ mod tests;
 mod units;
 mod validate;
 
-pub use units::{parse_duration, parse_size, rfc3339};
+pub(crate) use units::{parse_duration, parse_size, rfc3339};
 use validate::Validator;

@@ -5,189 +5,189 @@ use super::*;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Config {
-    pub pid_file: Option<Spanned<String>>,
-    pub shutdown_timeout: Option<Spanned<String>>,
-    pub startup_timeout: Option<Spanned<String>>,
+pub(crate) struct Config {
+    pub(crate) pid_file: Option<Spanned<String>>,
+    pub(crate) shutdown_timeout: Option<Spanned<String>>,
+    pub(crate) startup_timeout: Option<Spanned<String>>,
     #[serde(default)]
-    pub watch: bool,
+    pub(crate) watch: bool,
     #[serde(default)]
-    pub supervise: bool,
-    pub log: Option<Log>,
-    pub timeouts: Option<Timeouts>,
-    pub max_connections: Option<Spanned<u64>>,
-    pub max_draining: Option<Spanned<u64>>,
-    pub limits: Option<Limits>,
-    pub tls_tickets: Option<TlsTickets>,
-    pub acme: Option<Spanned<Acme>>,
-    pub access_log: Option<Spanned<AccessLog>>,
+    pub(crate) supervise: bool,
+    pub(crate) log: Option<Log>,
+    pub(crate) timeouts: Option<Timeouts>,
+    pub(crate) max_connections: Option<Spanned<u64>>,
+    pub(crate) max_draining: Option<Spanned<u64>>,
+    pub(crate) limits: Option<Limits>,
+    pub(crate) tls_tickets: Option<TlsTickets>,
+    pub(crate) acme: Option<Spanned<Acme>>,
+    pub(crate) access_log: Option<Spanned<AccessLog>>,
     #[serde(default)]
-    pub apps: Vec<Spanned<App>>,
-    pub listeners: Spanned<Vec<Spanned<Listener>>>,
+    pub(crate) apps: Vec<Spanned<App>>,
+    pub(crate) listeners: Spanned<Vec<Spanned<Listener>>>,
 }
 
 /// An application process gracesrv runs and proxies to (`apps:`).
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct App {
-    pub name: Spanned<String>,
-    pub command: Spanned<Vec<String>>,
-    pub dir: Option<Spanned<String>>,
+pub(crate) struct App {
+    pub(crate) name: Spanned<String>,
+    pub(crate) command: Spanned<Vec<String>>,
+    pub(crate) dir: Option<Spanned<String>>,
     #[serde(default)]
-    pub env: BTreeMap<String, String>,
-    pub socket: Option<Spanned<String>>,
-    pub ready: Option<Spanned<AppReady>>,
-    pub start_timeout: Option<Spanned<String>>,
-    pub stop_signal: Option<Spanned<String>>,
-    pub stop_timeout: Option<Spanned<String>>,
+    pub(crate) env: BTreeMap<String, String>,
+    pub(crate) socket: Option<Spanned<String>>,
+    pub(crate) ready: Option<Spanned<AppReady>>,
+    pub(crate) start_timeout: Option<Spanned<String>>,
+    pub(crate) stop_signal: Option<Spanned<String>>,
+    pub(crate) stop_timeout: Option<Spanned<String>>,
     #[serde(default)]
-    pub watch: Vec<Spanned<String>>,
+    pub(crate) watch: Vec<Spanned<String>>,
 }
 
 /// `ready: notify`, or `ready: { http: /healthz }`.
 #[derive(Deserialize)]
 #[serde(untagged)]
-pub enum AppReady {
+pub(crate) enum AppReady {
     Word(String),
     Http(AppReadyHttp),
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct AppReadyHttp {
-    pub http: String,
+pub(crate) struct AppReadyHttp {
+    pub(crate) http: String,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct AccessLog {
-    pub path: Spanned<String>,
-    pub format: Option<Spanned<String>>,
+pub(crate) struct AccessLog {
+    pub(crate) path: Spanned<String>,
+    pub(crate) format: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Acme {
-    pub directory: Spanned<String>,
-    pub email: Option<Spanned<String>>,
-    pub storage: Option<Spanned<String>>,
-    pub ca_roots: Option<Spanned<String>>,
-    pub challenge: Option<Spanned<String>>,
-    pub renew_before: Option<Spanned<String>>,
+pub(crate) struct Acme {
+    pub(crate) directory: Spanned<String>,
+    pub(crate) email: Option<Spanned<String>>,
+    pub(crate) storage: Option<Spanned<String>>,
+    pub(crate) ca_roots: Option<Spanned<String>>,
+    pub(crate) challenge: Option<Spanned<String>>,
+    pub(crate) renew_before: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct TlsTickets {
-    pub key_file: Spanned<String>,
+pub(crate) struct TlsTickets {
+    pub(crate) key_file: Spanned<String>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Log {
-    pub level: Option<Spanned<String>>,
-    pub format: Option<Spanned<String>>,
+pub(crate) struct Log {
+    pub(crate) level: Option<Spanned<String>>,
+    pub(crate) format: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Limits {
-    pub max_headers: Option<Spanned<u64>>,
+pub(crate) struct Limits {
+    pub(crate) max_headers: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Timeouts {
-    pub header: Option<Spanned<String>>,
-    pub idle: Option<Spanned<String>>,
-    pub handshake: Option<Spanned<String>>,
-    pub send: Option<Spanned<String>>,
-    pub draining_idle: Option<Spanned<String>>,
+pub(crate) struct Timeouts {
+    pub(crate) header: Option<Spanned<String>>,
+    pub(crate) idle: Option<Spanned<String>>,
+    pub(crate) handshake: Option<Spanned<String>>,
+    pub(crate) send: Option<Spanned<String>>,
+    pub(crate) draining_idle: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Listener {
-    pub name: Spanned<String>,
-    pub addr: Spanned<String>,
-    pub tls: Option<Spanned<Tls>>,
-    pub http3: Option<Spanned<bool>>,
-    pub access_log: Option<Spanned<AccessLog>>,
+pub(crate) struct Listener {
+    pub(crate) name: Spanned<String>,
+    pub(crate) addr: Spanned<String>,
+    pub(crate) tls: Option<Spanned<Tls>>,
+    pub(crate) http3: Option<Spanned<bool>>,
+    pub(crate) access_log: Option<Spanned<AccessLog>>,
     #[serde(default)]
-    pub routes: Vec<Spanned<Route>>,
+    pub(crate) routes: Vec<Spanned<Route>>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Tls {
-    pub cert: Option<Spanned<String>>,
-    pub key: Option<Spanned<String>>,
+pub(crate) struct Tls {
+    pub(crate) cert: Option<Spanned<String>>,
+    pub(crate) key: Option<Spanned<String>>,
     /// Names to obtain a certificate for (instead of `cert` and `key`).
-    pub acme: Option<Spanned<Vec<Spanned<String>>>>,
+    pub(crate) acme: Option<Spanned<Vec<Spanned<String>>>>,
     #[serde(default)]
-    pub sni: Vec<Spanned<CertPair>>,
-    pub alpn: Option<Spanned<Vec<String>>>,
+    pub(crate) sni: Vec<Spanned<CertPair>>,
+    pub(crate) alpn: Option<Spanned<Vec<String>>>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct CertPair {
-    pub cert: Spanned<String>,
-    pub key: Spanned<String>,
+pub(crate) struct CertPair {
+    pub(crate) cert: Spanned<String>,
+    pub(crate) key: Spanned<String>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Route {
-    pub path: Option<Spanned<String>>,
-    pub respond: Option<Spanned<Respond>>,
+pub(crate) struct Route {
+    pub(crate) path: Option<Spanned<String>>,
+    pub(crate) respond: Option<Spanned<Respond>>,
     #[serde(rename = "static")]
-    pub static_: Option<Spanned<Static>>,
-    pub redirect: Option<Spanned<Redirect>>,
-    pub status: Option<Spanned<Empty>>,
-    pub metrics: Option<Spanned<Empty>>,
-    pub proxy: Option<Spanned<Proxy>>,
+    pub(crate) static_: Option<Spanned<Static>>,
+    pub(crate) redirect: Option<Spanned<Redirect>>,
+    pub(crate) status: Option<Spanned<Empty>>,
+    pub(crate) metrics: Option<Spanned<Empty>>,
+    pub(crate) proxy: Option<Spanned<Proxy>>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Proxy {
-    pub upstream: Option<Spanned<String>>,
+pub(crate) struct Proxy {
+    pub(crate) upstream: Option<Spanned<String>>,
     /// An application of `apps:`, instead of an upstream.
-    pub app: Option<Spanned<String>>,
-    pub connect_timeout: Option<Spanned<String>>,
-    pub timeout: Option<Spanned<String>>,
+    pub(crate) app: Option<Spanned<String>>,
+    pub(crate) connect_timeout: Option<Spanned<String>>,
+    pub(crate) timeout: Option<Spanned<String>>,
     #[serde(default)]
-    pub strip_prefix: bool,
-    pub max_body: Option<Spanned<String>>,
+    pub(crate) strip_prefix: bool,
+    pub(crate) max_body: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Respond {
-    pub status: Option<Spanned<u16>>,
+pub(crate) struct Respond {
+    pub(crate) status: Option<Spanned<u16>>,
     #[serde(default)]
-    pub body: String,
+    pub(crate) body: String,
     #[serde(default)]
-    pub headers: BTreeMap<String, Spanned<String>>,
-    pub delay: Option<Spanned<String>>,
+    pub(crate) headers: BTreeMap<String, Spanned<String>>,
+    pub(crate) delay: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Static {
-    pub root: Spanned<String>,
-    pub index: Option<String>,
+pub(crate) struct Static {
+    pub(crate) root: Spanned<String>,
+    pub(crate) index: Option<String>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Redirect {
-    pub to: Spanned<String>,
-    pub status: Option<Spanned<u16>>,
+pub(crate) struct Redirect {
+    pub(crate) to: Spanned<String>,
+    pub(crate) status: Option<Spanned<u16>>,
 }
 
 /// `status: {}` takes no fields.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Empty {}
+pub(crate) struct Empty {}

@@ -7,7 +7,7 @@
 use std::time::{Duration, SystemTime};
 
 /// Parses a size: `1048576`, `512KB`, `10MB`, `1GB` (powers of 1024).
-pub fn parse_size(s: &str) -> Result<u64, String> {
+pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
@@ -30,7 +30,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 /// Parses `500ms`, `30s`, `2m`, `1h`, `30d` (also `0`).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     if s == "0" {
         return Ok(Duration::ZERO);
@@ -63,7 +63,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 /// `2026-11-25T21:01:55Z`: a system time in UTC, to the second.
-pub fn rfc3339(t: SystemTime) -> String {
+pub(crate) fn rfc3339(t: SystemTime) -> String {
     let t = time::OffsetDateTime::from(t);
     let t = t.replace_nanosecond(0).unwrap_or(t);
     t.format(&time::format_description::well_known::Rfc3339)

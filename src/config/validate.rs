@@ -491,7 +491,6 @@ impl Validator<'_> {
             http3,
             access_log,
             routes,
-            pos: Pos::from(l),
         })
     }
 

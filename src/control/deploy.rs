@@ -19,9 +19,9 @@ use crate::apps::Outcome;
 use crate::config::Config;
 
 /// A deploy asked for, and where its outcome goes.
-pub struct Request {
-    pub app: String,
-    pub reply: oneshot::Sender<Outcome>,
+pub(crate) struct Request {
+    pub(crate) app: String,
+    pub(crate) reply: oneshot::Sender<Outcome>,
 }
 
 fn socket_name(pid: u32) -> String {
@@ -29,7 +29,7 @@ fn socket_name(pid: u32) -> String {
 }
 
 /// Listens for deploys (see the module doc), on the current runtime.
-pub fn serve() -> mpsc::UnboundedReceiver<Request> {
+pub(crate) fn serve() -> mpsc::UnboundedReceiver<Request> {
     let (tx, rx) = mpsc::unbounded_channel();
     let listener = match crate::control::reload::OwnListener::bind(&socket_name(std::process::id()))
     {
@@ -74,7 +74,7 @@ pub fn serve() -> mpsc::UnboundedReceiver<Request> {
 }
 
 /// Runs `gracesrv deploy -c FILE APP`; returns the exit code.
-pub fn run(config: &Path, app: &str) -> i32 {
+pub(crate) fn run(config: &Path, app: &str) -> i32 {
     match deploy(config, app) {
         Ok(msg) => {
             println!("deployed {app}: {msg}");

@@ -21,19 +21,19 @@ use crate::sys::handoff::InheritedSocket;
 use crate::sys::listeners::Listener;
 use crate::tls::tickets::Tickets;
 
-pub struct Generation {
-    pub config: Config,
+pub(crate) struct Generation {
+    pub(crate) config: Config,
     /// This process's own copies of the sockets, in listener order: what a
     /// restart hands over. Serving threads hold duplicates of their own.
-    pub listeners: Vec<Listener>,
-    pub process: Arc<ProcessInfo>,
+    pub(crate) listeners: Vec<Listener>,
+    pub(crate) process: Arc<ProcessInfo>,
     /// The ready pipe to the previous generation, kept open after `READY`:
     /// while it is open, the previous generation (still draining) can take
     /// over again if this one dies. `DONE` on it says this one ends on
     /// purpose (see [`Generation::ending`]).
     predecessor: Option<Predecessor>,
     /// Writing `pid_file` failed (a full disk): the control loop retries.
-    pub pid_file_pending: bool,
+    pub(crate) pid_file_pending: bool,
     /// The HTTP/3 endpoints, until they read their sockets (once this is ready).
     http3: Option<crate::quic::Http3>,
 }
@@ -54,7 +54,7 @@ fn thread_count() -> usize {
 }
 
 impl Generation {
-    pub fn start(
+    pub(crate) fn start(
         prepared: Prepared,
         inherited: Vec<InheritedSocket>,
         generation: u64,
@@ -255,7 +255,7 @@ impl Generation {
     /// Tells whoever waits that this generation serves: the parent (ready
     /// pipe), `pid_file`, systemd. A supervised worker tells only its
     /// supervisor, which owns the pid file and the systemd notifications.
-    pub fn report_ready(&mut self, ready: Option<OwnedFd>, supervised: bool) {
+    pub(crate) fn report_ready(&mut self, ready: Option<OwnedFd>, supervised: bool) {
         if let Some(fd) = ready {
             self.predecessor = Predecessor::ready(fd);
         }
@@ -284,7 +284,7 @@ impl Generation {
     }
 
     /// Tries `pid_file` again (see `pid_file_pending`).
-    pub fn retry_pid_file(&mut self) {
+    pub(crate) fn retry_pid_file(&mut self) {
         let Some(path) = &self.config.pid_file else {
             self.pid_file_pending = false;
             return;
@@ -297,7 +297,7 @@ impl Generation {
 
     /// This generation ends on purpose (replaced, or stopping): the previous
     /// one, if it still drains, must not take over when this one exits.
-    pub fn ending(&mut self) {
+    pub(crate) fn ending(&mut self) {
         if let Some(p) = self.predecessor.take() {
             p.done();
         }
@@ -305,7 +305,7 @@ impl Generation {
 
     /// Removes `pid_file` if it still names this process (a newer generation
     /// may have written its own).
-    pub fn remove_pid_file(&self) {
+    pub(crate) fn remove_pid_file(&self) {
         if let Some(path) = &self.config.pid_file {
             crate::control::successor::remove_pid_file(path, self.process.pid);
         }

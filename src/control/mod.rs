@@ -4,13 +4,13 @@
 //! `reload` and `deploy` over the control socket, and the config prepared
 //! for serving (`prepare`).
 
-pub mod deploy;
-pub mod generation;
-pub mod predecessors;
-pub mod prepare;
-pub mod reload;
-pub mod restart;
-pub mod run;
-pub mod spawn;
-pub mod successor;
-pub mod supervisor;
+pub(crate) mod deploy;
+pub(crate) mod generation;
+pub(crate) mod predecessors;
+pub(crate) mod prepare;
+pub(crate) mod reload;
+pub(crate) mod restart;
+pub(crate) mod run;
+pub(crate) mod spawn;
+pub(crate) mod successor;
+pub(crate) mod supervisor;

@@ -21,18 +21,18 @@ const QUIT_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Older generations still draining, oldest first.
 #[derive(Debug, Default)]
-pub struct Predecessors(Vec<Gen>);
+pub(crate) struct Predecessors(Vec<Gen>);
 
 impl Predecessors {
     /// The generations in the list.
-    pub fn list(&self) -> &[Gen] {
+    pub(crate) fn list(&self) -> &[Gen] {
         &self.0
     }
 }
 
 impl Predecessors {
     /// The list a predecessor handed over (`GRACESRV_DRAINING`).
-    pub fn parse(s: &str) -> Predecessors {
+    pub(crate) fn parse(s: &str) -> Predecessors {
         Predecessors(
             s.split(',')
                 .filter_map(|item| {
@@ -48,7 +48,7 @@ impl Predecessors {
 
     /// `pid:start,pid:start`, oldest first, with this process last: what
     /// the next generation is handed when this one is replaced.
-    pub fn with_current(&self) -> String {
+    pub(crate) fn with_current(&self) -> String {
         self.0
             .iter()
             .chain(Gen::current().as_ref())
@@ -58,18 +58,18 @@ impl Predecessors {
     }
 
     /// A generation that starts draining now (the newest).
-    pub fn push(&mut self, gen: Gen) {
+    pub(crate) fn push(&mut self, gen: Gen) {
         self.0.push(gen);
     }
 
     /// Forgets generations that have exited.
-    pub fn forget_exited(&mut self) {
+    pub(crate) fn forget_exited(&mut self) {
         self.0.retain(Gen::alive);
     }
 
     /// Forgets generations that have exited, and stops the oldest beyond
     /// `max` at once.
-    pub fn enforce(&mut self, max: usize) {
+    pub(crate) fn enforce(&mut self, max: usize) {
         self.forget_exited();
         while self.0.len() > max {
             let oldest = self.0.remove(0);

@@ -11,27 +11,30 @@ use crate::http::routes::Router;
 use crate::http::service::Handler;
 
 /// A config with everything it names loaded and checked.
-pub struct Prepared {
-    pub config: Config,
+pub(crate) struct Prepared {
+    pub(crate) config: Config,
     /// The ticket secret from `tls_tickets.key_file`, if the config has one.
-    pub tickets: Option<Arc<crate::tls::tickets::Tickets>>,
+    pub(crate) tickets: Option<Arc<crate::tls::tickets::Tickets>>,
     /// Per listener, in config order.
-    pub listeners: Vec<PreparedListener>,
+    pub(crate) listeners: Vec<PreparedListener>,
 }
 
-pub struct PreparedListener {
-    pub tls: Option<Arc<rustls::ServerConfig>>,
-    pub handler: Handler,
+pub(crate) struct PreparedListener {
+    pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
+    pub(crate) handler: Handler,
 }
 
 /// Loads and checks `path`. Listeners named in `services` serve the embedding application's
 /// service instead of their routes; every one must exist in the config.
-pub fn prepare(path: &Path, services: &HashMap<String, Handler>) -> Result<Prepared, ConfigError> {
+pub(crate) fn prepare(
+    path: &Path,
+    services: &HashMap<String, Handler>,
+) -> Result<Prepared, ConfigError> {
     prepare_config(Config::load(path)?, services)
 }
 
 /// Like [`prepare`], for a config already parsed.
-pub fn prepare_config(
+pub(crate) fn prepare_config(
     config: Config,
     services: &HashMap<String, Handler>,
 ) -> Result<Prepared, ConfigError> {
@@ -118,7 +121,7 @@ pub fn prepare_config(
 }
 
 /// The one-screen summary `gracesrv check` prints.
-pub fn summary(p: &Prepared) -> String {
+pub(crate) fn summary(p: &Prepared) -> String {
     let c = &p.config;
     let mut out = format!("{}: ok\n", c.path.display());
     for l in &c.listeners {

@@ -22,46 +22,46 @@ use crate::config::Config;
 
 /// What one restart attempt ended in.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct RestartResult {
+pub(crate) struct RestartResult {
     /// The process that ran the restart (the old generation).
-    pub pid: u32,
+    pub(crate) pid: u32,
     /// Counts this process's attempts, so a reader can tell a new result from an old one.
-    pub seq: u64,
+    pub(crate) seq: u64,
     /// `ready` or `failed`.
-    pub result: String,
-    pub new_pid: Option<u32>,
-    pub generation: Option<u64>,
-    pub reason: Option<String>,
+    pub(crate) result: String,
+    pub(crate) new_pid: Option<u32>,
+    pub(crate) generation: Option<u64>,
+    pub(crate) reason: Option<String>,
 }
 
 /// Where the results of restarts are written for a given `pid_file`.
-pub fn result_path(pid_file: &Path) -> PathBuf {
+pub(crate) fn result_path(pid_file: &Path) -> PathBuf {
     let mut p = pid_file.as_os_str().to_owned();
     p.push(".restart");
     PathBuf::from(p)
 }
 
 /// Writes `r` atomically next to `pid_file`.
-pub fn write_result(pid_file: &Path, r: &RestartResult) -> std::io::Result<()> {
+pub(crate) fn write_result(pid_file: &Path, r: &RestartResult) -> std::io::Result<()> {
     let line = serde_json::to_string(r).map_err(std::io::Error::other)? + "\n";
     crate::sys::atomic::write_atomically(&result_path(pid_file), line.as_bytes())
 }
 
 /// The name of process `pid`'s control socket, in the abstract namespace.
-pub fn control_name(pid: u32) -> String {
+pub(crate) fn control_name(pid: u32) -> String {
     format!("gracesrv.{pid}")
 }
 
 /// An abstract Unix socket (no file: nothing a full or read-only disk can
 /// stop, nothing left behind) that only this user, or root, may use.
-pub struct OwnListener {
+pub(crate) struct OwnListener {
     listener: tokio::net::UnixListener,
     me: u32,
 }
 
 impl OwnListener {
     /// Binds `@name`, on the current tokio runtime.
-    pub fn bind(name: &str) -> std::io::Result<OwnListener> {
+    pub(crate) fn bind(name: &str) -> std::io::Result<OwnListener> {
         use std::os::linux::net::SocketAddrExt;
         let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
         let l = std::os::unix::net::UnixListener::bind_addr(&addr)?;
@@ -73,7 +73,7 @@ impl OwnListener {
     }
 
     /// The next connection from this user or root; others are dropped.
-    pub async fn accept(&self) -> tokio::net::UnixStream {
+    pub(crate) async fn accept(&self) -> tokio::net::UnixStream {
         loop {
             let Ok((stream, _)) = self.listener.accept().await else {
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -101,7 +101,7 @@ const WRITE_WITHIN: Duration = Duration::from_secs(1);
 
 /// Listens on this process's control socket (see the module doc), on the
 /// current tokio runtime. Only the same user, or root, may connect.
-pub fn serve_control(config: &Path) {
+pub(crate) fn serve_control(config: &Path) {
     let pid = std::process::id();
     let hello: std::sync::Arc<str> =
         (serde_json::json!({ "pid": pid, "config": config }).to_string() + "\n").into();
@@ -166,7 +166,7 @@ async fn subscriber(
 
 /// Forgets subscribers that hung up (a `deploy` checks the pid file on the
 /// control socket and leaves; a `reload` may be interrupted).
-pub fn prune_subscribers() {
+pub(crate) fn prune_subscribers() {
     let mut subs = SUBSCRIBERS.lock().unwrap_or_else(|p| p.into_inner());
     subs.retain(|s| !s.is_closed());
 }
@@ -186,7 +186,7 @@ fn publish(r: &RestartResult) {
 
 /// Records the outcome of a restart run by `pid` next to `pid_file`, if the
 /// config has one: the new pid and `new_generation`, or the reason it failed.
-pub fn report(
+pub(crate) fn report(
     pid_file: Option<&Path>,
     pid: u32,
     seq: u64,
@@ -209,7 +209,7 @@ pub fn report(
 }
 
 /// Runs `gracesrv reload -c FILE`; returns the exit code.
-pub fn run(config: &Path) -> i32 {
+pub(crate) fn run(config: &Path) -> i32 {
     match reload(config) {
         Ok(msg) => {
             println!("{msg}");
@@ -292,17 +292,17 @@ fn reload(config: &Path) -> Result<String, String> {
 
 /// The gracesrv serving `config`, found through its `pid_file` and asked on
 /// its control socket (subscribed to its restart results).
-pub struct Running {
-    pub pid: u32,
-    pub pid_file: PathBuf,
-    pub control: std::os::unix::net::UnixStream,
-    pub reader: std::io::BufReader<std::os::unix::net::UnixStream>,
+pub(crate) struct Running {
+    pub(crate) pid: u32,
+    pub(crate) pid_file: PathBuf,
+    pub(crate) control: std::os::unix::net::UnixStream,
+    pub(crate) reader: std::io::BufReader<std::os::unix::net::UnixStream>,
 }
 
 /// Finds the gracesrv serving `config` for command `what`: the pid in its
 /// `pid_file`, checked (before any signal) to be a gracesrv serving this
 /// very config; a stale pid file is an error.
-pub fn running(config: &Config, what: &str) -> Result<Running, String> {
+pub(crate) fn running(config: &Config, what: &str) -> Result<Running, String> {
     use std::io::BufRead;
     let pid_file = config.pid_file.clone().ok_or_else(|| {
         format!(

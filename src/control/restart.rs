@@ -41,7 +41,7 @@ use super::spawn::{Attempt, Spawner, Started};
 
 /// Why a process is being started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Trigger {
+pub(crate) enum Trigger {
     /// HUP (or `gracesrv reload`).
     Signal,
     /// A watched file changed.
@@ -76,7 +76,7 @@ enum Phase {
 }
 
 /// What the machine has to say.
-pub enum Event {
+pub(crate) enum Event {
     /// An attempt ended; the machine is idle again.
     Done {
         trigger: Trigger,
@@ -90,15 +90,15 @@ pub enum Event {
 }
 
 /// The restart state machine, for a serving process and a supervisor alike.
-pub struct Restart {
+pub(crate) struct Restart {
     phase: Phase,
-    pub spawner: Spawner,
+    pub(crate) spawner: Spawner,
     /// Attempts reported so far (`gracesrv reload` matches results by it).
     reported: u64,
 }
 
 impl Restart {
-    pub fn new(spawner: Spawner) -> Restart {
+    pub(crate) fn new(spawner: Spawner) -> Restart {
         Restart {
             phase: Phase::Idle,
             spawner,
@@ -106,14 +106,14 @@ impl Restart {
         }
     }
 
-    pub fn is_idle(&self) -> bool {
+    pub(crate) fn is_idle(&self) -> bool {
         matches!(self.phase, Phase::Idle)
     }
 
     /// Asks for a restart to generation `generation` from `current` sockets.
     /// Idle: the attempt starts now (true). Otherwise one more is noted, to
     /// follow the attempt or the replacement under way (false).
-    pub fn request(
+    pub(crate) fn request(
         &mut self,
         trigger: Trigger,
         generation: u64,
@@ -142,7 +142,7 @@ impl Restart {
     /// Starts a replacement with the same sockets and config (a supervisor
     /// whose worker died, or its first worker). `pending` carries a trigger
     /// that arrived while there was none.
-    pub fn replace(
+    pub(crate) fn replace(
         &mut self,
         generation: u64,
         listeners: &[Listener],
@@ -175,7 +175,7 @@ impl Restart {
 
     /// Nothing serves: start a replacement `after` from now. Triggers
     /// meanwhile follow it.
-    pub fn wait_until(&mut self, after: Duration, pending: bool) {
+    pub(crate) fn wait_until(&mut self, after: Duration, pending: bool) {
         self.phase = Phase::Waiting {
             at: tokio::time::Instant::now() + after,
             pending,
@@ -184,7 +184,7 @@ impl Restart {
 
     /// The next event; never resolves while idle. Cancel-safe: the attempt
     /// lives in the machine, not in this future.
-    pub async fn next(&mut self) -> Event {
+    pub(crate) async fn next(&mut self) -> Event {
         match &mut self.phase {
             Phase::Idle => std::future::pending().await,
             Phase::Waiting { at, pending } => {
@@ -216,7 +216,7 @@ impl Restart {
 
     /// Gives up what is under way: the process being started, if any, is
     /// killed and reaped (never left to serve on its own).
-    pub async fn abandon(&mut self) {
+    pub(crate) async fn abandon(&mut self) {
         if let Phase::Starting { pid, .. } = std::mem::replace(&mut self.phase, Phase::Idle) {
             if let Some(pid) = pid.take() {
                 info!(new_pid = pid, "abandoning the restart in progress");
@@ -227,7 +227,7 @@ impl Restart {
 
     /// Tells `reload` (and the result file next to `pid_file`) how the
     /// latest attempt ended.
-    pub fn report(
+    pub(crate) fn report(
         &mut self,
         pid_file: Option<&Path>,
         pid: u32,

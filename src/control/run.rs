@@ -47,7 +47,7 @@ impl Drop for Orderer {
 /// Runs a serving process (not a supervisor) until it should exit; returns
 /// its exit code. A worker of `supervisor` passes restart triggers on to
 /// it, which runs them.
-pub async fn control(
+pub(crate) async fn control(
     mut gen: Generation,
     mut restart: Restart,
     mut signals: Signals,

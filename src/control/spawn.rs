@@ -24,17 +24,17 @@ use crate::sys::ready::Said;
 use crate::sys::reaper::Reaper;
 
 /// A new process that said `READY`, with what it was started with.
-pub struct Started {
-    pub ready: Ready,
-    pub config: Config,
+pub(crate) struct Started {
+    pub(crate) ready: Ready,
+    pub(crate) config: Config,
     /// Its sockets, in listener order (this process's copies).
-    pub listeners: Vec<Listener>,
+    pub(crate) listeners: Vec<Listener>,
 }
 
 pub(super) type Attempt = Pin<Box<dyn Future<Output = Result<Box<Started>, String>>>>;
 
 /// What the next process is.
-pub enum Role {
+pub(crate) enum Role {
     /// The next generation of a self-restarting server.
     Generation,
     /// A worker of the supervisor with this pid: a process group of its own
@@ -44,21 +44,21 @@ pub enum Role {
 }
 
 /// Starts the next process: the one spawner of both modes.
-pub struct Spawner {
+pub(crate) struct Spawner {
     /// Absolute path of the executable, resolved at start: a binary replaced
     /// on disk (by rename) is what the next generation runs.
-    pub exe: PathBuf,
-    pub argv: Vec<OsString>,
-    pub config_path: PathBuf,
-    pub services: HashMap<String, Handler>,
-    pub reaper: Reaper,
-    pub role: Role,
+    pub(crate) exe: PathBuf,
+    pub(crate) argv: Vec<OsString>,
+    pub(crate) config_path: PathBuf,
+    pub(crate) services: HashMap<String, Handler>,
+    pub(crate) reaper: Reaper,
+    pub(crate) role: Role,
     /// The service's TLS session ticket secret, handed to every process
     /// started (unless its config names a key file, which wins).
-    pub tickets: std::sync::Arc<crate::tls::tickets::Tickets>,
+    pub(crate) tickets: std::sync::Arc<crate::tls::tickets::Tickets>,
     /// A supervisor with apps: each worker gets a link to it (see
     /// `apps::link`).
-    pub links: Option<crate::apps::Links>,
+    pub(crate) links: Option<crate::apps::Links>,
 }
 
 impl Spawner {
@@ -253,8 +253,8 @@ impl Child {
 }
 
 /// A successor that said `READY`, and its ready pipe, still open.
-pub struct Ready {
-    pub pid: i32,
+pub(crate) struct Ready {
+    pub(crate) pid: i32,
     pipe: ReadyPipe,
 }
 

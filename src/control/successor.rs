@@ -31,22 +31,22 @@ use crate::sys::ready::Said;
 
 /// What a process received from whoever started it.
 #[derive(Debug, Default)]
-pub struct Inherited {
-    pub sockets: Vec<InheritedSocket>,
+pub(crate) struct Inherited {
+    pub(crate) sockets: Vec<InheritedSocket>,
     /// Where to report `READY` or an error; `None` when started by hand or by systemd.
-    pub ready: Option<OwnedFd>,
+    pub(crate) ready: Option<OwnedFd>,
     /// This process's generation: 1 unless a restart started it.
-    pub generation: u64,
+    pub(crate) generation: u64,
     /// The supervisor's pid, when this process is a supervised worker.
-    pub supervisor: Option<u32>,
+    pub(crate) supervisor: Option<u32>,
     /// Older generations still draining, oldest first.
-    pub draining: Predecessors,
+    pub(crate) draining: Predecessors,
     /// The TLS session ticket secret of the service (see `tickets`).
-    pub tickets: Option<crate::tls::tickets::Tickets>,
+    pub(crate) tickets: Option<crate::tls::tickets::Tickets>,
     /// The counters handed over (see `metrics`), as JSON.
-    pub metrics: Option<String>,
+    pub(crate) metrics: Option<String>,
     /// A supervised worker's link to its supervisor (see `apps::link`).
-    pub apps_link: Option<OwnedFd>,
+    pub(crate) apps_link: Option<OwnedFd>,
 }
 
 impl Inherited {
@@ -57,7 +57,7 @@ impl Inherited {
     ///
     /// With `remove`, must run before any thread is started (it edits the
     /// environment).
-    pub fn from_env(remove: bool) -> Result<Inherited, String> {
+    pub(crate) fn from_env(remove: bool) -> Result<Inherited, String> {
         let get = |k: &str| std::env::var(k).ok();
         let (pid, fds, names, ready, generation, supervisor) = (
             get("LISTEN_PID"),
@@ -135,11 +135,11 @@ fn fd_number(var: &str, value: &str) -> Result<RawFd, String> {
 /// The write end of the ready pipe to the previous generation, kept open
 /// after `READY`: while it is open, the previous generation (still
 /// draining) can take over again if this one dies.
-pub struct Predecessor(std::fs::File);
+pub(crate) struct Predecessor(std::fs::File);
 
 impl Predecessor {
     /// Says `READY`; the pipe stays open while this process serves.
-    pub fn ready(fd: OwnedFd) -> Option<Predecessor> {
+    pub(crate) fn ready(fd: OwnedFd) -> Option<Predecessor> {
         let mut f = std::fs::File::from(fd);
         match f.write_all(Said::Ready.line().as_bytes()) {
             Ok(()) => Some(Predecessor(f)),
@@ -152,7 +152,7 @@ impl Predecessor {
 
     /// This generation ends on purpose (replaced, or stopping): the previous
     /// one, if it still drains, must not take over when this one exits.
-    pub fn done(mut self) {
+    pub(crate) fn done(mut self) {
         let _ = self.0.write_all(Said::Done.line().as_bytes());
     }
 }
@@ -160,7 +160,7 @@ impl Predecessor {
 /// A supervised worker that serves: if its supervisor dies, it drains
 /// (TERM) rather than being killed mid-request, as it is while it starts.
 /// If the supervisor is already gone, it drains now.
-pub fn serving_under_supervisor(supervisor: u32) {
+pub(crate) fn serving_under_supervisor(supervisor: u32) {
     use nix::sys::signal::Signal;
     if let Err(e) = nix::sys::prctl::set_pdeathsig(Signal::SIGTERM) {
         warn!("cannot ask for TERM when the supervisor dies: {e}");
@@ -173,7 +173,7 @@ pub fn serving_under_supervisor(supervisor: u32) {
 
 /// Reports a failed start on the ready pipe, so the previous generation can
 /// log the reason instead of only "exited".
-pub fn report_error(ready: Option<OwnedFd>, msg: &str) {
+pub(crate) fn report_error(ready: Option<OwnedFd>, msg: &str) {
     if let Some(fd) = ready {
         let mut f = std::fs::File::from(fd);
         let _ = f.write_all(Said::Error(msg.into()).line().as_bytes());
@@ -184,7 +184,7 @@ pub fn report_error(ready: Option<OwnedFd>, msg: &str) {
 /// sends with `READY=1`: what `systemctl status` shows, and what tools and
 /// tests read the bound addresses from, e.g.
 /// `serving generation 3 (pid 1234) on web=127.0.0.1:8080 web-tls=[::]:8443`.
-pub fn status_line(
+pub(crate) fn status_line(
     generation: u64,
     pid: u32,
     listeners: &[crate::sys::listeners::Listener],
@@ -196,7 +196,7 @@ pub fn status_line(
     line
 }
 
-pub fn notify_systemd(state: &[sd_notify::NotifyState]) {
+pub(crate) fn notify_systemd(state: &[sd_notify::NotifyState]) {
     if std::env::var_os("NOTIFY_SOCKET").is_some() {
         if let Err(e) = sd_notify::notify(false, state) {
             warn!("cannot notify systemd: {e}");
@@ -205,7 +205,7 @@ pub fn notify_systemd(state: &[sd_notify::NotifyState]) {
 }
 
 /// Removes the pid file at `path` if it still names `pid`.
-pub fn remove_pid_file(path: &Path, pid: u32) {
+pub(crate) fn remove_pid_file(path: &Path, pid: u32) {
     let ours = std::fs::read_to_string(path).is_ok_and(|s| s.trim() == pid.to_string());
     if ours {
         let _ = std::fs::remove_file(path);
@@ -214,7 +214,7 @@ pub fn remove_pid_file(path: &Path, pid: u32) {
 
 /// Writes the pid atomically: a temporary file renamed over the old one, so a
 /// reader never sees a half-written pid.
-pub fn write_pid_file(path: &Path, pid: u32) -> Result<(), String> {
+pub(crate) fn write_pid_file(path: &Path, pid: u32) -> Result<(), String> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| {
             if e.kind() == std::io::ErrorKind::AlreadyExists || dir.exists() && !dir.is_dir() {

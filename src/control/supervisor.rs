@@ -71,7 +71,7 @@ struct Supervisor {
 
 /// Runs the service until it is stopped; returns the exit code. `restart`
 /// starts workers of this process.
-pub async fn run(
+pub(crate) async fn run(
     mut restart: Restart,
     config: Config,
     inherited: Vec<InheritedSocket>,

@@ -30,7 +30,7 @@ fn empty(status: StatusCode) -> Response<Body> {
 /// leave `root`: `..`, encoded slashes, NUL bytes, and symlinks that
 /// resolve outside are all refused. Blocking: call it off the serving
 /// threads.
-pub fn resolve_static(root: &Path, rel: &str) -> Option<PathBuf> {
+pub(crate) fn resolve_static(root: &Path, rel: &str) -> Option<PathBuf> {
     let mut path = root.to_path_buf();
     for seg in rel.split('/') {
         // A malformed escape stays as it is (the router has already
@@ -53,9 +53,9 @@ pub fn resolve_static(root: &Path, rel: &str) -> Option<PathBuf> {
 }
 
 /// A `static` route: its root (canonical) and the index file of directories.
-pub struct Root {
-    pub root: PathBuf,
-    pub index: String,
+pub(crate) struct Root {
+    pub(crate) root: PathBuf,
+    pub(crate) index: String,
 }
 
 /// What a request names under a root, found off the serving thread.
@@ -102,7 +102,7 @@ fn find(route: &Root, rel: &str, slash: bool) -> Found {
 /// `root`, with the validators and conditions of RFC 9110 (see
 /// [`conditions`]); tower-http's ServeFile reads the file (content type,
 /// a single range) on tokio's blocking threads.
-pub async fn serve(req: Request<()>, prefix: Arc<str>, route: Arc<Root>) -> Response<Body> {
+pub(crate) async fn serve(req: Request<()>, prefix: Arc<str>, route: Arc<Root>) -> Response<Body> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         let mut res = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
         res.headers_mut()

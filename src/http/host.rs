@@ -8,7 +8,7 @@ use http::{header, HeaderValue, Request, Version};
 /// authority wins over `Host` (which is set to it, so every later reader
 /// sees one host), and an HTTP/2 `Host` agrees with `:authority`. Only a
 /// host that passed here reaches a template, a header or a log line.
-pub fn check_host<B>(req: &mut Request<B>) -> Result<(), &'static str> {
+pub(crate) fn check_host<B>(req: &mut Request<B>) -> Result<(), &'static str> {
     let mut hosts = req.headers().get_all(header::HOST).iter();
     let host = hosts.next();
     if hosts.next().is_some() {

@@ -2,9 +2,9 @@
 //! `tunnel`, and those in `routes`), and the service that runs them for a
 //! connection.
 
-pub mod files;
-pub mod host;
-pub mod proxy;
-pub mod routes;
-pub mod service;
-pub mod tunnel;
+pub(crate) mod files;
+pub(crate) mod host;
+pub(crate) mod proxy;
+pub(crate) mod routes;
+pub(crate) mod service;
+pub(crate) mod tunnel;

@@ -35,7 +35,7 @@ use crate::wire::body::{has_token, text, Body, BoxError, RequestBody};
 use crate::wire::upstream::Pools;
 
 /// A proxy route, built once per generation.
-pub struct Proxy {
+pub(crate) struct Proxy {
     target: Target,
     /// Where this route sends requests, for the log.
     label: String,
@@ -100,7 +100,7 @@ fn is_websocket<B>(req: &Request<B>) -> bool {
 }
 
 impl Proxy {
-    pub fn new(
+    pub(crate) fn new(
         target: &ProxyTarget,
         connect_timeout: Duration,
         timeout: Duration,
@@ -129,7 +129,7 @@ impl Proxy {
         }
     }
 
-    pub async fn handle<B: RequestBody>(
+    pub(crate) async fn handle<B: RequestBody>(
         &self,
         mut req: Request<B>,
         prefix: &str,

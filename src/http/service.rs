@@ -14,7 +14,7 @@ use crate::wire::body::{text, Body, BoxError, Reply};
 
 /// What handles the requests of one listener.
 #[derive(Clone)]
-pub enum Handler {
+pub(crate) enum Handler {
     /// The routes of the config file.
     Routes(Arc<crate::http::routes::Router>),
     /// An application's service.
@@ -24,7 +24,7 @@ pub enum Handler {
 impl Handler {
     /// Wraps any tower service (an axum `Router`, a `service_fn`, …).
     /// A service error becomes a 500 response and a log line.
-    pub fn service<S, B>(svc: S) -> Handler
+    pub(crate) fn service<S, B>(svc: S) -> Handler
     where
         S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + Sync + 'static,
         S::Future: Send + 'static,
@@ -40,20 +40,19 @@ impl Handler {
 
     /// Answers `req`, at once when the answer needs no waiting.
     #[inline]
-    pub fn call(
+    pub(crate) fn call(
         &self,
         mut req: Request<Incoming>,
         ctx: &Arc<ListenerContext>,
         peer: Peer,
-        route: &mut Option<usize>,
-    ) -> Reply {
+    ) -> (Reply, Option<usize>) {
         match self {
-            Handler::Routes(router) => router.handle(req, ctx, peer, route),
+            Handler::Routes(router) => router.handle(req, ctx, peer),
             Handler::Service(svc) => {
                 // An application may want to know who is asking.
                 req.extensions_mut().insert(peer);
                 let call = svc.clone().oneshot(req);
-                Reply::Later(Box::pin(async move {
+                let reply = Reply::Later(Box::pin(async move {
                     call.await.unwrap_or_else(|e| {
                         tracing::error!("service error: {e}");
                         text(
@@ -61,7 +60,8 @@ impl Handler {
                             "internal server error\n",
                         )
                     })
-                }))
+                }));
+                (reply, None)
             }
         }
     }

@@ -19,7 +19,7 @@ const CLOSE_WRITE: std::time::Duration = std::time::Duration::from_secs(1);
 /// Relays between `client` and `upstream` until both directions end, or
 /// `cut` turns true. `websocket`: the upgrade is a WebSocket, so a cut sends
 /// close frames. Returns the bytes relayed up and down.
-pub async fn relay<C, U>(
+pub(crate) async fn relay<C, U>(
     client: C,
     upstream: U,
     websocket: bool,

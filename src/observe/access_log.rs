@@ -28,32 +28,32 @@ const FLUSH_EVERY: Duration = Duration::from_secs(1);
 /// The largest single write: whole lines, so that no line is split.
 const WRITE_MAX: usize = 64 << 10;
 
-pub struct AccessLog {
+pub(crate) struct AccessLog {
     config: AccessLogConfig,
     /// One per serving thread.
     buffers: Vec<Mutex<Vec<u8>>>,
     file: Mutex<Option<std::fs::File>>,
     /// Lines lost to a full buffer or a failed write.
-    pub dropped: AtomicU64,
+    pub(crate) dropped: AtomicU64,
     pid: u32,
     generation: u64,
 }
 
 /// What is logged of a request, gathered while it runs.
-pub struct Entry {
-    pub started: Instant,
-    pub method: http::Method,
-    pub target: String,
-    pub version: http::Version,
-    pub referer: Option<http::HeaderValue>,
-    pub user_agent: Option<http::HeaderValue>,
-    pub status: u16,
-    pub bytes: u64,
+pub(crate) struct Entry {
+    pub(crate) started: Instant,
+    pub(crate) method: http::Method,
+    pub(crate) target: String,
+    pub(crate) version: http::Version,
+    pub(crate) referer: Option<http::HeaderValue>,
+    pub(crate) user_agent: Option<http::HeaderValue>,
+    pub(crate) status: u16,
+    pub(crate) bytes: u64,
 }
 
 impl Entry {
     /// The entry of `req`, before it is answered.
-    pub fn of<B>(req: &http::Request<B>, version: http::Version) -> Entry {
+    pub(crate) fn of<B>(req: &http::Request<B>, version: http::Version) -> Entry {
         Entry {
             started: Instant::now(),
             method: req.method().clone(),
@@ -72,9 +72,9 @@ impl Entry {
 }
 
 /// The TLS side of a connection, for its requests' lines.
-pub struct TlsInfo {
-    pub version: &'static str,
-    pub sni: Option<Box<str>>,
+pub(crate) struct TlsInfo {
+    pub(crate) version: &'static str,
+    pub(crate) sni: Option<Box<str>>,
 }
 
 /// Every access log of this process, for the flusher, SIGUSR1 and exit.
@@ -99,7 +99,7 @@ fn registry() -> &'static Registry {
 impl AccessLog {
     /// Opens the log for `threads` serving threads, and starts the flusher
     /// if it is the process's first.
-    pub fn open(
+    pub(crate) fn open(
         config: &AccessLogConfig,
         threads: usize,
         pid: u32,
@@ -132,7 +132,7 @@ impl AccessLog {
     }
 
     /// Records a finished request, served on thread `thread`.
-    pub fn record(
+    pub(crate) fn record(
         &self,
         thread: usize,
         listener: &str,
@@ -290,7 +290,7 @@ fn flush_all_now(reopen: bool) {
 }
 
 /// SIGUSR1: the flusher reopens every file (after a rotation renamed it).
-pub fn reopen_all() {
+pub(crate) fn reopen_all() {
     let r = registry();
     r.reopen.store(true, Ordering::Release);
     *r.woken.lock().unwrap_or_else(|p| p.into_inner()) = true;
@@ -298,7 +298,7 @@ pub fn reopen_all() {
 }
 
 /// Writes out every buffer now (at exit).
-pub fn flush_all() {
+pub(crate) fn flush_all() {
     flush_all_now(false);
 }
 

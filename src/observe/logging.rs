@@ -14,7 +14,7 @@ const CLIENT_FACING: &str = "rustls=error,tokio_rustls=error,h2=error,hyper=erro
 
 /// Installs the subscriber and returns the span that carries pid and
 /// generation; every thread of the process enters it.
-pub fn init(log: &LogConfig, generation: u64) -> tracing::Span {
+pub(crate) fn init(log: &LogConfig, generation: u64) -> tracing::Span {
     let filter = std::env::var("GRACESRV_LOG")
         .ok()
         .filter(|f| !f.is_empty())
@@ -41,14 +41,14 @@ pub fn init(log: &LogConfig, generation: u64) -> tracing::Span {
 /// (an upstream that is down answers every request with an error): the
 /// first is logged, the rest counted and reported with the next one.
 #[derive(Default)]
-pub struct Throttle {
+pub(crate) struct Throttle {
     /// When the last line was allowed, in seconds since the process began.
     last: std::sync::atomic::AtomicU64,
     suppressed: std::sync::atomic::AtomicU64,
 }
 
 impl Throttle {
-    pub const fn new() -> Throttle {
+    pub(crate) const fn new() -> Throttle {
         Throttle {
             last: std::sync::atomic::AtomicU64::new(0),
             suppressed: std::sync::atomic::AtomicU64::new(0),
@@ -57,7 +57,7 @@ impl Throttle {
 
     /// `Some(n)`: log now, mentioning `n` lines not logged since the last
     /// one. `None`: count this one and stay quiet.
-    pub fn allow(&self) -> Option<u64> {
+    pub(crate) fn allow(&self) -> Option<u64> {
         use std::sync::atomic::Ordering::Relaxed;
         static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
         let now = START

@@ -27,7 +27,7 @@ const BUCKETS: [f64; 11] = [
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
 /// What one listener counts.
-pub struct ListenerMetrics {
+pub(crate) struct ListenerMetrics {
     name: String,
     /// Route labels, in the router's order; one more slot for requests no
     /// route took ("none"), or an application's service ("app").
@@ -37,16 +37,16 @@ pub struct ListenerMetrics {
     count: AtomicU64,
     sum_us: AtomicU64,
     bytes: AtomicU64,
-    pub handshakes: AtomicU64,
-    pub handshake_failures: AtomicU64,
+    pub(crate) handshakes: AtomicU64,
+    pub(crate) handshake_failures: AtomicU64,
     /// Failed accepts (out of fds or buffers).
-    pub accept_errors: AtomicU64,
+    pub(crate) accept_errors: AtomicU64,
     /// Open connections, HTTP/1.x and HTTP/2.
     connections: [AtomicI64; 2],
 }
 
 impl ListenerMetrics {
-    pub fn new(name: &str, routes: Vec<String>, app: bool) -> ListenerMetrics {
+    pub(crate) fn new(name: &str, routes: Vec<String>, app: bool) -> ListenerMetrics {
         let mut routes = routes;
         routes.push(if app { "app" } else { "none" }.into());
         ListenerMetrics {
@@ -66,7 +66,7 @@ impl ListenerMetrics {
 
     /// A finished request: the route that took it (`None`: none, or the
     /// application), its status, bytes sent and duration.
-    pub fn record(&self, route: Option<usize>, status: u16, bytes: u64, seconds: f64) {
+    pub(crate) fn record(&self, route: Option<usize>, status: u16, bytes: u64, seconds: f64) {
         let r = route
             .filter(|r| *r + 1 < self.requests.len())
             .unwrap_or(self.requests.len() - 1);
@@ -82,13 +82,13 @@ impl ListenerMetrics {
     }
 
     /// Counts an open connection until the guard is dropped.
-    pub fn connection(self: &Arc<Self>, h2: bool) -> ConnectionGuard {
+    pub(crate) fn connection(self: &Arc<Self>, h2: bool) -> ConnectionGuard {
         self.connections[usize::from(h2)].fetch_add(1, Ordering::Relaxed);
         ConnectionGuard(self.clone(), usize::from(h2))
     }
 }
 
-pub struct ConnectionGuard(Arc<ListenerMetrics>, usize);
+pub(crate) struct ConnectionGuard(Arc<ListenerMetrics>, usize);
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
@@ -97,17 +97,17 @@ impl Drop for ConnectionGuard {
 }
 
 /// The process's metrics.
-pub struct Metrics {
-    pub listeners: Vec<Arc<ListenerMetrics>>,
+pub(crate) struct Metrics {
+    pub(crate) listeners: Vec<Arc<ListenerMetrics>>,
     /// Counters handed over by the previous generation (by series).
     base: HashMap<String, u64>,
     /// What is exported while a restart hands the counters over.
     frozen: Mutex<Option<HashMap<String, u64>>>,
-    pub restart_failures: AtomicU64,
+    pub(crate) restart_failures: AtomicU64,
     /// Served certificates: listener, serial, not after (Unix seconds).
-    pub certificates: Vec<(String, String, i64)>,
+    pub(crate) certificates: Vec<(String, String, i64)>,
     /// Older generations still draining, as this generation was told.
-    pub predecessors: Mutex<Vec<crate::sys::pid::Gen>>,
+    pub(crate) predecessors: Mutex<Vec<crate::sys::pid::Gen>>,
     generation: u64,
 }
 
@@ -118,7 +118,7 @@ type Series = (String, u64);
 impl Metrics {
     /// `base`: what the previous process handed over (JSON); `restarted`:
     /// this process is a new generation of a self-restarting server.
-    pub fn new(
+    pub(crate) fn new(
         listeners: Vec<Arc<ListenerMetrics>>,
         base: Option<&str>,
         restarted: bool,
@@ -210,7 +210,7 @@ impl Metrics {
 
     /// The counters as exported now: the frozen ones during a handoff,
     /// else the handed-over base plus this process's own.
-    pub fn counters(&self) -> HashMap<String, u64> {
+    pub(crate) fn counters(&self) -> HashMap<String, u64> {
         if let Some(f) = self
             .frozen
             .lock()
@@ -228,7 +228,7 @@ impl Metrics {
 
     /// A restart starts: export these values from now on, and hand them
     /// over (JSON, for `handoff::METRICS_VAR`).
-    pub fn freeze(&self) -> String {
+    pub(crate) fn freeze(&self) -> String {
         let now = self.counters();
         let json = serde_json::to_string(&now).unwrap_or_default();
         *self.frozen.lock().unwrap_or_else(|p| p.into_inner()) = Some(now);
@@ -236,12 +236,12 @@ impl Metrics {
     }
 
     /// The restart failed: count on.
-    pub fn unfreeze(&self) {
+    pub(crate) fn unfreeze(&self) {
         *self.frozen.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
     /// The text exposition.
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let mut families: BTreeMap<&str, Vec<(String, String)>> = BTreeMap::new();
         let counters = self.counters();
         let mut keys: Vec<&String> = counters.keys().collect();

@@ -15,57 +15,57 @@ use crate::config::Timeouts;
 use crate::process::drain::Drain;
 
 /// Facts about this process that responses report.
-pub struct ProcessInfo {
-    pub pid: u32,
-    pub generation: u64,
-    pub started_at: SystemTime,
-    pub started: std::time::Instant,
+pub(crate) struct ProcessInfo {
+    pub(crate) pid: u32,
+    pub(crate) generation: u64,
+    pub(crate) started_at: SystemTime,
+    pub(crate) started: std::time::Instant,
     /// name, address (as bound), tls.
-    pub listeners: Vec<(String, String, bool)>,
+    pub(crate) listeners: Vec<(String, String, bool)>,
     /// Per thread: counted where the requests run, summed on demand.
-    pub threads: Vec<Arc<ThreadStats>>,
-    pub proxied_total: AtomicU64,
-    pub upstream_errors_total: AtomicU64,
+    pub(crate) threads: Vec<Arc<ThreadStats>>,
+    pub(crate) proxied_total: AtomicU64,
+    pub(crate) upstream_errors_total: AtomicU64,
     /// Proxied requests whose body the client broke (answered 400).
-    pub client_errors_total: AtomicU64,
-    pub drain: Drain,
+    pub(crate) client_errors_total: AtomicU64,
+    pub(crate) drain: Drain,
     /// With an `acme:` section: what `status` shows of each certificate
     /// it asks for (kept up to date by the orderer).
-    pub acme: Option<Arc<crate::tls::acme::Status>>,
+    pub(crate) acme: Option<Arc<crate::tls::acme::Status>>,
     /// The access logs, for the lines they lost (`status`).
-    pub access_logs: Vec<Arc<crate::observe::access_log::AccessLog>>,
+    pub(crate) access_logs: Vec<Arc<crate::observe::access_log::AccessLog>>,
     /// Set when some listener serves `metrics: {}`.
-    pub metrics: Option<Arc<crate::observe::metrics::Metrics>>,
+    pub(crate) metrics: Option<Arc<crate::observe::metrics::Metrics>>,
     /// The instances of the config's apps (`proxy: { app }`).
-    pub apps: Arc<crate::apps::Table>,
+    pub(crate) apps: Arc<crate::apps::Table>,
     /// What each listener's HTTP/3 counts (`http3: true`).
-    pub http3: Vec<Arc<QuicStats>>,
+    pub(crate) http3: Vec<Arc<QuicStats>>,
 }
 
 /// One listener's HTTP/3 in this process (`quic`).
 #[derive(Debug, Default)]
-pub struct QuicStats {
-    pub listener: String,
+pub(crate) struct QuicStats {
+    pub(crate) listener: String,
     /// QUIC connections open (handshakes done).
-    pub connections: AtomicU64,
-    pub requests_total: AtomicU64,
+    pub(crate) connections: AtomicU64,
+    pub(crate) requests_total: AtomicU64,
     /// Does this process read the listener's UDP socket (the newest does)?
-    pub reading: std::sync::atomic::AtomicBool,
+    pub(crate) reading: std::sync::atomic::AtomicBool,
     /// Datagrams passed on to older generations.
-    pub forwarded_total: AtomicU64,
+    pub(crate) forwarded_total: AtomicU64,
     /// Datagrams a newer generation passed to this one.
-    pub received_total: AtomicU64,
+    pub(crate) received_total: AtomicU64,
     /// Clients sent a Retry first (many handshakes under way).
-    pub retries_total: AtomicU64,
+    pub(crate) retries_total: AtomicU64,
     /// Connections refused at `max_connections`.
-    pub refused_total: AtomicU64,
+    pub(crate) refused_total: AtomicU64,
     /// Requests refused as malformed (RFC 9114 section 4.1.2).
-    pub malformed_total: AtomicU64,
+    pub(crate) malformed_total: AtomicU64,
 }
 
 impl ProcessInfo {
     /// Requests being answered now, over all threads.
-    pub fn requests_in_flight(&self) -> u64 {
+    pub(crate) fn requests_in_flight(&self) -> u64 {
         self.threads
             .iter()
             .map(|w| w.in_flight.load(Ordering::Relaxed))
@@ -74,9 +74,9 @@ impl ProcessInfo {
 }
 
 /// What a request's handler knows about where it arrived.
-pub struct ListenerContext {
-    pub name: String,
-    pub process: Arc<ProcessInfo>,
+pub(crate) struct ListenerContext {
+    pub(crate) name: String,
+    pub(crate) process: Arc<ProcessInfo>,
 }
 
 /// Where a request came from: the client's address, and whether it came
@@ -89,6 +89,7 @@ pub struct ListenerContext {
 /// # assert_eq!(client(&http::Request::new(())), None);
 /// ```
 #[derive(Clone, Copy, Debug)]
+#[non_exhaustive]
 pub struct Peer {
     pub addr: SocketAddr,
     pub tls: bool,
@@ -99,13 +100,13 @@ pub struct Peer {
 /// traffic; `status` and the drain sum them.
 #[repr(align(128))]
 #[derive(Default)]
-pub struct ThreadStats {
+pub(crate) struct ThreadStats {
     /// This thread's place among the process's (its access log buffer).
-    pub index: usize,
-    pub requests_total: AtomicU64,
-    pub in_flight: AtomicU64,
+    pub(crate) index: usize,
+    pub(crate) requests_total: AtomicU64,
+    pub(crate) in_flight: AtomicU64,
     /// Connections this thread serves now (for balancing accepts).
-    pub connections: AtomicU64,
+    pub(crate) connections: AtomicU64,
     /// Accept loops of this thread deferring to the others, and the signal
     /// that one of its connections closed (so they look again).
     pub(crate) deferring: AtomicU32,
@@ -113,11 +114,11 @@ pub struct ThreadStats {
 }
 
 /// Settings shared by every connection of the process.
-pub struct Shared {
-    pub process: Arc<ProcessInfo>,
-    pub timeouts: Timeouts,
+pub(crate) struct Shared {
+    pub(crate) process: Arc<ProcessInfo>,
+    pub(crate) timeouts: Timeouts,
     /// `max_connections`: beyond it, accept waits.
-    pub limit: Arc<Semaphore>,
+    pub(crate) limit: Arc<Semaphore>,
     /// `limits.max_headers`: header fields an HTTP/1.x request may carry.
-    pub max_headers: usize,
+    pub(crate) max_headers: usize,
 }

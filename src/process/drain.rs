@@ -20,7 +20,7 @@ use tokio::sync::futures::Notified;
 use tokio::sync::Notify;
 
 #[derive(Clone)]
-pub struct Drain {
+pub(crate) struct Drain {
     inner: Arc<Inner>,
 }
 
@@ -101,7 +101,7 @@ impl Count {
 
 /// One open thing of a [`Count`]: a connection, an accept loop, a tunnel,
 /// a copy of a socket. Dropping it counts it closed.
-pub struct Counted(Arc<Count>);
+pub(crate) struct Counted(Arc<Count>);
 
 impl Drop for Counted {
     fn drop(&mut self) {
@@ -112,66 +112,66 @@ impl Drop for Counted {
 }
 
 /// Held by each open connection.
-pub type ConnectionGuard = Counted;
+pub(crate) type ConnectionGuard = Counted;
 
 /// What was still open when a drain ran out of time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cut {
-    pub connections: u64,
-    pub upgraded: u64,
+pub(crate) struct Cut {
+    pub(crate) connections: u64,
+    pub(crate) upgraded: u64,
 }
 
 impl Drain {
     /// Counts an open connection, until the guard drops.
-    pub fn connection(&self) -> ConnectionGuard {
+    pub(crate) fn connection(&self) -> ConnectionGuard {
         self.inner.active.enter()
     }
 
     /// Counts an accept loop while it accepts.
-    pub fn acceptor(&self) -> Counted {
+    pub(crate) fn acceptor(&self) -> Counted {
         self.inner.acceptors.enter()
     }
 
     /// Resolves once every accept loop has paused (or ended).
-    pub async fn stopped_accepting(&self) {
+    pub(crate) async fn stopped_accepting(&self) {
         self.inner.acceptors.zero().await
     }
 
     /// Counts an upgraded connection (it also holds a `connection()`).
-    pub fn upgraded(&self) -> Counted {
+    pub(crate) fn upgraded(&self) -> Counted {
         self.inner.upgraded.enter()
     }
 
     /// Turns true when the tunnels must end (the tunnel's side of
     /// [`Drain::cut_tunnels`]).
-    pub fn tunnel_cut(&self) -> tokio::sync::watch::Receiver<bool> {
+    pub(crate) fn tunnel_cut(&self) -> tokio::sync::watch::Receiver<bool> {
         self.inner.cut.subscribe()
     }
 
     /// Ends every tunnel the way a server going away does (WebSocket close
     /// 1001 to both sides, see `tunnel`), and waits until they have, or
     /// `within` passes. Called when a drain runs out of time or is stopped.
-    pub async fn cut_tunnels(&self, within: Duration) {
+    pub(crate) async fn cut_tunnels(&self, within: Duration) {
         self.inner.cut.send_replace(true);
         let _ = tokio::time::timeout(within, self.inner.upgraded.zero()).await;
     }
 
-    pub fn upgraded_active(&self) -> u64 {
+    pub(crate) fn upgraded_active(&self) -> u64 {
         self.inner.upgraded.get()
     }
 
-    pub fn active(&self) -> u64 {
+    pub(crate) fn active(&self) -> u64 {
         self.inner.active.get()
     }
 
     /// Is this process draining? Read once per response, so it is an atomic
     /// load, not a channel.
-    pub fn is_draining(&self) -> bool {
+    pub(crate) fn is_draining(&self) -> bool {
         self.inner.draining.load(Ordering::Relaxed)
     }
 
     /// Resolves when draining starts (at once if it has).
-    pub fn started(&self) -> Started<'_> {
+    pub(crate) fn started(&self) -> Started<'_> {
         Started {
             draining: &self.inner.draining,
             notified: Box::pin(self.inner.started.notified()),
@@ -180,27 +180,27 @@ impl Drain {
     }
 
     /// Starts draining: new responses close their connection, idle ones end.
-    pub fn start(&self) {
+    pub(crate) fn start(&self) {
         self.inner.draining.store(true, Ordering::Release);
         self.inner.started.notify_waiters();
     }
 
     /// Ends a drain: accept loops accept again, new connections are served
     /// as before. (Connections that were told to finish still do.)
-    pub fn resume(&self) {
+    pub(crate) fn resume(&self) {
         self.inner.draining.store(false, Ordering::Release);
         self.inner.resumed.notify_waiters();
     }
 
     /// Counts an accept loop's copy of a socket, until the guard drops.
-    pub fn socket(&self) -> Counted {
+    pub(crate) fn socket(&self) -> Counted {
         self.inner.sockets.enter()
     }
 
     /// Paused accept loops close their copies of the sockets: the process
     /// stops, and no new connection may wait in a queue nobody serves.
     /// Resolves once every copy is closed.
-    pub async fn close_listeners(&self) {
+    pub(crate) async fn close_listeners(&self) {
         self.inner.closing.store(true, Ordering::Release);
         self.inner.resumed.notify_waiters();
         self.inner.sockets.zero().await
@@ -208,7 +208,7 @@ impl Drain {
 
     /// For a paused accept loop: `true` when it should accept again (the
     /// drain was resumed), `false` when it should close its socket.
-    pub async fn resumed(&self) -> bool {
+    pub(crate) async fn resumed(&self) -> bool {
         loop {
             let resumed = self.inner.resumed.notified();
             tokio::pin!(resumed);
@@ -225,7 +225,7 @@ impl Drain {
 
     /// Waits until no connection is left, or `timeout` passes; returns what
     /// was still open at the deadline.
-    pub async fn wait(&self, timeout: Duration) -> Option<Cut> {
+    pub(crate) async fn wait(&self, timeout: Duration) -> Option<Cut> {
         let drained = tokio::time::timeout(timeout, self.inner.active.zero()).await;
         drained.is_err().then(|| Cut {
             connections: self.active(),
@@ -238,7 +238,7 @@ impl Drain {
 /// its wake-ups (it sits in the connection's `select!`), so after the first
 /// poll it costs an atomic load and a waker comparison; the shared `Notify`
 /// (and its lock) is touched again only if the task's waker changes.
-pub struct Started<'a> {
+pub(crate) struct Started<'a> {
     draining: &'a AtomicBool,
     notified: Pin<Box<Notified<'a>>>,
     /// The waker the `Notify` will wake.

@@ -2,5 +2,5 @@
 //! facts and counters, each listener's context and the client's address
 //! (`context`), and the drain.
 
-pub mod context;
-pub mod drain;
+pub(crate) mod context;
+pub(crate) mod drain;

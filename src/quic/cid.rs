@@ -15,16 +15,16 @@ use aws_lc_rs::cipher::{
 use quinn::{ConnectionId, ConnectionIdGenerator};
 
 /// Length of every server CID gracesrv issues.
-pub const LEN: usize = 16;
+pub(crate) const LEN: usize = 16;
 const MAGIC: &[u8; 2] = b"gs";
 
-pub struct Key {
+pub(crate) struct Key {
     enc: EncryptingKey,
     dec: DecryptingKey,
 }
 
 impl Key {
-    pub fn new(secret: &[u8; 16]) -> Result<Key, String> {
+    pub(crate) fn new(secret: &[u8; 16]) -> Result<Key, String> {
         let err = |_| "cannot make the connection ID key".to_string();
         Ok(Key {
             enc: EncryptingKey::ecb(UnboundCipherKey::new(&AES_128, secret).map_err(err)?)
@@ -49,7 +49,7 @@ impl Key {
     }
 
     /// The generation that issued `cid`, if gracesrv did.
-    pub fn owner(&self, cid: &[u8]) -> Option<u32> {
+    pub(crate) fn owner(&self, cid: &[u8]) -> Option<u32> {
         let mut block: [u8; LEN] = cid.try_into().ok()?;
         self.dec.decrypt(&mut block, DecryptionContext::None).ok()?;
         (&block[..2] == MAGIC).then(|| u32::from_be_bytes([block[2], block[3], block[4], block[5]]))
@@ -58,7 +58,7 @@ impl Key {
 
 /// Where a datagram belongs, from its header.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Owner<'a> {
+pub(crate) enum Owner<'a> {
     /// This generation, or nobody's (quinn answers or drops it).
     Me,
     /// Another generation's connection.
@@ -70,7 +70,7 @@ pub enum Owner<'a> {
 /// Whose is `datagram` (RFC 9000 section 17: a short header's destination CID
 /// follows the first byte, and has our length; a long header's has its
 /// length in front).
-pub fn owner<'a>(key: &Key, me: u32, datagram: &'a [u8]) -> Owner<'a> {
+pub(crate) fn owner<'a>(key: &Key, me: u32, datagram: &'a [u8]) -> Owner<'a> {
     let Some(&first) = datagram.first() else {
         return Owner::Me;
     };
@@ -97,9 +97,9 @@ pub fn owner<'a>(key: &Key, me: u32, datagram: &'a [u8]) -> Owner<'a> {
 }
 
 /// The CIDs of one generation, for quinn.
-pub struct Generator {
-    pub key: Arc<Key>,
-    pub pid: u32,
+pub(crate) struct Generator {
+    pub(crate) key: Arc<Key>,
+    pub(crate) pid: u32,
 }
 
 impl ConnectionIdGenerator for Generator {

@@ -8,7 +8,7 @@
 //! 0), so a field names itself literally or by the static table.
 
 /// The first problem of `section` (a HEADERS frame's payload), if any.
-pub fn check(section: &[u8]) -> Result<(), &'static str> {
+pub(crate) fn check(section: &[u8]) -> Result<(), &'static str> {
     let mut r = Reader(section);
     // Required Insert Count, and the sign and Delta Base (RFC 9204 4.5.1).
     r.int(8).ok_or(MALFORMED)?;

@@ -41,25 +41,25 @@ const RETRY_ABOVE: u64 = 64;
 const MAX_HEAD: u64 = 64 * 1024;
 
 /// One listener's HTTP/3, before it serves.
-pub struct QuicListener {
-    pub socket: std::net::UdpSocket,
-    pub tls: Arc<rustls::ServerConfig>,
-    pub router: Arc<Router>,
-    pub ctx: Arc<ListenerContext>,
-    pub stats: Arc<QuicStats>,
+pub(crate) struct QuicListener {
+    pub(crate) socket: std::net::UdpSocket,
+    pub(crate) tls: Arc<rustls::ServerConfig>,
+    pub(crate) router: Arc<Router>,
+    pub(crate) ctx: Arc<ListenerContext>,
+    pub(crate) stats: Arc<QuicStats>,
     /// Where the listener's requests are logged and counted, as over TCP.
-    pub access_log: Option<Arc<crate::observe::access_log::AccessLog>>,
-    pub metrics: Option<Arc<crate::observe::metrics::ListenerMetrics>>,
+    pub(crate) access_log: Option<Arc<crate::observe::access_log::AccessLog>>,
+    pub(crate) metrics: Option<Arc<crate::observe::metrics::ListenerMetrics>>,
 }
 
 /// `Alt-Svc` for a listener on `port`.
-pub fn alt_svc(port: u16) -> HeaderValue {
+pub(crate) fn alt_svc(port: u16) -> HeaderValue {
     HeaderValue::from_str(&format!("h3=\":{port}\"; ma=86400"))
         .unwrap_or_else(|_| HeaderValue::from_static("clear"))
 }
 
 /// This generation's HTTP/3 endpoints, started but not reading yet.
-pub struct Http3 {
+pub(crate) struct Http3 {
     runtime: tokio::runtime::Handle,
     sockets: Vec<(String, Arc<socket::Socket>)>,
     shared: Arc<Shared>,
@@ -73,7 +73,7 @@ pub struct Http3 {
 /// address validation tokens (Retry, NEW_TOKEN) derive from the service's
 /// secret (`tickets`): the same in every generation, so each accepts the
 /// others'.
-pub fn start(
+pub(crate) fn start(
     listeners: Vec<QuicListener>,
     shared: Arc<Shared>,
     tickets: &crate::tls::tickets::Tickets,
@@ -140,7 +140,7 @@ pub fn start(
 impl Http3 {
     /// This generation is ready: it becomes the one reading the UDP
     /// sockets (see `socket`).
-    pub fn take_over(self) {
+    pub(crate) fn take_over(self) {
         for (name, s) in self.sockets {
             let drain = self.shared.process.drain.clone();
             self.runtime.spawn(s.keep(drain, name));
@@ -522,15 +522,14 @@ async fn request(
         broke: broke.clone(),
         stop: h3::error::Code::H3_NO_ERROR,
     });
-    let mut route = None;
-    let res = if let Err(why) = crate::http::host::check_host(&mut req) {
+    let (res, route) = if let Err(why) = crate::http::host::check_host(&mut req) {
         debug!(listener = %spec.ctx.name, "bad request: {why}");
         drop(req);
-        text(http::StatusCode::BAD_REQUEST, "bad request\n")
+        (text(http::StatusCode::BAD_REQUEST, "bad request\n"), None)
     } else {
-        match spec.router.handle(req, &spec.ctx, peer, &mut route) {
-            Reply::Now(res) => res,
-            Reply::Later(fut) => fut.await,
+        match spec.router.handle(req, &spec.ctx, peer) {
+            (Reply::Now(res), route) => (res, route),
+            (Reply::Later(fut), route) => (fut.await, route),
         }
     };
     if broke.is_some_and(|b| b.load(Ordering::Relaxed)) {
@@ -653,7 +652,7 @@ fn content_length(req: &Request<()>) -> Option<u64> {
 /// An HTTP/3 request's body, for the routes. Its DATA must add up to the
 /// request's `content-length` (RFC 9114 section 4.1.2): more, or fewer at
 /// the end, is the client's error, and the stream's.
-pub struct H3Body {
+pub(crate) struct H3Body {
     stream: h3::server::RequestStream<h3_quinn::RecvStream, Bytes>,
     done: bool,
     /// A read is under way: h3-quinn holds the QUIC stream inside it, and
@@ -748,7 +747,7 @@ impl RequestBody for H3Body {
 }
 
 /// This process's open QUIC connections, for the restart log.
-pub fn open_connections(stats: &[Arc<QuicStats>]) -> u64 {
+pub(crate) fn open_connections(stats: &[Arc<QuicStats>]) -> u64 {
     stats
         .iter()
         .map(|s| s.connections.load(Ordering::Relaxed))

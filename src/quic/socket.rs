@@ -76,7 +76,7 @@ impl Handshakes {
     }
 }
 
-pub struct Socket {
+pub(crate) struct Socket {
     state: UdpSocketState,
     local: SocketAddr,
     /// This process's copy of the shared socket.
@@ -129,7 +129,7 @@ fn bind_abstract(name: &[u8]) -> io::Result<tokio::net::UnixDatagram> {
 impl Socket {
     /// Wraps this process's copy of a listener's UDP socket. Reads nothing
     /// until [`Socket::keep`] has made this generation the reader.
-    pub fn new(
+    pub(crate) fn new(
         udp: std::net::UdpSocket,
         key: Arc<cid::Key>,
         stats: Arc<QuicStats>,
@@ -180,7 +180,7 @@ impl Socket {
     /// Makes this generation the reader, and keeps it so until a newer one
     /// takes over; reads again if that one goes away (a rollback) unless
     /// this process is stopping. Runs for the life of the endpoint.
-    pub async fn keep(self: Arc<Self>, drain: Drain, listener: String) {
+    pub(crate) async fn keep(self: Arc<Self>, drain: Drain, listener: String) {
         let Some(mut reader) = self.claim(&listener).await else {
             return;
         };

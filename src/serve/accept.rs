@@ -21,7 +21,7 @@ use crate::serve::connection::{self, ListenerSpec};
 /// drops its copy of the socket, when the process starts draining.
 /// `listeners` holds a duplicate of each socket for the threads; the caller
 /// keeps its own for the handoff.
-pub fn start(
+pub(crate) fn start(
     threads: usize,
     listeners: Vec<(std::net::TcpListener, ListenerSpec)>,
     shared: Arc<Shared>,
@@ -71,14 +71,17 @@ pub fn start(
                             }
                         }
                     }
-                    let builder = Arc::new(connection::Builders::new(shared.max_headers));
+                    let thread = Arc::new(connection::Thread {
+                        stats,
+                        builders: connection::Builders::new(shared.max_headers),
+                        shared,
+                    });
                     // This thread's own allocation of each spec: cloning it per
                     // request touches no cache line another thread writes.
                     let specs = listeners.into_iter().map(|(_, spec)| Arc::new(spec));
                     for (spec, socket) in specs.zip(sockets) {
-                        let (shared, builder, stats) =
-                            (shared.clone(), builder.clone(), stats.clone());
-                        let drain = shared.process.drain.clone();
+                        let thread = thread.clone();
+                        let drain = thread.shared.process.drain.clone();
                         // Counted as accepting from now, so a drain that
                         // starts before the task runs still waits for it.
                         let guard = drain.acceptor();
@@ -90,7 +93,7 @@ pub fn start(
                             let mut socket = socket;
                             let mut guard = Some(guard);
                             loop {
-                                accept_loop(&socket, w, &spec, &stats, &shared, &builder).await;
+                                accept_loop(&socket, w, &spec, &thread).await;
                                 // Paused, with the socket kept: the next
                                 // generation may die right after it said
                                 // ready, and this process serve again. Out
@@ -183,10 +186,9 @@ async fn accept_loop(
     listener: &tokio::net::TcpListener,
     me: usize,
     spec: &Arc<ListenerSpec>,
-    stats: &Arc<ThreadStats>,
-    shared: &Arc<Shared>,
-    builder: &Arc<connection::Builders>,
+    thread: &Arc<connection::Thread>,
 ) {
+    let (stats, shared) = (&thread.stats, &thread.shared);
     let drain = shared.process.drain.clone();
     let threads = &shared.process.threads;
     let stop = drain.started();
@@ -257,9 +259,7 @@ async fn accept_loop(
             stream,
             peer,
             spec: spec.clone(),
-            stats: stats.clone(),
-            shared: shared.clone(),
-            builder: builder.clone(),
+            thread: thread.clone(),
             guard,
             on_thread: OnThread::new(stats),
         };
@@ -298,9 +298,7 @@ struct Accepted {
     stream: TcpStream,
     peer: SocketAddr,
     spec: Arc<ListenerSpec>,
-    stats: Arc<ThreadStats>,
-    shared: Arc<Shared>,
-    builder: Arc<connection::Builders>,
+    thread: Arc<connection::Thread>,
     guard: crate::process::drain::ConnectionGuard,
     on_thread: OnThread,
 }
@@ -330,9 +328,7 @@ impl Accepted {
             stream,
             peer,
             spec,
-            stats,
-            shared,
-            builder,
+            thread,
             guard,
             on_thread,
         } = self;
@@ -348,15 +344,12 @@ impl Accepted {
                     tls: false,
                 };
                 Box::pin(connection::serve_http(
-                    stream, None, peer, None, spec, stats, shared, builder,
+                    stream, None, peer, None, spec, thread,
                 ))
                 .await
             }
             Some(acceptor) => {
-                Box::pin(connection::serve_tls(
-                    acceptor, stream, peer, spec, stats, shared, builder,
-                ))
-                .await
+                Box::pin(connection::serve_tls(acceptor, stream, peer, spec, thread)).await
             }
         }
         // Counted until here: the connection is closed.

@@ -29,25 +29,34 @@ use super::linger::linger;
 /// The largest request head accepted, HTTP/1.1 and HTTP/2 alike.
 const MAX_HEAD: usize = 64 * 1024;
 
+/// What every connection of one serving thread is served with: the
+/// thread's counters, the settings all connections share, and the hyper
+/// builders, made once per thread.
+pub(crate) struct Thread {
+    pub(crate) stats: Arc<ThreadStats>,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) builders: Builders,
+}
+
 /// Everything a thread needs to serve one listener.
 #[derive(Clone)]
-pub struct ListenerSpec {
-    pub tls: Option<tokio_rustls::TlsAcceptor>,
-    pub handler: Handler,
-    pub ctx: Arc<ListenerContext>,
+pub(crate) struct ListenerSpec {
+    pub(crate) tls: Option<tokio_rustls::TlsAcceptor>,
+    pub(crate) handler: Handler,
+    pub(crate) ctx: Arc<ListenerContext>,
     /// Set by [`crate::serve::accept::start`]: accepted sockets get TCP_NODELAY from the listening
     /// socket, so no connection needs a `setsockopt` of its own.
-    pub nodelay_inherited: bool,
+    pub(crate) nodelay_inherited: bool,
     /// Where this listener's requests are logged, if anywhere.
-    pub access_log: Option<Arc<AccessLog>>,
+    pub(crate) access_log: Option<Arc<AccessLog>>,
     /// What this listener counts, when the config serves `metrics: {}`.
-    pub metrics: Option<Arc<crate::observe::metrics::ListenerMetrics>>,
+    pub(crate) metrics: Option<Arc<crate::observe::metrics::ListenerMetrics>>,
     /// `Alt-Svc` advertising the listener's HTTP/3 (`h3=":PORT"; ma=86400`).
-    pub alt_svc: Option<HeaderValue>,
+    pub(crate) alt_svc: Option<HeaderValue>,
 }
 
 /// hyper's connection builders, one per HTTP version (one set per thread).
-pub struct Builders {
+pub(crate) struct Builders {
     h1: http1::Builder,
     /// For a connection whose request has more header fields than `h1`
     /// parses on its stack (see `heads::STACK_FIELDS`): up to `max_headers`.
@@ -68,7 +77,7 @@ impl Builders {
     /// connection starts with hyper's stack buffer, and moves to a builder
     /// with a buffer of `max_headers` (allocated per request) only when a
     /// request needs it (see `heads`).
-    pub fn new(max_headers: usize) -> Builders {
+    pub(crate) fn new(max_headers: usize) -> Builders {
         let h1_builder = |fields: Option<usize>| {
             let mut h1 = http1::Builder::new();
             h1.timer(TokioTimer::new())
@@ -131,7 +140,7 @@ async fn sniff<T: AsyncRead + Unpin>(io: &mut T) -> std::io::Result<Option<(bool
 
 /// A connection's transport: plain TCP or TLS over it. The lingering close
 /// reads the TCP socket underneath, and asks it what is still unacknowledged.
-pub trait Socket: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+pub(crate) trait Socket: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     fn tcp(&self) -> &TcpStream;
 }
 
@@ -188,16 +197,15 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> std::future::Future for
 }
 
 /// The TLS handshake (within `timeouts.handshake`), then HTTP.
-pub async fn serve_tls(
+pub(crate) async fn serve_tls(
     acceptor: tokio_rustls::TlsAcceptor,
     stream: TcpStream,
     peer: SocketAddr,
     spec: Arc<ListenerSpec>,
-    stats: Arc<ThreadStats>,
-    shared: Arc<Shared>,
-    builder: Arc<Builders>,
+    thread: Arc<Thread>,
 ) {
-    let handshake = tokio::time::timeout(shared.timeouts.handshake, acceptor.accept(stream)).await;
+    let handshake =
+        tokio::time::timeout(thread.shared.timeouts.handshake, acceptor.accept(stream)).await;
     if let Some(m) = &spec.metrics {
         let counter = match &handshake {
             Ok(Ok(_)) => &m.handshakes,
@@ -224,7 +232,7 @@ pub async fn serve_tls(
                     sni: session.server_name().map(Into::into),
                 })
             });
-            serve_http(tls, alpn_h2, peer, info, spec, stats, shared, builder).await
+            serve_http(tls, alpn_h2, peer, info, spec, thread).await
         }
         Ok(Err(e)) => debug!(listener = %spec.ctx.name, %peer, "TLS handshake failed: {e}"),
         Err(_) => debug!(listener = %spec.ctx.name, %peer, "TLS handshake timed out"),
@@ -236,16 +244,15 @@ pub async fn serve_tls(
 /// or stopped reading). `alpn_h2` is the version TLS agreed on; without one
 /// (plain, or a TLS client that sent no ALPN) the client's first bytes tell.
 #[allow(clippy::too_many_arguments)]
-pub async fn serve_http<T: Socket>(
+pub(crate) async fn serve_http<T: Socket>(
     mut io: T,
     alpn_h2: Option<bool>,
     peer: Peer,
     tls: Option<Arc<TlsInfo>>,
     spec: Arc<ListenerSpec>,
-    stats: Arc<ThreadStats>,
-    shared: Arc<Shared>,
-    builder: Arc<Builders>,
+    thread: Arc<Thread>,
 ) {
+    let (shared, builder) = (&thread.shared, &thread.builders);
     let t = shared.timeouts;
     let now = now_ms();
     let (h2, prefix) = match alpn_h2 {
@@ -289,7 +296,7 @@ pub async fn serve_http<T: Socket>(
         peer,
         tls,
         spec: spec.clone(),
-        stats,
+        stats: thread.stats.clone(),
         activity: activity.clone(),
     };
     let mut io = io;
@@ -319,7 +326,7 @@ pub async fn serve_http<T: Socket>(
         } else {
             HttpConn::H1(h1.serve_connection(tracked, svc.clone()).with_upgrades())
         };
-        let end = drive(conn, &activity, &spec, &shared).await;
+        let end = drive(conn, &activity, &spec, shared).await;
         // hyper's state is gone now, and it handed the IO back (unless an
         // upgrade took it: the tunnel closes it).
         let Ok((mut back, client_closed, filter)) = returned.try_recv() else {

@@ -91,11 +91,7 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
             return ResponseFuture::Now(std::future::ready(Ok(finish.wrap(res, &self.spec))));
         }
         let mut finish = finish;
-        let mut route = None;
-        let reply = self
-            .spec
-            .handler
-            .call(req, &self.spec.ctx, self.peer, &mut route);
+        let (reply, route) = self.spec.handler.call(req, &self.spec.ctx, self.peer);
         if let Some(l) = &mut finish.guard.logged {
             l.route = route;
         }
@@ -249,7 +245,7 @@ impl Drop for InFlight {
 
 /// A response body, counted as in flight until it is done, and parked
 /// (see `Activity::parked`) while it waits on the client.
-pub struct TrackedBody {
+pub(crate) struct TrackedBody {
     inner: Body,
     parked: bool,
     guard: InFlight,

@@ -2,8 +2,8 @@
 //! (`accept`), and each connection from its first byte to its lingering
 //! close (`connection`).
 
-pub mod accept;
+pub(crate) mod accept;
 mod activity;
-pub mod connection;
+pub(crate) mod connection;
 mod exchange;
 mod linger;

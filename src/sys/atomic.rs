@@ -5,14 +5,14 @@ use std::path::{Path, PathBuf};
 /// Writes `path` through a temporary file renamed over it, so a reader never
 /// sees half of it; the temporary file is removed if anything fails (a full
 /// disk leaves no empty files behind).
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     write_atomically_mode(path, bytes, 0o666)
 }
 
 /// [`write_atomically`], the file created with `mode` (before the umask)
 /// from its first byte: a secret written with 0600 is never readable by
 /// others, not even between its creation and a `chmod`.
-pub fn write_atomically_mode(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+pub(crate) fn write_atomically_mode(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut tmp = path.as_os_str().to_owned();

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-pub struct Backoff {
+pub(crate) struct Backoff {
     next: Duration,
 }
 
@@ -21,14 +21,14 @@ impl Backoff {
     const STABLE: Duration = Duration::from_secs(30);
 
     /// The next delay.
-    pub fn take(&mut self) -> Duration {
+    pub(crate) fn take(&mut self) -> Duration {
         let d = self.next;
         self.next = (self.next * 2).min(Self::MAX);
         d
     }
 
     /// A process died after serving `for_`.
-    pub fn served(&mut self, for_: Duration) {
+    pub(crate) fn served(&mut self, for_: Duration) {
         if for_ > Self::STABLE {
             self.next = Self::FIRST;
         }

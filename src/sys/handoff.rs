@@ -17,18 +17,18 @@ use nix::sys::socket::{getsockopt, sockopt, SockType};
 use nix::sys::stat::{fstat, SFlag};
 
 /// First fd of the passed sockets, as in sd_listen_fds(3).
-pub const LISTEN_FDS_START: RawFd = 3;
+pub(crate) const LISTEN_FDS_START: RawFd = 3;
 
 /// Names a supervised worker's link to its supervisor (see `apps::link`).
-pub const APPS_FD: &str = "GRACESRV_APPS_FD";
+pub(crate) const APPS_FD: &str = "GRACESRV_APPS_FD";
 
 /// Hands the TLS ticket secret to the next process (`tickets`).
-pub const TICKET_SECRET_VAR: &str = "GRACESRV_TICKET_SECRET";
+pub(crate) const TICKET_SECRET_VAR: &str = "GRACESRV_TICKET_SECRET";
 /// Hands the metrics' counters to the next process (`metrics::freeze`).
-pub const METRICS_VAR: &str = "GRACESRV_METRICS";
+pub(crate) const METRICS_VAR: &str = "GRACESRV_METRICS";
 
 /// Environment variables of the handoff; read once and removed at start.
-pub const HANDOFF_VARS: [&str; 10] = [
+pub(crate) const HANDOFF_VARS: [&str; 10] = [
     "LISTEN_PID",
     "LISTEN_FDS",
     "LISTEN_FDNAMES",
@@ -43,20 +43,20 @@ pub const HANDOFF_VARS: [&str; 10] = [
 
 /// A socket handed to this process, with the name it was given.
 #[derive(Debug)]
-pub struct InheritedSocket {
-    pub name: String,
-    pub socket: Socket,
+pub(crate) struct InheritedSocket {
+    pub(crate) name: String,
+    pub(crate) socket: Socket,
 }
 
 /// A listener's TCP socket, or the UDP socket of its HTTP/3 (`<name>.quic`).
 #[derive(Debug)]
-pub enum Socket {
+pub(crate) enum Socket {
     Stream(std::net::TcpListener),
     Datagram(std::net::UdpSocket),
 }
 
 impl Socket {
-    pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+    pub(crate) fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
         match self {
             Socket::Stream(s) => s.local_addr(),
             Socket::Datagram(s) => s.local_addr(),
@@ -85,7 +85,7 @@ fn adopt_fd(fd: RawFd, what: &str) -> Result<OwnedFd, String> {
     Ok(owned)
 }
 
-pub fn adopt_ready_fd(fd: RawFd) -> Result<OwnedFd, String> {
+pub(crate) fn adopt_ready_fd(fd: RawFd) -> Result<OwnedFd, String> {
     if fd <= 2 {
         return Err(format!(
             "GRACESRV_READY_FD={fd} names a standard stream, not a pipe"
@@ -101,7 +101,7 @@ pub fn adopt_ready_fd(fd: RawFd) -> Result<OwnedFd, String> {
 }
 
 /// The worker's end of its link to the supervisor (see `apps::link`).
-pub fn adopt_link(fd: RawFd) -> Result<OwnedFd, String> {
+pub(crate) fn adopt_link(fd: RawFd) -> Result<OwnedFd, String> {
     let what = format!("{APPS_FD}={fd}");
     if fd <= 2 {
         return Err(format!("{what} names a standard stream"));
@@ -116,7 +116,7 @@ pub fn adopt_link(fd: RawFd) -> Result<OwnedFd, String> {
 
 /// A passed socket: a listening TCP socket, or a bound UDP socket (HTTP/3;
 /// systemd's `ListenDatagram=`).
-pub fn adopt_listener(fd: RawFd) -> Result<Socket, String> {
+pub(crate) fn adopt_listener(fd: RawFd) -> Result<Socket, String> {
     let what = format!("LISTEN_FDS: fd {fd}");
     let owned = adopt_fd(fd, &what)?;
     let st = fstat(&owned).map_err(|e| format!("{what}: {e}"))?;
@@ -151,30 +151,30 @@ pub fn adopt_listener(fd: RawFd) -> Result<Socket, String> {
 
 /// Everything `spawn` needs, prepared before the fork: the child may only make
 /// async-signal-safe calls, so it must not allocate.
-pub struct SpawnArgs<'a> {
-    pub exe: &'a Path,
-    pub argv: &'a [OsString],
+pub(crate) struct SpawnArgs<'a> {
+    pub(crate) exe: &'a Path,
+    pub(crate) argv: &'a [OsString],
     /// Environment without any handoff variable; those are added here.
-    pub env: Vec<(OsString, OsString)>,
+    pub(crate) env: Vec<(OsString, OsString)>,
     /// Sockets in listener order, with their names: fds 3.., and the
     /// `LISTEN_*` variables (none at all when there is no socket).
-    pub sockets: Vec<(&'a str, RawFd)>,
+    pub(crate) sockets: Vec<(&'a str, RawFd)>,
     /// Further fds, placed after the sockets, each with the variable that
     /// tells the new process its number (`GRACESRV_READY_FD`, ...).
-    pub fds: Vec<(&'static str, RawFd)>,
+    pub(crate) fds: Vec<(&'static str, RawFd)>,
     /// Where a failed exec says why (`ERROR exec:<errno>`): the ready pipe,
     /// or an application's close-on-exec error pipe.
-    pub exec_error: RawFd,
+    pub(crate) exec_error: RawFd,
     /// `GRACESRV_GENERATION`, for a gracesrv process.
-    pub generation: Option<u64>,
+    pub(crate) generation: Option<u64>,
     /// The working directory, when not this process's.
-    pub dir: Option<&'a Path>,
-    pub group: Group,
+    pub(crate) dir: Option<&'a Path>,
+    pub(crate) group: Group,
 }
 
 /// What a new process is to its parent.
 #[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Group {
+pub(crate) enum Group {
     /// The next generation of a self-restarting server: nothing changes.
     Same,
     /// A supervised worker: a process group of its own (Ctrl-C reaches it
@@ -195,7 +195,7 @@ fn cstring(bytes: &[u8]) -> Result<CString, String> {
 
 /// Forks and execs `exe` with the sockets at fds 3.., the further fds after
 /// them, and the handoff variables. Returns the child's pid.
-pub fn spawn(args: SpawnArgs<'_>) -> Result<libc::pid_t, String> {
+pub(crate) fn spawn(args: SpawnArgs<'_>) -> Result<libc::pid_t, String> {
     let n = args.sockets.len() as i32;
     let group = args.group;
     // SAFETY: getpid has no preconditions.
@@ -388,7 +388,7 @@ fn write_decimal(mut n: u64, buf: &mut [u8]) {
 
 /// Unblocks SIGHUP, which a parent holds blocked across fork and exec (see
 /// `spawn`). Called once this process's own handler is installed.
-pub fn unblock_hup() {
+pub(crate) fn unblock_hup() {
     let mut set = nix::sys::signal::SigSet::empty();
     set.add(nix::sys::signal::Signal::SIGHUP);
     let _ = nix::sys::signal::pthread_sigmask(
@@ -400,14 +400,14 @@ pub fn unblock_hup() {
 
 /// The pipe a new generation reports on: the parent keeps the read end, the
 /// child gets the write end at `GRACESRV_READY_FD`.
-pub fn ready_pipe() -> Result<(OwnedFd, OwnedFd), String> {
+pub(crate) fn ready_pipe() -> Result<(OwnedFd, OwnedFd), String> {
     nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))
 }
 
 /// Bytes this side of a TCP connection has queued and the peer has not yet
 /// acknowledged (SIOCOUTQ). A closing connection lingers while there are
 /// any (see `connection::linger`); 0 if the socket cannot say.
-pub fn unacknowledged(socket: &impl AsRawFd) -> usize {
+pub(crate) fn unacknowledged(socket: &impl AsRawFd) -> usize {
     let mut queued: libc::c_int = 0;
     // SAFETY: TIOCOUTQ (SIOCOUTQ on a TCP socket) writes one c_int through
     // the pointer, which points at a live c_int on this stack frame; the fd
@@ -422,7 +422,7 @@ pub fn unacknowledged(socket: &impl AsRawFd) -> usize {
 
 /// Registers a UDP socket with this thread's reactor for `interest` only:
 /// a socket another process reads must not wake this one (`quic::socket`).
-pub fn register_udp(
+pub(crate) fn register_udp(
     socket: std::net::UdpSocket,
     interest: tokio::io::Interest,
 ) -> std::io::Result<tokio::io::unix::AsyncFd<std::net::UdpSocket>> {
@@ -433,7 +433,7 @@ pub fn register_udp(
 }
 
 /// Raw fd of anything that has one, for `SpawnArgs`.
-pub fn raw(fd: &impl AsRawFd) -> RawFd {
+pub(crate) fn raw(fd: &impl AsRawFd) -> RawFd {
     fd.as_raw_fd()
 }
 

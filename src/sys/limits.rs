@@ -12,7 +12,7 @@ const RESERVE: u64 = 64;
 
 /// Raises the soft limit on open files to the hard one, as Go's runtime and
 /// nginx's `worker_rlimit_nofile` do. Returns the soft limit now in force.
-pub fn raise_nofile() -> u64 {
+pub(crate) fn raise_nofile() -> u64 {
     let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
         return u64::MAX;
     };
@@ -28,7 +28,7 @@ pub fn raise_nofile() -> u64 {
 /// How many connections fit under `nofile` with `open` fds already in use
 /// and `RESERVE` kept free; halved when connections may each hold an
 /// upstream connection too (`proxies`).
-pub fn connections_that_fit(nofile: u64, open: u64, proxies: bool) -> u64 {
+pub(crate) fn connections_that_fit(nofile: u64, open: u64, proxies: bool) -> u64 {
     let room = nofile.saturating_sub(open + RESERVE);
     if proxies {
         room / 2
@@ -39,7 +39,7 @@ pub fn connections_that_fit(nofile: u64, open: u64, proxies: bool) -> u64 {
 
 /// `max_connections`, or fewer if that many would not fit under the fd
 /// limit (with a warning that says what to raise).
-pub fn connection_limit(max_connections: usize, proxies: bool) -> usize {
+pub(crate) fn connection_limit(max_connections: usize, proxies: bool) -> usize {
     let nofile = raise_nofile();
     let open = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64);
     let fit = connections_that_fit(nofile, open, proxies);

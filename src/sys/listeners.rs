@@ -17,26 +17,26 @@ use crate::sys::handoff::{InheritedSocket, Socket};
 
 /// A listening socket with the name of the listener it serves.
 #[derive(Debug)]
-pub struct Listener {
-    pub name: String,
-    pub socket: std::net::TcpListener,
+pub(crate) struct Listener {
+    pub(crate) name: String,
+    pub(crate) socket: std::net::TcpListener,
     /// The address actually bound (a configured port 0 resolved).
-    pub local_addr: SocketAddr,
+    pub(crate) local_addr: SocketAddr,
     /// The UDP socket of its HTTP/3, on the same address (`http3: true`).
-    pub quic: Option<QuicSocket>,
+    pub(crate) quic: Option<QuicSocket>,
 }
 
 /// A listener's UDP socket, and the name it is handed over with.
 #[derive(Debug)]
-pub struct QuicSocket {
+pub(crate) struct QuicSocket {
     /// `<listener>.quic`
-    pub name: String,
-    pub socket: std::net::UdpSocket,
+    pub(crate) name: String,
+    pub(crate) socket: std::net::UdpSocket,
 }
 
 impl Listener {
     /// What a restart hands over of this listener: its sockets and their names.
-    pub fn handed_over(&self) -> impl Iterator<Item = (&str, RawFd)> {
+    pub(crate) fn handed_over(&self) -> impl Iterator<Item = (&str, RawFd)> {
         let tcp = (self.name.as_str(), crate::sys::handoff::raw(&self.socket));
         let udp = self
             .quic
@@ -47,7 +47,7 @@ impl Listener {
 }
 
 /// The name of a listener's UDP socket in `LISTEN_FDNAMES`.
-pub fn quic_name(listener: &str) -> String {
+pub(crate) fn quic_name(listener: &str) -> String {
     format!("{listener}.quic")
 }
 
@@ -83,7 +83,7 @@ fn is_stream(s: &InheritedSocket) -> bool {
 /// Matches the configured listeners with inherited sockets (by name first,
 /// then by address for sockets without a known name, as systemd may pass),
 /// and binds the rest. Returns them in config order.
-pub fn open(
+pub(crate) fn open(
     configs: &[ListenerConfig],
     inherited: Vec<InheritedSocket>,
 ) -> Result<Vec<Listener>, String> {
@@ -235,13 +235,13 @@ fn bound(addr: SocketAddr, kind: SockType) -> Result<OwnedFd, nix::Error> {
 }
 
 /// Binds a fresh UDP socket for HTTP/3.
-pub fn bind_udp(addr: SocketAddr) -> Result<std::net::UdpSocket, nix::Error> {
+pub(crate) fn bind_udp(addr: SocketAddr) -> Result<std::net::UdpSocket, nix::Error> {
     bound(addr, SockType::Datagram).map(std::net::UdpSocket::from)
 }
 
 /// Binds a fresh listening socket, with a backlog deep enough to absorb a
 /// burst during a handoff.
-pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, nix::Error> {
+pub(crate) fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, nix::Error> {
     let fd = bound(addr, SockType::Stream)?;
     socket::listen(&fd, Backlog::new(BACKLOG).unwrap_or(Backlog::MAXCONN))?;
     Ok(std::net::TcpListener::from(fd))

@@ -4,14 +4,14 @@
 //! files atomically, telling a process from a reused pid, and back-off
 //! between retries.
 
-pub mod atomic;
-pub mod backoff;
+pub(crate) mod atomic;
+pub(crate) mod backoff;
 #[allow(unsafe_code)]
-pub mod handoff;
-pub mod limits;
-pub mod listeners;
-pub mod pid;
-pub mod ready;
-pub mod reaper;
-pub mod signals;
-pub mod watch;
+pub(crate) mod handoff;
+pub(crate) mod limits;
+pub(crate) mod listeners;
+pub(crate) mod pid;
+pub(crate) mod ready;
+pub(crate) mod reaper;
+pub(crate) mod signals;
+pub(crate) mod watch;

@@ -4,10 +4,10 @@
 
 /// A generation (or any process): pid and start time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Gen {
-    pub pid: i32,
+pub(crate) struct Gen {
+    pub(crate) pid: i32,
     /// Start time in clock ticks since boot (/proc/PID/stat, field 22).
-    pub start: u64,
+    pub(crate) start: u64,
 }
 
 /// The start time of `pid`, if it runs (a zombie does not).
@@ -24,16 +24,16 @@ fn start_time(pid: i32) -> Option<u64> {
 
 impl Gen {
     /// Process `pid`, if it runs.
-    pub fn of(pid: i32) -> Option<Gen> {
+    pub(crate) fn of(pid: i32) -> Option<Gen> {
         start_time(pid).map(|start| Gen { pid, start })
     }
 
     /// This process.
-    pub fn current() -> Option<Gen> {
+    pub(crate) fn current() -> Option<Gen> {
         Gen::of(std::process::id() as i32)
     }
 
-    pub fn alive(&self) -> bool {
+    pub(crate) fn alive(&self) -> bool {
         start_time(self.pid) == Some(self.start)
     }
 }

@@ -5,7 +5,7 @@
 
 /// One line on a ready pipe.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Said {
+pub(crate) enum Said {
     /// `READY`: serving; the old process may drain.
     Ready,
     /// `DONE`: this generation ends on purpose (replaced, or stopping), so
@@ -17,11 +17,11 @@ pub enum Said {
 
 /// How a forked child whose exec failed starts its line, the errno after
 /// it in decimal: written with async-signal-safe calls only (`handoff`).
-pub const EXEC_ERROR: &[u8] = b"ERROR exec:";
+pub(crate) const EXEC_ERROR: &[u8] = b"ERROR exec:";
 
 impl Said {
     /// The line, newline included.
-    pub fn line(&self) -> String {
+    pub(crate) fn line(&self) -> String {
         match self {
             Said::Ready => "READY\n".into(),
             Said::Done => "DONE\n".into(),
@@ -30,7 +30,7 @@ impl Said {
     }
 
     /// A line read (without its newline); `None` if it is none of these.
-    pub fn parse(line: &str) -> Option<Said> {
+    pub(crate) fn parse(line: &str) -> Option<Said> {
         match line.trim_end() {
             "READY" => Some(Said::Ready),
             "DONE" => Some(Said::Done),
@@ -39,7 +39,7 @@ impl Said {
     }
 
     /// The errno of a failed exec (`ERROR exec:<errno>`), if this is one.
-    pub fn exec_errno(&self) -> Option<i32> {
+    pub(crate) fn exec_errno(&self) -> Option<i32> {
         let prefix = std::str::from_utf8(&EXEC_ERROR[b"ERROR ".len()..]).ok()?;
         match self {
             Said::Error(why) => why.strip_prefix(prefix)?.trim().parse().ok(),

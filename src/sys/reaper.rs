@@ -14,7 +14,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::Notify;
 
 #[derive(Clone)]
-pub struct Reaper {
+pub(crate) struct Reaper {
     inner: Arc<Inner>,
 }
 
@@ -34,7 +34,7 @@ struct State {
 impl Reaper {
     /// Installs the SIGCHLD handler and starts reaping. Must run inside a
     /// tokio runtime, before any child is started.
-    pub fn start() -> std::io::Result<Reaper> {
+    pub(crate) fn start() -> std::io::Result<Reaper> {
         let mut sigchld = signal(SignalKind::child())?;
         let reaper = Reaper {
             inner: Arc::new(Inner::default()),
@@ -71,19 +71,19 @@ impl Reaper {
     }
 
     /// Marks `pid` (a child just started) as one whose exit will be asked for.
-    pub fn watch(&self, pid: i32) {
+    pub(crate) fn watch(&self, pid: i32) {
         let mut st = self.inner.state.lock().unwrap_or_else(|e| e.into_inner());
         st.watched.insert(pid);
     }
 
     /// The exit status of `pid` if it has exited.
-    pub fn try_exit(&self, pid: i32) -> Option<WaitStatus> {
+    pub(crate) fn try_exit(&self, pid: i32) -> Option<WaitStatus> {
         let mut st = self.inner.state.lock().unwrap_or_else(|e| e.into_inner());
         st.exits.remove(&pid)
     }
 
     /// Waits for `pid` (watched) to exit.
-    pub async fn wait(&self, pid: i32) -> WaitStatus {
+    pub(crate) async fn wait(&self, pid: i32) -> WaitStatus {
         loop {
             let notified = self.inner.exited.notified();
             tokio::pin!(notified);
@@ -101,14 +101,14 @@ impl Reaper {
     }
 
     /// Kills `pid` and waits for it; returns how it ended, for the log.
-    pub async fn kill_and_wait(&self, pid: i32) -> String {
+    pub(crate) async fn kill_and_wait(&self, pid: i32) -> String {
         let _ = nix::sys::signal::kill(Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
         describe(self.wait(pid).await)
     }
 }
 
 /// "exited with status 3", "was killed", ...
-pub fn describe(status: WaitStatus) -> String {
+pub(crate) fn describe(status: WaitStatus) -> String {
     use nix::sys::signal::Signal;
     match status {
         WaitStatus::Exited(_, code) => format!("exited with status {code}"),

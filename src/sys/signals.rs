@@ -7,7 +7,7 @@
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Sig {
+pub(crate) enum Sig {
     /// HUP: graceful restart.
     Restart,
     /// TERM or INT: graceful stop.
@@ -18,7 +18,7 @@ pub enum Sig {
     Reopen,
 }
 
-pub struct Signals {
+pub(crate) struct Signals {
     hup: Signal,
     term: Signal,
     int: Signal,
@@ -28,7 +28,7 @@ pub struct Signals {
 
 impl Signals {
     /// Installs the handlers. Must be called inside a tokio runtime.
-    pub fn install() -> std::io::Result<Signals> {
+    pub(crate) fn install() -> std::io::Result<Signals> {
         Ok(Signals {
             hup: signal(SignalKind::hangup())?,
             term: signal(SignalKind::terminate())?,
@@ -38,7 +38,7 @@ impl Signals {
         })
     }
 
-    pub async fn next(&mut self) -> Sig {
+    pub(crate) async fn next(&mut self) -> Sig {
         tokio::select! {
             _ = self.hup.recv() => Sig::Restart,
             _ = self.term.recv() => Sig::Stop,

@@ -31,7 +31,7 @@ use tracing::{debug, info, warn};
 /// How long events must stop before they are acted on.
 const DEBOUNCE: Duration = Duration::from_millis(300);
 
-pub struct Watch {
+pub(crate) struct Watch {
     _debouncer: Debouncer<notify::RecommendedWatcher, RecommendedCache>,
     events: mpsc::UnboundedReceiver<()>,
     files: Vec<PathBuf>,
@@ -86,7 +86,7 @@ fn matters(event: &notify::Event, names: &BTreeSet<OsString>) -> bool {
 }
 
 /// A hash of the files' contents (a missing file hashes as missing).
-pub fn fingerprint(files: &[PathBuf]) -> u64 {
+pub(crate) fn fingerprint(files: &[PathBuf]) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     for f in files {
         f.hash(&mut h);
@@ -101,7 +101,7 @@ pub fn fingerprint(files: &[PathBuf]) -> u64 {
 impl Watch {
     /// Watches the directories of `files`; `loaded` is the fingerprint of
     /// what this generation runs with.
-    pub fn start(files: Vec<PathBuf>, loaded: u64) -> Result<Watch, String> {
+    pub(crate) fn start(files: Vec<PathBuf>, loaded: u64) -> Result<Watch, String> {
         let (tx, events) = mpsc::unbounded_channel();
         let names = relevant_names(&files);
         // The debouncer's thread logs too: with this process's pid and generation.
@@ -147,7 +147,7 @@ impl Watch {
 
     /// Resolves when the watched files' content differs from what this
     /// generation loaded, and from what a restart was last asked for.
-    pub async fn changed(&mut self) {
+    pub(crate) async fn changed(&mut self) {
         loop {
             if self.events.recv().await.is_none() {
                 // The watcher thread is gone: never resolve.

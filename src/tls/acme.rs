@@ -46,11 +46,11 @@ struct Wanted {
 
 /// How each certificate stands, for `status` (`storage/status.json`).
 #[derive(Serialize, Deserialize, Default, Clone, Debug)]
-pub struct CertStatus {
-    pub names: Vec<String>,
-    pub not_after: Option<String>,
-    pub last_error: Option<String>,
-    pub next_attempt: Option<String>,
+pub(crate) struct CertStatus {
+    pub(crate) names: Vec<String>,
+    pub(crate) not_after: Option<String>,
+    pub(crate) last_error: Option<String>,
+    pub(crate) next_attempt: Option<String>,
 }
 
 const FIRST_BACKOFF: Duration = Duration::from_secs(60);
@@ -215,7 +215,7 @@ async fn refresh_ari(
 /// called when storage holds a certificate other than the one loaded (this
 /// process obtained it, or another one sharing `storage` did), and again,
 /// with back-off, while this generation is still the one serving.
-pub async fn run(config: Config, shown: Option<std::sync::Arc<Status>>, restart: impl Fn()) {
+pub(crate) async fn run(config: Config, shown: Option<std::sync::Arc<Status>>, restart: impl Fn()) {
     let Some(acme) = config.acme.clone() else {
         return;
     };
@@ -352,7 +352,7 @@ fn write_status(storage: &Path, status: &HashMap<Vec<String>, CertStatus>) {
 /// of the one in storage (a renewal lands there before the restart that
 /// serves it), and the orderer's last error and next attempt. The orderer
 /// ([`run`]) refreshes it.
-pub struct Status {
+pub(crate) struct Status {
     certs: std::sync::Mutex<Vec<Shown>>,
 }
 
@@ -379,7 +379,7 @@ impl Status {
     /// The certificates `config` asks for, as this generation loaded them
     /// (`None` without an `acme:` section). Reads the files: call it where
     /// the generation loads its certificates, not on a serving thread.
-    pub fn new(config: &Config) -> Option<std::sync::Arc<Status>> {
+    pub(crate) fn new(config: &Config) -> Option<std::sync::Arc<Status>> {
         let acme = config.acme.as_ref()?;
         let recorded = recorded(&acme.storage);
         let certs = wanted(config)
@@ -406,7 +406,7 @@ impl Status {
     }
 
     /// For the `status` route.
-    pub fn json(&self) -> serde_json::Value {
+    pub(crate) fn json(&self) -> serde_json::Value {
         let certs = self.certs.lock().unwrap_or_else(|p| p.into_inner());
         serde_json::to_value(&*certs).unwrap_or_default()
     }
@@ -611,7 +611,7 @@ fn alpn_certificate(name: &str, digest: &[u8]) -> Result<String, String> {
 
 /// The file that holds the http-01 answer for `token` (if a challenge for
 /// it is pending); `None` for a token that is not one.
-pub fn http_answer_file(dir: &Path, token: &str) -> Option<PathBuf> {
+pub(crate) fn http_answer_file(dir: &Path, token: &str) -> Option<PathBuf> {
     let valid = !token.is_empty()
         && token
             .bytes()

@@ -5,8 +5,8 @@
 //! half-written rotation (new cert, old key) fails validation before any
 //! socket is touched, and the old generation keeps serving.
 
-pub mod acme;
-pub mod tickets;
+pub(crate) mod acme;
+pub(crate) mod tickets;
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -21,18 +21,18 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use crate::config::{AcmeConfig, Challenge, ConfigError, FileRef, TlsConfig};
 
 /// The one crypto provider gracesrv uses.
-pub fn provider() -> Arc<CryptoProvider> {
+pub(crate) fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
 /// The ALPN protocol of the tls-alpn-01 challenge (RFC 8737).
-pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
+pub(crate) const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
 
 /// Builds the rustls server config for one listener, loading every cert and
 /// key. An ACME listener whose certificate is not in storage yet serves a
 /// self-signed placeholder for its names until it is obtained; with
 /// tls-alpn-01 it also answers the challenge.
-pub fn server_config(
+pub(crate) fn server_config(
     file: &std::path::Path,
     tls: &TlsConfig,
     acme: Option<&AcmeConfig>,
@@ -102,7 +102,7 @@ fn read_error(file: &std::path::Path, f: &FileRef, e: rustls_pki_types::pem::Err
 }
 
 /// Loads a certificate chain and its private key and checks that they match.
-pub fn load_pair(
+pub(crate) fn load_pair(
     file: &std::path::Path,
     cert: &FileRef,
     key: &FileRef,
@@ -169,7 +169,7 @@ fn warn_if_not_valid_now(cert: &CertificateDer<'_>, written: &str) {
 
 /// The tls-alpn-01 certificate for `name`, written by the orderer as
 /// `DIR/NAME.pem` (certificate and key).
-pub fn challenge_cert(
+pub(crate) fn challenge_cert(
     dir: &std::path::Path,
     name: &str,
     provider: &CryptoProvider,
@@ -252,13 +252,13 @@ fn tbs_fields(cert: &[u8]) -> Option<&[u8]> {
 }
 
 /// The serial number of a DER certificate, as hex (for logs and tests).
-pub fn serial(cert: &[u8]) -> Option<String> {
+pub(crate) fn serial(cert: &[u8]) -> Option<String> {
     let (_, serial, _) = der(tbs_fields(cert)?)?;
     Some(serial.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// notBefore and notAfter of a DER certificate, as Unix seconds.
-pub fn validity(cert: &[u8]) -> Option<(i64, i64)> {
+pub(crate) fn validity(cert: &[u8]) -> Option<(i64, i64)> {
     let mut rest = tbs_fields(cert)?;
     for _ in 0..3 {
         rest = der(rest)?.2; // serialNumber, signature, issuer

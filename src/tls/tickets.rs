@@ -19,7 +19,7 @@ use aws_lc_rs::hmac;
 /// How long one key encrypts new tickets.
 const PERIOD: u64 = 12 * 3600;
 
-pub struct Tickets {
+pub(crate) struct Tickets {
     secret: [u8; 32],
 }
 
@@ -31,7 +31,7 @@ impl std::fmt::Debug for Tickets {
 
 impl Tickets {
     /// A fresh random secret (the first generation of a service).
-    pub fn random() -> Result<Tickets, String> {
+    pub(crate) fn random() -> Result<Tickets, String> {
         let mut secret = [0u8; 32];
         aws_lc_rs::rand::fill(&mut secret).map_err(|_| "no randomness for ticket keys")?;
         Ok(Tickets { secret })
@@ -39,7 +39,7 @@ impl Tickets {
 
     /// The secret of a key file: the SHA-256 of its contents (at least 32
     /// bytes, so that it holds enough randomness).
-    pub fn from_key_file(bytes: &[u8]) -> Result<Tickets, String> {
+    pub(crate) fn from_key_file(bytes: &[u8]) -> Result<Tickets, String> {
         if bytes.len() < 32 {
             return Err(format!(
                 "holds {} bytes; a ticket key file needs at least 32 random bytes (openssl rand 80 > FILE)",
@@ -53,7 +53,7 @@ impl Tickets {
     }
 
     /// The secret as handed over (hex), if well-formed.
-    pub fn from_hex(hex: &str) -> Option<Tickets> {
+    pub(crate) fn from_hex(hex: &str) -> Option<Tickets> {
         let hex = hex.trim();
         if hex.len() != 64 {
             return None;
@@ -66,14 +66,14 @@ impl Tickets {
     }
 
     /// The secret, for the next process's environment.
-    pub fn to_hex(&self) -> String {
+    pub(crate) fn to_hex(&self) -> String {
         self.secret.iter().map(|b| format!("{b:02x}")).collect()
     }
 
     /// A key derived from the secret for `label`: HMAC-SHA256(secret,
     /// label). The ticket keys, and HTTP/3's keys (connection IDs,
     /// stateless resets, address tokens), so every generation agrees.
-    pub fn derive(&self, label: &[u8]) -> [u8; 32] {
+    pub(crate) fn derive(&self, label: &[u8]) -> [u8; 32] {
         let mac = hmac::Key::new(hmac::HMAC_SHA256, &self.secret);
         let tag = hmac::sign(&mac, label);
         let mut out = [0u8; 32];

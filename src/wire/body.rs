@@ -16,7 +16,7 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The response body type every service is turned into: bytes known in
 /// full (the fixed responses of the hot path: no allocation, no dynamic
 /// dispatch), or any other body, boxed.
-pub struct Body(Kind);
+pub(crate) struct Body(Kind);
 
 enum Kind {
     Full(Option<Bytes>),
@@ -25,7 +25,7 @@ enum Kind {
 
 impl Body {
     /// Boxes any body.
-    pub fn new<B>(body: B) -> Body
+    pub(crate) fn new<B>(body: B) -> Body
     where
         B: http_body::Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
@@ -63,7 +63,7 @@ impl http_body::Body for Body {
 
 /// A request body as the routes see it: hyper's (HTTP/1.1, HTTP/2) or
 /// HTTP/3's (`quic::serve`).
-pub trait RequestBody:
+pub(crate) trait RequestBody:
     http_body::Body<Data = Bytes, Error: Into<BoxError>> + Send + Unpin + 'static
 {
     /// The route does not read the body of a request of `version`: take
@@ -75,7 +75,7 @@ pub trait RequestBody:
 
 /// The reading and dropping of a request body the route did not use, which
 /// the end of the answer waits for (HTTP/2: see `routes`).
-pub type Unread = Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+pub(crate) type Unread = Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
 /// `res`, whose last frame (HTTP/2: END_STREAM) waits for `unread`; its
 /// head and data go out at once, without a Content-Length (a client that
@@ -83,7 +83,7 @@ pub type Unread = Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 /// upload). An answer of 300 or more does not wait: clients stop sending
 /// on those (curl ends its upload short of its Content-Length), and the
 /// rest of the body is read and dropped after it.
-pub fn hold(mut res: Response<Body>, unread: Option<Unread>) -> Response<Body> {
+pub(crate) fn hold(mut res: Response<Body>, unread: Option<Unread>) -> Response<Body> {
     match unread {
         None => res,
         Some(unread) if res.status().as_u16() >= 300 => {
@@ -136,14 +136,14 @@ impl http_body::Body for Held {
 }
 
 /// A body holding `data`.
-pub fn full(data: impl Into<Bytes>) -> Body {
+pub(crate) fn full(data: impl Into<Bytes>) -> Body {
     let data: Bytes = data.into();
     Body(Kind::Full((!data.is_empty()).then_some(data)))
 }
 
 /// Does a comma-separated header (`Connection`, `Upgrade`, ...) list
 /// `token`, in any of its lines, ignoring case?
-pub fn has_token(headers: &http::HeaderMap, name: http::HeaderName, token: &str) -> bool {
+pub(crate) fn has_token(headers: &http::HeaderMap, name: http::HeaderName, token: &str) -> bool {
     headers.get_all(name).iter().any(|v| {
         v.to_str()
             .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
@@ -151,7 +151,7 @@ pub fn has_token(headers: &http::HeaderMap, name: http::HeaderName, token: &str)
 }
 
 /// A short plain-text response.
-pub fn text(status: http::StatusCode, msg: &'static str) -> Response<Body> {
+pub(crate) fn text(status: http::StatusCode, msg: &'static str) -> Response<Body> {
     let mut res = Response::new(full(msg));
     *res.status_mut() = status;
     res.headers_mut().insert(
@@ -162,7 +162,7 @@ pub fn text(status: http::StatusCode, msg: &'static str) -> Response<Body> {
 }
 
 /// A handler's answer: a response now, or one to wait for.
-pub enum Reply {
+pub(crate) enum Reply {
     Now(Response<Body>),
     Later(Pin<Box<dyn std::future::Future<Output = Response<Body>> + Send>>),
 }

@@ -73,7 +73,7 @@ impl Side {
 }
 
 /// What a server's HTTP/2 connection has open, from its frames.
-pub struct Frames {
+pub(crate) struct Frames {
     read: Side,
     write: Side,
     /// The highest stream the client opened.
@@ -99,7 +99,7 @@ impl Default for Frames {
 
 impl Frames {
     /// Bytes the client sent, as hyper reads them.
-    pub fn read(&mut self, data: &[u8]) {
+    pub(crate) fn read(&mut self, data: &[u8]) {
         let (last, open) = (&mut self.last, &mut self.open);
         self.read.feed(data, |kind, _, stream| match kind {
             HEADERS if stream > *last && stream % 2 == 1 => {
@@ -112,7 +112,7 @@ impl Frames {
     }
 
     /// Bytes hyper wrote to the client.
-    pub fn wrote(&mut self, data: &[u8]) {
+    pub(crate) fn wrote(&mut self, data: &[u8]) {
         let open = &mut self.open;
         self.write.feed(data, |kind, flags, stream| match kind {
             HEADERS | DATA if flags & END_STREAM != 0 => open.retain(|s| *s != stream),
@@ -125,7 +125,7 @@ impl Frames {
     /// prefaces through (a GOAWAY before the server's SETTINGS would break
     /// the protocol): hyper may be dropped here and a GOAWAY written, and
     /// nothing is cut.
-    pub fn quiet(&self) -> bool {
+    pub(crate) fn quiet(&self) -> bool {
         self.open.is_empty()
             && self.read.preface == 0
             && self.read.frames > 0
@@ -135,14 +135,14 @@ impl Frames {
     }
 
     /// The highest stream the client opened.
-    pub fn last(&self) -> u32 {
+    pub(crate) fn last(&self) -> u32 {
         self.last
     }
 }
 
 /// GOAWAY(NO_ERROR) naming `last`, the last stream the client opened: every
 /// one of them was answered, and any after it was not processed.
-pub fn goaway(last: u32) -> [u8; 17] {
+pub(crate) fn goaway(last: u32) -> [u8; 17] {
     let mut f = [0u8; 17];
     f[2] = 8; // length
     f[3] = 0x7; // GOAWAY

@@ -28,11 +28,11 @@ const MAX_HEAD: usize = 64 * 1024;
 /// keep-alive throughput at 500), so a connection starts with this one and
 /// moves to the configured limit only when a head needs it (see
 /// [`Heads::wants_more_fields`]).
-pub const STACK_FIELDS: usize = 100;
+pub(crate) const STACK_FIELDS: usize = 100;
 
 /// The filter of one HTTP/1.x connection.
 #[derive(Default)]
-pub struct Heads {
+pub(crate) struct Heads {
     state: State,
     /// The start of a head not complete yet, held back from hyper.
     held: BytesMut,
@@ -88,7 +88,7 @@ enum Verdict {
 
 impl Heads {
     /// A filter for a parser that takes at most `fields` header fields.
-    pub fn new(fields: usize) -> Heads {
+    pub(crate) fn new(fields: usize) -> Heads {
         Heads {
             fields,
             ..Default::default()
@@ -98,13 +98,13 @@ impl Heads {
     /// A head needs a parser that takes more fields than this one: hyper
     /// has been given nothing of it (nor of what follows), which
     /// [`Heads::more_fields`] hands on.
-    pub fn wants_more_fields(&self) -> bool {
+    pub(crate) fn wants_more_fields(&self) -> bool {
         self.state == State::MoreFields
     }
 
     /// The filter for a parser taking `fields`, and what this one held
     /// back, for hyper to read first.
-    pub fn more_fields(&mut self, fields: usize) -> (Heads, BytesMut) {
+    pub(crate) fn more_fields(&mut self, fields: usize) -> (Heads, BytesMut) {
         let held = std::mem::take(&mut self.held);
         let next = Heads {
             fields,
@@ -116,12 +116,12 @@ impl Heads {
 
     /// The ordinal (from 1) of the head the filter refused, and the status
     /// its request must get.
-    pub fn refused(&self) -> Option<(u64, StatusCode)> {
+    pub(crate) fn refused(&self) -> Option<(u64, StatusCode)> {
         self.refused
     }
 
     /// Moves what is waiting for hyper into `buf`; true if anything was.
-    pub fn pending(&mut self, buf: &mut ReadBuf<'_>) -> bool {
+    pub(crate) fn pending(&mut self, buf: &mut ReadBuf<'_>) -> bool {
         if self.out.is_empty() {
             return false;
         }
@@ -134,7 +134,7 @@ impl Heads {
     /// Filters the bytes just read into `buf` (from `start`): passes what
     /// hyper may read now, holds back the start of an incomplete head, and
     /// queues what must go before later reads ([`Heads::pending`]).
-    pub fn filter(&mut self, buf: &mut ReadBuf<'_>, start: usize) {
+    pub(crate) fn filter(&mut self, buf: &mut ReadBuf<'_>, start: usize) {
         if self.state == State::Through {
             return;
         }

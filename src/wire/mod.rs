@@ -3,7 +3,7 @@
 //! a connection follows for its drain, and the connection pools to
 //! upstreams.
 
-pub mod body;
-pub mod h2frames;
-pub mod heads;
-pub mod upstream;
+pub(crate) mod body;
+pub(crate) mod h2frames;
+pub(crate) mod heads;
+pub(crate) mod upstream;

@@ -28,13 +28,13 @@ const SLOTS: usize = 64;
 /// would mostly check out another thread's connection and wake that thread
 /// for each read and write. nginx's workers keep their own upstream
 /// connections for the same reason.
-pub struct Pools {
+pub(crate) struct Pools {
     clients: Box<[std::sync::OnceLock<Client<HttpConnector, Body>>]>,
     connect_timeout: Duration,
 }
 
 impl Pools {
-    pub fn new(connect_timeout: Duration) -> Pools {
+    pub(crate) fn new(connect_timeout: Duration) -> Pools {
         Pools {
             clients: (0..SLOTS).map(|_| std::sync::OnceLock::new()).collect(),
             connect_timeout,
@@ -42,7 +42,7 @@ impl Pools {
     }
 
     /// The current serving thread's pool.
-    pub fn get(&self) -> &Client<HttpConnector, Body> {
+    pub(crate) fn get(&self) -> &Client<HttpConnector, Body> {
         let slot = &self.clients[serving_thread() % SLOTS];
         slot.get_or_init(|| client(self.connect_timeout))
     }
@@ -54,7 +54,7 @@ thread_local! {
 }
 
 /// Marks the current thread as serving thread `index`: its pools are its own.
-pub fn set_serving_thread(index: usize) {
+pub(crate) fn set_serving_thread(index: usize) {
     SERVING_THREAD.with(|t| t.set(index));
 }
 

@@ -33,16 +33,22 @@ mod status;
 use respond::{redirect, Fixed};
 
 /// The routes of one listener, longest prefix first.
-pub struct Router {
+pub(crate) struct Router {
     routes: Vec<(Arc<str>, Route)>,
     /// Where pending ACME http-01 answers are, when this (plain) listener
     /// serves them under `/.well-known/acme-challenge/`.
     acme_http: Option<std::path::PathBuf>,
 }
 
+/// What [`Router::pick`] found: the route for a request, or its answer.
+enum Picked<B> {
+    Route(usize, Request<B>),
+    Answered(Reply),
+}
+
 impl Router {
     /// Builds the routes of `listener`; checks that static roots are directories.
-    pub fn new(
+    pub(crate) fn new(
         file: &Path,
         listener: &ListenerConfig,
         acme: Option<&crate::config::AcmeConfig>,
@@ -108,21 +114,34 @@ impl Router {
     /// (no allocation for the future on the hot path), or with a future for
     /// what waits (a `delay`, files, the proxy). Every route but the proxy
     /// leaves the request body to [`discard`].
+    ///
+    /// Also says which route took it (its index in [`Router::prefixes`],
+    /// for the metrics), if one did.
     #[inline]
-    pub fn handle<B: RequestBody>(
+    pub(crate) fn handle<B: RequestBody>(
         &self,
-        mut req: Request<B>,
+        req: Request<B>,
         ctx: &Arc<ListenerContext>,
         peer: Peer,
-        taken: &mut Option<usize>,
-    ) -> Reply {
+    ) -> (Reply, Option<usize>) {
+        match self.pick(req) {
+            Picked::Route(i, req) => (self.run(i, req, ctx, peer), Some(i)),
+            Picked::Answered(reply) => (reply, None),
+        }
+    }
+
+    /// The route for `req` (its path normalised first), or the answer when
+    /// none takes it: an ACME http-01 answer, 400 for a path that leaves
+    /// the root, 404.
+    #[inline]
+    fn pick<B: RequestBody>(&self, mut req: Request<B>) -> Picked<B> {
         let path = req.uri().path();
         if let Some(dir) = &self.acme_http {
             if let Some(token) = path.strip_prefix("/.well-known/acme-challenge/") {
                 let file = crate::tls::acme::http_answer_file(dir, token);
                 let unread = discard(req);
                 // Read on tokio's blocking threads, not the serving thread.
-                return Reply::Later(Box::pin(async move {
+                return Picked::Answered(Reply::Later(Box::pin(async move {
                     let answer = match file {
                         Some(file) => tokio::fs::read(file).await.ok(),
                         None => None,
@@ -139,7 +158,7 @@ impl Router {
                         None => text(StatusCode::NOT_FOUND, "not found\n"),
                     };
                     hold(res, unread)
-                }));
+                })));
             }
         }
         let mut route = self.route(path);
@@ -152,7 +171,10 @@ impl Router {
         {
             let Ok(normal) = normal else {
                 let unread = discard(req);
-                return Reply::Now(hold(text(StatusCode::BAD_REQUEST, "bad request\n"), unread));
+                return Picked::Answered(Reply::Now(hold(
+                    text(StatusCode::BAD_REQUEST, "bad request\n"),
+                    unread,
+                )));
             };
             let normal = normal.into_owned();
             route = self.route(&normal);
@@ -168,9 +190,23 @@ impl Router {
         }
         let Some(i) = route else {
             let unread = discard(req);
-            return Reply::Now(hold(text(StatusCode::NOT_FOUND, "not found\n"), unread));
+            return Picked::Answered(Reply::Now(hold(
+                text(StatusCode::NOT_FOUND, "not found\n"),
+                unread,
+            )));
         };
-        *taken = Some(i);
+        Picked::Route(i, req)
+    }
+
+    /// Answers `req` with route `i`.
+    #[inline]
+    fn run<B: RequestBody>(
+        &self,
+        i: usize,
+        req: Request<B>,
+        ctx: &Arc<ListenerContext>,
+        peer: Peer,
+    ) -> Reply {
         let (prefix, handle) = &self.routes[i];
         match handle {
             Route::Metrics => {
@@ -253,7 +289,7 @@ fn discard<B: RequestBody>(req: Request<B>) -> Option<Unread> {
 
 impl Router {
     /// The routes' paths, in the order `handle` numbers them.
-    pub fn prefixes(&self) -> Vec<String> {
+    pub(crate) fn prefixes(&self) -> Vec<String> {
         self.routes.iter().map(|(p, _)| p.to_string()).collect()
     }
 
