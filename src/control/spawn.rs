@@ -119,7 +119,10 @@ impl Spawner {
         let reaper = self.reaper.clone();
         Box::pin(async move {
             let (child, config, listeners) = started?;
-            let ready = child.ready(config.startup_timeout, &reaper).await?;
+            let ready = child
+                .ready(config.startup_timeout, &reaper)
+                .await
+                .map_err(|e| e.to_string())?;
             Ok(Box::new(Started {
                 ready,
                 config,
@@ -204,6 +207,28 @@ fn duplicates(listeners: &[Listener]) -> Result<Vec<InheritedSocket>, String> {
     Ok(out)
 }
 
+/// Why a new process did not become ready (and was killed and reaped).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum NotReady {
+    #[error("ready pipe: {0}")]
+    Pipe(std::io::Error),
+    #[error("ready pipe: message too long")]
+    TooLong,
+    /// The exec of the new binary failed in the child.
+    #[error("cannot execute the new binary: {0}")]
+    Exec(std::io::Error),
+    /// What the new process said was wrong (`ERROR reason`).
+    #[error("{0}")]
+    Reported(String),
+    #[error("unexpected message on the ready pipe: {0:?}")]
+    Unexpected(String),
+    /// It closed its ready pipe without a word: it ended (`status`).
+    #[error("new process {pid} {status} before it was ready")]
+    Exited { pid: i32, status: String },
+    #[error("new process {pid} was not ready within {timeout:?}")]
+    Timeout { pid: i32, timeout: Duration },
+}
+
 /// A new process, started with the sockets, not yet ready.
 struct Child {
     pid: i32,
@@ -216,38 +241,43 @@ impl Child {
     /// purpose, so end of file without `DONE` means it died (see
     /// [`Ready::died`]). On an error report, an exit, or silence past
     /// `startup_timeout`, kills and reaps it and returns why.
-    async fn ready(self, startup_timeout: Duration, reaper: &Reaper) -> Result<Ready, String> {
+    async fn ready(self, startup_timeout: Duration, reaper: &Reaper) -> Result<Ready, NotReady> {
         let pid = self.pid;
         let waited = async {
             let rx = tokio::net::unix::pipe::Receiver::from_owned_fd(self.ready)
-                .map_err(|e| format!("ready pipe: {e}"))?;
+                .map_err(NotReady::Pipe)?;
             let mut pipe = ReadyPipe {
                 rx,
                 buf: Vec::new(),
             };
-            match pipe.line().await? {
-                None => Err(String::new()),
-                Some(line) => match Said::parse(&line) {
-                    Some(Said::Ready) => Ok(pipe),
-                    Some(said @ Said::Error(_)) if said.exec_errno().is_some() => Err(format!(
-                        "cannot execute the new binary: {}",
-                        std::io::Error::from_raw_os_error(said.exec_errno().unwrap_or(0))
-                    )),
-                    Some(Said::Error(reason)) => Err(reason),
-                    _ => Err(format!("unexpected message on the ready pipe: {line:?}")),
-                },
+            let Some(line) = pipe.line().await? else {
+                return Err(NotReady::Exited {
+                    pid,
+                    status: String::new(),
+                });
+            };
+            match Said::parse(&line) {
+                Some(Said::Ready) => Ok(pipe),
+                Some(said) if said.exec_errno().is_some() => Err(NotReady::Exec(
+                    std::io::Error::from_raw_os_error(said.exec_errno().unwrap_or(0)),
+                )),
+                Some(Said::Error(reason)) => Err(NotReady::Reported(reason)),
+                _ => Err(NotReady::Unexpected(line)),
             }
         };
         let outcome = match tokio::time::timeout(startup_timeout, waited).await {
             Ok(Ok(pipe)) => return Ok(Ready { pid, pipe }),
-            Ok(Err(reason)) => reason,
-            Err(_) => format!("new process {pid} was not ready within {startup_timeout:?}"),
+            Ok(Err(why)) => why,
+            Err(_) => NotReady::Timeout {
+                pid,
+                timeout: startup_timeout,
+            },
         };
         let status = reaper.kill_and_wait(pid).await;
-        Err(if outcome.is_empty() {
-            format!("new process {pid} {status} before it was ready")
-        } else {
-            outcome
+        Err(match outcome {
+            // How it ended is known only now.
+            NotReady::Exited { pid, .. } => NotReady::Exited { pid, status },
+            why => why,
         })
     }
 }
@@ -266,7 +296,7 @@ struct ReadyPipe {
 
 impl ReadyPipe {
     /// The next line; `None` when the writer closed the pipe first.
-    async fn line(&mut self) -> Result<Option<String>, String> {
+    async fn line(&mut self) -> Result<Option<String>, NotReady> {
         let mut chunk = [0u8; 1024];
         loop {
             if let Some(end) = self.buf.iter().position(|b| *b == b'\n') {
@@ -275,13 +305,9 @@ impl ReadyPipe {
                 return Ok(Some(line));
             }
             if self.buf.len() > 64 * 1024 {
-                return Err("ready pipe: message too long".into());
+                return Err(NotReady::TooLong);
             }
-            let n = self
-                .rx
-                .read(&mut chunk)
-                .await
-                .map_err(|e| format!("ready pipe: {e}"))?;
+            let n = self.rx.read(&mut chunk).await.map_err(NotReady::Pipe)?;
             if n == 0 {
                 return Ok(None);
             }

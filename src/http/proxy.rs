@@ -314,7 +314,7 @@ impl Proxy {
         let upstream = &self.label;
         match failed {
             Failed::Response(res) => res,
-            Failed::Upstream(e) if error_chain(&e).contains("length limit exceeded") => {
+            Failed::Upstream(e) if over_limit(&e) => {
                 text(StatusCode::PAYLOAD_TOO_LARGE, "payload too large\n")
             }
             Failed::Upstream(e) if client_failed.load(Ordering::Relaxed) => {
@@ -524,6 +524,19 @@ impl hyper::body::Body for Attempt {
     fn size_hint(&self) -> SizeHint {
         self.0.lock().size_hint()
     }
+}
+
+/// Did the request body pass `max_body` (http-body-util's `Limited`,
+/// somewhere in the chain of causes)?
+fn over_limit(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(c) = cur {
+        if c.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        cur = c.source();
+    }
+    false
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
