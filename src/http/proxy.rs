@@ -294,7 +294,7 @@ impl Proxy {
                         app,
                         instance = instance.id,
                         "the instance is gone: trying the next one: {}",
-                        error_chain(&e)
+                        crate::observe::logging::causes(&e)
                     );
                     except = Some(instance.id);
                 }
@@ -322,14 +322,19 @@ impl Proxy {
                 debug!(
                     upstream,
                     "request body from the client failed: {}",
-                    error_chain(&e)
+                    crate::observe::logging::causes(&e)
                 );
                 text(StatusCode::BAD_REQUEST, "bad request\n")
             }
             Failed::Upstream(e) => {
                 stats.upstream_errors_total.fetch_add(1, Ordering::Relaxed);
                 if let Some(suppressed) = self.errors_logged.allow() {
-                    warn!(upstream, suppressed, "upstream error: {}", error_chain(&e));
+                    warn!(
+                        upstream,
+                        suppressed,
+                        "upstream error: {}",
+                        crate::observe::logging::causes(&e)
+                    );
                 }
                 text(StatusCode::BAD_GATEWAY, "bad gateway\n")
             }
@@ -537,17 +542,6 @@ fn over_limit(e: &(dyn std::error::Error + 'static)) -> bool {
         cur = c.source();
     }
     false
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// Sets `X-Forwarded-For` (appended), `-Proto`, `-Host` and `Forwarded`.

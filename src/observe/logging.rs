@@ -12,6 +12,25 @@ use crate::config::{LogConfig, LogFormat};
 /// log). `GRACESRV_LOG` overrides all of it.
 const CLIENT_FACING: &str = "rustls=error,tokio_rustls=error,h2=error,hyper=error,hyper_util=error";
 
+/// `e` and every cause under it, `outer: inner: innermost`: the reason a
+/// library knows (a certificate refused, a connection reset) is often only
+/// in the source chain, under a message that says little ("client error
+/// (Connect)"). A cause whose text the message already holds is not
+/// repeated.
+pub(crate) fn causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !m.is_empty() && !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s
+}
+
 /// Installs the subscriber and returns the span that carries pid and
 /// generation; every thread of the process enters it.
 pub(crate) fn init(log: &LogConfig, generation: u64) -> tracing::Span {
@@ -81,6 +100,35 @@ impl Throttle {
 
 #[cfg(test)]
 mod tests {
+    #[derive(Debug)]
+    struct E(&'static str, Option<Box<E>>);
+    impl std::fmt::Display for E {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+    impl std::error::Error for E {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1.as_deref().map(|e| e as _)
+        }
+    }
+
+    #[test]
+    fn every_cause_is_said_once() {
+        let e = E(
+            "client error (Connect)",
+            Some(Box::new(E(
+                "invalid peer certificate: CaUsedAsEndEntity",
+                Some(Box::new(E("CaUsedAsEndEntity", None))),
+            ))),
+        );
+        assert_eq!(
+            super::causes(&e),
+            "client error (Connect): invalid peer certificate: CaUsedAsEndEntity"
+        );
+        assert_eq!(super::causes(&E("alone", None)), "alone");
+    }
+
     #[test]
     fn a_throttle_lets_one_line_a_second_through() {
         let t = super::Throttle::default();

@@ -33,6 +33,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{error, info, warn};
 
 use crate::config::{AcmeConfig, Challenge, Config};
+use crate::observe::logging::causes;
 
 /// One certificate the config asks for: the names of a listener.
 #[derive(Clone, Debug)]
@@ -198,7 +199,7 @@ async fn refresh_ari(
                 return;
             }
             Err(e) => {
-                warn!(names = ?w.names, "renewal information: {e}");
+                warn!(names = ?w.names, "renewal information: {}", causes(&e));
                 ari.insert(
                     w.names.clone(),
                     Ari {
@@ -465,15 +466,15 @@ async fn account(acme: &AcmeConfig) -> Result<Account, String> {
         let creds: AccountCredentials =
             serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
         return builder()
-            .map_err(|e| e.to_string())?
+            .map_err(|e| causes(&e))?
             .from_credentials(creds)
             .await
-            .map_err(|e| format!("account: {e}"));
+            .map_err(|e| format!("account: {}", causes(&e)));
     }
     let contact = acme.email.as_ref().map(|e| format!("mailto:{e}"));
     let contact: Vec<&str> = contact.iter().map(String::as_str).collect();
     let (account, creds) = builder()
-        .map_err(|e| e.to_string())?
+        .map_err(|e| causes(&e))?
         .create(
             &NewAccount {
                 contact: &contact,
@@ -484,8 +485,8 @@ async fn account(acme: &AcmeConfig) -> Result<Account, String> {
             None,
         )
         .await
-        .map_err(|e| format!("new account: {e}"))?;
-    let json = serde_json::to_vec(&creds).map_err(|e| e.to_string())?;
+        .map_err(|e| format!("new account: {}", causes(&e)))?;
+    let json = serde_json::to_vec(&creds).map_err(|e| causes(&e))?;
     write_private(&path, &json).map_err(|e| format!("{}: {e}", path.display()))?;
     info!(directory = %acme.directory, "ACME account created");
     Ok(account)
@@ -498,7 +499,7 @@ async fn order(acme: &AcmeConfig, w: &Wanted) -> Result<(), String> {
     let mut order = account
         .new_order(&NewOrder::new(&ids))
         .await
-        .map_err(|e| format!("new order: {e}"))?;
+        .map_err(|e| format!("new order: {}", causes(&e)))?;
     let kind = match acme.challenge {
         Challenge::TlsAlpn01 => ChallengeType::TlsAlpn01,
         Challenge::Http01 => ChallengeType::Http01,
@@ -506,7 +507,7 @@ async fn order(acme: &AcmeConfig, w: &Wanted) -> Result<(), String> {
     let mut written = Vec::new();
     let mut authzs = order.authorizations();
     while let Some(authz) = authzs.next().await {
-        let mut authz = authz.map_err(|e| format!("authorization: {e}"))?;
+        let mut authz = authz.map_err(|e| format!("authorization: {}", causes(&e)))?;
         match authz.status {
             AuthorizationStatus::Pending => {}
             AuthorizationStatus::Valid => continue,
@@ -544,7 +545,7 @@ async fn order(acme: &AcmeConfig, w: &Wanted) -> Result<(), String> {
         challenge
             .set_ready()
             .await
-            .map_err(|e| format!("challenge: {e}"))?;
+            .map_err(|e| format!("challenge: {}", causes(&e)))?;
     }
     let result = finish(&mut order, w).await;
     for f in written {
@@ -559,23 +560,23 @@ async fn finish(order: &mut instant_acme::Order, w: &Wanted) -> Result<(), Strin
     let status = order
         .poll_ready(&retries)
         .await
-        .map_err(|e| format!("validation: {e}"))?;
+        .map_err(|e| format!("validation: {}", causes(&e)))?;
     if status != OrderStatus::Ready {
         return Err(format!("order is {status:?}: {}", why_invalid(order).await));
     }
     let key_pem = order
         .finalize()
         .await
-        .map_err(|e| format!("finalize: {e}"))?;
+        .map_err(|e| format!("finalize: {}", causes(&e)))?;
     let chain = order
         .poll_certificate(&retries)
         .await
-        .map_err(|e| format!("certificate: {e}"))?;
+        .map_err(|e| format!("certificate: {}", causes(&e)))?;
     // Key first: a reader that sees the new certificate finds its key.
-    write_private(&w.key.with_extension("new"), key_pem.as_bytes()).map_err(|e| e.to_string())?;
-    write_private(&w.cert.with_extension("new"), chain.as_bytes()).map_err(|e| e.to_string())?;
-    std::fs::rename(w.key.with_extension("new"), &w.key).map_err(|e| e.to_string())?;
-    std::fs::rename(w.cert.with_extension("new"), &w.cert).map_err(|e| e.to_string())?;
+    write_private(&w.key.with_extension("new"), key_pem.as_bytes()).map_err(|e| causes(&e))?;
+    write_private(&w.cert.with_extension("new"), chain.as_bytes()).map_err(|e| causes(&e))?;
+    std::fs::rename(w.key.with_extension("new"), &w.key).map_err(|e| causes(&e))?;
+    std::fs::rename(w.cert.with_extension("new"), &w.cert).map_err(|e| causes(&e))?;
     Ok(())
 }
 
@@ -601,11 +602,11 @@ async fn why_invalid(order: &mut instant_acme::Order) -> String {
 /// key authorization's digest in the acmeIdentifier extension; certificate
 /// and key in one PEM.
 fn alpn_certificate(name: &str, digest: &[u8]) -> Result<String, String> {
-    let key = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;
+    let key = rcgen::KeyPair::generate().map_err(|e| causes(&e))?;
     let mut params =
-        rcgen::CertificateParams::new(vec![name.to_string()]).map_err(|e| e.to_string())?;
+        rcgen::CertificateParams::new(vec![name.to_string()]).map_err(|e| causes(&e))?;
     params.custom_extensions = vec![rcgen::CustomExtension::new_acme_identifier(digest)];
-    let cert = params.self_signed(&key).map_err(|e| e.to_string())?;
+    let cert = params.self_signed(&key).map_err(|e| causes(&e))?;
     Ok(cert.pem() + &key.serialize_pem())
 }
 
