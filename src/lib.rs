@@ -65,6 +65,7 @@ use bytes::Bytes;
 use hyper::body::Incoming;
 
 pub use config::{Config, ConfigError};
+pub use control::reload::ControlError;
 use http::service::Handler;
 pub use process::context::Peer;
 use tracing::Instrument;
@@ -362,19 +363,22 @@ pub fn check(config: &std::path::Path) -> Result<String, ConfigError> {
 
 /// `gracesrv reload`: restarts the server running on `config` (found through
 /// its control socket, or the config's `pid_file`) and waits for the
-/// outcome. Prints it; returns 0 when the new generation is ready, 1 when
-/// the restart failed or no server runs.
+/// outcome: what to tell a person once the new generation is ready, or why
+/// not (the config, no server running, the restart failed).
 ///
 /// ```no_run
-/// let code = gracesrv::reload(std::path::Path::new("server.yaml"));
-/// assert!(code == 0 || code == 1);
+/// match gracesrv::reload(std::path::Path::new("server.yaml")) {
+///     Ok(done) => println!("{done}"),
+///     Err(gracesrv::ControlError::NotRunning(why)) => eprintln!("not running: {why}"),
+///     Err(e) => eprintln!("{e}"),
+/// }
 /// ```
-pub fn reload(config: &std::path::Path) -> i32 {
-    reload::run(config)
+pub fn reload(config: &std::path::Path) -> Result<String, ControlError> {
+    reload::reload(config)
 }
 
 /// `gracesrv deploy -c FILE APP`: deploys a new instance of an app of the
-/// running service (see SPEC section 7); returns the exit code.
-pub fn deploy(config: &std::path::Path, app: &str) -> i32 {
-    deploy::run(config, app)
+/// running service (see SPEC section 7) and waits until it serves.
+pub fn deploy(config: &std::path::Path, app: &str) -> Result<String, ControlError> {
+    deploy::deploy(config, app)
 }

@@ -58,8 +58,26 @@ fn main() {
                 1
             }
         },
-        Some(Command::Reload) => gracesrv::reload(&cli.config),
-        Some(Command::Deploy { app }) => gracesrv::deploy(&cli.config, &app),
+        Some(Command::Reload) => match gracesrv::reload(&cli.config) {
+            Ok(done) => {
+                println!("{done}");
+                0
+            }
+            Err(e) => {
+                eprintln!("gracesrv reload: {e}");
+                1
+            }
+        },
+        Some(Command::Deploy { app }) => match gracesrv::deploy(&cli.config, &app) {
+            Ok(done) => {
+                println!("deployed {app}: {done}");
+                0
+            }
+            Err(e) => {
+                eprintln!("gracesrv deploy {app}: {e}");
+                1
+            }
+        },
     };
     std::process::exit(code);
 }

@@ -17,6 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::apps::Outcome;
 use crate::config::Config;
+use crate::control::reload::ControlError;
 
 /// A deploy asked for, and where its outcome goes.
 pub(crate) struct Request {
@@ -73,41 +74,40 @@ pub(crate) fn serve() -> mpsc::UnboundedReceiver<Request> {
     rx
 }
 
-/// Runs `gracesrv deploy -c FILE APP`; returns the exit code.
-pub(crate) fn run(config: &Path, app: &str) -> i32 {
-    match deploy(config, app) {
-        Ok(msg) => {
-            println!("deployed {app}: {msg}");
-            0
-        }
-        Err(msg) => {
-            eprintln!("gracesrv deploy {app}: {msg}");
-            1
-        }
-    }
-}
-
-fn deploy(config: &Path, app: &str) -> Result<String, String> {
+/// `gracesrv deploy -c FILE APP`: a new instance of `app` on the running
+/// service; what it says once the instance serves.
+pub(crate) fn deploy(config: &Path, app: &str) -> Result<String, ControlError> {
     use std::os::linux::net::SocketAddrExt;
-    let config = Config::load(config).map_err(|e| e.to_string())?;
+    let config = Config::load(config)?;
     let Some(def) = config.apps.iter().find(|a| a.name == app) else {
-        return Err(format!(
+        return Err(ControlError::NotRunning(format!(
             "{}: no app named {app:?} in apps:",
             config.path.display()
-        ));
+        )));
     };
-    let running = crate::control::reload::running(&config, "deploy")?;
+    let running =
+        crate::control::reload::running(&config, "deploy").map_err(ControlError::NotRunning)?;
     let pid = running.pid;
     // Only the check was wanted, not restart results.
     drop(running);
     let addr = std::os::unix::net::SocketAddr::from_abstract_name(socket_name(pid))
-        .map_err(|e| e.to_string())?;
-    let mut stream = std::os::unix::net::UnixStream::connect_addr(&addr).map_err(|e| {
-        format!(
-            "pid {} takes no deploys ({e}): is it running with apps, under its supervisor?",
-            pid
-        )
+        .map_err(|e| ControlError::NotRunning(e.to_string()))?;
+    let stream = std::os::unix::net::UnixStream::connect_addr(&addr).map_err(|e| {
+        ControlError::NotRunning(format!(
+            "pid {pid} takes no deploys ({e}): is it running with apps, under its supervisor?"
+        ))
     })?;
+    ask(&config, def, pid, stream, app).map_err(ControlError::Failed)
+}
+
+/// Asks the supervisor `pid` on `stream` to deploy `app`, and waits.
+fn ask(
+    config: &Config,
+    def: &crate::config::AppConfig,
+    pid: u32,
+    mut stream: std::os::unix::net::UnixStream,
+    app: &str,
+) -> Result<String, String> {
     // Starting, proving itself, the old one's requests and its stop.
     let waited = def.start_timeout
         + crate::apps::PROBATION

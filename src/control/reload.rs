@@ -208,29 +208,38 @@ pub(crate) fn report(
     }
 }
 
-/// Runs `gracesrv reload -c FILE`; returns the exit code.
-pub(crate) fn run(config: &Path) -> i32 {
-    match reload(config) {
-        Ok(msg) => {
-            println!("{msg}");
-            0
-        }
-        Err(msg) => {
-            eprintln!("gracesrv reload: {msg}");
-            1
-        }
-    }
+/// Why `gracesrv reload` or `gracesrv deploy` did not succeed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ControlError {
+    /// The config cannot be read, or is not valid.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// No gracesrv serves this config, or it cannot be asked.
+    #[error("{0}")]
+    NotRunning(String),
+    /// The server was asked, and the restart or deploy failed (or no
+    /// answer came): why.
+    #[error("{0}")]
+    Failed(String),
 }
 
-fn reload(config: &Path) -> Result<String, String> {
+/// `gracesrv reload`: restarts the server running on `config` and waits
+/// for the outcome, a line to print.
+pub(crate) fn reload(config: &Path) -> Result<String, ControlError> {
+    let config = Config::load(config)?;
+    let running = running(&config, "reload").map_err(ControlError::NotRunning)?;
+    restart(&config, running).map_err(ControlError::Failed)
+}
+
+fn restart(config: &Config, running: Running) -> Result<String, String> {
     use std::io::BufRead;
-    let config = Config::load(config).map_err(|e| e.to_string())?;
     let Running {
         pid,
         pid_file,
         control,
         mut reader,
-    } = running(&config, "reload")?;
+    } = running;
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid as i32),
         nix::sys::signal::Signal::SIGHUP,
