@@ -77,6 +77,7 @@ pub struct Server {
     config: PathBuf,
     services: HashMap<String, Handler>,
     supervise: bool,
+    hooks: run::Hooks,
 }
 
 impl Server {
@@ -92,6 +93,7 @@ impl Server {
             config: config.into(),
             services: HashMap::new(),
             supervise: false,
+            hooks: run::Hooks::default(),
         }
     }
 
@@ -138,6 +140,67 @@ impl Server {
     {
         self.services
             .insert(listener.to_string(), Handler::service(svc));
+        self
+    }
+
+    /// Runs `hook` each time this process's generation is ready to serve:
+    /// at start, and again if a restart is rolled back (the new generation
+    /// died right after it said ready) and this one serves on. It runs
+    /// beside the serving, on the runtime of [`Server::run`] or
+    /// [`Server::serve`]. Under a supervisor, each worker runs it.
+    ///
+    /// ```no_run
+    /// let code = gracesrv::Server::new("app.yaml")
+    ///     .on_ready(|| async { println!("serving") })
+    ///     .run();
+    /// std::process::exit(code);
+    /// ```
+    pub fn on_ready<F, Fut>(mut self, hook: F) -> Server
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.hooks.ready = Some(Arc::new(move || Box::pin(hook())));
+        self
+    }
+
+    /// Runs `hook` when this generation starts draining (replaced by a
+    /// restart, or stopping): close a database pool's idle connections,
+    /// stop background jobs. Requests in flight are still being answered;
+    /// the process exits only once the hook is done as well, or at
+    /// `shutdown_timeout`. QUIT (or a second TERM) does not wait for it.
+    ///
+    /// ```no_run
+    /// let code = gracesrv::Server::new("app.yaml")
+    ///     .on_drain(|| async { /* stop the jobs */ })
+    ///     .run();
+    /// std::process::exit(code);
+    /// ```
+    pub fn on_drain<F, Fut>(mut self, hook: F) -> Server
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.hooks.drain = Some(Arc::new(move || Box::pin(hook())));
+        self
+    }
+
+    /// Runs `hook` when this process is about to exit, after its drain:
+    /// flush what the application buffers. Awaited for at most
+    /// `shutdown_timeout`.
+    ///
+    /// ```no_run
+    /// let code = gracesrv::Server::new("app.yaml")
+    ///     .on_exit(|| async { /* flush */ })
+    ///     .run();
+    /// std::process::exit(code);
+    /// ```
+    pub fn on_exit<F, Fut>(mut self, hook: F) -> Server
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.hooks.exit = Some(Arc::new(move || Box::pin(hook())));
         self
     }
 
@@ -325,6 +388,7 @@ impl Server {
                     predecessors.list().to_vec();
             }
             tracing::info!(version = env!("CARGO_PKG_VERSION"), "ready");
+            self.hooks.ready();
             let watch =
                 watched.and_then(|(loaded, files)| match watch::Watch::start(files, loaded) {
                     Ok(w) => Some(w),
@@ -337,9 +401,19 @@ impl Server {
         };
         let (gen, watch, predecessors) = started;
         let restart = restart::Restart::new(spawner(spawn::Role::Generation));
-        let code = run::control(gen, restart, signals, watch, predecessors, supervisor)
-            .instrument(span)
-            .await;
+        let limit = gen.config.shutdown_timeout;
+        let code = run::control(
+            gen,
+            restart,
+            signals,
+            watch,
+            predecessors,
+            supervisor,
+            &self.hooks,
+        )
+        .instrument(span.clone())
+        .await;
+        self.hooks.exit(limit).instrument(span).await;
         access_log::flush_all();
         code
     }

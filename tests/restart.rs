@@ -436,6 +436,68 @@ async fn an_embedded_application_restarts_the_same_way() {
     }
 }
 
+/// Issue 27.4: an embedded application's lifecycle hooks (examples/hooks.rs)
+/// across a HUP and a TERM: the new generation runs `on_ready`; the old one
+/// runs `on_drain`, and its drain waits for the hook (1.5 s, past the drain
+/// itself), then `on_exit`; on TERM the same. Each hook runs once per
+/// process, in that order.
+#[tokio::test]
+async fn an_embedded_application_runs_its_hooks_across_hup_and_term() {
+    let exe = std::path::Path::new(util::BIN)
+        .parent()
+        .unwrap()
+        .join("examples")
+        .join("hooks");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let built = std::process::Command::new(cargo)
+        .args(["build", "--quiet", "--example", "hooks"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .unwrap();
+    assert!(built.success() && exe.exists(), "{}", exe.display());
+    let config = Config::new().listener(Listener::plain("web").route(
+        "/",
+        "respond",
+        serde_json::json!({ "body": "{pid}\n" }),
+    ));
+    let (dir, certs, path) = TestServer::prepare(&config.yaml());
+    let log = dir.path().join("hooks.log");
+    let mut srv = TestServer::spawn_cmd(
+        dir,
+        certs,
+        path,
+        &[("HOOKS_LOG", "hooks.log"), ("HOOKS_DRAIN_MS", "1500")],
+        std::process::Command::new(exe),
+    );
+    let first = srv.wait_ready().await;
+    let events = |pid: u32| -> Vec<String> {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.strip_prefix(&format!("{pid} ")).map(str::to_string))
+            .collect()
+    };
+    util::until(|| events(first) == ["ready"]).await;
+    let second = srv.restart().await;
+    util::wait_gone(first).await;
+    assert_eq!(
+        events(first),
+        ["ready", "drain-start", "drain-done", "exit"],
+        "the old generation's drain waited for its hook"
+    );
+    util::until(|| events(second) == ["ready"]).await;
+    let r = client::get(&Target::plain(srv.addr("web")), "/")
+        .await
+        .unwrap();
+    assert_eq!(r.body, format!("{second}\n"));
+    srv.signal(nix::sys::signal::Signal::SIGTERM);
+    util::wait_gone(second).await;
+    assert_eq!(
+        events(second),
+        ["ready", "drain-start", "drain-done", "exit"]
+    );
+}
+
 #[tokio::test]
 async fn a_stop_during_a_restart_takes_the_starting_process_down_too() {
     for stop in [

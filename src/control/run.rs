@@ -1,6 +1,9 @@
 //! A serving process's loop (step 4 of `restart`): it serves, restarts on
 //! its triggers, and once replaced (or told to stop) drains and exits.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
@@ -44,6 +47,40 @@ impl Drop for Orderer {
     }
 }
 
+/// Code an application runs at a point of its generation's life.
+pub(crate) type Hook = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+
+/// An application's lifecycle hooks (`Server::on_ready`, `on_drain`,
+/// `on_exit`). A supervisor has none: its serving processes run them.
+#[derive(Clone, Default)]
+pub(crate) struct Hooks {
+    /// The generation serves (and again after a rolled-back restart).
+    pub(crate) ready: Option<Hook>,
+    /// The generation starts draining; the drain waits for it, within
+    /// `shutdown_timeout`.
+    pub(crate) drain: Option<Hook>,
+    /// The process is about to exit; awaited within `shutdown_timeout`.
+    pub(crate) exit: Option<Hook>,
+}
+
+impl Hooks {
+    /// Runs the ready hook beside the serving (not awaited).
+    pub(crate) fn ready(&self) {
+        if let Some(h) = &self.ready {
+            tokio::spawn(h());
+        }
+    }
+
+    /// Runs the exit hook, for at most `limit`.
+    pub(crate) async fn exit(&self, limit: Duration) {
+        if let Some(h) = &self.exit {
+            if tokio::time::timeout(limit, h()).await.is_err() {
+                warn!("on_exit hook not done within shutdown_timeout ({limit:?}): exiting");
+            }
+        }
+    }
+}
+
 /// Runs a serving process (not a supervisor) until it should exit; returns
 /// its exit code. A worker of `supervisor` passes restart triggers on to
 /// it, which runs them.
@@ -54,6 +91,7 @@ pub(crate) async fn control(
     mut watch: Option<crate::sys::watch::Watch>,
     mut predecessors: Predecessors,
     supervisor: Option<u32>,
+    hooks: &Hooks,
 ) -> i32 {
     let mut retry = tokio::time::interval_at(
         tokio::time::Instant::now() + Duration::from_secs(1),
@@ -80,7 +118,7 @@ pub(crate) async fn control(
                     drop(orderer.take());
                     gen.ending();
                     restart.abandon().await;
-                    return match drain(&mut gen, &mut signals, Why::Stop, &restart.spawner.reaper).await {
+                    return match drain(&mut gen, &mut signals, Why::Stop, &restart.spawner.reaper, hooks).await {
                         Drained::Exit(code) => code,
                         Drained::RolledBack(_) => unreachable!("only a replaced generation rolls back"),
                     };
@@ -125,7 +163,7 @@ pub(crate) async fn control(
                         gen.ending();
                         // The new process has its own copies of the sockets.
                         drop(started.listeners);
-                        match drain(&mut gen, &mut signals, Why::Replaced(started.ready), &restart.spawner.reaper).await {
+                        match drain(&mut gen, &mut signals, Why::Replaced(started.ready), &restart.spawner.reaper, hooks).await {
                             Drained::Exit(code) => return code,
                             Drained::RolledBack(status) => {
                                 let reason = "new generation died after ready (rolled back)".to_string();
@@ -135,6 +173,7 @@ pub(crate) async fn control(
                                 // This generation serves again: it is the one
                                 // the pid file and systemd must name.
                                 gen.report_ready(None, supervisor.is_some());
+                                hooks.ready();
                                 orderer = Orderer::start(&gen.config, gen.process.acme.clone(), certificate.clone());
                                 None
                             }
@@ -201,13 +240,21 @@ enum Drained {
 /// Stops accepting and drains: in-flight requests finish, then the process
 /// exits; at `shutdown_timeout` whatever is left is cut. A second TERM/INT,
 /// or QUIT, stops at once.
-async fn drain(gen: &mut Generation, signals: &mut Signals, why: Why, reaper: &Reaper) -> Drained {
+async fn drain(
+    gen: &mut Generation,
+    signals: &mut Signals,
+    why: Why,
+    reaper: &Reaper,
+    hooks: &Hooks,
+) -> Drained {
     // A replaced generation leaves the pid file alone: it names the new
     // generation by now, or is about to (checking and then removing it would
     // race the new generation's write).
     let replaced = matches!(why, Why::Replaced(_));
     let drain = gen.process.drain.clone();
     drain.start();
+    // The application's drain hook runs beside the drain, which waits for it.
+    let mut hook = hooks.drain.as_ref().map(|h| tokio::spawn(h()));
     // The accept loops pause. This process keeps its copies of the sockets
     // until it exits (never shutdown(2): the accept queue is shared with the
     // next generation, and nothing in it may be lost), so that if the next
@@ -243,6 +290,8 @@ async fn drain(gen: &mut Generation, signals: &mut Signals, why: Why, reaper: &R
     tokio::pin!(successor_died);
     // Drained while still watching the new generation (see SUCCESSOR_GRACE).
     let mut drained = false;
+    // QUIT, or a second TERM: nothing more is waited for.
+    let mut stopping_now = false;
     let grace = tokio::time::sleep_until((started + SUCCESSOR_GRACE).into());
     tokio::pin!(grace);
     loop {
@@ -302,8 +351,15 @@ async fn drain(gen: &mut Generation, signals: &mut Signals, why: Why, reaper: &R
                     Sig::Stop | Sig::Quit => {}
                 }
                 warn!(connections = drain.active(), "stopping at once: cutting every connection");
+                stopping_now = true;
                 break;
             }
+        }
+    }
+    if let Some(h) = hook.take() {
+        let left = (started + timeout).saturating_duration_since(Instant::now());
+        if !stopping_now && tokio::time::timeout(left, h).await.is_err() {
+            warn!("on_drain hook not done within shutdown_timeout ({timeout:?}): exiting");
         }
     }
     // What is left is cut; tunnels first hear that this side is going away.
