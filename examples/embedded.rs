@@ -6,16 +6,26 @@
 
 use std::convert::Infallible;
 
-use http_body_util::Full;
-use hyper::body::{Bytes, Incoming};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
 use hyper::{Request, Response};
 
-async fn hello(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
-    let body = format!(
-        "hello from the app, pid {}, path {}\n",
-        std::process::id(),
-        req.uri().path()
+async fn hello(req: Request<gracesrv::IncomingBody>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let path = req.uri().path().to_string();
+    // The request's body, over whichever HTTP version it came.
+    let read = req
+        .into_body()
+        .collect()
+        .await
+        .map_or(0, |b| b.to_bytes().len());
+    let mut body = format!(
+        "hello from the app, pid {}, path {path}",
+        std::process::id()
     );
+    if read > 0 {
+        body += &format!(", {read} bytes");
+    }
+    body.push('\n');
     Ok(Response::new(Full::new(Bytes::from(body))))
 }
 

@@ -7,10 +7,10 @@
 use std::convert::Infallible;
 
 use http_body_util::Full;
-use hyper::body::{Bytes, Incoming};
+use hyper::body::Bytes;
 use hyper::{Request, Response};
 
-async fn hello(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn hello(req: Request<gracesrv::IncomingBody>) -> Result<Response<Full<Bytes>>, Infallible> {
     let body = format!(
         "hello from the app, pid {}, path {}\n",
         std::process::id(),

@@ -10,9 +10,9 @@
 //!
 //! ```no_run
 //! use http_body_util::Full;
-//! use hyper::{body::{Bytes, Incoming}, Request, Response};
+//! use hyper::{body::Bytes, Request, Response};
 //!
-//! let hello = tower::service_fn(|_req: Request<Incoming>| async {
+//! let hello = tower::service_fn(|_req: Request<gracesrv::IncomingBody>| async {
 //!     Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from("hello\n"))))
 //! });
 //! let code = gracesrv::Server::new("app.yaml").service("web", hello).run();
@@ -62,14 +62,13 @@ use std::sync::Arc;
 
 use ::http::{Request, Response};
 use bytes::Bytes;
-use hyper::body::Incoming;
 
 pub use config::{Config, ConfigError};
 pub use control::reload::ControlError;
 use http::service::Handler;
 pub use process::context::Peer;
 use tracing::Instrument;
-pub use wire::body::BoxError;
+pub use wire::body::{BoxError, IncomingBody};
 
 /// A gracesrv server: a config file, and optionally an application's own
 /// services for some of its listeners.
@@ -111,14 +110,16 @@ impl Server {
 
     /// Serves `svc` on the listener named `listener` instead of its routes.
     /// Anything implementing tower's `Service` works (an axum `Router` too).
-    /// The listener keeps its address, TLS and limits from the config; a
-    /// service error becomes a 500 response and a log line.
+    /// The listener keeps its address, TLS and limits from the config (and
+    /// with `http3: true`, `svc` serves HTTP/3 as well: its requests carry
+    /// an [`IncomingBody`] whatever the version); a service error becomes a
+    /// 500 response and a log line.
     ///
     /// ```no_run
     /// use http_body_util::Full;
-    /// use hyper::{body::{Bytes, Incoming}, Request, Response};
+    /// use hyper::{body::Bytes, Request, Response};
     ///
-    /// let who = tower::service_fn(|req: Request<Incoming>| async move {
+    /// let who = tower::service_fn(|req: Request<gracesrv::IncomingBody>| async move {
     ///     let peer = req.extensions().get::<gracesrv::Peer>().copied();
     ///     let body = format!("hello {:?}\n", peer.map(|p| p.addr));
     ///     Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(body))))
@@ -128,7 +129,7 @@ impl Server {
     /// ```
     pub fn service<S, B>(mut self, listener: &str, svc: S) -> Server
     where
-        S: tower::Service<Request<Incoming>, Response = Response<B>>
+        S: tower::Service<Request<IncomingBody>, Response = Response<B>>
             + Clone
             + Send
             + Sync

@@ -694,3 +694,44 @@ async fn malformed_http3_requests_are_refused() {
     assert_eq!(s["upstream_errors_total"], 0, "the client's fault: {s}");
     assert_eq!(s["client_errors_total"], 2, "{s}");
 }
+
+/// Issue 27.4: an application's own service (examples/embedded.rs, through
+/// the library) serves HTTP/3 too, on a listener with `http3: true`, its
+/// requests' bodies read whatever the version; across a restart.
+#[tokio::test]
+async fn an_applications_service_serves_http3_across_a_restart() {
+    let exe = std::path::Path::new(util::BIN)
+        .parent()
+        .unwrap()
+        .join("examples")
+        .join("embedded");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let built = std::process::Command::new(cargo)
+        .args(["build", "--quiet", "--example", "embedded"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .unwrap();
+    assert!(built.success() && exe.exists(), "{}", exe.display());
+    let config = Config::new()
+        .listener(Listener::tls("app", "localhost.crt", "localhost.key").set("http3", true));
+    let (dir, certs, path) = TestServer::prepare(&config.yaml());
+    let mut srv = TestServer::spawn_cmd(dir, certs, path, &[], std::process::Command::new(exe));
+    let first = srv.wait_ready().await;
+    let addr = srv.addr("app");
+    let hello = |pid: u32, path: &str| format!("hello from the app, pid {pid}, path {path}\n");
+    assert_eq!(h3::body(addr, "/one").await, hello(first, "/one"));
+    let r = h3::get_with(addr, "/up", &["--method", "POST", "--body-size", "100000"]).await;
+    assert_eq!(
+        h3::bodies(&r),
+        [format!(
+            "hello from the app, pid {first}, path /up, 100000 bytes\n"
+        )]
+    );
+    // HTTP/2 on the same listener, from the same service.
+    let r = client::get(&Target::tls(addr, srv.tls()).h2(), "/two")
+        .await
+        .unwrap();
+    assert_eq!(r.body, hello(first, "/two"));
+    let second = srv.restart().await;
+    assert_eq!(h3::body(addr, "/three").await, hello(second, "/three"));
+}

@@ -183,32 +183,25 @@ impl Generation {
             });
             let mut alt_svc = None;
             if let (Some(q), Some(tls)) = (&l.quic, &tls) {
-                match &p.handler {
-                    crate::http::service::Handler::Routes(router) => {
-                        let stats = process
-                            .http3
-                            .iter()
-                            .find(|s| s.listener == l.name)
-                            .cloned()
-                            .unwrap_or_default();
-                        quic.push(crate::quic::QuicListener {
-                            socket: q
-                                .socket
-                                .try_clone()
-                                .map_err(|e| format!("listener {}: {e}", l.name))?,
-                            tls: tls.clone(),
-                            router: router.clone(),
-                            ctx: ctx.clone(),
-                            stats,
-                            access_log: access_log.clone(),
-                            metrics: metrics.clone(),
-                        });
-                        alt_svc = Some(crate::quic::alt_svc(l.local_addr.port()));
-                    }
-                    crate::http::service::Handler::Service(_) => {
-                        warn!(listener = %l.name, "http3: an application's service is served over HTTP/1.1 and HTTP/2 only");
-                    }
-                }
+                let stats = process
+                    .http3
+                    .iter()
+                    .find(|s| s.listener == l.name)
+                    .cloned()
+                    .unwrap_or_default();
+                quic.push(crate::quic::QuicListener {
+                    socket: q
+                        .socket
+                        .try_clone()
+                        .map_err(|e| format!("listener {}: {e}", l.name))?,
+                    tls: tls.clone(),
+                    handler: p.handler.clone(),
+                    ctx: ctx.clone(),
+                    stats,
+                    access_log: access_log.clone(),
+                    metrics: metrics.clone(),
+                });
+                alt_svc = Some(crate::quic::alt_svc(l.local_addr.port()));
             }
             specs.push((
                 socket,

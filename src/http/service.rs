@@ -5,20 +5,19 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::{Request, Response};
-use hyper::body::Incoming;
 use tower::util::BoxCloneSyncService;
 use tower::{Service, ServiceExt};
 
 use crate::process::context::{ListenerContext, Peer};
-use crate::wire::body::{text, Body, BoxError, Reply};
+use crate::wire::body::{text, Body, BoxError, IncomingBody, Reply, RequestBody};
 
 /// What handles the requests of one listener.
 #[derive(Clone)]
 pub(crate) enum Handler {
     /// The routes of the config file.
     Routes(Arc<crate::http::routes::Router>),
-    /// An application's service.
-    Service(BoxCloneSyncService<Request<Incoming>, Response<Body>, BoxError>),
+    /// An application's service, over every HTTP version.
+    Service(BoxCloneSyncService<Request<IncomingBody>, Response<Body>, BoxError>),
 }
 
 impl Handler {
@@ -26,7 +25,7 @@ impl Handler {
     /// A service error becomes a 500 response and a log line.
     pub(crate) fn service<S, B>(svc: S) -> Handler
     where
-        S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + Sync + 'static,
+        S: Service<Request<IncomingBody>, Response = Response<B>> + Clone + Send + Sync + 'static,
         S::Future: Send + 'static,
         S::Error: Into<BoxError>,
         B: http_body::Body<Data = Bytes> + Send + 'static,
@@ -40,15 +39,20 @@ impl Handler {
 
     /// Answers `req`, at once when the answer needs no waiting.
     #[inline]
-    pub(crate) fn call(
+    pub(crate) fn call<B>(
         &self,
-        mut req: Request<Incoming>,
+        req: Request<B>,
         ctx: &Arc<ListenerContext>,
         peer: Peer,
-    ) -> (Reply, Option<usize>) {
+    ) -> (Reply, Option<usize>)
+    where
+        B: RequestBody,
+        IncomingBody: From<B>,
+    {
         match self {
             Handler::Routes(router) => router.handle(req, ctx, peer),
             Handler::Service(svc) => {
+                let mut req = req.map(IncomingBody::from);
                 // An application may want to know who is asking.
                 req.extensions_mut().insert(peer);
                 let call = svc.clone().oneshot(req);

@@ -26,10 +26,10 @@ use http_body::Frame;
 use http_body_util::BodyExt;
 use tracing::debug;
 
-use crate::http::routes::Router;
+use crate::http::service::Handler;
 use crate::observe::access_log::{Entry, TlsInfo};
 use crate::process::context::{ListenerContext, Peer, QuicStats, Shared};
-use crate::wire::body::{text, BoxError, Reply, RequestBody};
+use crate::wire::body::{text, BoxError, IncomingBody, Reply, RequestBody};
 
 /// Requests a client may have open at once on a connection.
 const MAX_STREAMS: u32 = 100;
@@ -44,7 +44,7 @@ const MAX_HEAD: u64 = 64 * 1024;
 pub(crate) struct QuicListener {
     pub(crate) socket: std::net::UdpSocket,
     pub(crate) tls: Arc<rustls::ServerConfig>,
-    pub(crate) router: Arc<Router>,
+    pub(crate) handler: Handler,
     pub(crate) ctx: Arc<ListenerContext>,
     pub(crate) stats: Arc<QuicStats>,
     /// Where the listener's requests are logged and counted, as over TCP.
@@ -190,7 +190,7 @@ fn endpoint(
     )
     .map_err(|e| e.to_string())?;
     let spec = Arc::new(Spec {
-        router: l.router,
+        handler: l.handler,
         ctx: l.ctx,
         stats: l.stats,
         shared: shared.clone(),
@@ -204,7 +204,7 @@ fn endpoint(
 
 /// What a listener's connections share.
 struct Spec {
-    router: Arc<Router>,
+    handler: Handler,
     ctx: Arc<ListenerContext>,
     stats: Arc<QuicStats>,
     shared: Arc<Shared>,
@@ -527,7 +527,7 @@ async fn request(
         drop(req);
         (text(http::StatusCode::BAD_REQUEST, "bad request\n"), None)
     } else {
-        match spec.router.handle(req, &spec.ctx, peer) {
+        match spec.handler.call(req, &spec.ctx, peer) {
             (Reply::Now(res), route) => (res, route),
             (Reply::Later(fut), route) => (fut.await, route),
         }
@@ -734,6 +734,12 @@ impl http_body::Body for H3Body {
 impl Drop for H3Body {
     fn drop(&mut self) {
         self.stop_reading();
+    }
+}
+
+impl From<H3Body> for IncomingBody {
+    fn from(b: H3Body) -> IncomingBody {
+        IncomingBody::boxed(b)
     }
 }
 

@@ -61,6 +61,64 @@ impl http_body::Body for Body {
     }
 }
 
+/// A request's body as an application's service gets it, whichever HTTP
+/// version brought it: HTTP/1.1 and HTTP/2 (hyper's), or HTTP/3. It is an
+/// [`http_body::Body`] of [`Bytes`], as axum and tower services take.
+pub struct IncomingBody(Incoming);
+
+enum Incoming {
+    Hyper(hyper::body::Incoming),
+    Other(Pin<Box<dyn http_body::Body<Data = Bytes, Error = BoxError> + Send + 'static>>),
+}
+
+impl IncomingBody {
+    /// Any other body (HTTP/3's).
+    pub(crate) fn boxed(
+        b: impl http_body::Body<Data = Bytes, Error = BoxError> + Send + 'static,
+    ) -> IncomingBody {
+        IncomingBody(Incoming::Other(Box::pin(b)))
+    }
+}
+
+impl From<hyper::body::Incoming> for IncomingBody {
+    fn from(b: hyper::body::Incoming) -> IncomingBody {
+        IncomingBody(Incoming::Hyper(b))
+    }
+}
+
+impl std::fmt::Debug for IncomingBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("IncomingBody")
+    }
+}
+
+impl http_body::Body for IncomingBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match &mut self.get_mut().0 {
+            Incoming::Hyper(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            Incoming::Other(b) => b.as_mut().poll_frame(cx),
+        }
+    }
+    fn is_end_stream(&self) -> bool {
+        match &self.0 {
+            Incoming::Hyper(b) => b.is_end_stream(),
+            Incoming::Other(b) => b.is_end_stream(),
+        }
+    }
+    fn size_hint(&self) -> SizeHint {
+        match &self.0 {
+            Incoming::Hyper(b) => b.size_hint(),
+            Incoming::Other(b) => b.size_hint(),
+        }
+    }
+}
+
 /// A request body as the routes see it: hyper's (HTTP/1.1, HTTP/2) or
 /// HTTP/3's (`quic::serve`).
 pub(crate) trait RequestBody:
