@@ -112,15 +112,6 @@ fn url(srv: &TestServer, listener: &str, path: &str) -> String {
     format!("{scheme}://{}{path}", srv.addr(listener))
 }
 
-/// Waits until `cond` holds, looking every 10 ms, for at most `util::WAIT`.
-async fn until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + util::WAIT;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 fn size(path: &Path) -> u64 {
     std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
 }
@@ -144,7 +135,7 @@ async fn an_http2_download_survives_a_restart() {
         .arg(&got)
         .arg(url(&srv, "web-tls", "/files/big.bin"));
     let download = tokio::spawn(async move { run(&mut cmd).await });
-    until("the download is under way", || size(&got) > 1 << 20).await;
+    util::until("the download is under way", || size(&got) > 1 << 20).await;
     let new = srv.restart().await;
     let (code, _, err) = download.await.unwrap();
     assert_eq!(code, 0, "curl failed: {err}");
@@ -581,7 +572,7 @@ async fn clients_that_stop_reading_are_cut() {
     for id in [1, 3, 5, 7] {
         zero.request(id, "GET", "/files/big.bin", true).await;
     }
-    until("the stalled connections hold fds", || {
+    util::until("the stalled connections hold fds", || {
         util::fd_count(pid) >= baseline + 6
     })
     .await;
@@ -589,7 +580,7 @@ async fn clients_that_stop_reading_are_cut() {
     // the stalled ones are cut.
     let (code, out, _) = run(curl(&srv).arg(url(&srv, "web", "/"))).await;
     assert_eq!((code, out.as_str()), (0, "200"));
-    until("the stalled connections are cut", || {
+    util::until("the stalled connections are cut", || {
         util::fd_count(pid) <= baseline
     })
     .await;

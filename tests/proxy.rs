@@ -32,17 +32,16 @@ static CLOSES: std::sync::Mutex<Vec<(String, u16)>> = std::sync::Mutex::new(Vec:
 
 /// Waits until the upstream's WebSocket `tag` got a close frame; its code.
 async fn upstream_close(tag: &str) -> u16 {
-    let deadline = tokio::time::Instant::now() + util::WAIT;
-    loop {
-        if let Some((_, code)) = CLOSES.lock().unwrap().iter().find(|(t, _)| t == tag) {
-            return *code;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no close frame reached the upstream for {tag}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let code = || {
+        let closes = CLOSES.lock().unwrap();
+        closes.iter().find(|(t, _)| t == tag).map(|(_, c)| *c)
+    };
+    util::until(
+        &format!("a close frame reached the upstream for {tag}"),
+        || code().is_some(),
+    )
+    .await;
+    code().unwrap_or_default()
 }
 
 /// The RFC 6455 example key and its accept value.

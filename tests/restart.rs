@@ -477,7 +477,10 @@ async fn an_embedded_application_runs_its_hooks_across_hup_and_term() {
             .filter_map(|l| l.strip_prefix(&format!("{pid} ")).map(str::to_string))
             .collect()
     };
-    util::until(|| events(first) == ["ready"]).await;
+    util::until("the first generation ran on_ready", || {
+        events(first) == ["ready"]
+    })
+    .await;
     let second = srv.restart().await;
     util::wait_gone(first).await;
     assert_eq!(
@@ -485,7 +488,10 @@ async fn an_embedded_application_runs_its_hooks_across_hup_and_term() {
         ["ready", "drain-start", "drain-done", "exit"],
         "the old generation's drain waited for its hook"
     );
-    util::until(|| events(second) == ["ready"]).await;
+    util::until("the new generation ran on_ready", || {
+        events(second) == ["ready"]
+    })
+    .await;
     let r = client::get(&Target::plain(srv.addr("web")), "/")
         .await
         .unwrap();

@@ -696,22 +696,18 @@ pub fn alive(pid: u32) -> bool {
     }
 }
 
-/// Waits until `cond` holds, looking every 20 ms, for at most [`WAIT`]:
+/// Waits until `cond` holds, looking every 10 ms, for at most [`WAIT`]:
 /// for what gives no notification to wait on (a file another process
-/// writes, a process that is not our child). Panics at the deadline.
-#[track_caller]
-pub fn until(cond: impl FnMut() -> bool) -> impl std::future::Future<Output = ()> {
-    let caller = std::panic::Location::caller();
-    let mut cond = cond;
-    async move {
-        let deadline = std::time::Instant::now() + WAIT;
-        while !cond() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "not so within {WAIT:?} (waited at {caller})"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+/// writes, a process that is not our child). Panics at the deadline,
+/// saying `what` was awaited.
+pub async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + WAIT;
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
