@@ -21,18 +21,16 @@
 //! problem document, and are in `storage/status.json`, which `status`
 //! shows.
 
+mod order;
+mod status;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use instant_acme::{
-    Account, AccountCredentials, AuthorizationStatus, ChallengeType, Identifier, NewAccount,
-    NewOrder, OrderStatus, RetryPolicy,
-};
-use serde::{Deserialize, Serialize};
 use tracing::{error, info, warn};
 
-use crate::config::{AcmeConfig, Challenge, Config};
+use crate::config::{AcmeConfig, Config};
 use crate::observe::logging::causes;
 
 /// One certificate the config asks for: the names of a listener.
@@ -45,14 +43,10 @@ struct Wanted {
     loaded: Option<Vec<u8>>,
 }
 
-/// How each certificate stands, for `status` (`storage/status.json`).
-#[derive(Serialize, Deserialize, Default, Clone, Debug)]
-pub(crate) struct CertStatus {
-    pub(crate) names: Vec<String>,
-    pub(crate) not_after: Option<String>,
-    pub(crate) last_error: Option<String>,
-    pub(crate) next_attempt: Option<String>,
-}
+pub(crate) use status::{CertStatus, Status};
+
+use order::{account, order};
+use status::write_status;
 
 const FIRST_BACKOFF: Duration = Duration::from_secs(60);
 const MAX_BACKOFF: Duration = Duration::from_secs(3600);
@@ -340,276 +334,6 @@ fn prepare_storage(storage: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-fn write_status(storage: &Path, status: &HashMap<Vec<String>, CertStatus>) {
-    let list: Vec<&CertStatus> = status.values().collect();
-    if let Ok(json) = serde_json::to_vec_pretty(&list) {
-        let _ = crate::sys::atomic::write_atomically(&storage.join("status.json"), &json);
-    }
-}
-
-/// What `status` shows of ACME, kept in memory so that a `status` request
-/// never touches the disk: per certificate the config asks for, the
-/// `not_after` of the one this generation serves (loaded at its start) and
-/// of the one in storage (a renewal lands there before the restart that
-/// serves it), and the orderer's last error and next attempt. The orderer
-/// ([`run`]) refreshes it.
-pub(crate) struct Status {
-    certs: std::sync::Mutex<Vec<Shown>>,
-}
-
-#[derive(Serialize, Clone, Debug)]
-struct Shown {
-    names: Vec<String>,
-    /// The served certificate's, as before `served_not_after` existed.
-    not_after: Option<String>,
-    served_not_after: Option<String>,
-    stored_not_after: Option<String>,
-    last_error: Option<String>,
-    next_attempt: Option<String>,
-}
-
-impl Shown {
-    /// The orderer's last error and next attempt, from its record.
-    fn record(&mut self, r: &CertStatus) {
-        self.last_error = r.last_error.clone();
-        self.next_attempt = r.next_attempt.clone();
-    }
-}
-
-impl Status {
-    /// The certificates `config` asks for, as this generation loaded them
-    /// (`None` without an `acme:` section). Reads the files: call it where
-    /// the generation loads its certificates, not on a serving thread.
-    pub(crate) fn new(config: &Config) -> Option<std::sync::Arc<Status>> {
-        let acme = config.acme.as_ref()?;
-        let recorded = recorded(&acme.storage);
-        let certs = wanted(config)
-            .into_iter()
-            .map(|w| {
-                let served = w.loaded.as_deref().and_then(not_after);
-                let mut shown = Shown {
-                    not_after: served.clone(),
-                    stored_not_after: served.clone(),
-                    served_not_after: served,
-                    last_error: None,
-                    next_attempt: None,
-                    names: w.names,
-                };
-                if let Some(r) = recorded.iter().find(|r| r.names == shown.names) {
-                    shown.record(r);
-                }
-                shown
-            })
-            .collect();
-        Some(std::sync::Arc::new(Status {
-            certs: std::sync::Mutex::new(certs),
-        }))
-    }
-
-    /// For the `status` route.
-    pub(crate) fn json(&self) -> serde_json::Value {
-        let certs = self.certs.lock().unwrap_or_else(|p| p.into_inner());
-        serde_json::to_value(&*certs).unwrap_or_default()
-    }
-
-    /// The orderer's failure for a certificate, at once.
-    fn failed(&self, record: &CertStatus) {
-        let mut certs = self.certs.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(shown) = certs.iter_mut().find(|c| c.names == record.names) {
-            shown.record(record);
-        }
-    }
-
-    /// What storage holds now: each certificate's `not_after`, and the
-    /// orderers' records (this process's or another's that shares storage).
-    fn refresh(&self, storage: &Path, wanted: &[Wanted]) {
-        let recorded = recorded(storage);
-        let stored: Vec<Option<String>> = wanted
-            .iter()
-            .map(|w| std::fs::read(&w.cert).ok().as_deref().and_then(not_after))
-            .collect();
-        let mut certs = self.certs.lock().unwrap_or_else(|p| p.into_inner());
-        for (shown, stored) in certs.iter_mut().zip(stored) {
-            shown.stored_not_after = stored;
-            if let Some(r) = recorded.iter().find(|r| r.names == shown.names) {
-                shown.record(r);
-            }
-        }
-    }
-}
-
-/// The orderers' records in `storage/status.json`.
-fn recorded(storage: &Path) -> Vec<CertStatus> {
-    std::fs::read(storage.join("status.json"))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or_default()
-}
-
-/// Writes `bytes` to `path` atomically, readable by the owner only, from
-/// the moment the file exists.
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    crate::sys::atomic::write_atomically_mode(path, bytes, 0o600)
-}
-
-/// The account: created once, kept in `storage/account.json`.
-async fn account(acme: &AcmeConfig) -> Result<Account, String> {
-    let builder = || match &acme.ca_roots {
-        Some(roots) => Account::builder_with_root(&roots.path),
-        None => Account::builder(),
-    };
-    let path = acme.storage.join("account.json");
-    if let Ok(bytes) = std::fs::read(&path) {
-        let creds: AccountCredentials =
-            serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
-        return builder()
-            .map_err(|e| causes(&e))?
-            .from_credentials(creds)
-            .await
-            .map_err(|e| format!("account: {}", causes(&e)));
-    }
-    let contact = acme.email.as_ref().map(|e| format!("mailto:{e}"));
-    let contact: Vec<&str> = contact.iter().map(String::as_str).collect();
-    let (account, creds) = builder()
-        .map_err(|e| causes(&e))?
-        .create(
-            &NewAccount {
-                contact: &contact,
-                terms_of_service_agreed: true,
-                only_return_existing: false,
-            },
-            acme.directory.clone(),
-            None,
-        )
-        .await
-        .map_err(|e| format!("new account: {}", causes(&e)))?;
-    let json = serde_json::to_vec(&creds).map_err(|e| causes(&e))?;
-    write_private(&path, &json).map_err(|e| format!("{}: {e}", path.display()))?;
-    info!(directory = %acme.directory, "ACME account created");
-    Ok(account)
-}
-
-/// Orders `w`'s certificate and stores it.
-async fn order(acme: &AcmeConfig, w: &Wanted) -> Result<(), String> {
-    let account = account(acme).await?;
-    let ids: Vec<Identifier> = w.names.iter().map(|n| Identifier::Dns(n.clone())).collect();
-    let mut order = account
-        .new_order(&NewOrder::new(&ids))
-        .await
-        .map_err(|e| format!("new order: {}", causes(&e)))?;
-    let kind = match acme.challenge {
-        Challenge::TlsAlpn01 => ChallengeType::TlsAlpn01,
-        Challenge::Http01 => ChallengeType::Http01,
-    };
-    let mut written = Vec::new();
-    let mut authzs = order.authorizations();
-    while let Some(authz) = authzs.next().await {
-        let mut authz = authz.map_err(|e| format!("authorization: {}", causes(&e)))?;
-        match authz.status {
-            AuthorizationStatus::Pending => {}
-            AuthorizationStatus::Valid => continue,
-            other => return Err(format!("authorization is {other:?}")),
-        }
-        let mut challenge = authz
-            .challenge(kind.clone())
-            .ok_or_else(|| format!("the server offers no {kind:?} challenge"))?;
-        let Identifier::Dns(name) = challenge.identifier().identifier.clone() else {
-            return Err("not a DNS identifier".into());
-        };
-        let ka = challenge.key_authorization();
-        let file = match acme.challenge {
-            Challenge::Http01 => {
-                let file = acme
-                    .storage
-                    .join("challenges/http-01")
-                    .join(&challenge.token);
-                write_private(&file, ka.as_str().as_bytes())
-                    .map_err(|e| format!("{}: {e}", file.display()))?;
-                file
-            }
-            Challenge::TlsAlpn01 => {
-                let file = acme
-                    .storage
-                    .join("challenges/tls-alpn-01")
-                    .join(format!("{name}.pem"));
-                let pem = alpn_certificate(&name, ka.digest().as_ref())?;
-                write_private(&file, pem.as_bytes())
-                    .map_err(|e| format!("{}: {e}", file.display()))?;
-                file
-            }
-        };
-        written.push(file);
-        challenge
-            .set_ready()
-            .await
-            .map_err(|e| format!("challenge: {}", causes(&e)))?;
-    }
-    let result = finish(&mut order, w).await;
-    for f in written {
-        let _ = std::fs::remove_file(f);
-    }
-    result
-}
-
-/// Waits for validation, finalizes, downloads and stores the certificate.
-async fn finish(order: &mut instant_acme::Order, w: &Wanted) -> Result<(), String> {
-    let retries = RetryPolicy::default().timeout(Duration::from_secs(90));
-    let status = order
-        .poll_ready(&retries)
-        .await
-        .map_err(|e| format!("validation: {}", causes(&e)))?;
-    if status != OrderStatus::Ready {
-        return Err(format!("order is {status:?}: {}", why_invalid(order).await));
-    }
-    let key_pem = order
-        .finalize()
-        .await
-        .map_err(|e| format!("finalize: {}", causes(&e)))?;
-    let chain = order
-        .poll_certificate(&retries)
-        .await
-        .map_err(|e| format!("certificate: {}", causes(&e)))?;
-    // Key first: a reader that sees the new certificate finds its key.
-    write_private(&w.key.with_extension("new"), key_pem.as_bytes()).map_err(|e| causes(&e))?;
-    write_private(&w.cert.with_extension("new"), chain.as_bytes()).map_err(|e| causes(&e))?;
-    std::fs::rename(w.key.with_extension("new"), &w.key).map_err(|e| causes(&e))?;
-    std::fs::rename(w.cert.with_extension("new"), &w.cert).map_err(|e| causes(&e))?;
-    Ok(())
-}
-
-/// The problems the server gives for an invalid order's challenges.
-async fn why_invalid(order: &mut instant_acme::Order) -> String {
-    let mut why = Vec::new();
-    let mut authzs = order.authorizations();
-    while let Some(Ok(authz)) = authzs.next().await {
-        for c in &authz.challenges {
-            if let Some(e) = &c.error {
-                why.push(e.to_string());
-            }
-        }
-    }
-    if why.is_empty() {
-        "no reason given".into()
-    } else {
-        why.join("; ")
-    }
-}
-
-/// The tls-alpn-01 certificate for `name` (RFC 8737): self-signed, with the
-/// key authorization's digest in the acmeIdentifier extension; certificate
-/// and key in one PEM.
-fn alpn_certificate(name: &str, digest: &[u8]) -> Result<String, String> {
-    let key = rcgen::KeyPair::generate().map_err(|e| causes(&e))?;
-    let mut params =
-        rcgen::CertificateParams::new(vec![name.to_string()]).map_err(|e| causes(&e))?;
-    params.custom_extensions = vec![rcgen::CustomExtension::new_acme_identifier(digest)];
-    let cert = params.self_signed(&key).map_err(|e| causes(&e))?;
-    Ok(cert.pem() + &key.serialize_pem())
-}
-
 /// The file that holds the http-01 answer for `token` (if a challenge for
 /// it is pending); `None` for a token that is not one.
 pub(crate) fn http_answer_file(dir: &Path, token: &str) -> Option<PathBuf> {
@@ -639,14 +363,5 @@ mod tests {
             "ARI window reached"
         );
         assert!(!super::renew_now(Some(60 * day), before, Some(future), now));
-    }
-
-    #[test]
-    fn the_tls_alpn_certificate_loads() {
-        let pem = super::alpn_certificate("a.test", &[7u8; 32]).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("a.test.pem"), pem).unwrap();
-        let provider = crate::tls::provider();
-        assert!(crate::tls::challenge_cert(dir.path(), "a.test", &provider).is_some());
     }
 }

@@ -1,0 +1,192 @@
+//! Ordering a certificate: the ACME account, the order, its challenges
+//! answered from storage, and the certificate and key written owner-only.
+
+use std::path::Path;
+use std::time::Duration;
+
+use instant_acme::{
+    Account, AccountCredentials, AuthorizationStatus, ChallengeType, Identifier, NewAccount,
+    NewOrder, OrderStatus, RetryPolicy,
+};
+use tracing::info;
+
+use crate::config::{AcmeConfig, Challenge};
+use crate::observe::logging::causes;
+
+use super::Wanted;
+
+/// Writes `bytes` to `path` atomically, readable by the owner only, from
+/// the moment the file exists.
+pub(super) fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    crate::sys::atomic::write_atomically_mode(path, bytes, 0o600)
+}
+
+/// The account: created once, kept in `storage/account.json`.
+pub(super) async fn account(acme: &AcmeConfig) -> Result<Account, String> {
+    let builder = || match &acme.ca_roots {
+        Some(roots) => Account::builder_with_root(&roots.path),
+        None => Account::builder(),
+    };
+    let path = acme.storage.join("account.json");
+    if let Ok(bytes) = std::fs::read(&path) {
+        let creds: AccountCredentials =
+            serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+        return builder()
+            .map_err(|e| causes(&e))?
+            .from_credentials(creds)
+            .await
+            .map_err(|e| format!("account: {}", causes(&e)));
+    }
+    let contact = acme.email.as_ref().map(|e| format!("mailto:{e}"));
+    let contact: Vec<&str> = contact.iter().map(String::as_str).collect();
+    let (account, creds) = builder()
+        .map_err(|e| causes(&e))?
+        .create(
+            &NewAccount {
+                contact: &contact,
+                terms_of_service_agreed: true,
+                only_return_existing: false,
+            },
+            acme.directory.clone(),
+            None,
+        )
+        .await
+        .map_err(|e| format!("new account: {}", causes(&e)))?;
+    let json = serde_json::to_vec(&creds).map_err(|e| causes(&e))?;
+    write_private(&path, &json).map_err(|e| format!("{}: {e}", path.display()))?;
+    info!(directory = %acme.directory, "ACME account created");
+    Ok(account)
+}
+
+/// Orders `w`'s certificate and stores it.
+pub(super) async fn order(acme: &AcmeConfig, w: &Wanted) -> Result<(), String> {
+    let account = account(acme).await?;
+    let ids: Vec<Identifier> = w.names.iter().map(|n| Identifier::Dns(n.clone())).collect();
+    let mut order = account
+        .new_order(&NewOrder::new(&ids))
+        .await
+        .map_err(|e| format!("new order: {}", causes(&e)))?;
+    let kind = match acme.challenge {
+        Challenge::TlsAlpn01 => ChallengeType::TlsAlpn01,
+        Challenge::Http01 => ChallengeType::Http01,
+    };
+    let mut written = Vec::new();
+    let mut authzs = order.authorizations();
+    while let Some(authz) = authzs.next().await {
+        let mut authz = authz.map_err(|e| format!("authorization: {}", causes(&e)))?;
+        match authz.status {
+            AuthorizationStatus::Pending => {}
+            AuthorizationStatus::Valid => continue,
+            other => return Err(format!("authorization is {other:?}")),
+        }
+        let mut challenge = authz
+            .challenge(kind.clone())
+            .ok_or_else(|| format!("the server offers no {kind:?} challenge"))?;
+        let Identifier::Dns(name) = challenge.identifier().identifier.clone() else {
+            return Err("not a DNS identifier".into());
+        };
+        let ka = challenge.key_authorization();
+        let file = match acme.challenge {
+            Challenge::Http01 => {
+                let file = acme
+                    .storage
+                    .join("challenges/http-01")
+                    .join(&challenge.token);
+                write_private(&file, ka.as_str().as_bytes())
+                    .map_err(|e| format!("{}: {e}", file.display()))?;
+                file
+            }
+            Challenge::TlsAlpn01 => {
+                let file = acme
+                    .storage
+                    .join("challenges/tls-alpn-01")
+                    .join(format!("{name}.pem"));
+                let pem = alpn_certificate(&name, ka.digest().as_ref())?;
+                write_private(&file, pem.as_bytes())
+                    .map_err(|e| format!("{}: {e}", file.display()))?;
+                file
+            }
+        };
+        written.push(file);
+        challenge
+            .set_ready()
+            .await
+            .map_err(|e| format!("challenge: {}", causes(&e)))?;
+    }
+    let result = finish(&mut order, w).await;
+    for f in written {
+        let _ = std::fs::remove_file(f);
+    }
+    result
+}
+
+/// Waits for validation, finalizes, downloads and stores the certificate.
+pub(super) async fn finish(order: &mut instant_acme::Order, w: &Wanted) -> Result<(), String> {
+    let retries = RetryPolicy::default().timeout(Duration::from_secs(90));
+    let status = order
+        .poll_ready(&retries)
+        .await
+        .map_err(|e| format!("validation: {}", causes(&e)))?;
+    if status != OrderStatus::Ready {
+        return Err(format!("order is {status:?}: {}", why_invalid(order).await));
+    }
+    let key_pem = order
+        .finalize()
+        .await
+        .map_err(|e| format!("finalize: {}", causes(&e)))?;
+    let chain = order
+        .poll_certificate(&retries)
+        .await
+        .map_err(|e| format!("certificate: {}", causes(&e)))?;
+    // Key first: a reader that sees the new certificate finds its key.
+    write_private(&w.key.with_extension("new"), key_pem.as_bytes()).map_err(|e| causes(&e))?;
+    write_private(&w.cert.with_extension("new"), chain.as_bytes()).map_err(|e| causes(&e))?;
+    std::fs::rename(w.key.with_extension("new"), &w.key).map_err(|e| causes(&e))?;
+    std::fs::rename(w.cert.with_extension("new"), &w.cert).map_err(|e| causes(&e))?;
+    Ok(())
+}
+
+/// The problems the server gives for an invalid order's challenges.
+pub(super) async fn why_invalid(order: &mut instant_acme::Order) -> String {
+    let mut why = Vec::new();
+    let mut authzs = order.authorizations();
+    while let Some(Ok(authz)) = authzs.next().await {
+        for c in &authz.challenges {
+            if let Some(e) = &c.error {
+                why.push(e.to_string());
+            }
+        }
+    }
+    if why.is_empty() {
+        "no reason given".into()
+    } else {
+        why.join("; ")
+    }
+}
+
+/// The tls-alpn-01 certificate for `name` (RFC 8737): self-signed, with the
+/// key authorization's digest in the acmeIdentifier extension; certificate
+/// and key in one PEM.
+pub(super) fn alpn_certificate(name: &str, digest: &[u8]) -> Result<String, String> {
+    let key = rcgen::KeyPair::generate().map_err(|e| causes(&e))?;
+    let mut params =
+        rcgen::CertificateParams::new(vec![name.to_string()]).map_err(|e| causes(&e))?;
+    params.custom_extensions = vec![rcgen::CustomExtension::new_acme_identifier(digest)];
+    let cert = params.self_signed(&key).map_err(|e| causes(&e))?;
+    Ok(cert.pem() + &key.serialize_pem())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_tls_alpn_certificate_loads() {
+        let pem = super::alpn_certificate("a.test", &[7u8; 32]).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.test.pem"), pem).unwrap();
+        let provider = crate::tls::provider();
+        assert!(crate::tls::challenge_cert(dir.path(), "a.test", &provider).is_some());
+    }
+}
