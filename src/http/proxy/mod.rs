@@ -10,17 +10,18 @@
 //! an old generation drains it like any other: it runs until it ends or
 //! `shutdown_timeout` passes, and is then cut (and counted in the log).
 
-use std::future::Future;
-use std::pin::Pin;
+mod body;
+mod headers;
+mod retry;
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
-use hyper::body::{Frame, Incoming, SizeHint};
+use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioIo;
@@ -31,8 +32,12 @@ use tokio::sync::watch;
 use crate::apps::InFlight;
 use crate::config::ProxyTarget;
 use crate::process::context::{ListenerContext, Peer};
-use crate::wire::body::{has_token, text, Body, BoxError, RequestBody};
+use crate::wire::body::{text, Body, RequestBody};
 use crate::wire::upstream::Pools;
+
+use body::{ClientBody, Deadline};
+use headers::{is_websocket, set_forwarded, strip_hop_by_hop};
+use retry::{closed_unanswered, copy, idempotent, Reclaimable};
 
 /// A proxy route, built once per generation.
 pub(crate) struct Proxy {
@@ -55,48 +60,6 @@ enum Target {
     Upstream { uri: Uri, pools: Pools },
     /// The serving instance of this app (see `apps::table`).
     App(String),
-}
-
-/// Headers that describe one hop, not the message (RFC 9110 7.6.1).
-const HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-];
-
-/// Removes hop-by-hop headers, and those the `Connection` header names.
-/// `Upgrade` (and `Connection: upgrade`) are kept when `upgrade` is set.
-fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .filter(|n| !(upgrade && n == header::UPGRADE))
-        .collect();
-    for n in named.iter().chain(HOP_BY_HOP.iter()) {
-        headers.remove(n);
-    }
-    if upgrade {
-        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
-        headers.remove(header::UPGRADE);
-    }
-}
-
-/// A WebSocket upgrade: the only upgrade that is tunnelled. Any other
-/// (`h2c` above all: a tunnel would carry requests past routing) is
-/// forwarded as a plain request, its `Upgrade` removed with the hop-by-hop
-/// headers.
-fn is_websocket<B>(req: &Request<B>) -> bool {
-    let h = req.headers();
-    has_token(h, header::CONNECTION, "upgrade") && has_token(h, header::UPGRADE, "websocket")
 }
 
 impl Proxy {
@@ -419,52 +382,6 @@ fn request(
     Some(Request::from_parts(parts, body))
 }
 
-/// A copy of `parts` for one attempt: a request to an app may be sent again.
-fn copy(parts: &http::request::Parts) -> http::request::Parts {
-    let mut req = Request::new(());
-    *req.method_mut() = parts.method.clone();
-    *req.version_mut() = parts.version;
-    *req.headers_mut() = parts.headers.clone();
-    req.into_parts().0
-}
-
-/// RFC 9110 section 9.2.2: a request that may be sent twice.
-fn idempotent(method: &http::Method) -> bool {
-    use http::Method;
-    [
-        Method::GET,
-        Method::HEAD,
-        Method::OPTIONS,
-        Method::TRACE,
-        Method::PUT,
-        Method::DELETE,
-    ]
-    .contains(method)
-}
-
-/// The connection closed (or was reset) before any response: an instance
-/// that just died, with this request written to a connection it had open.
-fn closed_unanswered(e: &hyper_util::client::legacy::Error) -> bool {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
-    while let Some(c) = cur {
-        if let Some(h) = c.downcast_ref::<hyper::Error>() {
-            if h.is_incomplete_message() || h.is_canceled() {
-                return true;
-            }
-        }
-        if let Some(io) = c.downcast_ref::<std::io::Error>() {
-            if matches!(
-                io.kind(),
-                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
-            ) {
-                return true;
-            }
-        }
-        cur = c.source();
-    }
-    false
-}
-
 /// A tunnel cut signal that fires when either `a` or `b` does.
 fn either_cut(mut a: watch::Receiver<bool>, mut b: watch::Receiver<bool>) -> watch::Receiver<bool> {
     let (tx, rx) = watch::channel(false);
@@ -479,58 +396,6 @@ fn either_cut(mut a: watch::Receiver<bool>, mut b: watch::Receiver<bool>) -> wat
     rx
 }
 
-/// A request body that can be sent again while none of it has been read:
-/// a connection refused by a dying instance leaves it untouched, for the
-/// next instance.
-struct Reclaimable {
-    body: std::sync::Mutex<Body>,
-    touched: AtomicBool,
-}
-
-impl Reclaimable {
-    fn new(body: Body) -> Reclaimable {
-        Reclaimable {
-            body: std::sync::Mutex::new(body),
-            touched: AtomicBool::new(false),
-        }
-    }
-
-    fn touched(&self) -> bool {
-        self.touched.load(Ordering::Relaxed)
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Body> {
-        self.body.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// The body of one attempt.
-    fn attempt(self: &Arc<Self>) -> Attempt {
-        Attempt(self.clone())
-    }
-}
-
-struct Attempt(Arc<Reclaimable>);
-
-impl hyper::body::Body for Attempt {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        self.0.touched.store(true, Ordering::Relaxed);
-        let mut body = self.0.lock();
-        Pin::new(&mut *body).poll_frame(cx)
-    }
-    fn is_end_stream(&self) -> bool {
-        self.0.lock().is_end_stream()
-    }
-    fn size_hint(&self) -> SizeHint {
-        self.0.lock().size_hint()
-    }
-}
-
 /// Did the request body pass `max_body` (http-body-util's `Limited`,
 /// somewhere in the chain of causes)?
 fn over_limit(e: &(dyn std::error::Error + 'static)) -> bool {
@@ -542,171 +407,4 @@ fn over_limit(e: &(dyn std::error::Error + 'static)) -> bool {
         cur = c.source();
     }
     false
-}
-
-/// Sets `X-Forwarded-For` (appended), `-Proto`, `-Host` and `Forwarded`.
-fn set_forwarded(h: &mut HeaderMap, peer: Peer, host: Option<&HeaderValue>) {
-    let ip = peer.addr.ip().to_string();
-    let proto = if peer.tls { "https" } else { "http" };
-    let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {ip}"),
-        None => ip.clone(),
-    };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        h.insert("x-forwarded-for", v);
-    }
-    h.insert("x-forwarded-proto", HeaderValue::from_static(proto));
-    let host_str = host.and_then(|v| v.to_str().ok());
-    if let Some(v) = host.cloned() {
-        h.insert("x-forwarded-host", v);
-    }
-    // RFC 7239: an IPv6 address is quoted and bracketed.
-    let for_ = if peer.addr.is_ipv6() {
-        format!("\"[{ip}]\"")
-    } else {
-        ip
-    };
-    let mut fwd = format!("for={for_};proto={proto}");
-    if let Some(host) = host_str {
-        // A quoted-string (RFC 7239 section 4): `"` and `\` escaped, so a
-        // host can never end the value and add fields of its own.
-        let quoted = host.replace('\\', "\\\\").replace('"', "\\\"");
-        fwd.push_str(&format!(";host=\"{quoted}\""));
-    }
-    let fwd = match h.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {fwd}"),
-        None => fwd,
-    };
-    if let Ok(v) = HeaderValue::from_str(&fwd) {
-        h.insert(header::FORWARDED, v);
-    }
-}
-
-/// The client's request body on its way upstream, noting whether the
-/// client broke it.
-struct ClientBody<B> {
-    inner: B,
-    failed: Arc<AtomicBool>,
-}
-
-impl<B: RequestBody> hyper::body::Body for ClientBody<B> {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match Pin::new(&mut self.inner).poll_frame(cx) {
-            Poll::Ready(Some(Err(e))) => {
-                self.failed.store(true, Ordering::Relaxed);
-                Poll::Ready(Some(Err(e.into())))
-            }
-            Poll::Ready(Some(Ok(f))) => Poll::Ready(Some(Ok(f))),
-            Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
-        }
-    }
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-/// A response body that ends in an error at `deadline` (the route's
-/// `timeout` covers the whole response), streamed frame by frame.
-struct Deadline {
-    inner: Incoming,
-    sleep: Pin<Box<tokio::time::Sleep>>,
-    /// An app instance's count of this request, until the body ends.
-    _in_flight: Option<InFlight>,
-}
-
-impl Deadline {
-    fn new(inner: Incoming, deadline: tokio::time::Instant, in_flight: Option<InFlight>) -> Self {
-        Deadline {
-            inner,
-            sleep: Box::pin(tokio::time::sleep_until(deadline)),
-            _in_flight: in_flight,
-        }
-    }
-}
-
-impl hyper::body::Body for Deadline {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        if let Poll::Ready(frame) = Pin::new(&mut self.inner).poll_frame(cx) {
-            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
-        }
-        match self.sleep.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Some(Err("upstream response timed out".into()))),
-            Poll::Pending => Poll::Pending,
-        }
-    }
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hop_by_hop_headers_go_both_ways() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::CONNECTION,
-            HeaderValue::from_static("keep-alive, x-private"),
-        );
-        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert("x-private", HeaderValue::from_static("1"));
-        h.insert(header::TE, HeaderValue::from_static("trailers"));
-        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        h.insert("x-kept", HeaderValue::from_static("1"));
-        let mut plain = h.clone();
-        strip_hop_by_hop(&mut plain, false);
-        assert_eq!(plain.len(), 1, "{plain:?}");
-        assert!(plain.contains_key("x-kept"));
-        strip_hop_by_hop(&mut h, true);
-        assert_eq!(h["upgrade"], "websocket");
-        assert_eq!(h["connection"], "upgrade");
-        assert!(!h.contains_key("x-private"));
-    }
-
-    #[test]
-    fn forwarding_headers() {
-        let mut h = HeaderMap::new();
-        h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
-        let peer = Peer {
-            addr: "127.0.0.1:5000".parse().unwrap(),
-            tls: true,
-        };
-        set_forwarded(&mut h, peer, Some(&HeaderValue::from_static("example.com")));
-        assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
-        assert_eq!(h["x-forwarded-proto"], "https");
-        assert_eq!(h["x-forwarded-host"], "example.com");
-        assert_eq!(
-            h["forwarded"],
-            "for=127.0.0.1;proto=https;host=\"example.com\""
-        );
-        // A host can never close the quoted string and add fields.
-        let mut h = HeaderMap::new();
-        let sneaky = HeaderValue::from_static("a\";for=evil\\");
-        set_forwarded(&mut h, peer, Some(&sneaky));
-        assert_eq!(
-            h["forwarded"],
-            "for=127.0.0.1;proto=https;host=\"a\\\";for=evil\\\\\""
-        );
-    }
 }

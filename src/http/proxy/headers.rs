@@ -1,0 +1,142 @@
+//! The headers a proxied request and response lose and gain: hop-by-hop
+//! fields removed both ways (RFC 9110 section 7.6.1), the forwarding fields
+//! set.
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::Request;
+
+use crate::process::context::Peer;
+use crate::wire::body::has_token;
+
+/// Headers that describe one hop, not the message (RFC 9110 7.6.1).
+pub(super) const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+/// Removes hop-by-hop headers, and those the `Connection` header names.
+/// `Upgrade` (and `Connection: upgrade`) are kept when `upgrade` is set.
+pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .filter(|n| !(upgrade && n == header::UPGRADE))
+        .collect();
+    for n in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(n);
+    }
+    if upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::UPGRADE);
+    }
+}
+
+/// A WebSocket upgrade: the only upgrade that is tunnelled. Any other
+/// (`h2c` above all: a tunnel would carry requests past routing) is
+/// forwarded as a plain request, its `Upgrade` removed with the hop-by-hop
+/// headers.
+pub(super) fn is_websocket<B>(req: &Request<B>) -> bool {
+    let h = req.headers();
+    has_token(h, header::CONNECTION, "upgrade") && has_token(h, header::UPGRADE, "websocket")
+}
+
+/// Sets `X-Forwarded-For` (appended), `-Proto`, `-Host` and `Forwarded`.
+pub(super) fn set_forwarded(h: &mut HeaderMap, peer: Peer, host: Option<&HeaderValue>) {
+    let ip = peer.addr.ip().to_string();
+    let proto = if peer.tls { "https" } else { "http" };
+    let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {ip}"),
+        None => ip.clone(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        h.insert("x-forwarded-for", v);
+    }
+    h.insert("x-forwarded-proto", HeaderValue::from_static(proto));
+    let host_str = host.and_then(|v| v.to_str().ok());
+    if let Some(v) = host.cloned() {
+        h.insert("x-forwarded-host", v);
+    }
+    // RFC 7239: an IPv6 address is quoted and bracketed.
+    let for_ = if peer.addr.is_ipv6() {
+        format!("\"[{ip}]\"")
+    } else {
+        ip
+    };
+    let mut fwd = format!("for={for_};proto={proto}");
+    if let Some(host) = host_str {
+        // A quoted-string (RFC 7239 section 4): `"` and `\` escaped, so a
+        // host can never end the value and add fields of its own.
+        let quoted = host.replace('\\', "\\\\").replace('"', "\\\"");
+        fwd.push_str(&format!(";host=\"{quoted}\""));
+    }
+    let fwd = match h.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {fwd}"),
+        None => fwd,
+    };
+    if let Ok(v) = HeaderValue::from_str(&fwd) {
+        h.insert(header::FORWARDED, v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_go_both_ways() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-private"),
+        );
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-private", HeaderValue::from_static("1"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        let mut plain = h.clone();
+        strip_hop_by_hop(&mut plain, false);
+        assert_eq!(plain.len(), 1, "{plain:?}");
+        assert!(plain.contains_key("x-kept"));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h["upgrade"], "websocket");
+        assert_eq!(h["connection"], "upgrade");
+        assert!(!h.contains_key("x-private"));
+    }
+
+    #[test]
+    fn forwarding_headers() {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
+        let peer = Peer {
+            addr: "127.0.0.1:5000".parse().unwrap(),
+            tls: true,
+        };
+        set_forwarded(&mut h, peer, Some(&HeaderValue::from_static("example.com")));
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-host"], "example.com");
+        assert_eq!(
+            h["forwarded"],
+            "for=127.0.0.1;proto=https;host=\"example.com\""
+        );
+        // A host can never close the quoted string and add fields.
+        let mut h = HeaderMap::new();
+        let sneaky = HeaderValue::from_static("a\";for=evil\\");
+        set_forwarded(&mut h, peer, Some(&sneaky));
+        assert_eq!(
+            h["forwarded"],
+            "for=127.0.0.1;proto=https;host=\"a\\\";for=evil\\\\\""
+        );
+    }
+}
