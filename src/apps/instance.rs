@@ -83,7 +83,8 @@ pub(crate) fn start(
         generation: None,
         dir: Some(&app.dir),
         group: Group::App,
-    })?;
+    })
+    .map_err(|e| e.to_string())?;
     // Before any await: the reaper must know this pid before it can exit.
     reaper.watch(pid);
     // The instance has its own copy of the socket: when it exits, the

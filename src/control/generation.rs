@@ -67,7 +67,8 @@ impl Generation {
             listeners: prepared,
             ..
         } = prepared;
-        let listeners = crate::sys::listeners::open(&config.listeners, inherited)?;
+        let listeners =
+            crate::sys::listeners::open(&config.listeners, inherited).map_err(|e| e.to_string())?;
         let threads = thread_count();
         // One writer per distinct access log, shared by its listeners.
         let mut logs: Vec<(crate::config::AccessLogConfig, Arc<AccessLog>)> = Vec::new();

@@ -81,7 +81,8 @@ impl Spawner {
                         p.config.path.display()
                     ));
                 }
-                let listeners = crate::sys::listeners::open(&p.config.listeners, duplicates(current)?)?;
+                let listeners = crate::sys::listeners::open(&p.config.listeners, duplicates(current)?)
+                    .map_err(|e| e.to_string())?;
                 Ok((p.config, listeners))
             });
         self.start(opened, generation, env, pid)
@@ -97,7 +98,9 @@ impl Spawner {
         pid: Rc<Cell<Option<i32>>>,
     ) -> Attempt {
         let opened = duplicates(listeners)
-            .and_then(|dups| crate::sys::listeners::open(&config.listeners, dups))
+            .and_then(|dups| {
+                crate::sys::listeners::open(&config.listeners, dups).map_err(|e| e.to_string())
+            })
             .map(|listeners| (config.clone(), listeners));
         self.start(opened, generation, env, pid)
     }
@@ -138,7 +141,7 @@ impl Spawner {
         generation: u64,
         extra: Vec<(OsString, OsString)>,
     ) -> Result<Child, String> {
-        let (read, write) = handoff::ready_pipe()?;
+        let (read, write) = handoff::ready_pipe().map_err(|e| e.to_string())?;
         let worker = matches!(self.role, Role::Worker(_));
         let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
             .filter(|(k, _)| !HANDOFF_VARS.iter().any(|v| k == v))
@@ -175,7 +178,8 @@ impl Spawner {
             } else {
                 handoff::Group::Same
             },
-        })?;
+        })
+        .map_err(|e| e.to_string())?;
         // Before any await: the reaper must know this pid before it can exit.
         self.reaper.watch(pid);
         drop(write);

@@ -26,7 +26,7 @@ use std::path::Path;
 use tracing::warn;
 
 use crate::control::predecessors::Predecessors;
-use crate::sys::handoff::{self, InheritedSocket};
+use crate::sys::handoff::{self, HandoffError, InheritedSocket};
 use crate::sys::ready::Said;
 
 /// What a process received from whoever started it.
@@ -57,7 +57,7 @@ impl Inherited {
     ///
     /// With `remove`, must run before any thread is started (it edits the
     /// environment).
-    pub(crate) fn from_env(remove: bool) -> Result<Inherited, String> {
+    pub(crate) fn from_env(remove: bool) -> Result<Inherited, HandoffError> {
         let get = |k: &str| std::env::var(k).ok();
         let (pid, fds, names, ready, generation, supervisor) = (
             get("LISTEN_PID"),
@@ -110,7 +110,11 @@ impl Inherited {
                 .parse()
                 .ok()
                 .filter(|n| (0..=4096).contains(n))
-                .ok_or_else(|| format!("LISTEN_FDS={n:?} is not a count of file descriptors"))?,
+                .ok_or_else(|| HandoffError::Variable {
+                    var: "LISTEN_FDS".into(),
+                    value: n.clone(),
+                    kind: "a count of file descriptors",
+                })?,
         };
         let names: Vec<String> = names
             .map(|n| n.split(':').map(str::to_string).collect())
@@ -126,10 +130,12 @@ impl Inherited {
 }
 
 /// The fd number variable `var` holds.
-fn fd_number(var: &str, value: &str) -> Result<RawFd, String> {
-    value
-        .parse()
-        .map_err(|_| format!("{var}={value:?} is not a file descriptor number"))
+fn fd_number(var: &str, value: &str) -> Result<RawFd, HandoffError> {
+    value.parse().map_err(|_| HandoffError::Variable {
+        var: var.into(),
+        value: value.into(),
+        kind: "a file descriptor number",
+    })
 }
 
 /// The write end of the ready pipe to the previous generation, kept open

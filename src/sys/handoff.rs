@@ -64,17 +64,72 @@ impl Socket {
     }
 }
 
+/// What is wrong with a descriptor handed to this process (`what` names
+/// it: the variable and the fd), or why a process could not be started.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum HandoffError {
+    #[error("{what}: fd {fd} is not a file descriptor")]
+    NotAnFd { what: String, fd: RawFd },
+    #[error("{what}: fd {fd} is not open")]
+    NotOpen { what: String, fd: RawFd },
+    #[error("{what} names a standard stream{hint}")]
+    StandardStream { what: String, hint: &'static str },
+    /// It is not the kind of file it must be ("a socket", "listening").
+    #[error("{what} is not {kind}")]
+    NotKind { what: String, kind: &'static str },
+    #[error("{what} is neither a stream nor a datagram socket ({kind})")]
+    SocketType { what: String, kind: String },
+    /// The system refused what was asked about it.
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("argument or environment holds a NUL byte")]
+    Nul,
+    /// A handoff variable holds what it cannot (`LISTEN_FDS=x`).
+    #[error("{var}={value:?} is not {kind}")]
+    Variable {
+        var: String,
+        value: String,
+        kind: &'static str,
+    },
+}
+
+impl HandoffError {
+    fn io(what: impl Into<String>, e: impl Into<std::io::Error>) -> HandoffError {
+        HandoffError::Io {
+            what: what.into(),
+            source: e.into(),
+        }
+    }
+
+    fn not(what: impl Into<String>, kind: &'static str) -> HandoffError {
+        HandoffError::NotKind {
+            what: what.into(),
+            kind,
+        }
+    }
+}
+
 /// Takes ownership of `fd` if it is open, and marks it close-on-exec so it
 /// does not leak into any process this one starts.
-fn adopt_fd(fd: RawFd, what: &str) -> Result<OwnedFd, String> {
+fn adopt_fd(fd: RawFd, what: &str) -> Result<OwnedFd, HandoffError> {
     if fd < 0 {
-        return Err(format!("{what}: fd {fd} is not a file descriptor"));
+        return Err(HandoffError::NotAnFd {
+            what: what.into(),
+            fd,
+        });
     }
     // SAFETY: F_GETFD only reads the flags of `fd`; it fails with EBADF if
     // `fd` is not open, in which case we do not take it.
     let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
     if flags < 0 {
-        return Err(format!("{what}: fd {fd} is not open"));
+        return Err(HandoffError::NotOpen {
+            what: what.into(),
+            fd,
+        });
     }
     // SAFETY: `fd` is open (checked above) and was handed to this process
     // (by LISTEN_FDS or GRACESRV_READY_FD, whose LISTEN_PID is ours), so
@@ -85,66 +140,71 @@ fn adopt_fd(fd: RawFd, what: &str) -> Result<OwnedFd, String> {
     Ok(owned)
 }
 
-pub(crate) fn adopt_ready_fd(fd: RawFd) -> Result<OwnedFd, String> {
+pub(crate) fn adopt_ready_fd(fd: RawFd) -> Result<OwnedFd, HandoffError> {
+    let what = format!("GRACESRV_READY_FD={fd}");
     if fd <= 2 {
-        return Err(format!(
-            "GRACESRV_READY_FD={fd} names a standard stream, not a pipe"
-        ));
+        return Err(HandoffError::StandardStream {
+            what,
+            hint: ", not a pipe",
+        });
     }
     let owned = adopt_fd(fd, "GRACESRV_READY_FD")?;
-    let st = fstat(&owned).map_err(|e| format!("GRACESRV_READY_FD={fd}: {e}"))?;
+    let st = fstat(&owned).map_err(|e| HandoffError::io(&what, e))?;
     let kind = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT;
     if kind != SFlag::S_IFIFO && kind != SFlag::S_IFSOCK {
-        return Err(format!("GRACESRV_READY_FD={fd} is not a pipe or socket"));
+        return Err(HandoffError::not(what, "a pipe or socket"));
     }
     Ok(owned)
 }
 
 /// The worker's end of its link to the supervisor (see `apps::link`).
-pub(crate) fn adopt_link(fd: RawFd) -> Result<OwnedFd, String> {
+pub(crate) fn adopt_link(fd: RawFd) -> Result<OwnedFd, HandoffError> {
     let what = format!("{APPS_FD}={fd}");
     if fd <= 2 {
-        return Err(format!("{what} names a standard stream"));
+        return Err(HandoffError::StandardStream { what, hint: "" });
     }
     let owned = adopt_fd(fd, &what)?;
-    let st = fstat(&owned).map_err(|e| format!("{what}: {e}"))?;
+    let st = fstat(&owned).map_err(|e| HandoffError::io(&what, e))?;
     if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFSOCK {
-        return Err(format!("{what} is not a socket"));
+        return Err(HandoffError::not(what, "a socket"));
     }
     Ok(owned)
 }
 
 /// A passed socket: a listening TCP socket, or a bound UDP socket (HTTP/3;
 /// systemd's `ListenDatagram=`).
-pub(crate) fn adopt_listener(fd: RawFd) -> Result<Socket, String> {
+pub(crate) fn adopt_listener(fd: RawFd) -> Result<Socket, HandoffError> {
     let what = format!("LISTEN_FDS: fd {fd}");
     let owned = adopt_fd(fd, &what)?;
-    let st = fstat(&owned).map_err(|e| format!("{what}: {e}"))?;
+    let st = fstat(&owned).map_err(|e| HandoffError::io(&what, e))?;
     if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFSOCK {
-        return Err(format!("{what} is not a socket"));
+        return Err(HandoffError::not(what, "a socket"));
     }
     let socket = match getsockopt(&owned, sockopt::SockType) {
         Ok(SockType::Stream) => {
             if !getsockopt(&owned, sockopt::AcceptConn).unwrap_or(false) {
-                return Err(format!("{what} is not listening"));
+                return Err(HandoffError::not(what, "listening"));
             }
             Socket::Stream(std::net::TcpListener::from(owned))
         }
         Ok(SockType::Datagram) => Socket::Datagram(std::net::UdpSocket::from(owned)),
         Ok(other) => {
-            return Err(format!(
-                "{what} is neither a stream nor a datagram socket ({other:?})"
-            ))
+            return Err(HandoffError::SocketType {
+                what,
+                kind: format!("{other:?}"),
+            })
         }
-        Err(e) => return Err(format!("{what}: {e}")),
+        Err(e) => return Err(HandoffError::io(what, e)),
     };
     // An IP socket (not a Unix one), and bound: a UDP socket's port is 0 until then.
-    let addr = socket.local_addr().map_err(|e| format!("{what}: {e}"))?;
+    let addr = socket
+        .local_addr()
+        .map_err(|e| HandoffError::io(&what, e))?;
     if !(addr.is_ipv4() || addr.is_ipv6()) {
-        return Err(format!("{what} is not a TCP or UDP socket"));
+        return Err(HandoffError::not(what, "a TCP or UDP socket"));
     }
     if addr.port() == 0 {
-        return Err(format!("{what} is not bound"));
+        return Err(HandoffError::not(what, "bound"));
     }
     Ok(socket)
 }
@@ -189,13 +249,13 @@ pub(crate) enum Group {
     App,
 }
 
-fn cstring(bytes: &[u8]) -> Result<CString, String> {
-    CString::new(bytes).map_err(|_| "argument or environment holds a NUL byte".to_string())
+fn cstring(bytes: &[u8]) -> Result<CString, HandoffError> {
+    CString::new(bytes).map_err(|_| HandoffError::Nul)
 }
 
 /// Forks and execs `exe` with the sockets at fds 3.., the further fds after
 /// them, and the handoff variables. Returns the child's pid.
-pub(crate) fn spawn(args: SpawnArgs<'_>) -> Result<libc::pid_t, String> {
+pub(crate) fn spawn(args: SpawnArgs<'_>) -> Result<libc::pid_t, HandoffError> {
     let n = args.sockets.len() as i32;
     let group = args.group;
     // SAFETY: getpid has no preconditions.
@@ -274,7 +334,7 @@ pub(crate) fn spawn(args: SpawnArgs<'_>) -> Result<libc::pid_t, String> {
         Some(&hup),
         Some(&mut old_mask),
     )
-    .map_err(|e| format!("sigprocmask: {e}"))?;
+    .map_err(|e| HandoffError::io("sigprocmask", e))?;
     let empty = nix::sys::signal::SigSet::empty();
     let empty_ptr = empty.as_ref() as *const libc::sigset_t;
 
@@ -292,7 +352,7 @@ pub(crate) fn spawn(args: SpawnArgs<'_>) -> Result<libc::pid_t, String> {
         );
     }
     if pid < 0 {
-        return Err(format!("fork: {}", std::io::Error::last_os_error()));
+        return Err(HandoffError::io("fork", std::io::Error::last_os_error()));
     }
     if pid == 0 {
         // Child. No allocation, no locks, no panics from here on.
@@ -400,8 +460,8 @@ pub(crate) fn unblock_hup() {
 
 /// The pipe a new generation reports on: the parent keeps the read end, the
 /// child gets the write end at `GRACESRV_READY_FD`.
-pub(crate) fn ready_pipe() -> Result<(OwnedFd, OwnedFd), String> {
-    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))
+pub(crate) fn ready_pipe() -> Result<(OwnedFd, OwnedFd), HandoffError> {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| HandoffError::io("pipe", e))
 }
 
 /// Bytes this side of a TCP connection has queued and the peer has not yet

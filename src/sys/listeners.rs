@@ -80,13 +80,38 @@ fn is_stream(s: &InheritedSocket) -> bool {
     matches!(s.socket, Socket::Stream(_))
 }
 
+/// Why a listener's socket could not be had.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ListenError {
+    #[error("listener {listener}: cannot listen on {addr}: {source}")]
+    Listen {
+        listener: String,
+        addr: SocketAddr,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("listener {listener}: cannot bind UDP {addr} for HTTP/3: {source}")]
+    Udp {
+        listener: String,
+        addr: SocketAddr,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("listener {listener}: {source}")]
+    Io {
+        listener: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 /// Matches the configured listeners with inherited sockets (by name first,
 /// then by address for sockets without a known name, as systemd may pass),
 /// and binds the rest. Returns them in config order.
 pub(crate) fn open(
     configs: &[ListenerConfig],
     inherited: Vec<InheritedSocket>,
-) -> Result<Vec<Listener>, String> {
+) -> Result<Vec<Listener>, ListenError> {
     let mut pool = Pool(
         inherited
             .into_iter()
@@ -145,10 +170,15 @@ pub(crate) fn open(
         let (socket, local_addr) = match slot {
             Some(found) => found,
             None => {
-                let socket = bind(cfg.addr).map_err(|e| {
-                    format!("listener {}: cannot listen on {}: {e}", cfg.name, cfg.addr)
+                let socket = bind(cfg.addr).map_err(|source| ListenError::Listen {
+                    listener: cfg.name.clone(),
+                    addr: cfg.addr,
+                    source,
                 })?;
-                let local_addr = socket.local_addr().map_err(|e| e.to_string())?;
+                let local_addr = socket.local_addr().map_err(|source| ListenError::Io {
+                    listener: cfg.name.clone(),
+                    source,
+                })?;
                 (socket, local_addr)
             }
         };
@@ -182,7 +212,7 @@ fn open_quic(
     addr: SocketAddr,
     pool: &mut Pool,
     known: &dyn Fn(&str) -> bool,
-) -> Result<QuicSocket, String> {
+) -> Result<QuicSocket, ListenError> {
     let name = quic_name(&cfg.name);
     let datagram = |s: &InheritedSocket| matches!(s.socket, Socket::Datagram(_));
     let found = pool
@@ -198,11 +228,10 @@ fn open_quic(
             },
             _,
         )) => s,
-        _ => bind_udp(addr).map_err(|e| {
-            format!(
-                "listener {}: cannot bind UDP {addr} for HTTP/3: {e}",
-                cfg.name
-            )
+        _ => bind_udp(addr).map_err(|source| ListenError::Udp {
+            listener: cfg.name.clone(),
+            addr,
+            source,
         })?,
     };
     if let Err(e) = socket.set_nonblocking(true) {
