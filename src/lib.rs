@@ -319,7 +319,7 @@ impl Server {
             Some(t) => t,
             None => match tickets::Tickets::random() {
                 Ok(t) => Arc::new(t),
-                Err(e) => return fail(&mut ready, &e),
+                Err(e) => return fail(&mut ready, &e.to_string()),
             },
         };
         let spawner = |role| spawn::Spawner {

@@ -78,7 +78,8 @@ impl Generation {
             .filter_map(|c| c.access_log.as_ref())
         {
             if !logs.iter().any(|(c, _)| c == a) {
-                let log = AccessLog::open(a, threads, std::process::id(), generation)?;
+                let log = AccessLog::open(a, threads, std::process::id(), generation)
+                    .map_err(|e| e.to_string())?;
                 logs.push((a.clone(), log));
             }
         }

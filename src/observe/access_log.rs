@@ -104,7 +104,7 @@ impl AccessLog {
         threads: usize,
         pid: u32,
         generation: u64,
-    ) -> Result<Arc<AccessLog>, String> {
+    ) -> Result<Arc<AccessLog>, AccessLogError> {
         let file = match &config.path {
             Some(p) => Some(open_append(p)?),
             None => None,
@@ -125,7 +125,7 @@ impl AccessLog {
             std::thread::Builder::new()
                 .name("gracesrv-log".into())
                 .spawn(flusher)
-                .map_err(|e| format!("access log: cannot start its thread: {e}"))?;
+                .map_err(AccessLogError::Thread)?;
         }
         logs.push(Arc::downgrade(&log));
         Ok(log)
@@ -207,7 +207,7 @@ impl AccessLog {
             if let Some(p) = &self.config.path {
                 match open_append(p) {
                     Ok(f) => *file = Some(f),
-                    Err(e) => tracing::warn!("access log: {e}"),
+                    Err(e) => tracing::warn!("{e}"),
                 }
             }
         }
@@ -252,14 +252,30 @@ fn write_lines(w: &mut impl Write, data: &[u8]) -> Result<(), (usize, std::io::E
     Ok(())
 }
 
-fn open_append(path: &Path) -> Result<std::fs::File, String> {
+/// Why an access log cannot be written.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum AccessLogError {
+    #[error("access log {}: {source}", path.display())]
+    Open {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("access log: cannot start its thread: {0}")]
+    Thread(#[source] std::io::Error),
+}
+
+fn open_append(path: &Path) -> Result<std::fs::File, AccessLogError> {
     use std::os::unix::fs::OpenOptionsExt;
     std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .mode(0o640)
         .open(path)
-        .map_err(|e| format!("access log {}: {e}", path.display()))
+        .map_err(|source| AccessLogError::Open {
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 /// The flusher: every second, or when woken (SIGUSR1, exit).

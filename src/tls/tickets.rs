@@ -29,22 +29,28 @@ impl std::fmt::Debug for Tickets {
     }
 }
 
+/// Why there is no ticket secret.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum TicketError {
+    #[error("no randomness for ticket keys")]
+    NoRandomness,
+    #[error("holds {0} bytes; a ticket key file needs at least 32 random bytes (openssl rand 80 > FILE)")]
+    ShortKeyFile(usize),
+}
+
 impl Tickets {
     /// A fresh random secret (the first generation of a service).
-    pub(crate) fn random() -> Result<Tickets, String> {
+    pub(crate) fn random() -> Result<Tickets, TicketError> {
         let mut secret = [0u8; 32];
-        aws_lc_rs::rand::fill(&mut secret).map_err(|_| "no randomness for ticket keys")?;
+        aws_lc_rs::rand::fill(&mut secret).map_err(|_| TicketError::NoRandomness)?;
         Ok(Tickets { secret })
     }
 
     /// The secret of a key file: the SHA-256 of its contents (at least 32
     /// bytes, so that it holds enough randomness).
-    pub(crate) fn from_key_file(bytes: &[u8]) -> Result<Tickets, String> {
+    pub(crate) fn from_key_file(bytes: &[u8]) -> Result<Tickets, TicketError> {
         if bytes.len() < 32 {
-            return Err(format!(
-                "holds {} bytes; a ticket key file needs at least 32 random bytes (openssl rand 80 > FILE)",
-                bytes.len()
-            ));
+            return Err(TicketError::ShortKeyFile(bytes.len()));
         }
         let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes);
         let mut secret = [0u8; 32];
