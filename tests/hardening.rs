@@ -273,9 +273,11 @@ async fn a_hup_during_a_drain_is_ignored_and_the_drain_finishes() {
 async fn the_old_process_killed_mid_handoff_leaves_the_new_one_serving() {
     // SIGKILL to the old generation the moment its successor exists: the
     // successor's READY goes nowhere, and it serves anyway.
-    let (dir, certs, path) = TestServer::prepare(&Config::basic().yaml());
-    let mut srv =
-        TestServer::start_in(dir, certs, path, &[("GRACESRV_LOG", "gracesrv=info")]).await;
+    let mut srv = TestServer::builder()
+        .config(Config::basic())
+        .env("GRACESRV_LOG", "gracesrv=info")
+        .start()
+        .await;
     let old = srv.pid();
     srv.hup();
     let line = srv.wait_log("new process started").await;

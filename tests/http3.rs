@@ -321,7 +321,6 @@ async fn served_on_systemd_sockets(names: &str) {
             .set("http3", true)
             .route("/", "respond", json!({ "body": "{pid}\n" })),
     );
-    let (dir, certs, path) = TestServer::prepare(&config.yaml());
     let mut cmd = std::process::Command::new("/bin/sh");
     let fds = [
         std::os::fd::AsRawFd::as_raw_fd(&tcp),
@@ -348,7 +347,7 @@ async fn served_on_systemd_sockets(names: &str) {
             util::BIN
         ))
         .arg("sh");
-    let mut srv = TestServer::spawn_cmd(dir, certs, path, &[], cmd);
+    let mut srv = TestServer::builder().config(config).command(cmd).spawn();
     srv.wait_ready().await;
     drop((tcp, udp));
     // Served on the passed UDP socket: binding it again would have failed.

@@ -393,9 +393,11 @@ async fn a_websocket_stays_open_across_a_restart_until_shutdown_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxied_requests_survive_restarts_under_load() {
     let up = start_upstream().await;
-    let (dir, certs, path) = TestServer::prepare(&proxy_config(up, json!({})).yaml());
-    let mut srv =
-        TestServer::start_in(dir, certs, path, &[("GRACESRV_LOG", "gracesrv=info")]).await;
+    let mut srv = TestServer::builder()
+        .config(proxy_config(up, json!({})))
+        .env("GRACESRV_LOG", "gracesrv=info")
+        .start()
+        .await;
     let web = Target::plain(srv.addr("web"));
     let tls = Target::tls(srv.addr("web-tls"), srv.tls());
     let mut load = Load::new();

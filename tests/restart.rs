@@ -40,9 +40,11 @@ async fn request_in_flight_finishes_on_the_old_pid_while_the_new_one_serves() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_restarts_under_load_lose_no_request() {
-    let (dir, certs, path) = TestServer::prepare(&Config::basic().yaml());
-    let mut srv =
-        TestServer::start_in(dir, certs, path, &[("GRACESRV_LOG", "gracesrv=info")]).await;
+    let mut srv = TestServer::builder()
+        .config(Config::basic())
+        .env("GRACESRV_LOG", "gracesrv=info")
+        .start()
+        .await;
     let web = Target::plain(srv.addr("web"));
     let tls = Target::tls(srv.addr("web-tls"), srv.tls());
     let tls_h1 = Target::tls(srv.addr("web-tls"), srv.tls_h1());
@@ -217,9 +219,11 @@ async fn listeners_are_added_removed_and_moved() {
 
 #[tokio::test]
 async fn fds_and_zombies_stay_flat_over_50_restarts() {
-    let (dir, certs, path) = TestServer::prepare(&Config::basic().yaml());
-    let mut srv =
-        TestServer::start_in(dir, certs, path, &[("GRACESRV_LOG", "gracesrv=info")]).await;
+    let mut srv = TestServer::builder()
+        .config(Config::basic())
+        .env("GRACESRV_LOG", "gracesrv=info")
+        .start()
+        .await;
     let web = Target::plain(srv.addr("web"));
     srv.restart().await;
     client::get(&web, "/").await.unwrap();
@@ -243,9 +247,11 @@ async fn fds_and_zombies_stay_flat_over_50_restarts() {
 
 #[tokio::test]
 async fn hups_during_a_restart_coalesce() {
-    let (dir, certs, path) = TestServer::prepare(&Config::basic().yaml());
-    let mut srv =
-        TestServer::start_in(dir, certs, path, &[("GRACESRV_LOG", "gracesrv=info")]).await;
+    let mut srv = TestServer::builder()
+        .config(Config::basic())
+        .env("GRACESRV_LOG", "gracesrv=info")
+        .start()
+        .await;
     let first = srv.pid();
     for _ in 0..100 {
         srv.hup();
@@ -276,14 +282,16 @@ async fn handoff_variables_for_another_pid_are_ignored() {
     // A listening socket at fd 3 announced for some other process.
     let stranger = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let stranger_addr = stranger.local_addr().unwrap();
-    let (dir, certs, path) = TestServer::prepare(&Config::basic().yaml());
     let mut cmd = std::process::Command::new(util::BIN);
     let fd = std::os::fd::AsRawFd::as_raw_fd(&stranger);
     util::pass_as_fd3(&mut cmd, fd);
     cmd.env("LISTEN_FDS", "1")
         .env("LISTEN_FDNAMES", "web")
         .env("LISTEN_PID", "1");
-    let mut srv = TestServer::spawn_cmd(dir, certs, path, &[], cmd);
+    let mut srv = TestServer::builder()
+        .config(Config::basic())
+        .command(cmd)
+        .spawn();
     srv.wait_ready().await;
     assert_ne!(
         srv.addr("web"),
@@ -299,9 +307,11 @@ async fn socket_activation_hands_in_named_sockets() {
     // to the server's own pid (the shell execs the server, keeping its pid).
     let activated = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = activated.local_addr().unwrap();
-    let (dir, certs, path) = TestServer::prepare(&Config::basic().yaml());
     let cmd = util::socket_activated(std::os::fd::AsRawFd::as_raw_fd(&activated), "web", "");
-    let mut srv = TestServer::spawn_cmd(dir, certs, path, &[], cmd);
+    let mut srv = TestServer::builder()
+        .config(Config::basic())
+        .command(cmd)
+        .spawn();
     srv.wait_ready().await;
     assert_eq!(srv.addr("web"), addr);
     drop(activated);
@@ -365,9 +375,11 @@ async fn an_h2_connection_gets_goaway_and_its_open_stream_finishes() {
 
 #[tokio::test]
 async fn a_hup_that_reaches_a_new_process_during_its_start_is_not_fatal() {
-    let (dir, certs, path) = TestServer::prepare(&Config::basic().yaml());
-    let mut srv =
-        TestServer::start_in(dir, certs, path, &[("GRACESRV_LOG", "gracesrv=info")]).await;
+    let mut srv = TestServer::builder()
+        .config(Config::basic())
+        .env("GRACESRV_LOG", "gracesrv=info")
+        .start()
+        .await;
     let first = srv.pid();
     srv.hup();
     // HUP the new process the moment it exists: SIGHUP is held across exec
@@ -412,8 +424,10 @@ async fn an_embedded_application_restarts_the_same_way() {
         let config = Config::new()
             .listener(Listener::plain("app"))
             .listener(Listener::plain("admin").route("/status", "status", serde_json::json!({})));
-        let (dir, certs, path) = TestServer::prepare(&config.yaml());
-        let mut srv = TestServer::spawn_cmd(dir, certs, path, &[], std::process::Command::new(exe));
+        let mut srv = TestServer::builder()
+            .config(config)
+            .command(std::process::Command::new(exe))
+            .spawn();
         srv.wait_ready().await;
         let app = Target::plain(srv.addr("app"));
         let r = client::get(&app, "/hello").await.unwrap();
@@ -510,8 +524,10 @@ async fn a_stop_during_a_restart_takes_the_starting_process_down_too() {
         nix::sys::signal::Signal::SIGTERM,
         nix::sys::signal::Signal::SIGQUIT,
     ] {
-        let (dir, certs, path) = TestServer::prepare(&Config::basic().yaml());
-        let mut srv = TestServer::spawn_copy(dir, certs, path, &[]);
+        let mut srv = TestServer::builder()
+            .config(Config::basic())
+            .copy_binary()
+            .spawn();
         srv.wait_ready().await;
         // The next generation hangs in its start.
         let exe = srv.dir.path().join("gracesrv");
@@ -680,8 +696,10 @@ async fn a_new_generation_that_dies_after_ready_is_rolled_back() {
 /// the old generation serves on.
 #[tokio::test]
 async fn an_unexecutable_binary_is_reported_with_its_reason() {
-    let (dir, certs, path) = TestServer::prepare(&Config::basic().yaml());
-    let mut srv = TestServer::spawn_copy(dir, certs, path, &[]);
+    let mut srv = TestServer::builder()
+        .config(Config::basic())
+        .copy_binary()
+        .spawn();
     let old = srv.wait_ready().await;
     let exe = srv.dir.path().join("gracesrv");
     std::fs::remove_file(&exe).unwrap();

@@ -49,8 +49,11 @@ async fn plain_and_tls_listeners_answer_http1_and_h2() {
 /// other idle).
 #[tokio::test]
 async fn keep_alive_connections_spread_over_the_workers() {
-    let (dir, certs, path) = TestServer::prepare(&Config::basic().yaml());
-    let srv = TestServer::start_in(dir, certs, path, &[("GRACESRV_THREADS", "2")]).await;
+    let srv = TestServer::builder()
+        .config(Config::basic())
+        .env("GRACESRV_THREADS", "2")
+        .start()
+        .await;
     let web = Target::plain(srv.addr("web"));
     let mut conns = Vec::new();
     for _ in 0..24 {
@@ -522,8 +525,7 @@ async fn beyond_max_connections_accept_waits() {
 #[tokio::test]
 async fn json_logs_carry_pid_and_generation() {
     let config = Config::basic().set("log", json!({ "format": "json" }));
-    let (dir, certs, path) = TestServer::prepare(&config.yaml());
-    let mut srv = TestServer::spawn(dir, certs, path, &[]);
+    let mut srv = TestServer::builder().config(config).spawn();
     let line = srv.wait_log("\"listening\"").await;
     let v: serde_json::Value = serde_json::from_str(&line).unwrap();
     assert_eq!(v["fields"]["message"], "listening");

@@ -146,6 +146,7 @@ pub struct Builder {
     env: Vec<(String, String)>,
     supervise: bool,
     copy: bool,
+    command: Option<Command>,
 }
 
 impl Builder {
@@ -183,6 +184,13 @@ impl Builder {
         self
     }
 
+    /// Runs `cmd` (an example, or something that execs the binary) with
+    /// `-c config` instead of the binary.
+    pub fn command(mut self, cmd: Command) -> Builder {
+        self.command = Some(cmd);
+        self
+    }
+
     /// The config's text.
     pub fn config_yaml(&self) -> String {
         self.config.yaml()
@@ -191,7 +199,9 @@ impl Builder {
     /// Starts the server without waiting for it.
     pub fn spawn(self) -> TestServer {
         let (dir, certs, path) = TestServer::prepare(&self.config.yaml());
-        let mut cmd = if self.copy {
+        let mut cmd = if let Some(cmd) = self.command {
+            cmd
+        } else if self.copy {
             let exe = dir.path().join("gracesrv");
             std::fs::copy(BIN, &exe).unwrap();
             Command::new(exe)
@@ -252,6 +262,7 @@ impl TestServer {
             env: Vec::new(),
             supervise: false,
             copy: false,
+            command: None,
         }
     }
 
