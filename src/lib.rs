@@ -366,7 +366,7 @@ impl Server {
                 Ok(g) => g,
                 Err(e) => {
                     tracing::error!("cannot start: {e}");
-                    successor::report_error(ready.take(), &e);
+                    successor::report_error(ready.take(), &e.to_string());
                     return 1;
                 }
             };

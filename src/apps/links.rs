@@ -38,10 +38,9 @@ impl Links {
     /// A link for a worker about to start: returns the worker's end, to be
     /// passed at `GRACESRV_APPS_FD`. The worker hears the latest update of
     /// every app first.
-    pub(crate) fn open(&self) -> Result<OwnedFd, String> {
-        let (ours, theirs) =
-            std::os::unix::net::UnixStream::pair().map_err(|e| format!("apps: socketpair: {e}"))?;
-        let (mut lines, tx) = link::open(ours).map_err(|e| format!("apps: link: {e}"))?;
+    pub(crate) fn open(&self) -> Result<OwnedFd, std::io::Error> {
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+        let (mut lines, tx) = link::open(ours)?;
         let id = {
             let mut inner = self.lock();
             inner.next += 1;

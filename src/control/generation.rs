@@ -53,6 +53,27 @@ fn thread_count() -> usize {
         })
 }
 
+/// Why a generation could not start serving.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum GenerationError {
+    #[error(transparent)]
+    Listen(#[from] crate::sys::listeners::ListenError),
+    #[error(transparent)]
+    AccessLog(#[from] crate::observe::access_log::AccessLogError),
+    #[error("listener {listener}: {source}")]
+    Socket {
+        listener: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// HTTP/3's endpoints.
+    #[error("{0}")]
+    Http3(String),
+    /// The serving threads.
+    #[error("{0}")]
+    Threads(String),
+}
+
 impl Generation {
     pub(crate) fn start(
         prepared: Prepared,
@@ -61,14 +82,13 @@ impl Generation {
         tickets: Arc<Tickets>,
         metrics_base: Option<(Option<String>, bool)>,
         span: tracing::Span,
-    ) -> Result<Generation, String> {
+    ) -> Result<Generation, GenerationError> {
         let Prepared {
             config,
             listeners: prepared,
             ..
         } = prepared;
-        let listeners =
-            crate::sys::listeners::open(&config.listeners, inherited).map_err(|e| e.to_string())?;
+        let listeners = crate::sys::listeners::open(&config.listeners, inherited)?;
         let threads = thread_count();
         // One writer per distinct access log, shared by its listeners.
         let mut logs: Vec<(crate::config::AccessLogConfig, Arc<AccessLog>)> = Vec::new();
@@ -78,8 +98,7 @@ impl Generation {
             .filter_map(|c| c.access_log.as_ref())
         {
             if !logs.iter().any(|(c, _)| c == a) {
-                let log = AccessLog::open(a, threads, std::process::id(), generation)
-                    .map_err(|e| e.to_string())?;
+                let log = AccessLog::open(a, threads, std::process::id(), generation)?;
                 logs.push((a.clone(), log));
             }
         }
@@ -171,7 +190,10 @@ impl Generation {
             let socket = l
                 .socket
                 .try_clone()
-                .map_err(|e| format!("listener {}: {e}", l.name))?;
+                .map_err(|source| GenerationError::Socket {
+                    listener: l.name.clone(),
+                    source,
+                })?;
             let ctx = Arc::new(ListenerContext {
                 name: l.name.clone(),
                 process: process.clone(),
@@ -195,7 +217,10 @@ impl Generation {
                     socket: q
                         .socket
                         .try_clone()
-                        .map_err(|e| format!("listener {}: {e}", l.name))?,
+                        .map_err(|source| GenerationError::Socket {
+                            listener: l.name.clone(),
+                            source,
+                        })?,
                     tls: tls.clone(),
                     handler: p.handler.clone(),
                     ctx: ctx.clone(),
@@ -231,8 +256,10 @@ impl Generation {
                 }),
             ))),
         });
-        let http3 = crate::quic::start(quic, shared.clone(), &tickets, span.clone())?;
-        crate::serve::accept::start(process.threads.len(), specs, shared, span)?;
+        let http3 = crate::quic::start(quic, shared.clone(), &tickets, span.clone())
+            .map_err(GenerationError::Http3)?;
+        crate::serve::accept::start(process.threads.len(), specs, shared, span)
+            .map_err(GenerationError::Threads)?;
         for (c, l) in config.listeners.iter().zip(&listeners) {
             let scheme = if c.tls.is_some() { "https" } else { "http" };
             info!(listener = %l.name, addr = %l.local_addr, %scheme, http3 = l.quic.is_some(), "listening");

@@ -37,7 +37,7 @@ use tracing::info;
 use crate::config::Config;
 use crate::sys::listeners::Listener;
 
-use super::spawn::{Attempt, Spawner, Started};
+use super::spawn::{Attempt, Spawner, StartError, Started};
 
 /// Why a process is being started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,7 +80,7 @@ pub(crate) enum Event {
     /// An attempt ended; the machine is idle again.
     Done {
         trigger: Trigger,
-        outcome: Result<Box<Started>, String>,
+        outcome: Result<Box<Started>, StartError>,
         /// A trigger arrived during the attempt.
         pending: bool,
         took: Duration,

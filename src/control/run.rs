@@ -141,7 +141,7 @@ pub(crate) async fn control(
                     continue; // a serving process never waits to replace itself
                 };
                 let next_generation = gen.process.generation + 1;
-                let pid = outcome.as_ref().map(|s| s.ready.pid).map_err(Clone::clone);
+                let pid = outcome.as_ref().map(|s| s.ready.pid).map_err(|e| e.to_string());
                 restart.report(gen.config.pid_file.as_deref(), gen.process.pid, next_generation, &pid);
                 let took_ms = took.as_millis() as u64;
                 match outcome {

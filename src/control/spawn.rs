@@ -31,7 +31,34 @@ pub(crate) struct Started {
     pub(crate) listeners: Vec<Listener>,
 }
 
-pub(super) type Attempt = Pin<Box<dyn Future<Output = Result<Box<Started>, String>>>>;
+pub(super) type Attempt = Pin<Box<dyn Future<Output = Result<Box<Started>, StartError>>>>;
+
+/// Why the next process was not started, or did not become ready.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum StartError {
+    /// The new config, or a certificate or file it names, is not valid:
+    /// nothing was started.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// A config this mode cannot run (apps without the supervisor).
+    #[error("{0}")]
+    Refused(String),
+    #[error(transparent)]
+    Listen(#[from] crate::sys::listeners::ListenError),
+    #[error("listener {listener}: {source}")]
+    Duplicate {
+        listener: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Handoff(#[from] crate::sys::handoff::HandoffError),
+    /// The supervisor's link to the new worker (`apps::link`).
+    #[error("apps: {0}")]
+    Link(#[source] std::io::Error),
+    #[error(transparent)]
+    NotReady(#[from] NotReady),
+}
 
 /// What the next process is.
 pub(crate) enum Role {
@@ -73,16 +100,16 @@ impl Spawner {
         pid: Rc<Cell<Option<i32>>>,
     ) -> Attempt {
         let opened = crate::control::prepare::prepare(&self.config_path, &self.services)
-            .map_err(|e| e.to_string())
+            .map_err(StartError::from)
             .and_then(|p| {
                 if matches!(self.role, Role::Generation) && !p.config.apps.is_empty() {
-                    return Err(format!(
+                    return Err(StartError::Refused(format!(
                         "{}: apps need the supervisor, which owns their processes: stop gracesrv and start it again (with apps in the config it runs supervised)",
                         p.config.path.display()
-                    ));
+                    )));
                 }
-                let listeners = crate::sys::listeners::open(&p.config.listeners, duplicates(current)?)
-                    .map_err(|e| e.to_string())?;
+                let listeners =
+                    crate::sys::listeners::open(&p.config.listeners, duplicates(current)?)?;
                 Ok((p.config, listeners))
             });
         self.start(opened, generation, env, pid)
@@ -98,9 +125,7 @@ impl Spawner {
         pid: Rc<Cell<Option<i32>>>,
     ) -> Attempt {
         let opened = duplicates(listeners)
-            .and_then(|dups| {
-                crate::sys::listeners::open(&config.listeners, dups).map_err(|e| e.to_string())
-            })
+            .and_then(|dups| Ok(crate::sys::listeners::open(&config.listeners, dups)?))
             .map(|listeners| (config.clone(), listeners));
         self.start(opened, generation, env, pid)
     }
@@ -109,7 +134,7 @@ impl Spawner {
     /// pid in `pid`; the attempt waits until it is ready.
     fn start(
         &self,
-        opened: Result<(Config, Vec<Listener>), String>,
+        opened: Result<(Config, Vec<Listener>), StartError>,
         generation: u64,
         env: Vec<(OsString, OsString)>,
         pid: Rc<Cell<Option<i32>>>,
@@ -122,10 +147,7 @@ impl Spawner {
         let reaper = self.reaper.clone();
         Box::pin(async move {
             let (child, config, listeners) = started?;
-            let ready = child
-                .ready(config.startup_timeout, &reaper)
-                .await
-                .map_err(|e| e.to_string())?;
+            let ready = child.ready(config.startup_timeout, &reaper).await?;
             Ok(Box::new(Started {
                 ready,
                 config,
@@ -140,8 +162,8 @@ impl Spawner {
         listeners: &[Listener],
         generation: u64,
         extra: Vec<(OsString, OsString)>,
-    ) -> Result<Child, String> {
-        let (read, write) = handoff::ready_pipe().map_err(|e| e.to_string())?;
+    ) -> Result<Child, StartError> {
+        let (read, write) = handoff::ready_pipe()?;
         let worker = matches!(self.role, Role::Worker(_));
         let mut env: Vec<(OsString, OsString)> = std::env::vars_os()
             .filter(|(k, _)| !HANDOFF_VARS.iter().any(|v| k == v))
@@ -156,7 +178,7 @@ impl Spawner {
         ));
         env.extend(extra);
         let link = match &self.links {
-            Some(links) if worker => Some(links.open()?),
+            Some(links) if worker => Some(links.open().map_err(StartError::Link)?),
             _ => None,
         };
         let mut fds = vec![("GRACESRV_READY_FD", handoff::raw(&write))];
@@ -178,8 +200,7 @@ impl Spawner {
             } else {
                 handoff::Group::Same
             },
-        })
-        .map_err(|e| e.to_string())?;
+        })?;
         // Before any await: the reaper must know this pid before it can exit.
         self.reaper.watch(pid);
         drop(write);
@@ -193,10 +214,13 @@ impl Spawner {
 }
 
 /// Duplicates of `listeners`, handed to `listeners::open` as if inherited.
-fn duplicates(listeners: &[Listener]) -> Result<Vec<InheritedSocket>, String> {
+fn duplicates(listeners: &[Listener]) -> Result<Vec<InheritedSocket>, StartError> {
     let mut out = Vec::new();
     for l in listeners {
-        let err = |e: std::io::Error| format!("listener {}: {e}", l.name);
+        let err = |source| StartError::Duplicate {
+            listener: l.name.clone(),
+            source,
+        };
         out.push(InheritedSocket {
             name: l.name.clone(),
             socket: handoff::Socket::Stream(l.socket.try_clone().map_err(err)?),

@@ -26,7 +26,7 @@ use crate::apps::Apps;
 use crate::config::Config;
 use crate::control::predecessors::Predecessors;
 use crate::control::restart::{Event, Restart, Trigger};
-use crate::control::spawn::Started;
+use crate::control::spawn::{StartError, Started};
 use crate::control::successor::{notify_systemd, remove_pid_file, status_line, write_pid_file};
 use crate::sys::backoff::Backoff;
 use crate::sys::handoff::InheritedSocket;
@@ -112,7 +112,9 @@ pub(crate) async fn run(
     };
     let outcome = match first {
         Event::Done { outcome, .. } => outcome,
-        Event::Due { .. } => Err("the first worker was not started".into()),
+        Event::Due { .. } => Err(StartError::Refused(
+            "the first worker was not started".into(),
+        )),
     };
     let first = match outcome {
         Ok(started) => started.ready.pid,
@@ -273,7 +275,7 @@ impl Supervisor {
     fn done(
         &mut self,
         trigger: Trigger,
-        outcome: Result<Box<Started>, String>,
+        outcome: Result<Box<Started>, StartError>,
         pending: bool,
         took: Duration,
     ) -> Option<Trigger> {
@@ -333,7 +335,7 @@ impl Supervisor {
             Err(reason) => {
                 error!(took_ms, "restart failed: {reason}");
                 self.restarts.1 += 1;
-                Err(reason)
+                Err(reason.to_string())
             }
         };
         self.restart.report(
