@@ -31,21 +31,54 @@ pub(crate) struct Process {
     notify: Option<std::os::unix::net::UnixDatagram>,
 }
 
+/// Why an app instance was not started, or will never be ready.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum InstanceError {
+    /// The command is not an executable file, or not on `PATH`.
+    #[error("{0}")]
+    Program(String),
+    #[error("cannot bind a socket for the app: {0}")]
+    Bind(#[source] nix::Error),
+    /// The system refused a socket or pipe the start needs (`what`).
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Spawn(#[from] crate::sys::handoff::HandoffError),
+    /// The exec of the command failed in the child.
+    #[error("cannot execute the command: {0}")]
+    Exec(std::io::Error),
+    #[error("no notify socket")]
+    NoNotifySocket,
+}
+
+impl InstanceError {
+    fn io(what: &'static str, e: impl Into<std::io::Error>) -> InstanceError {
+        InstanceError::Io {
+            what,
+            source: e.into(),
+        }
+    }
+}
+
 /// Starts instance `id` of `app`. The caller watches its pid's exit (it is
 /// registered with `reaper` before this returns).
 pub(crate) fn start(
     app: &AppConfig,
     id: u64,
     reaper: &crate::sys::reaper::Reaper,
-) -> Result<Process, String> {
-    let program = app.resolve_program()?;
+) -> Result<Process, InstanceError> {
+    let program = app.resolve_program().map_err(InstanceError::Program)?;
     // fd: a fresh socket of its own (its accept queue is this instance's
     // only); port: a free port, which the app binds itself.
     let listener = crate::sys::listeners::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
-        .map_err(|e| format!("cannot bind a socket for the app: {e}"))?;
+        .map_err(InstanceError::Bind)?;
     let addr = listener
         .local_addr()
-        .map_err(|e| format!("app socket: {e}"))?;
+        .map_err(|e| InstanceError::io("app socket", e))?;
     let listener = match app.socket {
         AppSocket::Fd => Some(listener),
         AppSocket::Port => None,
@@ -67,8 +100,8 @@ pub(crate) fn start(
         }
         _ => None,
     };
-    let (errors, exec_error) =
-        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+    let (errors, exec_error) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| InstanceError::io("pipe", e))?;
     let argv: Vec<OsString> = app.command.iter().map(OsString::from).collect();
     let pid = handoff::spawn(SpawnArgs {
         exe: &program,
@@ -83,8 +116,7 @@ pub(crate) fn start(
         generation: None,
         dir: Some(&app.dir),
         group: Group::App,
-    })
-    .map_err(|e| e.to_string())?;
+    })?;
     // Before any await: the reaper must know this pid before it can exit.
     reaper.watch(pid);
     // The instance has its own copy of the socket: when it exits, the
@@ -104,13 +136,16 @@ pub(crate) fn start(
 
 /// A datagram socket for `NOTIFY_SOCKET`, in the abstract namespace (no
 /// file to clean up), named after this process, the app and the instance.
-fn notify_socket(app: &str, id: u64) -> Result<(std::os::unix::net::UnixDatagram, String), String> {
+fn notify_socket(
+    app: &str,
+    id: u64,
+) -> Result<(std::os::unix::net::UnixDatagram, String), InstanceError> {
     use std::os::linux::net::SocketAddrExt;
     let name = format!("gracesrv.{}.{app}.{id}", std::process::id());
     let addr = std::os::unix::net::SocketAddr::from_abstract_name(&name)
-        .map_err(|e| format!("notify socket: {e}"))?;
+        .map_err(|e| InstanceError::io("notify socket", e))?;
     let socket = std::os::unix::net::UnixDatagram::bind_addr(&addr)
-        .map_err(|e| format!("notify socket: {e}"))?;
+        .map_err(|e| InstanceError::io("notify socket", e))?;
     Ok((socket, format!("@{name}")))
 }
 
@@ -121,7 +156,7 @@ impl Process {
     pub(crate) fn ready(
         &mut self,
         how: &AppReady,
-    ) -> impl std::future::Future<Output = Result<(), String>> + Send + 'static {
+    ) -> impl std::future::Future<Output = Result<(), InstanceError>> + Send + 'static {
         let errors = self.exec_errors.take();
         let notify = self.notify.take();
         let addr = self.addr;
@@ -133,7 +168,7 @@ impl Process {
             match how {
                 AppReady::Notify => match notify {
                     Some(socket) => notified(socket).await,
-                    None => Err("no notify socket".into()),
+                    None => Err(InstanceError::NoNotifySocket),
                 },
                 AppReady::Http(path) => answers(addr, &path, true).await,
                 AppReady::Answers => answers(addr, "/", false).await,
@@ -155,23 +190,22 @@ impl Process {
 
 /// End of file on the close-on-exec pipe: the exec succeeded. Anything
 /// read is the child's `ERROR exec:<errno>`.
-async fn exec_succeeded(errors: OwnedFd) -> Result<(), String> {
+async fn exec_succeeded(errors: OwnedFd) -> Result<(), InstanceError> {
     let mut rx = tokio::net::unix::pipe::Receiver::from_owned_fd(errors)
-        .map_err(|e| format!("exec pipe: {e}"))?;
+        .map_err(|e| InstanceError::io("exec pipe", e))?;
     let mut said = Vec::new();
     let _ = rx.read_to_end(&mut said).await;
     let said = String::from_utf8_lossy(&said);
     match Said::parse(said.trim()).and_then(|s| s.exec_errno()) {
         None => Ok(()),
-        Some(errno) => Err(format!(
-            "cannot execute the command: {}",
-            std::io::Error::from_raw_os_error(errno)
-        )),
+        Some(errno) => Err(InstanceError::Exec(std::io::Error::from_raw_os_error(
+            errno,
+        ))),
     }
 }
 
 /// Polls `GET path` until it is answered (with 2xx or 3xx when `success`).
-async fn answers(addr: SocketAddr, path: &str, success: bool) -> Result<(), String> {
+async fn answers(addr: SocketAddr, path: &str, success: bool) -> Result<(), InstanceError> {
     let mut pause = Duration::from_millis(20);
     loop {
         if let Some(status) = get_status(addr, path).await {
@@ -212,18 +246,13 @@ async fn get_status(addr: SocketAddr, path: &str) -> Option<u16> {
 }
 
 /// Waits for `READY=1` on the notify socket.
-async fn notified(socket: std::os::unix::net::UnixDatagram) -> Result<(), String> {
-    socket
-        .set_nonblocking(true)
-        .map_err(|e| format!("notify socket: {e}"))?;
-    let socket =
-        tokio::net::UnixDatagram::from_std(socket).map_err(|e| format!("notify socket: {e}"))?;
+async fn notified(socket: std::os::unix::net::UnixDatagram) -> Result<(), InstanceError> {
+    let io = |e| InstanceError::io("notify socket", e);
+    socket.set_nonblocking(true).map_err(io)?;
+    let socket = tokio::net::UnixDatagram::from_std(socket).map_err(io)?;
     let mut buf = vec![0u8; 4096];
     loop {
-        let n = socket
-            .recv(&mut buf)
-            .await
-            .map_err(|e| format!("notify socket: {e}"))?;
+        let n = socket.recv(&mut buf).await.map_err(io)?;
         if String::from_utf8_lossy(&buf[..n])
             .lines()
             .any(|l| l.trim() == "READY=1")

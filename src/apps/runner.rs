@@ -254,7 +254,7 @@ impl Runner {
         let check = tokio::spawn(async move {
             let event = match tokio::time::timeout(timeout, ready).await {
                 Ok(Ok(())) => Event::Ready(id),
-                Ok(Err(e)) => Event::NotReady(id, e),
+                Ok(Err(e)) => Event::NotReady(id, e.to_string()),
                 Err(_) => {
                     Event::NotReady(id, format!("not ready within start_timeout ({timeout:?})"))
                 }
