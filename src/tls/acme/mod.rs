@@ -160,7 +160,7 @@ async fn refresh_ari(
             match self::account(acme).await {
                 Ok(a) => account = Some(a),
                 Err(e) => {
-                    warn!("renewal information: {e}");
+                    warn!("renewal information: {}", causes(&e));
                     return;
                 }
             }
@@ -285,6 +285,8 @@ pub(crate) async fn run(config: Config, shown: Option<std::sync::Arc<Status>>, r
                     s.next_attempt = None;
                 }
                 Err(e) => {
+                    // The reason, with what the libraries know of it.
+                    let e = causes(&e);
                     let (delay, _) = backoff
                         .get(&w.names)
                         .map(|(d, _)| ((*d * 2).min(MAX_BACKOFF), ()))

@@ -11,9 +11,61 @@ use instant_acme::{
 use tracing::info;
 
 use crate::config::{AcmeConfig, Challenge};
-use crate::observe::logging::causes;
 
 use super::Wanted;
+
+/// Why an ACME account or order failed. Its causes (a refused
+/// certificate, a reset connection) are in its source chain: log it with
+/// `observe::logging::causes`.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum OrderError {
+    /// A step of the protocol (`new account`, `new order`, `validation`...).
+    #[error("{step}: {source}")]
+    Acme {
+        step: &'static str,
+        #[source]
+        source: instant_acme::Error,
+    },
+    /// The CA's roots (`acme.ca_roots`) or the HTTP client cannot be set up.
+    #[error("{0}")]
+    Client(#[source] instant_acme::Error),
+    /// Storage: the account, a challenge answer, the certificate.
+    #[error("{}: {source}", path.display())]
+    Storage {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: {source}", path.display())]
+    AccountFile {
+        path: std::path::PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("authorization is {0}")]
+    Authorization(String),
+    #[error("the server offers no {0} challenge")]
+    NoChallenge(String),
+    #[error("not a DNS identifier")]
+    NotDns,
+    #[error("order is {status}: {why}")]
+    Invalid { status: String, why: String },
+    #[error("tls-alpn-01 certificate: {0}")]
+    AlpnCertificate(#[source] rcgen::Error),
+}
+
+impl OrderError {
+    fn acme(step: &'static str) -> impl Fn(instant_acme::Error) -> OrderError {
+        move |source| OrderError::Acme { step, source }
+    }
+
+    fn storage(path: &Path) -> impl Fn(std::io::Error) -> OrderError + '_ {
+        move |source| OrderError::Storage {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
 
 /// Writes `bytes` to `path` atomically, readable by the owner only, from
 /// the moment the file exists.
@@ -25,7 +77,7 @@ pub(super) fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 }
 
 /// The account: created once, kept in `storage/account.json`.
-pub(super) async fn account(acme: &AcmeConfig) -> Result<Account, String> {
+pub(super) async fn account(acme: &AcmeConfig) -> Result<Account, OrderError> {
     let builder = || match &acme.ca_roots {
         Some(roots) => Account::builder_with_root(&roots.path),
         None => Account::builder(),
@@ -33,17 +85,20 @@ pub(super) async fn account(acme: &AcmeConfig) -> Result<Account, String> {
     let path = acme.storage.join("account.json");
     if let Ok(bytes) = std::fs::read(&path) {
         let creds: AccountCredentials =
-            serde_json::from_slice(&bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+            serde_json::from_slice(&bytes).map_err(|source| OrderError::AccountFile {
+                path: path.clone(),
+                source,
+            })?;
         return builder()
-            .map_err(|e| causes(&e))?
+            .map_err(OrderError::Client)?
             .from_credentials(creds)
             .await
-            .map_err(|e| format!("account: {}", causes(&e)));
+            .map_err(OrderError::acme("account"));
     }
     let contact = acme.email.as_ref().map(|e| format!("mailto:{e}"));
     let contact: Vec<&str> = contact.iter().map(String::as_str).collect();
     let (account, creds) = builder()
-        .map_err(|e| causes(&e))?
+        .map_err(OrderError::Client)?
         .create(
             &NewAccount {
                 contact: &contact,
@@ -54,21 +109,24 @@ pub(super) async fn account(acme: &AcmeConfig) -> Result<Account, String> {
             None,
         )
         .await
-        .map_err(|e| format!("new account: {}", causes(&e)))?;
-    let json = serde_json::to_vec(&creds).map_err(|e| causes(&e))?;
-    write_private(&path, &json).map_err(|e| format!("{}: {e}", path.display()))?;
+        .map_err(OrderError::acme("new account"))?;
+    let json = serde_json::to_vec(&creds).map_err(|source| OrderError::AccountFile {
+        path: path.clone(),
+        source,
+    })?;
+    write_private(&path, &json).map_err(OrderError::storage(&path))?;
     info!(directory = %acme.directory, "ACME account created");
     Ok(account)
 }
 
 /// Orders `w`'s certificate and stores it.
-pub(super) async fn order(acme: &AcmeConfig, w: &Wanted) -> Result<(), String> {
+pub(super) async fn order(acme: &AcmeConfig, w: &Wanted) -> Result<(), OrderError> {
     let account = account(acme).await?;
     let ids: Vec<Identifier> = w.names.iter().map(|n| Identifier::Dns(n.clone())).collect();
     let mut order = account
         .new_order(&NewOrder::new(&ids))
         .await
-        .map_err(|e| format!("new order: {}", causes(&e)))?;
+        .map_err(OrderError::acme("new order"))?;
     let kind = match acme.challenge {
         Challenge::TlsAlpn01 => ChallengeType::TlsAlpn01,
         Challenge::Http01 => ChallengeType::Http01,
@@ -76,17 +134,17 @@ pub(super) async fn order(acme: &AcmeConfig, w: &Wanted) -> Result<(), String> {
     let mut written = Vec::new();
     let mut authzs = order.authorizations();
     while let Some(authz) = authzs.next().await {
-        let mut authz = authz.map_err(|e| format!("authorization: {}", causes(&e)))?;
+        let mut authz = authz.map_err(OrderError::acme("authorization"))?;
         match authz.status {
             AuthorizationStatus::Pending => {}
             AuthorizationStatus::Valid => continue,
-            other => return Err(format!("authorization is {other:?}")),
+            other => return Err(OrderError::Authorization(format!("{other:?}"))),
         }
         let mut challenge = authz
             .challenge(kind.clone())
-            .ok_or_else(|| format!("the server offers no {kind:?} challenge"))?;
+            .ok_or_else(|| OrderError::NoChallenge(format!("{kind:?}")))?;
         let Identifier::Dns(name) = challenge.identifier().identifier.clone() else {
-            return Err("not a DNS identifier".into());
+            return Err(OrderError::NotDns);
         };
         let ka = challenge.key_authorization();
         let file = match acme.challenge {
@@ -95,8 +153,7 @@ pub(super) async fn order(acme: &AcmeConfig, w: &Wanted) -> Result<(), String> {
                     .storage
                     .join("challenges/http-01")
                     .join(&challenge.token);
-                write_private(&file, ka.as_str().as_bytes())
-                    .map_err(|e| format!("{}: {e}", file.display()))?;
+                write_private(&file, ka.as_str().as_bytes()).map_err(OrderError::storage(&file))?;
                 file
             }
             Challenge::TlsAlpn01 => {
@@ -104,9 +161,9 @@ pub(super) async fn order(acme: &AcmeConfig, w: &Wanted) -> Result<(), String> {
                     .storage
                     .join("challenges/tls-alpn-01")
                     .join(format!("{name}.pem"));
-                let pem = alpn_certificate(&name, ka.digest().as_ref())?;
-                write_private(&file, pem.as_bytes())
-                    .map_err(|e| format!("{}: {e}", file.display()))?;
+                let pem = alpn_certificate(&name, ka.digest().as_ref())
+                    .map_err(OrderError::AlpnCertificate)?;
+                write_private(&file, pem.as_bytes()).map_err(OrderError::storage(&file))?;
                 file
             }
         };
@@ -114,7 +171,7 @@ pub(super) async fn order(acme: &AcmeConfig, w: &Wanted) -> Result<(), String> {
         challenge
             .set_ready()
             .await
-            .map_err(|e| format!("challenge: {}", causes(&e)))?;
+            .map_err(OrderError::acme("challenge"))?;
     }
     let result = finish(&mut order, w).await;
     for f in written {
@@ -124,28 +181,32 @@ pub(super) async fn order(acme: &AcmeConfig, w: &Wanted) -> Result<(), String> {
 }
 
 /// Waits for validation, finalizes, downloads and stores the certificate.
-pub(super) async fn finish(order: &mut instant_acme::Order, w: &Wanted) -> Result<(), String> {
+pub(super) async fn finish(order: &mut instant_acme::Order, w: &Wanted) -> Result<(), OrderError> {
     let retries = RetryPolicy::default().timeout(Duration::from_secs(90));
     let status = order
         .poll_ready(&retries)
         .await
-        .map_err(|e| format!("validation: {}", causes(&e)))?;
+        .map_err(OrderError::acme("validation"))?;
     if status != OrderStatus::Ready {
-        return Err(format!("order is {status:?}: {}", why_invalid(order).await));
+        return Err(OrderError::Invalid {
+            status: format!("{status:?}"),
+            why: why_invalid(order).await,
+        });
     }
     let key_pem = order
         .finalize()
         .await
-        .map_err(|e| format!("finalize: {}", causes(&e)))?;
+        .map_err(OrderError::acme("finalize"))?;
     let chain = order
         .poll_certificate(&retries)
         .await
-        .map_err(|e| format!("certificate: {}", causes(&e)))?;
+        .map_err(OrderError::acme("certificate"))?;
     // Key first: a reader that sees the new certificate finds its key.
-    write_private(&w.key.with_extension("new"), key_pem.as_bytes()).map_err(|e| causes(&e))?;
-    write_private(&w.cert.with_extension("new"), chain.as_bytes()).map_err(|e| causes(&e))?;
-    std::fs::rename(w.key.with_extension("new"), &w.key).map_err(|e| causes(&e))?;
-    std::fs::rename(w.cert.with_extension("new"), &w.cert).map_err(|e| causes(&e))?;
+    let (key_new, cert_new) = (w.key.with_extension("new"), w.cert.with_extension("new"));
+    write_private(&key_new, key_pem.as_bytes()).map_err(OrderError::storage(&key_new))?;
+    write_private(&cert_new, chain.as_bytes()).map_err(OrderError::storage(&cert_new))?;
+    std::fs::rename(&key_new, &w.key).map_err(OrderError::storage(&w.key))?;
+    std::fs::rename(&cert_new, &w.cert).map_err(OrderError::storage(&w.cert))?;
     Ok(())
 }
 
@@ -170,12 +231,11 @@ pub(super) async fn why_invalid(order: &mut instant_acme::Order) -> String {
 /// The tls-alpn-01 certificate for `name` (RFC 8737): self-signed, with the
 /// key authorization's digest in the acmeIdentifier extension; certificate
 /// and key in one PEM.
-pub(super) fn alpn_certificate(name: &str, digest: &[u8]) -> Result<String, String> {
-    let key = rcgen::KeyPair::generate().map_err(|e| causes(&e))?;
-    let mut params =
-        rcgen::CertificateParams::new(vec![name.to_string()]).map_err(|e| causes(&e))?;
+pub(super) fn alpn_certificate(name: &str, digest: &[u8]) -> Result<String, rcgen::Error> {
+    let key = rcgen::KeyPair::generate()?;
+    let mut params = rcgen::CertificateParams::new(vec![name.to_string()])?;
     params.custom_extensions = vec![rcgen::CustomExtension::new_acme_identifier(digest)];
-    let cert = params.self_signed(&key).map_err(|e| causes(&e))?;
+    let cert = params.self_signed(&key)?;
     Ok(cert.pem() + &key.serialize_pem())
 }
 
