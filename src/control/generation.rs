@@ -66,9 +66,8 @@ pub(crate) enum GenerationError {
         #[source]
         source: std::io::Error,
     },
-    /// HTTP/3's endpoints.
-    #[error("{0}")]
-    Http3(String),
+    #[error(transparent)]
+    Http3(#[from] crate::quic::Http3Error),
     /// The serving threads.
     #[error("{0}")]
     Threads(String),
@@ -256,8 +255,7 @@ impl Generation {
                 }),
             ))),
         });
-        let http3 = crate::quic::start(quic, shared.clone(), &tickets, span.clone())
-            .map_err(GenerationError::Http3)?;
+        let http3 = crate::quic::start(quic, shared.clone(), &tickets, span.clone())?;
         crate::serve::accept::start(process.threads.len(), specs, shared, span)
             .map_err(GenerationError::Threads)?;
         for (c, l) in config.listeners.iter().zip(&listeners) {

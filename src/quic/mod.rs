@@ -35,6 +35,31 @@ const RETRY_ABOVE: u64 = 64;
 /// The largest request head (QPACK-decoded field section).
 pub(super) const MAX_HEAD: u64 = 64 * 1024;
 
+/// Why HTTP/3 could not start.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum Http3Error {
+    #[error("cannot make the connection ID key")]
+    CidKey,
+    #[error("HTTP/3 runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+    #[error("cannot start the HTTP/3 thread: {0}")]
+    Thread(#[source] std::io::Error),
+    #[error("the HTTP/3 thread died at start")]
+    Died,
+    #[error("listener {listener}: HTTP/3: {source}")]
+    Listener {
+        listener: String,
+        #[source]
+        source: Box<Http3Error>,
+    },
+    #[error("TLS for QUIC: {0}")]
+    Tls(#[source] quinn::crypto::rustls::NoInitialCipherSuite),
+    #[error("UDP socket: {0}")]
+    Udp(#[source] std::io::Error),
+    #[error("{0}")]
+    Endpoint(#[source] std::io::Error),
+}
+
 /// One listener's HTTP/3, before it serves.
 pub(crate) struct QuicListener {
     pub(crate) socket: std::net::UdpSocket,
@@ -73,14 +98,14 @@ pub(crate) fn start(
     shared: Arc<Shared>,
     tickets: &crate::tls::tickets::Tickets,
     span: tracing::Span,
-) -> Result<Option<Http3>, String> {
+) -> Result<Option<Http3>, Http3Error> {
     if listeners.is_empty() {
         return Ok(None);
     }
     let cid_secret = tickets.derive(b"gracesrv quic cid");
     let mut cid_key = [0u8; 16];
     cid_key.copy_from_slice(&cid_secret[..16]);
-    let key = Arc::new(cid::Key::new(&cid_key)?);
+    let key = Arc::new(cid::Key::new(&cid_key).ok_or(Http3Error::CidKey)?);
     let reset = Arc::new(aws_lc_rs::hmac::Key::new(
         aws_lc_rs::hmac::HMAC_SHA256,
         &tickets.derive(b"gracesrv quic stateless reset"),
@@ -101,7 +126,7 @@ pub(crate) fn start(
             {
                 Ok(rt) => rt,
                 Err(e) => {
-                    let _ = tx.send(Err(format!("HTTP/3 runtime: {e}")));
+                    let _ = tx.send(Err(Http3Error::Runtime(e)));
                     return;
                 }
             };
@@ -112,7 +137,10 @@ pub(crate) fn start(
                     match endpoint(l, &key, &reset, &token, &shared2) {
                         Ok(s) => sockets.push((name, s)),
                         Err(e) => {
-                            let _ = tx.send(Err(format!("listener {name}: HTTP/3: {e}")));
+                            let _ = tx.send(Err(Http3Error::Listener {
+                                listener: name,
+                                source: Box::new(e),
+                            }));
                             return;
                         }
                     }
@@ -121,10 +149,8 @@ pub(crate) fn start(
                 std::future::pending::<()>().await;
             });
         })
-        .map_err(|e| format!("cannot start the HTTP/3 thread: {e}"))?;
-    let (runtime, sockets) = rx
-        .recv()
-        .map_err(|_| "the HTTP/3 thread died at start".to_string())??;
+        .map_err(Http3Error::Thread)?;
+    let (runtime, sockets) = rx.recv().map_err(|_| Http3Error::Died)??;
     Ok(Some(Http3 {
         runtime,
         sockets,
@@ -149,12 +175,12 @@ fn endpoint(
     reset: &Arc<aws_lc_rs::hmac::Key>,
     token: &Arc<dyn quinn::crypto::HandshakeTokenKey>,
     shared: &Arc<Shared>,
-) -> Result<Arc<socket::Socket>, String> {
+) -> Result<Arc<socket::Socket>, Http3Error> {
     let mut tls = (*l.tls).clone();
     tls.alpn_protocols = vec![b"h3".to_vec()];
     tls.max_early_data_size = 0;
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(Arc::new(tls))
-        .map_err(|e| format!("TLS for QUIC: {e}"))?;
+        .map_err(Http3Error::Tls)?;
     let t = shared.timeouts;
     let mut transport = quinn::TransportConfig::default();
     transport
@@ -174,8 +200,7 @@ fn endpoint(
         })
     });
     let socket = Arc::new(
-        socket::Socket::new(l.socket, key.clone(), l.stats.clone())
-            .map_err(|e| format!("UDP socket: {e}"))?,
+        socket::Socket::new(l.socket, key.clone(), l.stats.clone()).map_err(Http3Error::Udp)?,
     );
     let endpoint = quinn::Endpoint::new_with_abstract_socket(
         config,
@@ -183,7 +208,7 @@ fn endpoint(
         socket.clone(),
         Arc::new(quinn::TokioRuntime),
     )
-    .map_err(|e| e.to_string())?;
+    .map_err(Http3Error::Endpoint)?;
     let spec = Arc::new(Spec {
         handler: l.handler,
         ctx: l.ctx,
