@@ -68,9 +68,8 @@ pub(crate) enum GenerationError {
     },
     #[error(transparent)]
     Http3(#[from] crate::quic::Http3Error),
-    /// The serving threads.
-    #[error("{0}")]
-    Threads(String),
+    #[error(transparent)]
+    Threads(#[from] crate::serve::accept::ThreadsError),
 }
 
 impl Generation {
@@ -256,8 +255,7 @@ impl Generation {
             ))),
         });
         let http3 = crate::quic::start(quic, shared.clone(), &tickets, span.clone())?;
-        crate::serve::accept::start(process.threads.len(), specs, shared, span)
-            .map_err(GenerationError::Threads)?;
+        crate::serve::accept::start(process.threads.len(), specs, shared, span)?;
         for (c, l) in config.listeners.iter().zip(&listeners) {
             let scheme = if c.tls.is_some() { "https" } else { "http" };
             info!(listener = %l.name, addr = %l.local_addr, %scheme, http3 = l.quic.is_some(), "listening");

@@ -17,6 +17,23 @@ use tracing::{debug, warn};
 use crate::process::context::{Peer, Shared, ThreadStats};
 use crate::serve::connection::{self, ListenerSpec};
 
+/// Why the serving threads did not start.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ThreadsError {
+    #[error("thread runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+    #[error("listener {listener}: {source}")]
+    Listener {
+        listener: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot start thread: {0}")]
+    Spawn(#[source] std::io::Error),
+    #[error("thread died at start")]
+    Died,
+}
+
 /// Starts `threads` threads serving `listeners`. Each accept loop ends, and
 /// drops its copy of the socket, when the process starts draining.
 /// `listeners` holds a duplicate of each socket for the threads; the caller
@@ -26,7 +43,7 @@ pub(crate) fn start(
     listeners: Vec<(std::net::TcpListener, ListenerSpec)>,
     shared: Arc<Shared>,
     span: tracing::Span,
-) -> Result<(), String> {
+) -> Result<(), ThreadsError> {
     let listeners: Vec<(Arc<std::net::TcpListener>, ListenerSpec)> = listeners
         .into_iter()
         .map(|(s, mut spec)| {
@@ -34,7 +51,7 @@ pub(crate) fn start(
             (Arc::new(s), spec)
         })
         .collect();
-    let (tx, rx) = std::sync::mpsc::channel::<Result<(), String>>();
+    let (tx, rx) = std::sync::mpsc::channel::<Result<(), ThreadsError>>();
     for w in 0..threads {
         let listeners = listeners.clone();
         let w = w % shared.process.threads.len();
@@ -53,7 +70,7 @@ pub(crate) fn start(
                 {
                     Ok(rt) => rt,
                     Err(e) => {
-                        let _ = tx.send(Err(format!("thread runtime: {e}")));
+                        let _ = tx.send(Err(ThreadsError::Runtime(e)));
                         return;
                     }
                 };
@@ -66,7 +83,10 @@ pub(crate) fn start(
                         {
                             Ok(l) => sockets.push(l),
                             Err(e) => {
-                                let _ = tx.send(Err(format!("listener {}: {e}", spec.ctx.name)));
+                                let _ = tx.send(Err(ThreadsError::Listener {
+                                    listener: spec.ctx.name.clone(),
+                                    source: e,
+                                }));
                                 return;
                             }
                         }
@@ -130,12 +150,11 @@ pub(crate) fn start(
                     std::future::pending::<()>().await;
                 });
             })
-            .map_err(|e| format!("cannot start thread: {e}"))?;
+            .map_err(ThreadsError::Spawn)?;
     }
     drop(tx);
     for _ in 0..threads {
-        rx.recv()
-            .map_err(|_| "thread died at start".to_string())??;
+        rx.recv().map_err(|_| ThreadsError::Died)??;
     }
     Ok(())
 }

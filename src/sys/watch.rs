@@ -98,10 +98,23 @@ pub(crate) fn fingerprint(files: &[PathBuf]) -> u64 {
     h.finish()
 }
 
+/// Why files cannot be watched.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum WatchError {
+    #[error("watch: {0}")]
+    Start(#[source] notify::Error),
+    #[error("watch {}: {source}", dir.display())]
+    Dir {
+        dir: PathBuf,
+        #[source]
+        source: notify::Error,
+    },
+}
+
 impl Watch {
     /// Watches the directories of `files`; `loaded` is the fingerprint of
     /// what this generation runs with.
-    pub(crate) fn start(files: Vec<PathBuf>, loaded: u64) -> Result<Watch, String> {
+    pub(crate) fn start(files: Vec<PathBuf>, loaded: u64) -> Result<Watch, WatchError> {
         let (tx, events) = mpsc::unbounded_channel();
         let names = relevant_names(&files);
         // The debouncer's thread logs too: with this process's pid and generation.
@@ -121,7 +134,7 @@ impl Watch {
                 }
             }
         })
-        .map_err(|e| format!("watch: {e}"))?;
+        .map_err(WatchError::Start)?;
         let dirs: BTreeSet<PathBuf> = files
             .iter()
             .filter_map(|f| f.parent().map(|d| d.to_path_buf()))
@@ -129,7 +142,10 @@ impl Watch {
         for d in &dirs {
             debouncer
                 .watch(d, RecursiveMode::NonRecursive)
-                .map_err(|e| format!("watch {}: {e}", d.display()))?;
+                .map_err(|source| WatchError::Dir {
+                    dir: d.clone(),
+                    source,
+                })?;
         }
         info!(
             dirs = dirs.len(),

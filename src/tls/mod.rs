@@ -191,18 +191,35 @@ pub(crate) fn challenge_cert(
 /// A self-signed certificate for `names`: what an ACME listener serves
 /// until its first certificate is obtained (clients see an untrusted
 /// certificate, a clear failure, rather than a handshake error).
-fn placeholder(names: &[String], provider: &CryptoProvider) -> Result<Arc<CertifiedKey>, String> {
-    let key = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;
-    let mut params = rcgen::CertificateParams::new(names.to_vec()).map_err(|e| e.to_string())?;
+fn placeholder(
+    names: &[String],
+    provider: &CryptoProvider,
+) -> Result<Arc<CertifiedKey>, PlaceholderError> {
+    let key = rcgen::KeyPair::generate()?;
+    let mut params = rcgen::CertificateParams::new(names.to_vec())?;
     params.distinguished_name.push(
         rcgen::DnType::CommonName,
         "gracesrv placeholder: certificate pending",
     );
-    let cert = params.self_signed(&key).map_err(|e| e.to_string())?;
-    let key_der = PrivateKeyDer::try_from(key.serialize_der()).map_err(|e| e.to_string())?;
-    CertifiedKey::from_der(vec![cert.der().clone()], key_der, provider)
-        .map(Arc::new)
-        .map_err(|e| e.to_string())
+    let cert = params.self_signed(&key)?;
+    let key_der = PrivateKeyDer::try_from(key.serialize_der())
+        .map_err(|e| PlaceholderError::Key(e.into()))?;
+    Ok(Arc::new(CertifiedKey::from_der(
+        vec![cert.der().clone()],
+        key_der,
+        provider,
+    )?))
+}
+
+/// Why the placeholder certificate could not be made.
+#[derive(Debug, thiserror::Error)]
+enum PlaceholderError {
+    #[error(transparent)]
+    Generate(#[from] rcgen::Error),
+    #[error("{0}")]
+    Key(String),
+    #[error(transparent)]
+    Rustls(#[from] rustls::Error),
 }
 
 /// One DER element: (tag, content, rest).
