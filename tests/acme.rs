@@ -149,9 +149,11 @@ async fn a_renewal_under_load_loses_no_request() {
     let (web, site_port) = (free_port(), free_port());
     let pebble = Pebble::start(web, site_port).await;
     let config = acme_config(&pebble, "tls-alpn-01", web, site_port, &["r.test"]);
-    let (dir, certs, path) = TestServer::prepare(&config.yaml());
-    expiring(&certs, dir.path(), "r.test");
-    let mut srv = TestServer::spawn(dir, certs, path, &[("GRACESRV_LOG", "gracesrv=info")]);
+    let mut srv = TestServer::builder()
+        .config(config)
+        .env("GRACESRV_LOG", "gracesrv=info")
+        .before(|dir, certs| expiring(certs, dir, "r.test"))
+        .spawn();
     let first = srv.wait_ready().await;
     // Clients trust the old certificate's CA and pebble's.
     let roots = format!("{}{}", srv.certs.ca_pem, pebble.issuing_roots_pem().await);
@@ -186,9 +188,10 @@ async fn status_tells_the_served_certificate_from_the_stored_one() {
     let (web, site_port) = (free_port(), free_port());
     let pebble = Pebble::start(web, site_port).await;
     let config = acme_config(&pebble, "tls-alpn-01", web, site_port, &["t.test"]);
-    let (dir, certs, path) = TestServer::prepare(&config.yaml());
-    expiring(&certs, dir.path(), "t.test");
-    let mut srv = TestServer::spawn(dir, certs, path, &[]);
+    let mut srv = TestServer::builder()
+        .config(config)
+        .before(|dir, certs| expiring(certs, dir, "t.test"))
+        .spawn();
     srv.wait_ready().await;
     // Before the order is through (it takes several round trips to pebble).
     srv.write_config("listeners: [\n");
@@ -226,9 +229,10 @@ async fn without_the_acme_server_the_old_certificate_serves_on() {
     let mut pebble = Pebble::start(web, site_port).await;
     let config = acme_config(&pebble, "tls-alpn-01", web, site_port, &["down.test"]);
     pebble.stop();
-    let (dir, certs, path) = TestServer::prepare(&config.yaml());
-    expiring(&certs, dir.path(), "down.test");
-    let mut srv = TestServer::spawn(dir, certs, path, &[]);
+    let mut srv = TestServer::builder()
+        .config(config)
+        .before(|dir, certs| expiring(certs, dir, "down.test"))
+        .spawn();
     srv.wait_ready().await;
     let line = srv.wait_log("cannot obtain the certificate").await;
     assert!(line.contains("trying again in 60s"), "{line}");

@@ -533,9 +533,11 @@ async fn sni_picks_the_certificate_over_http3_too() {
             .set("http3", true)
             .route("/", "respond", json!({ "body": "{pid}\n" })),
     );
-    let (dir, certs, path) = TestServer::prepare(&config.yaml());
-    certs.leaf(dir.path(), "other", &["other.test"], 2);
-    let srv = TestServer::start_in(dir, certs, path, &[]).await;
+    let srv = TestServer::builder()
+        .config(config)
+        .before(|dir, certs| certs.leaf(dir, "other", &["other.test"], 2))
+        .start()
+        .await;
     let addr = srv.addr("h3");
     let other = h3::get_with(addr, "/", &["--sni", "other.test"]).await;
     assert_eq!(h3::bodies(&other), vec![format!("{}\n", srv.pid())]);
@@ -713,8 +715,10 @@ async fn an_applications_service_serves_http3_across_a_restart() {
     assert!(built.success() && exe.exists(), "{}", exe.display());
     let config = Config::new()
         .listener(Listener::tls("app", "localhost.crt", "localhost.key").set("http3", true));
-    let (dir, certs, path) = TestServer::prepare(&config.yaml());
-    let mut srv = TestServer::spawn_cmd(dir, certs, path, &[], std::process::Command::new(exe));
+    let mut srv = TestServer::builder()
+        .config(config)
+        .command(std::process::Command::new(exe))
+        .spawn();
     let first = srv.wait_ready().await;
     let addr = srv.addr("app");
     let hello = |pid: u32, path: &str| format!("hello from the app, pid {pid}, path {path}\n");

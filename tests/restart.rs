@@ -474,15 +474,13 @@ async fn an_embedded_application_runs_its_hooks_across_hup_and_term() {
         "respond",
         serde_json::json!({ "body": "{pid}\n" }),
     ));
-    let (dir, certs, path) = TestServer::prepare(&config.yaml());
-    let log = dir.path().join("hooks.log");
-    let mut srv = TestServer::spawn_cmd(
-        dir,
-        certs,
-        path,
-        &[("HOOKS_LOG", "hooks.log"), ("HOOKS_DRAIN_MS", "1500")],
-        std::process::Command::new(exe),
-    );
+    let mut srv = TestServer::builder()
+        .config(config)
+        .env("HOOKS_LOG", "hooks.log")
+        .env("HOOKS_DRAIN_MS", "1500")
+        .command(std::process::Command::new(exe))
+        .spawn();
+    let log = srv.dir.path().join("hooks.log");
     let first = srv.wait_ready().await;
     let events = |pid: u32| -> Vec<String> {
         std::fs::read_to_string(&log)
@@ -718,10 +716,11 @@ async fn an_unexecutable_binary_is_reported_with_its_reason() {
 /// plainly (not "File exists"), and the server serves on.
 #[tokio::test]
 async fn a_blocked_pid_directory_is_named() {
-    let (dir, certs, path) =
-        TestServer::prepare(&Config::basic().set("pid_file", "run/g.pid").yaml());
-    std::fs::write(dir.path().join("run"), "a file, not a directory").unwrap();
-    let srv = TestServer::start_in(dir, certs, path, &[]).await;
+    let srv = TestServer::builder()
+        .config(Config::basic().set("pid_file", "run/g.pid"))
+        .before(|dir, _| std::fs::write(dir.join("run"), "a file, not a directory").unwrap())
+        .start()
+        .await;
     let line = srv.wait_log("cannot write pid file").await;
     assert!(line.contains("is not a directory is in the way"), "{line}");
     let r = client::get(&Target::plain(srv.addr("web")), "/")

@@ -76,14 +76,19 @@ async fn watch_restarts_when_a_certificate_changes() {
 async fn watch_follows_a_kubernetes_style_symlink_swap() {
     // certs/tls.crt -> ..data/tls.crt, ..data -> ..v1: the layout of a mounted Secret.
     let config = watch_config().edit("web-tls", |l| l.tls_files("certs/tls.crt", "certs/tls.key"));
-    let (dir, certs, path) = TestServer::prepare(&config.yaml());
-    let d = dir.path().join("certs");
-    std::fs::create_dir_all(d.join("..v1")).unwrap();
-    certs.leaf(&d.join("..v1"), "tls", &["localhost", "127.0.0.1"], 4);
-    std::os::unix::fs::symlink("..v1", d.join("..data")).unwrap();
-    std::os::unix::fs::symlink("..data/tls.crt", d.join("tls.crt")).unwrap();
-    std::os::unix::fs::symlink("..data/tls.key", d.join("tls.key")).unwrap();
-    let mut srv = TestServer::start_in(dir, certs, path, &[]).await;
+    let mut srv = TestServer::builder()
+        .config(config)
+        .before(|dir, certs| {
+            let d = dir.join("certs");
+            std::fs::create_dir_all(d.join("..v1")).unwrap();
+            certs.leaf(&d.join("..v1"), "tls", &["localhost", "127.0.0.1"], 4);
+            std::os::unix::fs::symlink("..v1", d.join("..data")).unwrap();
+            std::os::unix::fs::symlink("..data/tls.crt", d.join("tls.crt")).unwrap();
+            std::os::unix::fs::symlink("..data/tls.key", d.join("tls.key")).unwrap();
+        })
+        .start()
+        .await;
+    let d = srv.dir.path().join("certs");
     srv.wait_log("watching the config").await;
     assert_eq!(serial_of_new_connection(&srv).await, "04");
 
@@ -141,18 +146,16 @@ async fn unchanged_content_gives_no_restart() {
 
 #[tokio::test]
 async fn an_expired_certificate_is_served_with_a_warning() {
-    let (dir, certs, path) = TestServer::prepare(&Config::basic().yaml());
-    certs.leaf_with(
-        dir.path(),
-        "localhost",
-        &["localhost", "127.0.0.1"],
-        7,
-        |p| {
-            p.not_before = rcgen::date_time_ymd(2020, 1, 1);
-            p.not_after = rcgen::date_time_ymd(2021, 1, 1);
-        },
-    );
-    let srv = TestServer::start_in(dir, certs, path, &[]).await;
+    let srv = TestServer::builder()
+        .config(Config::basic())
+        .before(|dir, certs| {
+            certs.leaf_with(dir, "localhost", &["localhost", "127.0.0.1"], 7, |p| {
+                p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+                p.not_after = rcgen::date_time_ymd(2021, 1, 1);
+            })
+        })
+        .start()
+        .await;
     let line = srv.wait_log("certificate has expired").await;
     assert!(line.contains("not_after=2021-01-01T00:00:00Z"), "{line}");
     assert_eq!(srv.answering_pid().await, srv.pid());

@@ -147,7 +147,11 @@ pub struct Builder {
     supervise: bool,
     copy: bool,
     command: Option<Command>,
+    before: Vec<Before>,
 }
+
+/// What a test does to the server's directory before it starts.
+type Before = Box<dyn FnOnce(&Path, &Certs)>;
 
 impl Builder {
     pub fn config(mut self, config: config::Config) -> Builder {
@@ -184,6 +188,14 @@ impl Builder {
         self
     }
 
+    /// Runs `f` on the server's directory and certificates before the
+    /// server starts: files the config names (a site's root, a
+    /// certificate made by `certs`, something in the way).
+    pub fn before(mut self, f: impl FnOnce(&Path, &Certs) + 'static) -> Builder {
+        self.before.push(Box::new(f));
+        self
+    }
+
     /// Runs `cmd` (an example, or something that execs the binary) with
     /// `-c config` instead of the binary.
     pub fn command(mut self, cmd: Command) -> Builder {
@@ -199,6 +211,9 @@ impl Builder {
     /// Starts the server without waiting for it.
     pub fn spawn(self) -> TestServer {
         let (dir, certs, path) = TestServer::prepare(&self.config.yaml());
+        for f in self.before {
+            f(dir.path(), &certs);
+        }
         let mut cmd = if let Some(cmd) = self.command {
             cmd
         } else if self.copy {
@@ -263,6 +278,7 @@ impl TestServer {
             supervise: false,
             copy: false,
             command: None,
+            before: Vec::new(),
         }
     }
 
