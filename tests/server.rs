@@ -131,15 +131,19 @@ async fn routes_respond_redirect_status_static() {
             }),
         )
     });
-    let (dir, certs, path) = TestServer::prepare(&config.yaml());
-    let public = dir.path().join("public");
-    std::fs::create_dir_all(public.join("sub")).unwrap();
-    std::fs::write(public.join("index.html"), "<h1>index</h1>\n").unwrap();
-    std::fs::write(public.join("a.txt"), "0123456789").unwrap();
-    std::fs::write(public.join("sub/index.html"), "sub index\n").unwrap();
-    std::fs::write(dir.path().join("secret.txt"), "secret").unwrap();
-    std::os::unix::fs::symlink(dir.path().join("secret.txt"), public.join("link.txt")).unwrap();
-    let srv = TestServer::start_in(dir, certs, path, &[]).await;
+    let srv = TestServer::builder()
+        .config(config)
+        .before(|dir, _| {
+            let public = dir.join("public");
+            std::fs::create_dir_all(public.join("sub")).unwrap();
+            std::fs::write(public.join("index.html"), "<h1>index</h1>\n").unwrap();
+            std::fs::write(public.join("a.txt"), "0123456789").unwrap();
+            std::fs::write(public.join("sub/index.html"), "sub index\n").unwrap();
+            std::fs::write(dir.join("secret.txt"), "secret").unwrap();
+            std::os::unix::fs::symlink(dir.join("secret.txt"), public.join("link.txt")).unwrap();
+        })
+        .start()
+        .await;
     let web = Target::plain(srv.addr("web"));
 
     let r = client::get(&web, "/go/x?y=1").await.unwrap();

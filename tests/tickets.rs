@@ -98,11 +98,10 @@ async fn servers_sharing_a_key_file_resume_each_others_sessions() {
                 serde_json::json!({ "key_file": "ticket.key" }),
             ));
         }
-        let (dir, certs, path) = TestServer::prepare(&b.config_yaml());
         if let Some(k) = key {
-            std::fs::write(dir.path().join("ticket.key"), k).unwrap();
+            b = b.before(move |dir, _| std::fs::write(dir.join("ticket.key"), k).unwrap());
         }
-        TestServer::start_in(dir, certs, path, &[]).await
+        b.start().await
     };
     let a = start(Some(key.clone())).await;
     let b = start(Some(key)).await;
