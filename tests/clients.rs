@@ -684,11 +684,15 @@ async fn files_with_encoded_names_are_served() {
 #[tokio::test]
 async fn a_slow_filesystem_does_not_stall_the_thread() {
     let lib = util::preload::slow_stat();
-    let (dir, certs, path) = TestServer::prepare(&config(""));
-    std::fs::create_dir(dir.path().join("public")).unwrap();
-    std::fs::write(dir.path().join("public/slow-stat.txt"), "slow").unwrap();
-    let srv =
-        TestServer::start_in(dir, certs, path, &[("LD_PRELOAD", lib.to_str().unwrap())]).await;
+    let srv = TestServer::builder()
+        .config_text(config(""))
+        .env("LD_PRELOAD", lib.to_str().unwrap())
+        .before(|dir, _| {
+            std::fs::create_dir(dir.join("public")).unwrap();
+            std::fs::write(dir.join("public/slow-stat.txt"), "slow").unwrap();
+        })
+        .start()
+        .await;
     let tls = util::client::Target::tls(srv.addr("web-tls"), srv.tls()).h2();
     let conn = util::client::connect(&tls).await.unwrap();
     let mut slow = conn.h2_clone().unwrap();

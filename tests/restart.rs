@@ -180,7 +180,7 @@ async fn a_new_binary_that_crashes_or_hangs_is_rolled_back() {
 #[tokio::test]
 async fn listeners_are_added_removed_and_moved() {
     let one = "listeners:\n  - name: a\n    addr: 127.0.0.1:0\n    routes: [{ respond: { body: \"a {pid}\\n\" } }]\n  - name: b\n    addr: 127.0.0.1:0\n    routes: [{ respond: { body: \"b {pid}\\n\" } }]\n";
-    let mut srv = TestServer::start(one).await;
+    let mut srv = TestServer::builder().config_text(one).start().await;
     let (a, b) = (srv.addr("a"), srv.addr("b"));
 
     // Remove b, add c, and move a to a fixed port picked now.
@@ -628,13 +628,15 @@ async fn activated_sockets_without_a_known_name_match_by_address() {
     let activated = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = activated.local_addr().unwrap();
     let config = format!("listeners:\n  - name: web\n    addr: {addr}\n    routes: [{{ respond: {{ body: \"pid {{pid}}\\n\" }} }}]\n");
-    let (dir, certs, path) = TestServer::prepare(&config);
     let cmd = util::socket_activated(
         std::os::fd::AsRawFd::as_raw_fd(&activated),
         "gracesrv.socket",
         "",
     );
-    let mut srv = TestServer::spawn_cmd(dir, certs, path, &[], cmd);
+    let mut srv = TestServer::builder()
+        .config_text(config)
+        .command(cmd)
+        .spawn();
     srv.wait_ready().await;
     drop(activated);
     // Served on the activated socket (bound by us, not by gracesrv: binding

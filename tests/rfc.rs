@@ -26,14 +26,20 @@ fn config() -> String {
 }
 
 async fn start(env: &[(&str, &str)]) -> TestServer {
-    let (dir, certs, path) = TestServer::prepare(&config());
-    std::fs::create_dir(dir.path().join("public")).unwrap();
-    std::fs::write(
-        dir.path().join("public/a.txt"),
-        "0123456789abcdefghijklmnopqrstuvwxyz",
-    )
-    .unwrap();
-    TestServer::start_in(dir, certs, path, env).await
+    let mut b = TestServer::builder()
+        .config_text(config())
+        .before(|dir, _| {
+            std::fs::create_dir(dir.join("public")).unwrap();
+            std::fs::write(
+                dir.join("public/a.txt"),
+                "0123456789abcdefghijklmnopqrstuvwxyz",
+            )
+            .unwrap();
+        });
+    for (k, v) in env {
+        b = b.env(k, v);
+    }
+    b.start().await
 }
 
 /// Issue 13.1: one valid Host, or 400 and the connection closed; a bad host

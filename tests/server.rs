@@ -90,9 +90,11 @@ async fn sni_picks_the_certificate_that_covers_the_name() {
     routes:
       - respond: { body: "ok\n" }
 "#;
-    let (dir, certs, path) = TestServer::prepare(config);
-    certs.leaf(dir.path(), "other", &["other.test"], 2);
-    let srv = TestServer::start_in(dir, certs, path, &[]).await;
+    let srv = TestServer::builder()
+        .config_text(config)
+        .before(|dir, certs| certs.leaf(dir, "other", &["other.test"], 2))
+        .start()
+        .await;
     let addr = srv.addr("web-tls");
 
     let mut other = Target::tls(addr, srv.tls());

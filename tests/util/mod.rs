@@ -148,6 +148,8 @@ pub struct Builder {
     copy: bool,
     command: Option<Command>,
     before: Vec<Before>,
+    /// The config as text, instead of `config` (tests of the text itself).
+    text: Option<String>,
 }
 
 /// What a test does to the server's directory before it starts.
@@ -188,6 +190,13 @@ impl Builder {
         self
     }
 
+    /// The config as `text` (YAML as a person writes it), instead of a
+    /// typed config.
+    pub fn config_text(mut self, text: impl Into<String>) -> Builder {
+        self.text = Some(text.into());
+        self
+    }
+
     /// Runs `f` on the server's directory and certificates before the
     /// server starts: files the config names (a site's root, a
     /// certificate made by `certs`, something in the way).
@@ -210,7 +219,8 @@ impl Builder {
 
     /// Starts the server without waiting for it.
     pub fn spawn(self) -> TestServer {
-        let (dir, certs, path) = TestServer::prepare(&self.config.yaml());
+        let text = self.text.unwrap_or_else(|| self.config.yaml());
+        let (dir, certs, path) = TestServer::prepare(&text);
         for f in self.before {
             f(dir.path(), &certs);
         }
@@ -279,6 +289,7 @@ impl TestServer {
             copy: false,
             command: None,
             before: Vec::new(),
+            text: None,
         }
     }
 
