@@ -17,7 +17,9 @@ fn note(log: &str, event: &str) {
         .append(true)
         .open(log)
     {
-        let _ = writeln!(f, "{} {event}", std::process::id());
+        // One write per line: old and new generations append at once.
+        let line = format!("{} {event}\n", std::process::id());
+        let _ = f.write_all(line.as_bytes());
     }
 }
 

@@ -218,26 +218,49 @@ pub(crate) fn remove_pid_file(path: &Path, pid: u32) {
     }
 }
 
+/// Why the pid file was not written.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum PidFileError {
+    #[error("cannot create directory {}: something that is not a directory is in the way", dir.display())]
+    InTheWay { dir: std::path::PathBuf },
+    #[error("cannot create directory {}: {source}", dir.display())]
+    Dir {
+        dir: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// `hint` says what a person can do about it (a full disk, read-only).
+    #[error("{source}{hint}")]
+    Write {
+        #[source]
+        source: std::io::Error,
+        hint: &'static str,
+    },
+}
+
 /// Writes the pid atomically: a temporary file renamed over the old one, so a
 /// reader never sees a half-written pid.
-pub(crate) fn write_pid_file(path: &Path, pid: u32) -> Result<(), String> {
+pub(crate) fn write_pid_file(path: &Path, pid: u32) -> Result<(), PidFileError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| {
             if e.kind() == std::io::ErrorKind::AlreadyExists || dir.exists() && !dir.is_dir() {
-                format!(
-                    "cannot create directory {}: something that is not a directory is in the way",
-                    dir.display()
-                )
+                PidFileError::InTheWay {
+                    dir: dir.to_path_buf(),
+                }
             } else {
-                format!("cannot create directory {}: {e}", dir.display())
+                PidFileError::Dir {
+                    dir: dir.to_path_buf(),
+                    source: e,
+                }
             }
         })?;
     }
     crate::sys::atomic::write_atomically(path, format!("{pid}\n").as_bytes()).map_err(|e| {
-        match e.raw_os_error() {
-            Some(libc::ENOSPC) | Some(libc::EDQUOT) => format!("{e}: the disk holding it is full"),
-            Some(libc::EROFS) => format!("{e}: the disk holding it is read-only"),
-            _ => e.to_string(),
-        }
+        let hint = match e.raw_os_error() {
+            Some(libc::ENOSPC) | Some(libc::EDQUOT) => ": the disk holding it is full",
+            Some(libc::EROFS) => ": the disk holding it is read-only",
+            _ => "",
+        };
+        PidFileError::Write { source: e, hint }
     })
 }

@@ -118,48 +118,60 @@ const CONNECTION_SPECIFIC: [header::HeaderName; 5] = [
 
 /// Sends `res`; each piece must leave within `send` (a client that stops
 /// reading cannot hold the stream forever).
+/// Why a response was not sent whole.
+#[derive(Debug, thiserror::Error)]
+enum RespondError {
+    /// The client took nothing of `what` for `within`.
+    #[error("{what}: no progress for {within:?}")]
+    Stalled {
+        what: &'static str,
+        within: Duration,
+    },
+    #[error(transparent)]
+    Stream(#[from] h3::error::StreamError),
+    /// The response body failed (an upstream that went away).
+    #[error("{0}")]
+    Body(BoxError),
+}
+
 async fn respond(
     send: &mut h3::server::RequestStream<h3_quinn::SendStream<Bytes>, Bytes>,
     res: Response<crate::wire::body::Body>,
     within: Duration,
     sent: &mut u64,
-) -> Result<(), String> {
+) -> Result<(), RespondError> {
     let (mut parts, mut body) = res.into_parts();
     for h in &CONNECTION_SPECIFIC {
         parts.headers.remove(h);
     }
-    let timed = |what: &'static str| move |_| format!("{what}: no progress for {within:?}");
+    let timed = |what: &'static str| move |_| RespondError::Stalled { what, within };
     tokio::time::timeout(within, send.send_response(Response::from_parts(parts, ())))
         .await
-        .map_err(timed("head"))?
-        .map_err(|e| e.to_string())?;
+        .map_err(timed("head"))??;
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| e.to_string())?;
+        let frame = frame.map_err(RespondError::Body)?;
         match frame.into_data() {
             Ok(data) => {
                 if !data.is_empty() {
                     *sent += data.len() as u64;
                     tokio::time::timeout(within, send.send_data(data))
                         .await
-                        .map_err(timed("body"))?
-                        .map_err(|e| e.to_string())?;
+                        .map_err(timed("body"))??;
                 }
             }
             Err(frame) => {
                 if let Ok(trailers) = frame.into_trailers() {
                     tokio::time::timeout(within, send.send_trailers(trailers))
                         .await
-                        .map_err(timed("trailers"))?
-                        .map_err(|e| e.to_string())?;
+                        .map_err(timed("trailers"))??;
                     return Ok(());
                 }
             }
         }
     }
-    tokio::time::timeout(within, send.finish())
+    Ok(tokio::time::timeout(within, send.finish())
         .await
-        .map_err(timed("end"))?
-        .map_err(|e| e.to_string())
+        .map_err(timed("end"))??)
 }
 
 /// Why `req` is malformed (RFC 9114 section 4.2, and RFC 9110 section 8.6
