@@ -386,3 +386,54 @@ async fn certbot_renews_and_its_deploy_hook_reloads() {
     assert_ne!(new, old);
     assert_ne!(serial().await, before, "the renewed certificate is served");
 }
+
+/// Issue 31's example: `acme.ca_roots` names a CA certificate that the ACME
+/// server also presents as its own (here `openssl s_server`), which webpki
+/// refuses as an end-entity certificate. The reason is deep in the error's
+/// source chain, under "client error (Connect)"; the log line says it.
+#[tokio::test]
+async fn an_acme_failure_names_its_cause() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut params =
+        rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+            .unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let ca = params.self_signed(&key).unwrap();
+    let (ca_file, key_file) = (tmp.path().join("ca.pem"), tmp.path().join("ca.key"));
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    std::fs::write(&key_file, key.serialize_pem()).unwrap();
+    let port = free_port();
+    let mut server = tokio::process::Command::new("openssl")
+        .args(["s_server", "-quiet", "-www", "-accept"])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("-cert")
+        .arg(&ca_file)
+        .arg("-key")
+        .arg(&key_file)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("openssl runs (.ci/run installs it)");
+    util::until("openssl s_server listens", || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    })
+    .await;
+    let config = Config::new()
+        .set(
+            "acme",
+            json!({
+                "directory": format!("https://localhost:{port}/dir"),
+                "storage": "acme",
+                "ca_roots": ca_file,
+                "challenge": "tls-alpn-01",
+            }),
+        )
+        .listener(Listener::plain("site").set("tls", json!({ "acme": ["x.test"] })));
+    let srv = TestServer::builder().config(config).start().await;
+    let line = srv.wait_log("cannot obtain the certificate").await;
+    assert!(line.contains("CaUsedAsEndEntity"), "{line}");
+    let _ = server.kill().await;
+}
