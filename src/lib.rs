@@ -361,6 +361,7 @@ impl Server {
                     inherited.metrics.clone(),
                     generation > 1 && supervisor.is_none(),
                 )),
+                inherited.upstreams.as_deref(),
                 span.clone(),
             ) {
                 Ok(g) => g,

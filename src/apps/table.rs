@@ -38,10 +38,8 @@ struct Entry {
 /// One running instance of an app, as this process sends to it.
 pub(crate) struct Instance {
     pub(crate) id: u64,
-    /// Where it serves, as the requests to it name it.
-    pub(crate) authority: Option<http::uri::Authority>,
-    /// Connections to this instance only: retiring it closes its pools.
-    pub(crate) pools: crate::wire::upstream::Pools,
+    /// Connections to this instance only: retiring it closes its pool.
+    pub(crate) pool: crate::wire::upstream::Pool,
     in_flight: AtomicU64,
     idle: Notify,
     /// Set when its tunnels are to be cut (see the module doc).
@@ -206,8 +204,12 @@ impl Instance {
     fn new(s: link::Serving) -> Instance {
         Instance {
             id: s.id,
-            authority: http::uri::Authority::try_from(s.addr.to_string()).ok(),
-            pools: crate::wire::upstream::Pools::new(Duration::from_secs(5)),
+            pool: crate::wire::upstream::Pool::new(crate::wire::upstream::Endpoint {
+                addr: s.addr.to_string(),
+                tls: None,
+                h2: false,
+                connect_timeout: Duration::from_secs(5),
+            }),
             in_flight: AtomicU64::new(0),
             idle: Notify::new(),
             cut: watch::Sender::new(false),

@@ -315,23 +315,151 @@ pub(crate) enum Action {
     Status,
     /// Prometheus text exposition of the service's metrics.
     Metrics,
-    Proxy {
-        target: ProxyTarget,
-        connect_timeout: Duration,
-        timeout: Duration,
-        strip_prefix: bool,
-        /// Largest request body forwarded; larger ones get 413.
-        max_body: Option<u64>,
-    },
+    Proxy(Box<ProxyConfig>),
+}
+
+/// A `proxy` route: where it sends requests and how.
+#[derive(Debug, Clone)]
+pub(crate) struct ProxyConfig {
+    /// In config order; at least one.
+    pub(crate) upstreams: Vec<UpstreamConfig>,
+    pub(crate) policy: Policy,
+    pub(crate) health: Option<ActiveHealth>,
+    pub(crate) passive: Passive,
+    /// How long a request waits for an upstream when all are out.
+    pub(crate) try_duration: Duration,
+    pub(crate) tls: UpstreamTls,
+    pub(crate) protocol: UpstreamProtocol,
+    pub(crate) request_headers: HeaderRules,
+    pub(crate) response_headers: HeaderRules,
+    pub(crate) host: HostRule,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) timeout: Duration,
+    pub(crate) strip_prefix: bool,
+    /// Largest request body forwarded; larger ones get 413.
+    pub(crate) max_body: Option<u64>,
+}
+
+/// One upstream of a proxy route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct UpstreamConfig {
+    pub(crate) target: ProxyTarget,
+    pub(crate) weight: u32,
 }
 
 /// Where a proxy route sends requests.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum ProxyTarget {
-    /// `upstream: http://host:port`.
+    /// `http://host:port` or `https://host:port`.
     Upstream(http::Uri),
     /// `app: NAME`: the serving instance of an application of `apps:`.
     App(String),
+}
+
+impl fmt::Display for ProxyTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ProxyTarget::Upstream(uri) => {
+                let s = uri.to_string();
+                f.write_str(s.strip_suffix('/').unwrap_or(&s))
+            }
+            ProxyTarget::App(app) => write!(f, "app {app}"),
+        }
+    }
+}
+
+/// How a proxy route picks an upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Policy {
+    RoundRobin,
+    LeastConn,
+    /// The less busy of two picked at random (power of two choices).
+    RandomTwo,
+    /// Consistent hashing on a key of the request.
+    Hash(HashKey),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum HashKey {
+    /// The client's address.
+    Remote,
+    Header(http::HeaderName),
+    Cookie(String),
+}
+
+/// `proxy.health`: an active check of every URL upstream.
+#[derive(Debug, Clone)]
+pub(crate) struct ActiveHealth {
+    pub(crate) path: String,
+    pub(crate) interval: Duration,
+    pub(crate) timeout: Duration,
+    pub(crate) expect_status: u16,
+}
+
+/// `proxy.passive`.
+#[derive(Debug, Clone)]
+pub(crate) struct Passive {
+    pub(crate) max_fails: u32,
+    pub(crate) fail_window: Duration,
+    pub(crate) fail_timeout: Duration,
+    pub(crate) unhealthy_status: Vec<u16>,
+}
+
+/// `proxy.tls` (and `tls_insecure_skip_verify`).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct UpstreamTls {
+    /// Trusted instead of the system's roots.
+    pub(crate) ca: Option<FileRef>,
+    /// A client certificate and key (mTLS).
+    pub(crate) client: Option<(FileRef, FileRef)>,
+    pub(crate) server_name: Option<String>,
+    pub(crate) insecure_skip_verify: bool,
+}
+
+/// The protocol spoken to upstreams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum UpstreamProtocol {
+    H1,
+    /// HTTP/2 over TLS (ALPN `h2`).
+    H2,
+    /// HTTP/2 in the clear, with prior knowledge.
+    H2c,
+}
+
+/// `set`, `add`, `remove` on a message's header fields.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct HeaderRules {
+    pub(crate) set: Vec<(http::HeaderName, Template)>,
+    pub(crate) add: Vec<(http::HeaderName, Template)>,
+    pub(crate) remove: Vec<http::HeaderName>,
+}
+
+impl HeaderRules {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.add.is_empty() && self.remove.is_empty()
+    }
+}
+
+/// A header value that may name `{host}`, `{remote}` and `{pid}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Template(pub(crate) Vec<Piece>);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Piece {
+    Text(String),
+    Host,
+    Remote,
+    Pid,
+}
+
+/// The `Host` an upstream is sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum HostRule {
+    /// The client's.
+    Keep,
+    /// The upstream's `host:port`.
+    Upstream,
+    Fixed(http::HeaderValue),
 }
 
 impl Config {
@@ -418,6 +546,7 @@ pub(crate) fn absolute(path: &Path) -> PathBuf {
 }
 
 mod apps;
+mod proxy;
 mod raw;
 #[cfg(test)]
 mod tests;

@@ -155,11 +155,76 @@ pub(crate) struct Proxy {
     pub(crate) upstream: Option<Spanned<String>>,
     /// An application of `apps:`, instead of an upstream.
     pub(crate) app: Option<Spanned<String>>,
+    /// Several upstreams, balanced by `policy`.
+    pub(crate) upstreams: Option<Spanned<Vec<Spanned<Upstream>>>>,
+    pub(crate) policy: Option<Spanned<String>>,
+    pub(crate) hash_key: Option<Spanned<String>>,
+    pub(crate) health: Option<Spanned<Health>>,
+    pub(crate) passive: Option<Spanned<Passive>>,
+    pub(crate) try_duration: Option<Spanned<String>>,
+    pub(crate) tls: Option<Spanned<UpstreamTls>>,
+    pub(crate) tls_insecure_skip_verify: Option<Spanned<bool>>,
+    pub(crate) protocol: Option<Spanned<String>>,
+    pub(crate) request_headers: Option<Spanned<HeaderRules>>,
+    pub(crate) response_headers: Option<Spanned<HeaderRules>>,
+    pub(crate) host: Option<Spanned<String>>,
     pub(crate) connect_timeout: Option<Spanned<String>>,
     pub(crate) timeout: Option<Spanned<String>>,
     #[serde(default)]
     pub(crate) strip_prefix: bool,
     pub(crate) max_body: Option<Spanned<String>>,
+}
+
+/// One of `proxy.upstreams`: a URL or an app, and its weight.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Upstream {
+    pub(crate) url: Option<Spanned<String>>,
+    pub(crate) app: Option<Spanned<String>>,
+    pub(crate) weight: Option<Spanned<i64>>,
+}
+
+/// `proxy.health`: the active check.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Health {
+    pub(crate) path: Option<Spanned<String>>,
+    pub(crate) interval: Option<Spanned<String>>,
+    pub(crate) timeout: Option<Spanned<String>>,
+    pub(crate) expect_status: Option<Spanned<u16>>,
+}
+
+/// `proxy.passive`: what takes an upstream out from the answers it gives.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Passive {
+    pub(crate) max_fails: Option<Spanned<i64>>,
+    pub(crate) fail_window: Option<Spanned<String>>,
+    pub(crate) fail_timeout: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(crate) unhealthy_status: Vec<Spanned<u16>>,
+}
+
+/// `proxy.tls`: how gracesrv checks `https://` upstreams and proves itself.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct UpstreamTls {
+    pub(crate) ca: Option<Spanned<String>>,
+    pub(crate) cert: Option<Spanned<String>>,
+    pub(crate) key: Option<Spanned<String>>,
+    pub(crate) server_name: Option<Spanned<String>>,
+}
+
+/// `request_headers` / `response_headers`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct HeaderRules {
+    #[serde(default)]
+    pub(crate) set: BTreeMap<String, Spanned<String>>,
+    #[serde(default)]
+    pub(crate) add: BTreeMap<String, Spanned<String>>,
+    #[serde(default)]
+    pub(crate) remove: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize)]

@@ -48,7 +48,7 @@ impl Validator<'_> {
         }
     }
 
-    fn file_ref(&self, s: &Spanned<String>, key: String) -> Result<FileRef, ConfigError> {
+    pub(super) fn file_ref(&self, s: &Spanned<String>, key: String) -> Result<FileRef, ConfigError> {
         if s.value.is_empty() {
             return self.err(Pos::from(s), format!("{key}: must not be empty"));
         }
@@ -218,15 +218,17 @@ impl Validator<'_> {
                 );
             }
             for (j, r) in listener.routes.iter().enumerate() {
-                if let Action::Proxy {
-                    target: ProxyTarget::App(app),
-                    ..
-                } = &r.action
-                {
+                let Action::Proxy(p) = &r.action else { continue };
+                for (k, u) in p.upstreams.iter().enumerate() {
+                    let ProxyTarget::App(app) = &u.target else { continue };
                     if !apps.iter().any(|a| &a.name == app) {
+                        let key = match p.upstreams.len() {
+                            1 => "app".to_string(),
+                            _ => format!("upstreams[{k}].app"),
+                        };
                         return self.err(
                             r.pos,
-                            format!("listeners[{i}].routes[{j}].proxy.app: no app named {app:?} in apps:"),
+                            format!("listeners[{i}].routes[{j}].proxy.{key}: no app named {app:?} in apps:"),
                         );
                     }
                 }
@@ -579,57 +581,7 @@ impl Validator<'_> {
                 status,
             }
         } else if let Some(p) = &raw.proxy {
-            let v = &p.value;
-            let target = match (&v.upstream, &v.app) {
-                (Some(upstream), None) => {
-                    let bad = || {
-                        ConfigError::new(
-                            self.file,
-                            Some(Pos::from(upstream)),
-                            format!(
-                                "{key}.proxy.upstream: {:?} is not http://host:port",
-                                upstream.value
-                            ),
-                        )
-                    };
-                    let uri: http::Uri = upstream.value.parse().map_err(|_| bad())?;
-                    let plain_origin = uri.scheme_str() == Some("http")
-                        && uri.authority().is_some()
-                        && matches!(uri.path(), "" | "/")
-                        && uri.query().is_none();
-                    if !plain_origin {
-                        return Err(bad());
-                    }
-                    ProxyTarget::Upstream(uri)
-                }
-                (None, Some(app)) => ProxyTarget::App(app.value.clone()),
-                _ => {
-                    return self.err(
-                        Pos::from(p),
-                        format!("{key}.proxy: give exactly one of upstream, app"),
-                    )
-                }
-            };
-            Action::Proxy {
-                target,
-                connect_timeout: self.duration(
-                    &v.connect_timeout,
-                    &format!("{key}.proxy.connect_timeout"),
-                    Duration::from_secs(5),
-                )?,
-                timeout: self.duration(
-                    &v.timeout,
-                    &format!("{key}.proxy.timeout"),
-                    Duration::from_secs(60),
-                )?,
-                strip_prefix: v.strip_prefix,
-                max_body: match &v.max_body {
-                    None => None,
-                    Some(m) => Some(parse_size(&m.value).or_else(|e| {
-                        self.err(Pos::from(m), format!("{key}.proxy.max_body: {e}"))
-                    })?),
-                },
-            }
+            Action::Proxy(Box::new(self.proxy(key, p)?))
         } else if raw.metrics.is_some() {
             Action::Metrics
         } else {

@@ -36,6 +36,8 @@ pub(crate) struct Generation {
     pub(crate) pid_file_pending: bool,
     /// The HTTP/3 endpoints, until they read their sockets (once this is ready).
     http3: Option<crate::quic::Http3>,
+    /// The proxy routes (their active health checks run while this serves).
+    pub(crate) proxies: Vec<Arc<crate::http::proxy::Proxy>>,
 }
 
 /// Serving threads: one per core, or `GRACESRV_THREADS` (`GRACESRV_WORKERS`,
@@ -79,6 +81,7 @@ impl Generation {
         generation: u64,
         tickets: Arc<Tickets>,
         metrics_base: Option<(Option<String>, bool)>,
+        upstreams_base: Option<&str>,
         span: tracing::Span,
     ) -> Result<Generation, GenerationError> {
         let Prepared {
@@ -88,6 +91,24 @@ impl Generation {
         } = prepared;
         let listeners = crate::sys::listeners::open(&config.listeners, inherited)?;
         let threads = thread_count();
+        // The proxy routes, whose upstreams' health the previous generation
+        // may have handed over.
+        let proxies: Vec<Arc<crate::http::proxy::Proxy>> = prepared
+            .iter()
+            .filter_map(|p| match &p.handler {
+                crate::http::service::Handler::Routes(r) => Some(r.proxies()),
+                crate::http::service::Handler::Service(_) => None,
+            })
+            .flatten()
+            .cloned()
+            .collect();
+        let upstreams: Vec<Arc<crate::process::upstreams::UpstreamState>> = proxies
+            .iter()
+            .flat_map(|p| p.states().iter().cloned())
+            .collect();
+        if let Some(handed) = upstreams_base {
+            crate::process::upstreams::take_over(handed, upstreams.iter().map(|u| &**u));
+        }
         // One writer per distinct access log, shared by its listeners.
         let mut logs: Vec<(crate::config::AccessLogConfig, Arc<AccessLog>)> = Vec::new();
         for a in config
@@ -131,6 +152,10 @@ impl Generation {
                 generation,
             );
             m.certificates = served_certificates(&config);
+            m.sources = upstreams
+                .iter()
+                .map(|u| u.clone() as Arc<dyn crate::observe::metrics::Source>)
+                .collect();
             Arc::new(m)
         });
         let process = Arc::new(ProcessInfo {
@@ -160,6 +185,7 @@ impl Generation {
             access_logs: logs.iter().map(|(_, l)| l.clone()).collect(),
             metrics,
             apps: Arc::new(crate::apps::Table::new(&config)),
+            upstreams,
             http3: config
                 .listeners
                 .iter()
@@ -250,7 +276,7 @@ impl Generation {
                 config.listeners.iter().any(|l| {
                     l.routes
                         .iter()
-                        .any(|r| matches!(r.action, crate::config::Action::Proxy { .. }))
+                        .any(|r| matches!(r.action, crate::config::Action::Proxy(_)))
                 }),
             ))),
         });
@@ -267,6 +293,7 @@ impl Generation {
             predecessor: None,
             pid_file_pending: false,
             http3,
+            proxies,
         })
     }
 

@@ -124,7 +124,7 @@ pub(crate) fn prepare_config(
 pub(crate) fn summary(p: &Prepared) -> String {
     let c = &p.config;
     let mut out = format!("{}: ok\n", c.path.display());
-    for l in &c.listeners {
+    for (l, prepared) in c.listeners.iter().zip(&p.listeners) {
         let scheme = if l.tls.is_some() { "https" } else { "http" };
         let h3 = if l.http3 { " + HTTP/3 (UDP)" } else { "" };
         out += &format!("  {:<16} {scheme}://{}{h3}  routes: ", l.name, l.addr);
@@ -138,7 +138,7 @@ pub(crate) fn summary(p: &Prepared) -> String {
                     crate::config::Action::Redirect { .. } => "redirect",
                     crate::config::Action::Status => "status",
                     crate::config::Action::Metrics => "metrics",
-                    crate::config::Action::Proxy { .. } => "proxy",
+                    crate::config::Action::Proxy(_) => "proxy",
                 };
                 format!("{} {kind}", r.path)
             })
@@ -155,6 +155,11 @@ pub(crate) fn summary(p: &Prepared) -> String {
                 out += &format!(" (+{} by SNI)", t.sni.len());
             }
             out += &format!(", alpn {}\n", t.alpn.join(","));
+        }
+        if let Handler::Routes(r) = &prepared.handler {
+            for proxy in r.proxies() {
+                out += &format!("  {:<16} proxy {}\n", "", proxy.summary());
+            }
         }
     }
     for a in &c.apps {

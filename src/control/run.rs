@@ -47,6 +47,29 @@ impl Drop for Orderer {
     }
 }
 
+/// A generation's active health checks of proxy upstreams
+/// (`proxy::health`), stopped when dropped: only a serving generation checks.
+struct HealthChecks(Vec<tokio::task::JoinHandle<()>>);
+
+impl HealthChecks {
+    fn start(proxies: &[Arc<crate::http::proxy::Proxy>]) -> Option<HealthChecks> {
+        let tasks: Vec<_> = proxies
+            .iter()
+            .filter(|p| p.has_health_check())
+            .map(|p| tokio::spawn(crate::http::proxy::health::check(p.clone())))
+            .collect();
+        (!tasks.is_empty()).then_some(HealthChecks(tasks))
+    }
+}
+
+impl Drop for HealthChecks {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
+}
+
 /// Code an application runs at a point of its generation's life.
 pub(crate) type Hook = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
 
@@ -99,6 +122,7 @@ pub(crate) async fn control(
     );
     let (certificate, mut certificates) = tokio::sync::mpsc::unbounded_channel();
     let mut orderer = Orderer::start(&gen.config, gen.process.acme.clone(), certificate.clone());
+    let mut checks = HealthChecks::start(&gen.proxies);
     loop {
         let trigger = tokio::select! {
             Some(()) = certificates.recv() => Some(Trigger::Certificate),
@@ -116,6 +140,7 @@ pub(crate) async fn control(
                 Sig::Stop => {
                     info!("stopping: draining connections");
                     drop(orderer.take());
+                    drop(checks.take());
                     gen.ending();
                     restart.abandon().await;
                     return match drain(&mut gen, &mut signals, Why::Stop, &restart.spawner.reaper, hooks).await {
@@ -126,6 +151,7 @@ pub(crate) async fn control(
                 Sig::Quit => {
                     info!(connections = gen.process.drain.active(), "quit: closing every connection");
                     drop(orderer.take());
+                    drop(checks.take());
                     gen.ending();
                     restart.abandon().await;
                     gen.process.drain.cut_tunnels(TUNNEL_CLOSE).await;
@@ -160,6 +186,7 @@ pub(crate) async fn control(
                             let _ = kill(Pid::from_raw(new_pid), Signal::SIGHUP);
                         }
                         drop(orderer.take());
+                    drop(checks.take());
                         gen.ending();
                         // The new process has its own copies of the sockets.
                         drop(started.listeners);
@@ -175,6 +202,7 @@ pub(crate) async fn control(
                                 gen.report_ready(None, supervisor.is_some());
                                 hooks.ready();
                                 orderer = Orderer::start(&gen.config, gen.process.acme.clone(), certificate.clone());
+                                checks = HealthChecks::start(&gen.proxies);
                                 None
                             }
                         }
@@ -204,6 +232,10 @@ pub(crate) async fn control(
             // The counters the new generation counts on from (see `metrics`).
             if let Some(m) = &gen.process.metrics {
                 env.push((crate::sys::handoff::METRICS_VAR.into(), m.freeze().into()));
+            }
+            if !gen.process.upstreams.is_empty() {
+                let health = crate::process::upstreams::hand_over(gen.process.upstreams.iter().map(|u| &**u));
+                env.push((crate::sys::handoff::UPSTREAMS_VAR.into(), health.into()));
             }
         }
         restart.request(trigger, gen.process.generation + 1, &gen.listeners, env);

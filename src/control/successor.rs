@@ -45,6 +45,8 @@ pub(crate) struct Inherited {
     pub(crate) tickets: Option<crate::tls::tickets::Tickets>,
     /// The counters handed over (see `metrics`), as JSON.
     pub(crate) metrics: Option<String>,
+    /// The health of proxy upstreams (see `process::upstreams`), as JSON.
+    pub(crate) upstreams: Option<String>,
     /// A supervised worker's link to its supervisor (see `apps::link`).
     pub(crate) apps_link: Option<OwnedFd>,
 }
@@ -70,6 +72,7 @@ impl Inherited {
         let draining = get("GRACESRV_DRAINING");
         let tickets = get(crate::sys::handoff::TICKET_SECRET_VAR);
         let metrics = get(crate::sys::handoff::METRICS_VAR);
+        let upstreams = get(crate::sys::handoff::UPSTREAMS_VAR);
         let apps_link = get(crate::sys::handoff::APPS_FD);
         for k in handoff::HANDOFF_VARS.iter().filter(|_| remove) {
             // SAFETY (of the call, which is safe in edition 2021): no other
@@ -93,6 +96,7 @@ impl Inherited {
         inherited.supervisor = supervisor.and_then(|s| s.parse().ok());
         inherited.tickets = tickets.and_then(|t| crate::tls::tickets::Tickets::from_hex(&t));
         inherited.metrics = metrics;
+        inherited.upstreams = upstreams;
         inherited.draining = draining
             .map(|d| Predecessors::parse(&d))
             .unwrap_or_default();

@@ -96,8 +96,18 @@ impl Drop for ConnectionGuard {
     }
 }
 
+/// Something else that counts, in series of its own (the proxy upstreams).
+pub(crate) trait Source: Send + Sync {
+    /// Counters, as `family{labels}` and value: handed over with the rest.
+    fn counters(&self, out: &mut Vec<Series>);
+    /// Gauges, as `family{labels}` and value.
+    fn gauges(&self, out: &mut Vec<Series>);
+}
+
 /// The process's metrics.
 pub(crate) struct Metrics {
+    /// More series, from other parts of the process.
+    pub(crate) sources: Vec<std::sync::Arc<dyn Source>>,
     pub(crate) listeners: Vec<Arc<ListenerMetrics>>,
     /// Counters handed over by the previous generation (by series).
     base: HashMap<String, u64>,
@@ -113,7 +123,7 @@ pub(crate) struct Metrics {
 
 /// A counter series: `family{labels}`, its raw value, and whether it is in
 /// microseconds (exported as seconds).
-type Series = (String, u64);
+pub(crate) type Series = (String, u64);
 
 impl Metrics {
     /// `base`: what the previous process handed over (JSON); `restarted`:
@@ -131,6 +141,7 @@ impl Metrics {
             *base.entry("gracesrv_restarts_total".into()).or_default() += 1;
         }
         Metrics {
+            sources: Vec::new(),
             listeners,
             base,
             frozen: Mutex::new(None),
@@ -205,6 +216,9 @@ impl Metrics {
             self.restart_failures.load(Ordering::Relaxed),
         ));
         out.push(("gracesrv_restarts_total".into(), 0));
+        for s in &self.sources {
+            s.counters(&mut out);
+        }
         out
     }
 
@@ -292,6 +306,24 @@ impl Metrics {
                 );
             }
         }
+        let mut more = Vec::new();
+        for s in &self.sources {
+            s.gauges(&mut more);
+        }
+        let mut family = "";
+        for (series, v) in &more {
+            let f = series.split('{').next().unwrap_or(series);
+            if f != family {
+                family = f;
+                let help = match f {
+                    "gracesrv_upstream_healthy" => "Whether a proxy upstream gets requests (1) or is out (0).",
+                    "gracesrv_upstream_in_flight" => "Requests in flight on a proxy upstream.",
+                    _ => "A gauge.",
+                };
+                let _ = writeln!(out, "# HELP {f} {help}\n# TYPE {f} gauge");
+            }
+            let _ = writeln!(out, "{series} {v}");
+        }
         let draining = self
             .predecessors
             .lock()
@@ -330,8 +362,10 @@ impl Metrics {
 
 /// The family a series belongs to, as a static name.
 fn family_name(f: &str) -> &'static str {
-    const FAMILIES: [&str; 8] = [
+    const FAMILIES: [&str; 10] = [
         "gracesrv_accept_errors_total",
+        "gracesrv_upstream_requests_total",
+        "gracesrv_upstream_failures_total",
         "gracesrv_requests_total",
         "gracesrv_request_duration_seconds",
         "gracesrv_response_bytes_total",
@@ -358,6 +392,14 @@ fn describe(family: &str) -> (&'static str, &'static str) {
             "Time from request head to the end of the response.",
         ),
         "gracesrv_response_bytes_total" => ("counter", "Response body bytes sent."),
+        "gracesrv_upstream_requests_total" => (
+            "counter",
+            "Requests sent to a proxy upstream, by route and upstream.",
+        ),
+        "gracesrv_upstream_failures_total" => (
+            "counter",
+            "Requests to a proxy upstream that failed: connection errors, resets, timeouts, unhealthy statuses.",
+        ),
         "gracesrv_tls_handshakes_total" => ("counter", "TLS handshakes completed."),
         "gracesrv_tls_handshake_failures_total" => {
             ("counter", "TLS handshakes that failed or timed out.")
@@ -399,7 +441,7 @@ fn histogram_order(key: &str) -> (String, u8, u64) {
 }
 
 /// A label value: `\`, `"` and newlines escaped.
-fn label(v: &str) -> String {
+pub(crate) fn label(v: &str) -> String {
     v.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")

@@ -38,6 +38,8 @@ pub(crate) struct ProcessInfo {
     pub(crate) metrics: Option<Arc<crate::observe::metrics::Metrics>>,
     /// The instances of the config's apps (`proxy: { app }`).
     pub(crate) apps: Arc<crate::apps::Table>,
+    /// Every upstream of every proxy route (`status`, metrics, handover).
+    pub(crate) upstreams: Vec<Arc<crate::process::upstreams::UpstreamState>>,
     /// What each listener's HTTP/3 counts (`http3: true`).
     pub(crate) http3: Vec<Arc<QuicStats>>,
 }

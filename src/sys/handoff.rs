@@ -27,8 +27,11 @@ pub(crate) const TICKET_SECRET_VAR: &str = "GRACESRV_TICKET_SECRET";
 /// Hands the metrics' counters to the next process (`metrics::freeze`).
 pub(crate) const METRICS_VAR: &str = "GRACESRV_METRICS";
 
+/// Hands the health of proxy upstreams to the next process (`upstreams`).
+pub(crate) const UPSTREAMS_VAR: &str = "GRACESRV_UPSTREAMS";
+
 /// Environment variables of the handoff; read once and removed at start.
-pub(crate) const HANDOFF_VARS: [&str; 10] = [
+pub(crate) const HANDOFF_VARS: [&str; 11] = [
     "LISTEN_PID",
     "LISTEN_FDS",
     "LISTEN_FDNAMES",
@@ -38,6 +41,7 @@ pub(crate) const HANDOFF_VARS: [&str; 10] = [
     "GRACESRV_DRAINING",
     TICKET_SECRET_VAR,
     METRICS_VAR,
+    UPSTREAMS_VAR,
     APPS_FD,
 ];
 

@@ -7,6 +7,7 @@
 
 pub(crate) mod acme;
 pub(crate) mod tickets;
+pub(crate) mod upstream;
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};

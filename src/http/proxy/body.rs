@@ -8,10 +8,28 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use hyper::body::{Frame, Incoming, SizeHint};
+use hyper::body::{Frame, SizeHint};
 
 use crate::apps::InFlight;
+use crate::process::upstreams::UpstreamState;
 use crate::wire::body::{BoxError, RequestBody};
+use crate::wire::upstream::Pooled;
+
+/// A request in flight on an upstream, until dropped.
+pub(super) struct Busy(Arc<UpstreamState>);
+
+impl Busy {
+    pub(super) fn new(state: Arc<UpstreamState>) -> Busy {
+        state.in_flight.fetch_add(1, Ordering::Relaxed);
+        Busy(state)
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
 
 /// The client's request body on its way upstream, noting whether the
 /// client broke it.
@@ -49,17 +67,18 @@ impl<B: RequestBody> hyper::body::Body for ClientBody<B> {
 /// A response body that ends in an error at `deadline` (the route's
 /// `timeout` covers the whole response), streamed frame by frame.
 pub(super) struct Deadline {
-    inner: Incoming,
+    inner: Pooled,
     sleep: Pin<Box<tokio::time::Sleep>>,
-    /// An app instance's count of this request, until the body ends.
-    _in_flight: Option<InFlight>,
+    /// The request's count on its app instance and its upstream, until the
+    /// body ends.
+    _in_flight: (Option<InFlight>, Busy),
 }
 
 impl Deadline {
     pub(super) fn new(
-        inner: Incoming,
+        inner: Pooled,
         deadline: tokio::time::Instant,
-        in_flight: Option<InFlight>,
+        in_flight: (Option<InFlight>, Busy),
     ) -> Self {
         Deadline {
             inner,

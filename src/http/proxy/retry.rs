@@ -38,8 +38,8 @@ pub(super) fn idempotent(method: &http::Method) -> bool {
 
 /// The connection closed (or was reset) before any response: an instance
 /// that just died, with this request written to a connection it had open.
-pub(super) fn closed_unanswered(e: &hyper_util::client::legacy::Error) -> bool {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+pub(super) fn closed_unanswered(e: &hyper::Error) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(c) = cur {
         if let Some(h) = c.downcast_ref::<hyper::Error>() {
             if h.is_incomplete_message() || h.is_canceled() {

@@ -90,24 +90,24 @@ impl Router {
                 },
                 Action::Status => Route::Status,
                 Action::Metrics => Route::Metrics,
-                Action::Proxy {
-                    target,
-                    connect_timeout,
-                    timeout,
-                    strip_prefix,
-                    max_body,
-                } => Route::Proxy(Arc::new(crate::http::proxy::Proxy::new(
-                    target,
-                    *connect_timeout,
-                    *timeout,
-                    *strip_prefix,
-                    *max_body,
-                ))),
+                Action::Proxy(p) => Route::Proxy(Arc::new(crate::http::proxy::Proxy::new(
+                    file,
+                    format!("{} {}", listener.name, r.path),
+                    p,
+                )?)),
             };
             routes.push((Arc::<str>::from(r.path.as_str()), handle));
         }
         routes.sort_by_key(|r| std::cmp::Reverse(r.0.len()));
         Ok(Router { routes, acme_http })
+    }
+
+    /// The proxy routes, for their upstreams' health and state.
+    pub(crate) fn proxies(&self) -> impl Iterator<Item = &Arc<crate::http::proxy::Proxy>> {
+        self.routes.iter().filter_map(|(_, r)| match r {
+            Route::Proxy(p) => Some(p),
+            _ => None,
+        })
     }
 
     /// Answers `req`: at once for fixed responses, redirects and `status`

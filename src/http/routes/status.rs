@@ -62,6 +62,18 @@ pub(super) fn response(ctx: &ListenerContext) -> Response<Body> {
             .sum::<u64>()
             .into();
     }
+    if !p.upstreams.is_empty() {
+        body["upstreams"] = p
+            .upstreams
+            .iter()
+            .map(|u| {
+                let mut j = u.json();
+                j["route"] = u.route.clone().into();
+                j
+            })
+            .collect::<Vec<_>>()
+            .into();
+    }
     if !p.apps.is_empty() {
         body["apps"] = p.apps.status();
     }
