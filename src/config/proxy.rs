@@ -67,8 +67,12 @@ impl Validator<'_> {
             };
             let tls = uri.scheme_str() == Some("https");
             let wrong = match protocol {
-                UpstreamProtocol::H2 if !tls => Some("h2 is spoken over TLS: use https:// upstreams, or protocol: h2c"),
-                UpstreamProtocol::H2c if tls => Some("h2c is HTTP/2 in the clear: use http:// upstreams, or protocol: h2"),
+                UpstreamProtocol::H2 if !tls => {
+                    Some("h2 is spoken over TLS: use https:// upstreams, or protocol: h2c")
+                }
+                UpstreamProtocol::H2c if tls => {
+                    Some("h2c is HTTP/2 in the clear: use http:// upstreams, or protocol: h2")
+                }
                 _ => None,
             };
             if let Some(why) = wrong {
@@ -92,7 +96,8 @@ impl Validator<'_> {
             )?,
             tls,
             protocol,
-            request_headers: self.header_rules(&v.request_headers, &format!("{key}.request_headers"))?,
+            request_headers: self
+                .header_rules(&v.request_headers, &format!("{key}.request_headers"))?,
             response_headers: self
                 .header_rules(&v.response_headers, &format!("{key}.response_headers"))?,
             host: match v.host.as_ref().map(|h| (h, h.value.as_str())) {
@@ -158,12 +163,7 @@ impl Validator<'_> {
 
     /// `http://host:port` or `https://host:port`, with no path or query.
     fn upstream_url(&self, url: &Spanned<String>, key: &str) -> Result<ProxyTarget, ConfigError> {
-        let bad = |why: &str| {
-            self.err(
-                Pos::from(url),
-                format!("{key}: {:?} {why}", url.value),
-            )
-        };
+        let bad = |why: &str| self.err(Pos::from(url), format!("{key}: {:?} {why}", url.value));
         let Ok(uri) = url.value.parse::<http::Uri>() else {
             return bad("is not http://host:port or https://host:port");
         };
@@ -239,7 +239,10 @@ impl Validator<'_> {
     ) -> Result<ActiveHealth, ConfigError> {
         let v = &h.value;
         let path = match &v.path {
-            Some(p) if p.value.starts_with('/') && p.value.parse::<http::uri::PathAndQuery>().is_ok() => {
+            Some(p)
+                if p.value.starts_with('/')
+                    && p.value.parse::<http::uri::PathAndQuery>().is_ok() =>
+            {
                 p.value.clone()
             }
             Some(p) => {
@@ -250,8 +253,16 @@ impl Validator<'_> {
             }
             None => return self.err(Pos::from(h), format!("{key}.path: missing")),
         };
-        let interval = self.duration(&v.interval, &format!("{key}.interval"), Duration::from_secs(5))?;
-        let timeout = self.duration(&v.timeout, &format!("{key}.timeout"), Duration::from_secs(2))?;
+        let interval = self.duration(
+            &v.interval,
+            &format!("{key}.interval"),
+            Duration::from_secs(5),
+        )?;
+        let timeout = self.duration(
+            &v.timeout,
+            &format!("{key}.timeout"),
+            Duration::from_secs(2),
+        )?;
         if interval.is_zero() {
             return self.err(
                 v.interval.as_ref().map(Pos::from),
@@ -335,11 +346,12 @@ impl Validator<'_> {
             });
         };
         let t = &t.value;
-        let file = |f: &Option<Spanned<String>>, name: &str| -> Result<Option<FileRef>, ConfigError> {
-            f.as_ref()
-                .map(|f| self.file_ref(f, format!("{key}.tls.{name}")))
-                .transpose()
-        };
+        let file =
+            |f: &Option<Spanned<String>>, name: &str| -> Result<Option<FileRef>, ConfigError> {
+                f.as_ref()
+                    .map(|f| self.file_ref(f, format!("{key}.tls.{name}")))
+                    .transpose()
+            };
         let client = match (file(&t.cert, "cert")?, file(&t.key, "key")?) {
             (Some(c), Some(k)) => Some((c, k)),
             (None, None) => None,
@@ -357,7 +369,10 @@ impl Validator<'_> {
                 Err(_) => {
                     return self.err(
                         Pos::from(s),
-                        format!("{key}.tls.server_name: {:?} is not a DNS name or address", s.value),
+                        format!(
+                            "{key}.tls.server_name: {:?} is not a DNS name or address",
+                            s.value
+                        ),
                     )
                 }
             },
@@ -379,9 +394,8 @@ impl Validator<'_> {
             return Ok(HeaderRules::default());
         };
         let name = |n: &str, pos: Pos, what: &str| {
-            http::HeaderName::from_bytes(n.as_bytes()).or_else(|_| {
-                self.err(pos, format!("{key}.{what}: {n:?} is not a header name"))
-            })
+            http::HeaderName::from_bytes(n.as_bytes())
+                .or_else(|_| self.err(pos, format!("{key}.{what}: {n:?} is not a header name")))
         };
         let mut rules = HeaderRules::default();
         for (what, map, out) in [
@@ -405,7 +419,9 @@ impl Validator<'_> {
         let mut pieces = Vec::new();
         let mut rest = v.value.as_str();
         while let Some(open) = rest.find('{') {
-            let Some(len) = rest[open..].find('}') else { break };
+            let Some(len) = rest[open..].find('}') else {
+                break;
+            };
             let name = &rest[open + 1..open + len];
             let Some((_, piece)) = PLACEHOLDERS.iter().find(|(n, _)| *n == name) else {
                 return self.err(
@@ -425,7 +441,10 @@ impl Validator<'_> {
         for p in &pieces {
             if let Piece::Text(t) = p {
                 if http::HeaderValue::from_str(t).is_err() {
-                    return self.err(Pos::from(v), format!("{key}: {:?} is not a header value", v.value));
+                    return self.err(
+                        Pos::from(v),
+                        format!("{key}: {:?} is not a header value", v.value),
+                    );
                 }
             }
         }

@@ -48,7 +48,11 @@ impl Validator<'_> {
         }
     }
 
-    pub(super) fn file_ref(&self, s: &Spanned<String>, key: String) -> Result<FileRef, ConfigError> {
+    pub(super) fn file_ref(
+        &self,
+        s: &Spanned<String>,
+        key: String,
+    ) -> Result<FileRef, ConfigError> {
         if s.value.is_empty() {
             return self.err(Pos::from(s), format!("{key}: must not be empty"));
         }
@@ -218,9 +222,13 @@ impl Validator<'_> {
                 );
             }
             for (j, r) in listener.routes.iter().enumerate() {
-                let Action::Proxy(p) = &r.action else { continue };
+                let Action::Proxy(p) = &r.action else {
+                    continue;
+                };
                 for (k, u) in p.upstreams.iter().enumerate() {
-                    let ProxyTarget::App(app) = &u.target else { continue };
+                    let ProxyTarget::App(app) = &u.target else {
+                        continue;
+                    };
                     if !apps.iter().any(|a| &a.name == app) {
                         let key = match p.upstreams.len() {
                             1 => "app".to_string(),

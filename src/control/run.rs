@@ -234,7 +234,9 @@ pub(crate) async fn control(
                 env.push((crate::sys::handoff::METRICS_VAR.into(), m.freeze().into()));
             }
             if !gen.process.upstreams.is_empty() {
-                let health = crate::process::upstreams::hand_over(gen.process.upstreams.iter().map(|u| &**u));
+                let health = crate::process::upstreams::hand_over(
+                    gen.process.upstreams.iter().map(|u| &**u),
+                );
                 env.push((crate::sys::handoff::UPSTREAMS_VAR.into(), health.into()));
             }
         }

@@ -316,7 +316,9 @@ impl Metrics {
             if f != family {
                 family = f;
                 let help = match f {
-                    "gracesrv_upstream_healthy" => "Whether a proxy upstream gets requests (1) or is out (0).",
+                    "gracesrv_upstream_healthy" => {
+                        "Whether a proxy upstream gets requests (1) or is out (0)."
+                    }
                     "gracesrv_upstream_in_flight" => "Requests in flight on a proxy upstream.",
                     _ => "A gauge.",
                 };

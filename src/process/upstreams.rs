@@ -73,7 +73,7 @@ impl UpstreamState {
     }
 
     /// A failed request. With `passive` (`max_fails`, `fail_window`,
-    /// `fail_timeout`), says whether this failure took it out.
+    /// `fail_timeout`), says whether this failure took it out (it was in).
     pub(crate) fn failed(&self, passive: Option<(u32, Duration, Duration)>) -> bool {
         self.failures_total.fetch_add(1, Ordering::Relaxed);
         let Some((max_fails, window, timeout)) = passive else {
@@ -88,9 +88,19 @@ impl UpstreamState {
             return false;
         }
         fails.clear();
-        self.out_until
-            .store(now + timeout.as_millis() as u64, Ordering::Relaxed);
-        true
+        let was_out = self
+            .out_until
+            .swap(now + timeout.as_millis() as u64, Ordering::Relaxed)
+            > now;
+        !was_out
+    }
+
+    /// A request it answered: if failures had taken it out (a request tried
+    /// while every upstream was out), it is back.
+    pub(crate) fn answered(&self) {
+        if self.out_until.load(Ordering::Relaxed) != 0 {
+            self.out_until.store(0, Ordering::Relaxed);
+        }
     }
 
     /// The outcome of an active check; says whether the health changed.

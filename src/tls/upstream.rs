@@ -71,7 +71,11 @@ pub(crate) fn client_config(
             builder.with_client_cert_resolver(Arc::new(ClientCert(pair)))
         }
     };
-    config.alpn_protocols = vec![if h2 { b"h2".to_vec() } else { b"http/1.1".to_vec() }];
+    config.alpn_protocols = vec![if h2 {
+        b"h2".to_vec()
+    } else {
+        b"http/1.1".to_vec()
+    }];
     Ok(Arc::new(config))
 }
 

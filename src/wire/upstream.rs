@@ -156,7 +156,9 @@ impl Pool {
         // likely closed by the upstream) first.
         loop {
             let idle = lock(&self.shared.slots[slot]).idle.pop();
-            let Some((mut sender, since)) = idle else { break };
+            let Some((mut sender, since)) = idle else {
+                break;
+            };
             if sender.is_closed() || since.elapsed() > IDLE_TIMEOUT {
                 continue;
             }
@@ -199,10 +201,18 @@ impl Pool {
         }
     }
 
-    async fn send_h2(&self, mut req: Request<Body>, slot: usize) -> Result<Response<Pooled>, SendError> {
+    async fn send_h2(
+        &self,
+        mut req: Request<Body>,
+        slot: usize,
+    ) -> Result<Response<Pooled>, SendError> {
         // HTTP/2 carries the target as :scheme and :authority.
         let host = req.headers_mut().remove(http::header::HOST);
-        let scheme = if self.shared.endpoint.tls.is_some() { "https" } else { "http" };
+        let scheme = if self.shared.endpoint.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         let authority = host
             .as_ref()
             .and_then(|h| h.to_str().ok())
@@ -290,22 +300,22 @@ impl Pool {
             return handshake(tcp, e.h2, addr).await;
         };
         let tls = tokio_rustls::TlsConnector::from(config.clone());
-        let stream = match tokio::time::timeout(e.connect_timeout, tls.connect(name.clone(), tcp)).await
-        {
-            Err(_) => {
-                return Err(ConnectError::TimedOut {
-                    addr: addr.clone(),
-                    timeout: e.connect_timeout,
-                })
-            }
-            Ok(Err(source)) => {
-                return Err(ConnectError::Tls {
-                    addr: addr.clone(),
-                    source,
-                })
-            }
-            Ok(Ok(s)) => s,
-        };
+        let stream =
+            match tokio::time::timeout(e.connect_timeout, tls.connect(name.clone(), tcp)).await {
+                Err(_) => {
+                    return Err(ConnectError::TimedOut {
+                        addr: addr.clone(),
+                        timeout: e.connect_timeout,
+                    })
+                }
+                Ok(Err(source)) => {
+                    return Err(ConnectError::Tls {
+                        addr: addr.clone(),
+                        source,
+                    })
+                }
+                Ok(Ok(s)) => s,
+            };
         if e.h2 && stream.get_ref().1.alpn_protocol() != Some(b"h2") {
             return Err(ConnectError::NoH2 { addr: addr.clone() });
         }

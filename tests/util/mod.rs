@@ -16,6 +16,7 @@ pub mod load;
 pub mod pebble;
 pub mod preload;
 pub mod raw;
+pub mod upstream;
 pub mod venv;
 pub mod ws;
 

@@ -274,7 +274,11 @@ mod tests {
         let mut counts = [0; 3];
         for k in &keys {
             let a = three.pick(Some(*k), &[], 0).unwrap();
-            assert_eq!(three.pick(Some(*k), &[], 0), Some(a), "one key, one upstream");
+            assert_eq!(
+                three.pick(Some(*k), &[], 0),
+                Some(a),
+                "one key, one upstream"
+            );
             counts[a] += 1;
             let b = four.pick(Some(*k), &[], 0).unwrap();
             if a != b {
@@ -290,7 +294,10 @@ mod tests {
     #[test]
     fn cookies_are_found_by_name() {
         let mut h = http::HeaderMap::new();
-        h.insert(http::header::COOKIE, "a=1; session=xyz; b=2".parse().unwrap());
+        h.insert(
+            http::header::COOKIE,
+            "a=1; session=xyz; b=2".parse().unwrap(),
+        );
         assert_eq!(cookie(&h, "session"), Some(&b"xyz"[..]));
         assert_eq!(cookie(&h, "sess"), None);
     }

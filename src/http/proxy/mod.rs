@@ -22,8 +22,8 @@
 
 mod balance;
 mod body;
-pub(crate) mod health;
 mod headers;
+pub(crate) mod health;
 mod retry;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -141,10 +141,7 @@ impl Proxy {
                 }
             };
             targets.push(target);
-            states.push((
-                Arc::new(UpstreamState::new(route.clone(), label)),
-                u.weight,
-            ));
+            states.push((Arc::new(UpstreamState::new(route.clone(), label)), u.weight));
         }
         Ok(Proxy {
             balancer: Balancer::new(config.policy.clone(), states),
@@ -357,8 +354,15 @@ impl Proxy {
             };
             let failed = match sent {
                 Ok((res, in_flight)) => {
-                    if self.config.passive.unhealthy_status.contains(&res.status().as_u16()) {
+                    if self
+                        .config
+                        .passive
+                        .unhealthy_status
+                        .contains(&res.status().as_u16())
+                    {
                         self.failure(i);
+                    } else if probing {
+                        state.answered();
                     }
                     break (res, busy, in_flight);
                 }
@@ -400,7 +404,12 @@ impl Proxy {
         let (mut parts, body) = res.into_parts();
         strip_hop_by_hop(&mut parts.headers, false);
         let client_host = host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or("");
-        apply_rules(&mut parts.headers, &self.config.response_headers, client_host, peer);
+        apply_rules(
+            &mut parts.headers,
+            &self.config.response_headers,
+            client_host,
+            peer,
+        );
         let deadline = tokio::time::Instant::now() + self.config.timeout;
         Response::from_parts(
             parts,
@@ -466,7 +475,9 @@ impl Proxy {
         let route = &self.route;
         let error: &(dyn std::error::Error + 'static) = match &failed {
             Failed::Response(_) => {
-                let Failed::Response(res) = failed else { unreachable!() };
+                let Failed::Response(res) = failed else {
+                    unreachable!()
+                };
                 return res;
             }
             Failed::TimedOut => {
