@@ -450,3 +450,98 @@ async fn proxy_config_errors_name_their_place() {
     assert!(ok, "{out}");
     assert!(out.contains("proxy /api: least_conn to http://127.0.0.1:9 (weight 3), http://127.0.0.1:10, checked at /healthz every 5s"), "{out}");
 }
+
+#[tokio::test]
+async fn https_upstreams_are_verified_and_client_certificates_shown() {
+    // nginx with a CA of its own, over TLS (HTTP/1.1 and HTTP/2), and a
+    // second server that requires a client certificate from another CA.
+    let nginx_dir = tempfile::tempdir().unwrap();
+    let upstream_ca = util::Certs::new();
+    upstream_ca.leaf(nginx_dir.path(), "up", &["localhost", "127.0.0.1"], 7);
+    let client_ca = util::Certs::new();
+    std::fs::write(nginx_dir.path().join("client-ca.pem"), &client_ca.ca_pem).unwrap();
+    let (p1, p2) = (util::nginx::free_port(), util::nginx::free_port());
+    let d = nginx_dir.path().display();
+    let servers = format!(
+        "server {{ listen 127.0.0.1:{p1} ssl http2; ssl_certificate {d}/up.crt; ssl_certificate_key {d}/up.key;\n\
+           location / {{ return 200 \"nginx $server_protocol $ssl_server_name $http_host\\n\"; }} }}\n\
+         server {{ listen 127.0.0.1:{p2} ssl; ssl_certificate {d}/up.crt; ssl_certificate_key {d}/up.key;\n\
+           ssl_client_certificate {d}/client-ca.pem; ssl_verify_client on;\n\
+           location / {{ return 200 \"nginx-mtls $ssl_client_verify $ssl_client_s_dn\\n\"; }} }}\n"
+    );
+    let a1: std::net::SocketAddr = format!("127.0.0.1:{p1}").parse().unwrap();
+    let a2: std::net::SocketAddr = format!("127.0.0.1:{p2}").parse().unwrap();
+    let _nginx = util::nginx::Nginx::start(nginx_dir.path(), &servers, &[a1, a2]).await;
+
+    let ca_pem = upstream_ca.ca_pem.clone();
+    let client_dir = tempfile::tempdir().unwrap();
+    client_ca.leaf(client_dir.path(), "client", &["gracesrv-client"], 9);
+    let client_dir_path = client_dir.path().to_path_buf();
+    let tls = |extra: Value| {
+        let mut v = json!({ "tls": { "ca": "upstream-ca.crt", "server_name": "localhost" } });
+        if let (Some(tls), Value::Object(extra)) = (v["tls"].as_object_mut(), extra) {
+            tls.extend(extra);
+        }
+        v["tls"].clone()
+    };
+    let one = format!("https://{a1}");
+    let config = Config::new().listener(
+        Listener::plain("web")
+            .route("/tls", "proxy", json!({ "upstream": one, "tls": tls(json!({})) }))
+            .route("/h2", "proxy", json!({ "upstream": one, "tls": tls(json!({})), "protocol": "h2" }))
+            .route("/by-ip", "proxy", json!({ "upstream": one, "tls": { "ca": "upstream-ca.crt" } }))
+            .route("/untrusted", "proxy", json!({ "upstream": one }))
+            .route("/insecure", "proxy", json!({ "upstream": one, "tls_insecure_skip_verify": true }))
+            .route("/mtls-none", "proxy", json!({ "upstream": format!("https://{a2}"), "tls": tls(json!({})) }))
+            .route(
+                "/mtls",
+                "proxy",
+                json!({ "upstream": format!("https://{a2}"), "tls": tls(json!({ "cert": "client.crt", "key": "client.key" })) }),
+            ),
+    );
+    let srv = TestServer::builder()
+        .config(config)
+        .before(move |dir, _| {
+            std::fs::write(dir.join("upstream-ca.crt"), &ca_pem).unwrap();
+            for f in ["client.crt", "client.key"] {
+                std::fs::copy(client_dir_path.join(f), dir.join(f)).unwrap();
+            }
+        })
+        .start()
+        .await;
+    let web = Target::plain(srv.addr("web"));
+    let get = |path: &'static str| {
+        let web = web.clone();
+        async move { client::get(&web, path).await.unwrap() }
+    };
+    let r = get("/tls/x").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    // SNI from server_name; the client's Host kept (host: keep).
+    assert_eq!(
+        r.body,
+        format!("nginx HTTP/1.1 localhost {}\n", srv.addr("web"))
+    );
+    let r = get("/h2/x").await;
+    assert_eq!(
+        r.body,
+        format!("nginx HTTP/2.0 localhost {}\n", srv.addr("web")),
+        "{}",
+        r.body
+    );
+    // No server_name: the URL's address, which the certificate names.
+    assert_eq!(get("/by-ip/x").await.status, 200);
+    // The system's roots do not know nginx's CA.
+    assert_eq!(get("/untrusted/x").await.status, 502);
+    assert!(
+        srv.logs().contains("UnknownIssuer"),
+        "the log names the cause"
+    );
+    assert_eq!(get("/insecure/x").await.status, 200);
+    assert!(srv.logs().contains("tls_insecure_skip_verify"));
+    // mTLS: refused without the client certificate, taken with it.
+    let r = get("/mtls-none/x").await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    let r = get("/mtls/x").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.body.starts_with("nginx-mtls SUCCESS"), "{}", r.body);
+}

@@ -13,6 +13,7 @@ pub mod config;
 pub mod h2raw;
 pub mod h3;
 pub mod load;
+pub mod nginx;
 pub mod pebble;
 pub mod preload;
 pub mod raw;
