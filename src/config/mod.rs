@@ -503,7 +503,8 @@ impl Config {
         Validator { file: path }.config(raw)
     }
 
-    /// Every file this config depends on: itself, certificates and keys.
+    /// Every file this config depends on: itself, certificates and keys
+    /// (the listeners', and the proxies' upstream CAs and client certificates).
     /// These are what `watch: true` watches.
     pub(crate) fn watched_files(&self) -> Vec<PathBuf> {
         let mut files = vec![self.path.clone()];
@@ -515,6 +516,16 @@ impl Config {
                 for (c, k) in &tls.sni {
                     files.push(c.path.clone());
                     files.push(k.path.clone());
+                }
+            }
+            // A proxy's upstream CA and client certificate rotate too.
+            for r in &l.routes {
+                if let Action::Proxy(p) = &r.action {
+                    files.extend(p.tls.ca.iter().map(|f| f.path.clone()));
+                    if let Some((c, k)) = &p.tls.client {
+                        files.push(c.path.clone());
+                        files.push(k.path.clone());
+                    }
                 }
             }
         }

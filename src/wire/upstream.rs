@@ -130,7 +130,8 @@ impl Pool {
     }
 
     /// Sends `req` (its URI in origin form, `/path?query`) on a pooled
-    /// connection, or a new one. Over HTTP/2, `Host` becomes `:authority`.
+    /// connection, or a new one. Over HTTP/2, `Host` becomes `:authority`; over
+    /// HTTP/1.1, a request without one is given the endpoint's.
     pub(crate) async fn send(&self, req: Request<Body>) -> Result<Response<Pooled>, SendError> {
         self.send_in(req, serving_thread() % SLOTS).await
     }
@@ -151,6 +152,12 @@ impl Pool {
     ) -> Result<Response<Pooled>, SendError> {
         if self.shared.endpoint.h2 {
             return self.send_h2(req, slot).await;
+        }
+        // HTTP/1.1 requires a Host (an HTTP/1.0 client may have sent none).
+        if !req.headers().contains_key(http::header::HOST) {
+            if let Ok(v) = http::HeaderValue::from_str(&self.shared.endpoint.addr) {
+                req.headers_mut().insert(http::header::HOST, v);
+            }
         }
         // Idle connections first, the most recently used (so the least
         // likely closed by the upstream) first.
