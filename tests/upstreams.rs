@@ -545,3 +545,49 @@ async fn https_upstreams_are_verified_and_client_certificates_shown() {
     assert_eq!(r.status, 200, "{}", r.body);
     assert!(r.body.starts_with("nginx-mtls SUCCESS"), "{}", r.body);
 }
+
+#[tokio::test]
+async fn a_restart_keeps_what_is_known_of_upstream_health() {
+    let mut ups = ups(&["a", "b"]).await;
+    let config = Config::new().listener(
+        Listener::plain("web")
+            .route(
+                "/api",
+                "proxy",
+                json!({ "upstreams": upstreams(&ups, &[]), "passive": { "fail_timeout": "1h" } }),
+            )
+            .route("/status", "status", json!({})),
+    );
+    let mut srv = TestServer::builder().config(config).start().await;
+    let web = srv.addr("web");
+    ups[1].kill();
+    // Round robin reaches b within two requests: it fails, is out, and the
+    // request goes to a.
+    for _ in 0..2 {
+        let r = client::get(&Target::plain(web), "/api/x").await.unwrap();
+        assert_eq!((r.status.as_u16(), who(&r.body)), (200, "a"));
+    }
+    let b_of = |st: &Value| {
+        st["upstreams"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|u| u["upstream"] == ups[1].url())
+            .cloned()
+            .unwrap()
+    };
+    let b = b_of(&status(&srv).await);
+    assert_eq!((b["healthy"].clone(), b["failures_total"].clone()), (json!(false), json!(1)), "{b}");
+    srv.restart().await;
+    // The new generation knows b is out: it sends it nothing, so it sees
+    // no failure of its own.
+    for _ in 0..10 {
+        let r = client::get(&Target::plain(web), "/api/x").await.unwrap();
+        assert_eq!((r.status.as_u16(), who(&r.body)), (200, "a"));
+    }
+    let st = status(&srv).await;
+    assert_eq!(st["pid"], srv.pid());
+    let b = b_of(&st);
+    assert_eq!((b["healthy"].clone(), b["failures_total"].clone(), b["requests_total"].clone()), (json!(false), json!(0), json!(0)), "{st}");
+    assert!(b["out_for_s"].as_f64().is_some_and(|s| s > 3000.0), "{b}");
+}

@@ -24,6 +24,11 @@ enum Kind {
 }
 
 impl Body {
+    /// No body at all (a GET's).
+    pub(crate) const fn empty() -> Body {
+        Body(Kind::Full(None))
+    }
+
     /// Boxes any body.
     pub(crate) fn new<B>(body: B) -> Body
     where

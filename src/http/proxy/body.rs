@@ -75,14 +75,15 @@ pub(super) struct Deadline {
 }
 
 impl Deadline {
+    /// `sleep`: the route's `timeout`, started when the request was sent.
     pub(super) fn new(
         inner: Pooled,
-        deadline: tokio::time::Instant,
+        sleep: Pin<Box<tokio::time::Sleep>>,
         in_flight: (Option<InFlight>, Busy),
     ) -> Self {
         Deadline {
             inner,
-            sleep: Box::pin(tokio::time::sleep_until(deadline)),
+            sleep,
             _in_flight: in_flight,
         }
     }

@@ -96,41 +96,55 @@ pub(super) fn is_websocket<B>(req: &Request<B>) -> bool {
 }
 
 /// Sets `X-Forwarded-For` (appended), `-Proto`, `-Host` and `Forwarded`.
+/// Each value is written once into a buffer the header then owns (this runs
+/// for every proxied request).
 pub(super) fn set_forwarded(h: &mut HeaderMap, peer: Peer, host: Option<&HeaderValue>) {
-    let ip = peer.addr.ip().to_string();
+    use std::fmt::Write;
+    let ip = peer.addr.ip();
     let proto = if peer.tls { "https" } else { "http" };
-    let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {ip}"),
-        None => ip.clone(),
-    };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    let mut xff = String::with_capacity(64);
+    if let Some(prev) = h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        xff.push_str(prev);
+        xff.push_str(", ");
+    }
+    let _ = write!(xff, "{ip}");
+    if let Some(v) = owned(xff) {
         h.insert("x-forwarded-for", v);
     }
     h.insert("x-forwarded-proto", HeaderValue::from_static(proto));
-    let host_str = host.and_then(|v| v.to_str().ok());
     if let Some(v) = host.cloned() {
         h.insert("x-forwarded-host", v);
     }
+    let mut fwd = String::with_capacity(96);
+    if let Some(prev) = h.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
+        fwd.push_str(prev);
+        fwd.push_str(", ");
+    }
     // RFC 7239: an IPv6 address is quoted and bracketed.
-    let for_ = if peer.addr.is_ipv6() {
-        format!("\"[{ip}]\"")
-    } else {
-        ip
+    let _ = match ip {
+        std::net::IpAddr::V6(ip) => write!(fwd, "for=\"[{ip}]\";proto={proto}"),
+        std::net::IpAddr::V4(ip) => write!(fwd, "for={ip};proto={proto}"),
     };
-    let mut fwd = format!("for={for_};proto={proto}");
-    if let Some(host) = host_str {
+    if let Some(host) = host.and_then(|v| v.to_str().ok()) {
         // A quoted-string (RFC 7239 section 4): `"` and `\` escaped, so a
         // host can never end the value and add fields of its own.
-        let quoted = host.replace('\\', "\\\\").replace('"', "\\\"");
-        fwd.push_str(&format!(";host=\"{quoted}\""));
+        fwd.push_str(";host=\"");
+        for c in host.chars() {
+            if c == '"' || c == '\\' {
+                fwd.push('\\');
+            }
+            fwd.push(c);
+        }
+        fwd.push('"');
     }
-    let fwd = match h.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {fwd}"),
-        None => fwd,
-    };
-    if let Ok(v) = HeaderValue::from_str(&fwd) {
+    if let Some(v) = owned(fwd) {
         h.insert(header::FORWARDED, v);
     }
+}
+
+/// A header value that takes `s` as it is (no copy), if it is valid.
+fn owned(s: String) -> Option<HeaderValue> {
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(s)).ok()
 }
 
 #[cfg(test)]

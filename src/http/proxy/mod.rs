@@ -237,25 +237,26 @@ impl Proxy {
         let websocket = is_websocket(&req);
         let client_upgrade = websocket.then(|| hyper::upgrade::on(&mut req));
 
-        // The path (without the route's prefix if asked) and query.
-        let pq = req
-            .uri()
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/");
-        let pq = match self.config.strip_prefix {
-            true => {
-                let rest = pq.strip_prefix(prefix.trim_end_matches('/')).unwrap_or(pq);
-                if rest.starts_with('/') {
-                    rest.to_string()
-                } else {
-                    format!("/{rest}")
-                }
+        // The path (without the route's prefix if asked) and query, in
+        // origin form.
+        let pq = req.uri().path_and_query().cloned();
+        let target = match (self.config.strip_prefix, pq) {
+            (false, Some(pq)) => http::Uri::from(pq),
+            (strip, pq) => {
+                let pq = pq.as_ref().map_or("/", |p| p.as_str());
+                let rest = match strip {
+                    true => pq.strip_prefix(prefix.trim_end_matches('/')).unwrap_or(pq),
+                    false => pq,
+                };
+                let target = match rest.starts_with('/') {
+                    true => rest.parse::<http::Uri>(),
+                    false => format!("/{rest}").parse::<http::Uri>(),
+                };
+                let Ok(target) = target else {
+                    return text(StatusCode::BAD_REQUEST, "bad request\n");
+                };
+                target
             }
-            false => pq.to_string(),
-        };
-        let Ok(target) = pq.parse::<http::Uri>() else {
-            return text(StatusCode::BAD_REQUEST, "bad request\n");
         };
         let host = req.headers().get(header::HOST).cloned().or_else(|| {
             req.uri()
@@ -281,25 +282,36 @@ impl Proxy {
         // A body without a length (chunked, HTTP/2) is cut at `max_body`.
         // A body the client breaks (bad chunked framing, a reset stream) is
         // noted, so that failure is the client's 400, not an upstream's 502.
-        let client_failed = Arc::new(AtomicBool::new(false));
+        // No body at all (most requests) needs none of this.
         let (parts, body) = req.into_parts();
-        let body = ClientBody {
-            inner: body,
-            failed: client_failed.clone(),
+        let client_failed = match body.is_end_stream() {
+            true => None,
+            false => Some(Arc::new(AtomicBool::new(false))),
         };
-        let body = match self.config.max_body {
-            Some(max) => Body::new(http_body_util::Limited::new(
-                body,
-                usize::try_from(max).unwrap_or(usize::MAX),
-            )),
-            None => Body::new(body),
+        let body = match &client_failed {
+            None => Held::Empty,
+            Some(client_failed) => {
+                let body = ClientBody {
+                    inner: body,
+                    failed: client_failed.clone(),
+                };
+                let body = match self.config.max_body {
+                    Some(max) => Body::new(http_body_util::Limited::new(
+                        body,
+                        usize::try_from(max).unwrap_or(usize::MAX),
+                    )),
+                    None => Body::new(body),
+                };
+                // Kept, so that a request whose body was never read can be
+                // sent again.
+                Held::Kept(Arc::new(Reclaimable::new(body)))
+            }
         };
-        // Kept, so that a request whose body was never read can be sent again.
-        let body = Arc::new(Reclaimable::new(body));
         // An idempotent request may be sent again after it was written.
         let again = (idempotent(&parts.method) && !websocket).then(|| copy(&parts));
-        let mut req = Request::from_parts(parts, Body::new(body.attempt()));
+        let mut req = Request::from_parts(parts, body.attempt());
         let mut again = again;
+        let mut deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
         let mut tried: Vec<usize> = Vec::new();
         let mut probing = false;
         let mut app_except = None;
@@ -342,9 +354,14 @@ impl Proxy {
             let busy = Busy::new(state.clone());
             let sent = match &self.targets[i] {
                 Target::Url { pool, .. } => {
-                    match tokio::time::timeout(self.config.timeout, pool.send(req)).await {
-                        Ok(sent) => sent.map(|res| (res, None)).map_err(Failed::Send),
-                        Err(_) => Err(Failed::TimedOut),
+                    // One timer for the whole response (see `Deadline`).
+                    let sleep = deadline.get_or_insert_with(|| {
+                        Box::pin(tokio::time::sleep(self.config.timeout))
+                    });
+                    tokio::select! {
+                        biased;
+                        sent = pool.send(req) => sent.map(|res| (res, None)).map_err(Failed::Send),
+                        _ = sleep.as_mut() => Err(Failed::TimedOut),
                     }
                 }
                 Target::App(app) => self
@@ -380,7 +397,7 @@ impl Proxy {
                     if !body.touched()
                         && closed_unanswered(&e)
                         && again.is_some()
-                        && !client_failed.load(Ordering::Relaxed) =>
+                        && !client_failed.as_ref().is_some_and(|f| f.load(Ordering::Relaxed)) =>
                 {
                     debug!(route = %self.route, upstream = %state.upstream, "closed unanswered, sending again: {}", crate::observe::logging::causes(&e));
                     last = Some(Failed::Send(SendError::Failed(e)));
@@ -389,7 +406,7 @@ impl Proxy {
                         tried.push(i);
                     }
                     let parts = again.take().expect("checked above");
-                    Request::from_parts(parts, Body::new(body.attempt()))
+                    Request::from_parts(parts, body.attempt())
                 }
                 Failed::Response(res) => return res,
                 other => return self.failed(other, &client_failed, ctx),
@@ -410,7 +427,8 @@ impl Proxy {
             client_host,
             peer,
         );
-        let deadline = tokio::time::Instant::now() + self.config.timeout;
+        let deadline = deadline
+            .unwrap_or_else(|| Box::pin(tokio::time::sleep(self.config.timeout)));
         Response::from_parts(
             parts,
             Body::new(Deadline::new(body, deadline, (in_flight, busy))),
@@ -468,7 +486,7 @@ impl Proxy {
     fn failed(
         &self,
         failed: Failed,
-        client_failed: &AtomicBool,
+        client_failed: &Option<Arc<AtomicBool>>,
         ctx: &ListenerContext,
     ) -> Response<Body> {
         let stats = &ctx.process;
@@ -500,7 +518,7 @@ impl Proxy {
         if over_limit(error) {
             return text(StatusCode::PAYLOAD_TOO_LARGE, "payload too large\n");
         }
-        if client_failed.load(Ordering::Relaxed) {
+        if client_failed.as_ref().is_some_and(|f| f.load(Ordering::Relaxed)) {
             stats.client_errors_total.fetch_add(1, Ordering::Relaxed);
             debug!(%route, "request body from the client failed: {}", crate::observe::logging::causes(error));
             return text(StatusCode::BAD_REQUEST, "bad request\n");
@@ -554,6 +572,26 @@ impl Proxy {
             drop((in_flight, busy, upgraded, guard));
         });
         Response::from_parts(parts, crate::wire::body::full(Bytes::new()))
+    }
+}
+
+/// The request's body, held for the attempts.
+enum Held {
+    Empty,
+    Kept(Arc<Reclaimable>),
+}
+
+impl Held {
+    fn attempt(&self) -> Body {
+        match self {
+            Held::Empty => Body::empty(),
+            Held::Kept(b) => Body::new(b.attempt()),
+        }
+    }
+
+    /// Was any of it read (so it cannot be sent again)?
+    fn touched(&self) -> bool {
+        matches!(self, Held::Kept(b) if b.touched())
     }
 }
 
