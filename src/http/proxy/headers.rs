@@ -95,6 +95,10 @@ pub(super) fn is_websocket<B>(req: &Request<B>) -> bool {
     has_token(h, header::CONNECTION, "upgrade") && has_token(h, header::UPGRADE, "websocket")
 }
 
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
 /// Sets `X-Forwarded-For` (appended), `-Proto`, `-Host` and `Forwarded`.
 /// Each value is written once into a buffer the header then owns (this runs
 /// for every proxied request).
@@ -103,17 +107,17 @@ pub(super) fn set_forwarded(h: &mut HeaderMap, peer: Peer, host: Option<&HeaderV
     let ip = peer.addr.ip();
     let proto = if peer.tls { "https" } else { "http" };
     let mut xff = String::with_capacity(64);
-    if let Some(prev) = h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+    if let Some(prev) = h.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         xff.push_str(prev);
         xff.push_str(", ");
     }
-    let _ = write!(xff, "{ip}");
+    push_ip(&mut xff, ip);
     if let Some(v) = owned(xff) {
-        h.insert("x-forwarded-for", v);
+        h.insert(X_FORWARDED_FOR, v);
     }
-    h.insert("x-forwarded-proto", HeaderValue::from_static(proto));
+    h.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     if let Some(v) = host.cloned() {
-        h.insert("x-forwarded-host", v);
+        h.insert(X_FORWARDED_HOST, v);
     }
     let mut fwd = String::with_capacity(96);
     if let Some(prev) = h.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
@@ -123,7 +127,11 @@ pub(super) fn set_forwarded(h: &mut HeaderMap, peer: Peer, host: Option<&HeaderV
     // RFC 7239: an IPv6 address is quoted and bracketed.
     let _ = match ip {
         std::net::IpAddr::V6(ip) => write!(fwd, "for=\"[{ip}]\";proto={proto}"),
-        std::net::IpAddr::V4(ip) => write!(fwd, "for={ip};proto={proto}"),
+        std::net::IpAddr::V4(_) => {
+            fwd.push_str("for=");
+            push_ip(&mut fwd, ip);
+            write!(fwd, ";proto={proto}")
+        }
     };
     if let Some(host) = host.and_then(|v| v.to_str().ok()) {
         // A quoted-string (RFC 7239 section 4): `"` and `\` escaped, so a
@@ -139,6 +147,32 @@ pub(super) fn set_forwarded(h: &mut HeaderMap, peer: Peer, host: Option<&HeaderV
     }
     if let Some(v) = owned(fwd) {
         h.insert(header::FORWARDED, v);
+    }
+}
+
+/// Writes `ip`; an IPv4 address by hand (its `Display` goes through the
+/// formatter's padding machinery, measurable on this path).
+fn push_ip(out: &mut String, ip: std::net::IpAddr) {
+    use std::fmt::Write;
+    match ip {
+        std::net::IpAddr::V4(v4) => {
+            for (i, o) in v4.octets().iter().enumerate() {
+                if i > 0 {
+                    out.push('.');
+                }
+                let o = *o;
+                if o >= 100 {
+                    out.push(char::from(b'0' + o / 100));
+                }
+                if o >= 10 {
+                    out.push(char::from(b'0' + (o / 10) % 10));
+                }
+                out.push(char::from(b'0' + o % 10));
+            }
+        }
+        std::net::IpAddr::V6(v6) => {
+            let _ = write!(out, "{v6}");
+        }
     }
 }
 
@@ -171,6 +205,15 @@ mod tests {
         assert_eq!(h["upgrade"], "websocket");
         assert_eq!(h["connection"], "upgrade");
         assert!(!h.contains_key("x-private"));
+    }
+
+    #[test]
+    fn addresses_are_written_as_display_writes_them() {
+        for ip in ["0.0.0.0", "10.0.9.255", "127.0.0.1", "192.168.100.7", "::1", "fe80::1"] {
+            let mut s = String::new();
+            push_ip(&mut s, ip.parse().unwrap());
+            assert_eq!(s, ip);
+        }
     }
 
     #[test]
