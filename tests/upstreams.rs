@@ -577,7 +577,11 @@ async fn a_restart_keeps_what_is_known_of_upstream_health() {
             .unwrap()
     };
     let b = b_of(&status(&srv).await);
-    assert_eq!((b["healthy"].clone(), b["failures_total"].clone()), (json!(false), json!(1)), "{b}");
+    assert_eq!(
+        (b["healthy"].clone(), b["failures_total"].clone()),
+        (json!(false), json!(1)),
+        "{b}"
+    );
     srv.restart().await;
     // The new generation knows b is out: it sends it nothing, so it sees
     // no failure of its own.
@@ -588,6 +592,14 @@ async fn a_restart_keeps_what_is_known_of_upstream_health() {
     let st = status(&srv).await;
     assert_eq!(st["pid"], srv.pid());
     let b = b_of(&st);
-    assert_eq!((b["healthy"].clone(), b["failures_total"].clone(), b["requests_total"].clone()), (json!(false), json!(0), json!(0)), "{st}");
+    assert_eq!(
+        (
+            b["healthy"].clone(),
+            b["failures_total"].clone(),
+            b["requests_total"].clone()
+        ),
+        (json!(false), json!(0), json!(0)),
+        "{st}"
+    );
     assert!(b["out_for_s"].as_f64().is_some_and(|s| s > 3000.0), "{b}");
 }

@@ -24,12 +24,16 @@ pub(super) const HOP_BY_HOP: [HeaderName; 8] = [
 /// Removes hop-by-hop headers, and those the `Connection` header names.
 /// `Upgrade` (and `Connection: upgrade`) are kept when `upgrade` is set.
 pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    // `Connection: keep-alive` and `close` (nearly every message that has
+    // the field) name nothing else to remove: no allocation for them.
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .map(str::trim)
+        .filter(|n| !n.eq_ignore_ascii_case("keep-alive") && !n.eq_ignore_ascii_case("close"))
+        .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
         .filter(|n| !(upgrade && n == header::UPGRADE))
         .collect();
     for n in named.iter().chain(HOP_BY_HOP.iter()) {
@@ -209,11 +213,34 @@ mod tests {
 
     #[test]
     fn addresses_are_written_as_display_writes_them() {
-        for ip in ["0.0.0.0", "10.0.9.255", "127.0.0.1", "192.168.100.7", "::1", "fe80::1"] {
+        for ip in [
+            "0.0.0.0",
+            "10.0.9.255",
+            "127.0.0.1",
+            "192.168.100.7",
+            "::1",
+            "fe80::1",
+        ] {
             let mut s = String::new();
             push_ip(&mut s, ip.parse().unwrap());
             assert_eq!(s, ip);
         }
+    }
+
+    #[test]
+    fn a_long_chain_of_proxies_is_kept() {
+        let mut h = HeaderMap::new();
+        let chain = (0..40)
+            .map(|i| format!("10.0.0.{i}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        h.insert("x-forwarded-for", HeaderValue::from_str(&chain).unwrap());
+        let peer = Peer {
+            addr: "127.0.0.1:5000".parse().unwrap(),
+            tls: false,
+        };
+        set_forwarded(&mut h, peer, None);
+        assert_eq!(h["x-forwarded-for"], format!("{chain}, 127.0.0.1").as_str());
     }
 
     #[test]

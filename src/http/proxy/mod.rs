@@ -355,9 +355,8 @@ impl Proxy {
             let sent = match &self.targets[i] {
                 Target::Url { pool, .. } => {
                     // One timer for the whole response (see `Deadline`).
-                    let sleep = deadline.get_or_insert_with(|| {
-                        Box::pin(tokio::time::sleep(self.config.timeout))
-                    });
+                    let sleep = deadline
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(self.config.timeout)));
                     tokio::select! {
                         biased;
                         sent = pool.send(req) => sent.map(|res| (res, None)).map_err(Failed::Send),
@@ -397,7 +396,9 @@ impl Proxy {
                     if !body.touched()
                         && closed_unanswered(&e)
                         && again.is_some()
-                        && !client_failed.as_ref().is_some_and(|f| f.load(Ordering::Relaxed)) =>
+                        && !client_failed
+                            .as_ref()
+                            .is_some_and(|f| f.load(Ordering::Relaxed)) =>
                 {
                     debug!(route = %self.route, upstream = %state.upstream, "closed unanswered, sending again: {}", crate::observe::logging::causes(&e));
                     last = Some(Failed::Send(SendError::Failed(e)));
@@ -427,8 +428,8 @@ impl Proxy {
             client_host,
             peer,
         );
-        let deadline = deadline
-            .unwrap_or_else(|| Box::pin(tokio::time::sleep(self.config.timeout)));
+        let deadline =
+            deadline.unwrap_or_else(|| Box::pin(tokio::time::sleep(self.config.timeout)));
         Response::from_parts(
             parts,
             Body::new(Deadline::new(body, deadline, (in_flight, busy))),
@@ -518,7 +519,10 @@ impl Proxy {
         if over_limit(error) {
             return text(StatusCode::PAYLOAD_TOO_LARGE, "payload too large\n");
         }
-        if client_failed.as_ref().is_some_and(|f| f.load(Ordering::Relaxed)) {
+        if client_failed
+            .as_ref()
+            .is_some_and(|f| f.load(Ordering::Relaxed))
+        {
             stats.client_errors_total.fetch_add(1, Ordering::Relaxed);
             debug!(%route, "request body from the client failed: {}", crate::observe::logging::causes(error));
             return text(StatusCode::BAD_REQUEST, "bad request\n");
