@@ -314,7 +314,11 @@ fn check_names_file_line_and_column_of_each_error() {
         ),
         (
             format!("{l}    routes:\n      - proxy: {{ upstream: \"https://x:1/p\" }}\n"),
-            "FILE:5:28: listeners[0].routes[0].proxy.upstream: \"https://x:1/p\" is not http://host:port",
+            "FILE:5:28: listeners[0].routes[0].proxy.upstream: \"https://x:1/p\" has a path",
+        ),
+        (
+            format!("{l}    routes:\n      - proxy: {{ upstream: \"ftp://x:1\" }}\n"),
+            "FILE:5:28: listeners[0].routes[0].proxy.upstream: \"ftp://x:1\" is not http://host:port or https://host:port",
         ),
     ];
     for (config, want) in cases {
