@@ -19,6 +19,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
+pub(crate) use options::{BasicAuthConfig, Cache, RouteOptions};
+
 /// A position in the config file, 1-based.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Pos {
@@ -263,6 +265,8 @@ pub(crate) struct ListenerConfig {
     /// the top-level one.
     pub(crate) access_log: Option<AccessLogConfig>,
     pub(crate) routes: Vec<RouteConfig>,
+    /// Proxies whose forwarding headers name the client (`allow`, `deny`).
+    pub(crate) trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 #[derive(Debug, Clone)]
@@ -294,6 +298,8 @@ pub(crate) struct RouteConfig {
     pub(crate) path: String,
     pub(crate) action: Action,
     pub(crate) pos: Pos,
+    /// Access control and response rules (the listener's filled in).
+    pub(crate) options: RouteOptions,
 }
 
 #[derive(Debug, Clone)]
@@ -307,6 +313,10 @@ pub(crate) enum Action {
     Static {
         root: FileRef,
         index: String,
+        /// Served for a missing path without an extension (a single-page app).
+        fallback: Option<String>,
+        /// A directory without its index is listed.
+        browse: bool,
     },
     Redirect {
         to: String,
@@ -518,8 +528,15 @@ impl Config {
                     files.push(k.path.clone());
                 }
             }
-            // A proxy's upstream CA and client certificate rotate too.
+            // A proxy's upstream CA and client certificate rotate too, and
+            // basic_auth's users.
             for r in &l.routes {
+                files.extend(
+                    r.options
+                        .basic_auth
+                        .iter()
+                        .map(|b| b.users_file.path.clone()),
+                );
                 if let Action::Proxy(p) = &r.action {
                     files.extend(p.tls.ca.iter().map(|f| f.path.clone()));
                     if let Some((c, k)) = &p.tls.client {
@@ -557,6 +574,7 @@ pub(crate) fn absolute(path: &Path) -> PathBuf {
 }
 
 mod apps;
+mod options;
 mod proxy;
 mod raw;
 #[cfg(test)]

@@ -385,7 +385,7 @@ impl Validator<'_> {
         })
     }
 
-    fn header_rules(
+    pub(super) fn header_rules(
         &self,
         r: &Option<Spanned<raw::HeaderRules>>,
         key: &str,

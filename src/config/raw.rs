@@ -115,6 +115,15 @@ pub(crate) struct Listener {
     pub(crate) access_log: Option<Spanned<AccessLog>>,
     #[serde(default)]
     pub(crate) routes: Vec<Spanned<Route>>,
+    /// Proxies whose `X-Forwarded-For` / `Forwarded` name the client.
+    #[serde(default)]
+    pub(crate) trusted_proxies: Vec<Spanned<String>>,
+    // What every route of the listener gets, unless it says otherwise.
+    pub(crate) headers: Option<Spanned<HeaderRules>>,
+    pub(crate) cache: Option<Spanned<Cache>>,
+    pub(crate) allow: Option<Spanned<Vec<Spanned<String>>>>,
+    pub(crate) deny: Option<Spanned<Vec<Spanned<String>>>>,
+    pub(crate) basic_auth: Option<Spanned<BasicAuth>>,
 }
 
 #[derive(Deserialize)]
@@ -147,6 +156,30 @@ pub(crate) struct Route {
     pub(crate) status: Option<Spanned<Empty>>,
     pub(crate) metrics: Option<Spanned<Empty>>,
     pub(crate) proxy: Option<Spanned<Proxy>>,
+    // Options that compose with every action.
+    pub(crate) headers: Option<Spanned<HeaderRules>>,
+    pub(crate) cache: Option<Spanned<Cache>>,
+    pub(crate) allow: Option<Spanned<Vec<Spanned<String>>>>,
+    pub(crate) deny: Option<Spanned<Vec<Spanned<String>>>>,
+    pub(crate) basic_auth: Option<Spanned<BasicAuth>>,
+}
+
+/// `cache:`: the `Cache-Control` of the route's answers.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Cache {
+    pub(crate) max_age: Spanned<String>,
+    #[serde(default)]
+    pub(crate) immutable: bool,
+    pub(crate) public: Option<bool>,
+}
+
+/// `basic_auth:`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct BasicAuth {
+    pub(crate) realm: Option<Spanned<String>>,
+    pub(crate) users_file: Spanned<String>,
 }
 
 #[derive(Deserialize)]
@@ -243,6 +276,10 @@ pub(crate) struct Respond {
 pub(crate) struct Static {
     pub(crate) root: Spanned<String>,
     pub(crate) index: Option<String>,
+    /// A single-page app's page, for missing paths without an extension.
+    pub(crate) fallback: Option<Spanned<String>>,
+    #[serde(default)]
+    pub(crate) browse: bool,
 }
 
 #[derive(Deserialize)]

@@ -465,10 +465,25 @@ impl Validator<'_> {
                 })
             }
         };
+        let defaults = self.options(
+            super::options::RawOptions {
+                headers: &raw.headers,
+                cache: &raw.cache,
+                allow: &raw.allow,
+                deny: &raw.deny,
+                basic_auth: &raw.basic_auth,
+            },
+            &format!("listeners[{i}]"),
+            None,
+        )?;
+        let mut trusted_proxies = Vec::new();
+        for (k, c) in raw.trusted_proxies.iter().enumerate() {
+            trusted_proxies.push(self.cidr(c, &format!("listeners[{i}].trusted_proxies[{k}]"))?);
+        }
         let mut routes = Vec::new();
         let mut paths = HashSet::new();
         for (j, r) in raw.routes.iter().enumerate() {
-            let route = self.route(&format!("listeners[{i}].routes[{j}]"), r)?;
+            let route = self.route(&format!("listeners[{i}].routes[{j}]"), r, &defaults)?;
             if !paths.insert(route.path.clone()) {
                 return self.err(
                     route.pos,
@@ -501,10 +516,16 @@ impl Validator<'_> {
             http3,
             access_log,
             routes,
+            trusted_proxies,
         })
     }
 
-    fn route(&self, key: &str, r: &Spanned<raw::Route>) -> Result<RouteConfig, ConfigError> {
+    fn route(
+        &self,
+        key: &str,
+        r: &Spanned<raw::Route>,
+        listener: &RouteOptions,
+    ) -> Result<RouteConfig, ConfigError> {
         let raw = &r.value;
         let pos = Pos::from(r);
         let path = match &raw.path {
@@ -567,9 +588,27 @@ impl Validator<'_> {
                 delay: self.duration(&v.delay, &format!("{key}.respond.delay"), Duration::ZERO)?,
             }
         } else if let Some(s) = &raw.static_ {
+            let fallback = match &s.value.fallback {
+                None => None,
+                Some(f) => {
+                    // A file under root, named relative to it.
+                    let bad = f.value.is_empty()
+                        || f.value.starts_with('/')
+                        || f.value.split('/').any(|c| c == ".." || c.is_empty());
+                    if bad {
+                        return self.err(
+                            Pos::from(f),
+                            format!("{key}.static.fallback: {:?} is not a file under root (index.html, app/index.html)", f.value),
+                        );
+                    }
+                    Some(f.value.clone())
+                }
+            };
             Action::Static {
                 root: self.file_ref(&s.value.root, format!("{key}.static.root"))?,
                 index: s.value.index.clone().unwrap_or_else(|| "index.html".into()),
+                fallback,
+                browse: s.value.browse,
             }
         } else if let Some(r) = &raw.redirect {
             let status = self.status(
@@ -595,7 +634,23 @@ impl Validator<'_> {
         } else {
             Action::Status
         };
-        Ok(RouteConfig { path, action, pos })
+        let options = self.options(
+            super::options::RawOptions {
+                headers: &raw.headers,
+                cache: &raw.cache,
+                allow: &raw.allow,
+                deny: &raw.deny,
+                basic_auth: &raw.basic_auth,
+            },
+            key,
+            Some(listener),
+        )?;
+        Ok(RouteConfig {
+            path,
+            action,
+            pos,
+            options,
+        })
     }
 
     fn status(

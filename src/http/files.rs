@@ -52,10 +52,13 @@ pub(crate) fn resolve_static(root: &Path, rel: &str) -> Option<PathBuf> {
     canonical.starts_with(root).then_some(canonical)
 }
 
-/// A `static` route: its root (canonical) and the index file of directories.
+/// A `static` route: its root (canonical), the index file of directories,
+/// a single-page app's `fallback` and whether directories are listed.
 pub(crate) struct Root {
     pub(crate) root: PathBuf,
     pub(crate) index: String,
+    pub(crate) fallback: Option<String>,
+    pub(crate) browse: bool,
 }
 
 /// What a request names under a root, found off the serving thread.
@@ -66,6 +69,9 @@ enum Found {
     Directory,
     /// A file to serve (a directory's index included), decoded and canonical.
     File(PathBuf, Validators),
+    /// A directory without its index, listed (`browse`): its entries' names
+    /// (directories with a trailing `/`), sorted.
+    Listing(Vec<String>),
 }
 
 /// Looks `rel` up under `route`'s root: every filesystem call a static
@@ -73,6 +79,44 @@ enum Found {
 /// one blocking task (a slow `stat` on a network filesystem must not stall
 /// the serving thread's other connections).
 fn find(route: &Root, rel: &str, slash: bool) -> Found {
+    match find_file(route, rel, slash) {
+        // A single-page app: a missing path that does not look like a file
+        // (no extension in its last segment) is the app's page.
+        Found::Missing if route.fallback.is_some() && !looks_like_a_file(rel) && !climbs(rel) => {
+            match route
+                .fallback
+                .as_deref()
+                .and_then(|f| resolve_static(&route.root, f))
+            {
+                Some(page) => match std::fs::metadata(&page).ok().filter(|m| m.is_file()) {
+                    Some(meta) => {
+                        Validators::of(&meta).map_or(Found::Missing, |v| Found::File(page, v))
+                    }
+                    None => Found::Missing,
+                },
+                None => Found::Missing,
+            }
+        }
+        found => found,
+    }
+}
+
+/// Does `rel` try to leave its directory (`..`, `.`, or their escapes)? Such
+/// a path gets its 404, never the app's page.
+fn climbs(rel: &str) -> bool {
+    let lower = rel.to_ascii_lowercase();
+    lower.contains("%2e") || lower.contains('\\') || rel.split('/').any(|s| s == ".." || s == ".")
+}
+
+/// Does the last segment of `rel` have an extension (`app.js`, `a.b/c.css`)?
+fn looks_like_a_file(rel: &str) -> bool {
+    rel.trim_end_matches('/')
+        .rsplit('/')
+        .next()
+        .is_some_and(|last| last.contains('.'))
+}
+
+fn find_file(route: &Root, rel: &str, slash: bool) -> Found {
     let Some(mut file) = resolve_static(&route.root, rel) else {
         return Found::Missing;
     };
@@ -83,19 +127,100 @@ fn find(route: &Root, rel: &str, slash: bool) -> Found {
         if !slash {
             return Found::Directory;
         }
-        match resolve_static(&route.root, &format!("{rel}/{}", route.index)) {
-            Some(index) => file = index,
+        let dir = file.clone();
+        let index =
+            resolve_static(&route.root, &format!("{rel}/{}", route.index)).and_then(|index| {
+                std::fs::metadata(&index)
+                    .ok()
+                    .filter(|m| m.is_file())
+                    .map(|m| (index, m))
+            });
+        match index {
+            Some((index, m)) => (file, meta) = (index, m),
+            None if route.browse => return list(&route.root, &dir),
             None => return Found::Missing,
-        }
-        match std::fs::metadata(&file) {
-            Ok(m) if m.is_file() => meta = m,
-            _ => return Found::Missing,
         }
     }
     match Validators::of(&meta) {
         Some(v) => Found::File(file, v),
         None => Found::Missing,
     }
+}
+
+/// The entries of `dir` that stay under `root` (a symlink that leaves it
+/// is not shown), sorted by name.
+fn list(root: &Path, dir: &Path) -> Found {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Found::Missing;
+    };
+    let mut names: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let real = std::fs::canonicalize(e.path()).ok()?;
+            if !real.starts_with(root) {
+                return None;
+            }
+            Some(match real.is_dir() {
+                true => format!("{name}/"),
+                false => name,
+            })
+        })
+        .collect();
+    names.sort();
+    Found::Listing(names)
+}
+
+/// A directory listing: every name escaped, as text and in its link.
+fn listing(path: &str, names: &[String]) -> Response<Body> {
+    use std::fmt::Write;
+    let title = escape(path);
+    let mut html = format!(
+        "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>Index of {title}</title></head>\n<body><h1>Index of {title}</h1>\n<ul>\n"
+    );
+    if path != "/" {
+        html.push_str("<li><a href=\"../\">../</a></li>\n");
+    }
+    for name in names {
+        let href = percent_encoding::utf8_percent_encode(name, LINK).to_string();
+        let _ = writeln!(
+            html,
+            "<li><a href=\"{}\">{}</a></li>",
+            escape(&href),
+            escape(name)
+        );
+    }
+    html.push_str("</ul>\n</body></html>\n");
+    let mut res = Response::new(crate::wire::body::full(html));
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    res
+}
+
+/// What a name's link escapes (all but unreserved characters and `/`).
+const LINK: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~')
+    .remove(b'/');
+
+/// HTML-escapes `s` for text and attribute values.
+fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// A `static` route's answer: GET/HEAD of the file `req` names under
@@ -131,6 +256,13 @@ pub(crate) async fn serve(req: Request<()>, prefix: Arc<str>, route: Arc<Root>) 
             return res;
         }
         Found::File(file, validators) => (file, validators),
+        Found::Listing(names) => {
+            let mut res = listing(path, &names);
+            if req.method() == Method::HEAD {
+                *res.body_mut() = crate::wire::body::full(bytes::Bytes::new());
+            }
+            return res;
+        }
     };
     let (mut parts, body) = req.into_parts();
     match conditions(&parts.method, &mut parts.headers, &validators) {
@@ -326,6 +458,28 @@ mod tests {
         assert_eq!(resolve_static(&root, "sub/a.txt%00"), None);
         assert_eq!(resolve_static(&root, "out/passwd"), None);
         assert_eq!(resolve_static(&root, "%zz"), None);
+    }
+
+    #[test]
+    fn what_a_single_page_app_falls_back_for() {
+        for (rel, file) in [
+            ("users/42", false),
+            ("app.js", true),
+            ("a.b/c", false),
+            ("x/y.css", true),
+            ("settings/", false),
+        ] {
+            assert_eq!(looks_like_a_file(rel), file, "{rel}");
+        }
+        for (rel, climbs_) in [
+            ("../etc", true),
+            ("a/./b", true),
+            ("%2E%2e/x", true),
+            ("a\\b", true),
+            ("a/b", false),
+        ] {
+            assert_eq!(climbs(rel), climbs_, "{rel}");
+        }
     }
 
     #[test]

@@ -1,7 +1,10 @@
 //! What a request gets: the routes and their actions (`files`, `proxy`,
-//! `tunnel`, and those in `routes`), and the service that runs them for a
+//! `tunnel`, and those in `routes`), who may use them (`access`), what they
+//! add to their answers (`decorate`), and the service that runs them for a
 //! connection.
 
+pub(crate) mod access;
+pub(crate) mod decorate;
 pub(crate) mod files;
 pub(crate) mod host;
 pub(crate) mod proxy;

@@ -5,7 +5,6 @@
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::Request;
 
-use crate::config::{HeaderRules, Piece, Template};
 use crate::process::context::Peer;
 use crate::wire::body::has_token;
 
@@ -50,44 +49,6 @@ pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
 /// send)? The field is hop-by-hop, and sent on as only that.
 pub(super) fn wants_trailers(h: &HeaderMap) -> bool {
     has_token(h, header::TE, "trailers")
-}
-
-/// The route's `set`, `add` and `remove`, in that order.
-pub(super) fn apply_rules(h: &mut HeaderMap, rules: &HeaderRules, host: &str, peer: Peer) {
-    if rules.is_empty() {
-        return;
-    }
-    for name in &rules.remove {
-        h.remove(name);
-    }
-    for (name, t) in &rules.set {
-        if let Some(v) = render(t, host, peer) {
-            h.insert(name.clone(), v);
-        }
-    }
-    for (name, t) in &rules.add {
-        if let Some(v) = render(t, host, peer) {
-            h.append(name.clone(), v);
-        }
-    }
-}
-
-/// A rule's value with its placeholders filled in (none if the result is
-/// not a valid field value, which only a client's `Host` could cause).
-fn render(t: &Template, host: &str, peer: Peer) -> Option<HeaderValue> {
-    if let [Piece::Text(s)] = t.0.as_slice() {
-        return HeaderValue::from_str(s).ok();
-    }
-    let mut out = String::new();
-    for p in &t.0 {
-        match p {
-            Piece::Text(s) => out.push_str(s),
-            Piece::Host => out.push_str(host),
-            Piece::Remote => out.push_str(&peer.addr.ip().to_string()),
-            Piece::Pid => out.push_str(&std::process::id().to_string()),
-        }
-    }
-    HeaderValue::from_str(&out).ok()
 }
 
 /// A WebSocket upgrade: the only upgrade that is tunnelled. Any other

@@ -45,9 +45,10 @@ use crate::process::upstreams::{now_ms, UpstreamState};
 use crate::wire::body::{text, Body, RequestBody};
 use crate::wire::upstream::{Endpoint, Pool, Pooled, SendError};
 
+use crate::http::decorate::apply_rules;
 use balance::Balancer;
 use body::{Busy, ClientBody, Deadline};
-use headers::{apply_rules, is_websocket, set_forwarded, strip_hop_by_hop, wants_trailers};
+use headers::{is_websocket, set_forwarded, strip_hop_by_hop, wants_trailers};
 use retry::{closed_unanswered, copy, idempotent, Reclaimable};
 
 /// How often a request waiting for an upstream (`try_duration`) tries again.

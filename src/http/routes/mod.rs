@@ -32,9 +32,17 @@ mod status;
 
 use respond::{redirect, Fixed};
 
+/// A route's access rules and answer rules, if it has any.
+struct Guard {
+    access: Option<crate::http::access::Access>,
+    decorate: Option<crate::http::decorate::Decorate>,
+}
+
 /// The routes of one listener, longest prefix first.
 pub(crate) struct Router {
     routes: Vec<(Arc<str>, Route)>,
+    /// Per route, in the same order.
+    guards: Vec<Option<Arc<Guard>>>,
     /// Where pending ACME http-01 answers are, when this (plain) listener
     /// serves them under `/.well-known/acme-challenge/`.
     acme_http: Option<std::path::PathBuf>,
@@ -68,7 +76,12 @@ impl Router {
                     fixed: Arc::new(Fixed::new(*status, body, headers.clone())),
                     delay: *delay,
                 },
-                Action::Static { root, index } => {
+                Action::Static {
+                    root,
+                    index,
+                    fallback,
+                    browse,
+                } => {
                     let canonical = std::fs::canonicalize(&root.path)
                         .ok()
                         .filter(|p| p.is_dir())
@@ -82,6 +95,8 @@ impl Router {
                     Route::Static(Arc::new(crate::http::files::Root {
                         root: canonical,
                         index: index.clone(),
+                        fallback: fallback.clone(),
+                        browse: *browse,
                     }))
                 }
                 Action::Redirect { to, status } => Route::Redirect {
@@ -96,10 +111,28 @@ impl Router {
                     p,
                 )?)),
             };
-            routes.push((Arc::<str>::from(r.path.as_str()), handle));
+            let o = &r.options;
+            let guard = Guard {
+                access: crate::http::access::Access::new(
+                    file,
+                    o.allow.clone(),
+                    o.deny.clone(),
+                    listener.trusted_proxies.clone(),
+                    o.basic_auth.as_ref(),
+                )?,
+                decorate: crate::http::decorate::Decorate::new(o.headers.clone(), o.cache.as_ref()),
+            };
+            let guard =
+                (guard.access.is_some() || guard.decorate.is_some()).then(|| Arc::new(guard));
+            routes.push((Arc::<str>::from(r.path.as_str()), handle, guard));
         }
         routes.sort_by_key(|r| std::cmp::Reverse(r.0.len()));
-        Ok(Router { routes, acme_http })
+        let (routes, guards) = routes.into_iter().map(|(p, r, g)| ((p, r), g)).unzip();
+        Ok(Router {
+            routes,
+            guards,
+            acme_http,
+        })
     }
 
     /// The proxy routes, for their upstreams' health and state.
@@ -119,14 +152,83 @@ impl Router {
     /// for the metrics), if one did.
     #[inline]
     pub(crate) fn handle<B: RequestBody>(
-        &self,
+        self: &Arc<Self>,
         req: Request<B>,
         ctx: &Arc<ListenerContext>,
         peer: Peer,
     ) -> (Reply, Option<usize>) {
         match self.pick(req) {
-            Picked::Route(i, req) => (self.run(i, req, ctx, peer), Some(i)),
+            Picked::Route(i, req) => match &self.guards[i] {
+                None => (self.run(i, req, ctx, peer), Some(i)),
+                Some(guard) => (self.guarded(guard.clone(), i, req, ctx, peer), Some(i)),
+            },
             Picked::Answered(reply) => (reply, None),
+        }
+    }
+
+    /// Route `i` behind its access rules, its answer under its answer rules.
+    fn guarded<B: RequestBody>(
+        self: &Arc<Self>,
+        guard: Arc<Guard>,
+        i: usize,
+        req: Request<B>,
+        ctx: &Arc<ListenerContext>,
+        peer: Peer,
+    ) -> Reply {
+        use crate::http::access::Verdict;
+        let host = req
+            .headers()
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        let verdict = match &guard.access {
+            Some(access) => access.check(peer.addr.ip(), req.headers()),
+            None => Verdict::Pass,
+        };
+        let reply = match verdict {
+            Verdict::Pass => self.run(i, req, ctx, peer),
+            Verdict::Refused(res) => {
+                let unread = discard(req);
+                Reply::Now(hold(res, unread))
+            }
+            Verdict::Check(login) => {
+                let (router, guard, ctx) = (self.clone(), guard.clone(), ctx.clone());
+                Reply::Later(Box::pin(async move {
+                    let access = guard
+                        .access
+                        .as_ref()
+                        .expect("a login comes from access rules");
+                    match access.login(login).await {
+                        Ok(()) => match router.run(i, req, &ctx, peer) {
+                            Reply::Now(res) => res,
+                            Reply::Later(f) => f.await,
+                        },
+                        Err(res) => {
+                            let unread = discard(req);
+                            hold(res, unread)
+                        }
+                    }
+                }))
+            }
+        };
+        let Some(_) = &guard.decorate else {
+            return reply;
+        };
+        match reply {
+            Reply::Now(mut res) => {
+                if let Some(d) = &guard.decorate {
+                    d.apply(&mut res, &host, peer);
+                }
+                Reply::Now(res)
+            }
+            Reply::Later(f) => Reply::Later(Box::pin(async move {
+                let mut res = f.await;
+                if let Some(d) = &guard.decorate {
+                    d.apply(&mut res, &host, peer);
+                }
+                res
+            })),
         }
     }
 

@@ -1,0 +1,343 @@
+//! Who may use a route: `allow` and `deny` by the client's address (the one
+//! a proxy of `trusted_proxies` names, behind one), and `basic_auth` against
+//! a users file of bcrypt hashes (`htpasswd -B`).
+//!
+//! A password is checked on tokio's blocking threads (bcrypt is slow on
+//! purpose, and would stall every connection of a serving thread); a user
+//! and password that passed are remembered, as a SHA-256 digest compared in
+//! constant time, so that a browser's every request does not pay bcrypt
+//! again. An unknown user costs the same bcrypt as a known one. No password
+//! or hash is ever logged.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
+
+use http::{header, HeaderMap, HeaderValue, StatusCode};
+use ipnet::IpNet;
+
+use crate::config::{BasicAuthConfig, ConfigError};
+use crate::wire::body::{text, Body};
+
+/// Remembered logins, at most (then forgotten all at once).
+const REMEMBERED: usize = 4096;
+
+/// A route's access rules.
+pub(crate) struct Access {
+    allow: Option<Vec<IpNet>>,
+    deny: Option<Vec<IpNet>>,
+    /// The listener's `trusted_proxies`.
+    trusted: Vec<IpNet>,
+    auth: Option<BasicAuth>,
+}
+
+pub(crate) struct BasicAuth {
+    /// `Basic realm="..."`, for 401s.
+    challenge: HeaderValue,
+    /// User and bcrypt hash.
+    users: HashMap<String, String>,
+    /// Digests of user:password pairs that passed.
+    passed: Mutex<Vec<[u8; 32]>>,
+    /// A hash at the users' highest cost, that no password matches: what an
+    /// unknown user is checked against.
+    dummy: String,
+}
+
+/// What the rules say of a request.
+pub(crate) enum Verdict {
+    Pass,
+    /// Refused: the answer.
+    Refused(http::Response<Body>),
+    /// A password to check (off the serving thread) before it passes.
+    Check(Login),
+}
+
+/// A user and password to check.
+pub(crate) struct Login {
+    user: String,
+    password: String,
+}
+
+impl Access {
+    pub(crate) fn new(
+        file: &std::path::Path,
+        allow: Option<Vec<IpNet>>,
+        deny: Option<Vec<IpNet>>,
+        trusted: Vec<IpNet>,
+        auth: Option<&BasicAuthConfig>,
+    ) -> Result<Option<Access>, ConfigError> {
+        let auth = match auth {
+            Some(a) => Some(BasicAuth::load(file, a)?),
+            None => None,
+        };
+        if allow.is_none() && deny.is_none() && auth.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(Access {
+            allow,
+            deny,
+            trusted,
+            auth,
+        }))
+    }
+
+    /// Checks the client (`peer`, or the address its trusted proxy names)
+    /// and its credentials.
+    pub(crate) fn check(&self, peer: IpAddr, headers: &HeaderMap) -> Verdict {
+        let client = client_address(peer, headers, &self.trusted);
+        let denied = self
+            .deny
+            .as_ref()
+            .is_some_and(|d| d.iter().any(|n| n.contains(&client)))
+            || self
+                .allow
+                .as_ref()
+                .is_some_and(|a| !a.iter().any(|n| n.contains(&client)));
+        if denied {
+            return Verdict::Refused(text(StatusCode::FORBIDDEN, "forbidden\n"));
+        }
+        let Some(auth) = &self.auth else {
+            return Verdict::Pass;
+        };
+        match credentials(headers) {
+            None => Verdict::Refused(auth.unauthorized()),
+            Some(login) if auth.remembered(&login) => Verdict::Pass,
+            Some(login) => Verdict::Check(login),
+        }
+    }
+
+    /// Checks a password on a blocking thread: pass, or the 401.
+    pub(crate) async fn login(&self, login: Login) -> Result<(), http::Response<Body>> {
+        let Some(auth) = &self.auth else {
+            return Ok(());
+        };
+        // An unknown user is checked against a hash all the same, so the
+        // time taken does not say whether the user exists.
+        let hash = auth.users.get(&login.user).cloned();
+        let known = hash.is_some();
+        let hash = hash.unwrap_or_else(|| auth.dummy.clone());
+        let password = login.password.clone();
+        let ok =
+            tokio::task::spawn_blocking(move || bcrypt::verify(password, &hash).unwrap_or(false))
+                .await
+                .unwrap_or(false);
+        if ok && known {
+            auth.remember(&login);
+            Ok(())
+        } else {
+            tracing::debug!(user = %login.user, "basic_auth: refused");
+            Err(auth.unauthorized())
+        }
+    }
+}
+
+impl BasicAuth {
+    fn load(file: &std::path::Path, c: &BasicAuthConfig) -> Result<BasicAuth, ConfigError> {
+        let f = &c.users_file;
+        let fail = |what: String| ConfigError::new(file, Some(f.pos), format!("{}: {what}", f.key));
+        let text = std::fs::read_to_string(&f.path)
+            .map_err(|e| fail(format!("cannot read {}: {e}", f.written)))?;
+        let mut users = HashMap::new();
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let at = format!("{} line {}", f.written, n + 1);
+            let Some((user, hash)) = line.split_once(':') else {
+                return Err(fail(format!("{at}: not user:hash")));
+            };
+            if user.is_empty() {
+                return Err(fail(format!("{at}: no user name")));
+            }
+            // bcrypt only: the others htpasswd writes (MD5, SHA-1, crypt)
+            // are broken or weak.
+            if !["$2y$", "$2b$", "$2a$"].iter().any(|p| hash.starts_with(p)) || hash.len() != 60 {
+                return Err(fail(format!(
+                    "{at}: the hash of {user:?} is not bcrypt (make the file with htpasswd -B)"
+                )));
+            }
+            users.insert(user.to_string(), hash.to_string());
+        }
+        if users.is_empty() {
+            return Err(fail(format!("{} has no users", f.written)));
+        }
+        let cost = users
+            .values()
+            .filter_map(|h| h.get(4..6)?.parse::<u32>().ok())
+            .max()
+            .unwrap_or(bcrypt::DEFAULT_COST);
+        let dummy = bcrypt::hash("gracesrv: no such user", cost)
+            .map_err(|e| fail(format!("bcrypt: {e}")))?;
+        let challenge =
+            HeaderValue::from_str(&format!("Basic realm=\"{}\", charset=\"UTF-8\"", c.realm))
+                .map_err(|_| fail("the realm cannot be a header value".into()))?;
+        Ok(BasicAuth {
+            challenge,
+            users,
+            passed: Mutex::new(Vec::new()),
+            dummy,
+        })
+    }
+
+    fn unauthorized(&self) -> http::Response<Body> {
+        let mut res = text(StatusCode::UNAUTHORIZED, "unauthorized\n");
+        res.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, self.challenge.clone());
+        res
+    }
+
+    fn digest(login: &Login) -> [u8; 32] {
+        let mut ctx = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+        ctx.update(login.user.as_bytes());
+        ctx.update(b"\0");
+        ctx.update(login.password.as_bytes());
+        let mut out = [0u8; 32];
+        out.copy_from_slice(ctx.finish().as_ref());
+        out
+    }
+
+    fn remembered(&self, login: &Login) -> bool {
+        let d = Self::digest(login);
+        let passed = self.passed.lock().unwrap_or_else(|p| p.into_inner());
+        // Every entry compared in full, in constant time.
+        passed.iter().fold(false, |found, p| {
+            found | aws_lc_rs::constant_time::verify_slices_are_equal(p, &d).is_ok()
+        })
+    }
+
+    fn remember(&self, login: &Login) {
+        let d = Self::digest(login);
+        let mut passed = self.passed.lock().unwrap_or_else(|p| p.into_inner());
+        if passed.len() >= REMEMBERED {
+            passed.clear();
+        }
+        passed.push(d);
+    }
+}
+
+/// `Authorization: Basic base64(user:password)`.
+fn credentials(headers: &HeaderMap) -> Option<Login> {
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.trim().split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    use base64::Engine;
+    let token = token.trim();
+    if token.len() > 4096 {
+        return None;
+    }
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(token)
+        .ok()?;
+    let decoded = String::from_utf8(decoded).ok()?;
+    let (user, password) = decoded.split_once(':')?;
+    Some(Login {
+        user: user.to_string(),
+        password: password.to_string(),
+    })
+}
+
+/// The client's address: the peer's, or behind proxies the peer trusts,
+/// the nearest address in `X-Forwarded-For` (else `Forwarded`) that is not
+/// one of them (as nginx's `real_ip_recursive on`).
+pub(crate) fn client_address(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet]) -> IpAddr {
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
+    if !is_trusted(&peer) {
+        return peer;
+    }
+    let xff: Vec<IpAddr> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|a| a.trim().parse().ok())
+        .collect();
+    let chain = if xff.is_empty() {
+        headers
+            .get_all(header::FORWARDED)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|element| {
+                element.split(';').find_map(|pair| {
+                    let (k, v) = pair.trim().split_once('=')?;
+                    if !k.eq_ignore_ascii_case("for") {
+                        return None;
+                    }
+                    let v = v.trim_matches('"');
+                    let v = v
+                        .strip_prefix('[')
+                        .and_then(|v| v.split_once(']'))
+                        .map_or(v, |(a, _)| a);
+                    v.parse::<IpAddr>()
+                        .ok()
+                        .or_else(|| v.rsplit_once(':').and_then(|(a, _)| a.parse().ok()))
+                })
+            })
+            .collect()
+    } else {
+        xff
+    };
+    chain
+        .iter()
+        .rev()
+        .find(|ip| !is_trusted(ip))
+        .or(chain.first())
+        .copied()
+        .unwrap_or(peer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_as_browsers_send_them() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::AUTHORIZATION,
+            "Basic YWxpY2U6czNjOnJldA==".parse().unwrap(),
+        );
+        let login = credentials(&h).unwrap();
+        assert_eq!(
+            (login.user.as_str(), login.password.as_str()),
+            ("alice", "s3c:ret")
+        );
+        h.insert(
+            header::AUTHORIZATION,
+            "Bearer YWxpY2U6czNjcmV0".parse().unwrap(),
+        );
+        assert!(credentials(&h).is_none());
+        h.insert(header::AUTHORIZATION, "Basic Y!==".parse().unwrap());
+        assert!(credentials(&h).is_none());
+    }
+
+    #[test]
+    fn the_client_behind_trusted_proxies() {
+        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let mut h = HeaderMap::new();
+        h.insert(
+            "x-forwarded-for",
+            "203.0.113.9, 198.51.100.2, 10.0.0.7".parse().unwrap(),
+        );
+        let proxy: IpAddr = "10.0.0.1".parse().unwrap();
+        assert_eq!(
+            client_address(proxy, &h, &trusted),
+            "198.51.100.2".parse::<IpAddr>().unwrap()
+        );
+        // Not from a trusted proxy: the header is the client's word, ignored.
+        let other: IpAddr = "192.0.2.1".parse().unwrap();
+        assert_eq!(client_address(other, &h, &trusted), other);
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::FORWARDED,
+            "for=\"[2001:db8::1]:443\";proto=https".parse().unwrap(),
+        );
+        assert_eq!(
+            client_address(proxy, &h, &trusted),
+            "2001:db8::1".parse::<IpAddr>().unwrap()
+        );
+    }
+}

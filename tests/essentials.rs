@@ -1,0 +1,309 @@
+//! What every site expects of its server, as route options: access by
+//! address (behind trusted proxies too), basic_auth with `htpasswd -B`
+//! users, response headers and caching headers, and a single-page app's
+//! fallback and directory listings. Checked with curl, over HTTP/1.1 and
+//! HTTP/2.
+
+mod util;
+
+use std::path::Path;
+use std::process::Command;
+
+use serde_json::json;
+use util::config::{Config, Listener};
+use util::TestServer;
+
+/// curl's status, headers (lowercased) and body for `args` (`-k`, the URL...).
+fn curl(args: &[&str]) -> (u16, String, String) {
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "-k",
+            "-D",
+            "/dev/stderr",
+            "-o",
+            "-",
+            "-w",
+            "\n%{http_code}",
+        ])
+        .args(args)
+        .output()
+        .expect("curl");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = stdout.rsplit_once('\n').unwrap_or(("", "0"));
+    (
+        code.trim().parse().unwrap_or(0),
+        String::from_utf8_lossy(&out.stderr).to_lowercase(),
+        body.to_string(),
+    )
+}
+
+fn site(dir: &Path) {
+    let public = dir.join("public");
+    std::fs::create_dir_all(public.join("docs/sub")).unwrap();
+    std::fs::write(public.join("index.html"), "<h1>the app</h1>\n").unwrap();
+    std::fs::write(public.join("app.js"), "run();\n").unwrap();
+    std::fs::write(public.join("docs/b.txt"), "b\n").unwrap();
+    std::fs::write(public.join("docs/a <&\"'>.txt"), "a\n").unwrap();
+    let out = Command::new("htpasswd")
+        .args(["-cbB", "-C", "5"])
+        .arg(dir.join("users.htpasswd"))
+        .args(["alice", "s3cret-Pa55"])
+        .output()
+        .expect("htpasswd (Debian's apache2-utils)");
+    assert!(out.status.success(), "{out:?}");
+}
+
+#[tokio::test]
+async fn access_control_and_answer_rules() {
+    let config = Config::new().listener(
+        Listener::plain("web")
+            .set("trusted_proxies", json!(["127.0.0.2/32"]))
+            .set("headers", json!({ "set": { "x-frame-options": "DENY" } }))
+            .route("/open", "respond", json!({ "body": "open\n" }))
+            .route("/local", "respond", json!({ "body": "local\n" }))
+            .route("/blocked", "respond", json!({ "body": "blocked\n" }))
+            .route("/internal", "respond", json!({ "body": "internal\n" }))
+            .route("/staff", "respond", json!({ "body": "staff only\n" }))
+            .route("/cached", "respond", json!({ "body": "cached\n" }))
+            .route(
+                "/missing",
+                "respond",
+                json!({ "status": 404, "body": "no\n" }),
+            )
+            .route("/own", "respond", json!({ "body": "own\n" })),
+    );
+    let mut yaml: serde_json::Value = serde_yaml_like(&config);
+    // Route options, written beside each action.
+    let routes = yaml["listeners"][0]["routes"].as_array_mut().unwrap();
+    for r in routes.iter_mut() {
+        match r["path"].as_str().unwrap() {
+            "/local" => r["allow"] = json!(["127.0.0.1/32", "::1"]),
+            "/blocked" => r["deny"] = json!(["127.0.0.0/8"]),
+            "/internal" => r["allow"] = json!(["10.0.0.0/8"]),
+            "/staff" => {
+                r["basic_auth"] = json!({ "realm": "staff", "users_file": "users.htpasswd" })
+            }
+            "/cached" | "/missing" => r["cache"] = json!({ "max_age": "1h", "immutable": true }),
+            "/own" => {
+                r["headers"] =
+                    json!({ "set": { "x-own": "{remote}" }, "remove": ["x-frame-options"] })
+            }
+            _ => {}
+        }
+    }
+    let srv = TestServer::builder()
+        .config_text(serde_json::to_string_pretty(&yaml).unwrap())
+        .before(|dir, _| site(dir))
+        .start()
+        .await;
+    let base = format!("http://{}", srv.addr("web"));
+    let url = |p: &str| format!("{base}{p}");
+
+    // The listener's headers on every route; a route's own replace them.
+    let (code, head, _) = curl(&[&url("/open")]);
+    assert_eq!(code, 200);
+    assert!(head.contains("x-frame-options: deny"), "{head}");
+    let (_, head, _) = curl(&[&url("/own")]);
+    assert!(
+        head.contains("x-own: 127.0.0.1") && !head.contains("x-frame-options"),
+        "{head}"
+    );
+
+    // allow / deny by the client's address.
+    assert_eq!(curl(&[&url("/local")]).0, 200);
+    let (code, _, body) = curl(&[&url("/blocked")]);
+    assert_eq!((code, body.as_str()), (403, "forbidden\n"));
+    assert_eq!(curl(&[&url("/internal")]).0, 403);
+    // A forwarding header counts only from a trusted proxy (127.0.0.2).
+    let xff = "x-forwarded-for: 10.1.2.3";
+    assert_eq!(curl(&["-H", xff, &url("/internal")]).0, 403);
+    assert_eq!(
+        curl(&["--interface", "127.0.0.2", "-H", xff, &url("/internal")]).0,
+        200
+    );
+    assert_eq!(
+        curl(&[
+            "--interface",
+            "127.0.0.2",
+            "-H",
+            "x-forwarded-for: 203.0.113.5",
+            &url("/internal")
+        ])
+        .0,
+        403
+    );
+
+    // basic_auth with htpasswd -B users, over HTTP/1.1 and HTTP/2.
+    let (code, head, _) = curl(&[&url("/staff")]);
+    assert_eq!(code, 401);
+    assert!(
+        head.contains("www-authenticate: basic realm=\"staff\""),
+        "{head}"
+    );
+    assert_eq!(curl(&["-u", "alice:wrong", &url("/staff")]).0, 401);
+    assert_eq!(curl(&["-u", "mallory:s3cret-Pa55", &url("/staff")]).0, 401);
+    let (code, _, body) = curl(&["-u", "alice:s3cret-Pa55", &url("/staff")]);
+    assert_eq!((code, body.as_str()), (200, "staff only\n"));
+    // Remembered: the second login needs no bcrypt, and still checks.
+    assert_eq!(
+        curl(&[
+            "--http2-prior-knowledge",
+            "-u",
+            "alice:s3cret-Pa55",
+            &url("/staff")
+        ])
+        .0,
+        200
+    );
+    assert_eq!(
+        curl(&[
+            "--http2-prior-knowledge",
+            "-u",
+            "alice:s3cret-Pa5",
+            &url("/staff")
+        ])
+        .0,
+        401
+    );
+    assert!(!srv.logs().contains("s3cret"), "a password reached the log");
+
+    // Cache-Control on answers, not on errors.
+    let (_, head, _) = curl(&[&url("/cached")]);
+    assert!(
+        head.contains("cache-control: public, max-age=3600, immutable"),
+        "{head}"
+    );
+    let (code, head, _) = curl(&[&url("/missing")]);
+    assert_eq!(code, 404);
+    assert!(!head.contains("cache-control"), "{head}");
+}
+
+/// The config as JSON (which is YAML), to add route options to.
+fn serde_yaml_like(config: &Config) -> serde_json::Value {
+    serde_json::from_str(&config.yaml()).unwrap()
+}
+
+#[tokio::test]
+async fn a_single_page_app_and_directory_listings() {
+    let config = Config::new().listener(
+        Listener::plain("web")
+            .route(
+                "/",
+                "static",
+                json!({ "root": "public", "fallback": "index.html" }),
+            )
+            .route(
+                "/docs/",
+                "static",
+                json!({ "root": "public/docs", "browse": true }),
+            ),
+    );
+    let srv = TestServer::builder()
+        .config(config)
+        .before(|dir, _| site(dir))
+        .start()
+        .await;
+    let url = |p: &str| format!("http://{}{p}", srv.addr("web"));
+    // A path of the app: its page.
+    for p in ["/", "/users/42", "/settings/profile/"] {
+        let (code, _, body) = curl(&[&url(p)]);
+        assert_eq!((code, body.as_str()), (200, "<h1>the app</h1>\n"), "{p}");
+    }
+    assert_eq!(curl(&[&url("/app.js")]).2, "run();\n");
+    // What looks like a file is a 404, never the page.
+    for p in ["/missing.js", "/styles/site.css", "/a.b/c.png"] {
+        assert_eq!(curl(&[&url(p)]).0, 404, "{p}");
+    }
+    // No escape from root, fallback or not.
+    let (code, _, body) = curl(&["--path-as-is", &url("/../../etc/passwd")]);
+    assert!(
+        matches!(code, 400 | 404) && !body.contains("the app"),
+        "{code} {body}"
+    );
+
+    // A listing: sorted, every name escaped.
+    let (code, head, body) = curl(&[&url("/docs/")]);
+    assert_eq!(code, 200);
+    assert!(head.contains("content-type: text/html"), "{head}");
+    let a = body
+        .find("a &lt;&amp;&quot;&#39;&gt;.txt")
+        .unwrap_or_else(|| panic!("{body}"));
+    let b = body.find(">b.txt<").unwrap_or_else(|| panic!("{body}"));
+    let sub = body.find(">sub/<").unwrap_or_else(|| panic!("{body}"));
+    assert!(a < b && b < sub, "{body}");
+    assert!(!body.contains("<&"), "{body}");
+    assert!(body.contains("href=\"a%20%3C%26%22%27%3E.txt\""), "{body}");
+    // Off by default: the app's root is not listed.
+    assert!(!curl(&[&url("/")]).2.contains("Index of"));
+}
+
+#[tokio::test]
+async fn option_errors_name_their_place() {
+    let check = |route: serde_json::Value, users: &str| {
+        let config = Config::new().listener(Listener::plain("web").route(
+            "/",
+            "respond",
+            json!({ "body": "x" }),
+        ));
+        let mut v = serde_yaml_like(&config);
+        if let (Some(r), serde_json::Value::Object(extra)) =
+            (v["listeners"][0]["routes"][0].as_object_mut(), route)
+        {
+            r.extend(extra);
+        }
+        let (dir, _certs, path) = TestServer::prepare(&serde_json::to_string_pretty(&v).unwrap());
+        std::fs::write(dir.path().join("users.htpasswd"), users).unwrap();
+        let out = Command::new(util::BIN)
+            .args(["check", "-c"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let md5 = "alice:$apr1$9t1Kb0zS$7c0VbwbYDbl/P6lYmQkWY0\n";
+    for (route, users, expect) in [
+        (
+            json!({ "allow": ["10.0.0.0/33"] }),
+            "",
+            "allow[0]: \"10.0.0.0/33\" is not an address or a network",
+        ),
+        (
+            json!({ "deny": ["10.0.0.1/8"] }),
+            "",
+            "has host bits set (did you mean 10.0.0.0/8?)",
+        ),
+        (
+            json!({ "basic_auth": { "users_file": "nope.htpasswd" } }),
+            "",
+            "basic_auth.users_file: cannot read nope.htpasswd",
+        ),
+        (
+            json!({ "basic_auth": { "users_file": "users.htpasswd" } }),
+            md5,
+            "users.htpasswd line 1: the hash of \"alice\" is not bcrypt",
+        ),
+        (
+            json!({ "basic_auth": { "users_file": "users.htpasswd" } }),
+            "just a line\n",
+            "users.htpasswd line 1: not user:hash",
+        ),
+        (
+            json!({ "cache": { "max_age": "soon" } }),
+            "",
+            "cache.max_age",
+        ),
+    ] {
+        let (ok, err) = check(route.clone(), users);
+        assert!(!ok, "{route} passed");
+        assert!(err.contains(expect), "{route}: {err}");
+        let at = err.split("server.yaml:").nth(1).unwrap_or("");
+        assert!(
+            at.chars().next().is_some_and(|c| c.is_ascii_digit()),
+            "no line: {err}"
+        );
+    }
+}
