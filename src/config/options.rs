@@ -16,6 +16,17 @@ pub(crate) struct RouteOptions {
     /// Never these.
     pub(crate) deny: Option<Vec<ipnet::IpNet>>,
     pub(crate) basic_auth: Option<BasicAuthConfig>,
+    pub(crate) rate_limit: Option<RateLimitConfig>,
+}
+
+/// `rate_limit: { requests, per, burst, key }`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct RateLimitConfig {
+    pub(crate) requests: u32,
+    pub(crate) per: Duration,
+    pub(crate) burst: u32,
+    /// `None`: the client's address; else this header's value.
+    pub(crate) key: Option<http::HeaderName>,
 }
 
 impl RouteOptions {
@@ -27,6 +38,7 @@ impl RouteOptions {
             allow: self.allow.or_else(|| listener.allow.clone()),
             deny: self.deny.or_else(|| listener.deny.clone()),
             basic_auth: self.basic_auth.or_else(|| listener.basic_auth.clone()),
+            rate_limit: self.rate_limit.or_else(|| listener.rate_limit.clone()),
         }
     }
 }
@@ -53,6 +65,7 @@ pub(super) struct RawOptions<'a> {
     pub(super) allow: &'a Option<Spanned<Vec<Spanned<String>>>>,
     pub(super) deny: &'a Option<Spanned<Vec<Spanned<String>>>>,
     pub(super) basic_auth: &'a Option<Spanned<raw::BasicAuth>>,
+    pub(super) rate_limit: &'a Option<Spanned<raw::RateLimit>>,
 }
 
 impl Validator<'_> {
@@ -96,7 +109,12 @@ impl Validator<'_> {
                 })
             }
         };
+        let rate_limit = match o.rate_limit {
+            None => None,
+            Some(r) => Some(self.rate_limit(&r.value, &format!("{key}.rate_limit"))?),
+        };
         let own = RouteOptions {
+            rate_limit,
             headers,
             cache,
             allow: self.cidrs(o.allow, &format!("{key}.allow"))?,
@@ -106,6 +124,61 @@ impl Validator<'_> {
         Ok(match listener {
             Some(l) => own.or(l),
             None => own,
+        })
+    }
+
+    fn rate_limit(&self, r: &raw::RateLimit, key: &str) -> Result<RateLimitConfig, ConfigError> {
+        let requests = match u32::try_from(r.requests.value) {
+            Ok(n @ 1..) => n,
+            _ => {
+                return self.err(
+                    Pos::from(&r.requests),
+                    format!(
+                        "{key}.requests: {} is not a count (1 or more)",
+                        r.requests.value
+                    ),
+                )
+            }
+        };
+        let per = self.duration(&r.per, &format!("{key}.per"), Duration::from_secs(1))?;
+        if per.is_zero() {
+            return self.err(
+                r.per.as_ref().map(Pos::from),
+                format!("{key}.per: must be more than 0s"),
+            );
+        }
+        let burst = match &r.burst {
+            None => 0,
+            Some(b) => match u32::try_from(b.value) {
+                Ok(n) => n,
+                Err(_) => {
+                    return self.err(
+                        Pos::from(b),
+                        format!("{key}.burst: {} is not a count", b.value),
+                    )
+                }
+            },
+        };
+        let key_name = match r.key.as_ref().map(|k| (k, k.value.as_str())) {
+            None | Some((_, "remote")) => None,
+            Some((k, v)) => match v
+                .strip_prefix("header:")
+                .map(|n| http::HeaderName::from_bytes(n.as_bytes()))
+            {
+                Some(Ok(n)) => Some(n),
+                _ => {
+                    return self.err(
+                        Pos::from(k),
+                        format!("{key}.key: {v:?} is not remote or header:NAME"),
+                    )
+                }
+            },
+        };
+        Ok(RateLimitConfig {
+            requests,
+            per,
+            burst,
+            key: key_name,
         })
     }
 

@@ -124,6 +124,7 @@ pub(crate) struct Listener {
     pub(crate) allow: Option<Spanned<Vec<Spanned<String>>>>,
     pub(crate) deny: Option<Spanned<Vec<Spanned<String>>>>,
     pub(crate) basic_auth: Option<Spanned<BasicAuth>>,
+    pub(crate) rate_limit: Option<Spanned<RateLimit>>,
 }
 
 #[derive(Deserialize)]
@@ -162,6 +163,7 @@ pub(crate) struct Route {
     pub(crate) allow: Option<Spanned<Vec<Spanned<String>>>>,
     pub(crate) deny: Option<Spanned<Vec<Spanned<String>>>>,
     pub(crate) basic_auth: Option<Spanned<BasicAuth>>,
+    pub(crate) rate_limit: Option<Spanned<RateLimit>>,
 }
 
 /// `cache:`: the `Cache-Control` of the route's answers.
@@ -172,6 +174,16 @@ pub(crate) struct Cache {
     #[serde(default)]
     pub(crate) immutable: bool,
     pub(crate) public: Option<bool>,
+}
+
+/// `rate_limit:`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RateLimit {
+    pub(crate) requests: Spanned<i64>,
+    pub(crate) per: Option<Spanned<String>>,
+    pub(crate) burst: Option<Spanned<i64>>,
+    pub(crate) key: Option<Spanned<String>>,
 }
 
 /// `basic_auth:`.

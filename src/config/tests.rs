@@ -86,3 +86,21 @@ fn max_headers_has_a_default_and_bounds() {
     );
     assert!(parse(&format!("limits: {{ headers: 5 }}\n{l}")).is_err());
 }
+
+#[test]
+fn rate_limit_is_parsed_on_a_route() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.yaml");
+    std::fs::write(
+        &path,
+        "listeners:\n  - name: web\n    addr: 127.0.0.1:0\n    routes:\n      - path: /api\n        respond: { body: x }\n        rate_limit: { requests: 2, per: 1h, burst: 3 }\n",
+    )
+    .unwrap();
+    let c = Config::load(&path).unwrap();
+    let r = c.listeners[0].routes[0]
+        .options
+        .rate_limit
+        .as_ref()
+        .unwrap();
+    assert_eq!((r.requests, r.burst), (2, 3));
+}

@@ -106,6 +106,15 @@ impl Generation {
             .iter()
             .flat_map(|p| p.states().iter().cloned())
             .collect();
+        let limiters: Vec<Arc<crate::http::limit::Limiter>> = prepared
+            .iter()
+            .filter_map(|p| match &p.handler {
+                crate::http::service::Handler::Routes(r) => Some(r.limiters()),
+                crate::http::service::Handler::Service(_) => None,
+            })
+            .flatten()
+            .cloned()
+            .collect();
         if let Some(handed) = upstreams_base {
             crate::process::upstreams::take_over(handed, upstreams.iter().map(|u| &**u));
         }
@@ -155,6 +164,11 @@ impl Generation {
             m.sources = upstreams
                 .iter()
                 .map(|u| u.clone() as Arc<dyn crate::observe::metrics::Source>)
+                .chain(
+                    limiters
+                        .iter()
+                        .map(|l| l.clone() as Arc<dyn crate::observe::metrics::Source>),
+                )
                 .collect();
             Arc::new(m)
         });

@@ -1,5 +1,5 @@
 //! What a request gets: the routes and their actions (`files`, `proxy`,
-//! `tunnel`, and those in `routes`), who may use them (`access`), what they
+//! `tunnel`, and those in `routes`), who may use them (`access`) and how often (`limit`), what they
 //! add to their answers (`decorate`), and the service that runs them for a
 //! connection.
 
@@ -7,6 +7,7 @@ pub(crate) mod access;
 pub(crate) mod decorate;
 pub(crate) mod files;
 pub(crate) mod host;
+pub(crate) mod limit;
 pub(crate) mod proxy;
 pub(crate) mod routes;
 pub(crate) mod service;

@@ -364,8 +364,9 @@ impl Metrics {
 
 /// The family a series belongs to, as a static name.
 fn family_name(f: &str) -> &'static str {
-    const FAMILIES: [&str; 10] = [
+    const FAMILIES: [&str; 11] = [
         "gracesrv_accept_errors_total",
+        "gracesrv_rate_limited_total",
         "gracesrv_upstream_requests_total",
         "gracesrv_upstream_failures_total",
         "gracesrv_requests_total",
@@ -394,6 +395,10 @@ fn describe(family: &str) -> (&'static str, &'static str) {
             "Time from request head to the end of the response.",
         ),
         "gracesrv_response_bytes_total" => ("counter", "Response body bytes sent."),
+        "gracesrv_rate_limited_total" => (
+            "counter",
+            "Requests refused with 429 by a route's rate_limit.",
+        ),
         "gracesrv_upstream_requests_total" => (
             "counter",
             "Requests sent to a proxy upstream, by route and upstream.",

@@ -34,6 +34,9 @@ use respond::{redirect, Fixed};
 
 /// A route's access rules and answer rules, if it has any.
 struct Guard {
+    limit: Option<Arc<crate::http::limit::Limiter>>,
+    /// The listener's `trusted_proxies`, for the limit's client address.
+    trusted: Vec<ipnet::IpNet>,
     access: Option<crate::http::access::Access>,
     decorate: Option<crate::http::decorate::Decorate>,
 }
@@ -113,6 +116,13 @@ impl Router {
             };
             let o = &r.options;
             let guard = Guard {
+                limit: o.rate_limit.as_ref().map(|l| {
+                    Arc::new(crate::http::limit::Limiter::new(
+                        l,
+                        format!("{} {}", listener.name, r.path),
+                    ))
+                }),
+                trusted: listener.trusted_proxies.clone(),
                 access: crate::http::access::Access::new(
                     file,
                     o.allow.clone(),
@@ -123,7 +133,8 @@ impl Router {
                 decorate: crate::http::decorate::Decorate::new(o.headers.clone(), o.cache.as_ref()),
             };
             let guard =
-                (guard.access.is_some() || guard.decorate.is_some()).then(|| Arc::new(guard));
+                (guard.limit.is_some() || guard.access.is_some() || guard.decorate.is_some())
+                    .then(|| Arc::new(guard));
             routes.push((Arc::<str>::from(r.path.as_str()), handle, guard));
         }
         routes.sort_by_key(|r| std::cmp::Reverse(r.0.len()));
@@ -133,6 +144,14 @@ impl Router {
             guards,
             acme_http,
         })
+    }
+
+    /// The rate limits, for the metrics.
+    pub(crate) fn limiters(&self) -> impl Iterator<Item = &Arc<crate::http::limit::Limiter>> {
+        self.guards
+            .iter()
+            .flatten()
+            .filter_map(|g| g.limit.as_ref())
     }
 
     /// The proxy routes, for their upstreams' health and state.
@@ -182,9 +201,16 @@ impl Router {
             .and_then(|h| h.to_str().ok())
             .unwrap_or("")
             .to_string();
-        let verdict = match &guard.access {
-            Some(access) => access.check(peer.addr.ip(), req.headers()),
-            None => Verdict::Pass,
+        // The limit first: a client over it costs no password check.
+        let limited = guard.limit.as_ref().and_then(|l| {
+            let client =
+                crate::http::access::client_address(peer.addr.ip(), req.headers(), &guard.trusted);
+            l.check(client, req.headers())
+        });
+        let verdict = match (limited, &guard.access) {
+            (Some(res), _) => Verdict::Refused(res),
+            (None, Some(access)) => access.check(peer.addr.ip(), req.headers()),
+            (None, None) => Verdict::Pass,
         };
         let reply = match verdict {
             Verdict::Pass => self.run(i, req, ctx, peer),
