@@ -409,3 +409,158 @@ async fn rate_limits_answer_429_and_stay_bounded() {
     assert_eq!(curl(&["-H", "x-api-key: again", &url("/keyed")]).0, 200);
     assert_eq!(curl(&["-H", "x-api-key: again", &url("/keyed")]).0, 429);
 }
+
+/// A body fed event by event from a channel.
+struct Events(tokio::sync::mpsc::Receiver<bytes::Bytes>);
+
+impl hyper::body::Body for Events {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Self::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|e| e.map(|e| Ok(hyper::body::Frame::data(e))))
+    }
+}
+
+#[tokio::test]
+async fn compressed_files_decode_byte_for_byte_and_events_stream() {
+    // An upstream of server-sent events, sent when the test says.
+    let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(1);
+    let rx = std::sync::Arc::new(tokio::sync::Mutex::new(Some(rx)));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (s, _) = listener.accept().await.unwrap();
+            let rx = rx.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |_req| {
+                    let rx = rx.clone();
+                    async move {
+                        let rx = rx.lock().await.take().expect("one stream");
+                        let mut res = http::Response::new(Events(rx));
+                        res.headers_mut()
+                            .insert("content-type", "text/event-stream".parse().unwrap());
+                        Ok::<_, std::convert::Infallible>(res)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), service)
+                    .await;
+            });
+        }
+    });
+    let config = Config::new().listener(
+        Listener::plain("web")
+            .route("/", "static", json!({ "root": "public" }))
+            .route(
+                "/events",
+                "proxy",
+                json!({ "upstream": format!("http://{upstream}") }),
+            ),
+    );
+    let mut v = serde_yaml_like(&config);
+    v["listeners"][0]["routes"][1]["compress"] = json!({ "encodings": ["gzip"] });
+    let srv = TestServer::builder()
+        .config_text(serde_json::to_string_pretty(&v).unwrap())
+        .before(|dir, _| {
+            let words = [
+                "graceful", "restart", "socket", "listener", "drain", "handoff",
+            ];
+            let text: String = (0..30_000)
+                .map(|i| words[(i * 7 + i / 3) % 6])
+                .collect::<Vec<_>>()
+                .join(" ");
+            std::fs::create_dir_all(dir.join("public")).unwrap();
+            std::fs::write(dir.join("public/page.html"), format!("<p>{text}</p>\n")).unwrap();
+        })
+        .start()
+        .await;
+    let url = |p: &str| format!("http://{}{p}", srv.addr("web"));
+    let page = std::fs::read(srv.dir.path().join("public/page.html")).unwrap();
+    // Each encoding, decoded by Debian's own program, is the file.
+    for (enc, decoder) in [("gzip", "gzip"), ("br", "brotli"), ("zstd", "zstd")] {
+        let out = tokio::process::Command::new("curl")
+            .args(["-sS", "-D", "/dev/stderr", "-H"])
+            .arg(format!("Accept-Encoding: {enc}"))
+            .arg(url("/page.html"))
+            .output()
+            .await
+            .unwrap();
+        let head = String::from_utf8_lossy(&out.stderr).to_lowercase();
+        assert!(head.contains(&format!("content-encoding: {enc}")), "{head}");
+        assert!(head.contains("vary: accept-encoding"), "{head}");
+        assert!(
+            out.stdout.len() < page.len() / 3,
+            "{enc}: {} bytes",
+            out.stdout.len()
+        );
+        let mut d = tokio::process::Command::new(decoder)
+            .args(["-dc"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{decoder}: {e}"));
+        use tokio::io::AsyncWriteExt;
+        let mut stdin = d.stdin.take().unwrap();
+        stdin.write_all(&out.stdout).await.unwrap();
+        drop(stdin);
+        let decoded = d.wait_with_output().await.unwrap();
+        assert!(
+            decoded.stdout == page,
+            "{enc}: decoded by {decoder}, not the file"
+        );
+    }
+    // No Accept-Encoding, or identity only: the file as it is.
+    let plain = curl(&[&url("/page.html")]);
+    assert_eq!(plain.2.len(), page.len());
+    assert!(!plain.1.contains("content-encoding"), "{}", plain.1);
+    let none = curl(&[
+        "-H",
+        "Accept-Encoding: gzip;q=0, identity",
+        &url("/page.html"),
+    ]);
+    assert!(!none.1.contains("content-encoding"), "{}", none.1);
+    // A range request is served as it asks, never compressed.
+    let range = curl(&[
+        "-H",
+        "Accept-Encoding: gzip",
+        "-H",
+        "Range: bytes=0-9",
+        &url("/page.html"),
+    ]);
+    assert_eq!((range.0, range.2.as_str()), (206, "<p>gracefu"));
+
+    // Events: each one reaches curl (decompressing) before the next is sent.
+    let head = srv.dir.path().join("events.head");
+    let mut events = tokio::process::Command::new("curl")
+        .args(["-sSN", "--compressed", "-H", "Accept-Encoding: gzip", "-D"])
+        .arg(&head)
+        .arg(url("/events"))
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(events.stdout.take().unwrap()).lines();
+    for i in 0..3 {
+        tx.send(bytes::Bytes::from(format!("data: event {i}\n\n")))
+            .await
+            .unwrap();
+        let line = tokio::time::timeout(util::WAIT, lines.next_line()).await;
+        assert!(
+            matches!(&line, Ok(Ok(Some(l))) if *l == format!("data: event {i}")),
+            "{line:?}"
+        );
+        let blank = lines.next_line().await.unwrap();
+        assert_eq!(blank.as_deref(), Some(""));
+    }
+    drop(tx);
+    assert_eq!(lines.next_line().await.unwrap(), None);
+    let head = std::fs::read_to_string(head).unwrap().to_lowercase();
+    assert!(head.contains("content-encoding: gzip"), "{head}");
+}

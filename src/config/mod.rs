@@ -19,7 +19,9 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
-pub(crate) use options::{BasicAuthConfig, Cache, RateLimitConfig, RouteOptions};
+pub(crate) use options::{
+    BasicAuthConfig, Cache, CompressConfig, CompressLevel, Encoding, RateLimitConfig, RouteOptions,
+};
 
 /// A position in the config file, 1-based.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -17,6 +17,47 @@ pub(crate) struct RouteOptions {
     pub(crate) deny: Option<Vec<ipnet::IpNet>>,
     pub(crate) basic_auth: Option<BasicAuthConfig>,
     pub(crate) rate_limit: Option<RateLimitConfig>,
+    /// `Some(None)`: written off; `None`: not written (then `static`
+    /// compresses, the others do not).
+    pub(crate) compress: Option<Option<CompressConfig>>,
+}
+
+/// An encoding `compress` may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Encoding {
+    Zstd,
+    Br,
+    Gzip,
+}
+
+/// `compress: { encodings, min_size, level }`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct CompressConfig {
+    /// In order of preference.
+    pub(crate) encodings: Vec<Encoding>,
+    pub(crate) min_size: u64,
+    pub(crate) level: CompressLevel,
+}
+
+/// `level:`: `default` is each encoding's level for answers made on the
+/// fly (gzip 6, as nginx's `gzip_comp_level` people set; Brotli 4; zstd 3),
+/// not the slow maximum of Brotli's own default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CompressLevel {
+    Default,
+    Fastest,
+    Best,
+    Precise(i32),
+}
+
+impl Default for CompressConfig {
+    fn default() -> CompressConfig {
+        CompressConfig {
+            encodings: vec![Encoding::Zstd, Encoding::Br, Encoding::Gzip],
+            min_size: 1024,
+            level: CompressLevel::Default,
+        }
+    }
 }
 
 /// `rate_limit: { requests, per, burst, key }`.
@@ -39,6 +80,7 @@ impl RouteOptions {
             deny: self.deny.or_else(|| listener.deny.clone()),
             basic_auth: self.basic_auth.or_else(|| listener.basic_auth.clone()),
             rate_limit: self.rate_limit.or_else(|| listener.rate_limit.clone()),
+            compress: self.compress.or_else(|| listener.compress.clone()),
         }
     }
 }
@@ -66,6 +108,7 @@ pub(super) struct RawOptions<'a> {
     pub(super) deny: &'a Option<Spanned<Vec<Spanned<String>>>>,
     pub(super) basic_auth: &'a Option<Spanned<raw::BasicAuth>>,
     pub(super) rate_limit: &'a Option<Spanned<raw::RateLimit>>,
+    pub(super) compress: &'a Option<Spanned<raw::Compress>>,
 }
 
 impl Validator<'_> {
@@ -113,7 +156,12 @@ impl Validator<'_> {
             None => None,
             Some(r) => Some(self.rate_limit(&r.value, &format!("{key}.rate_limit"))?),
         };
+        let compress = match o.compress {
+            None => None,
+            Some(c) => Some(self.compress(&c.value, &format!("{key}.compress"))?),
+        };
         let own = RouteOptions {
+            compress,
             rate_limit,
             headers,
             cache,
@@ -125,6 +173,65 @@ impl Validator<'_> {
             Some(l) => own.or(l),
             None => own,
         })
+    }
+
+    fn compress(
+        &self,
+        c: &raw::Compress,
+        key: &str,
+    ) -> Result<Option<CompressConfig>, ConfigError> {
+        let w = match c {
+            raw::Compress::On(false) => return Ok(None),
+            raw::Compress::On(true) => return Ok(Some(CompressConfig::default())),
+            raw::Compress::With(w) => w,
+        };
+        let mut out = CompressConfig::default();
+        if let Some(list) = &w.encodings {
+            out.encodings.clear();
+            for e in list {
+                let enc = match e.value.as_str() {
+                    "zstd" => Encoding::Zstd,
+                    "br" => Encoding::Br,
+                    "gzip" => Encoding::Gzip,
+                    other => return self.err(
+                        Pos::from(e),
+                        format!(
+                            "{key}.encodings: {other:?} is not an encoding (use zstd, br, gzip)"
+                        ),
+                    ),
+                };
+                if !out.encodings.contains(&enc) {
+                    out.encodings.push(enc);
+                }
+            }
+            if out.encodings.is_empty() {
+                return self.err(
+                    None,
+                    format!("{key}.encodings: name at least one (or compress: false)"),
+                );
+            }
+        }
+        if let Some(m) = &w.min_size {
+            out.min_size = parse_size(&m.value)
+                .or_else(|e| self.err(Pos::from(m), format!("{key}.min_size: {e}")))?;
+        }
+        if let Some(l) = &w.level {
+            out.level = match l.value.as_str() {
+                "default" => CompressLevel::Default,
+                "fastest" => CompressLevel::Fastest,
+                "best" => CompressLevel::Best,
+                n => match n.parse::<i32>() {
+                    Ok(n @ 1..=22) => CompressLevel::Precise(n),
+                    _ => {
+                        return self.err(
+                            Pos::from(l),
+                            format!("{key}.level: {n:?} is not a level (default, fastest, best, or 1 to 22; each encoding clamps to its own range)"),
+                        )
+                    }
+                },
+            };
+        }
+        Ok(Some(out))
     }
 
     fn rate_limit(&self, r: &raw::RateLimit, key: &str) -> Result<RateLimitConfig, ConfigError> {

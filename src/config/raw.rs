@@ -125,6 +125,7 @@ pub(crate) struct Listener {
     pub(crate) deny: Option<Spanned<Vec<Spanned<String>>>>,
     pub(crate) basic_auth: Option<Spanned<BasicAuth>>,
     pub(crate) rate_limit: Option<Spanned<RateLimit>>,
+    pub(crate) compress: Option<Spanned<Compress>>,
 }
 
 #[derive(Deserialize)]
@@ -164,6 +165,7 @@ pub(crate) struct Route {
     pub(crate) deny: Option<Spanned<Vec<Spanned<String>>>>,
     pub(crate) basic_auth: Option<Spanned<BasicAuth>>,
     pub(crate) rate_limit: Option<Spanned<RateLimit>>,
+    pub(crate) compress: Option<Spanned<Compress>>,
 }
 
 /// `cache:`: the `Cache-Control` of the route's answers.
@@ -174,6 +176,22 @@ pub(crate) struct Cache {
     #[serde(default)]
     pub(crate) immutable: bool,
     pub(crate) public: Option<bool>,
+}
+
+/// `compress: true`, or its settings.
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub(crate) enum Compress {
+    On(bool),
+    With(CompressWith),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CompressWith {
+    pub(crate) encodings: Option<Vec<Spanned<String>>>,
+    pub(crate) min_size: Option<Spanned<String>>,
+    pub(crate) level: Option<Spanned<String>>,
 }
 
 /// `rate_limit:`.

@@ -39,6 +39,7 @@ struct Guard {
     trusted: Vec<ipnet::IpNet>,
     access: Option<crate::http::access::Access>,
     decorate: Option<crate::http::decorate::Decorate>,
+    compress: Option<crate::config::CompressConfig>,
 }
 
 /// The routes of one listener, longest prefix first.
@@ -131,10 +132,18 @@ impl Router {
                     o.basic_auth.as_ref(),
                 )?,
                 decorate: crate::http::decorate::Decorate::new(o.headers.clone(), o.cache.as_ref()),
+                // `static` compresses unless told not to; the others when told.
+                compress: match &o.compress {
+                    Some(c) => c.clone(),
+                    None if matches!(r.action, Action::Static { .. }) => Some(Default::default()),
+                    None => None,
+                },
             };
-            let guard =
-                (guard.limit.is_some() || guard.access.is_some() || guard.decorate.is_some())
-                    .then(|| Arc::new(guard));
+            let guard = (guard.limit.is_some()
+                || guard.access.is_some()
+                || guard.decorate.is_some()
+                || guard.compress.is_some())
+            .then(|| Arc::new(guard));
             routes.push((Arc::<str>::from(r.path.as_str()), handle, guard));
         }
         routes.sort_by_key(|r| std::cmp::Reverse(r.0.len()));
@@ -190,11 +199,19 @@ impl Router {
         self: &Arc<Self>,
         guard: Arc<Guard>,
         i: usize,
-        req: Request<B>,
+        mut req: Request<B>,
         ctx: &Arc<ListenerContext>,
         peer: Peer,
     ) -> Reply {
         use crate::http::access::Verdict;
+        use crate::http::compress;
+        let compressing = guard.compress.as_ref().map(|c| {
+            let mut chosen = compress::negotiate(req.headers(), &c.encodings);
+            compress::request(req.headers_mut(), &mut chosen);
+            let head = req.method() == http::Method::HEAD;
+            let ranged = req.headers().contains_key(http::header::RANGE);
+            (chosen, head, ranged)
+        });
         let host = req
             .headers()
             .get(http::header::HOST)
@@ -238,23 +255,25 @@ impl Router {
                 }))
             }
         };
-        let Some(_) = &guard.decorate else {
+        if guard.decorate.is_none() && guard.compress.is_none() {
             return reply;
+        }
+        // Headers and caching first: `compress` sees the final headers
+        // (a `Cache-Control: no-transform` a rule added).
+        let finish = move |mut res: http::Response<crate::wire::body::Body>| {
+            if let Some(d) = &guard.decorate {
+                d.apply(&mut res, &host, peer);
+            }
+            match (&guard.compress, compressing) {
+                (Some(c), Some((chosen, head, ranged))) => {
+                    compress::response(res, chosen, c, head, ranged)
+                }
+                _ => res,
+            }
         };
         match reply {
-            Reply::Now(mut res) => {
-                if let Some(d) = &guard.decorate {
-                    d.apply(&mut res, &host, peer);
-                }
-                Reply::Now(res)
-            }
-            Reply::Later(f) => Reply::Later(Box::pin(async move {
-                let mut res = f.await;
-                if let Some(d) = &guard.decorate {
-                    d.apply(&mut res, &host, peer);
-                }
-                res
-            })),
+            Reply::Now(res) => Reply::Now(finish(res)),
+            Reply::Later(f) => Reply::Later(Box::pin(async move { finish(f.await) })),
         }
     }
 
