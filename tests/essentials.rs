@@ -564,3 +564,76 @@ async fn compressed_files_decode_byte_for_byte_and_events_stream() {
     let head = std::fs::read_to_string(head).unwrap().to_lowercase();
     assert!(head.contains("content-encoding: gzip"), "{head}");
 }
+
+#[tokio::test]
+async fn precompressed_siblings_are_served_when_newer() {
+    let config = Config::new().listener(Listener::plain("web").route(
+        "/",
+        "static",
+        json!({ "root": "public" }),
+    ));
+    let srv = TestServer::builder()
+        .config(config)
+        .before(|dir, _| {
+            let public = dir.join("public");
+            std::fs::create_dir_all(&public).unwrap();
+            let text = "precompressed, or not. ".repeat(500);
+            std::fs::write(public.join("fresh.html"), &text).unwrap();
+            std::fs::write(public.join("stale.html"), &text).unwrap();
+            // Made by Debian's programs: gzip -k, and a stale .br older than its file.
+            for (prog, args, file) in [
+                ("gzip", ["-k", "-9"], "fresh.html"),
+                ("brotli", ["-k", "-q"], "stale.html"),
+            ] {
+                let mut cmd = Command::new(prog);
+                cmd.args(args);
+                if prog == "brotli" {
+                    cmd.arg("11");
+                }
+                assert!(cmd.arg(public.join(file)).status().unwrap().success());
+            }
+            // The file changed after its .br was made.
+            let old = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+            std::fs::File::options()
+                .write(true)
+                .open(public.join("stale.html.br"))
+                .unwrap()
+                .set_modified(old)
+                .unwrap();
+        })
+        .start()
+        .await;
+    let url = |p: &str| format!("http://{}{p}", srv.addr("web"));
+    let public = srv.dir.path().join("public");
+    let get = |enc: &str, path: &str| {
+        Command::new("curl")
+            .args(["-sS", "-D", "/dev/stderr", "-H"])
+            .arg(format!("Accept-Encoding: {enc}"))
+            .arg(url(path))
+            .output()
+            .unwrap()
+    };
+    // The sibling's own bytes, as the file in gzip.
+    let out = get("gzip", "/fresh.html");
+    let head = String::from_utf8_lossy(&out.stderr).to_lowercase();
+    assert!(
+        head.contains("content-encoding: gzip") && head.contains("content-type: text/html"),
+        "{head}"
+    );
+    assert!(
+        head.contains("-gzip\"") && head.contains("vary: accept-encoding"),
+        "{head}"
+    );
+    assert_eq!(
+        out.stdout,
+        std::fs::read(public.join("fresh.html.gz")).unwrap()
+    );
+    // A stale sibling is not used: compressed afresh.
+    let out = get("br", "/stale.html");
+    let head = String::from_utf8_lossy(&out.stderr).to_lowercase();
+    assert!(head.contains("content-encoding: br"), "{head}");
+    assert_ne!(
+        out.stdout,
+        std::fs::read(public.join("stale.html.br")).unwrap()
+    );
+}

@@ -193,12 +193,14 @@ impl Validator<'_> {
                     "zstd" => Encoding::Zstd,
                     "br" => Encoding::Br,
                     "gzip" => Encoding::Gzip,
-                    other => return self.err(
-                        Pos::from(e),
-                        format!(
+                    other => {
+                        return self.err(
+                            Pos::from(e),
+                            format!(
                             "{key}.encodings: {other:?} is not an encoding (use zstd, br, gzip)"
                         ),
-                    ),
+                        )
+                    }
                 };
                 if !out.encodings.contains(&enc) {
                     out.encodings.push(enc);

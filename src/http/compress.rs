@@ -38,6 +38,24 @@ const CHUNK: usize = 32 * 1024;
 #[derive(Clone, Copy)]
 pub(crate) struct Chosen(Option<Encoding>, bool);
 
+impl Chosen {
+    pub(crate) fn encoding(&self) -> Option<Encoding> {
+        self.0
+    }
+}
+
+/// An answer a route made in encoding `e` (a precompressed file): marked as
+/// such, with the variant's validator and `Vary`.
+pub(crate) fn precompressed(res: &mut Response<Body>, e: Encoding) {
+    res.headers_mut().insert(
+        header::CONTENT_ENCODING,
+        HeaderValue::from_static(e.token()),
+    );
+    res.headers_mut().remove(header::ACCEPT_RANGES);
+    variant_tag(res, e);
+    vary(res.headers_mut());
+}
+
 /// The encoding `accept` (the request's `Accept-Encoding`) prefers among
 /// `offered` (in the route's order of preference).
 pub(crate) fn negotiate(headers: &HeaderMap, offered: &[Encoding]) -> Chosen {

@@ -8,6 +8,10 @@
 //! ServeFile only sees a plain GET, or a GET of one range that still
 //! applies. A request for several ranges gets the whole file (200), which
 //! RFC 9110 section 14.2 allows; multipart/byteranges is not served.
+//!
+//! With `compress`, a file with a precompressed sibling in the chosen
+//! encoding (`page.html.br`, `.zst`, `.gz`) at least as new as it is served
+//! from the sibling, as the file in that encoding (see `compress`).
 
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
@@ -17,6 +21,7 @@ use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use tower::ServiceExt;
 
+use crate::config::Encoding;
 use crate::wire::body::{full, text, Body};
 
 fn empty(status: StatusCode) -> Response<Body> {
@@ -78,7 +83,40 @@ enum Found {
 /// request makes before the file is opened, together, so that they run in
 /// one blocking task (a slow `stat` on a network filesystem must not stall
 /// the serving thread's other connections).
-fn find(route: &Root, rel: &str, slash: bool) -> Found {
+fn find(
+    route: &Root,
+    rel: &str,
+    slash: bool,
+    encoding: Option<Encoding>,
+) -> (Found, Option<PathBuf>) {
+    let found = find_any(route, rel, slash);
+    // A precompressed sibling (`file.br`, `.zst`, `.gz`) of the encoding
+    // chosen, if it is a file at least as new as the file.
+    let sibling = match (&found, encoding) {
+        (Found::File(file, _), Some(e)) => {
+            let mut name = file.clone().into_os_string();
+            name.push(match e {
+                Encoding::Br => ".br",
+                Encoding::Zstd => ".zst",
+                Encoding::Gzip => ".gz",
+            });
+            let sibling = PathBuf::from(name);
+            let newer =
+                |a: &std::fs::Metadata, b: &std::fs::Metadata| match (a.modified(), b.modified()) {
+                    (Ok(a), Ok(b)) => a >= b,
+                    _ => false,
+                };
+            match (std::fs::metadata(&sibling), std::fs::metadata(file)) {
+                (Ok(s), Ok(f)) if s.is_file() && newer(&s, &f) => Some(sibling),
+                _ => None,
+            }
+        }
+        _ => None,
+    };
+    (found, sibling)
+}
+
+fn find_any(route: &Root, rel: &str, slash: bool) -> Found {
     match find_file(route, rel, slash) {
         // A single-page app: a missing path that does not look like a file
         // (no extension in its last segment) is the app's page.
@@ -238,9 +276,17 @@ pub(crate) async fn serve(req: Request<()>, prefix: Arc<str>, route: Arc<Root>) 
     let rel = path[prefix.len()..].trim_start_matches('/').to_owned();
     let slash = path.ends_with('/');
     let lookup = route.clone();
-    let found = tokio::task::spawn_blocking(move || find(&lookup, &rel, slash))
-        .await
-        .unwrap_or(Found::Missing);
+    // The encoding `compress` chose, for a precompressed file; not for a
+    // range, which is of the file itself.
+    let encoding = req
+        .extensions()
+        .get::<crate::http::compress::Chosen>()
+        .and_then(|c| c.encoding())
+        .filter(|_| !req.headers().contains_key(header::RANGE));
+    let (found, sibling) =
+        tokio::task::spawn_blocking(move || find(&lookup, &rel, slash, encoding))
+            .await
+            .unwrap_or((Found::Missing, None));
     let (file, validators) = match found {
         Found::Missing => return text(StatusCode::NOT_FOUND, "not found\n"),
         Found::Directory => {
@@ -273,8 +319,27 @@ pub(crate) async fn serve(req: Request<()>, prefix: Arc<str>, route: Arc<Root>) 
         }
     }
     // The file found, by its decoded canonical name: ServeFile opens it
-    // whatever the request's (encoded) path says.
-    let serve = tower_http::services::ServeFile::new(file);
+    // whatever the request's (encoded) path says. A precompressed sibling
+    // is served as the file in its encoding: the file's type, the variant's
+    // validator, and no compressing again.
+    let serve = match (&sibling, encoding) {
+        (Some(sibling), Some(e)) => {
+            let mime = mime_guess::from_path(&file).first_or_octet_stream();
+            let res = tower_http::services::ServeFile::new_with_mime(sibling, &mime)
+                .oneshot(Request::from_parts(parts, body))
+                .await;
+            return match res {
+                Ok(res) if res.status().is_success() => {
+                    let mut res = validators.apply(res.map(Body::new));
+                    crate::http::compress::precompressed(&mut res, e);
+                    res
+                }
+                Ok(res) => res.map(Body::new),
+                Err(never) => match never {},
+            };
+        }
+        _ => tower_http::services::ServeFile::new(file),
+    };
     match serve.oneshot(Request::from_parts(parts, body)).await {
         Ok(res) if res.status().is_success() => validators.apply(res.map(Body::new)),
         Ok(res) => res.map(Body::new),

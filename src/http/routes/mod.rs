@@ -208,6 +208,8 @@ impl Router {
         let compressing = guard.compress.as_ref().map(|c| {
             let mut chosen = compress::negotiate(req.headers(), &c.encodings);
             compress::request(req.headers_mut(), &mut chosen);
+            // A static route serves a precompressed file of this encoding.
+            req.extensions_mut().insert(chosen);
             let head = req.method() == http::Method::HEAD;
             let ranged = req.headers().contains_key(http::header::RANGE);
             (chosen, head, ranged)
