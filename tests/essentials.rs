@@ -637,3 +637,89 @@ async fn precompressed_siblings_are_served_when_newer() {
         std::fs::read(public.join("stale.html.br")).unwrap()
     );
 }
+
+#[tokio::test]
+async fn chromium_loads_a_compressed_page() {
+    let text = "A page that only works decompressed. ".repeat(300);
+    let page = format!(
+        "<!doctype html><html><body><div id=\"r\">not run</div><p>{text}</p><script src=\"/app.js\"></script></body></html>\n"
+    );
+    let script = format!(
+        "// {}\ndocument.getElementById('r').textContent = 'ran ' + document.querySelector('p').textContent.length;\n",
+        "padding so that the script is worth compressing. ".repeat(60)
+    );
+    let config = Config::new()
+        .set(
+            "access_log",
+            json!({ "path": "access.log", "format": "json" }),
+        )
+        .listener(
+            Listener::tls("web", "localhost.crt", "localhost.key").route(
+                "/",
+                "static",
+                json!({ "root": "public" }),
+            ),
+        );
+    let (page_len, script_len) = (page.len(), script.len());
+    let srv = TestServer::builder()
+        .config(config)
+        .before(move |dir, _| {
+            std::fs::create_dir_all(dir.join("public")).unwrap();
+            std::fs::write(dir.join("public/page.html"), &page).unwrap();
+            std::fs::write(dir.join("public/app.js"), &script).unwrap();
+        })
+        .start()
+        .await;
+    let profile = srv.dir.path().join("chromium-profile");
+    let out = tokio::time::timeout(
+        util::WAIT,
+        tokio::process::Command::new("chromium")
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--ignore-certificate-errors",
+            ])
+            .arg(format!("--user-data-dir={}", profile.display()))
+            .arg("--dump-dom")
+            .arg(format!(
+                "https://127.0.0.1:{}/page.html",
+                srv.addr("web").port()
+            ))
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("chromium finished in time")
+    .expect("chromium (Debian's) runs");
+    let dom = String::from_utf8_lossy(&out.stdout);
+    // The script ran (so it was decoded) and read the decoded page.
+    assert!(dom.contains(&format!("ran {}", text.len())), "{dom}");
+    // Both went compressed: fewer bytes on the wire than in the files.
+    let log_path = srv.dir.path().join("access.log");
+    let read = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    // The access log is written in batches: wait for both lines.
+    util::until("both requests are in the access log", || {
+        let log = read();
+        log.contains("/page.html") && log.contains("/app.js")
+    })
+    .await;
+    let log = read();
+    for (path, len) in [("/page.html", page_len), ("/app.js", script_len)] {
+        let line: serde_json::Value = log
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|l| l["target"] == path)
+            .unwrap_or_else(|| panic!("{path} not in {log}"));
+        let bytes = line["bytes"].as_u64().unwrap();
+        assert!(
+            bytes > 0 && (bytes as usize) < len / 4,
+            "{path}: {bytes} of {len} bytes: {line}"
+        );
+    }
+}
