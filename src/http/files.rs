@@ -139,6 +139,22 @@ fn find_any(route: &Root, rel: &str, slash: bool) -> Found {
     }
 }
 
+/// Files up to this size asked for whole are read at once.
+const SMALL: u64 = 256 * 1024;
+
+/// The content of `path` if it is a file of at most [`SMALL`] bytes.
+fn read_small(path: &Path) -> Option<Bytes> {
+    use std::io::Read;
+    let f = std::fs::File::open(path).ok()?;
+    let len = f.metadata().ok().filter(|m| m.is_file())?.len();
+    if len > SMALL {
+        return None;
+    }
+    let mut buf = Vec::with_capacity(len as usize);
+    f.take(SMALL + 1).read_to_end(&mut buf).ok()?;
+    (buf.len() as u64 <= SMALL).then(|| Bytes::from(buf))
+}
+
 /// Does `rel` try to leave its directory (`..`, `.`, or their escapes)? Such
 /// a path gets its 404, never the app's page.
 fn climbs(rel: &str) -> bool {
@@ -283,10 +299,20 @@ pub(crate) async fn serve(req: Request<()>, prefix: Arc<str>, route: Arc<Root>) 
         .get::<crate::http::compress::Chosen>()
         .and_then(|c| c.encoding())
         .filter(|_| !req.headers().contains_key(header::RANGE));
-    let (found, sibling) =
-        tokio::task::spawn_blocking(move || find(&lookup, &rel, slash, encoding))
-            .await
-            .unwrap_or((Found::Missing, None));
+    // A small file, asked for whole, is read in the same blocking task as
+    // its lookup: one hop off the serving thread instead of ServeFile's
+    // several (open, metadata, each read).
+    let whole = !req.headers().contains_key(header::RANGE);
+    let (found, sibling, content) = tokio::task::spawn_blocking(move || {
+        let (found, sibling) = find(&lookup, &rel, slash, encoding);
+        let content = match (&found, whole) {
+            (Found::File(file, _), true) => read_small(sibling.as_deref().unwrap_or(file)),
+            _ => None,
+        };
+        (found, sibling, content)
+    })
+    .await
+    .unwrap_or((Found::Missing, None, None));
     let (file, validators) = match found {
         Found::Missing => return text(StatusCode::NOT_FOUND, "not found\n"),
         Found::Directory => {
@@ -317,6 +343,25 @@ pub(crate) async fn serve(req: Request<()>, prefix: Arc<str>, route: Arc<Root>) 
         Verdict::PreconditionFailed => {
             return text(StatusCode::PRECONDITION_FAILED, "precondition failed\n")
         }
+    }
+    if let Some(content) = content {
+        let mime = mime_guess::from_path(&file)
+            .first_raw()
+            .unwrap_or("application/octet-stream");
+        let len = content.len();
+        let mut res = Response::new(match parts.method == Method::HEAD {
+            true => Body::empty(),
+            false => full(content),
+        });
+        let h = res.headers_mut();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static(mime));
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+        h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+        let mut res = validators.apply(res);
+        if let (Some(_), Some(e)) = (&sibling, encoding) {
+            crate::http::compress::precompressed(&mut res, e);
+        }
+        return res;
     }
     // The file found, by its decoded canonical name: ServeFile opens it
     // whatever the request's (encoded) path says. A precompressed sibling
