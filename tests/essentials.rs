@@ -723,3 +723,61 @@ async fn chromium_loads_a_compressed_page() {
         );
     }
 }
+
+#[tokio::test]
+async fn route_options_hold_over_http3() {
+    let config = Config::new().listener(
+        Listener::tls("web", "localhost.crt", "localhost.key")
+            .set("http3", true)
+            .route("/", "static", json!({ "root": "public" }))
+            .route("/staff", "respond", json!({ "body": "staff only\n" }))
+            .route("/limited", "respond", json!({ "body": "limited\n" })),
+    );
+    let mut v = serde_yaml_like(&config);
+    for r in v["listeners"][0]["routes"].as_array_mut().unwrap() {
+        match r["path"].as_str().unwrap() {
+            "/staff" => {
+                r["basic_auth"] = json!({ "realm": "staff", "users_file": "users.htpasswd" })
+            }
+            "/limited" => r["rate_limit"] = json!({ "requests": 1, "per": "1h" }),
+            _ => {}
+        }
+    }
+    let srv = TestServer::builder()
+        .config_text(serde_json::to_string_pretty(&v).unwrap())
+        .before(|dir, _| {
+            site(dir);
+            std::fs::write(
+                dir.join("public/big.html"),
+                "over HTTP/3, compressed. ".repeat(400),
+            )
+            .unwrap();
+        })
+        .start()
+        .await;
+    let addr = srv.addr("web");
+    let status = |v: &serde_json::Value| v["responses"][0]["status"].as_u64();
+    // basic_auth: 401 with the challenge, then 200 with the password.
+    let r = util::h3::get_with(addr, "/staff", &[]).await;
+    assert_eq!(status(&r), Some(401), "{r}");
+    let login = "authorization: Basic YWxpY2U6czNjcmV0LVBhNTU="; // alice:s3cret-Pa55
+    let r = util::h3::get_with(addr, "/staff", &["--header", login]).await;
+    assert_eq!(status(&r), Some(200), "{r}");
+    // rate_limit: the second request in the hour is refused.
+    let r = util::h3::get_with(addr, "/limited", &["--count", "2"]).await;
+    let statuses: Vec<_> = r["responses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["status"].as_u64())
+        .collect();
+    assert_eq!(statuses, [Some(200), Some(429)], "{r}");
+    // compress: a static page in zstd.
+    let r = util::h3::get_with(addr, "/big.html", &["--header", "accept-encoding: zstd"]).await;
+    assert_eq!(status(&r), Some(200), "{r}");
+    let headers = r["responses"][0]["headers"].to_string().to_lowercase();
+    assert!(
+        headers.contains("content-encoding") && headers.contains("zstd"),
+        "{r}"
+    );
+}
