@@ -26,8 +26,6 @@ const REMEMBERED: usize = 4096;
 pub(crate) struct Access {
     allow: Option<Vec<IpNet>>,
     deny: Option<Vec<IpNet>>,
-    /// The listener's `trusted_proxies`.
-    trusted: Vec<IpNet>,
     auth: Option<BasicAuth>,
 }
 
@@ -63,7 +61,6 @@ impl Access {
         file: &std::path::Path,
         allow: Option<Vec<IpNet>>,
         deny: Option<Vec<IpNet>>,
-        trusted: Vec<IpNet>,
         auth: Option<&BasicAuthConfig>,
     ) -> Result<Option<Access>, ConfigError> {
         let auth = match auth {
@@ -73,18 +70,12 @@ impl Access {
         if allow.is_none() && deny.is_none() && auth.is_none() {
             return Ok(None);
         }
-        Ok(Some(Access {
-            allow,
-            deny,
-            trusted,
-            auth,
-        }))
+        Ok(Some(Access { allow, deny, auth }))
     }
 
-    /// Checks the client (`peer`, or the address its trusted proxy names)
-    /// and its credentials.
-    pub(crate) fn check(&self, peer: IpAddr, headers: &HeaderMap) -> Verdict {
-        let client = client_address(peer, headers, &self.trusted);
+    /// Checks the client (its address: see [`client_address`]) and its
+    /// credentials.
+    pub(crate) fn check(&self, client: IpAddr, headers: &HeaderMap) -> Verdict {
         let denied = self
             .deny
             .as_ref()

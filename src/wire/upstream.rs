@@ -96,6 +96,19 @@ impl std::fmt::Debug for SendError {
     }
 }
 
+impl From<hyper::client::conn::TrySendError<Request<Body>>> for SendError {
+    /// The request back if none of it was written, else the failure.
+    fn from(mut e: hyper::client::conn::TrySendError<Request<Body>>) -> SendError {
+        match e.take_message() {
+            Some(back) => SendError::NotSent {
+                request: Box::new(back),
+                error: Box::new(e.into_error()),
+            },
+            None => SendError::Failed(e.into_error()),
+        }
+    }
+}
+
 /// An endpoint's connections, one set per serving thread.
 pub(crate) struct Pool {
     shared: Arc<Shared>,
@@ -179,10 +192,10 @@ impl Pool {
             }
             match sender.try_send_request(req).await {
                 Ok(res) => return Ok(self.pooled(res, Some(sender), slot)),
-                Err(mut e) => match e.take_message() {
+                Err(e) => match SendError::from(e) {
                     // The connection closed before anything was written.
-                    Some(back) => req = back,
-                    None => return Err(SendError::Failed(e.into_error())),
+                    SendError::NotSent { request, .. } => req = *request,
+                    failed => return Err(failed),
                 },
             }
         }
@@ -198,13 +211,7 @@ impl Pool {
         };
         match sender.try_send_request(req).await {
             Ok(res) => Ok(self.pooled(res, Some(sender), slot)),
-            Err(mut e) => match e.take_message() {
-                Some(back) => Err(SendError::NotSent {
-                    request: Box::new(back),
-                    error: Box::new(e.into_error()),
-                }),
-                None => Err(SendError::Failed(e.into_error())),
-            },
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -238,9 +245,9 @@ impl Pool {
         if let Some(mut sender) = current.filter(|s| !s.is_closed()) {
             match sender.try_send_request(req).await {
                 Ok(res) => return Ok(self.pooled(res, None, slot)),
-                Err(mut e) => match e.take_message() {
-                    Some(back) => req = back,
-                    None => return Err(SendError::Failed(e.into_error())),
+                Err(e) => match SendError::from(e) {
+                    SendError::NotSent { request, .. } => req = *request,
+                    failed => return Err(failed),
                 },
             }
         }
@@ -257,13 +264,7 @@ impl Pool {
         lock(&self.shared.slots[slot]).h2 = Some(sender.clone());
         match sender.try_send_request(req).await {
             Ok(res) => Ok(self.pooled(res, None, slot)),
-            Err(mut e) => match e.take_message() {
-                Some(back) => Err(SendError::NotSent {
-                    request: Box::new(back),
-                    error: Box::new(e.into_error()),
-                }),
-                None => Err(SendError::Failed(e.into_error())),
-            },
+            Err(e) => Err(e.into()),
         }
     }
 

@@ -422,7 +422,6 @@ impl Proxy {
         }
         let (mut parts, body) = res.into_parts();
         strip_hop_by_hop(&mut parts.headers, false);
-        let client_host = host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or("");
         apply_rules(
             &mut parts.headers,
             &self.config.response_headers,

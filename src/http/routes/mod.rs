@@ -35,7 +35,7 @@ use respond::{redirect, Fixed};
 /// A route's access rules and answer rules, if it has any.
 struct Guard {
     limit: Option<Arc<crate::http::limit::Limiter>>,
-    /// The listener's `trusted_proxies`, for the limit's client address.
+    /// The listener's `trusted_proxies`, for the client's address.
     trusted: Vec<ipnet::IpNet>,
     access: Option<crate::http::access::Access>,
     decorate: Option<crate::http::decorate::Decorate>,
@@ -128,7 +128,6 @@ impl Router {
                     file,
                     o.allow.clone(),
                     o.deny.clone(),
-                    listener.trusted_proxies.clone(),
                     o.basic_auth.as_ref(),
                 )?,
                 decorate: crate::http::decorate::Decorate::new(o.headers.clone(), o.cache.as_ref()),
@@ -214,22 +213,24 @@ impl Router {
             let ranged = req.headers().contains_key(http::header::RANGE);
             (chosen, head, ranged)
         });
-        let host = req
-            .headers()
-            .get(http::header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .unwrap_or("")
-            .to_string();
-        // The limit first: a client over it costs no password check.
-        let limited = guard.limit.as_ref().and_then(|l| {
-            let client =
-                crate::http::access::client_address(peer.addr.ip(), req.headers(), &guard.trusted);
-            l.check(client, req.headers())
+        // Only the header rules' `{host}` needs it (a shared handle, no copy).
+        let host = guard
+            .decorate
+            .as_ref()
+            .and_then(|_| req.headers().get(http::header::HOST).cloned());
+        // The client's address, found once for the limit and the rules.
+        let client = (guard.limit.is_some() || guard.access.is_some()).then(|| {
+            crate::http::access::client_address(peer.addr.ip(), req.headers(), &guard.trusted)
         });
-        let verdict = match (limited, &guard.access) {
-            (Some(res), _) => Verdict::Refused(res),
-            (None, Some(access)) => access.check(peer.addr.ip(), req.headers()),
-            (None, None) => Verdict::Pass,
+        // The limit first: a client over it costs no password check.
+        let limited = match (&guard.limit, client) {
+            (Some(l), Some(client)) => l.check(client, req.headers()),
+            _ => None,
+        };
+        let verdict = match (limited, &guard.access, client) {
+            (Some(res), _, _) => Verdict::Refused(res),
+            (None, Some(access), Some(client)) => access.check(client, req.headers()),
+            _ => Verdict::Pass,
         };
         let reply = match verdict {
             Verdict::Pass => self.run(i, req, ctx, peer),
@@ -264,7 +265,8 @@ impl Router {
         // (a `Cache-Control: no-transform` a rule added).
         let finish = move |mut res: http::Response<crate::wire::body::Body>| {
             if let Some(d) = &guard.decorate {
-                d.apply(&mut res, &host, peer);
+                let host = host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or("");
+                d.apply(&mut res, host, peer);
             }
             match (&guard.compress, compressing) {
                 (Some(c), Some((chosen, head, ranged))) => {
