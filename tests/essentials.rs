@@ -638,6 +638,126 @@ async fn precompressed_siblings_are_served_when_newer() {
     );
 }
 
+/// Small files are answered from memory (issue 29's precompressed row):
+/// every kind of change on disk is seen by the very next request, on every
+/// connection: written in place, replaced by a rename, touched, given a
+/// newer precompressed sibling, reached through a retargeted symlink, a
+/// renamed directory, a hard link changed from outside the root, deleted.
+#[tokio::test]
+async fn files_in_memory_follow_every_change_at_once() {
+    let config = Config::new().listener(Listener::plain("web").route(
+        "/",
+        "static",
+        json!({ "root": "public" }),
+    ));
+    let srv = TestServer::builder()
+        .config(config)
+        .before(|dir, _| {
+            let public = dir.join("public");
+            std::fs::create_dir_all(public.join("docs")).unwrap();
+            std::fs::create_dir_all(dir.join("outside")).unwrap();
+            std::fs::write(public.join("page.html"), "v1\n").unwrap();
+            std::fs::write(public.join("docs/a.txt"), "docs a\n").unwrap();
+            std::fs::write(public.join("one.txt"), "one\n").unwrap();
+            std::fs::write(public.join("two.txt"), "two\n").unwrap();
+            std::os::unix::fs::symlink("one.txt", public.join("link.txt")).unwrap();
+            std::fs::write(dir.join("outside/shared.txt"), "shared 1\n").unwrap();
+            std::fs::hard_link(dir.join("outside/shared.txt"), public.join("hard.txt")).unwrap();
+        })
+        .start()
+        .await;
+    let base = format!("http://{}", srv.addr("web"));
+    let dir = srv.dir.path().to_path_buf();
+    let public = dir.join("public");
+    // Four requests on each of three connections, so that both serving
+    // threads have the file in memory; all must agree with `want`.
+    let check = |path: &str, extra: &[&str], want: &str, step: &str| -> String {
+        let mut heads = String::new();
+        for _ in 0..3 {
+            let url = format!("{base}{path}");
+            let out = Command::new("curl")
+                .args(["-sS", "-D", "/dev/stderr"])
+                .args(extra)
+                .args([&url, &url, &url, &url])
+                .output()
+                .expect("curl");
+            assert_eq!(
+                String::from_utf8_lossy(&out.stdout),
+                want.repeat(4),
+                "{step}: {path}"
+            );
+            heads = String::from_utf8_lossy(&out.stderr).to_lowercase();
+        }
+        heads
+    };
+    let etag = |heads: &str| {
+        heads
+            .lines()
+            .find_map(|l| l.strip_prefix("etag: "))
+            .map(|t| t.trim().to_string())
+    };
+    let first = check("/page.html", &[], "v1\n", "first read");
+    // Written in place (same inode, same length).
+    std::fs::write(public.join("page.html"), "v2\n").unwrap();
+    let second = check("/page.html", &[], "v2\n", "written in place");
+    assert!(etag(&first).is_some());
+    // Replaced by a rename, as deploy tools do.
+    std::fs::write(public.join(".page.tmp"), "v3, renamed over\n").unwrap();
+    std::fs::rename(public.join(".page.tmp"), public.join("page.html")).unwrap();
+    check("/page.html", &[], "v3, renamed over\n", "renamed over");
+    // Touched only: a new modification time is a new ETag.
+    let before = check("/page.html", &[], "v3, renamed over\n", "before touch");
+    std::fs::File::options()
+        .write(true)
+        .open(public.join("page.html"))
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(60))
+        .unwrap();
+    let after = check("/page.html", &[], "v3, renamed over\n", "touched");
+    assert_ne!(etag(&before), etag(&after), "{before}\n{after}");
+    assert_ne!(etag(&first), etag(&second));
+    // A precompressed sibling newer than the file appears.
+    let gz = ["-H", "Accept-Encoding: gzip"];
+    check("/page.html", &gz, "v3, renamed over\n", "no sibling yet");
+    std::fs::write(public.join("page.html.gz"), b"not really gzip").unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(public.join("page.html.gz"))
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(120))
+        .unwrap();
+    let heads = check("/page.html", &gz, "not really gzip", "sibling made");
+    assert!(heads.contains("content-encoding: gzip"), "{heads}");
+    // A symlink retargeted.
+    check("/link.txt", &[], "one\n", "link to one");
+    std::fs::remove_file(public.join("link.txt")).unwrap();
+    std::os::unix::fs::symlink("two.txt", public.join("link.txt")).unwrap();
+    check("/link.txt", &[], "two\n", "link to two");
+    // A directory renamed away and another put in its place.
+    check("/docs/a.txt", &[], "docs a\n", "docs");
+    std::fs::rename(public.join("docs"), public.join("old-docs")).unwrap();
+    std::fs::create_dir(public.join("docs")).unwrap();
+    std::fs::write(public.join("docs/a.txt"), "new docs a\n").unwrap();
+    check("/docs/a.txt", &[], "new docs a\n", "docs replaced");
+    // A hard link whose other name, outside the root, is written.
+    check("/hard.txt", &[], "shared 1\n", "hard link");
+    std::fs::write(dir.join("outside/shared.txt"), "shared 2\n").unwrap();
+    check(
+        "/hard.txt",
+        &[],
+        "shared 2\n",
+        "written through the other link",
+    );
+    // Deleted.
+    std::fs::remove_file(public.join("two.txt")).unwrap();
+    let out = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+        .arg(format!("{base}/link.txt"))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "404");
+}
+
 #[tokio::test]
 async fn chromium_loads_a_compressed_page() {
     let text = "A page that only works decompressed. ".repeat(300);

@@ -319,6 +319,8 @@ pub(crate) enum Action {
         fallback: Option<String>,
         /// A directory without its index is listed.
         browse: bool,
+        /// Small files are kept in memory (see `http::files::cache`).
+        file_cache: bool,
     },
     Redirect {
         to: String,

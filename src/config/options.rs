@@ -23,7 +23,7 @@ pub(crate) struct RouteOptions {
 }
 
 /// An encoding `compress` may use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum Encoding {
     Zstd,
     Br,

@@ -310,6 +310,8 @@ pub(crate) struct Static {
     pub(crate) fallback: Option<Spanned<String>>,
     #[serde(default)]
     pub(crate) browse: bool,
+    /// Small files kept in memory, exactly as on disk (on by default).
+    pub(crate) file_cache: Option<bool>,
 }
 
 #[derive(Deserialize)]

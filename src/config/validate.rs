@@ -611,6 +611,7 @@ impl Validator<'_> {
                 index: s.value.index.clone().unwrap_or_else(|| "index.html".into()),
                 fallback,
                 browse: s.value.browse,
+                file_cache: s.value.file_cache.unwrap_or(true),
             }
         } else if let Some(r) = &raw.redirect {
             let status = self.status(

@@ -85,6 +85,7 @@ impl Router {
                     index,
                     fallback,
                     browse,
+                    file_cache,
                 } => {
                     let canonical = std::fs::canonicalize(&root.path)
                         .ok()
@@ -96,12 +97,13 @@ impl Router {
                                 format!("{}: {} is not a directory", root.key, root.written),
                             )
                         })?;
-                    Route::Static(Arc::new(crate::http::files::Root {
-                        root: canonical,
-                        index: index.clone(),
-                        fallback: fallback.clone(),
-                        browse: *browse,
-                    }))
+                    Route::Static(Arc::new(crate::http::files::Root::new(
+                        canonical,
+                        index.clone(),
+                        fallback.clone(),
+                        *browse,
+                        *file_cache,
+                    )))
                 }
                 Action::Redirect { to, status } => Route::Redirect {
                     to: to.clone(),

@@ -24,6 +24,8 @@ use tower::ServiceExt;
 use crate::config::Encoding;
 use crate::wire::body::{full, text, Body};
 
+mod cache;
+
 fn empty(status: StatusCode) -> Response<Body> {
     let mut res = Response::new(full(Bytes::new()));
     *res.status_mut() = status;
@@ -58,12 +60,36 @@ pub(crate) fn resolve_static(root: &Path, rel: &str) -> Option<PathBuf> {
 }
 
 /// A `static` route: its root (canonical), the index file of directories,
-/// a single-page app's `fallback` and whether directories are listed.
+/// a single-page app's `fallback`, whether directories are listed and
+/// whether small files are kept in memory (see `cache`).
 pub(crate) struct Root {
     pub(crate) root: PathBuf,
     pub(crate) index: String,
     pub(crate) fallback: Option<String>,
     pub(crate) browse: bool,
+    pub(crate) file_cache: bool,
+    /// Names the route in the file cache.
+    id: u64,
+}
+
+impl Root {
+    pub(crate) fn new(
+        root: PathBuf,
+        index: String,
+        fallback: Option<String>,
+        browse: bool,
+        file_cache: bool,
+    ) -> Root {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        Root {
+            root,
+            index,
+            fallback,
+            browse,
+            file_cache,
+            id: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        }
+    }
 }
 
 /// What a request names under a root, found off the serving thread.
@@ -142,17 +168,18 @@ fn find_any(route: &Root, rel: &str, slash: bool) -> Found {
 /// Files up to this size asked for whole are read at once.
 const SMALL: u64 = 256 * 1024;
 
-/// The content of `path` if it is a file of at most [`SMALL`] bytes.
-fn read_small(path: &Path) -> Option<Bytes> {
+/// The content of `path` if it is a file of at most [`SMALL`] bytes, and
+/// its validators when it was opened.
+fn read_small(path: &Path) -> Option<(Bytes, Option<Validators>)> {
     use std::io::Read;
     let f = std::fs::File::open(path).ok()?;
-    let len = f.metadata().ok().filter(|m| m.is_file())?.len();
-    if len > SMALL {
+    let meta = f.metadata().ok().filter(|m| m.is_file())?;
+    if meta.len() > SMALL {
         return None;
     }
-    let mut buf = Vec::with_capacity(len as usize);
+    let mut buf = Vec::with_capacity(meta.len() as usize);
     f.take(SMALL + 1).read_to_end(&mut buf).ok()?;
-    (buf.len() as u64 <= SMALL).then(|| Bytes::from(buf))
+    (buf.len() as u64 <= SMALL).then(|| (Bytes::from(buf), Validators::of(&meta)))
 }
 
 /// Does `rel` try to leave its directory (`..`, `.`, or their escapes)? Such
@@ -289,9 +316,8 @@ pub(crate) async fn serve(req: Request<()>, prefix: Arc<str>, route: Arc<Root>) 
         return res;
     }
     let path = req.uri().path();
-    let rel = path[prefix.len()..].trim_start_matches('/').to_owned();
+    let rel = path[prefix.len()..].trim_start_matches('/');
     let slash = path.ends_with('/');
-    let lookup = route.clone();
     // The encoding `compress` chose, for a precompressed file; not for a
     // range, which is of the file itself.
     let encoding = req
@@ -299,20 +325,48 @@ pub(crate) async fn serve(req: Request<()>, prefix: Arc<str>, route: Arc<Root>) 
         .get::<crate::http::compress::Chosen>()
         .and_then(|c| c.encoding())
         .filter(|_| !req.headers().contains_key(header::RANGE));
-    // A small file, asked for whole, is read in the same blocking task as
-    // its lookup: one hop off the serving thread instead of ServeFile's
-    // several (open, metadata, each read).
+    // A small file asked for whole may be in this thread's memory; if not,
+    // it is read in the same blocking task as its lookup: one hop off the
+    // serving thread instead of ServeFile's several (open, metadata, each
+    // read).
     let whole = !req.headers().contains_key(header::RANGE);
-    let (found, sibling, content) = tokio::task::spawn_blocking(move || {
-        let (found, sibling) = find(&lookup, &rel, slash, encoding);
+    let watcher = match whole && route.file_cache {
+        true => {
+            if let Some(hit) = cache::get(route.id, rel, encoding) {
+                return small(req, &hit, encoding);
+            }
+            cache::watcher()
+        }
+        false => None,
+    };
+    let lookup = route.clone();
+    let key = rel.to_owned();
+    let watching = watcher.clone();
+    let (found, sibling, content, rel) = tokio::task::spawn_blocking(move || {
+        // What the answer depends on is watched before it is looked at.
+        let mut cacheable = watching
+            .as_deref()
+            .is_some_and(|w| cache::watch_path(w, &lookup.root, &key));
+        let (found, sibling) = find(&lookup, &key, slash, encoding);
         let content = match (&found, whole) {
-            (Found::File(file, _), true) => read_small(sibling.as_deref().unwrap_or(file)),
+            (Found::File(file, found), true) => {
+                cacheable = cacheable
+                    && watching
+                        .as_deref()
+                        .is_some_and(|w| cache::watch_file(w, file, sibling.as_ref()));
+                read_small(sibling.as_deref().unwrap_or(file)).map(|(content, read)| {
+                    // Cached only if what was read is the version found
+                    // (for a sibling, the file's validators count).
+                    let same = sibling.is_some() || read.as_ref() == Some(found);
+                    (content, cacheable && same)
+                })
+            }
             _ => None,
         };
-        (found, sibling, content)
+        (found, sibling, content, key)
     })
     .await
-    .unwrap_or((Found::Missing, None, None));
+    .unwrap_or((Found::Missing, None, None, String::new()));
     let (file, validators) = match found {
         Found::Missing => return text(StatusCode::NOT_FOUND, "not found\n"),
         Found::Directory => {
@@ -336,6 +390,22 @@ pub(crate) async fn serve(req: Request<()>, prefix: Arc<str>, route: Arc<Root>) 
             return res;
         }
     };
+    if let Some((content, cacheable)) = content {
+        let mime = mime_guess::from_path(&file)
+            .first_raw()
+            .unwrap_or("application/octet-stream");
+        let found = cache::Cached {
+            content,
+            mime: HeaderValue::from_static(mime),
+            validators,
+            sibling: sibling.is_some(),
+        };
+        let res = small(req, &found, encoding);
+        if let (true, Some(watcher)) = (cacheable, &watcher) {
+            cache::put(watcher, route.id, &rel, encoding, found);
+        }
+        return res;
+    }
     let (mut parts, body) = req.into_parts();
     match conditions(&parts.method, &mut parts.headers, &validators) {
         Verdict::Serve => {}
@@ -343,25 +413,6 @@ pub(crate) async fn serve(req: Request<()>, prefix: Arc<str>, route: Arc<Root>) 
         Verdict::PreconditionFailed => {
             return text(StatusCode::PRECONDITION_FAILED, "precondition failed\n")
         }
-    }
-    if let Some(content) = content {
-        let mime = mime_guess::from_path(&file)
-            .first_raw()
-            .unwrap_or("application/octet-stream");
-        let len = content.len();
-        let mut res = Response::new(match parts.method == Method::HEAD {
-            true => Body::empty(),
-            false => full(content),
-        });
-        let h = res.headers_mut();
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static(mime));
-        h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-        h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-        let mut res = validators.apply(res);
-        if let (Some(_), Some(e)) = (&sibling, encoding) {
-            crate::http::compress::precompressed(&mut res, e);
-        }
-        return res;
     }
     // The file found, by its decoded canonical name: ServeFile opens it
     // whatever the request's (encoded) path says. A precompressed sibling
@@ -392,39 +443,78 @@ pub(crate) async fn serve(req: Request<()>, prefix: Arc<str>, route: Arc<Root>) 
     }
 }
 
+/// The answer with a small file read whole (from memory or just read):
+/// the request's conditions, then the content, its type and validators,
+/// and for a precompressed sibling its encoding.
+fn small(req: Request<()>, file: &cache::Cached, encoding: Option<Encoding>) -> Response<Body> {
+    let (mut parts, _) = req.into_parts();
+    let v = &file.validators;
+    match conditions(&parts.method, &mut parts.headers, v) {
+        Verdict::Serve => {}
+        Verdict::NotModified => return v.apply(empty(StatusCode::NOT_MODIFIED)),
+        Verdict::PreconditionFailed => {
+            return text(StatusCode::PRECONDITION_FAILED, "precondition failed\n")
+        }
+    }
+    let len = file.content.len();
+    let mut res = Response::new(match parts.method == Method::HEAD {
+        true => Body::empty(),
+        false => full(file.content.clone()),
+    });
+    let h = res.headers_mut();
+    h.insert(header::CONTENT_TYPE, file.mime.clone());
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    let mut res = v.apply(res);
+    if let (true, Some(e)) = (file.sibling, encoding) {
+        crate::http::compress::precompressed(&mut res, e);
+    }
+    res
+}
+
 /// What identifies the version of a file served: a strong ETag (from its
 /// modification time, to the nanosecond, and its length, as nginx's) and
-/// its Last-Modified date.
+/// its Last-Modified date, with both headers ready.
+#[derive(PartialEq, Eq)]
 struct Validators {
     etag: String,
     /// Seconds since the epoch, what an HTTP date can say.
     modified: u64,
+    headers: Option<(HeaderValue, HeaderValue)>,
 }
 
 impl Validators {
+    fn new(etag: String, modified: u64) -> Validators {
+        let date = httpdate::fmt_http_date(UNIX_EPOCH + std::time::Duration::from_secs(modified));
+        let headers = HeaderValue::from_str(&etag)
+            .ok()
+            .zip(HeaderValue::from_str(&date).ok());
+        Validators {
+            etag,
+            modified,
+            headers,
+        }
+    }
+
     fn of(meta: &std::fs::Metadata) -> Option<Validators> {
         let since = meta.modified().ok()?.duration_since(UNIX_EPOCH).ok()?;
-        Some(Validators {
-            etag: format!(
+        Some(Validators::new(
+            format!(
                 "\"{:x}.{:x}-{:x}\"",
                 since.as_secs(),
                 since.subsec_nanos(),
                 meta.len()
             ),
-            modified: since.as_secs(),
-        })
+            since.as_secs(),
+        ))
     }
 
     /// Adds the validators to a response (200, 206 or 304).
     fn apply(&self, mut res: Response<Body>) -> Response<Body> {
-        let h = res.headers_mut();
-        if let Ok(v) = HeaderValue::from_str(&self.etag) {
-            h.insert(header::ETAG, v);
-        }
-        let date =
-            httpdate::fmt_http_date(UNIX_EPOCH + std::time::Duration::from_secs(self.modified));
-        if let Ok(v) = HeaderValue::from_str(&date) {
-            h.insert(header::LAST_MODIFIED, v);
+        if let Some((etag, modified)) = &self.headers {
+            let h = res.headers_mut();
+            h.insert(header::ETAG, etag.clone());
+            h.insert(header::LAST_MODIFIED, modified.clone());
         }
         res
     }
@@ -609,10 +699,7 @@ mod tests {
 
     #[test]
     fn conditions_in_rfc_order() {
-        let v = Validators {
-            etag: "\"a\"".into(),
-            modified: 1_000_000,
-        };
+        let v = Validators::new("\"a\"".into(), 1_000_000);
         let date =
             |secs: u64| httpdate::fmt_http_date(UNIX_EPOCH + std::time::Duration::from_secs(secs));
         let check = |pairs: &[(&str, String)]| {
