@@ -45,28 +45,35 @@ impl Chosen {
 }
 
 /// An answer a route made in encoding `e` (a precompressed file): marked as
-/// such, with the variant's validator and `Vary`.
-pub(crate) fn precompressed(res: &mut Response<Body>, e: Encoding) {
+/// such, with the variant's validator (`tag`, if the route made it already
+/// with [`variant_etag`]) and `Vary`.
+pub(crate) fn precompressed(res: &mut Response<Body>, e: Encoding, tag: Option<HeaderValue>) {
     res.headers_mut().insert(
         header::CONTENT_ENCODING,
         HeaderValue::from_static(e.token()),
     );
     res.headers_mut().remove(header::ACCEPT_RANGES);
-    variant_tag(res, e);
+    match tag {
+        Some(tag) => {
+            res.headers_mut().insert(header::ETAG, tag);
+        }
+        None => variant_tag(res, e),
+    }
     vary(res.headers_mut());
 }
 
 /// The encoding `accept` (the request's `Accept-Encoding`) prefers among
 /// `offered` (in the route's order of preference).
 pub(crate) fn negotiate(headers: &HeaderMap, offered: &[Encoding]) -> Chosen {
-    let mut best: Option<(u16, usize, Encoding)> = None;
+    // The q-value each encoding is first named with (no allocation: this
+    // runs for every request of a compressing route).
+    let mut named: [Option<u16>; 3] = [None; 3];
     let mut star: Option<u16> = None;
-    let mut named = Vec::new();
     for v in headers.get_all(header::ACCEPT_ENCODING) {
         let Ok(v) = v.to_str() else { continue };
         for item in v.split(',') {
             let mut parts = item.split(';');
-            let token = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+            let token = parts.next().unwrap_or("").trim();
             let q = parts
                 .filter_map(|p| {
                     p.trim()
@@ -77,18 +84,22 @@ pub(crate) fn negotiate(headers: &HeaderMap, offered: &[Encoding]) -> Chosen {
                 .unwrap_or(1000);
             if token == "*" {
                 star = Some(q);
-            } else {
-                named.push((token, q));
+                continue;
+            }
+            let kind = [Encoding::Zstd, Encoding::Br, Encoding::Gzip]
+                .into_iter()
+                .find(|e| {
+                    token.eq_ignore_ascii_case(e.token())
+                        || (*e == Encoding::Gzip && token.eq_ignore_ascii_case("x-gzip"))
+                });
+            if let Some(e) = kind {
+                named[e as usize].get_or_insert(q);
             }
         }
     }
+    let mut best: Option<(u16, usize, Encoding)> = None;
     for (rank, e) in offered.iter().enumerate() {
-        let q = named
-            .iter()
-            .find(|(t, _)| t == e.token() || (*e == Encoding::Gzip && t == "x-gzip"))
-            .map(|(_, q)| *q)
-            .or(star)
-            .unwrap_or(0);
+        let q = named[*e as usize].or(star).unwrap_or(0);
         if q > 0 && best.is_none_or(|(bq, br, _)| q > bq || (q == bq && rank < br)) {
             best = Some((q, rank, *e));
         }
@@ -143,7 +154,7 @@ pub(crate) fn response(
     ranged: bool,
 ) -> Response<Body> {
     let h = res.headers();
-    if !compressible(h) || h.contains_key(header::CONTENT_ENCODING) {
+    if h.contains_key(header::CONTENT_ENCODING) || !compressible(h) {
         return res;
     }
     vary(res.headers_mut());
@@ -188,18 +199,19 @@ pub(crate) fn response(
 
 /// The ETag of the `e` variant: the identity's with `-e` before its quote.
 fn variant_tag(res: &mut Response<Body>, e: Encoding) {
-    let Some(etag) = res
+    let tag = res
         .headers()
         .get(header::ETAG)
-        .and_then(|v| v.to_str().ok())
-    else {
-        return;
-    };
-    if let Some(open) = etag.strip_suffix('"') {
-        if let Ok(v) = HeaderValue::from_str(&format!("{open}-{}\"", e.token())) {
-            res.headers_mut().insert(header::ETAG, v);
-        }
+        .and_then(|v| variant_etag(v.to_str().ok()?, e));
+    if let Some(tag) = tag {
+        res.headers_mut().insert(header::ETAG, tag);
     }
+}
+
+/// `etag` (the identity's) as the `e` variant's.
+pub(crate) fn variant_etag(etag: &str, e: Encoding) -> Option<HeaderValue> {
+    let open = etag.strip_suffix('"')?;
+    HeaderValue::from_str(&format!("{open}-{}\"", e.token())).ok()
 }
 
 /// Adds `Accept-Encoding` to `Vary` (once).
@@ -221,17 +233,17 @@ fn compressible(h: &HeaderMap) -> bool {
     let Some(ct) = h.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
         return false;
     };
-    let ct = ct
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase();
+    let ct = ct.split(';').next().unwrap_or("").trim();
+    // Lowercased only if it must be (types are written lowercase).
+    let ct: std::borrow::Cow<str> = match ct.bytes().any(|b| b.is_ascii_uppercase()) {
+        true => ct.to_ascii_lowercase().into(),
+        false => ct.into(),
+    };
     ct.starts_with("text/")
         || ct.ends_with("+json")
         || ct.ends_with("+xml")
         || matches!(
-            ct.as_str(),
+            ct.as_ref(),
             "application/json"
                 | "application/javascript"
                 | "application/x-javascript"

@@ -46,8 +46,9 @@ pub(super) struct Cached {
     pub(super) content: Bytes,
     pub(super) mime: HeaderValue,
     pub(super) validators: Validators,
-    /// The content is the file's sibling in the request's encoding.
-    pub(super) sibling: bool,
+    /// The content is the file's sibling in the request's encoding; with
+    /// the variant's ETag.
+    pub(super) sibling: Option<Option<HeaderValue>>,
 }
 
 /// Which cache a request's answer lives in: its route and the encoding it

@@ -304,6 +304,30 @@ fn escape(s: &str) -> String {
     out
 }
 
+/// The answer to a GET or HEAD of a small file this thread holds in memory
+/// (see `cache`), at once; the request back if there is none, for
+/// [`serve`].
+pub(crate) fn from_memory(
+    req: Request<()>,
+    prefix: &str,
+    route: &Root,
+) -> Result<Response<Body>, Request<()>> {
+    let whole = !req.headers().contains_key(header::RANGE);
+    if !route.file_cache || !whole || !(req.method() == Method::GET || req.method() == Method::HEAD)
+    {
+        return Err(req);
+    }
+    let rel = req.uri().path()[prefix.len()..].trim_start_matches('/');
+    let encoding = req
+        .extensions()
+        .get::<crate::http::compress::Chosen>()
+        .and_then(|c| c.encoding());
+    match cache::get(route.id, rel, encoding) {
+        Some(hit) => Ok(small(req, &hit, encoding)),
+        None => Err(req),
+    }
+}
+
 /// A `static` route's answer: GET/HEAD of the file `req` names under
 /// `root`, with the validators and conditions of RFC 9110 (see
 /// [`conditions`]); tower-http's ServeFile reads the file (content type,
@@ -325,20 +349,12 @@ pub(crate) async fn serve(req: Request<()>, prefix: Arc<str>, route: Arc<Root>) 
         .get::<crate::http::compress::Chosen>()
         .and_then(|c| c.encoding())
         .filter(|_| !req.headers().contains_key(header::RANGE));
-    // A small file asked for whole may be in this thread's memory; if not,
-    // it is read in the same blocking task as its lookup: one hop off the
-    // serving thread instead of ServeFile's several (open, metadata, each
-    // read).
+    // A small file asked for whole (not in this thread's memory: the router
+    // tried `from_memory` first) is read in the same blocking task as its
+    // lookup: one hop off the serving thread instead of ServeFile's several
+    // (open, metadata, each read). It is kept in memory if it can be.
     let whole = !req.headers().contains_key(header::RANGE);
-    let watcher = match whole && route.file_cache {
-        true => {
-            if let Some(hit) = cache::get(route.id, rel, encoding) {
-                return small(req, &hit, encoding);
-            }
-            cache::watcher()
-        }
-        false => None,
-    };
+    let watcher = (whole && route.file_cache).then(cache::watcher).flatten();
     let lookup = route.clone();
     let key = rel.to_owned();
     let watching = watcher.clone();
@@ -394,11 +410,15 @@ pub(crate) async fn serve(req: Request<()>, prefix: Arc<str>, route: Arc<Root>) 
         let mime = mime_guess::from_path(&file)
             .first_raw()
             .unwrap_or("application/octet-stream");
+        // A sibling's ETag is the variant's, made once.
+        let sibling = sibling.map(|_| {
+            encoding.and_then(|e| crate::http::compress::variant_etag(&validators.etag, e))
+        });
         let found = cache::Cached {
             content,
             mime: HeaderValue::from_static(mime),
             validators,
-            sibling: sibling.is_some(),
+            sibling,
         };
         let res = small(req, &found, encoding);
         if let (true, Some(watcher)) = (cacheable, &watcher) {
@@ -427,7 +447,7 @@ pub(crate) async fn serve(req: Request<()>, prefix: Arc<str>, route: Arc<Root>) 
             return match res {
                 Ok(res) if res.status().is_success() => {
                     let mut res = validators.apply(res.map(Body::new));
-                    crate::http::compress::precompressed(&mut res, e);
+                    crate::http::compress::precompressed(&mut res, e, None);
                     res
                 }
                 Ok(res) => res.map(Body::new),
@@ -466,8 +486,8 @@ fn small(req: Request<()>, file: &cache::Cached, encoding: Option<Encoding>) -> 
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     let mut res = v.apply(res);
-    if let (true, Some(e)) = (file.sibling, encoding) {
-        crate::http::compress::precompressed(&mut res, e);
+    if let (Some(tag), Some(e)) = (&file.sibling, encoding) {
+        crate::http::compress::precompressed(&mut res, e, tag.clone());
     }
     res
 }
