@@ -305,27 +305,26 @@ fn escape(s: &str) -> String {
 }
 
 /// The answer to a GET or HEAD of a small file this thread holds in memory
-/// (see `cache`), at once; the request back if there is none, for
-/// [`serve`].
+/// (see `cache`), at once; `None` if there is none, for [`serve`]. The
+/// request's conditional headers are taken on an answer.
 pub(crate) fn from_memory(
-    req: Request<()>,
+    req: &mut Request<()>,
     prefix: &str,
     route: &Root,
-) -> Result<Response<Body>, Request<()>> {
+) -> Option<Response<Body>> {
     let whole = !req.headers().contains_key(header::RANGE);
     if !route.file_cache || !whole || !(req.method() == Method::GET || req.method() == Method::HEAD)
     {
-        return Err(req);
+        return None;
     }
     let rel = req.uri().path()[prefix.len()..].trim_start_matches('/');
     let encoding = req
         .extensions()
         .get::<crate::http::compress::Chosen>()
         .and_then(|c| c.encoding());
-    match cache::get(route.id, rel, encoding) {
-        Some(hit) => Ok(small(req, &hit, encoding)),
-        None => Err(req),
-    }
+    let hit = cache::get(route.id, rel, encoding)?;
+    let method = req.method().clone();
+    Some(small(&method, req.headers_mut(), &hit, encoding))
 }
 
 /// A `static` route's answer: GET/HEAD of the file `req` names under
@@ -420,7 +419,8 @@ pub(crate) async fn serve(req: Request<()>, prefix: Arc<str>, route: Arc<Root>) 
             validators,
             sibling,
         };
-        let res = small(req, &found, encoding);
+        let (mut parts, _) = req.into_parts();
+        let res = small(&parts.method, &mut parts.headers, &found, encoding);
         if let (true, Some(watcher)) = (cacheable, &watcher) {
             cache::put(watcher, route.id, &rel, encoding, found);
         }
@@ -466,10 +466,14 @@ pub(crate) async fn serve(req: Request<()>, prefix: Arc<str>, route: Arc<Root>) 
 /// The answer with a small file read whole (from memory or just read):
 /// the request's conditions, then the content, its type and validators,
 /// and for a precompressed sibling its encoding.
-fn small(req: Request<()>, file: &cache::Cached, encoding: Option<Encoding>) -> Response<Body> {
-    let (mut parts, _) = req.into_parts();
+fn small(
+    method: &Method,
+    headers: &mut HeaderMap,
+    file: &cache::Cached,
+    encoding: Option<Encoding>,
+) -> Response<Body> {
     let v = &file.validators;
-    match conditions(&parts.method, &mut parts.headers, v) {
+    match conditions(method, headers, v) {
         Verdict::Serve => {}
         Verdict::NotModified => return v.apply(empty(StatusCode::NOT_MODIFIED)),
         Verdict::PreconditionFailed => {
@@ -477,7 +481,7 @@ fn small(req: Request<()>, file: &cache::Cached, encoding: Option<Encoding>) -> 
         }
     }
     let len = file.content.len();
-    let mut res = Response::new(match parts.method == Method::HEAD {
+    let mut res = Response::new(match method == Method::HEAD {
         true => Body::empty(),
         false => full(file.content.clone()),
     });

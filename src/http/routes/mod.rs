@@ -412,12 +412,11 @@ impl Router {
                 }))
             }
             Route::Static(root) => {
-                let (req, unread) = without_body(req);
+                let (mut req, unread) = without_body(req);
                 // A hot file is answered at once, from memory.
-                let req = match crate::http::files::from_memory(req, prefix, root) {
-                    Ok(res) => return Reply::Now(hold(res, unread)),
-                    Err(req) => req,
-                };
+                if let Some(res) = crate::http::files::from_memory(&mut req, prefix, root) {
+                    return Reply::Now(hold(res, unread));
+                }
                 let file = crate::http::files::serve(req, prefix.clone(), root.clone());
                 match unread {
                     None => Reply::Later(Box::pin(file)),
