@@ -261,9 +261,39 @@ async fn option_errors_name_their_place() {
             .unwrap();
         (
             out.status.success(),
-            String::from_utf8_lossy(&out.stderr).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string()
+                + &String::from_utf8_lossy(&out.stdout),
         )
     };
+    // A good set of options is listed, each as it is in force.
+    let htpasswd = Command::new("htpasswd")
+        .args(["-nbB", "-C", "5", "bob", "pw"])
+        .output()
+        .expect("htpasswd");
+    let (ok, out) = check(
+        json!({
+            "compress": { "encodings": ["gzip", "br"], "min_size": "2KB", "level": 5 },
+            "cache": { "max_age": "1h", "immutable": true },
+            "headers": { "set": { "x-frame-options": "DENY" }, "remove": ["server"] },
+            "allow": ["10.0.0.0/8", "127.0.0.1/32"],
+            "deny": ["10.1.0.0/16"],
+            "basic_auth": { "realm": "staff", "users_file": "users.htpasswd" },
+            "rate_limit": { "requests": 100, "per": "1s", "burst": 50 },
+        }),
+        &String::from_utf8_lossy(&htpasswd.stdout),
+    );
+    assert!(ok, "{out}");
+    for item in [
+        "/: compress gzip,br (min 2048 B, level 5)",
+        "cache public max-age=3600 immutable",
+        "headers set x-frame-options remove server",
+        "allow 10.0.0.0/8 127.0.0.1/32",
+        "deny 10.1.0.0/16",
+        "basic_auth \"staff\" (users.htpasswd)",
+        "rate_limit 100/1s burst 50 by remote",
+    ] {
+        assert!(out.contains(item), "{item} not in:\n{out}");
+    }
     let md5 = "alice:$apr1$9t1Kb0zS$7c0VbwbYDbl/P6lYmQkWY0\n";
     for (route, users, expect) in [
         (
@@ -295,6 +325,16 @@ async fn option_errors_name_their_place() {
             json!({ "cache": { "max_age": "soon" } }),
             "",
             "cache.max_age",
+        ),
+        (
+            json!({ "compress": { "encodings": ["gzip", "lz4"] } }),
+            "",
+            "compress.encodings: \"lz4\" is not an encoding",
+        ),
+        (
+            json!({ "compress": { "level": 23 } }),
+            "",
+            "compress.level: \"23\" is not a level",
         ),
     ] {
         let (ok, err) = check(route.clone(), users);

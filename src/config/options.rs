@@ -71,6 +71,90 @@ pub(crate) struct RateLimitConfig {
 }
 
 impl RouteOptions {
+    /// How the route compresses: as written, else `static` routes with the
+    /// defaults and the others not at all.
+    pub(crate) fn compression(&self, is_static: bool) -> Option<CompressConfig> {
+        match &self.compress {
+            Some(c) => c.clone(),
+            None if is_static => Some(CompressConfig::default()),
+            None => None,
+        }
+    }
+
+    /// The options in force, for `gracesrv check`: one short item each
+    /// (`static` routes compress unless told not to).
+    pub(crate) fn summary(&self, is_static: bool) -> Vec<String> {
+        let nets = |n: &[ipnet::IpNet]| {
+            n.iter()
+                .map(|n| n.to_string())
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let mut out = Vec::new();
+        if let Some(c) = self.compression(is_static) {
+            let names: Vec<&str> = c.encodings.iter().map(|e| e.token()).collect();
+            let level = match c.level {
+                CompressLevel::Default => "default".to_string(),
+                CompressLevel::Fastest => "fastest".to_string(),
+                CompressLevel::Best => "best".to_string(),
+                CompressLevel::Precise(n) => n.to_string(),
+            };
+            out.push(format!(
+                "compress {} (min {} B, level {level})",
+                names.join(","),
+                c.min_size,
+            ));
+        }
+        if let Some(c) = &self.cache {
+            out.push(format!(
+                "cache {} max-age={}{}",
+                if c.public { "public" } else { "private" },
+                c.max_age.as_secs(),
+                if c.immutable { " immutable" } else { "" }
+            ));
+        }
+        if let Some(h) = self.headers.as_ref().filter(|h| !h.is_empty()) {
+            let names = |v: &[(http::HeaderName, Template)]| {
+                v.iter()
+                    .map(|(n, _)| n.as_str())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            };
+            let mut rules = Vec::new();
+            if !h.set.is_empty() {
+                rules.push(format!("set {}", names(&h.set)));
+            }
+            if !h.add.is_empty() {
+                rules.push(format!("add {}", names(&h.add)));
+            }
+            if !h.remove.is_empty() {
+                let removed: Vec<&str> = h.remove.iter().map(|n| n.as_str()).collect();
+                rules.push(format!("remove {}", removed.join(",")));
+            }
+            out.push(format!("headers {}", rules.join(" ")));
+        }
+        if let Some(a) = self.allow.as_deref().filter(|a| !a.is_empty()) {
+            out.push(format!("allow {}", nets(a)));
+        }
+        if let Some(d) = self.deny.as_deref().filter(|d| !d.is_empty()) {
+            out.push(format!("deny {}", nets(d)));
+        }
+        if let Some(b) = &self.basic_auth {
+            out.push(format!(
+                "basic_auth {:?} ({})",
+                b.realm, b.users_file.written
+            ));
+        }
+        if let Some(r) = &self.rate_limit {
+            let key = r.key.as_ref().map_or("remote", |k| k.as_str());
+            out.push(format!(
+                "rate_limit {}/{:?} burst {} by {key}",
+                r.requests, r.per, r.burst
+            ));
+        }
+        out
+    }
+
     /// Each option the route does not set, from the listener.
     fn or(self, listener: &RouteOptions) -> RouteOptions {
         RouteOptions {

@@ -179,11 +179,32 @@ pub(crate) struct Cache {
 }
 
 /// `compress: true`, or its settings.
-#[derive(Deserialize)]
-#[serde(untagged)]
 pub(crate) enum Compress {
     On(bool),
     With(CompressWith),
+}
+
+/// By hand rather than `untagged`: the settings are read by the YAML
+/// reader itself, so their errors keep their line and column, and a
+/// number (`level: 5`, `min_size: 2048`) reads as its text.
+impl<'de> Deserialize<'de> for Compress {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Compress, D::Error> {
+        struct Either;
+        impl<'de> serde::de::Visitor<'de> for Either {
+            type Value = Compress;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("true, false, or { encodings, min_size, level }")
+            }
+            fn visit_bool<E>(self, on: bool) -> Result<Compress, E> {
+                Ok(Compress::On(on))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Compress, A::Error> {
+                CompressWith::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(Compress::With)
+            }
+        }
+        d.deserialize_any(Either)
+    }
 }
 
 #[derive(Deserialize)]

@@ -156,6 +156,30 @@ pub(crate) fn summary(p: &Prepared) -> String {
             }
             out += &format!(", alpn {}\n", t.alpn.join(","));
         }
+        for r in &l.routes {
+            let is_static = matches!(r.action, crate::config::Action::Static { .. });
+            let mut options = r.options.summary(is_static);
+            if let crate::config::Action::Static {
+                fallback,
+                browse,
+                file_cache,
+                ..
+            } = &r.action
+            {
+                if let Some(f) = fallback {
+                    options.push(format!("fallback {f}"));
+                }
+                if *browse {
+                    options.push("browse".into());
+                }
+                if !file_cache {
+                    options.push("file_cache off".into());
+                }
+            }
+            if !options.is_empty() {
+                out += &format!("  {:<16} {}: {}\n", "", r.path, options.join("; "));
+            }
+        }
         if let Handler::Routes(r) = &prepared.handler {
             for proxy in r.proxies() {
                 out += &format!("  {:<16} proxy {}\n", "", proxy.summary());

@@ -133,12 +133,7 @@ impl Router {
                     o.basic_auth.as_ref(),
                 )?,
                 decorate: crate::http::decorate::Decorate::new(o.headers.clone(), o.cache.as_ref()),
-                // `static` compresses unless told not to; the others when told.
-                compress: match &o.compress {
-                    Some(c) => c.clone(),
-                    None if matches!(r.action, Action::Static { .. }) => Some(Default::default()),
-                    None => None,
-                },
+                compress: o.compression(matches!(r.action, Action::Static { .. })),
             };
             let guard = (guard.limit.is_some()
                 || guard.access.is_some()
