@@ -107,8 +107,12 @@ impl RouteOptions {
         }
         if let Some(c) = &self.cache {
             out.push(format!(
-                "cache {} max-age={}{}",
-                if c.public { "public" } else { "private" },
+                "cache {}max-age={}{}",
+                match c.public {
+                    Some(true) => "public ",
+                    Some(false) => "private ",
+                    None => "",
+                },
                 c.max_age.as_secs(),
                 if c.immutable { " immutable" } else { "" }
             ));
@@ -174,7 +178,10 @@ impl RouteOptions {
 pub(crate) struct Cache {
     pub(crate) max_age: Duration,
     pub(crate) immutable: bool,
-    pub(crate) public: bool,
+    /// `public` or `private` written; neither when not said (any cache may
+    /// store the answer to a request without credentials: `public` is for
+    /// answers to requests with them).
+    pub(crate) public: Option<bool>,
 }
 
 /// `basic_auth: { realm, users_file }`; the file is read with the routes.
@@ -216,7 +223,7 @@ impl Validator<'_> {
                     Duration::ZERO,
                 )?,
                 immutable: c.value.immutable,
-                public: c.value.public.unwrap_or(true),
+                public: c.value.public,
             }),
         };
         let basic_auth = match o.basic_auth {

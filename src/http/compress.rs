@@ -33,6 +33,11 @@ use crate::wire::body::{Body, BoxError};
 /// Output gathered before it is sent on, when the route has more ready.
 const CHUNK: usize = 32 * 1024;
 
+/// The type of the representation a 304 stands for, when the route knows
+/// it (a 304 carries no `Content-Type`).
+#[derive(Clone)]
+pub(crate) struct Representation(pub(crate) HeaderValue);
+
 /// What the negotiation chose for a request, and whether its
 /// `If-None-Match` named that variant.
 #[derive(Clone, Copy)]
@@ -153,15 +158,26 @@ pub(crate) fn response(
     head: bool,
     ranged: bool,
 ) -> Response<Body> {
+    let status = res.status();
     let h = res.headers();
-    if h.contains_key(header::CONTENT_ENCODING) || !compressible(h) {
+    if status == StatusCode::NOT_MODIFIED {
+        // A 304 has the `Vary` its 200 would have: by the type the route
+        // says it stands for, or always when it cannot say (a proxied
+        // 304, whose 200 may be compressed).
+        let would_vary = res
+            .extensions()
+            .get::<Representation>()
+            .is_none_or(|r| type_compressible(r.0.to_str().unwrap_or("")));
+        if !would_vary {
+            return res;
+        }
+    } else if h.contains_key(header::CONTENT_ENCODING) || !compressible(h) {
         return res;
     }
     vary(res.headers_mut());
     let Chosen(Some(e), asked_variant) = chosen else {
         return res;
     };
-    let status = res.status();
     if status == StatusCode::NOT_MODIFIED {
         // Not modified: the variant the client holds, if it asked by it.
         if asked_variant {
@@ -230,9 +246,13 @@ fn vary(h: &mut HeaderMap) {
 /// Types worth compressing: text and its kin, not media or archives (which
 /// are compressed already).
 fn compressible(h: &HeaderMap) -> bool {
-    let Some(ct) = h.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
-        return false;
-    };
+    h.get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(type_compressible)
+}
+
+/// Is a `Content-Type` value of a type worth compressing?
+fn type_compressible(ct: &str) -> bool {
     let ct = ct.split(';').next().unwrap_or("").trim();
     // Lowercased only if it must be (types are written lowercase).
     let ct: std::borrow::Cow<str> = match ct.bytes().any(|b| b.is_ascii_uppercase()) {

@@ -18,11 +18,12 @@ pub(crate) struct Decorate {
 impl Decorate {
     pub(crate) fn new(headers: Option<HeaderRules>, cache: Option<&Cache>) -> Option<Decorate> {
         let cache = cache.and_then(|c| {
-            let mut v = format!(
-                "{}, max-age={}",
-                if c.public { "public" } else { "private" },
-                c.max_age.as_secs()
-            );
+            let mut v = match c.public {
+                Some(true) => "public, ".to_string(),
+                Some(false) => "private, ".to_string(),
+                None => String::new(),
+            };
+            v += &format!("max-age={}", c.max_age.as_secs());
             if c.immutable {
                 v.push_str(", immutable");
             }

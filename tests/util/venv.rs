@@ -1,5 +1,6 @@
 //! The Python clients the tests drive that Debian does not package in the
-//! versions people use: aioquic (HTTP/3), httpx with h2 (HTTP/2) and grpcio, from
+//! versions people use: aioquic (HTTP/3), httpx with h2 (HTTP/2), grpcio and
+//! REDbot (mnot's HTTP linter), from
 //! PyPI, in a venv made once under the target dir. `GRACESRV_TEST_PYTHON`
 //! (or `GRACESRV_H3_PYTHON`, its old name) names a Python that has them
 //! instead.
@@ -8,8 +9,8 @@ use std::path::PathBuf;
 use std::process::Stdio;
 
 /// What the venv holds, and what proves it does.
-const PACKAGES: [&str; 3] = ["aioquic", "httpx[http2]", "grpcio"];
-const IMPORTS: &str = "import aioquic, httpx, h2, grpc";
+const PACKAGES: [&str; 4] = ["aioquic", "httpx[http2]", "grpcio", "redbot"];
+const IMPORTS: &str = "import aioquic, httpx, h2, grpc, redbot.cli";
 
 /// A Python with the packages, made if needed (one test at a time: a file lock).
 pub fn python() -> PathBuf {

@@ -429,7 +429,12 @@ pub(crate) async fn serve(req: Request<()>, prefix: Arc<str>, route: Arc<Root>) 
     let (mut parts, body) = req.into_parts();
     match conditions(&parts.method, &mut parts.headers, &validators) {
         Verdict::Serve => {}
-        Verdict::NotModified => return validators.apply(empty(StatusCode::NOT_MODIFIED)),
+        Verdict::NotModified => {
+            let mime = mime_guess::from_path(&file)
+                .first_raw()
+                .unwrap_or("application/octet-stream");
+            return not_modified(&validators, HeaderValue::from_static(mime));
+        }
         Verdict::PreconditionFailed => {
             return text(StatusCode::PRECONDITION_FAILED, "precondition failed\n")
         }
@@ -475,7 +480,7 @@ fn small(
     let v = &file.validators;
     match conditions(method, headers, v) {
         Verdict::Serve => {}
-        Verdict::NotModified => return v.apply(empty(StatusCode::NOT_MODIFIED)),
+        Verdict::NotModified => return not_modified(v, file.mime.clone()),
         Verdict::PreconditionFailed => {
             return text(StatusCode::PRECONDITION_FAILED, "precondition failed\n")
         }
@@ -493,6 +498,16 @@ fn small(
     if let (Some(tag), Some(e)) = (&file.sibling, encoding) {
         crate::http::compress::precompressed(&mut res, e, tag.clone());
     }
+    res
+}
+
+/// 304 for a file of type `mime`: its validators, and the type for
+/// `compress`, which must add the `Vary` the 200 would have (RFC 9110
+/// section 15.4.5) though a 304 has no `Content-Type`.
+fn not_modified(v: &Validators, mime: HeaderValue) -> Response<Body> {
+    let mut res = v.apply(empty(StatusCode::NOT_MODIFIED));
+    res.extensions_mut()
+        .insert(crate::http::compress::Representation(mime));
     res
 }
 
