@@ -52,6 +52,33 @@ fn site(dir: &Path) {
         .output()
         .expect("htpasswd (Debian's apache2-utils)");
     assert!(out.status.success(), "{out:?}");
+    // And an argon2id user, hashed by Debian's argon2 program.
+    let hash = argon2("carol-Pa55", &["-id", "-t", "2", "-m", "12", "-p", "1"]);
+    let mut users = std::fs::read_to_string(dir.join("users.htpasswd")).unwrap();
+    users += &format!("carol:{hash}\n");
+    std::fs::write(dir.join("users.htpasswd"), users).unwrap();
+}
+
+/// `password` hashed by Debian's `argon2` program, as a PHC string.
+fn argon2(password: &str, args: &[&str]) -> String {
+    use std::io::Write;
+    let mut child = Command::new("argon2")
+        .arg("gracesrv-test-salt")
+        .args(args)
+        .arg("-e")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("argon2 (Debian's argon2)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(password.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
 #[tokio::test]
@@ -144,6 +171,10 @@ async fn access_control_and_answer_rules() {
     assert_eq!(curl(&["-u", "alice:wrong", &url("/staff")]).0, 401);
     assert_eq!(curl(&["-u", "mallory:s3cret-Pa55", &url("/staff")]).0, 401);
     let (code, _, body) = curl(&["-u", "alice:s3cret-Pa55", &url("/staff")]);
+    assert_eq!((code, body.as_str()), (200, "staff only\n"));
+    // The argon2id user.
+    assert_eq!(curl(&["-u", "carol:carol-Pa5", &url("/staff")]).0, 401);
+    let (code, _, body) = curl(&["-u", "carol:carol-Pa55", &url("/staff")]);
     assert_eq!((code, body.as_str()), (200, "staff only\n"));
     // Remembered: the second login needs no bcrypt, and still checks.
     assert_eq!(
@@ -314,12 +345,20 @@ async fn option_errors_name_their_place() {
         (
             json!({ "basic_auth": { "users_file": "users.htpasswd" } }),
             md5,
-            "users.htpasswd line 1: the hash of \"alice\" is not bcrypt",
+            "users.htpasswd line 1: the hash of \"alice\" is not bcrypt or argon2",
         ),
         (
             json!({ "basic_auth": { "users_file": "users.htpasswd" } }),
             "just a line\n",
             "users.htpasswd line 1: not user:hash",
+        ),
+        (
+            json!({ "basic_auth": { "users_file": "users.htpasswd" } }),
+            &*format!(
+                "dave:{}\n",
+                argon2("pw", &["-id", "-t", "1", "-m", "19", "-p", "1"])
+            ),
+            "is more than 262144 a check may take",
         ),
         (
             json!({ "cache": { "max_age": "soon" } }),

@@ -1,13 +1,16 @@
 //! Who may use a route: `allow` and `deny` by the client's address (the one
 //! a proxy of `trusted_proxies` names, behind one), and `basic_auth` against
-//! a users file of bcrypt hashes (`htpasswd -B`).
+//! a users file of bcrypt hashes (`htpasswd -B`) or argon2 ones (the PHC
+//! strings `argon2 -e` prints, `$argon2id$v=19$m=...`).
 //!
-//! A password is checked on tokio's blocking threads (bcrypt is slow on
-//! purpose, and would stall every connection of a serving thread); a user
+//! A password is checked on tokio's blocking threads (bcrypt and argon2 are
+//! slow on purpose, and would stall every connection of a serving thread),
+//! as many at once as there are cores (so that a flood of wrong passwords
+//! cannot take every blocking thread, or, with argon2, their memory); a user
 //! and password that passed are remembered, as a SHA-256 digest compared in
-//! constant time, so that a browser's every request does not pay bcrypt
-//! again. An unknown user costs the same bcrypt as a known one. No password
-//! or hash is ever logged.
+//! constant time, so that a browser's every request does not pay the hash
+//! again. An unknown user costs the same as a known one (a hash of the kind
+//! and cost of the file's first). No password or hash is ever logged.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -32,12 +35,12 @@ pub(crate) struct Access {
 pub(crate) struct BasicAuth {
     /// `Basic realm="..."`, for 401s.
     challenge: HeaderValue,
-    /// User and bcrypt hash.
+    /// User and bcrypt or argon2 hash.
     users: HashMap<String, String>,
     /// Digests of user:password pairs that passed.
     passed: Mutex<Vec<[u8; 32]>>,
-    /// A hash at the users' highest cost, that no password matches: what an
-    /// unknown user is checked against.
+    /// A hash of the kind and cost of the file's first, that no password
+    /// matches: what an unknown user is checked against.
     dummy: String,
 }
 
@@ -108,10 +111,12 @@ impl Access {
         let known = hash.is_some();
         let hash = hash.unwrap_or_else(|| auth.dummy.clone());
         let password = login.password.clone();
-        let ok =
-            tokio::task::spawn_blocking(move || bcrypt::verify(password, &hash).unwrap_or(false))
+        let ok = match checks().acquire().await {
+            Ok(_permit) => tokio::task::spawn_blocking(move || verify(&password, &hash))
                 .await
-                .unwrap_or(false);
+                .unwrap_or(false),
+            Err(_) => false,
+        };
         if ok && known {
             auth.remember(&login);
             Ok(())
@@ -129,6 +134,7 @@ impl BasicAuth {
         let text = std::fs::read_to_string(&f.path)
             .map_err(|e| fail(format!("cannot read {}: {e}", f.written)))?;
         let mut users = HashMap::new();
+        let mut first: Option<String> = None;
         for (n, line) in text.lines().enumerate() {
             let line = line.trim();
             if line.is_empty() || line.starts_with('#') {
@@ -141,25 +147,24 @@ impl BasicAuth {
             if user.is_empty() {
                 return Err(fail(format!("{at}: no user name")));
             }
-            // bcrypt only: the others htpasswd writes (MD5, SHA-1, crypt)
-            // are broken or weak.
-            if !["$2y$", "$2b$", "$2a$"].iter().any(|p| hash.starts_with(p)) || hash.len() != 60 {
-                return Err(fail(format!(
-                    "{at}: the hash of {user:?} is not bcrypt (make the file with htpasswd -B)"
-                )));
+            // bcrypt or argon2 only: the others htpasswd writes (MD5,
+            // SHA-1, crypt) are broken or weak.
+            let bcrypt =
+                ["$2y$", "$2b$", "$2a$"].iter().any(|p| hash.starts_with(p)) && hash.len() == 60;
+            if !bcrypt {
+                if let Err(e) = argon2_hash(hash) {
+                    return Err(fail(format!(
+                        "{at}: the hash of {user:?} is not bcrypt or argon2 ({e}; make the file with htpasswd -B, or argon2 -e)"
+                    )));
+                }
             }
+            first.get_or_insert_with(|| hash.to_string());
             users.insert(user.to_string(), hash.to_string());
         }
-        if users.is_empty() {
+        let Some(first) = first else {
             return Err(fail(format!("{} has no users", f.written)));
-        }
-        let cost = users
-            .values()
-            .filter_map(|h| h.get(4..6)?.parse::<u32>().ok())
-            .max()
-            .unwrap_or(bcrypt::DEFAULT_COST);
-        let dummy = bcrypt::hash("gracesrv: no such user", cost)
-            .map_err(|e| fail(format!("bcrypt: {e}")))?;
+        };
+        let dummy = dummy_like(&first).map_err(|e| fail(format!("a hash like the first: {e}")))?;
         let challenge =
             HeaderValue::from_str(&format!("Basic realm=\"{}\", charset=\"UTF-8\"", c.realm))
                 .map_err(|_| fail("the realm cannot be a header value".into()))?;
@@ -205,6 +210,74 @@ impl BasicAuth {
         }
         passed.push(d);
     }
+}
+
+/// Password checks running at once, at most: one per core.
+fn checks() -> &'static tokio::sync::Semaphore {
+    static CHECKS: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
+    CHECKS.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        tokio::sync::Semaphore::new(cores)
+    })
+}
+
+/// Most memory an argon2 hash of the users file may ask of a check (its
+/// `m`, in KiB): 256 MiB, beyond RFC 9106's second recommended option
+/// (64 MiB).
+const ARGON2_MAX_KIB: u32 = 256 * 1024;
+
+/// `hash` as an argon2 PHC string, within [`ARGON2_MAX_KIB`].
+fn argon2_hash(hash: &str) -> Result<argon2::PasswordHash<'_>, String> {
+    let parsed = argon2::PasswordHash::new(hash).map_err(|e| e.to_string())?;
+    argon2::Algorithm::try_from(parsed.algorithm).map_err(|e| e.to_string())?;
+    let params = argon2::Params::try_from(&parsed).map_err(|e| e.to_string())?;
+    if params.m_cost() > ARGON2_MAX_KIB {
+        return Err(format!(
+            "m={} KiB is more than {ARGON2_MAX_KIB} a check may take",
+            params.m_cost()
+        ));
+    }
+    Ok(parsed)
+}
+
+/// Does `password` match `hash` (bcrypt or argon2)? Slow on purpose:
+/// blocking.
+fn verify(password: &str, hash: &str) -> bool {
+    use argon2::PasswordVerifier;
+    match hash.starts_with("$argon2") {
+        true => argon2_hash(hash).is_ok_and(|h| {
+            argon2::Argon2::default()
+                .verify_password(password.as_bytes(), &h)
+                .is_ok()
+        }),
+        false => bcrypt::verify(password, hash).unwrap_or(false),
+    }
+}
+
+/// A hash of the same kind and cost as `like`, that no password matches.
+fn dummy_like(like: &str) -> Result<String, String> {
+    let secret = "gracesrv: no such user";
+    if !like.starts_with("$argon2") {
+        let cost = like
+            .get(4..6)
+            .and_then(|c| c.parse::<u32>().ok())
+            .unwrap_or(bcrypt::DEFAULT_COST);
+        return bcrypt::hash(secret, cost).map_err(|e| e.to_string());
+    }
+    use argon2::PasswordHasher;
+    let parsed = argon2_hash(like)?;
+    let algorithm = argon2::Algorithm::try_from(parsed.algorithm).map_err(|e| e.to_string())?;
+    let params = argon2::Params::try_from(&parsed).map_err(|e| e.to_string())?;
+    let version = parsed
+        .version
+        .and_then(|v| argon2::Version::try_from(v).ok())
+        .unwrap_or_default();
+    let salt = argon2::password_hash::SaltString::encode_b64(b"gracesrv-no-user")
+        .map_err(|e| e.to_string())?;
+    argon2::Argon2::new(algorithm, version, params)
+        .hash_password(secret.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| e.to_string())
 }
 
 /// `Authorization: Basic base64(user:password)`.
