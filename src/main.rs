@@ -4,6 +4,27 @@
 
 use std::path::PathBuf;
 
+/// mimalloc rather than glibc's malloc (README, Dependencies): a connection
+/// at rest frees hyper's buffers, and mimalloc gives the pages back to the
+/// system at once; glibc keeps them (issue 30: 2.5 KB of RSS per idle plain
+/// connection against 13 KB, and the RSS falls back when connections close).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// `purge_delay`'s index in mimalloc's `mi_option_t`.
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Freed pages go back to the system at once: mimalloc waits a second by
+/// default, and purges only when the thread allocates again, so an idle
+/// serving thread would keep them. (Arenas committed as used, not when
+/// reserved: `.cargo/config.toml`.)
+#[allow(unsafe_code)]
+fn allocator_options() {
+    // SAFETY: mi_option_set takes any option index and value; mimalloc
+    // reads this one at each purge, from any thread.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) }
+}
+
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -43,6 +64,7 @@ enum Command {
 }
 
 fn main() {
+    allocator_options();
     let cli = Cli::parse();
     let code = match cli.command {
         None => gracesrv::Server::new(cli.config)

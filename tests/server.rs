@@ -496,6 +496,91 @@ async fn idle_keep_alive_connections_close_at_the_idle_timeout() {
     );
 }
 
+/// Reads from `s` until `n` whole answers (with a content-length) came.
+async fn answers<S: tokio::io::AsyncRead + Unpin>(s: &mut S, n: usize) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&got).to_string();
+        let whole = text
+            .split("HTTP/1.1 ")
+            .skip(1)
+            .filter(|a| {
+                let len: usize = a
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length: ")
+                            .map(|v| v.trim().to_string())
+                    })
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(usize::MAX);
+                a.split_once("\r\n\r\n")
+                    .is_some_and(|(_, body)| body.len() >= len)
+            })
+            .count();
+        if whole >= n {
+            return text;
+        }
+        match tokio::time::timeout(util::WAIT, s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => panic!("closed after {text:?}"),
+            Ok(Ok(k)) => got.extend_from_slice(&buf[..k]),
+            Err(_) => panic!("no answer: {text:?}"),
+        }
+    }
+}
+
+/// A keep-alive connection idle for a second rests (hyper and its buffers
+/// are let go: issue 30). The client's next requests on it, two at once,
+/// are served, over plain TCP and TLS; the idle timeout still counts from
+/// the last answer, rest or not.
+#[tokio::test]
+async fn resting_connections_serve_the_next_request_and_still_time_out() {
+    use tokio::io::AsyncWriteExt;
+    let srv = TestServer::builder()
+        .config(Config::basic().set("timeouts", json!({ "idle": "4s" })))
+        .start()
+        .await;
+    let one = "GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+    let mut tcp = tokio::net::TcpStream::connect(srv.addr("web"))
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(srv.tls_h1())
+        .connect(
+            name,
+            tokio::net::TcpStream::connect(srv.addr("web-tls"))
+                .await
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    tcp.write_all(one.as_bytes()).await.unwrap();
+    tls.write_all(one.as_bytes()).await.unwrap();
+    answers(&mut tcp, 1).await;
+    answers(&mut tls, 1).await;
+    // Idle past the rest (1 s, and the timer's look after it): at rest.
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    let two = one.repeat(2);
+    tcp.write_all(two.as_bytes()).await.unwrap();
+    tls.write_all(two.as_bytes()).await.unwrap();
+    let text = answers(&mut tcp, 2).await;
+    assert_eq!(text.matches("HTTP/1.1 200 OK").count(), 2, "{text}");
+    let text = answers(&mut tls, 2).await;
+    assert_eq!(text.matches("HTTP/1.1 200 OK").count(), 2, "{text}");
+    // Then idle again: closed at the idle timeout (4 s), not before, at
+    // rest all the while.
+    let last = std::time::Instant::now();
+    assert!(read_to_close(&mut tcp).await.is_empty());
+    let waited = last.elapsed();
+    assert!(
+        waited >= std::time::Duration::from_millis(3500)
+            && waited < std::time::Duration::from_secs(6),
+        "closed after {waited:?}"
+    );
+}
+
 #[tokio::test]
 async fn beyond_max_connections_accept_waits() {
     let srv = TestServer::builder()

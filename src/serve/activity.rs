@@ -71,6 +71,10 @@ pub(super) struct Activity {
     /// told through `moving`.
     pub(super) more_fields: AtomicBool,
     pub(super) moving: tokio::sync::Notify,
+    /// HTTP/1.x, idle for [`REST`]: hyper is let go (its buffers with it),
+    /// and the connection rests with nothing but its socket until the
+    /// client sends again (see `serve_http`).
+    pub(super) resting: AtomicBool,
     /// HTTP/2 (from `h2frames`): no stream open and no frame half passed,
     /// the last stream the client opened, and a signal when it goes quiet.
     pub(super) h2_quiet: AtomicBool,
@@ -97,7 +101,23 @@ pub(super) enum Expiry {
     Stalled,
 }
 
+/// How long an HTTP/1.x connection stays idle before it rests: hyper's
+/// buffers (16 KB) and state are dropped, and come back with the next
+/// request. Long enough that a busy keep-alive connection never pays for it.
+pub(super) const REST: Duration = Duration::from_secs(1);
+
 impl Activity {
+    /// HTTP/1.x: idle since [`REST`] (nothing in flight, no byte of a next
+    /// head read, no upgrade or move pending): hyper can be let go.
+    pub(super) fn can_rest(&self, now: u64) -> bool {
+        !self.h2
+            && self.in_flight.load(Ordering::Relaxed) == 0
+            && self.head_since.load(Ordering::Relaxed) == 0
+            && !self.upgraded.load(Ordering::Relaxed)
+            && !self.more_fields.load(Ordering::Relaxed)
+            && now >= self.idle_since.load(Ordering::Relaxed) + REST.as_millis() as u64
+    }
+
     pub(super) fn request_started(&self) {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.head_since.store(0, Ordering::Relaxed);
@@ -337,8 +357,10 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for TrackedIo<T> {
         if self.plain && !self.activity.upgraded.load(Ordering::Relaxed) {
             return Poll::Ready(Ok(()));
         }
-        // Moving to a larger parser: the connection goes on.
-        if self.activity.more_fields.load(Ordering::Relaxed) {
+        // Moving to a larger parser, or resting: the connection goes on.
+        if self.activity.more_fields.load(Ordering::Relaxed)
+            || self.activity.resting.load(Ordering::Relaxed)
+        {
             return Poll::Ready(Ok(()));
         }
         match self.inner.as_mut() {

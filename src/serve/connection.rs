@@ -22,7 +22,7 @@ use crate::http::service::Handler;
 use crate::observe::access_log::{AccessLog, TlsInfo};
 use crate::process::context::{ListenerContext, Peer, Shared, ThreadStats};
 
-use super::activity::{now_ms, tick_ms, Activity, Expiry, TrackedIo};
+use super::activity::{now_ms, tick_ms, Activity, Expiry, TrackedIo, REST};
 use super::exchange::ConnService;
 use super::linger::linger;
 
@@ -267,7 +267,7 @@ pub(crate) async fn serve_http<T: Socket>(
             }
             Err(_) => {
                 debug!(listener = %spec.ctx.name, "closing connection: timed out");
-                return linger(io, false, t.send).await;
+                return Box::pin(linger(io, false, t.send)).await;
             }
         },
     };
@@ -285,6 +285,7 @@ pub(crate) async fn serve_http<T: Socket>(
         refused_at: AtomicU64::new(0),
         refused_status: AtomicU32::new(0),
         more_fields: AtomicBool::new(false),
+        resting: AtomicBool::new(false),
         moving: tokio::sync::Notify::new(),
         h2_quiet: AtomicBool::new(false),
         h2_quiet_at: AtomicU64::new(0),
@@ -326,12 +327,24 @@ pub(crate) async fn serve_http<T: Socket>(
         } else {
             HttpConn::H1(h1.serve_connection(tracked, svc.clone()).with_upgrades())
         };
-        let end = drive(conn, &activity, &spec, shared).await;
+        // Boxed: while the connection rests, the task holds none of it.
+        let mut end = Box::pin(drive(conn, &activity, &spec, shared)).await;
         // hyper's state is gone now, and it handed the IO back (unless an
         // upgrade took it: the tunnel closes it).
         let Ok((mut back, client_closed, filter)) = returned.try_recv() else {
             return;
         };
+        if activity.resting.swap(false, Ordering::Relaxed) && !client_closed {
+            match rest(&back, &activity, shared).await {
+                None => {
+                    // The client sent again: a new hyper, from where the
+                    // filter is.
+                    (io, prefix, heads) = (back, Bytes::new(), filter);
+                    continue;
+                }
+                why => end = why,
+            }
+        }
         if activity.more_fields.swap(false, Ordering::Relaxed) {
             if let (Some(more), Some(mut filter)) = (&builder.h1_more, filter) {
                 // The same connection, on a parser that takes the request's
@@ -358,7 +371,9 @@ pub(crate) async fn serve_http<T: Socket>(
             // An HTTP/2 client gets the long quiet wait, for frames it may
             // still send; not one idle since the drain's GOAWAY.
             let quiet = matches!(end, Some(Expiry::Drained | Expiry::GoAway));
-            linger(back, h2 && !quiet, t.send).await;
+            // Boxed, as hyper's part: what only the end of a connection
+            // needs (a read buffer) is not carried while it rests.
+            Box::pin(linger(back, h2 && !quiet, t.send)).await;
         }
         return;
     }
@@ -380,6 +395,27 @@ const QUIET_WAIT: Duration = Duration::from_millis(50);
 /// at once, always one open) will not be: it drains in hyper's two steps
 /// (GOAWAY, PING, GOAWAY), which conforming clients keep.
 const QUIET_GAP: Duration = Duration::from_millis(50);
+
+/// An HTTP/1.x connection at rest: waits, holding only the socket (no
+/// hyper, no buffers), until the client sends again (`None`), or the
+/// connection's idle deadline (or, once the process drains,
+/// `draining_idle`) ends it.
+async fn rest<T: Socket>(io: &T, activity: &Activity, shared: &Shared) -> Option<Expiry> {
+    let t = shared.timeouts;
+    let draining = shared.process.drain.started();
+    tokio::pin!(draining);
+    let mut drain_at = 0;
+    loop {
+        let (at, why) = activity.deadline(&t, drain_at)?;
+        let wait = Duration::from_millis(at.saturating_sub(now_ms()));
+        tokio::select! {
+            biased;
+            ready = io.tcp().readable() => return ready.err().map(|_| Expiry::Idle),
+            _ = &mut draining, if drain_at == 0 => drain_at = now_ms(),
+            _ = tokio::time::sleep(wait) => return Some(why),
+        }
+    }
+}
 
 /// Runs hyper's connection until it ends (`None`) or a timer ends it.
 async fn drive<T: Socket>(
@@ -408,7 +444,10 @@ async fn drive<T: Socket>(
     // The timer looks at least this often: what the connection is doing
     // changes without waking it (a head starts, a response parks), so a
     // deadline is never slept past by more than this.
-    let period = t.header.min(t.idle).min(t.send);
+    let mut period = t.header.min(t.idle).min(t.send);
+    if !h2 {
+        period = period.min(REST);
+    }
     let timer = tokio::time::sleep(period);
     tokio::pin!(timer);
     loop {
@@ -464,6 +503,12 @@ async fn drive<T: Socket>(
             }
             _ = &mut timer => {
                 let now = now_ms();
+                if drain_at == 0 && !activity.resting.load(Ordering::Relaxed) && activity.can_rest(now) {
+                    // hyper ends at once (it is idle) and hands the IO back.
+                    activity.resting.store(true, Ordering::Relaxed);
+                    conn.as_mut().close_idle();
+                    continue;
+                }
                 let quiet_at = activity.h2_quiet_at.load(Ordering::Relaxed).max(drain_at);
                 if h2 && drain_at != 0 && !two_steps {
                     if activity.h2_quiet.load(Ordering::Relaxed) {
