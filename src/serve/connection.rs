@@ -258,7 +258,7 @@ pub(crate) async fn serve_http<T: Socket>(
     let (h2, prefix) = match alpn_h2 {
         Some(h2) => (h2, Bytes::new()),
         // The first request head must arrive within `timeouts.header`.
-        None => match tokio::time::timeout(t.header, sniff(&mut io)).await {
+        None => match Box::pin(tokio::time::timeout(t.header, sniff(&mut io))).await {
             Ok(Ok(Some(first))) => first,
             Ok(Ok(None)) => return,
             Ok(Err(e)) => {
@@ -335,7 +335,7 @@ pub(crate) async fn serve_http<T: Socket>(
             return;
         };
         if activity.resting.swap(false, Ordering::Relaxed) && !client_closed {
-            match rest(&back, &activity, shared).await {
+            match Box::pin(rest(&back, &activity, shared)).await {
                 None => {
                     // The client sent again: a new hyper, from where the
                     // filter is.
@@ -357,10 +357,10 @@ pub(crate) async fn serve_http<T: Socket>(
         if end == Some(Expiry::GoAway) {
             let last = activity.h2_last.load(Ordering::Relaxed);
             let frame = crate::wire::h2frames::goaway(last);
-            let sent = tokio::time::timeout(t.send, async {
+            let sent = Box::pin(tokio::time::timeout(t.send, async {
                 back.write_all(&frame).await?;
                 back.flush().await
-            })
+            }))
             .await;
             if !matches!(sent, Ok(Ok(()))) {
                 return;
