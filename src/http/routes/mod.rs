@@ -399,8 +399,12 @@ impl Router {
                 Reply::Now(hold(status::response(ctx), unread))
             }
             Route::Respond { fixed, delay } => {
-                let ((req, unread), fixed, ctx, delay) =
-                    (without_body(req), fixed.clone(), ctx.clone(), *delay);
+                let (req, unread) = without_body(req);
+                // No delay: answered at once (no boxed future, no timer).
+                if delay.is_zero() {
+                    return Reply::Now(hold(fixed.response(&req, ctx), unread));
+                }
+                let (fixed, ctx, delay) = (fixed.clone(), ctx.clone(), *delay);
                 Reply::Later(Box::pin(async move {
                     tokio::time::sleep(delay).await;
                     hold(fixed.response(&req, &ctx), unread)
