@@ -644,13 +644,24 @@ async fn compressed_files_decode_byte_for_byte_and_events_stream() {
     assert!(head.contains("content-encoding: gzip"), "{head}");
 }
 
+/// One listener serving `public` as a `static` route at `/`.
+fn static_public() -> Config {
+    Config::new().listener(Listener::plain("web").route("/", "static", json!({ "root": "public" })))
+}
+
+/// Sets `path`'s modification time to `t`.
+fn set_mtime(path: &Path, t: std::time::SystemTime) {
+    std::fs::File::options()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_modified(t)
+        .unwrap();
+}
+
 #[tokio::test]
 async fn precompressed_siblings_are_served_when_newer() {
-    let config = Config::new().listener(Listener::plain("web").route(
-        "/",
-        "static",
-        json!({ "root": "public" }),
-    ));
+    let config = static_public();
     let srv = TestServer::builder()
         .config(config)
         .before(|dir, _| {
@@ -673,12 +684,7 @@ async fn precompressed_siblings_are_served_when_newer() {
             }
             // The file changed after its .br was made.
             let old = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
-            std::fs::File::options()
-                .write(true)
-                .open(public.join("stale.html.br"))
-                .unwrap()
-                .set_modified(old)
-                .unwrap();
+            set_mtime(&public.join("stale.html.br"), old);
         })
         .start()
         .await;
@@ -724,11 +730,7 @@ async fn precompressed_siblings_are_served_when_newer() {
 /// renamed directory, a hard link changed from outside the root, deleted.
 #[tokio::test]
 async fn files_in_memory_follow_every_change_at_once() {
-    let config = Config::new().listener(Listener::plain("web").route(
-        "/",
-        "static",
-        json!({ "root": "public" }),
-    ));
+    let config = static_public();
     let srv = TestServer::builder()
         .config(config)
         .before(|dir, _| {
@@ -786,12 +788,10 @@ async fn files_in_memory_follow_every_change_at_once() {
     check("/page.html", &[], "v3, renamed over\n", "renamed over");
     // Touched only: a new modification time is a new ETag.
     let before = check("/page.html", &[], "v3, renamed over\n", "before touch");
-    std::fs::File::options()
-        .write(true)
-        .open(public.join("page.html"))
-        .unwrap()
-        .set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(60))
-        .unwrap();
+    set_mtime(
+        &public.join("page.html"),
+        std::time::SystemTime::now() + std::time::Duration::from_secs(60),
+    );
     let after = check("/page.html", &[], "v3, renamed over\n", "touched");
     assert_ne!(etag(&before), etag(&after), "{before}\n{after}");
     assert_ne!(etag(&first), etag(&second));
@@ -799,12 +799,10 @@ async fn files_in_memory_follow_every_change_at_once() {
     let gz = ["-H", "Accept-Encoding: gzip"];
     check("/page.html", &gz, "v3, renamed over\n", "no sibling yet");
     std::fs::write(public.join("page.html.gz"), b"not really gzip").unwrap();
-    std::fs::File::options()
-        .write(true)
-        .open(public.join("page.html.gz"))
-        .unwrap()
-        .set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(120))
-        .unwrap();
+    set_mtime(
+        &public.join("page.html.gz"),
+        std::time::SystemTime::now() + std::time::Duration::from_secs(120),
+    );
     let heads = check("/page.html", &gz, "not really gzip", "sibling made");
     assert!(heads.contains("content-encoding: gzip"), "{heads}");
     // A symlink retargeted.
