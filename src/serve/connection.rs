@@ -150,7 +150,11 @@ impl Socket for TcpStream {
     }
 }
 
-impl Socket for tokio_rustls::server::TlsStream<TcpStream> {
+/// A TLS connection is served boxed: the connection's futures move and
+/// keep its IO in several places (the first read, hyper, the rest, the
+/// lingering close), and a pointer there costs 8 bytes where rustls's
+/// state costs kilobytes in each.
+impl Socket for Box<tokio_rustls::server::TlsStream<TcpStream>> {
     fn tcp(&self) -> &TcpStream {
         self.get_ref().0
     }
@@ -204,8 +208,12 @@ pub(crate) async fn serve_tls(
     spec: Arc<ListenerSpec>,
     thread: Arc<Thread>,
 ) {
-    let handshake =
-        tokio::time::timeout(thread.shared.timeouts.handshake, acceptor.accept(stream)).await;
+    // Boxed: the handshake's state is not carried for the connection's life.
+    let handshake = Box::pin(tokio::time::timeout(
+        thread.shared.timeouts.handshake,
+        acceptor.accept(stream),
+    ))
+    .await;
     if let Some(m) = &spec.metrics {
         let counter = match &handshake {
             Ok(Ok(_)) => &m.handshakes,
@@ -232,7 +240,7 @@ pub(crate) async fn serve_tls(
                     sni: session.server_name().map(Into::into),
                 })
             });
-            serve_http(tls, alpn_h2, peer, info, spec, thread).await
+            Box::pin(serve_http(Box::new(tls), alpn_h2, peer, info, spec, thread)).await
         }
         Ok(Err(e)) => debug!(listener = %spec.ctx.name, %peer, "TLS handshake failed: {e}"),
         Err(_) => debug!(listener = %spec.ctx.name, %peer, "TLS handshake timed out"),
