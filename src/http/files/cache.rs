@@ -208,24 +208,18 @@ pub(super) fn watch_path(inotify: &Inotify, root: &Path, rel: &str) -> bool {
     if inotify.add_watch(&dir, mask()).is_err() {
         return false;
     }
-    let mut segments = rel.split('/').peekable();
-    while let Some(seg) = segments.next() {
-        let decoded: Vec<u8> = percent_encoding::percent_decode_str(seg).collect();
-        let Ok(seg) = std::str::from_utf8(&decoded) else {
-            return false;
-        };
-        if seg.is_empty() || seg == "." {
-            continue;
-        }
-        dir.push(seg);
-        // The last segment names the file, or a directory whose index is
-        // served: watched whichever it is.
-        let last = segments.peek().is_none_or(|s| s.is_empty());
+    // A path that leaves the root is never served, let alone kept.
+    let Some(names) = super::segments(rel) else {
+        return false;
+    };
+    for (i, name) in names.iter().enumerate() {
+        dir.push(name);
         match inotify.add_watch(&dir, mask()) {
             Ok(_) => {}
-            // A name that is no directory, or is missing: its own watch
-            // comes with the file's (or there is nothing to cache).
-            Err(_) if last => break,
+            // The last name is the file, or a directory whose index is
+            // served; when it is missing there is nothing to keep, and a
+            // file's own watch comes with `watch_file`.
+            Err(_) if i + 1 == names.len() => break,
             Err(_) => return false,
         }
     }

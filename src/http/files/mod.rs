@@ -39,6 +39,16 @@ fn empty(status: StatusCode) -> Response<Body> {
 /// threads.
 pub(crate) fn resolve_static(root: &Path, rel: &str) -> Option<PathBuf> {
     let mut path = root.to_path_buf();
+    path.extend(segments(rel)?);
+    let canonical = std::fs::canonicalize(&path).ok()?;
+    canonical.starts_with(root).then_some(canonical)
+}
+
+/// The names along `rel` (still percent-encoded), decoded, without empty
+/// ones and `.`; `None` if one would leave its directory (`..`, an encoded
+/// slash or backslash, NUL) or is not UTF-8.
+fn segments(rel: &str) -> Option<Vec<String>> {
+    let mut names = Vec::new();
     for seg in rel.split('/') {
         // A malformed escape stays as it is (the router has already
         // answered 400 to any request that holds one).
@@ -46,17 +56,36 @@ pub(crate) fn resolve_static(root: &Path, rel: &str) -> Option<PathBuf> {
         if decoded.contains(&b'/') || decoded.contains(&b'\\') || decoded.contains(&0) {
             return None;
         }
-        let seg = std::str::from_utf8(&decoded).ok()?;
+        let seg = String::from_utf8(decoded).ok()?;
         if seg.is_empty() || seg == "." {
             continue;
         }
-        match Path::new(seg).components().next() {
-            Some(Component::Normal(_)) => path.push(seg),
+        match Path::new(&seg).components().next() {
+            Some(Component::Normal(_)) => names.push(seg),
             _ => return None,
         }
     }
-    let canonical = std::fs::canonicalize(&path).ok()?;
-    canonical.starts_with(root).then_some(canonical)
+    Some(names)
+}
+
+/// The path under the route a request names (still percent-encoded), and
+/// the encoding `compress` chose for it (none for a range, which is of the
+/// file itself).
+fn target<'r>(req: &'r Request<()>, prefix: &str) -> (&'r str, Option<Encoding>) {
+    let rel = req.uri().path()[prefix.len()..].trim_start_matches('/');
+    let encoding = req
+        .extensions()
+        .get::<crate::http::compress::Chosen>()
+        .and_then(|c| c.encoding())
+        .filter(|_| !req.headers().contains_key(header::RANGE));
+    (rel, encoding)
+}
+
+/// The type a file is served as, from its name.
+fn mime_of(file: &Path) -> &'static str {
+    mime_guess::from_path(file)
+        .first_raw()
+        .unwrap_or("application/octet-stream")
 }
 
 /// A `static` route: its root (canonical), the index file of directories,
@@ -317,11 +346,7 @@ pub(crate) fn from_memory(
     {
         return None;
     }
-    let rel = req.uri().path()[prefix.len()..].trim_start_matches('/');
-    let encoding = req
-        .extensions()
-        .get::<crate::http::compress::Chosen>()
-        .and_then(|c| c.encoding());
+    let (rel, encoding) = target(req, prefix);
     let hit = cache::get(route.id, rel, encoding)?;
     let method = req.method().clone();
     Some(small(&method, req.headers_mut(), &hit, encoding))
@@ -339,15 +364,9 @@ pub(crate) async fn serve(req: Request<()>, prefix: Arc<str>, route: Arc<Root>) 
         return res;
     }
     let path = req.uri().path();
-    let rel = path[prefix.len()..].trim_start_matches('/');
     let slash = path.ends_with('/');
-    // The encoding `compress` chose, for a precompressed file; not for a
-    // range, which is of the file itself.
-    let encoding = req
-        .extensions()
-        .get::<crate::http::compress::Chosen>()
-        .and_then(|c| c.encoding())
-        .filter(|_| !req.headers().contains_key(header::RANGE));
+    // The encoding is for a precompressed sibling.
+    let (rel, encoding) = target(&req, &prefix);
     // A small file asked for whole (not in this thread's memory: the router
     // tried `from_memory` first) is read in the same blocking task as its
     // lookup: one hop off the serving thread instead of ServeFile's several
@@ -406,16 +425,13 @@ pub(crate) async fn serve(req: Request<()>, prefix: Arc<str>, route: Arc<Root>) 
         }
     };
     if let Some((content, cacheable)) = content {
-        let mime = mime_guess::from_path(&file)
-            .first_raw()
-            .unwrap_or("application/octet-stream");
         // A sibling's ETag is the variant's, made once.
         let sibling = sibling.map(|_| {
             encoding.and_then(|e| crate::http::compress::variant_etag(&validators.etag, e))
         });
         let found = cache::Cached {
             content,
-            mime: HeaderValue::from_static(mime),
+            mime: HeaderValue::from_static(mime_of(&file)),
             validators,
             sibling,
         };
@@ -430,10 +446,7 @@ pub(crate) async fn serve(req: Request<()>, prefix: Arc<str>, route: Arc<Root>) 
     match conditions(&parts.method, &mut parts.headers, &validators) {
         Verdict::Serve => {}
         Verdict::NotModified => {
-            let mime = mime_guess::from_path(&file)
-                .first_raw()
-                .unwrap_or("application/octet-stream");
-            return not_modified(&validators, HeaderValue::from_static(mime));
+            return not_modified(&validators, HeaderValue::from_static(mime_of(&file)))
         }
         Verdict::PreconditionFailed => {
             return text(StatusCode::PRECONDITION_FAILED, "precondition failed\n")
