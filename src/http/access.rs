@@ -10,7 +10,8 @@
 //! and password that passed are remembered, as a SHA-256 digest compared in
 //! constant time, so that a browser's every request does not pay the hash
 //! again. An unknown user costs the same as a known one (a hash of the kind
-//! and cost of the file's first). No password or hash is ever logged.
+//! of the file's first: bcrypt at the file's highest cost, or argon2 with
+//! the first's parameters). No password or hash is ever logged.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -39,7 +40,8 @@ pub(crate) struct BasicAuth {
     users: HashMap<String, String>,
     /// Digests of user:password pairs that passed.
     passed: Mutex<Vec<[u8; 32]>>,
-    /// A hash of the kind and cost of the file's first, that no password
+    /// A hash of the kind of the file's first (bcrypt at the users' highest
+    /// cost, or argon2 with the first's parameters) that no password
     /// matches: what an unknown user is checked against.
     dummy: String,
 }
@@ -152,7 +154,7 @@ impl BasicAuth {
             let bcrypt =
                 ["$2y$", "$2b$", "$2a$"].iter().any(|p| hash.starts_with(p)) && hash.len() == 60;
             if !bcrypt {
-                if let Err(e) = argon2_hash(hash) {
+                if let Err(e) = argon2_of(hash) {
                     return Err(fail(format!(
                         "{at}: the hash of {user:?} is not bcrypt or argon2 ({e}; make the file with htpasswd -B, or argon2 -e)"
                     )));
@@ -164,7 +166,17 @@ impl BasicAuth {
         let Some(first) = first else {
             return Err(fail(format!("{} has no users", f.written)));
         };
-        let dummy = dummy_like(&first).map_err(|e| fail(format!("a hash like the first: {e}")))?;
+        // bcrypt: the costliest of the file's, as before argon2 was taken.
+        let like = match first.starts_with("$argon2") {
+            true => first,
+            false => users
+                .values()
+                .filter(|h| !h.starts_with("$argon2"))
+                .max_by_key(|h| bcrypt_cost(h))
+                .cloned()
+                .unwrap_or(first),
+        };
+        let dummy = dummy_like(&like).map_err(|e| fail(format!("a hash like the first: {e}")))?;
         let challenge =
             HeaderValue::from_str(&format!("Basic realm=\"{}\", charset=\"UTF-8\"", c.realm))
                 .map_err(|_| fail("the realm cannot be a header value".into()))?;
@@ -226,10 +238,11 @@ fn checks() -> &'static tokio::sync::Semaphore {
 /// (64 MiB).
 const ARGON2_MAX_KIB: u32 = 256 * 1024;
 
-/// `hash` as an argon2 PHC string, within [`ARGON2_MAX_KIB`].
-fn argon2_hash(hash: &str) -> Result<argon2::PasswordHash<'_>, String> {
+/// `hash` as an argon2 PHC string, within [`ARGON2_MAX_KIB`], with the
+/// hasher its parameters make.
+fn argon2_of(hash: &str) -> Result<(argon2::PasswordHash<'_>, argon2::Argon2<'static>), String> {
     let parsed = argon2::PasswordHash::new(hash).map_err(|e| e.to_string())?;
-    argon2::Algorithm::try_from(parsed.algorithm).map_err(|e| e.to_string())?;
+    let algorithm = argon2::Algorithm::try_from(parsed.algorithm).map_err(|e| e.to_string())?;
     let params = argon2::Params::try_from(&parsed).map_err(|e| e.to_string())?;
     if params.m_cost() > ARGON2_MAX_KIB {
         return Err(format!(
@@ -237,7 +250,18 @@ fn argon2_hash(hash: &str) -> Result<argon2::PasswordHash<'_>, String> {
             params.m_cost()
         ));
     }
-    Ok(parsed)
+    let version = parsed
+        .version
+        .and_then(|v| argon2::Version::try_from(v).ok())
+        .unwrap_or_default();
+    Ok((parsed, argon2::Argon2::new(algorithm, version, params)))
+}
+
+/// A bcrypt hash's cost (`$2y$10$...`).
+fn bcrypt_cost(hash: &str) -> u32 {
+    hash.get(4..6)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(bcrypt::DEFAULT_COST)
 }
 
 /// Does `password` match `hash` (bcrypt or argon2)? Slow on purpose:
@@ -245,11 +269,8 @@ fn argon2_hash(hash: &str) -> Result<argon2::PasswordHash<'_>, String> {
 fn verify(password: &str, hash: &str) -> bool {
     use argon2::PasswordVerifier;
     match hash.starts_with("$argon2") {
-        true => argon2_hash(hash).is_ok_and(|h| {
-            argon2::Argon2::default()
-                .verify_password(password.as_bytes(), &h)
-                .is_ok()
-        }),
+        true => argon2_of(hash)
+            .is_ok_and(|(h, argon2)| argon2.verify_password(password.as_bytes(), &h).is_ok()),
         false => bcrypt::verify(password, hash).unwrap_or(false),
     }
 }
@@ -258,23 +279,13 @@ fn verify(password: &str, hash: &str) -> bool {
 fn dummy_like(like: &str) -> Result<String, String> {
     let secret = "gracesrv: no such user";
     if !like.starts_with("$argon2") {
-        let cost = like
-            .get(4..6)
-            .and_then(|c| c.parse::<u32>().ok())
-            .unwrap_or(bcrypt::DEFAULT_COST);
-        return bcrypt::hash(secret, cost).map_err(|e| e.to_string());
+        return bcrypt::hash(secret, bcrypt_cost(like)).map_err(|e| e.to_string());
     }
     use argon2::PasswordHasher;
-    let parsed = argon2_hash(like)?;
-    let algorithm = argon2::Algorithm::try_from(parsed.algorithm).map_err(|e| e.to_string())?;
-    let params = argon2::Params::try_from(&parsed).map_err(|e| e.to_string())?;
-    let version = parsed
-        .version
-        .and_then(|v| argon2::Version::try_from(v).ok())
-        .unwrap_or_default();
+    let (_, argon2) = argon2_of(like)?;
     let salt = argon2::password_hash::SaltString::encode_b64(b"gracesrv-no-user")
         .map_err(|e| e.to_string())?;
-    argon2::Argon2::new(algorithm, version, params)
+    argon2
         .hash_password(secret.as_bytes(), &salt)
         .map(|h| h.to_string())
         .map_err(|e| e.to_string())
@@ -356,6 +367,28 @@ pub(crate) fn client_address(peer: IpAddr, headers: &HeaderMap, trusted: &[IpNet
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An unknown user is checked against a hash as costly as the file's
+    /// costliest bcrypt one, whichever user comes first.
+    #[test]
+    fn an_unknown_user_costs_the_costliest_bcrypt() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("users");
+        let cheap = bcrypt::hash("a", 4).unwrap();
+        let dear = bcrypt::hash("b", 6).unwrap();
+        std::fs::write(&file, format!("ann:{cheap}\nbob:{dear}\n")).unwrap();
+        let config = BasicAuthConfig {
+            realm: "r".into(),
+            users_file: crate::config::FileRef {
+                path: file.clone(),
+                written: "users".into(),
+                key: "basic_auth.users_file".into(),
+                pos: Default::default(),
+            },
+        };
+        let auth = BasicAuth::load(&file, &config).unwrap();
+        assert_eq!(bcrypt_cost(&auth.dummy), 6, "{}", auth.dummy);
+    }
 
     #[test]
     fn credentials_as_browsers_send_them() {
