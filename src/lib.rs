@@ -322,6 +322,14 @@ impl Server {
                 Err(e) => return fail(&mut ready, &e.to_string()),
             },
         };
+        // The socket draining generations hand requests on through.
+        let forward = match crate::serve::forward::ForwardSocket::open(inherited.forward) {
+            Ok(f) => Some(Arc::new(f)),
+            Err(e) => {
+                tracing::warn!("no forward socket: a busy HTTP/2 connection gets its GOAWAY when a restart drains it: {e}");
+                None
+            }
+        };
         let spawner = |role| spawn::Spawner {
             exe,
             argv: std::env::args_os().collect(),
@@ -331,6 +339,7 @@ impl Server {
             role,
             tickets: tickets.clone(),
             links: None,
+            forward: forward.clone(),
         };
         // A process handed its sockets by a gracesrv parent is a generation
         // (or a worker), never a supervisor itself.
@@ -354,14 +363,17 @@ impl Server {
                 prepared,
                 inherited.sockets,
                 generation,
-                tickets.clone(),
-                // A new generation of a self-restarting server counts its
-                // restart; a supervisor counts its workers' restarts.
-                Some((
-                    inherited.metrics.clone(),
-                    generation > 1 && supervisor.is_none(),
-                )),
-                inherited.upstreams.as_deref(),
+                generation::Handed {
+                    tickets: tickets.clone(),
+                    // A new generation of a self-restarting server counts its
+                    // restart; a supervisor counts its workers' restarts.
+                    metrics: Some((
+                        inherited.metrics.clone(),
+                        generation > 1 && supervisor.is_none(),
+                    )),
+                    upstreams: inherited.upstreams.as_deref(),
+                    forward: forward.clone(),
+                },
                 span.clone(),
             ) {
                 Ok(g) => g,

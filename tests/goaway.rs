@@ -81,17 +81,23 @@ async fn an_idle_http2_client_lets_the_old_generation_go() {
 }
 
 /// Issue 26.2: httpx, 4 tasks on one HTTP/2 connection, GETs then POSTs,
-/// while the server restarts every 0.5 s. The drain's one GOAWAY, sent when
-/// no stream is open and carrying the last one's ID, leaves httpx nothing
-/// to trip on: no PING and no answer after it (python-h2 fails on either,
-/// in its CLOSED state; with hyper's two-step drain 51 requests of 8,000
-/// failed that way over 16 restarts). What is left is httpcore's own race
-/// (a request its pool gave the connection just before the GOAWAY fails
-/// as `ConnectionTerminated`, whatever the server), which nginx reloaded
-/// under the same load shows as often: 6 GETs and 11 POSTs over 16 reloads.
+/// 20 s each, while the server restarts every 0.5 s: nothing fails.
+/// python-h2 fails whatever it is doing when any GOAWAY reaches it mid-way
+/// (the body of a POST whose headers just went out, every answer still
+/// coming), and these tasks are never all quiet. So the drain keeps the
+/// busy connection and hands its requests on to the newest generation
+/// (`serve::forward`): the answers come from the new generations (their
+/// pids), on the client's first connection. (With a GOAWAY at the first
+/// moment with no stream open, 1-2 requests failed per restart, as many
+/// as nginx and Caddy lose with this client.)
 #[tokio::test]
-async fn httpx_over_http2_trips_on_nothing_the_server_sends_at_restarts() {
-    let mut srv = TestServer::builder().config(config()).start().await;
+async fn httpx_over_http2_loses_nothing_at_restarts() {
+    // The default `shutdown_timeout`: a connection never quiet is kept
+    // 25 s of it.
+    let mut srv = TestServer::builder()
+        .config(config().set("shutdown_timeout", "30s"))
+        .start()
+        .await;
     let url = format!("https://{}/", srv.addr("web-tls"));
     for post in [false, true] {
         let mut args = vec!["load", &url[..], "--tasks", "4"];
@@ -102,7 +108,7 @@ async fn httpx_over_http2_trips_on_nothing_the_server_sends_at_restarts() {
         let stdin = child.stdin.take().unwrap();
         let mut restarts = 0;
         let started = Instant::now();
-        while started.elapsed() < Duration::from_secs(8) {
+        while started.elapsed() < Duration::from_secs(20) {
             tokio::time::sleep(Duration::from_millis(500)).await;
             srv.restart().await;
             restarts += 1;
@@ -114,22 +120,95 @@ async fn httpx_over_http2_trips_on_nothing_the_server_sends_at_restarts() {
             .unwrap();
         let v: serde_json::Value = serde_json::from_slice(&out.stdout)
             .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
-        assert!(restarts >= 10, "{restarts} restarts");
-        assert!(v["ok"].as_u64().unwrap() > 500, "{v}");
+        assert!(restarts >= 20, "{restarts} restarts");
+        assert!(v["ok"].as_u64().unwrap() > 1000, "{v}");
         assert!(
             v["pids"].as_object().unwrap().len() >= restarts / 2,
-            "the client moves on to new generations: {v}"
+            "the requests reach the new generations: {v}"
         );
-        // Standalone, every failure is httpcore's race (`ConnectionTerminated`,
-        // or `SEND_HEADERS` in CLOSED). On a starved machine a connection may
-        // find no quiet moment and drain in hyper's two steps, whose PING
-        // python-h2 fails on; so the bound is on the count, which the old
-        // two-step drain exceeded by far (47 and 51 over 16 restarts).
-        assert!(
-            v["failed"].as_u64().unwrap() <= 2 * restarts as u64,
-            "post={post}, {restarts} restarts: {v}"
-        );
+        assert_eq!(v["failed"], 0, "post={post}, {restarts} restarts: {v}");
     }
+}
+
+/// A request that starts on a busy HTTP/2 connection of a draining
+/// generation is answered by the newest generation, with its config, on
+/// the client's own connection, and logged there once with the client's
+/// address and TLS facts; the slow request in flight finishes where it
+/// started.
+#[tokio::test]
+async fn a_busy_connection_is_served_by_the_newest_generation() {
+    let routes = |version: &str| {
+        Config::new()
+            .set(
+                "access_log",
+                json!({ "path": "access.log", "format": "json" }),
+            )
+            .listener(
+                Listener::tls("web-tls", "localhost.crt", "localhost.key")
+                    .route(
+                        "/slow",
+                        "respond",
+                        json!({ "body": "slow {pid}\n", "delay": "2s" }),
+                    )
+                    .route(
+                        "/",
+                        "respond",
+                        json!({ "body": format!("{version} {{pid}}\n") }),
+                    ),
+            )
+    };
+    let mut srv = TestServer::builder().config(routes("v1")).start().await;
+    let addr = srv.addr("web-tls");
+    let (url, slow) = (format!("https://{addr}/"), format!("https://{addr}/slow"));
+    let mut child = httpx(&["busy", &url, &slow]).spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut next = async || -> serde_json::Value {
+        let line = tokio::time::timeout(util::WAIT, lines.next_line())
+            .await
+            .expect("an answer in time")
+            .unwrap()
+            .expect("a line");
+        serde_json::from_str(&line).unwrap()
+    };
+    assert_eq!(next().await["started"], true);
+    let old = srv.pid();
+    srv.write(&routes("v2"));
+    let new = srv.restart().await;
+    stdin.write_all(b"go\n").await.unwrap();
+    let (fresh, slow) = (next().await, next().await);
+    assert_eq!(fresh["status"], 200, "{fresh}");
+    assert_eq!(fresh["body"], format!("v2 {new}\n"), "{fresh}");
+    assert_eq!(fresh["same_connection"], true, "{fresh}");
+    assert_eq!(fresh["http_version"], "HTTP/2", "{fresh}");
+    assert_eq!(slow["body"], format!("slow {old}\n"), "{slow}");
+    // The old generation lets the connection go once it is quiet.
+    let drained = Instant::now();
+    while util::alive(old) {
+        assert!(drained.elapsed() < util::WAIT, "the old generation stays");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(stdin);
+    let _ = child.wait().await;
+    srv.signal(nix::sys::signal::Signal::SIGTERM);
+    srv.wait_first_exit().await;
+    let log = std::fs::read_to_string(srv.dir.path().join("access.log")).unwrap();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|v: &serde_json::Value| v["target"] == "/")
+        .collect();
+    assert_eq!(lines.len(), 1, "logged once: {log}");
+    let v = &lines[0];
+    assert_eq!(v["status"], 200, "{v}");
+    assert_eq!(v["pid"], new, "{v}");
+    assert_eq!(v["tls_version"], "TLSv1.3", "{v}");
+    // The client named an address: no SNI, here as in the old generation.
+    assert_eq!(v["sni"], json!(null), "{v}");
+    assert!(
+        v["remote"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "{v}"
+    );
 }
 
 /// Issue 26.1: Chromium (headless, from Debian) over HTTP/3 loads a page of

@@ -74,16 +74,32 @@ pub(crate) enum GenerationError {
     Threads(#[from] crate::serve::accept::ThreadsError),
 }
 
+/// What a generation takes over from the one before it, besides sockets.
+pub(crate) struct Handed<'a> {
+    pub(crate) tickets: Arc<Tickets>,
+    /// The counters handed over (JSON), and whether this start counts as a
+    /// restart.
+    pub(crate) metrics: Option<(Option<String>, bool)>,
+    /// The health of proxy upstreams (JSON).
+    pub(crate) upstreams: Option<&'a str>,
+    /// The socket requests are handed on through (`serve::forward`).
+    pub(crate) forward: Option<Arc<crate::serve::forward::ForwardSocket>>,
+}
+
 impl Generation {
     pub(crate) fn start(
         prepared: Prepared,
         inherited: Vec<InheritedSocket>,
         generation: u64,
-        tickets: Arc<Tickets>,
-        metrics_base: Option<(Option<String>, bool)>,
-        upstreams_base: Option<&str>,
+        handed: Handed<'_>,
         span: tracing::Span,
     ) -> Result<Generation, GenerationError> {
+        let Handed {
+            tickets,
+            metrics: metrics_base,
+            upstreams: upstreams_base,
+            forward,
+        } = handed;
         let Prepared {
             config,
             listeners: prepared,
@@ -211,6 +227,7 @@ impl Generation {
                     })
                 })
                 .collect(),
+            forward,
         });
         let mut specs = Vec::new();
         let mut quic = Vec::new();
@@ -285,6 +302,7 @@ impl Generation {
             process: process.clone(),
             timeouts: config.timeouts,
             max_headers: config.max_headers,
+            forward_for: crate::serve::forward::busy_for(config.shutdown_timeout),
             limit: Arc::new(Semaphore::new(crate::sys::limits::connection_limit(
                 config.max_connections,
                 config.listeners.iter().any(|l| {

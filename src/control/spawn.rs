@@ -86,6 +86,9 @@ pub(crate) struct Spawner {
     /// A supervisor with apps: each worker gets a link to it (see
     /// `apps::link`).
     pub(crate) links: Option<crate::apps::Links>,
+    /// The socket requests are handed on through (`serve::forward`), handed
+    /// to every process started.
+    pub(crate) forward: Option<std::sync::Arc<crate::serve::forward::ForwardSocket>>,
 }
 
 impl Spawner {
@@ -182,6 +185,11 @@ impl Spawner {
             _ => None,
         };
         let mut fds = vec![("GRACESRV_READY_FD", handoff::raw(&write))];
+        fds.extend(
+            self.forward
+                .as_ref()
+                .map(|f| (crate::serve::forward::FD_VAR, f.raw())),
+        );
         fds.extend(
             link.as_ref()
                 .map(|l| (crate::sys::handoff::APPS_FD, handoff::raw(l))),

@@ -49,6 +49,8 @@ pub(crate) struct Inherited {
     pub(crate) upstreams: Option<String>,
     /// A supervised worker's link to its supervisor (see `apps::link`).
     pub(crate) apps_link: Option<OwnedFd>,
+    /// The socket requests are handed on through (see `serve::forward`).
+    pub(crate) forward: Option<OwnedFd>,
 }
 
 impl Inherited {
@@ -74,6 +76,7 @@ impl Inherited {
         let metrics = get(crate::sys::handoff::METRICS_VAR);
         let upstreams = get(crate::sys::handoff::UPSTREAMS_VAR);
         let apps_link = get(crate::sys::handoff::APPS_FD);
+        let forward = get(crate::serve::forward::FD_VAR);
         for k in handoff::HANDOFF_VARS.iter().filter(|_| remove) {
             // SAFETY (of the call, which is safe in edition 2021): no other
             // thread exists yet, see the doc comment.
@@ -100,6 +103,10 @@ impl Inherited {
         inherited.draining = draining
             .map(|d| Predecessors::parse(&d))
             .unwrap_or_default();
+        if let Some(f) = forward {
+            let fd = fd_number(crate::serve::forward::FD_VAR, &f)?;
+            inherited.forward = Some(handoff::adopt_forward(fd)?);
+        }
         if let Some(l) = apps_link {
             let fd = fd_number(crate::sys::handoff::APPS_FD, &l)?;
             inherited.apps_link = Some(handoff::adopt_link(fd)?);

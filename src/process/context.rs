@@ -42,6 +42,9 @@ pub(crate) struct ProcessInfo {
     pub(crate) upstreams: Vec<Arc<crate::process::upstreams::UpstreamState>>,
     /// What each listener's HTTP/3 counts (`http3: true`).
     pub(crate) http3: Vec<Arc<QuicStats>>,
+    /// The socket requests of busy HTTP/2 connections go through to the
+    /// newest generation while this one drains (`serve::forward`).
+    pub(crate) forward: Option<Arc<crate::serve::forward::ForwardSocket>>,
 }
 
 /// One listener's HTTP/3 in this process (`quic`).
@@ -123,4 +126,7 @@ pub(crate) struct Shared {
     pub(crate) limit: Arc<Semaphore>,
     /// `limits.max_headers`: header fields an HTTP/1.x request may carry.
     pub(crate) max_headers: usize,
+    /// How long a draining generation keeps a busy HTTP/2 connection,
+    /// handing its requests on, before the GOAWAY's two steps.
+    pub(crate) forward_for: std::time::Duration,
 }

@@ -98,8 +98,16 @@ pub(crate) fn start(
                     });
                     // This thread's own allocation of each spec: cloning it per
                     // request touches no cache line another thread writes.
-                    let specs = listeners.into_iter().map(|(_, spec)| Arc::new(spec));
-                    for (spec, socket) in specs.zip(sockets) {
+                    let specs: Vec<Arc<ListenerSpec>> =
+                        listeners.into_iter().map(|(_, spec)| Arc::new(spec)).collect();
+                    // Requests handed on by draining generations: one thread
+                    // accepts them (see `forward`).
+                    if let (0, Some(socket)) = (w, &thread.shared.process.forward) {
+                        if let Err(e) = super::forward::serve(socket, specs.clone(), thread.clone()) {
+                            warn!("cannot accept forwarded requests: {e}");
+                        }
+                    }
+                    for (spec, socket) in specs.into_iter().zip(sockets) {
                         let thread = thread.clone();
                         let drain = thread.shared.process.drain.clone();
                         // Counted as accepting from now, so a drain that
@@ -363,7 +371,7 @@ impl Accepted {
                     tls: false,
                 };
                 Box::pin(connection::serve_http(
-                    stream, None, peer, None, spec, thread,
+                    stream, None, peer, None, spec, thread, false,
                 ))
                 .await
             }

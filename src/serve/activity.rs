@@ -82,6 +82,13 @@ pub(super) struct Activity {
     pub(super) h2_quiet_at: AtomicU64,
     pub(super) h2_last: AtomicU32,
     pub(super) h2_quieted: tokio::sync::Notify,
+    /// HTTP/2 handed on by a draining generation (`forward`): its client is
+    /// that generation, which takes the drain's two steps.
+    pub(super) forwarded: bool,
+    /// HTTP/2, draining: requests starting now go to the newest generation,
+    /// through `forward` (made with the first of them).
+    pub(super) forwarding: AtomicBool,
+    pub(super) forward: std::sync::OnceLock<Box<super::forward::Forwarder>>,
 }
 
 /// Why a connection's timer ends it.

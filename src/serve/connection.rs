@@ -15,7 +15,7 @@ use http::HeaderValue;
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
 use tracing::debug;
 
 use crate::http::service::Handler;
@@ -138,14 +138,49 @@ async fn sniff<T: AsyncRead + Unpin>(io: &mut T) -> std::io::Result<Option<(bool
     }
 }
 
-/// A connection's transport: plain TCP or TLS over it. The lingering close
-/// reads the TCP socket underneath, and asks it what is still unacknowledged.
+/// A connection's transport: plain TCP, TLS over it, or (a request a
+/// draining generation hands on, see `forward`) a Unix socket. The
+/// lingering close and the rest read the socket underneath, and the
+/// linger asks it what is still unacknowledged.
 pub(crate) trait Socket: AsyncRead + AsyncWrite + Unpin + Send + 'static {
-    fn tcp(&self) -> &TcpStream;
+    type Raw: RawSocket;
+    fn raw(&self) -> &Self::Raw;
+}
+
+/// The socket under a connection's transport.
+pub(crate) trait RawSocket: std::os::fd::AsRawFd + Sync {
+    fn readable(&self) -> impl std::future::Future<Output = std::io::Result<()>> + Send;
+    fn try_read(&self, buf: &mut [u8]) -> std::io::Result<usize>;
+}
+
+impl RawSocket for TcpStream {
+    fn readable(&self) -> impl std::future::Future<Output = std::io::Result<()>> + Send {
+        TcpStream::readable(self)
+    }
+    fn try_read(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+        TcpStream::try_read(self, buf)
+    }
+}
+
+impl RawSocket for UnixStream {
+    fn readable(&self) -> impl std::future::Future<Output = std::io::Result<()>> + Send {
+        UnixStream::readable(self)
+    }
+    fn try_read(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+        UnixStream::try_read(self, buf)
+    }
 }
 
 impl Socket for TcpStream {
-    fn tcp(&self) -> &TcpStream {
+    type Raw = TcpStream;
+    fn raw(&self) -> &TcpStream {
+        self
+    }
+}
+
+impl Socket for UnixStream {
+    type Raw = UnixStream;
+    fn raw(&self) -> &UnixStream {
         self
     }
 }
@@ -155,7 +190,8 @@ impl Socket for TcpStream {
 /// lingering close), and a pointer there costs 8 bytes where rustls's
 /// state costs kilobytes in each.
 impl Socket for Box<tokio_rustls::server::TlsStream<TcpStream>> {
-    fn tcp(&self) -> &TcpStream {
+    type Raw = TcpStream;
+    fn raw(&self) -> &TcpStream {
         self.get_ref().0
     }
 }
@@ -240,17 +276,39 @@ pub(crate) async fn serve_tls(
                     sni: session.server_name().map(Into::into),
                 })
             });
-            Box::pin(serve_http(Box::new(tls), alpn_h2, peer, info, spec, thread)).await
+            Box::pin(serve_http(
+                Box::new(tls),
+                alpn_h2,
+                peer,
+                info,
+                spec,
+                thread,
+                false,
+            ))
+            .await
         }
         Ok(Err(e)) => debug!(listener = %spec.ctx.name, %peer, "TLS handshake failed: {e}"),
         Err(_) => debug!(listener = %spec.ctx.name, %peer, "TLS handshake timed out"),
     }
 }
 
+/// An HTTP/2 connection a draining generation hands on (see `forward`),
+/// served as a connection of `peer` on `spec`'s listener.
+pub(crate) async fn serve_forwarded(
+    io: UnixStream,
+    peer: Peer,
+    tls: Option<Arc<TlsInfo>>,
+    spec: Arc<ListenerSpec>,
+    thread: Arc<Thread>,
+) {
+    Box::pin(serve_http(io, Some(true), peer, tls, spec, thread, true)).await
+}
+
 /// Serves HTTP on `io` until the connection ends, times out, or drains,
 /// then closes it with a lingering close (unless the client closed first,
 /// or stopped reading). `alpn_h2` is the version TLS agreed on; without one
 /// (plain, or a TLS client that sent no ALPN) the client's first bytes tell.
+/// `forwarded`: handed on by a draining generation.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn serve_http<T: Socket>(
     mut io: T,
@@ -259,6 +317,7 @@ pub(crate) async fn serve_http<T: Socket>(
     tls: Option<Arc<TlsInfo>>,
     spec: Arc<ListenerSpec>,
     thread: Arc<Thread>,
+    forwarded: bool,
 ) {
     let (shared, builder) = (&thread.shared, &thread.builders);
     let t = shared.timeouts;
@@ -299,6 +358,9 @@ pub(crate) async fn serve_http<T: Socket>(
         h2_quiet_at: AtomicU64::new(0),
         h2_last: AtomicU32::new(0),
         h2_quieted: tokio::sync::Notify::new(),
+        forwarded,
+        forwarding: AtomicBool::new(false),
+        forward: std::sync::OnceLock::new(),
     });
     let _counted = spec.metrics.as_ref().map(|m| m.connection(h2));
     let svc = ConnService {
@@ -363,6 +425,7 @@ pub(crate) async fn serve_http<T: Socket>(
             }
         }
         if end == Some(Expiry::GoAway) {
+            debug!(listener = %spec.ctx.name, forwarded = activity.forwarded, "draining: quiet, one GOAWAY");
             let last = activity.h2_last.load(Ordering::Relaxed);
             let frame = crate::wire::h2frames::goaway(last);
             let sent = Box::pin(tokio::time::timeout(t.send, async {
@@ -418,7 +481,7 @@ async fn rest<T: Socket>(io: &T, activity: &Activity, shared: &Shared) -> Option
         let wait = Duration::from_millis(at.saturating_sub(now_ms()));
         tokio::select! {
             biased;
-            ready = io.tcp().readable() => return ready.err().map(|_| Expiry::Idle),
+            ready = io.raw().readable() => return ready.err().map(|_| Expiry::Idle),
             _ = &mut draining, if drain_at == 0 => drain_at = now_ms(),
             _ = tokio::time::sleep(wait) => return Some(why),
         }
@@ -444,6 +507,14 @@ async fn drive<T: Socket>(
     let mut two_steps = false;
     // HTTP/2: QUIET_WAIT passed; the next quiet moment will do.
     let mut hurry = false;
+    // HTTP/2, draining with a forward socket: requests go on to the newest
+    // generation (`forward`), and the GOAWAY waits for the client to be
+    // quiet for `quiet_for`, until `forward_for` has passed.
+    let mut patient = false;
+    // HTTP/2, draining: since when the GOAWAY waits for SETTLE of quiet.
+    let mut wait_from = 0;
+    let quiet_for = super::forward::QUIET.min(t.draining_idle);
+    let forward_for = shared.forward_for.as_millis() as u64;
     // HTTP/2, draining: no stream is open since a moment, and the last
     // stream then; the GOAWAY waits SETTLE more.
     let mut quiet_since: Option<u32> = None;
@@ -478,15 +549,29 @@ async fn drive<T: Socket>(
             _ = &mut draining, if drain_at == 0 => {
                 drain_at = now_ms();
                 // HTTP/2: one GOAWAY with the last stream's ID, once no stream
-                // is open (now, or when the last one ends: `h2frames`); if
-                // that moment does not come within QUIET_WAIT, hyper's two
-                // steps (GOAWAY, PING, GOAWAY). HTTP/1.1: the next
-                // response carries `Connection: close` (see ConnService), and
-                // an idle connection is closed after `timeouts.draining_idle`
-                // (the timer looks again now).
-                if h2 && activity.h2_quiet.load(Ordering::Relaxed) {
-                    quiet_since = Some(activity.h2_last.load(Ordering::Relaxed));
-                    settle.as_mut().reset(tokio::time::Instant::now() + SETTLE);
+                // is open and none started for `quiet_for` (`h2frames`);
+                // meanwhile new requests go on to the newest generation
+                // (`forward`). After `forward_for` (or at once, without a
+                // forward socket): the GOAWAY once no stream is open for
+                // SETTLE, and hyper's two steps (GOAWAY, PING, GOAWAY) if
+                // that moment does not come within QUIET_WAIT. A connection
+                // handed on by an older generation: the two steps at once
+                // (its client is that generation, which keeps them).
+                // HTTP/1.1: the next response carries `Connection: close`
+                // (see ConnService), and an idle connection is closed after
+                // `timeouts.draining_idle` (the timer looks again now).
+                if h2 && activity.forwarded {
+                    two_steps = true;
+                    conn.as_mut().goaway();
+                } else if h2 {
+                    patient = spec.ctx.process.forward.is_some();
+                    activity.forwarding.store(patient, Ordering::Relaxed);
+                    wait_from = drain_at;
+                    if activity.h2_quiet.load(Ordering::Relaxed) {
+                        quiet_since = Some(activity.h2_last.load(Ordering::Relaxed));
+                        let wait = if patient { quiet_for } else { SETTLE };
+                        settle.as_mut().reset(tokio::time::Instant::now() + wait);
+                    }
                 }
                 timer.as_mut().reset(tokio::time::Instant::now());
             }
@@ -496,7 +581,8 @@ async fn drive<T: Socket>(
                         return Some(Expiry::GoAway);
                     }
                     quiet_since = Some(activity.h2_last.load(Ordering::Relaxed));
-                    settle.as_mut().reset(tokio::time::Instant::now() + SETTLE);
+                    let wait = if patient { quiet_for } else { SETTLE };
+                    settle.as_mut().reset(tokio::time::Instant::now() + wait);
                 }
             }
             _ = &mut settle, if quiet_since.is_some() => {
@@ -517,17 +603,28 @@ async fn drive<T: Socket>(
                     conn.as_mut().close_idle();
                     continue;
                 }
-                let quiet_at = activity.h2_quiet_at.load(Ordering::Relaxed).max(drain_at);
-                if h2 && drain_at != 0 && !two_steps {
+                if patient && now >= drain_at + forward_for {
+                    // Never quiet for long: the GOAWAY at the next quiet
+                    // moment, while there is time for a drain.
+                    debug!(listener = %spec.ctx.name, "draining: never quiet for long, GOAWAY at the next quiet moment");
+                    patient = false;
+                    wait_from = now;
                     if activity.h2_quiet.load(Ordering::Relaxed) {
-                        if hurry || now >= drain_at + QUIET_WAIT.as_millis() as u64 {
+                        quiet_since = Some(activity.h2_last.load(Ordering::Relaxed));
+                        settle.as_mut().reset(tokio::time::Instant::now() + SETTLE);
+                    }
+                }
+                let quiet_at = activity.h2_quiet_at.load(Ordering::Relaxed).max(wait_from);
+                if h2 && drain_at != 0 && !two_steps && !patient {
+                    if activity.h2_quiet.load(Ordering::Relaxed) {
+                        if hurry || now >= wait_from + QUIET_WAIT.as_millis() as u64 {
                             return Some(Expiry::GoAway);
                         }
                     } else if now >= quiet_at + QUIET_GAP.as_millis() as u64 {
                         // Never quiet: the drain every conforming client keeps.
                         two_steps = true;
                         conn.as_mut().goaway();
-                    } else if now >= drain_at + QUIET_WAIT.as_millis() as u64 {
+                    } else if now >= wait_from + QUIET_WAIT.as_millis() as u64 {
                         hurry = true;
                     }
                 }
@@ -544,13 +641,19 @@ async fn drive<T: Socket>(
                     Some((d, _)) => timer.as_mut().reset(tokio::time::Instant::now() + period.min(Duration::from_millis(d - now))),
                     None => timer.as_mut().reset(tokio::time::Instant::now() + period),
                 }
-                if h2 && drain_at != 0 && !two_steps {
+                if patient {
+                    let at = tokio::time::Instant::now()
+                        + Duration::from_millis((drain_at + forward_for + tick_ms()).saturating_sub(now));
+                    if at < timer.deadline() {
+                        timer.as_mut().reset(at);
+                    }
+                } else if h2 && drain_at != 0 && !two_steps {
                     // Look again when the wait for a quiet moment runs out.
-                    let quiet_at = activity.h2_quiet_at.load(Ordering::Relaxed).max(drain_at);
+                    let quiet_at = activity.h2_quiet_at.load(Ordering::Relaxed).max(wait_from);
                     let fallback = if hurry {
                         quiet_at + QUIET_GAP.as_millis() as u64
                     } else {
-                        (drain_at + QUIET_WAIT.as_millis() as u64)
+                        (wait_from + QUIET_WAIT.as_millis() as u64)
                             .min(quiet_at + QUIET_GAP.as_millis() as u64)
                     } + tick_ms();
                     let at = tokio::time::Instant::now() + Duration::from_millis(fallback.saturating_sub(now));

@@ -42,6 +42,10 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
         let version = req.version();
         self.stats.requests_total.fetch_add(1, Ordering::Relaxed);
         debug!(listener = %self.spec.ctx.name, method = %req.method(), path = req.uri().path(), "request started");
+        if self.activity.forwarding.load(Ordering::Relaxed) && req.method() != http::Method::CONNECT
+        {
+            return self.forward(req, version);
+        }
         let logged = (self.spec.access_log.is_some() || self.spec.metrics.is_some()).then(|| {
             Box::new(Logged {
                 log: self.spec.access_log.clone(),
@@ -101,6 +105,46 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
             }
             Reply::Later(fut) => ResponseFuture::Later(fut, Some((finish, self.spec.clone()))),
         }
+    }
+}
+
+impl ConnService {
+    /// A request on a busy HTTP/2 connection of a draining generation: the
+    /// newest generation serves it (and logs it); if it cannot be handed
+    /// on, this one does.
+    fn forward(&self, req: Request<Incoming>, version: Version) -> ResponseFuture {
+        let finish = Finish {
+            guard: InFlight::new(self.activity.clone(), self.stats.clone(), None),
+            version,
+        };
+        if let Some(socket) = &self.spec.ctx.process.forward {
+            self.activity.forward.get_or_init(|| {
+                Box::new(super::forward::Forwarder::new(
+                    socket.clone(),
+                    &self.spec.ctx.name,
+                    self.peer,
+                    self.tls.as_deref(),
+                ))
+            });
+        }
+        let (activity, spec, peer) = (self.activity.clone(), self.spec.clone(), self.peer);
+        let fut = async move {
+            let mut req = match activity.forward.get() {
+                Some(forwarder) => match forwarder.send(req).await {
+                    Ok(res) => return res,
+                    Err(super::forward::NotSent(req)) => req,
+                },
+                None => req,
+            };
+            if check_host(&mut req).is_err() {
+                return crate::wire::body::text(http::StatusCode::BAD_REQUEST, "bad request\n");
+            }
+            match spec.handler.call(req, &spec.ctx, peer).0 {
+                Reply::Now(res) => res,
+                Reply::Later(fut) => fut.await,
+            }
+        };
+        ResponseFuture::Later(Box::pin(fut), Some((finish, self.spec.clone())))
     }
 }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 
-use super::connection::Socket;
+use super::connection::{RawSocket, Socket};
 
 /// How long a closing connection waits for a client that has nothing of
 /// ours left to receive and sends nothing: a slow network's round trip, so
@@ -32,7 +32,7 @@ pub(super) async fn linger<T: Socket>(mut io: T, h2: bool, send_timeout: Duratio
         Ok(Ok(())) => {}
         _ => return,
     }
-    let tcp = io.tcp();
+    let tcp = io.raw();
     let tick = LingerTick::join();
     let start = tokio::time::Instant::now();
     let end = start + LINGER_MAX;

@@ -6,4 +6,5 @@ pub(crate) mod accept;
 mod activity;
 pub(crate) mod connection;
 mod exchange;
+pub(crate) mod forward;
 mod linger;

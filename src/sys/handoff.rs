@@ -31,7 +31,7 @@ pub(crate) const METRICS_VAR: &str = "GRACESRV_METRICS";
 pub(crate) const UPSTREAMS_VAR: &str = "GRACESRV_UPSTREAMS";
 
 /// Environment variables of the handoff; read once and removed at start.
-pub(crate) const HANDOFF_VARS: [&str; 11] = [
+pub(crate) const HANDOFF_VARS: [&str; 12] = [
     "LISTEN_PID",
     "LISTEN_FDS",
     "LISTEN_FDNAMES",
@@ -43,6 +43,7 @@ pub(crate) const HANDOFF_VARS: [&str; 11] = [
     METRICS_VAR,
     UPSTREAMS_VAR,
     APPS_FD,
+    crate::serve::forward::FD_VAR,
 ];
 
 /// A socket handed to this process, with the name it was given.
@@ -157,6 +158,23 @@ pub(crate) fn adopt_ready_fd(fd: RawFd) -> Result<OwnedFd, HandoffError> {
     let kind = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT;
     if kind != SFlag::S_IFIFO && kind != SFlag::S_IFSOCK {
         return Err(HandoffError::not(what, "a pipe or socket"));
+    }
+    Ok(owned)
+}
+
+/// The Unix socket generations hand requests on through (see
+/// `serve::forward`): listening, in the abstract namespace.
+pub(crate) fn adopt_forward(fd: RawFd) -> Result<OwnedFd, HandoffError> {
+    let what = format!("{}={fd}", crate::serve::forward::FD_VAR);
+    if fd <= 2 {
+        return Err(HandoffError::StandardStream { what, hint: "" });
+    }
+    let owned = adopt_fd(fd, &what)?;
+    let addr: nix::sys::socket::UnixAddr =
+        nix::sys::socket::getsockname(owned.as_raw_fd()).map_err(|e| HandoffError::io(&what, e))?;
+    let listening = getsockopt(&owned, sockopt::AcceptConn).unwrap_or(false);
+    if addr.as_abstract().is_none() || !listening {
+        return Err(HandoffError::not(what, "a listening abstract Unix socket"));
     }
     Ok(owned)
 }

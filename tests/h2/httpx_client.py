@@ -12,6 +12,13 @@ and then rejects a PING and any response that follows it).
         One request; then, for each line on stdin, one more request on the
         same client; prints one JSON line per request: {"status", "body",
         "error", "http_version"}.
+
+    httpx_client.py busy URL SLOW_URL
+        Starts a request to SLOW_URL and prints {"started": true}; at a line
+        on stdin, sends one request to URL on the same client (the same
+        HTTP/2 connection, busy with the slow one), and prints both answers
+        as {"status", "body", "http_version", "same_connection"} lines, URL's
+        first.
 """
 
 import argparse
@@ -86,6 +93,23 @@ async def idle(args):
             await one()
 
 
+async def busy(args):
+    loop = asyncio.get_running_loop()
+    async with client() as c:
+        slow = asyncio.create_task(c.get(args.slow_url))
+        # Its headers are out once the connection is up and the task ran.
+        await asyncio.sleep(0.5)
+        print(json.dumps({"started": True}), flush=True)
+        await loop.run_in_executor(None, sys.stdin.readline)
+        r = await c.get(args.url)
+        s = await slow
+        same = r.extensions["network_stream"] is s.extensions["network_stream"]
+        for x in (r, s):
+            print(json.dumps({"status": x.status_code, "body": x.text,
+                              "http_version": x.http_version,
+                              "same_connection": same}), flush=True)
+
+
 def main():
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -95,8 +119,11 @@ def main():
     l.add_argument("--post", action="store_true")
     i = sub.add_parser("idle")
     i.add_argument("url")
+    b = sub.add_parser("busy")
+    b.add_argument("url")
+    b.add_argument("slow_url")
     args = p.parse_args()
-    asyncio.run({"load": load, "idle": idle}[args.cmd](args))
+    asyncio.run({"load": load, "idle": idle, "busy": busy}[args.cmd](args))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,354 @@
+//! A busy HTTP/2 connection of a draining generation keeps its client, and
+//! the newest generation serves its requests.
+//!
+//! A GOAWAY that reaches a client while it is mid-request fails that request
+//! in some of the most used clients, whatever the GOAWAY says: python-h2
+//! (httpx) moves to CLOSED on any GOAWAY and then refuses to send the body of
+//! a request whose headers went out a moment before, and every response
+//! still coming. The only GOAWAY such a client survives is one that arrives
+//! while it is quiet, and a client in a loop is never quiet. So a draining
+//! generation does not hurry a busy HTTP/2 connection: it keeps it, and
+//! sends each request that starts on it after the drain began to the newest
+//! generation, which serves it with its own config, routes and apps, as if
+//! it had come in on its own listener from the same client. The connection
+//! gets its GOAWAY once the client has been quiet for [`QUIET`] (nothing in
+//! flight, nothing started), or, for a client that never is, in hyper's two
+//! steps when the generation's `shutdown_timeout` is near (see `drive`).
+//!
+//! How the requests travel: every generation shares one listening Unix
+//! socket in the abstract namespace, handed from generation to generation
+//! with the listeners (`GRACESRV_FORWARD_FD`); like them, only the newest
+//! generation accepts on it, so a connection to it reaches whichever
+//! generation is newest when it is made. A draining connection opens one
+//! HTTP/2 connection to it, with a first line saying what the new
+//! generation must know of the client (listener, address, TLS), and sends
+//! its requests there. Only this user, or root, may connect.
+//!
+//! When the generation that serves those requests is replaced in turn, it
+//! drains them in hyper's two steps at once; hyper's client (here) either
+//! had a request accepted before the first GOAWAY, or gets it back unsent,
+//! and sends it on a new connection, which reaches the newest generation.
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::http2;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+use tracing::debug;
+
+use crate::observe::access_log::TlsInfo;
+use crate::process::context::Peer;
+use crate::wire::body::Body;
+
+use super::connection::{ListenerSpec, Thread};
+
+/// Names the forward socket's fd in a new generation.
+pub(crate) const FD_VAR: &str = "GRACESRV_FORWARD_FD";
+
+/// How long a draining HTTP/2 connection must be quiet (no stream open,
+/// none started) before its GOAWAY goes out.
+pub(crate) const QUIET: Duration = Duration::from_millis(300);
+
+/// How long a draining generation keeps a busy HTTP/2 connection (handing
+/// its requests on) before the GOAWAY's two steps: all of
+/// `shutdown_timeout` but the time those steps need, half of it up to 5 s.
+pub(crate) fn busy_for(shutdown_timeout: Duration) -> Duration {
+    shutdown_timeout.saturating_sub((shutdown_timeout / 2).min(Duration::from_secs(5)))
+}
+
+/// How long a new generation waits for the first line of a forwarded
+/// connection; the longest line it takes.
+const HELLO_WITHIN: Duration = Duration::from_secs(1);
+const HELLO_MAX: usize = 1024;
+
+/// The socket every generation shares for the requests it hands on.
+#[derive(Debug)]
+pub(crate) struct ForwardSocket {
+    listener: std::os::unix::net::UnixListener,
+    /// Its name in the abstract namespace.
+    name: Vec<u8>,
+    me: u32,
+}
+
+impl ForwardSocket {
+    /// The socket handed over by the previous generation, or a new one.
+    pub(crate) fn open(inherited: Option<OwnedFd>) -> io::Result<ForwardSocket> {
+        use std::os::linux::net::SocketAddrExt;
+        let listener = match inherited {
+            Some(fd) => std::os::unix::net::UnixListener::from(fd),
+            None => {
+                let nanos = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.subsec_nanos());
+                let name = format!("gracesrv.forward.{}.{nanos}", std::process::id());
+                let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+                std::os::unix::net::UnixListener::bind_addr(&addr)?
+            }
+        };
+        let name = listener
+            .local_addr()?
+            .as_abstract_name()
+            .map(<[u8]>::to_vec)
+            .ok_or_else(|| io::Error::other("the forward socket has no abstract name"))?;
+        listener.set_nonblocking(true)?;
+        Ok(ForwardSocket {
+            listener,
+            name,
+            me: nix::unistd::geteuid().as_raw(),
+        })
+    }
+
+    /// The fd a restart hands over.
+    pub(crate) fn raw(&self) -> RawFd {
+        self.listener.as_raw_fd()
+    }
+
+    /// A connection to whichever generation accepts now, made without
+    /// blocking (a full queue is an error, not a wait).
+    async fn connect(&self) -> io::Result<UnixStream> {
+        use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+        let fd = socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+            None,
+        )?;
+        connect(fd.as_raw_fd(), &UnixAddr::new_abstract(&self.name)?)?;
+        UnixStream::from_std(std::os::unix::net::UnixStream::from(fd))
+    }
+}
+
+/// What the serving generation is told of a forwarded connection's client:
+/// the first line on the connection, as JSON.
+#[derive(Serialize, Deserialize)]
+struct Hello {
+    listener: String,
+    peer: std::net::SocketAddr,
+    /// The TLS version (`TLSv1.3`), when the client came over TLS.
+    tls: Option<String>,
+    sni: Option<String>,
+}
+
+/// Accepts forwarded connections on thread `thread` while this generation
+/// is the newest (the accept pauses with the drain, and resumes with it).
+pub(crate) fn serve(
+    socket: &ForwardSocket,
+    specs: Vec<Arc<ListenerSpec>>,
+    thread: Arc<Thread>,
+) -> io::Result<()> {
+    let std = socket.listener.try_clone()?;
+    let me = socket.me;
+    let drain = thread.shared.process.drain.clone();
+    let guard = drain.acceptor();
+    let held = drain.socket();
+    let mut listener = tokio::net::UnixListener::from_std(std)?;
+    let specs: Arc<[Arc<ListenerSpec>]> = specs.into();
+    tokio::spawn(async move {
+        let _held = held;
+        let mut guard = Some(guard);
+        loop {
+            {
+                let stop = drain.started();
+                tokio::pin!(stop);
+                loop {
+                    let accepted = tokio::select! {
+                        biased;
+                        _ = &mut stop => break,
+                        a = listener.accept() => a,
+                    };
+                    let Ok((stream, _)) = accepted else {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    };
+                    let uid = stream.peer_cred().map(|c| c.uid());
+                    if !uid.is_ok_and(|u| u == 0 || u == me) {
+                        continue;
+                    }
+                    tokio::spawn(serve_one(stream, specs.clone(), thread.clone()));
+                }
+            }
+            drop(guard.take());
+            let Ok(paused) = listener.into_std() else {
+                return;
+            };
+            if !drain.resumed().await {
+                return;
+            }
+            let Ok(l) = tokio::net::UnixListener::from_std(paused) else {
+                return;
+            };
+            listener = l;
+            guard = Some(drain.acceptor());
+        }
+    });
+    Ok(())
+}
+
+/// One forwarded connection: its first line, then HTTP/2 on the listener
+/// it names, as a connection of that client.
+async fn serve_one(mut stream: UnixStream, specs: Arc<[Arc<ListenerSpec>]>, thread: Arc<Thread>) {
+    let _counted = thread.shared.process.drain.connection();
+    let hello = match tokio::time::timeout(HELLO_WITHIN, read_hello(&mut stream)).await {
+        Ok(Ok(h)) => h,
+        Ok(Err(e)) => return debug!("forwarded connection: {e}"),
+        Err(_) => return debug!("forwarded connection: no first line"),
+    };
+    let Some(spec) = specs.iter().find(|s| s.ctx.name == hello.listener) else {
+        // The listener is gone from the config: the old generation answers
+        // its client itself.
+        let _ = stream.write_all(b"-").await;
+        return debug!(listener = %hello.listener, "forwarded connection for a listener this generation does not have");
+    };
+    if stream.write_all(b"+").await.is_err() {
+        return;
+    }
+    let peer = Peer {
+        addr: hello.peer,
+        tls: hello.tls.is_some(),
+    };
+    let tls = match (&spec.access_log, &hello.tls) {
+        (Some(_), Some(version)) => Some(Arc::new(TlsInfo {
+            version: match version.as_str() {
+                "TLSv1.3" => "TLSv1.3",
+                "TLSv1.2" => "TLSv1.2",
+                _ => "TLS",
+            },
+            sni: hello.sni.map(Into::into),
+        })),
+        _ => None,
+    };
+    super::connection::serve_forwarded(stream, peer, tls, spec.clone(), thread).await
+}
+
+/// The first line: its length in two bytes, then the JSON. The answer is
+/// one byte: `+` (served) or `-` (no such listener).
+async fn read_hello(stream: &mut UnixStream) -> io::Result<Hello> {
+    let len = usize::from(stream.read_u16().await?);
+    if len > HELLO_MAX {
+        return Err(io::Error::other(format!("a first line of {len} bytes")));
+    }
+    let mut buf = vec![0; len];
+    stream.read_exact(&mut buf).await?;
+    serde_json::from_slice(&buf).map_err(io::Error::other)
+}
+
+/// One draining connection's way to the newest generation.
+pub(crate) struct Forwarder {
+    socket: Arc<ForwardSocket>,
+    hello: Vec<u8>,
+    sender: tokio::sync::Mutex<Option<http2::SendRequest<Incoming>>>,
+}
+
+/// Why a request was not forwarded: it comes back unsent, for this
+/// generation to serve.
+pub(crate) struct NotSent(pub(crate) Request<Incoming>);
+
+impl Forwarder {
+    pub(crate) fn new(
+        socket: Arc<ForwardSocket>,
+        listener: &str,
+        peer: Peer,
+        tls: Option<&TlsInfo>,
+    ) -> Forwarder {
+        let hello = Hello {
+            listener: listener.to_string(),
+            peer: peer.addr,
+            tls: peer
+                .tls
+                .then(|| tls.map_or("TLS", |t| t.version).to_string()),
+            sni: tls.and_then(|t| t.sni.as_deref().map(str::to_string)),
+        };
+        let json = serde_json::to_vec(&hello).unwrap_or_default();
+        let mut line = Vec::with_capacity(json.len() + 2);
+        line.extend_from_slice(&(json.len() as u16).to_be_bytes());
+        line.extend_from_slice(&json);
+        Forwarder {
+            socket,
+            hello: line,
+            sender: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// Sends `req` to the newest generation, on this connection's HTTP/2
+    /// connection to it (a new one if it has none, or the one it had is
+    /// draining). A request that could not be sent comes back.
+    pub(crate) async fn send(&self, req: Request<Incoming>) -> Result<Response<Body>, NotSent> {
+        let mut req = req;
+        // Twice at most: the connection held may have been drained since
+        // its last request; a new one reaches the newest generation.
+        for _ in 0..2 {
+            let mut sender = match self.sender().await {
+                Ok(s) => s,
+                Err(e) => {
+                    debug!("cannot forward: {e}");
+                    return Err(NotSent(req));
+                }
+            };
+            match sender.try_send_request(req).await {
+                Ok(res) => return Ok(res.map(Body::new)),
+                Err(mut e) => match e.take_message() {
+                    Some(back) => {
+                        req = back;
+                        self.forget().await;
+                    }
+                    None => {
+                        debug!("forwarded request failed: {}", e.error());
+                        return Ok(crate::wire::body::text(
+                            http::StatusCode::BAD_GATEWAY,
+                            "bad gateway\n",
+                        ));
+                    }
+                },
+            }
+        }
+        Err(NotSent(req))
+    }
+
+    /// The connection to use: the one held while it takes requests, else
+    /// a new one.
+    async fn sender(&self) -> io::Result<http2::SendRequest<Incoming>> {
+        let mut held = self.sender.lock().await;
+        if let Some(s) = held.as_ref().filter(|s| !s.is_closed()) {
+            return Ok(s.clone());
+        }
+        let mut stream = self.socket.connect().await?;
+        stream.write_all(&self.hello).await?;
+        // `+`: the listener is served there; anything else: it is not.
+        let answer = tokio::time::timeout(HELLO_WITHIN, stream.read_u8())
+            .await
+            .map_err(|_| io::Error::other("no answer"))??;
+        if answer != b'+' {
+            return Err(io::Error::other(
+                "the newest generation does not have this listener",
+            ));
+        }
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .initial_stream_window_size(1 << 20)
+            .initial_connection_window_size(4 << 20)
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(io::Error::other)?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!("forwarding connection ended: {e}");
+            }
+        });
+        *held = Some(sender.clone());
+        Ok(sender)
+    }
+
+    /// Drops the connection held once it takes no more requests.
+    async fn forget(&self) {
+        let mut held = self.sender.lock().await;
+        if held.as_ref().is_some_and(|s| s.is_closed()) {
+            *held = None;
+        }
+    }
+}
