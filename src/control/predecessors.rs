@@ -5,9 +5,10 @@
 //! downloads) and frequent restarts (a watch on a busy directory), they would
 //! pile up. Every generation therefore hands its successor the list of
 //! generations still draining, itself included (`GRACESRV_DRAINING`), and the
-//! successor, once ready, stops the oldest beyond `max_draining` at once
-//! (QUIT: their connections are cut, and they log how many; a generation
-//! still there a second later, stopped or hung, gets SIGKILL).
+//! successor, once ready, stops the oldest beyond `max_draining` (USR2,
+//! "finish": their HTTP/2 connections get the GOAWAY every conforming client
+//! keeps at once, what is left after 0.8 s is cut, and they log how many; a
+//! generation still there two seconds later, stopped or hung, gets SIGKILL).
 //!
 //! A pid is identified with its start time, so a pid reused by an unrelated
 //! process is never signalled.
@@ -16,8 +17,9 @@ use tracing::warn;
 
 use crate::sys::pid::Gen;
 
-/// How long a generation told to QUIT has before SIGKILL.
-const QUIT_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long a generation told to finish has before SIGKILL: the finish
+/// (`signals::FINISH_WITHIN`), then its tunnels' close frames.
+const QUIT_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Older generations still draining, oldest first.
 #[derive(Debug, Default)]
@@ -84,19 +86,22 @@ impl Predecessors {
     }
 }
 
-/// Stops `gen` at once: QUIT (its tunnels hear "going away", its
-/// connections are cut), then SIGKILL if it is still there after
-/// `QUIT_GRACE` (a stopped or hung process never acts on QUIT).
+/// Stops `gen`: USR2 (it finishes: see `Sig::Finish`), then SIGKILL if it
+/// is still there after `QUIT_GRACE` (a stopped or hung process never acts
+/// on a signal).
 fn stop(gen: Gen) {
     use nix::sys::signal::{kill, Signal};
     let pid = nix::unistd::Pid::from_raw(gen.pid);
-    let _ = kill(pid, Signal::SIGQUIT);
+    let _ = kill(pid, Signal::SIGUSR2);
     let spawned = std::thread::Builder::new()
         .name("gracesrv-stop".into())
         .spawn(move || {
             std::thread::sleep(QUIT_GRACE);
             if gen.alive() {
-                warn!(pid = gen.pid, "still there after QUIT: killing it");
+                warn!(
+                    pid = gen.pid,
+                    "still there after being told to finish: killing it"
+                );
                 let _ = kill(pid, Signal::SIGKILL);
             }
         });

@@ -137,6 +137,10 @@ pub(crate) async fn control(
                     crate::observe::access_log::reopen_all();
                     None
                 }
+                Sig::Finish => {
+                    info!("USR2 ignored: only a draining generation finishes early");
+                    None
+                }
                 Sig::Stop => {
                     info!("stopping: draining connections");
                     drop(orderer.take());
@@ -328,8 +332,17 @@ async fn drain(
     let mut stopping_now = false;
     let grace = tokio::time::sleep_until((started + SUCCESSOR_GRACE).into());
     tokio::pin!(grace);
+    // Told to finish (USR2, see `Sig::Finish`): what is left is cut then.
+    let finish_by = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(finish_by);
+    let mut finishing = false;
     loop {
         tokio::select! {
+            _ = &mut finish_by, if finishing => {
+                warn!(connections = drain.active(), "told to finish: cutting what is left");
+                stopping_now = true;
+                break;
+            }
             _ = &mut grace, if drained => {
                 info!(took_ms = started.elapsed().as_millis() as u64, "drained: exiting");
                 break;
@@ -349,7 +362,7 @@ async fn drain(
                     // Drained, but the new generation has not yet been up
                     // for SUCCESSOR_GRACE: stay, paused, to take over if it
                     // dies right after it said ready.
-                    None if watching && !stopping && started.elapsed() < SUCCESSOR_GRACE => {
+                    None if watching && !stopping && !finishing && started.elapsed() < SUCCESSOR_GRACE => {
                         drained = true;
                         continue;
                     }
@@ -371,6 +384,18 @@ async fn drain(
                     }
                     Sig::Reopen => {
                         crate::observe::access_log::reopen_all();
+                        continue;
+                    }
+                    Sig::Finish => {
+                        if drained {
+                            break;
+                        }
+                        if !finishing {
+                            info!(connections = drain.active(), "told to finish: HTTP/2 connections get their GOAWAY now");
+                            finishing = true;
+                            drain.finish();
+                            finish_by.as_mut().reset(tokio::time::Instant::now() + crate::sys::signals::FINISH_WITHIN);
+                        }
                         continue;
                     }
                     Sig::Stop if !stopping => {

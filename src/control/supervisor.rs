@@ -100,7 +100,7 @@ pub(crate) async fn run(
             event = restart.next() => break event,
             sig = signals.next() => match sig {
                 Sig::Restart => held_hup = true,
-                Sig::Reopen => {}
+                Sig::Reopen | Sig::Finish => {}
                 Sig::Stop | Sig::Quit => {
                     info!("stopping while the first worker starts");
                     restart.abandon().await;
@@ -180,6 +180,8 @@ pub(crate) async fn run(
                     }
                     None
                 }
+                // For a draining generation (its workers drain on their own).
+                Sig::Finish => None,
                 Sig::Stop | Sig::Quit => {
                     if let Some(code) = s.stop(sig).await {
                         break code;

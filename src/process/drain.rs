@@ -41,6 +41,10 @@ struct Inner {
     closing: AtomicBool,
     /// Accept loops holding their copy of a socket, paused or not.
     sockets: Arc<Count>,
+    /// Told to finish now (`Sig::Finish`): HTTP/2 connections stop waiting
+    /// for a quiet moment.
+    finishing: AtomicBool,
+    finish: Notify,
 }
 
 impl Default for Drain {
@@ -56,6 +60,8 @@ impl Default for Drain {
                 resumed: Notify::new(),
                 closing: AtomicBool::new(false),
                 sockets: Count::new(),
+                finishing: AtomicBool::new(false),
+                finish: Notify::new(),
             }),
         }
     }
@@ -185,6 +191,21 @@ impl Drain {
         self.inner.started.notify_waiters();
     }
 
+    /// Tells the connections to finish now (see `Sig::Finish`).
+    pub(crate) fn finish(&self) {
+        self.inner.finishing.store(true, Ordering::Release);
+        self.inner.finish.notify_waiters();
+    }
+
+    /// Resolves when the connections are told to finish now.
+    pub(crate) fn finishing(&self) -> Started<'_> {
+        Started {
+            draining: &self.inner.finishing,
+            notified: Box::pin(self.inner.finish.notified()),
+            registered: None,
+        }
+    }
+
     /// Ends a drain: accept loops accept again, new connections are served
     /// as before. (Connections that were told to finish still do.)
     pub(crate) fn resume(&self) {
@@ -234,7 +255,7 @@ impl Drain {
     }
 }
 
-/// The future of [`Drain::started`]. Every connection polls one at each of
+/// The future of [`Drain::started`] (and [`Drain::finishing`]). Every connection polls one at each of
 /// its wake-ups (it sits in the connection's `select!`), so after the first
 /// poll it costs an atomic load and a waker comparison; the shared `Notify`
 /// (and its lock) is touched again only if the task's waker changes.

@@ -520,6 +520,9 @@ async fn drive<T: Socket>(
     let mut quiet_since: Option<u32> = None;
     let settle = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(settle);
+    // HTTP/2, draining: told to finish now (`Sig::Finish`); made when the
+    // drain starts, so a connection pays for it only then.
+    let mut finishing = None;
     // The timer looks at least this often: what the connection is doing
     // changes without waking it (a head starts, a response parks), so a
     // deadline is never slept past by more than this.
@@ -560,6 +563,9 @@ async fn drive<T: Socket>(
                 // HTTP/1.1: the next response carries `Connection: close`
                 // (see ConnService), and an idle connection is closed after
                 // `timeouts.draining_idle` (the timer looks again now).
+                if h2 {
+                    finishing = Some(drain.finishing());
+                }
                 if h2 && activity.forwarded {
                     two_steps = true;
                     conn.as_mut().goaway();
@@ -574,6 +580,14 @@ async fn drive<T: Socket>(
                     }
                 }
                 timer.as_mut().reset(tokio::time::Instant::now());
+            }
+            _ = async { finishing.as_mut().expect("guarded by the if").await }, if finishing.is_some() && !two_steps => {
+                // An older generation stopped for `max_draining`: the drain
+                // every conforming client keeps, at once.
+                debug!(listener = %spec.ctx.name, "told to finish: GOAWAY in two steps");
+                two_steps = true;
+                patient = false;
+                conn.as_mut().goaway();
             }
             _ = activity.h2_quieted.notified(), if h2 && drain_at != 0 && !two_steps => {
                 if activity.h2_quiet.load(Ordering::Relaxed) {

@@ -16,7 +16,14 @@ pub(crate) enum Sig {
     Quit,
     /// USR1: reopen the access log (after logrotate renamed it).
     Reopen,
+    /// USR2, to a draining generation: finish now (HTTP/2 connections get
+    /// their GOAWAY at once; what is left after [`FINISH_WITHIN`] is cut).
+    /// What a newer generation sends the oldest beyond `max_draining`.
+    Finish,
 }
+
+/// How long a generation told to finish has before it cuts what is left.
+pub(crate) const FINISH_WITHIN: std::time::Duration = std::time::Duration::from_millis(800);
 
 pub(crate) struct Signals {
     hup: Signal,
@@ -24,6 +31,7 @@ pub(crate) struct Signals {
     int: Signal,
     quit: Signal,
     usr1: Signal,
+    usr2: Signal,
 }
 
 impl Signals {
@@ -35,6 +43,7 @@ impl Signals {
             int: signal(SignalKind::interrupt())?,
             quit: signal(SignalKind::quit())?,
             usr1: signal(SignalKind::user_defined1())?,
+            usr2: signal(SignalKind::user_defined2())?,
         })
     }
 
@@ -45,6 +54,7 @@ impl Signals {
             _ = self.int.recv() => Sig::Stop,
             _ = self.quit.recv() => Sig::Quit,
             _ = self.usr1.recv() => Sig::Reopen,
+            _ = self.usr2.recv() => Sig::Finish,
         }
     }
 }
