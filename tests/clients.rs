@@ -148,10 +148,11 @@ async fn an_http2_download_survives_a_restart() {
 }
 
 /// Issue 12.1, the mechanism itself: an HTTP/2 client that reads slowly
-/// and keeps sending frames (PINGs here; WINDOW_UPDATEs in curl) after the
-/// GOAWAY. The old generation finishes the stream into the kernel's buffers
-/// and ends the connection; the client's next frame must not meet a closed
-/// socket, whose reset would throw away what is still queued.
+/// and keeps sending frames (PINGs here; WINDOW_UPDATEs in curl) while the
+/// old generation drains. It finishes the stream, sends its GOAWAY once the
+/// client is quiet, and ends the connection; the client's next frame must
+/// not meet a closed socket, whose reset would throw away what is still
+/// queued.
 #[tokio::test]
 async fn frames_sent_to_a_closing_http2_connection_lose_nothing() {
     let (mut srv, data) = start("", &[("big.bin", 20 << 20)]).await;
@@ -191,7 +192,26 @@ async fn frames_sent_to_a_closing_http2_connection_lose_nothing() {
         }
     }
     assert_eq!(got, data[0].len());
-    assert!(goaway, "the old generation said GOAWAY");
+    // Then the GOAWAY, and the end of the connection, however many frames
+    // the client sends meanwhile.
+    while !goaway {
+        match tokio::time::timeout(util::WAIT, h2.next()).await {
+            Ok(Ok(Some(f))) if f.kind == h2raw::GOAWAY => goaway = true,
+            Ok(Ok(Some(_))) => {}
+            other => panic!("no GOAWAY: {other:?}"),
+        }
+        let _ = h2.send(h2raw::PING, 0, 0, &[7; 8]).await;
+    }
+    h2.send(h2raw::PING, 0, 0, &[7; 8])
+        .await
+        .expect("a frame after the GOAWAY meets no reset");
+    loop {
+        match tokio::time::timeout(util::WAIT, h2.next()).await {
+            Ok(Ok(Some(_))) => {}
+            Ok(Ok(None)) => break,
+            other => panic!("the connection ends cleanly: {other:?}"),
+        }
+    }
     util::wait_gone(old).await;
 }
 

@@ -365,10 +365,21 @@ async fn an_h2_connection_gets_goaway_and_its_open_stream_finishes() {
         (r.status.as_u16(), r.body.clone()),
         (200, format!("slow {old}\n"))
     );
+    // The GOAWAY comes once the client is quiet (300 ms, see
+    // `serve::forward`), and closes the connection.
     let mut conn = conn;
+    let quiet = std::time::Instant::now();
+    while conn.usable().await {
+        assert!(
+            quiet.elapsed() < util::WAIT,
+            "GOAWAY closes the connection once its streams are done"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     assert!(
-        !conn.usable().await,
-        "GOAWAY closes the connection once its streams are done"
+        quiet.elapsed() >= std::time::Duration::from_millis(250),
+        "{:?}",
+        quiet.elapsed()
     );
     assert_eq!(client::get(&tls, "/").await.unwrap().pid(), new);
 }

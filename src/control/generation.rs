@@ -83,7 +83,7 @@ pub(crate) struct Handed<'a> {
     /// The health of proxy upstreams (JSON).
     pub(crate) upstreams: Option<&'a str>,
     /// The socket requests are handed on through (`serve::forward`).
-    pub(crate) forward: Option<Arc<crate::serve::forward::ForwardSocket>>,
+    pub(crate) forward: Option<Arc<crate::sys::forward::ForwardSocket>>,
 }
 
 impl Generation {

@@ -88,7 +88,7 @@ pub(crate) struct Spawner {
     pub(crate) links: Option<crate::apps::Links>,
     /// The socket requests are handed on through (`serve::forward`), handed
     /// to every process started.
-    pub(crate) forward: Option<std::sync::Arc<crate::serve::forward::ForwardSocket>>,
+    pub(crate) forward: Option<std::sync::Arc<crate::sys::forward::ForwardSocket>>,
 }
 
 impl Spawner {
@@ -188,7 +188,7 @@ impl Spawner {
         fds.extend(
             self.forward
                 .as_ref()
-                .map(|f| (crate::serve::forward::FD_VAR, f.raw())),
+                .map(|f| (crate::sys::forward::FD_VAR, f.raw())),
         );
         fds.extend(
             link.as_ref()

@@ -76,7 +76,7 @@ impl Inherited {
         let metrics = get(crate::sys::handoff::METRICS_VAR);
         let upstreams = get(crate::sys::handoff::UPSTREAMS_VAR);
         let apps_link = get(crate::sys::handoff::APPS_FD);
-        let forward = get(crate::serve::forward::FD_VAR);
+        let forward = get(crate::sys::forward::FD_VAR);
         for k in handoff::HANDOFF_VARS.iter().filter(|_| remove) {
             // SAFETY (of the call, which is safe in edition 2021): no other
             // thread exists yet, see the doc comment.
@@ -104,7 +104,7 @@ impl Inherited {
             .map(|d| Predecessors::parse(&d))
             .unwrap_or_default();
         if let Some(f) = forward {
-            let fd = fd_number(crate::serve::forward::FD_VAR, &f)?;
+            let fd = fd_number(crate::sys::forward::FD_VAR, &f)?;
             inherited.forward = Some(handoff::adopt_forward(fd)?);
         }
         if let Some(l) = apps_link {

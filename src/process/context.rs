@@ -44,7 +44,7 @@ pub(crate) struct ProcessInfo {
     pub(crate) http3: Vec<Arc<QuicStats>>,
     /// The socket requests of busy HTTP/2 connections go through to the
     /// newest generation while this one drains (`serve::forward`).
-    pub(crate) forward: Option<Arc<crate::serve::forward::ForwardSocket>>,
+    pub(crate) forward: Option<Arc<crate::sys::forward::ForwardSocket>>,
 }
 
 /// One listener's HTTP/3 in this process (`quic`).

@@ -30,7 +30,6 @@
 //! and sends it on a new connection, which reaches the newest generation.
 
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,12 +44,10 @@ use tracing::debug;
 
 use crate::observe::access_log::TlsInfo;
 use crate::process::context::Peer;
+use crate::sys::forward::ForwardSocket;
 use crate::wire::body::Body;
 
 use super::connection::{ListenerSpec, Thread};
-
-/// Names the forward socket's fd in a new generation.
-pub(crate) const FD_VAR: &str = "GRACESRV_FORWARD_FD";
 
 /// How long a draining HTTP/2 connection must be quiet (no stream open,
 /// none started) before its GOAWAY goes out.
@@ -67,63 +64,6 @@ pub(crate) fn busy_for(shutdown_timeout: Duration) -> Duration {
 /// connection; the longest line it takes.
 const HELLO_WITHIN: Duration = Duration::from_secs(1);
 const HELLO_MAX: usize = 1024;
-
-/// The socket every generation shares for the requests it hands on.
-#[derive(Debug)]
-pub(crate) struct ForwardSocket {
-    listener: std::os::unix::net::UnixListener,
-    /// Its name in the abstract namespace.
-    name: Vec<u8>,
-    me: u32,
-}
-
-impl ForwardSocket {
-    /// The socket handed over by the previous generation, or a new one.
-    pub(crate) fn open(inherited: Option<OwnedFd>) -> io::Result<ForwardSocket> {
-        use std::os::linux::net::SocketAddrExt;
-        let listener = match inherited {
-            Some(fd) => std::os::unix::net::UnixListener::from(fd),
-            None => {
-                let nanos = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(0, |d| d.subsec_nanos());
-                let name = format!("gracesrv.forward.{}.{nanos}", std::process::id());
-                let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
-                std::os::unix::net::UnixListener::bind_addr(&addr)?
-            }
-        };
-        let name = listener
-            .local_addr()?
-            .as_abstract_name()
-            .map(<[u8]>::to_vec)
-            .ok_or_else(|| io::Error::other("the forward socket has no abstract name"))?;
-        listener.set_nonblocking(true)?;
-        Ok(ForwardSocket {
-            listener,
-            name,
-            me: nix::unistd::geteuid().as_raw(),
-        })
-    }
-
-    /// The fd a restart hands over.
-    pub(crate) fn raw(&self) -> RawFd {
-        self.listener.as_raw_fd()
-    }
-
-    /// A connection to whichever generation accepts now, made without
-    /// blocking (a full queue is an error, not a wait).
-    async fn connect(&self) -> io::Result<UnixStream> {
-        use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
-        let fd = socket(
-            AddressFamily::Unix,
-            SockType::Stream,
-            SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
-            None,
-        )?;
-        connect(fd.as_raw_fd(), &UnixAddr::new_abstract(&self.name)?)?;
-        UnixStream::from_std(std::os::unix::net::UnixStream::from(fd))
-    }
-}
 
 /// What the serving generation is told of a forwarded connection's client:
 /// the first line on the connection, as JSON.
@@ -143,8 +83,8 @@ pub(crate) fn serve(
     specs: Vec<Arc<ListenerSpec>>,
     thread: Arc<Thread>,
 ) -> io::Result<()> {
-    let std = socket.listener.try_clone()?;
-    let me = socket.me;
+    let std = socket.listener()?;
+    let me = socket.owner();
     let drain = thread.shared.process.drain.clone();
     let guard = drain.acceptor();
     let held = drain.socket();

@@ -43,7 +43,7 @@ pub(crate) const HANDOFF_VARS: [&str; 12] = [
     METRICS_VAR,
     UPSTREAMS_VAR,
     APPS_FD,
-    crate::serve::forward::FD_VAR,
+    crate::sys::forward::FD_VAR,
 ];
 
 /// A socket handed to this process, with the name it was given.
@@ -165,7 +165,7 @@ pub(crate) fn adopt_ready_fd(fd: RawFd) -> Result<OwnedFd, HandoffError> {
 /// The Unix socket generations hand requests on through (see
 /// `serve::forward`): listening, in the abstract namespace.
 pub(crate) fn adopt_forward(fd: RawFd) -> Result<OwnedFd, HandoffError> {
-    let what = format!("{}={fd}", crate::serve::forward::FD_VAR);
+    let what = format!("{}={fd}", crate::sys::forward::FD_VAR);
     if fd <= 2 {
         return Err(HandoffError::StandardStream { what, hint: "" });
     }

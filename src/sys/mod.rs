@@ -1,11 +1,13 @@
 //! The operating system, and the only `unsafe` code: sockets and
-//! descriptors handed across `exec` (`handoff`), listening sockets,
+//! descriptors handed across `exec` (`handoff`), listening sockets (and
+//! the one generations hand requests on through, `forward`),
 //! resource limits, reaping children, signals, watching files, writing
 //! files atomically, telling a process from a reused pid, and back-off
 //! between retries.
 
 pub(crate) mod atomic;
 pub(crate) mod backoff;
+pub(crate) mod forward;
 #[allow(unsafe_code)]
 pub(crate) mod handoff;
 pub(crate) mod limits;

@@ -22,6 +22,7 @@ const ACK: u8 = 0x1;
 /// The largest flow control window.
 pub const MAX_WINDOW: u32 = (1 << 31) - 1;
 
+#[derive(Debug)]
 pub struct Frame {
     pub kind: u8,
     pub flags: u8,
