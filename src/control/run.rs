@@ -349,6 +349,15 @@ async fn drain(
             }
             status = &mut successor_died, if watching => {
                 watching = false;
+                let Some(status) = status else {
+                    // The new generation ends on purpose (replaced in
+                    // turn): nothing to take over; drained, this one goes.
+                    if drained {
+                        info!(took_ms = started.elapsed().as_millis() as u64, "drained: exiting");
+                        break;
+                    }
+                    continue;
+                };
                 // Stopping (systemd sends TERM to every process of the
                 // unit): the new generation's exit is no reason to serve.
                 if stopping {

@@ -353,22 +353,22 @@ impl ReadyPipe {
 }
 
 impl Ready {
-    /// Resolves if the successor dies without saying `DONE` (how it ended);
-    /// never, once it said it ends on purpose.
-    pub(super) async fn died(mut self, reaper: &Reaper) -> String {
+    /// Resolves when the successor ends: `None` when it said `DONE` (it
+    /// ends on purpose: replaced, or stopping), else how it ended.
+    pub(super) async fn died(mut self, reaper: &Reaper) -> Option<String> {
         loop {
             match self.pipe.line().await {
-                Ok(Some(line)) if Said::parse(&line) == Some(Said::Done) => {
-                    return std::future::pending().await
-                }
+                Ok(Some(line)) if Said::parse(&line) == Some(Said::Done) => return None,
                 Ok(Some(_)) => continue,
                 Ok(None) | Err(_) => break,
             }
         }
         // Its end closed: it is exiting (or has).
-        match tokio::time::timeout(Duration::from_secs(1), reaper.wait(self.pid)).await {
-            Ok(status) => crate::sys::reaper::describe(status),
-            Err(_) => "closed its ready pipe".into(),
-        }
+        Some(
+            match tokio::time::timeout(Duration::from_secs(1), reaper.wait(self.pid)).await {
+                Ok(status) => crate::sys::reaper::describe(status),
+                Err(_) => "closed its ready pipe".into(),
+            },
+        )
     }
 }
