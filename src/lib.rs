@@ -323,7 +323,10 @@ impl Server {
             },
         };
         // The socket draining generations hand requests on through.
-        let forward = match crate::sys::forward::ForwardSocket::open(inherited.forward) {
+        let forward = match crate::sys::forward::ForwardSocket::open(
+            inherited.forward,
+            inherited.forward_newest,
+        ) {
             Ok(f) => Some(Arc::new(f)),
             Err(e) => {
                 tracing::warn!("no forward socket: a busy HTTP/2 connection gets its GOAWAY when a restart drains it: {e}");

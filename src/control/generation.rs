@@ -333,6 +333,10 @@ impl Generation {
     /// pipe), `pid_file`, systemd. A supervised worker tells only its
     /// supervisor, which owns the pid file and the systemd notifications.
     pub(crate) fn report_ready(&mut self, ready: Option<OwnedFd>, supervised: bool) {
+        // Requests handed on by draining generations come here from now.
+        if let Some(f) = &self.process.forward {
+            f.set_newest();
+        }
         if let Some(fd) = ready {
             self.predecessor = Predecessor::ready(fd);
         }

@@ -185,11 +185,11 @@ impl Spawner {
             _ => None,
         };
         let mut fds = vec![("GRACESRV_READY_FD", handoff::raw(&write))];
-        fds.extend(
-            self.forward
-                .as_ref()
-                .map(|f| (crate::sys::forward::FD_VAR, f.raw())),
-        );
+        if let Some(f) = &self.forward {
+            let (socket, newest) = f.raw();
+            fds.push((crate::sys::forward::FD_VAR, socket));
+            fds.push((crate::sys::forward::NEWEST_VAR, newest));
+        }
         fds.extend(
             link.as_ref()
                 .map(|l| (crate::sys::handoff::APPS_FD, handoff::raw(l))),

@@ -49,8 +49,10 @@ pub(crate) struct Inherited {
     pub(crate) upstreams: Option<String>,
     /// A supervised worker's link to its supervisor (see `apps::link`).
     pub(crate) apps_link: Option<OwnedFd>,
-    /// The socket requests are handed on through (see `serve::forward`).
+    /// The socket requests are handed on through, and the newest
+    /// generation's pid (see `sys::forward`).
     pub(crate) forward: Option<OwnedFd>,
+    pub(crate) forward_newest: Option<OwnedFd>,
 }
 
 impl Inherited {
@@ -77,6 +79,7 @@ impl Inherited {
         let upstreams = get(crate::sys::handoff::UPSTREAMS_VAR);
         let apps_link = get(crate::sys::handoff::APPS_FD);
         let forward = get(crate::sys::forward::FD_VAR);
+        let forward_newest = get(crate::sys::forward::NEWEST_VAR);
         for k in handoff::HANDOFF_VARS.iter().filter(|_| remove) {
             // SAFETY (of the call, which is safe in edition 2021): no other
             // thread exists yet, see the doc comment.
@@ -106,6 +109,10 @@ impl Inherited {
         if let Some(f) = forward {
             let fd = fd_number(crate::sys::forward::FD_VAR, &f)?;
             inherited.forward = Some(handoff::adopt_forward(fd)?);
+        }
+        if let Some(f) = forward_newest {
+            let fd = fd_number(crate::sys::forward::NEWEST_VAR, &f)?;
+            inherited.forward_newest = Some(handoff::adopt_newest(fd)?);
         }
         if let Some(l) = apps_link {
             let fd = fd_number(crate::sys::handoff::APPS_FD, &l)?;

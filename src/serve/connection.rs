@@ -538,7 +538,7 @@ async fn drive<T: Socket>(
             biased;
             res = conn.as_mut() => {
                 if let Err(e) = res {
-                    debug!(listener = %spec.ctx.name, "connection: {e}");
+                    debug!(listener = %spec.ctx.name, "connection: {}", crate::observe::logging::causes(&e));
                 }
                 return None;
             }
@@ -557,21 +557,18 @@ async fn drive<T: Socket>(
                 // (`forward`). After `forward_for` (or at once, without a
                 // forward socket): the GOAWAY once no stream is open for
                 // SETTLE, and hyper's two steps (GOAWAY, PING, GOAWAY) if
-                // that moment does not come within QUIET_WAIT. A connection
-                // handed on by an older generation: the two steps at once
-                // (its client is that generation, which keeps them).
-                // HTTP/1.1: the next response carries `Connection: close`
+                // that moment does not come within QUIET_WAIT. HTTP/1.1: the next response carries `Connection: close`
                 // (see ConnService), and an idle connection is closed after
                 // `timeouts.draining_idle` (the timer looks again now).
                 if h2 {
                     finishing = Some(drain.finishing());
                 }
-                if h2 && activity.forwarded {
-                    two_steps = true;
-                    conn.as_mut().goaway();
-                } else if h2 {
+                if h2 {
+                    // A connection handed on by an older generation is not
+                    // handed on again: its client moves to the newest
+                    // generation by itself (see `forward`).
                     patient = spec.ctx.process.forward.is_some();
-                    activity.forwarding.store(patient, Ordering::Relaxed);
+                    activity.forwarding.store(patient && !activity.forwarded, Ordering::Relaxed);
                     wait_from = drain_at;
                     if activity.h2_quiet.load(Ordering::Relaxed) {
                         quiet_since = Some(activity.h2_last.load(Ordering::Relaxed));

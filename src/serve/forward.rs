@@ -146,7 +146,9 @@ async fn serve_one(mut stream: UnixStream, specs: Arc<[Arc<ListenerSpec>]>, thre
         let _ = stream.write_all(b"-").await;
         return debug!(listener = %hello.listener, "forwarded connection for a listener this generation does not have");
     };
-    if stream.write_all(b"+").await.is_err() {
+    let mut answer = [b'+', 0, 0, 0, 0];
+    answer[1..].copy_from_slice(&std::process::id().to_le_bytes());
+    if stream.write_all(&answer).await.is_err() {
         return;
     }
     let peer = Peer {
@@ -168,7 +170,8 @@ async fn serve_one(mut stream: UnixStream, specs: Arc<[Arc<ListenerSpec>]>, thre
 }
 
 /// The first line: its length in two bytes, then the JSON. The answer is
-/// one byte: `+` (served) or `-` (no such listener).
+/// `+` and the serving process's pid (four bytes), or `-` (no such
+/// listener).
 async fn read_hello(stream: &mut UnixStream) -> io::Result<Hello> {
     let len = usize::from(stream.read_u16().await?);
     if len > HELLO_MAX {
@@ -183,7 +186,8 @@ async fn read_hello(stream: &mut UnixStream) -> io::Result<Hello> {
 pub(crate) struct Forwarder {
     socket: Arc<ForwardSocket>,
     hello: Vec<u8>,
-    sender: tokio::sync::Mutex<Option<http2::SendRequest<Incoming>>>,
+    /// The connection in use, and the pid of the generation serving it.
+    sender: tokio::sync::Mutex<Option<(http2::SendRequest<Incoming>, u32)>>,
 }
 
 /// Why a request was not forwarded: it comes back unsent, for this
@@ -239,7 +243,10 @@ impl Forwarder {
                         self.forget().await;
                     }
                     None => {
-                        debug!("forwarded request failed: {}", e.error());
+                        debug!(
+                            "forwarded request failed: {}",
+                            crate::observe::logging::causes(e.error())
+                        );
                         return Ok(crate::wire::body::text(
                             http::StatusCode::BAD_GATEWAY,
                             "bad gateway\n",
@@ -251,24 +258,35 @@ impl Forwarder {
         Err(NotSent(req))
     }
 
-    /// The connection to use: the one held while it takes requests, else
-    /// a new one.
+    /// The connection to use: the one held while the generation at its
+    /// other end is the newest, else a new one (which reaches the newest).
+    /// The one it replaces closes once its requests are answered; the
+    /// generation it served never has to refuse one.
     async fn sender(&self) -> io::Result<http2::SendRequest<Incoming>> {
         let mut held = self.sender.lock().await;
-        if let Some(s) = held.as_ref().filter(|s| !s.is_closed()) {
-            return Ok(s.clone());
+        let newest = self.socket.newest();
+        if let Some((s, pid)) = held.as_ref() {
+            if !s.is_closed() && (*pid == newest || newest == 0) {
+                return Ok(s.clone());
+            }
         }
         let mut stream = self.socket.connect().await?;
         stream.write_all(&self.hello).await?;
-        // `+`: the listener is served there; anything else: it is not.
-        let answer = tokio::time::timeout(HELLO_WITHIN, stream.read_u8())
+        // `+` and the pid serving: the listener is served there; anything
+        // else: it is not.
+        let mut answer = [0u8; 5];
+        tokio::time::timeout(HELLO_WITHIN, stream.read_exact(&mut answer[..1]))
             .await
             .map_err(|_| io::Error::other("no answer"))??;
-        if answer != b'+' {
+        if answer[0] != b'+' {
             return Err(io::Error::other(
                 "the newest generation does not have this listener",
             ));
         }
+        tokio::time::timeout(HELLO_WITHIN, stream.read_exact(&mut answer[1..]))
+            .await
+            .map_err(|_| io::Error::other("no answer"))??;
+        let pid = u32::from_le_bytes([answer[1], answer[2], answer[3], answer[4]]);
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .initial_stream_window_size(1 << 20)
             .initial_connection_window_size(4 << 20)
@@ -280,14 +298,14 @@ impl Forwarder {
                 debug!("forwarding connection ended: {e}");
             }
         });
-        *held = Some(sender.clone());
+        *held = Some((sender.clone(), pid));
         Ok(sender)
     }
 
     /// Drops the connection held once it takes no more requests.
     async fn forget(&self) {
         let mut held = self.sender.lock().await;
-        if held.as_ref().is_some_and(|s| s.is_closed()) {
+        if held.as_ref().is_some_and(|(s, _)| s.is_closed()) {
             *held = None;
         }
     }

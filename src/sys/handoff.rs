@@ -31,7 +31,7 @@ pub(crate) const METRICS_VAR: &str = "GRACESRV_METRICS";
 pub(crate) const UPSTREAMS_VAR: &str = "GRACESRV_UPSTREAMS";
 
 /// Environment variables of the handoff; read once and removed at start.
-pub(crate) const HANDOFF_VARS: [&str; 12] = [
+pub(crate) const HANDOFF_VARS: [&str; 13] = [
     "LISTEN_PID",
     "LISTEN_FDS",
     "LISTEN_FDNAMES",
@@ -44,6 +44,7 @@ pub(crate) const HANDOFF_VARS: [&str; 12] = [
     UPSTREAMS_VAR,
     APPS_FD,
     crate::sys::forward::FD_VAR,
+    crate::sys::forward::NEWEST_VAR,
 ];
 
 /// A socket handed to this process, with the name it was given.
@@ -175,6 +176,21 @@ pub(crate) fn adopt_forward(fd: RawFd) -> Result<OwnedFd, HandoffError> {
     let listening = getsockopt(&owned, sockopt::AcceptConn).unwrap_or(false);
     if addr.as_abstract().is_none() || !listening {
         return Err(HandoffError::not(what, "a listening abstract Unix socket"));
+    }
+    Ok(owned)
+}
+
+/// The memory holding the newest generation's pid (see `sys::forward`): a
+/// regular file (a memfd) of four bytes.
+pub(crate) fn adopt_newest(fd: RawFd) -> Result<OwnedFd, HandoffError> {
+    let what = format!("{}={fd}", crate::sys::forward::NEWEST_VAR);
+    if fd <= 2 {
+        return Err(HandoffError::StandardStream { what, hint: "" });
+    }
+    let owned = adopt_fd(fd, &what)?;
+    let st = fstat(&owned).map_err(|e| HandoffError::io(&what, e))?;
+    if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG || st.st_size < 4 {
+        return Err(HandoffError::not(what, "a file of four bytes"));
     }
     Ok(owned)
 }
