@@ -24,10 +24,14 @@
 //! generation must know of the client (listener, address, TLS), and sends
 //! its requests there. Only this user, or root, may connect.
 //!
-//! When the generation that serves those requests is replaced in turn, it
-//! drains them in hyper's two steps at once; hyper's client (here) either
-//! had a request accepted before the first GOAWAY, or gets it back unsent,
-//! and sends it on a new connection, which reaches the newest generation.
+//! The newest generation's pid is in shared memory beside the socket
+//! (`sys::forward`): before each request, a draining connection checks that
+//! the generation at the other end of its forwarding connection is still
+//! the newest, and opens a new one if not. So the generation that served
+//! those requests never has to refuse one when it is replaced in turn: it
+//! drains the forwarded connection like any other, once quiet, by when its
+//! client has moved on. (hyper's two-step GOAWAY refused some: h2's client
+//! writes its answer to the drain's PING before HEADERS it has queued.)
 
 use std::io;
 use std::sync::Arc;
