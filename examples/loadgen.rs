@@ -8,6 +8,7 @@
 //! answered with a 2xx is `failed`.
 //!
 //!   loadgen --url http://127.0.0.1:8080/ --mode keepalive --conns 50 --duration 10
+//!   loadgen --url http://127.0.0.1:8080/ --conns 50 --rate 200   (paced: 200 req/s each)
 //!   loadgen --url https://127.0.0.1:8443/ --mode h2 --streams 10 --timeline t.csv
 //!   loadgen --url http://127.0.0.1:8080/ --restart-latency 50 --restart-cmd "kill -HUP 123" --old-pids 123
 
@@ -40,6 +41,8 @@ struct Args {
     restart_latency: usize,
     restart_cmd: String,
     old_pids: Vec<u32>,
+    /// Requests a second per connection (HTTP/1.1), paced; unpaced if unset.
+    rate: Option<f64>,
 }
 
 fn args() -> Args {
@@ -53,6 +56,7 @@ fn args() -> Args {
         restart_latency: 0,
         restart_cmd: String::new(),
         old_pids: Vec::new(),
+        rate: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -68,6 +72,7 @@ fn args() -> Args {
                 }
             }
             "--conns" => a.conns = v.parse().expect("--conns"),
+            "--rate" => a.rate = Some(v.parse().expect("--rate")),
             "--streams" => a.streams = v.parse().expect("--streams"),
             "--duration" => a.duration = Duration::from_secs_f64(v.parse().expect("--duration")),
             "--timeline" => a.timeline = Some(v),
@@ -237,9 +242,10 @@ impl Stats {
     }
 }
 
-async fn client(t: Arc<Target>, mode: Mode, streams: usize, stats: Arc<Stats>) {
+async fn client(t: Arc<Target>, mode: Mode, streams: usize, rate: Option<f64>, stats: Arc<Stats>) {
     let mut lat = Vec::new();
     let mut conn: Option<Sender> = None;
+    let mut next = tokio::time::Instant::now();
     while !stats.stop.load(Ordering::Relaxed) {
         let usable = match &mut conn {
             Some(Sender::H1(s)) => s.ready().await.is_ok(),
@@ -277,6 +283,10 @@ async fn client(t: Arc<Target>, mode: Mode, streams: usize, stats: Arc<Stats>) {
                     stats.errors.lock().unwrap().push(e);
                     conn = None;
                 }
+            }
+            if let Some(r) = rate {
+                next += Duration::from_secs_f64(1.0 / r);
+                tokio::time::sleep_until(next).await;
             }
         } else {
             let handles: Vec<_> = batch
@@ -406,7 +416,7 @@ fn main() {
             errors: Mutex::new(Vec::new()),
         });
         let clients: Vec<_> = (0..a.conns)
-            .map(|_| tokio::spawn(client(t.clone(), a.mode, a.streams, stats.clone())))
+            .map(|_| tokio::spawn(client(t.clone(), a.mode, a.streams, a.rate, stats.clone())))
             .collect();
         tokio::time::sleep(a.duration).await;
         stats.stop.store(true, Ordering::Relaxed);

@@ -14,6 +14,11 @@ use super::connection::{RawSocket, Socket};
 /// instead of answered with a reset. HTTP/2 clients, and clients still
 /// sending (an upload answered early), get nginx's `lingering_timeout`.
 pub(super) const LINGER_QUIET: Duration = Duration::from_millis(500);
+/// ... but a client whose round trip the kernel has measured gets four of
+/// them, at least this long: a request sent before our FIN reached it
+/// arrives within one (15,000 idle connections a drain closes at once are
+/// gone in 0.1 s instead of 0.5 s).
+const LINGER_QUIET_MIN: Duration = Duration::from_millis(50);
 pub(super) const LINGER_BUSY: Duration = Duration::from_secs(5);
 /// The most a connection lingers at all, as nginx's `lingering_time`.
 pub(super) const LINGER_MAX: Duration = Duration::from_secs(30);
@@ -43,7 +48,10 @@ pub(super) async fn linger<T: Socket>(mut io: T, h2: bool, send_timeout: Duratio
     // When to look at our queue next. The common case (the client read the
     // answer and closes) costs one wait and one read of its FIN: no timer
     // of its own, no read that finds nothing, no ioctl.
-    let mut look_at = start + LINGER_QUIET;
+    let quiet_wait = crate::sys::handoff::round_trip(tcp).map_or(LINGER_QUIET, |rtt| {
+        (rtt * 4).clamp(LINGER_QUIET_MIN, LINGER_QUIET)
+    });
+    let mut look_at = start + quiet_wait;
     let mut buf = [0u8; 1024];
     loop {
         let ticked = tick.notify.notified();
@@ -79,7 +87,7 @@ pub(super) async fn linger<T: Socket>(mut io: T, h2: bool, send_timeout: Duratio
         }
         unacked = queued;
         look_at = if queued == 0 {
-            let quiet = if heard { LINGER_BUSY } else { LINGER_QUIET };
+            let quiet = if heard { LINGER_BUSY } else { quiet_wait };
             if now >= quiet_since + quiet {
                 return;
             }

@@ -518,6 +518,29 @@ pub(crate) fn unacknowledged(socket: &impl AsRawFd) -> usize {
     }
 }
 
+/// The round-trip time the kernel measures on a TCP socket (its smoothed
+/// estimate); `None` for another kind of socket.
+pub(crate) fn round_trip(socket: &impl AsRawFd) -> Option<std::time::Duration> {
+    // SAFETY: `tcp_info` is a plain C struct of integers, for which all
+    // zeros is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: TCP_INFO writes at most `len` bytes into `info`, a live struct
+    // of that size on this stack frame, and the length into `len`; the fd is
+    // borrowed from a socket that stays open for the call.
+    let r = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    (r == 0 && len as usize >= std::mem::size_of::<libc::tcp_info>())
+        .then(|| std::time::Duration::from_micros(u64::from(info.tcpi_rtt)))
+}
+
 /// Registers a UDP socket with this thread's reactor for `interest` only:
 /// a socket another process reads must not wake this one (`quic::socket`).
 pub(crate) fn register_udp(
