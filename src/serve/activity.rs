@@ -68,20 +68,23 @@ pub(super) struct Activity {
     pub(super) refused_status: AtomicU32,
     /// HTTP/1.x: a request has more header fields than the parser takes;
     /// the connection moves to a larger one once nothing is in flight,
-    /// told through `moving`.
+    /// told through `signal`.
     pub(super) more_fields: AtomicBool,
-    pub(super) moving: tokio::sync::Notify,
+    /// What wakes the connection's timer task: HTTP/1.x, a move to a larger
+    /// parser is due; HTTP/2, the connection went quiet. (One for both: a
+    /// connection speaks one version, and a `Notify` is 40 bytes in every
+    /// connection.)
+    pub(super) signal: tokio::sync::Notify,
     /// HTTP/1.x, idle for [`REST`]: hyper is let go (its buffers with it),
     /// and the connection rests with nothing but its socket until the
     /// client sends again (see `serve_http`).
     pub(super) resting: AtomicBool,
     /// HTTP/2 (from `h2frames`): no stream open and no frame half passed,
-    /// the last stream the client opened, and a signal when it goes quiet.
+    /// and the last stream the client opened (`signal` when it goes quiet).
     pub(super) h2_quiet: AtomicBool,
     /// When it last went quiet (`now_ms`).
     pub(super) h2_quiet_at: AtomicU64,
     pub(super) h2_last: AtomicU32,
-    pub(super) h2_quieted: tokio::sync::Notify,
     /// HTTP/2 handed on by a draining generation (`forward`): its client is
     /// that generation, which takes the drain's two steps.
     pub(super) forwarded: bool,
@@ -139,7 +142,7 @@ impl Activity {
             self.h2_last.store(frames.last(), Ordering::Relaxed);
             if quiet {
                 self.h2_quiet_at.store(now_ms(), Ordering::Relaxed);
-                self.h2_quieted.notify_one();
+                self.signal.notify_one();
             }
         }
     }
@@ -148,7 +151,7 @@ impl Activity {
         if self.in_flight.fetch_sub(1, Ordering::Relaxed) == 1 {
             self.idle_since.store(now_ms(), Ordering::Relaxed);
             if self.more_fields.load(Ordering::Relaxed) {
-                self.moving.notify_one();
+                self.signal.notify_one();
             }
         }
     }
@@ -296,7 +299,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for TrackedIo<T> {
             }
             if heads.wants_more_fields() && !this.activity.more_fields.swap(true, Ordering::Relaxed)
             {
-                this.activity.moving.notify_one();
+                this.activity.signal.notify_one();
             }
             if buf.filled().len() > before {
                 return Poll::Ready(Ok(()));

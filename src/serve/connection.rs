@@ -320,7 +320,9 @@ pub(crate) async fn serve_http<T: Socket>(
     forwarded: bool,
 ) {
     let (shared, builder) = (&thread.shared, &thread.builders);
-    let t = shared.timeouts;
+    // By reference: the connection's future carries what is live across
+    // its waits, and a copy would cost 80 bytes in every resting one.
+    let t = &shared.timeouts;
     let now = now_ms();
     let (h2, prefix) = match alpn_h2 {
         Some(h2) => (h2, Bytes::new()),
@@ -353,11 +355,10 @@ pub(crate) async fn serve_http<T: Socket>(
         refused_status: AtomicU32::new(0),
         more_fields: AtomicBool::new(false),
         resting: AtomicBool::new(false),
-        moving: tokio::sync::Notify::new(),
+        signal: tokio::sync::Notify::new(),
         h2_quiet: AtomicBool::new(false),
         h2_quiet_at: AtomicU64::new(0),
         h2_last: AtomicU32::new(0),
-        h2_quieted: tokio::sync::Notify::new(),
         forwarded,
         forwarding: AtomicBool::new(false),
         forward: std::sync::OnceLock::new(),
@@ -401,29 +402,32 @@ pub(crate) async fn serve_http<T: Socket>(
         let mut end = Box::pin(drive(conn, &activity, &spec, shared)).await;
         // hyper's state is gone now, and it handed the IO back (unless an
         // upgrade took it: the tunnel closes it).
-        let Ok((mut back, client_closed, filter)) = returned.try_recv() else {
-            return;
+        // Into the same locals as before (not new ones): the future keeps
+        // one IO and one filter across the rest, not two of each.
+        let client_closed;
+        (io, client_closed, heads) = match returned.try_recv() {
+            Ok(back) => back,
+            Err(_) => return,
         };
+        drop(returned);
+        prefix = Bytes::new();
         if activity.resting.swap(false, Ordering::Relaxed) && !client_closed {
-            match Box::pin(rest(&back, &activity, shared)).await {
-                None => {
-                    // The client sent again: a new hyper, from where the
-                    // filter is.
-                    (io, prefix, heads) = (back, Bytes::new(), filter);
-                    continue;
-                }
+            match Box::pin(rest(&io, &activity, shared)).await {
+                // The client sent again: a new hyper, from where the filter is.
+                None => continue,
                 why => end = why,
             }
         }
         if activity.more_fields.swap(false, Ordering::Relaxed) {
-            if let (Some(more), Some(mut filter)) = (&builder.h1_more, filter) {
+            if let (Some(more), Some(mut filter)) = (&builder.h1_more, heads.take()) {
                 // The same connection, on a parser that takes the request's
                 // fields, from the head the filter held back.
                 let (next, held) = filter.more_fields(usize::MAX);
-                (io, prefix, heads, h1) = (back, held.freeze(), Some(next), more);
+                (prefix, heads, h1) = (held.freeze(), Some(next), more);
                 continue;
             }
         }
+        let mut back = io;
         if end == Some(Expiry::GoAway) {
             debug!(listener = %spec.ctx.name, forwarded = activity.forwarded, "draining: quiet, one GOAWAY");
             let last = activity.h2_last.load(Ordering::Relaxed);
@@ -472,12 +476,12 @@ const QUIET_GAP: Duration = Duration::from_millis(50);
 /// connection's idle deadline (or, once the process drains,
 /// `draining_idle`) ends it.
 async fn rest<T: Socket>(io: &T, activity: &Activity, shared: &Shared) -> Option<Expiry> {
-    let t = shared.timeouts;
+    let t = &shared.timeouts;
     let draining = shared.process.drain.started();
     tokio::pin!(draining);
     let mut drain_at = 0;
     loop {
-        let (at, why) = activity.deadline(&t, drain_at)?;
+        let (at, why) = activity.deadline(t, drain_at)?;
         let wait = Duration::from_millis(at.saturating_sub(now_ms()));
         tokio::select! {
             biased;
@@ -495,7 +499,7 @@ async fn drive<T: Socket>(
     spec: &ListenerSpec,
     shared: &Shared,
 ) -> Option<Expiry> {
-    let t = shared.timeouts;
+    let t = &shared.timeouts;
     let h2 = activity.h2;
     tokio::pin!(conn);
     let drain = &shared.process.drain;
@@ -542,7 +546,7 @@ async fn drive<T: Socket>(
                 }
                 return None;
             }
-            _ = activity.moving.notified(), if !h2 => {
+            _ = activity.signal.notified(), if !h2 => {
                 // A request needs a larger parser: once nothing is in
                 // flight, hyper closes the idle connection (the IO goes on).
                 if activity.in_flight.load(Ordering::Relaxed) == 0 {
@@ -586,7 +590,7 @@ async fn drive<T: Socket>(
                 patient = false;
                 conn.as_mut().goaway();
             }
-            _ = activity.h2_quieted.notified(), if h2 && drain_at != 0 && !two_steps => {
+            _ = activity.signal.notified(), if h2 && drain_at != 0 && !two_steps => {
                 if activity.h2_quiet.load(Ordering::Relaxed) {
                     if hurry {
                         return Some(Expiry::GoAway);
@@ -639,7 +643,7 @@ async fn drive<T: Socket>(
                         hurry = true;
                     }
                 }
-                match activity.deadline(&t, drain_at) {
+                match activity.deadline(t, drain_at) {
                     Some((d, why)) if d <= now => {
                         debug!(listener = %spec.ctx.name, ?why, "closing connection: timed out");
                         if h2 && why == Expiry::Idle {
