@@ -33,6 +33,36 @@ fn httpx(args: &[&str]) -> tokio::process::Command {
     cmd
 }
 
+/// The httpx client in a mode that answers lines on stdin with JSON lines.
+struct Talking {
+    _child: tokio::process::Child,
+    stdin: tokio::process::ChildStdin,
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+}
+
+impl Talking {
+    fn spawn(args: &[&str]) -> Talking {
+        let mut child = httpx(args).spawn().unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        Talking {
+            _child: child,
+            stdin,
+            lines,
+        }
+    }
+
+    /// Its next line, within `util::WAIT`.
+    async fn next(&mut self) -> serde_json::Value {
+        let line = tokio::time::timeout(util::WAIT, self.lines.next_line())
+            .await
+            .expect("an answer in time")
+            .unwrap()
+            .expect("a line");
+        serde_json::from_str(&line).unwrap()
+    }
+}
+
 /// Issue 26.3: an idle httpx HTTP/2 connection does not answer the drain's
 /// PING (it reads nothing while idle). The old generation still exits
 /// within `draining_idle` plus a second, and the client's next request
@@ -48,19 +78,9 @@ async fn an_idle_http2_client_lets_the_old_generation_go() {
         .start()
         .await;
     let url = format!("https://{}/", srv.addr("web-tls"));
-    let mut child = httpx(&["idle", &url]).spawn().unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut next = async || -> serde_json::Value {
-        let line = tokio::time::timeout(util::WAIT, lines.next_line())
-            .await
-            .expect("an answer in time")
-            .unwrap()
-            .expect("a line");
-        serde_json::from_str(&line).unwrap()
-    };
+    let mut client = Talking::spawn(&["idle", &url]);
     let old = srv.pid();
-    let first = next().await;
+    let first = client.next().await;
     assert_eq!(first["status"], 200, "{first}");
     assert_eq!(first["http_version"], "HTTP/2", "{first}");
     assert_eq!(first["body"], format!("{old}\n"));
@@ -74,8 +94,8 @@ async fn an_idle_http2_client_lets_the_old_generation_go() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    stdin.write_all(b"again\n").await.unwrap();
-    let second = next().await;
+    client.stdin.write_all(b"again\n").await.unwrap();
+    let second = client.next().await;
     assert_eq!(second["status"], 200, "{second}");
     assert_eq!(second["body"], format!("{new}\n"), "{second}");
 }
@@ -160,23 +180,13 @@ async fn a_busy_connection_is_served_by_the_newest_generation() {
     let mut srv = TestServer::builder().config(routes("v1")).start().await;
     let addr = srv.addr("web-tls");
     let (url, slow) = (format!("https://{addr}/"), format!("https://{addr}/slow"));
-    let mut child = httpx(&["busy", &url, &slow]).spawn().unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut next = async || -> serde_json::Value {
-        let line = tokio::time::timeout(util::WAIT, lines.next_line())
-            .await
-            .expect("an answer in time")
-            .unwrap()
-            .expect("a line");
-        serde_json::from_str(&line).unwrap()
-    };
-    assert_eq!(next().await["started"], true);
+    let mut client = Talking::spawn(&["busy", &url, &slow]);
+    assert_eq!(client.next().await["started"], true);
     let old = srv.pid();
     srv.write(&routes("v2"));
     let new = srv.restart().await;
-    stdin.write_all(b"go\n").await.unwrap();
-    let (fresh, slow) = (next().await, next().await);
+    client.stdin.write_all(b"go\n").await.unwrap();
+    let (fresh, slow) = (client.next().await, client.next().await);
     assert_eq!(fresh["status"], 200, "{fresh}");
     assert_eq!(fresh["body"], format!("v2 {new}\n"), "{fresh}");
     assert_eq!(fresh["same_connection"], true, "{fresh}");
@@ -188,8 +198,7 @@ async fn a_busy_connection_is_served_by_the_newest_generation() {
         assert!(drained.elapsed() < util::WAIT, "the old generation stays");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    drop(stdin);
-    let _ = child.wait().await;
+    drop(client);
     srv.signal(nix::sys::signal::Signal::SIGTERM);
     srv.wait_first_exit().await;
     let log = std::fs::read_to_string(srv.dir.path().join("access.log")).unwrap();
