@@ -163,14 +163,20 @@ pub(crate) fn adopt_ready_fd(fd: RawFd) -> Result<OwnedFd, HandoffError> {
     Ok(owned)
 }
 
-/// The Unix socket generations hand requests on through (see
-/// `serve::forward`): listening, in the abstract namespace.
-pub(crate) fn adopt_forward(fd: RawFd) -> Result<OwnedFd, HandoffError> {
-    let what = format!("{}={fd}", crate::sys::forward::FD_VAR);
+/// The fd variable `var` names, past the standard streams, adopted; with
+/// what names it in errors (`VAR=fd`).
+fn adopt_named(var: &str, fd: RawFd) -> Result<(OwnedFd, String), HandoffError> {
+    let what = format!("{var}={fd}");
     if fd <= 2 {
         return Err(HandoffError::StandardStream { what, hint: "" });
     }
-    let owned = adopt_fd(fd, &what)?;
+    Ok((adopt_fd(fd, &what)?, what))
+}
+
+/// The Unix socket generations hand requests on through (see
+/// `serve::forward`): listening, in the abstract namespace.
+pub(crate) fn adopt_forward(fd: RawFd) -> Result<OwnedFd, HandoffError> {
+    let (owned, what) = adopt_named(crate::sys::forward::FD_VAR, fd)?;
     let addr: nix::sys::socket::UnixAddr =
         nix::sys::socket::getsockname(owned.as_raw_fd()).map_err(|e| HandoffError::io(&what, e))?;
     let listening = getsockopt(&owned, sockopt::AcceptConn).unwrap_or(false);
@@ -183,11 +189,7 @@ pub(crate) fn adopt_forward(fd: RawFd) -> Result<OwnedFd, HandoffError> {
 /// The memory holding the newest generation's pid (see `sys::forward`): a
 /// regular file (a memfd) of four bytes.
 pub(crate) fn adopt_newest(fd: RawFd) -> Result<OwnedFd, HandoffError> {
-    let what = format!("{}={fd}", crate::sys::forward::NEWEST_VAR);
-    if fd <= 2 {
-        return Err(HandoffError::StandardStream { what, hint: "" });
-    }
-    let owned = adopt_fd(fd, &what)?;
+    let (owned, what) = adopt_named(crate::sys::forward::NEWEST_VAR, fd)?;
     let st = fstat(&owned).map_err(|e| HandoffError::io(&what, e))?;
     if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFREG || st.st_size < 4 {
         return Err(HandoffError::not(what, "a file of four bytes"));
@@ -197,11 +199,7 @@ pub(crate) fn adopt_newest(fd: RawFd) -> Result<OwnedFd, HandoffError> {
 
 /// The worker's end of its link to the supervisor (see `apps::link`).
 pub(crate) fn adopt_link(fd: RawFd) -> Result<OwnedFd, HandoffError> {
-    let what = format!("{APPS_FD}={fd}");
-    if fd <= 2 {
-        return Err(HandoffError::StandardStream { what, hint: "" });
-    }
-    let owned = adopt_fd(fd, &what)?;
+    let (owned, what) = adopt_named(APPS_FD, fd)?;
     let st = fstat(&owned).map_err(|e| HandoffError::io(&what, e))?;
     if SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT != SFlag::S_IFSOCK {
         return Err(HandoffError::not(what, "a socket"));
