@@ -48,10 +48,9 @@ pub(super) async fn linger<T: Socket>(mut io: T, h2: bool, send_timeout: Duratio
     // When to look at our queue next. The common case (the client read the
     // answer and closes) costs one wait and one read of its FIN: no timer
     // of its own, no read that finds nothing, no ioctl.
-    let quiet_wait = crate::sys::handoff::round_trip(tcp).map_or(LINGER_QUIET, |rtt| {
-        (rtt * 4).clamp(LINGER_QUIET_MIN, LINGER_QUIET)
-    });
-    let mut look_at = start + quiet_wait;
+    // The quiet wait is read from the kernel (`TCP_INFO`) only then.
+    let mut look_at = start + LINGER_QUIET_MIN;
+    let mut quiet_wait = None;
     let mut buf = [0u8; 1024];
     loop {
         let ticked = tick.notify.notified();
@@ -87,7 +86,15 @@ pub(super) async fn linger<T: Socket>(mut io: T, h2: bool, send_timeout: Duratio
         }
         unacked = queued;
         look_at = if queued == 0 {
-            let quiet = if heard { LINGER_BUSY } else { quiet_wait };
+            let quiet = if heard {
+                LINGER_BUSY
+            } else {
+                *quiet_wait.get_or_insert_with(|| {
+                    crate::sys::handoff::round_trip(tcp).map_or(LINGER_QUIET, |rtt| {
+                        (rtt * 4).clamp(LINGER_QUIET_MIN, LINGER_QUIET)
+                    })
+                })
+            };
             if now >= quiet_since + quiet {
                 return;
             }
