@@ -98,12 +98,15 @@ pub(crate) fn start(
                     });
                     // This thread's own allocation of each spec: cloning it per
                     // request touches no cache line another thread writes.
-                    let specs: Vec<Arc<ListenerSpec>> =
-                        listeners.into_iter().map(|(_, spec)| Arc::new(spec)).collect();
+                    let specs: Vec<Arc<ListenerSpec>> = listeners
+                        .into_iter()
+                        .map(|(_, spec)| Arc::new(spec))
+                        .collect();
                     // Requests handed on by draining generations: one thread
                     // accepts them (see `forward`).
                     if let (0, Some(socket)) = (w, &thread.shared.process.forward) {
-                        if let Err(e) = super::forward::serve(socket, specs.clone(), thread.clone()) {
+                        if let Err(e) = super::forward::serve(socket, specs.clone(), thread.clone())
+                        {
                             warn!("cannot accept forwarded requests: {e}");
                         }
                     }
@@ -122,33 +125,10 @@ pub(crate) fn start(
                             let mut guard = Some(guard);
                             loop {
                                 accept_loop(&socket, w, &spec, &thread).await;
-                                // Paused, with the socket kept: the next
-                                // generation may die right after it said
-                                // ready, and this process serve again. Out
-                                // of this thread's epoll meanwhile, or every
-                                // connection to the next generation would
-                                // wake this one too.
-                                drop(guard.take());
-                                let paused = match socket.into_std() {
-                                    Ok(s) => s,
-                                    Err(e) => {
-                                        warn!(listener = %spec.ctx.name, "cannot pause the listener: {e}");
-                                        return;
-                                    }
-                                };
-                                if !drain.resumed().await {
-                                    debug!(listener = %spec.ctx.name, "listener closed");
-                                    return;
+                                match pause(socket, &drain, &mut guard, &spec.ctx.name).await {
+                                    Some(s) => socket = s,
+                                    None => return,
                                 }
-                                socket = match tokio::net::TcpListener::from_std(paused) {
-                                    Ok(s) => s,
-                                    Err(e) => {
-                                        warn!(listener = %spec.ctx.name, "cannot accept again: {e}");
-                                        return;
-                                    }
-                                };
-                                guard = Some(drain.acceptor());
-                                debug!(listener = %spec.ctx.name, "accepting again");
                             }
                         });
                     }
@@ -165,6 +145,73 @@ pub(crate) fn start(
         rx.recv().map_err(|_| ThreadsError::Died)??;
     }
     Ok(())
+}
+
+/// A listening socket that can leave this thread's epoll while a drain
+/// pauses its accept loop, and come back.
+pub(super) trait Pausable: Sized {
+    type Std;
+    fn pause(self) -> std::io::Result<Self::Std>;
+    fn resume(std: Self::Std) -> std::io::Result<Self>;
+}
+
+impl Pausable for tokio::net::TcpListener {
+    type Std = std::net::TcpListener;
+    fn pause(self) -> std::io::Result<Self::Std> {
+        self.into_std()
+    }
+    fn resume(std: Self::Std) -> std::io::Result<Self> {
+        Self::from_std(std)
+    }
+}
+
+impl Pausable for tokio::net::UnixListener {
+    type Std = std::os::unix::net::UnixListener;
+    fn pause(self) -> std::io::Result<Self::Std> {
+        self.into_std()
+    }
+    fn resume(std: Self::Std) -> std::io::Result<Self> {
+        Self::from_std(std)
+    }
+}
+
+/// After an accept loop returned (the process drains): holds `socket`
+/// paused until the drain is resumed (it is given back, to accept again) or
+/// the listeners close (`None`: the caller drops it). `guard` counts the
+/// loop as accepting, and is let go meanwhile.
+pub(super) async fn pause<L: Pausable>(
+    socket: L,
+    drain: &crate::process::drain::Drain,
+    guard: &mut Option<crate::process::drain::Counted>,
+    name: &str,
+) -> Option<L> {
+    // Paused, with the socket kept: the next generation may die right after
+    // it said ready, and this process serve again. Out of this thread's
+    // epoll meanwhile, or every connection to the next generation would
+    // wake this one too.
+    drop(guard.take());
+    let paused = match socket.pause() {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(listener = %name, "cannot pause the listener: {e}");
+            return None;
+        }
+    };
+    if !drain.resumed().await {
+        debug!(listener = %name, "listener closed");
+        return None;
+    }
+    match L::resume(paused) {
+        Ok(s) => {
+            *guard = Some(drain.acceptor());
+            debug!(listener = %name, "accepting again");
+            Some(s)
+        }
+        Err(e) => {
+            warn!(listener = %name, "cannot accept again: {e}");
+            None
+        }
+    }
 }
 
 /// Sets TCP_NODELAY on a listening socket: Linux copies it to the sockets

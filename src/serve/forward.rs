@@ -12,8 +12,9 @@
 //! generation, which serves it with its own config, routes and apps, as if
 //! it had come in on its own listener from the same client. The connection
 //! gets its GOAWAY once the client has been quiet for [`QUIET`] (nothing in
-//! flight, nothing started), or, for a client that never is, in hyper's two
-//! steps when the generation's `shutdown_timeout` is near (see `drive`).
+//! flight, nothing started); for a client that never is, after
+//! [`busy_for`], at the first moment with no stream open, or in hyper's two
+//! steps if none comes (see `drive`).
 //!
 //! How the requests travel: every generation shares one listening Unix
 //! socket in the abstract namespace, handed from generation to generation
@@ -57,9 +58,10 @@ use super::connection::{ListenerSpec, Thread};
 /// none started) before its GOAWAY goes out.
 pub(crate) const QUIET: Duration = Duration::from_millis(300);
 
-/// How long a draining generation keeps a busy HTTP/2 connection (handing
-/// its requests on) before the GOAWAY's two steps: all of
-/// `shutdown_timeout` but the time those steps need, half of it up to 5 s.
+/// How long a draining generation waits for a busy HTTP/2 connection to be
+/// quiet for [`QUIET`] (handing its requests on meanwhile); then its GOAWAY
+/// goes at the first moment with no stream open. All of `shutdown_timeout`
+/// but the time a drain then needs: half of it, up to 5 s.
 pub(crate) fn busy_for(shutdown_timeout: Duration) -> Duration {
     shutdown_timeout.saturating_sub((shutdown_timeout / 2).min(Duration::from_secs(5)))
 }
@@ -87,52 +89,53 @@ pub(crate) fn serve(
     specs: Vec<Arc<ListenerSpec>>,
     thread: Arc<Thread>,
 ) -> io::Result<()> {
-    let std = socket.listener()?;
+    let listener = tokio::net::UnixListener::from_std(socket.listener()?)?;
     let me = socket.owner();
     let drain = thread.shared.process.drain.clone();
-    let guard = drain.acceptor();
-    let held = drain.socket();
-    let mut listener = tokio::net::UnixListener::from_std(std)?;
+    // Counted before the task runs, so a drain that starts first waits.
+    let (guard, held) = (drain.acceptor(), drain.socket());
     let specs: Arc<[Arc<ListenerSpec>]> = specs.into();
     tokio::spawn(async move {
+        // Locals drop in reverse order: the socket is closed before `_held`
+        // counts it closed.
         let _held = held;
+        let mut listener = listener;
         let mut guard = Some(guard);
         loop {
-            {
-                let stop = drain.started();
-                tokio::pin!(stop);
-                loop {
-                    let accepted = tokio::select! {
-                        biased;
-                        _ = &mut stop => break,
-                        a = listener.accept() => a,
-                    };
-                    let Ok((stream, _)) = accepted else {
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                        continue;
-                    };
-                    let uid = stream.peer_cred().map(|c| c.uid());
-                    if !uid.is_ok_and(|u| u == 0 || u == me) {
-                        continue;
-                    }
-                    tokio::spawn(serve_one(stream, specs.clone(), thread.clone()));
-                }
+            accept_loop(&listener, me, &specs, &thread).await;
+            match super::accept::pause(listener, &drain, &mut guard, "(forward)").await {
+                Some(l) => listener = l,
+                None => return,
             }
-            drop(guard.take());
-            let Ok(paused) = listener.into_std() else {
-                return;
-            };
-            if !drain.resumed().await {
-                return;
-            }
-            let Ok(l) = tokio::net::UnixListener::from_std(paused) else {
-                return;
-            };
-            listener = l;
-            guard = Some(drain.acceptor());
         }
     });
     Ok(())
+}
+
+/// Accepts forwarded connections until the process drains.
+async fn accept_loop(
+    listener: &tokio::net::UnixListener,
+    me: u32,
+    specs: &Arc<[Arc<ListenerSpec>]>,
+    thread: &Arc<Thread>,
+) {
+    let stop = thread.shared.process.drain.started();
+    tokio::pin!(stop);
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = &mut stop => return,
+            a = listener.accept() => a,
+        };
+        let Ok((stream, _)) = accepted else {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        let uid = stream.peer_cred().map(|c| c.uid());
+        if uid.is_ok_and(|u| u == 0 || u == me) {
+            tokio::spawn(serve_one(stream, specs.clone(), thread.clone()));
+        }
+    }
 }
 
 /// One forwarded connection: its first line, then HTTP/2 on the listener
@@ -225,12 +228,13 @@ impl Forwarder {
     }
 
     /// Sends `req` to the newest generation, on this connection's HTTP/2
-    /// connection to it (a new one if it has none, or the one it had is
-    /// draining). A request that could not be sent comes back.
+    /// connection to it (a new one if it has none, or the generation at the
+    /// other end is no longer the newest). A request that could not be
+    /// sent comes back.
     pub(crate) async fn send(&self, req: Request<Incoming>) -> Result<Response<Body>, NotSent> {
         let mut req = req;
-        // Twice at most: the connection held may have been drained since
-        // its last request; a new one reaches the newest generation.
+        // Twice at most: the connection held may have closed since its last
+        // request; a new one reaches the newest generation.
         for _ in 0..2 {
             let mut sender = match self.sender().await {
                 Ok(s) => s,
@@ -242,10 +246,9 @@ impl Forwarder {
             match sender.try_send_request(req).await {
                 Ok(res) => return Ok(res.map(Body::new)),
                 Err(mut e) => match e.take_message() {
-                    Some(back) => {
-                        req = back;
-                        self.forget().await;
-                    }
+                    // Unsent: `sender` makes a new connection for it if
+                    // this one takes no more.
+                    Some(back) => req = back,
                     None => {
                         debug!(
                             "forwarded request failed: {}",
@@ -304,13 +307,5 @@ impl Forwarder {
         });
         *held = Some((sender.clone(), pid));
         Ok(sender)
-    }
-
-    /// Drops the connection held once it takes no more requests.
-    async fn forget(&self) {
-        let mut held = self.sender.lock().await;
-        if held.as_ref().is_some_and(|(s, _)| s.is_closed()) {
-            *held = None;
-        }
     }
 }
