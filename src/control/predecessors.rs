@@ -19,7 +19,7 @@ use crate::sys::pid::Gen;
 
 /// How long a generation told to finish has before SIGKILL: the finish
 /// (`signals::FINISH_WITHIN`), then its tunnels' close frames.
-const QUIT_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+const FINISH_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Older generations still draining, oldest first.
 #[derive(Debug, Default)]
@@ -87,7 +87,7 @@ impl Predecessors {
 }
 
 /// Stops `gen`: USR2 (it finishes: see `Sig::Finish`), then SIGKILL if it
-/// is still there after `QUIT_GRACE` (a stopped or hung process never acts
+/// is still there after `FINISH_GRACE` (a stopped or hung process never acts
 /// on a signal).
 fn stop(gen: Gen) {
     use nix::sys::signal::{kill, Signal};
@@ -96,7 +96,7 @@ fn stop(gen: Gen) {
     let spawned = std::thread::Builder::new()
         .name("gracesrv-stop".into())
         .spawn(move || {
-            std::thread::sleep(QUIT_GRACE);
+            std::thread::sleep(FINISH_GRACE);
             if gen.alive() {
                 warn!(
                     pid = gen.pid,

@@ -255,10 +255,11 @@ impl Drain {
     }
 }
 
-/// The future of [`Drain::started`] (and [`Drain::finishing`]). Every connection polls one at each of
-/// its wake-ups (it sits in the connection's `select!`), so after the first
-/// poll it costs an atomic load and a waker comparison; the shared `Notify`
-/// (and its lock) is touched again only if the task's waker changes.
+/// The future of [`Drain::started`] (and of [`Drain::finishing`]). Every
+/// connection polls one at each of its wake-ups (it sits in the
+/// connection's `select!`), so after the first poll it costs an atomic load
+/// and a waker comparison; the shared `Notify` (and its lock) is touched
+/// again only if the task's waker changes.
 pub(crate) struct Started<'a> {
     draining: &'a AtomicBool,
     notified: Pin<Box<Notified<'a>>>,

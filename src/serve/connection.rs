@@ -471,6 +471,21 @@ const QUIET_WAIT: Duration = Duration::from_millis(50);
 /// (GOAWAY, PING, GOAWAY), which conforming clients keep.
 const QUIET_GAP: Duration = Duration::from_millis(50);
 
+/// HTTP/2, draining: if no stream is open now, the GOAWAY is due once none
+/// has opened for `wait` (`settle` fires then); returns the last stream
+/// now, for that check.
+fn settle_if_quiet(
+    activity: &Activity,
+    settle: Pin<&mut tokio::time::Sleep>,
+    wait: Duration,
+) -> Option<u32> {
+    if !activity.h2_quiet.load(Ordering::Relaxed) {
+        return None;
+    }
+    settle.reset(tokio::time::Instant::now() + wait);
+    Some(activity.h2_last.load(Ordering::Relaxed))
+}
+
 /// An HTTP/1.x connection at rest: waits, holding only the socket (no
 /// hyper, no buffers), until the client sends again (`None`), or the
 /// connection's idle deadline (or, once the process drains,
@@ -561,23 +576,21 @@ async fn drive<T: Socket>(
                 // (`forward`). After `forward_for` (or at once, without a
                 // forward socket): the GOAWAY once no stream is open for
                 // SETTLE, and hyper's two steps (GOAWAY, PING, GOAWAY) if
-                // that moment does not come within QUIET_WAIT. HTTP/1.1: the next response carries `Connection: close`
-                // (see ConnService), and an idle connection is closed after
+                // that moment does not come within QUIET_WAIT. HTTP/1.1:
+                // the next response carries `Connection: close` (see
+                // ConnService), and an idle connection is closed after
                 // `timeouts.draining_idle` (the timer looks again now).
                 if h2 {
                     finishing = Some(drain.finishing());
-                }
-                if h2 {
                     // A connection handed on by an older generation is not
                     // handed on again: its client moves to the newest
                     // generation by itself (see `forward`).
                     patient = spec.ctx.process.forward.is_some();
                     activity.forwarding.store(patient && !activity.forwarded, Ordering::Relaxed);
                     wait_from = drain_at;
-                    if activity.h2_quiet.load(Ordering::Relaxed) {
-                        quiet_since = Some(activity.h2_last.load(Ordering::Relaxed));
-                        let wait = if patient { quiet_for } else { SETTLE };
-                        settle.as_mut().reset(tokio::time::Instant::now() + wait);
+                    let wait = if patient { quiet_for } else { SETTLE };
+                    if let Some(last) = settle_if_quiet(activity, settle.as_mut(), wait) {
+                        quiet_since = Some(last);
                     }
                 }
                 timer.as_mut().reset(tokio::time::Instant::now());
@@ -591,13 +604,12 @@ async fn drive<T: Socket>(
                 conn.as_mut().goaway();
             }
             _ = activity.signal.notified(), if h2 && drain_at != 0 && !two_steps => {
-                if activity.h2_quiet.load(Ordering::Relaxed) {
-                    if hurry {
-                        return Some(Expiry::GoAway);
-                    }
-                    quiet_since = Some(activity.h2_last.load(Ordering::Relaxed));
-                    let wait = if patient { quiet_for } else { SETTLE };
-                    settle.as_mut().reset(tokio::time::Instant::now() + wait);
+                if hurry && activity.h2_quiet.load(Ordering::Relaxed) {
+                    return Some(Expiry::GoAway);
+                }
+                let wait = if patient { quiet_for } else { SETTLE };
+                if let Some(last) = settle_if_quiet(activity, settle.as_mut(), wait) {
+                    quiet_since = Some(last);
                 }
             }
             _ = &mut settle, if quiet_since.is_some() => {
@@ -624,9 +636,8 @@ async fn drive<T: Socket>(
                     debug!(listener = %spec.ctx.name, "draining: never quiet for long, GOAWAY at the next quiet moment");
                     patient = false;
                     wait_from = now;
-                    if activity.h2_quiet.load(Ordering::Relaxed) {
-                        quiet_since = Some(activity.h2_last.load(Ordering::Relaxed));
-                        settle.as_mut().reset(tokio::time::Instant::now() + SETTLE);
+                    if let Some(last) = settle_if_quiet(activity, settle.as_mut(), SETTLE) {
+                        quiet_since = Some(last);
                     }
                 }
                 let quiet_at = activity.h2_quiet_at.load(Ordering::Relaxed).max(wait_from);
