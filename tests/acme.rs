@@ -9,15 +9,7 @@ use util::client::{self, Target};
 use util::config::{Config, Listener};
 use util::load::{Kind, Load};
 use util::pebble::Pebble;
-use util::{Certs, TestServer};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use util::{free_port, Certs, TestServer};
 
 /// A config with a plain `web` listener (with `/status`) and a TLS `site`
 /// whose certificate comes from `pebble` for `names`.

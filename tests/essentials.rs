@@ -847,9 +847,7 @@ async fn redbot_finds_nothing_to_warn_about() {
     let up = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(up.path().join("www/app")).unwrap();
     std::fs::write(up.path().join("www/app/page.html"), &page).unwrap();
-    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", util::nginx::free_port())
-        .parse()
-        .unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", util::free_port()).parse().unwrap();
     let _nginx = util::nginx::Nginx::start(
         up.path(),
         &format!(

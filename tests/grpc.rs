@@ -17,7 +17,7 @@ const CLIENT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/grpc/client.py"
 /// A grpcio server on a free port (TLS with `tls`: cert and key); killed
 /// when dropped.
 async fn grpc_server(tls: Option<(&Path, &Path)>) -> (tokio::process::Child, u16) {
-    let port = util::nginx::free_port();
+    let port = util::free_port();
     let mut cmd = tokio::process::Command::new(util::venv::python());
     cmd.arg(SERVER).arg(port.to_string());
     if let Some((cert, key)) = tls {

@@ -460,7 +460,7 @@ async fn https_upstreams_are_verified_and_client_certificates_shown() {
     upstream_ca.leaf(nginx_dir.path(), "up", &["localhost", "127.0.0.1"], 7);
     let client_ca = util::Certs::new();
     std::fs::write(nginx_dir.path().join("client-ca.pem"), &client_ca.ca_pem).unwrap();
-    let (p1, p2) = (util::nginx::free_port(), util::nginx::free_port());
+    let (p1, p2) = (util::free_port(), util::free_port());
     let d = nginx_dir.path().display();
     let servers = format!(
         "server {{ listen 127.0.0.1:{p1} ssl http2; ssl_certificate {d}/up.crt; ssl_certificate_key {d}/up.key;\n\

@@ -256,6 +256,27 @@ impl Builder {
 
 /// A config with one plain and one TLS listener on kernel-picked ports, as
 /// text (for tests of the text itself: positions, broken YAML).
+/// A TCP port on 127.0.0.1 that was free a moment ago, for a program that
+/// cannot be given port 0 (nginx, pebble, a config written before the start).
+/// Never the same port twice in one test process: the kernel's next pick is
+/// often a port just freed, and two such picks made one after the other
+/// (pebble's management port and its DNS server's) once collided.
+pub fn free_port() -> u16 {
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    for _ in 0..1000 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("bind 127.0.0.1:0")
+            .port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
+    panic!("no free port not given out before");
+}
+
 pub fn basic_config(extra_routes: &str) -> String {
     format!(
         r#"shutdown_timeout: 10s

@@ -10,15 +10,6 @@ pub struct Nginx {
     pub dir: PathBuf,
 }
 
-/// A port free now (the kernel's pick; nginx binds it right after).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 impl Nginx {
     /// Starts nginx in `dir` with `servers` (the `server { }` blocks of its
     /// `http { }`), and waits until every address in `addrs` accepts.

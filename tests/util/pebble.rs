@@ -22,14 +22,14 @@
 
 use std::fs::File;
 use std::future::Future;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use tokio::net::TcpStream;
 
-use super::{client, Certs, WAIT};
+use super::{client, free_port, Certs, WAIT};
 
 pub struct Pebble {
     /// Config, certificates and the logs of both programs.
@@ -79,6 +79,7 @@ impl Pebble {
 
         let acme = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
         let management = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
+        let dns_port = free_dns_port();
         let mut pebble_config = serde_json::json!({
             "listenAddress": acme.to_string(),
             "managementListenAddress": management.to_string(),
@@ -97,7 +98,6 @@ impl Pebble {
             .expect("pebble config as JSON");
         std::fs::write(dir.path().join("pebble.json"), text).expect("write pebble.json");
 
-        let dns_port = free_dns_port();
         let challtestsrv = spawn(
             dir.path(),
             "challtestsrv.log",
@@ -291,21 +291,13 @@ async fn wait_until<F: Future<Output = bool>>(
     }
 }
 
-/// A TCP port on 127.0.0.1 that was free a moment ago.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind 127.0.0.1:0")
-        .port()
-}
-
 /// A port on 127.0.0.1 free for both UDP and TCP: the DNS server listens on
-/// both (given port 0 it would pick a different port for each).
+/// both (given port 0 it would pick a different port for each). Like
+/// `free_port`, never one given out before in this process.
 fn free_dns_port() -> u16 {
     for _ in 0..100 {
-        let udp = UdpSocket::bind("127.0.0.1:0").expect("bind udp 127.0.0.1:0");
-        let port = udp.local_addr().expect("udp local addr").port();
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        let port = free_port();
+        if UdpSocket::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }
     }
