@@ -107,7 +107,10 @@ pub(crate) fn start(
                     if let (0, Some(socket)) = (w, &thread.shared.process.forward) {
                         if let Err(e) = super::forward::serve(socket, specs.clone(), thread.clone())
                         {
-                            warn!("cannot accept forwarded requests: {e}");
+                            warn!(
+                                "cannot accept forwarded requests: {e}",
+                                e = crate::observe::logging::Chain(&e)
+                            );
                         }
                     }
                     for (spec, socket) in specs.into_iter().zip(sockets) {
@@ -193,7 +196,7 @@ pub(super) async fn pause<L: Pausable>(
     let paused = match socket.pause() {
         Ok(s) => s,
         Err(e) => {
-            warn!(listener = %name, "cannot pause the listener: {e}");
+            warn!(listener = %name, "cannot pause the listener: {e}", e = crate::observe::logging::Chain(&e));
             return None;
         }
     };
@@ -208,7 +211,7 @@ pub(super) async fn pause<L: Pausable>(
             Some(s)
         }
         Err(e) => {
-            warn!(listener = %name, "cannot accept again: {e}");
+            warn!(listener = %name, "cannot accept again: {e}", e = crate::observe::logging::Chain(&e));
             None
         }
     }
@@ -315,7 +318,7 @@ async fn accept_loop(
                 static LOGGED: crate::observe::logging::Throttle =
                     crate::observe::logging::Throttle::new();
                 if let Some(suppressed) = LOGGED.allow() {
-                    warn!(listener = %spec.ctx.name, suppressed, "accept: {e}; retrying in {pause:?}");
+                    warn!(listener = %spec.ctx.name, suppressed, "accept: {e}; retrying in {pause:?}", e = crate::observe::logging::Chain(&e));
                 }
                 tokio::select! {
                     biased;
@@ -409,22 +412,19 @@ impl Accepted {
         if !spec.nodelay_inherited {
             let _ = stream.set_nodelay(true);
         }
-        // Boxed: a connection's state is a few KiB, and a task future that
-        // holds only a pointer to it is cheaper to spawn and move around.
+        // Inline in the task, not boxed: what a connection keeps across its
+        // waits is well under a KiB (what only a moment needs, hyper, the
+        // handshake, the rest, is boxed inside), and a box of its own cost
+        // an allocation and its size class's slack on every connection.
         match spec.tls.clone() {
             None => {
                 let peer = Peer {
                     addr: peer,
                     tls: false,
                 };
-                Box::pin(connection::serve_http(
-                    stream, None, peer, None, spec, thread, false,
-                ))
-                .await
+                connection::serve_http(stream, None, peer, None, spec, thread, false).await
             }
-            Some(acceptor) => {
-                Box::pin(connection::serve_tls(acceptor, stream, peer, spec, thread)).await
-            }
+            Some(acceptor) => connection::serve_tls(acceptor, stream, peer, spec, thread).await,
         }
         // Counted until here: the connection is closed.
         drop(guard);

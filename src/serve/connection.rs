@@ -149,13 +149,21 @@ pub(crate) trait Socket: AsyncRead + AsyncWrite + Unpin + Send + 'static {
 
 /// The socket under a connection's transport.
 pub(crate) trait RawSocket: std::os::fd::AsRawFd + Sync {
-    fn readable(&self) -> impl std::future::Future<Output = std::io::Result<()>> + Send;
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>>;
     fn try_read(&self, buf: &mut [u8]) -> std::io::Result<usize>;
+
+    /// Resolves when the socket is readable. Through the socket's one
+    /// reader waker rather than `readable()`, whose future (152 bytes, a
+    /// waiter in the socket's list) every resting connection would carry;
+    /// nothing else reads a socket while this waits.
+    fn read_ready(&self) -> impl std::future::Future<Output = std::io::Result<()>> + Send {
+        std::future::poll_fn(|cx| self.poll_read_ready(cx))
+    }
 }
 
 impl RawSocket for TcpStream {
-    fn readable(&self) -> impl std::future::Future<Output = std::io::Result<()>> + Send {
-        TcpStream::readable(self)
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        TcpStream::poll_read_ready(self, cx)
     }
     fn try_read(&self, buf: &mut [u8]) -> std::io::Result<usize> {
         TcpStream::try_read(self, buf)
@@ -163,8 +171,8 @@ impl RawSocket for TcpStream {
 }
 
 impl RawSocket for UnixStream {
-    fn readable(&self) -> impl std::future::Future<Output = std::io::Result<()>> + Send {
-        UnixStream::readable(self)
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        UnixStream::poll_read_ready(self, cx)
     }
     fn try_read(&self, buf: &mut [u8]) -> std::io::Result<usize> {
         UnixStream::try_read(self, buf)
@@ -244,11 +252,13 @@ pub(crate) async fn serve_tls(
     spec: Arc<ListenerSpec>,
     thread: Arc<Thread>,
 ) {
-    // Boxed: the handshake's state is not carried for the connection's life.
-    let handshake = Box::pin(tokio::time::timeout(
-        thread.shared.timeouts.handshake,
-        acceptor.accept(stream),
-    ))
+    // Boxed: the handshake's state is not carried for the connection's
+    // life. The stream it yields is boxed inside it: held inline, its slot
+    // (rustls's state, 2.5 KB) stayed in this future while it served.
+    let handshake = Box::pin(async {
+        let tls = tokio::time::timeout(thread.shared.timeouts.handshake, acceptor.accept(stream));
+        tls.await.map(|tls| tls.map(Box::new))
+    })
     .await;
     if let Some(m) = &spec.metrics {
         let counter = match &handshake {
@@ -276,18 +286,11 @@ pub(crate) async fn serve_tls(
                     sni: session.server_name().map(Into::into),
                 })
             });
-            Box::pin(serve_http(
-                Box::new(tls),
-                alpn_h2,
-                peer,
-                info,
-                spec,
-                thread,
-                false,
-            ))
-            .await
+            serve_http(tls, alpn_h2, peer, info, spec, thread, false).await
         }
-        Ok(Err(e)) => debug!(listener = %spec.ctx.name, %peer, "TLS handshake failed: {e}"),
+        Ok(Err(e)) => {
+            debug!(listener = %spec.ctx.name, %peer, "TLS handshake failed: {e}", e = crate::observe::logging::Chain(&e))
+        }
         Err(_) => debug!(listener = %spec.ctx.name, %peer, "TLS handshake timed out"),
     }
 }
@@ -331,7 +334,7 @@ pub(crate) async fn serve_http<T: Socket>(
             Ok(Ok(Some(first))) => first,
             Ok(Ok(None)) => return,
             Ok(Err(e)) => {
-                debug!(listener = %spec.ctx.name, "connection: {e}");
+                debug!(listener = %spec.ctx.name, "connection: {e}", e = crate::observe::logging::Chain(&e));
                 return;
             }
             Err(_) => {
@@ -367,7 +370,7 @@ pub(crate) async fn serve_http<T: Socket>(
     let svc = ConnService {
         peer,
         tls,
-        spec: spec.clone(),
+        spec,
         stats: thread.stats.clone(),
         activity: activity.clone(),
     };
@@ -387,7 +390,7 @@ pub(crate) async fn serve_http<T: Socket>(
             inner: Some(io),
             prefix,
             activity: activity.clone(),
-            plain: !peer.tls,
+            plain: !svc.peer.tls,
             eof: false,
             heads: heads.take(),
             frames: h2.then(Box::default),
@@ -399,7 +402,7 @@ pub(crate) async fn serve_http<T: Socket>(
             HttpConn::H1(h1.serve_connection(tracked, svc.clone()).with_upgrades())
         };
         // Boxed: while the connection rests, the task holds none of it.
-        let mut end = Box::pin(drive(conn, &activity, &spec, shared)).await;
+        let mut end = Box::pin(drive(conn, &activity, &svc.spec, shared)).await;
         // hyper's state is gone now, and it handed the IO back (unless an
         // upgrade took it: the tunnel closes it).
         // Into the same locals as before (not new ones): the future keeps
@@ -429,7 +432,7 @@ pub(crate) async fn serve_http<T: Socket>(
         }
         let mut back = io;
         if end == Some(Expiry::GoAway) {
-            debug!(listener = %spec.ctx.name, forwarded = activity.forwarded, "draining: quiet, one GOAWAY");
+            debug!(listener = %svc.spec.ctx.name, forwarded = activity.forwarded, "draining: quiet, one GOAWAY");
             let last = activity.h2_last.load(Ordering::Relaxed);
             let frame = crate::wire::h2frames::goaway(last);
             let sent = Box::pin(tokio::time::timeout(t.send, async {
@@ -500,7 +503,7 @@ async fn rest<T: Socket>(io: &T, activity: &Activity, shared: &Shared) -> Option
         let wait = Duration::from_millis(at.saturating_sub(now_ms()));
         tokio::select! {
             biased;
-            ready = io.raw().readable() => return ready.err().map(|_| Expiry::Idle),
+            ready = io.raw().read_ready() => return ready.err().map(|_| Expiry::Idle),
             _ = &mut draining, if drain_at == 0 => drain_at = now_ms(),
             _ = tokio::time::sleep(wait) => return Some(why),
         }

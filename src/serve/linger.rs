@@ -56,7 +56,7 @@ pub(super) async fn linger<T: Socket>(mut io: T, h2: bool, send_timeout: Duratio
         let ticked = tick.notify.notified();
         tokio::select! {
             biased;
-            ready = tcp.readable() => {
+            ready = tcp.read_ready() => {
                 if ready.is_err() {
                     return;
                 }

@@ -34,12 +34,10 @@ pub(crate) const STACK_FIELDS: usize = 100;
 #[derive(Default)]
 pub(crate) struct Heads {
     state: State,
-    /// The start of a head not complete yet, held back from hyper.
-    held: BytesMut,
-    /// Bytes for hyper before anything newly read (a held head, complete).
-    out: BytesMut,
-    /// What hyper reads for a refused head, after the bytes before it.
-    stand_in: Option<Vec<u8>>,
+    /// Only while a head spans reads or bytes wait for hyper: a connection
+    /// carries its filter for its whole life (through its rests too), and
+    /// nearly every head arrives in one read.
+    bufs: Option<Box<Buffers>>,
     /// Heads passed on (the refused one included).
     count: u64,
     refused: Option<(u64, StatusCode)>,
@@ -62,6 +60,22 @@ enum State {
     /// A head with more fields than this parser takes is held (with all
     /// after it) until the connection moves to one that takes them.
     MoreFields,
+}
+
+#[derive(Default)]
+struct Buffers {
+    /// The start of a head not complete yet, held back from hyper.
+    held: BytesMut,
+    /// Bytes for hyper before anything newly read (a held head, complete).
+    out: BytesMut,
+    /// What hyper reads for a refused head, after the bytes before it.
+    stand_in: Option<Vec<u8>>,
+}
+
+impl Buffers {
+    fn is_empty(&self) -> bool {
+        self.held.is_empty() && self.out.is_empty() && self.stand_in.is_none()
+    }
 }
 
 /// Where in a chunked body (RFC 9112 section 7.1).
@@ -105,7 +119,7 @@ impl Heads {
     /// The filter for a parser taking `fields`, and what this one held
     /// back, for hyper to read first.
     pub(crate) fn more_fields(&mut self, fields: usize) -> (Heads, BytesMut) {
-        let held = std::mem::take(&mut self.held);
+        let held = self.bufs.take().map(|b| b.held).unwrap_or_default();
         let next = Heads {
             fields,
             count: self.count,
@@ -122,13 +136,25 @@ impl Heads {
 
     /// Moves what is waiting for hyper into `buf`; true if anything was.
     pub(crate) fn pending(&mut self, buf: &mut ReadBuf<'_>) -> bool {
-        if self.out.is_empty() {
+        let Some(bufs) = self.bufs.as_mut().filter(|b| !b.out.is_empty()) else {
             return false;
-        }
-        let n = self.out.len().min(buf.remaining());
-        buf.put_slice(&self.out[..n]);
-        self.out.advance(n);
+        };
+        let n = bufs.out.len().min(buf.remaining());
+        buf.put_slice(&bufs.out[..n]);
+        bufs.out.advance(n);
+        self.release();
         true
+    }
+
+    fn bufs(&mut self) -> &mut Buffers {
+        self.bufs.get_or_insert_with(Box::default)
+    }
+
+    /// Frees the buffers once nothing is in them.
+    fn release(&mut self) {
+        if self.bufs.as_ref().is_some_and(|b| b.is_empty()) {
+            self.bufs = None;
+        }
     }
 
     /// Filters the bytes just read into `buf` (from `start`): passes what
@@ -143,29 +169,34 @@ impl Heads {
             return;
         }
         if self.state == State::MoreFields {
-            self.held.extend_from_slice(&buf.filled()[start..]);
+            self.bufs().held.extend_from_slice(&buf.filled()[start..]);
             buf.set_filled(start);
             return;
         }
-        if !self.held.is_empty() {
+        if self.bufs.as_ref().is_some_and(|b| !b.held.is_empty()) {
             // A head spans reads: go on with it in `held`.
-            self.held.extend_from_slice(&buf.filled()[start..]);
+            let bufs = self.bufs();
+            bufs.held.extend_from_slice(&buf.filled()[start..]);
             buf.set_filled(start);
-            let mut held = std::mem::take(&mut self.held);
+            let mut held = std::mem::take(&mut bufs.held);
             let (ready, rest) = self.run(&mut held);
-            self.held = held.split_off(rest);
-            self.out.extend_from_slice(&held[..ready]);
+            let bufs = self.bufs();
+            bufs.held = held.split_off(rest);
+            bufs.out.extend_from_slice(&held[..ready]);
         } else {
             let new = &mut buf.filled_mut()[start..];
             let (ready, rest) = self.run(new);
             if rest < new.len() {
-                self.held.extend_from_slice(&new[rest..]);
+                self.bufs().held.extend_from_slice(&new[rest..]);
             }
             buf.set_filled(start + ready);
         }
-        if let Some(stand_in) = self.stand_in.take() {
-            self.out.extend_from_slice(&stand_in);
+        if let Some(bufs) = self.bufs.as_mut() {
+            if let Some(stand_in) = bufs.stand_in.take() {
+                bufs.out.extend_from_slice(&stand_in);
+            }
         }
+        self.release();
     }
 
     /// Runs the filter over `data`: returns how many bytes from the start
@@ -220,7 +251,7 @@ impl Heads {
                         Verdict::Refuse(status) => {
                             self.count += 1;
                             self.refused = Some((self.count, status));
-                            self.stand_in = Some(stand_in(&data[i..i + len]));
+                            self.bufs().stand_in = Some(stand_in(&data[i..i + len]));
                             self.state = State::Refused;
                             return (i, data.len());
                         }
