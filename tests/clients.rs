@@ -834,3 +834,49 @@ async fn a_window_overflow_on_an_answered_stream_is_a_flow_control_error() {
         }
     }
 }
+
+/// A HEAD request gets the GET's head, with its length, and no body, over
+/// every version (RFC 9110 section 9.3.2). Over HTTP/2 the body of a
+/// `respond` or `status` answer once went out after the head, and curl
+/// failed the request as a protocol error (exit 92).
+#[tokio::test]
+async fn head_requests_get_the_head_alone_over_every_version() {
+    let (srv, data) = start("", &[("page.html", 1234)]).await;
+    let gets = [
+        ("/fixed", "3"),
+        ("/gone", "5"),
+        ("/files/page.html", "1234"),
+    ];
+    for listener in ["web", "web-tls"] {
+        for version in ["--http1.1", "--http2", "--http2-prior-knowledge"] {
+            if version == "--http2-prior-knowledge" && listener == "web-tls" {
+                continue;
+            }
+            for (path, len) in gets {
+                let (code, out, err) = run(program("curl")
+                    .arg("--cacert")
+                    .arg(srv.dir.path().join("ca.pem"))
+                    .args(["-sS", "-I", "--max-time", "20", version])
+                    .arg(url(&srv, listener, path)))
+                .await;
+                let what = format!("HEAD {path} on {listener} with curl {version}");
+                assert_eq!(code, 0, "{what}: {err}");
+                let head = out.to_ascii_lowercase();
+                assert!(
+                    head.contains(&format!("content-length: {len}\r\n")),
+                    "{what}: {out}"
+                );
+            }
+        }
+    }
+    // nghttp prints each frame: the answer is HEADERS with END_STREAM, and
+    // no DATA follows.
+    let (code, out, err) = run(program("nghttp")
+        .args(["-nv", "-H", ":method: HEAD"])
+        .arg(url(&srv, "web", "/fixed")))
+    .await;
+    assert_eq!(code, 0, "{err}\n{out}");
+    assert!(!out.contains("recv DATA"), "{out}");
+    assert!(!out.contains("RST_STREAM"), "{out}");
+    assert_eq!(data[0].len(), 1234);
+}

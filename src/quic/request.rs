@@ -41,7 +41,7 @@ pub(super) async fn request(
     let (req, mut stream): (Request<()>, Stream) = match resolved {
         Ok(r) => r,
         Err(e) => {
-            debug!(listener = %spec.ctx.name, "HTTP/3 request: {e}");
+            debug!(listener = %spec.ctx.name, "HTTP/3 request: {e}", e = crate::observe::logging::Chain(&e));
             return;
         }
     };
@@ -69,6 +69,7 @@ pub(super) async fn request(
         broke: broke.clone(),
         stop: h3::error::Code::H3_NO_ERROR,
     });
+    let head = req.method() == http::Method::HEAD;
     let (res, route) = if let Err(why) = crate::http::host::check_host(&mut req) {
         debug!(listener = %spec.ctx.name, "bad request: {why}");
         drop(req);
@@ -87,10 +88,15 @@ pub(super) async fn request(
         send.stop_stream(h3::error::Code::H3_MESSAGE_ERROR);
         return;
     }
+    let res = if head {
+        crate::wire::body::head_only(res)
+    } else {
+        res
+    };
     let status = res.status().as_u16();
     let mut sent = 0;
     if let Err(e) = respond(&mut send, res, spec.shared.timeouts.send, &mut sent).await {
-        debug!(listener = %spec.ctx.name, "HTTP/3 response: {e}");
+        debug!(listener = %spec.ctx.name, "HTTP/3 response: {e}", e = crate::observe::logging::Chain(&e));
         send.stop_stream(h3::error::Code::H3_REQUEST_CANCELLED);
     }
     if let Some(e) = &mut entry {

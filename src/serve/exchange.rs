@@ -59,6 +59,7 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
         let finish = Finish {
             guard: InFlight::new(self.activity.clone(), self.stats.clone(), logged),
             version,
+            head: req.method() == http::Method::HEAD,
         };
         if version < Version::HTTP_2 {
             let done = asks_to_close(&req) && hyper::body::Body::is_end_stream(req.body());
@@ -116,6 +117,7 @@ impl ConnService {
         let finish = Finish {
             guard: InFlight::new(self.activity.clone(), self.stats.clone(), None),
             version,
+            head: req.method() == http::Method::HEAD,
         };
         if let Some(socket) = &self.spec.ctx.process.forward {
             self.activity.forward.get_or_init(|| {
@@ -187,6 +189,8 @@ pub(super) struct Finish {
     pub(super) guard: InFlight,
     /// The request's HTTP version.
     pub(super) version: Version,
+    /// A HEAD request: over HTTP/2 its answer goes without its body.
+    pub(super) head: bool,
 }
 
 impl Finish {
@@ -204,6 +208,9 @@ impl Finish {
         }
         if let Some(v) = &spec.alt_svc {
             res.headers_mut().insert(header::ALT_SVC, v.clone());
+        }
+        if self.head && self.version >= Version::HTTP_2 {
+            res = crate::wire::body::head_only(res);
         }
         if self.version < Version::HTTP_2 && spec.ctx.process.drain.is_draining() {
             res.headers_mut()

@@ -204,6 +204,23 @@ pub(crate) fn full(data: impl Into<Bytes>) -> Body {
     Body(Kind::Full((!data.is_empty()).then_some(data)))
 }
 
+/// The answer to a HEAD request: `res`'s head, with the length its body
+/// would have had, and no body (RFC 9110 section 9.3.2). hyper does this
+/// over HTTP/1.x; over HTTP/2 and HTTP/3 the body went out after the
+/// head, and clients (curl, nghttp) reset the stream as a protocol error.
+pub(crate) fn head_only(mut res: Response<Body>) -> Response<Body> {
+    let bodiless = res.status().is_informational()
+        || res.status() == http::StatusCode::NO_CONTENT
+        || res.status() == http::StatusCode::NOT_MODIFIED;
+    let len = http_body::Body::size_hint(res.body()).exact();
+    if let (Some(len), false) = (len, bodiless) {
+        res.headers_mut()
+            .entry(http::header::CONTENT_LENGTH)
+            .or_insert_with(|| http::HeaderValue::from(len));
+    }
+    res.map(|_| Body::empty())
+}
+
 /// Does a comma-separated header (`Connection`, `Upgrade`, ...) list
 /// `token`, in any of its lines, ignoring case?
 pub(crate) fn has_token(headers: &http::HeaderMap, name: http::HeaderName, token: &str) -> bool {
