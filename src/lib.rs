@@ -223,7 +223,7 @@ impl Server {
         let inherited = match successor::Inherited::from_env(true) {
             Ok(i) => i,
             Err(e) => {
-                eprintln!("gracesrv: {e}");
+                eprintln!("gracesrv: {e}", e = crate::observe::logging::Chain(&e));
                 return 1;
             }
         };
@@ -233,7 +233,10 @@ impl Server {
         {
             Ok(rt) => rt,
             Err(e) => {
-                let msg = format!("cannot start runtime: {e}");
+                let msg = format!(
+                    "cannot start runtime: {e}",
+                    e = crate::observe::logging::Chain(&e)
+                );
                 successor::report_error(inherited.ready, &msg);
                 eprintln!("gracesrv: {msg}");
                 return 1;
@@ -273,7 +276,7 @@ impl Server {
         match successor::Inherited::from_env(false) {
             Ok(inherited) => self.serve_inherited(inherited).await,
             Err(e) => {
-                eprintln!("gracesrv: {e}");
+                eprintln!("gracesrv: {e}", e = crate::observe::logging::Chain(&e));
                 1
             }
         }
@@ -289,18 +292,42 @@ impl Server {
         };
         let exe = match std::env::current_exe() {
             Ok(p) => p,
-            Err(e) => return fail(&mut ready, &format!("cannot find my own executable: {e}")),
+            Err(e) => {
+                return fail(
+                    &mut ready,
+                    &format!(
+                        "cannot find my own executable: {e}",
+                        e = crate::observe::logging::Chain(&e)
+                    ),
+                )
+            }
         };
         // Handlers first, so a HUP during start is held, not fatal.
         let signals = match signals::Signals::install() {
             Ok(s) => s,
-            Err(e) => return fail(&mut ready, &format!("cannot install signal handlers: {e}")),
+            Err(e) => {
+                return fail(
+                    &mut ready,
+                    &format!(
+                        "cannot install signal handlers: {e}",
+                        e = crate::observe::logging::Chain(&e)
+                    ),
+                )
+            }
         };
         handoff::unblock_hup();
         // Every child is reaped by one SIGCHLD handler (also orphans, as PID 1).
         let reaper = match reaper::Reaper::start() {
             Ok(r) => r,
-            Err(e) => return fail(&mut ready, &format!("cannot install SIGCHLD handler: {e}")),
+            Err(e) => {
+                return fail(
+                    &mut ready,
+                    &format!(
+                        "cannot install SIGCHLD handler: {e}",
+                        e = crate::observe::logging::Chain(&e)
+                    ),
+                )
+            }
         };
 
         let config_path = config::absolute(&self.config);
@@ -329,7 +356,7 @@ impl Server {
         ) {
             Ok(f) => Some(Arc::new(f)),
             Err(e) => {
-                tracing::warn!("no forward socket: a busy HTTP/2 connection gets its GOAWAY when a restart drains it: {e}");
+                tracing::warn!("no forward socket: a busy HTTP/2 connection gets its GOAWAY when a restart drains it: {e}", e = crate::observe::logging::Chain(&e));
                 None
             }
         };
@@ -381,7 +408,7 @@ impl Server {
             ) {
                 Ok(g) => g,
                 Err(e) => {
-                    tracing::error!("cannot start: {e}");
+                    tracing::error!("cannot start: {e}", e = crate::observe::logging::Chain(&e));
                     successor::report_error(ready.take(), &e.to_string());
                     return 1;
                 }
@@ -410,7 +437,10 @@ impl Server {
                 watched.and_then(|(loaded, files)| match watch::Watch::start(files, loaded) {
                     Ok(w) => Some(w),
                     Err(e) => {
-                        tracing::error!("cannot watch files, restart with HUP instead: {e}");
+                        tracing::error!(
+                            "cannot watch files, restart with HUP instead: {e}",
+                            e = crate::observe::logging::Chain(&e)
+                        );
                         None
                     }
                 });

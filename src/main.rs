@@ -4,9 +4,9 @@
 
 use std::path::PathBuf;
 
-/// mimalloc rather than glibc's malloc (README, Dependencies): a connection
+/// mimalloc rather than glibc's malloc (docs/dependencies.md): a connection
 /// at rest frees hyper's buffers, and mimalloc gives the pages back to the
-/// system at once; glibc keeps them (issue 30: 2.5 KB of RSS per idle plain
+/// system at once; glibc keeps them (issue 30: 2.0 KB of RSS per idle plain
 /// connection against 13 KB, and the RSS falls back when connections close).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -31,15 +31,18 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "gracesrv",
     version,
-    about = "HTTP/HTTPS server with zero-downtime restarts"
+    about = "An HTTP/1.1, HTTP/2 and HTTP/3 server that restarts without dropping a request",
+    after_help = "Without a command, serves the config. Docs: README.md and docs/ \
+                  (docs/config.md: every key; docs/restarts.md: signals and restarts)."
 )]
 struct Cli {
-    /// Config file.
+    /// Config file (docs/config.md).
     #[arg(short, long, global = true, default_value = "config/server.yaml")]
     config: PathBuf,
 
     /// Run under a supervisor whose pid never changes: restarts replace
-    /// worker processes (for terminals, containers and process managers).
+    /// worker processes (for terminals, containers and process managers;
+    /// docs/restarts.md).
     #[arg(long)]
     supervise: bool,
 
@@ -49,14 +52,29 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Parse and validate the config, load every certificate and key, check every route.
+    /// Check the config, its certificates, keys and routes, as a restart would (docs/config.md).
+    #[command(
+        long_about = "Check the config, its certificates, keys and routes, as a restart \
+        would (docs/config.md).\n\nParses and validates the config, loads every certificate and key, \
+        and builds every route; prints a summary (exit 0) or the error with its file, line, \
+        column and cause (exit 1). Nothing is started."
+    )]
     Check,
-    /// Restart the running server (the pid in the config's pid_file) and wait
-    /// until the new generation is ready (exit 0) or the restart failed (exit 1).
+    /// Restart the running server and wait until the new generation serves (docs/restarts.md).
+    #[command(
+        long_about = "Restart the running server and wait until the new generation serves \
+        (docs/restarts.md).\n\nSignals the pid in the config's pid_file and waits: exit 0 once \
+        the new generation is ready, exit 1 with the reason if the restart failed (the running \
+        generation serves on)."
+    )]
     Reload,
-    /// Deploy a new instance of an app (`apps:`): start it, switch to it once
-    /// it is ready, stop the old one once nothing is in flight on it; exit 0,
-    /// or 1 with the reason the new one failed (the old one keeps serving).
+    /// Deploy a new instance of an app and switch to it once it is ready (docs/apps.md).
+    #[command(
+        long_about = "Deploy a new instance of an app and switch to it once it is ready \
+        (docs/apps.md).\n\nStarts the new instance, sends it the app's requests once it is \
+        ready, and stops the old one once nothing is in flight on it; exit 0, or 1 with the \
+        reason the new one failed (the old one keeps serving)."
+    )]
     Deploy {
         /// The app's name in `apps:`.
         app: String,

@@ -245,6 +245,33 @@ async fn without_the_acme_server_the_old_certificate_serves_on() {
     assert!(acme["not_after"].is_string(), "{s}");
 }
 
+/// Issue 31: an ACME failure names its root cause, in the log and in
+/// `status`. `ca_roots` is a CA certificate that pebble also serves as its
+/// own: webpki refuses a CA certificate as an end-entity one, and the log
+/// once said only `new account: client error (Connect)`.
+#[tokio::test]
+async fn an_acme_failure_names_its_root_cause() {
+    let (web, site_port) = (free_port(), free_port());
+    let pebble = Pebble::start_serving_a_ca_certificate(web, site_port).await;
+    let config = acme_config(&pebble, "tls-alpn-01", web, site_port, &["cause.test"]);
+    let mut srv = TestServer::builder()
+        .config(config)
+        .before(|dir, certs| expiring(certs, dir, "cause.test"))
+        .spawn();
+    srv.wait_ready().await;
+    let line = srv.wait_log("cannot obtain the certificate").await;
+    // Every link of the chain: our step, the HTTP client, the TLS cause.
+    for part in ["new account", "client error (Connect)", "CaUsedAsEndEntity"] {
+        assert!(line.contains(part), "{part:?} missing from: {line}");
+    }
+    let status = client::get(&Target::plain(srv.addr("web")), "/status")
+        .await
+        .unwrap();
+    let s: serde_json::Value = serde_json::from_str(&status.body).unwrap();
+    let last = s["acme"][0]["last_error"].as_str().unwrap_or_default();
+    assert!(last.contains("CaUsedAsEndEntity"), "{s}");
+}
+
 /// Two processes sharing `storage` (two machines on one volume): one orders,
 /// the other waits for the lock, then serves what the first stored.
 #[tokio::test]

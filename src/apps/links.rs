@@ -58,7 +58,8 @@ impl Links {
                     Ok(r) => links.released(id, &r.released, r.id),
                     Err(e) => warn!(
                         worker_link = id,
-                        "apps: unreadable message from a worker: {e}"
+                        "apps: unreadable message from a worker: {e}",
+                        e = crate::observe::logging::Chain(&e)
                     ),
                 }
             }

@@ -179,7 +179,10 @@ fn watch(app: &AppConfig) -> Option<crate::sys::watch::Watch> {
     let loaded = crate::sys::watch::fingerprint(&app.watch);
     crate::sys::watch::Watch::start(app.watch.clone(), loaded)
         .map_err(|e| {
-            error!("cannot watch the app's files, deploy with `gracesrv deploy` instead: {e}")
+            error!(
+                "cannot watch the app's files, deploy with `gracesrv deploy` instead: {e}",
+                e = crate::observe::logging::Chain(&e)
+            )
         })
         .ok()
 }
@@ -239,7 +242,13 @@ impl Runner {
         let mut process = match instance::start(&self.app, id, &self.reaper) {
             Ok(p) => p,
             Err(e) => {
-                self.failed_start(replies, format!("cannot start a new instance: {e}"));
+                self.failed_start(
+                    replies,
+                    format!(
+                        "cannot start a new instance: {e}",
+                        e = crate::observe::logging::Chain(&e)
+                    ),
+                );
                 return;
             }
         };

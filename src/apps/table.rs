@@ -115,7 +115,10 @@ impl Table {
         let (mut lines, queue) = match link::open(fd.into()) {
             Ok(l) => l,
             Err(e) => {
-                warn!("apps: cannot use the link to the supervisor: {e}");
+                warn!(
+                    "apps: cannot use the link to the supervisor: {e}",
+                    e = crate::observe::logging::Chain(&e)
+                );
                 return;
             }
         };
@@ -124,7 +127,10 @@ impl Table {
             while let Ok(Some(line)) = lines.next_line().await {
                 match serde_json::from_str::<Update>(&line) {
                     Ok(update) => table.apply(update, &queue, shutdown_timeout),
-                    Err(e) => warn!("apps: unreadable update from the supervisor: {e}"),
+                    Err(e) => warn!(
+                        "apps: unreadable update from the supervisor: {e}",
+                        e = crate::observe::logging::Chain(&e)
+                    ),
                 }
             }
             debug!("apps: the link to the supervisor closed");

@@ -36,7 +36,10 @@ pub(crate) fn serve() -> mpsc::UnboundedReceiver<Request> {
     {
         Ok(l) => l,
         Err(e) => {
-            tracing::warn!("no deploy socket, `gracesrv deploy` will not reach this process: {e}");
+            tracing::warn!(
+                "no deploy socket, `gracesrv deploy` will not reach this process: {e}",
+                e = crate::observe::logging::Chain(&e)
+            );
             return rx;
         }
     };
@@ -94,7 +97,8 @@ pub(crate) fn deploy(config: &Path, app: &str) -> Result<String, ControlError> {
         .map_err(|e| ControlError::NotRunning(e.to_string()))?;
     let stream = std::os::unix::net::UnixStream::connect_addr(&addr).map_err(|e| {
         ControlError::NotRunning(format!(
-            "pid {pid} takes no deploys ({e}): is it running with apps, under its supervisor?"
+            "pid {pid} takes no deploys ({e}): is it running with apps, under its supervisor?",
+            e = crate::observe::logging::Chain(&e)
         ))
     })?;
     ask(&config, def, pid, stream, app).map_err(ControlError::Failed)
@@ -117,11 +121,17 @@ fn ask(
     let _ = stream.set_read_timeout(Some(waited));
     stream
         .write_all(format!("{app}\n").as_bytes())
-        .map_err(|e| format!("pid {}: {e}", pid))?;
+        .map_err(|e| format!("pid {}: {e}", pid, e = crate::observe::logging::Chain(&e)))?;
     let mut line = String::new();
     std::io::BufReader::new(stream)
         .read_line(&mut line)
-        .map_err(|e| format!("no answer from pid {} within {waited:?}: {e}", pid))?;
+        .map_err(|e| {
+            format!(
+                "no answer from pid {} within {waited:?}: {e}",
+                pid,
+                e = crate::observe::logging::Chain(&e)
+            )
+        })?;
     let answer: serde_json::Value = serde_json::from_str(line.trim())
         .map_err(|_| format!("pid {} gave no answer (did it stop?)", pid))?;
     let message = answer["message"].as_str().unwrap_or("").to_string();

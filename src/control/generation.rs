@@ -352,7 +352,7 @@ impl Generation {
         self.pid_file_pending = false;
         if let Some(path) = &self.config.pid_file {
             if let Err(e) = write_pid_file(path, self.process.pid) {
-                warn!(pid_file = %path.display(), "cannot write pid file, trying again every second: {e}");
+                warn!(pid_file = %path.display(), "cannot write pid file, trying again every second: {e}", e = crate::observe::logging::Chain(&e));
                 self.pid_file_pending = true;
             }
         }

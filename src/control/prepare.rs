@@ -88,7 +88,12 @@ pub(crate) fn prepare_config(
             ConfigError::new(
                 &config.path,
                 Some(f.pos),
-                format!("{}: {}: {e}", f.key, f.written),
+                format!(
+                    "{}: {}: {e}",
+                    f.key,
+                    f.written,
+                    e = crate::observe::logging::Chain(&e)
+                ),
             )
         })?;
     }
@@ -98,7 +103,11 @@ pub(crate) fn prepare_config(
                 let what = if e.kind() == std::io::ErrorKind::NotFound {
                     format!("no such file {}", f.written)
                 } else {
-                    format!("cannot read {}: {e}", f.written)
+                    format!(
+                        "cannot read {}: {e}",
+                        f.written,
+                        e = crate::observe::logging::Chain(&e)
+                    )
                 };
                 ConfigError::new(&config.path, Some(f.pos), format!("{}: {what}", f.key))
             })?;
@@ -106,7 +115,12 @@ pub(crate) fn prepare_config(
                 ConfigError::new(
                     &config.path,
                     Some(f.pos),
-                    format!("{}: {} {e}", f.key, f.written),
+                    format!(
+                        "{}: {} {e}",
+                        f.key,
+                        f.written,
+                        e = crate::observe::logging::Chain(&e)
+                    ),
                 )
             })?;
             Some(Arc::new(t))

@@ -108,7 +108,10 @@ pub(crate) fn serve_control(config: &Path) {
     let listener = match OwnListener::bind(&control_name(pid)) {
         Ok(l) => l,
         Err(e) => {
-            tracing::warn!("no control socket, `gracesrv reload` will not reach this process: {e}");
+            tracing::warn!(
+                "no control socket, `gracesrv reload` will not reach this process: {e}",
+                e = crate::observe::logging::Chain(&e)
+            );
             return;
         }
     };
@@ -204,7 +207,7 @@ pub(crate) fn report(
     publish(&r);
     let Some(pid_file) = pid_file else { return };
     if let Err(e) = write_result(pid_file, &r) {
-        tracing::warn!(pid_file = %pid_file.display(), "cannot write the restart result: {e}");
+        tracing::warn!(pid_file = %pid_file.display(), "cannot write the restart result: {e}", e = crate::observe::logging::Chain(&e));
     }
 }
 
@@ -244,7 +247,13 @@ fn restart(config: &Config, running: Running) -> Result<String, String> {
         nix::unistd::Pid::from_raw(pid as i32),
         nix::sys::signal::Signal::SIGHUP,
     )
-    .map_err(|e| format!("cannot signal pid {pid} from {}: {e}", pid_file.display()))?;
+    .map_err(|e| {
+        format!(
+            "cannot signal pid {pid} from {}: {e}",
+            pid_file.display(),
+            e = crate::observe::logging::Chain(&e)
+        )
+    })?;
 
     // Validation, the new process's start, and a margin.
     let waited = config.startup_timeout + Duration::from_secs(5);
@@ -263,10 +272,19 @@ fn restart(config: &Config, running: Running) -> Result<String, String> {
                 "no restart result from pid {pid} within {waited:?}"
             ));
         }
-        Err(e) => return Err(format!("pid {pid}: control socket: {e}")),
+        Err(e) => {
+            return Err(format!(
+                "pid {pid}: control socket: {e}",
+                e = crate::observe::logging::Chain(&e)
+            ))
+        }
     }
-    let r: RestartResult = serde_json::from_str(line.trim())
-        .map_err(|e| format!("pid {pid} sent an unreadable result: {e}"))?;
+    let r: RestartResult = serde_json::from_str(line.trim()).map_err(|e| {
+        format!(
+            "pid {pid} sent an unreadable result: {e}",
+            e = crate::observe::logging::Chain(&e)
+        )
+    })?;
     let outcome = match (r.result.as_str(), r.new_pid) {
         ("ready", Some(new_pid)) => format!(
             "reloaded: pid {new_pid} (generation {}) replaces pid {pid}",
@@ -322,7 +340,8 @@ pub(crate) fn running(config: &Config, what: &str) -> Result<Running, String> {
     let text = std::fs::read_to_string(&pid_file).map_err(|e| {
         format!(
             "cannot read pid_file {}: {e} (is gracesrv running?)",
-            pid_file.display()
+            pid_file.display(),
+            e = crate::observe::logging::Chain(&e)
         )
     })?;
     let pid: u32 = text
@@ -335,14 +354,21 @@ pub(crate) fn running(config: &Config, what: &str) -> Result<Running, String> {
             pid_file.display()
         )
     };
-    let control =
-        connect_control(pid).map_err(|e| stale(format!("is not a running gracesrv ({e})")))?;
+    let control = connect_control(pid).map_err(|e| {
+        stale(format!(
+            "is not a running gracesrv ({e})",
+            e = crate::observe::logging::Chain(&e)
+        ))
+    })?;
     let _ = control.set_read_timeout(Some(Duration::from_secs(5)));
     let mut reader = std::io::BufReader::new(control.try_clone().map_err(|e| e.to_string())?);
     let mut hello = String::new();
-    reader
-        .read_line(&mut hello)
-        .map_err(|e| stale(format!("did not answer on its control socket ({e})")))?;
+    reader.read_line(&mut hello).map_err(|e| {
+        stale(format!(
+            "did not answer on its control socket ({e})",
+            e = crate::observe::logging::Chain(&e)
+        ))
+    })?;
     let hello: serde_json::Value =
         serde_json::from_str(hello.trim()).map_err(|_| stale("is not a gracesrv".into()))?;
     let serves = hello["config"].as_str().map(PathBuf::from);

@@ -171,7 +171,7 @@ pub(crate) async fn control(
                     continue; // a serving process never waits to replace itself
                 };
                 let next_generation = gen.process.generation + 1;
-                let pid = outcome.as_ref().map(|s| s.ready.pid).map_err(|e| e.to_string());
+                let pid = outcome.as_ref().map(|s| s.ready.pid).map_err(|e| crate::observe::logging::causes(e));
                 restart.report(gen.config.pid_file.as_deref(), gen.process.pid, next_generation, &pid);
                 let took_ms = took.as_millis() as u64;
                 match outcome {
@@ -212,7 +212,7 @@ pub(crate) async fn control(
                         }
                     }
                     Err(reason) => {
-                        error!(took_ms, "restart failed: {reason}");
+                        error!(took_ms, "restart failed: {}", crate::observe::logging::Chain(&reason));
                         restart_failed(&gen);
                         pending.then_some(Trigger::Signal)
                     }

@@ -168,7 +168,10 @@ impl Predecessor {
         match f.write_all(Said::Ready.line().as_bytes()) {
             Ok(()) => Some(Predecessor(f)),
             Err(e) => {
-                warn!("cannot report ready to the previous generation: {e}");
+                warn!(
+                    "cannot report ready to the previous generation: {e}",
+                    e = crate::observe::logging::Chain(&e)
+                );
                 None
             }
         }
@@ -187,7 +190,10 @@ impl Predecessor {
 pub(crate) fn serving_under_supervisor(supervisor: u32) {
     use nix::sys::signal::Signal;
     if let Err(e) = nix::sys::prctl::set_pdeathsig(Signal::SIGTERM) {
-        warn!("cannot ask for TERM when the supervisor dies: {e}");
+        warn!(
+            "cannot ask for TERM when the supervisor dies: {e}",
+            e = crate::observe::logging::Chain(&e)
+        );
     }
     if nix::unistd::getppid().as_raw() as u32 != supervisor {
         warn!("the supervisor is gone: draining");
@@ -223,7 +229,10 @@ pub(crate) fn status_line(
 pub(crate) fn notify_systemd(state: &[sd_notify::NotifyState]) {
     if std::env::var_os("NOTIFY_SOCKET").is_some() {
         if let Err(e) = sd_notify::notify(false, state) {
-            warn!("cannot notify systemd: {e}");
+            warn!(
+                "cannot notify systemd: {e}",
+                e = crate::observe::logging::Chain(&e)
+            );
         }
     }
 }

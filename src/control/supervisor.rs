@@ -80,8 +80,8 @@ pub(crate) async fn run(
     let listeners = match crate::sys::listeners::open(&config.listeners, inherited) {
         Ok(l) => l,
         Err(e) => {
-            error!("cannot start: {e}");
-            eprintln!("gracesrv: {e}");
+            error!("cannot start: {e}", e = crate::observe::logging::Chain(&e));
+            eprintln!("gracesrv: {e}", e = crate::observe::logging::Chain(&e));
             return 1;
         }
     };
@@ -119,8 +119,8 @@ pub(crate) async fn run(
     let first = match outcome {
         Ok(started) => started.ready.pid,
         Err(e) => {
-            error!("cannot start: {e}");
-            eprintln!("gracesrv: {e}");
+            error!("cannot start: {e}", e = crate::observe::logging::Chain(&e));
+            eprintln!("gracesrv: {e}", e = crate::observe::logging::Chain(&e));
             apps.stop().await;
             return 1;
         }
@@ -131,7 +131,7 @@ pub(crate) async fn run(
     crate::control::reload::serve_control(&restart.spawner.config_path);
     if let Some(p) = &config.pid_file {
         if let Err(e) = write_pid_file(p, pid) {
-            warn!(pid_file = %p.display(), "cannot write pid file: {e}");
+            warn!(pid_file = %p.display(), "cannot write pid file: {e}", e = crate::observe::logging::Chain(&e));
         }
     }
     let status = status_line(1, first as u32, &listeners);
@@ -300,7 +300,10 @@ impl Supervisor {
                 }
                 Err(e) => {
                     let delay = self.backoff.take();
-                    error!("cannot replace the worker: {e}; trying again in {delay:?}");
+                    error!(
+                        "cannot replace the worker: {e}; trying again in {delay:?}",
+                        e = crate::observe::logging::Chain(&e)
+                    );
                     self.restart.wait_until(delay, pending);
                     None
                 }
@@ -335,9 +338,10 @@ impl Supervisor {
                 Ok(new_pid)
             }
             Err(reason) => {
+                let reason = crate::observe::logging::causes(&reason);
                 error!(took_ms, "restart failed: {reason}");
                 self.restarts.1 += 1;
-                Err(reason.to_string())
+                Err(reason)
             }
         };
         self.restart.report(
@@ -454,7 +458,12 @@ fn start_watch(config: &Config) -> Option<crate::sys::watch::Watch> {
     let files = config.watched_files();
     let loaded = crate::sys::watch::fingerprint(&files);
     crate::sys::watch::Watch::start(files, loaded)
-        .map_err(|e| error!("cannot watch files, restart with HUP instead: {e}"))
+        .map_err(|e| {
+            error!(
+                "cannot watch files, restart with HUP instead: {e}",
+                e = crate::observe::logging::Chain(&e)
+            )
+        })
         .ok()
 }
 

@@ -133,8 +133,13 @@ impl BasicAuth {
     fn load(file: &std::path::Path, c: &BasicAuthConfig) -> Result<BasicAuth, ConfigError> {
         let f = &c.users_file;
         let fail = |what: String| ConfigError::new(file, Some(f.pos), format!("{}: {what}", f.key));
-        let text = std::fs::read_to_string(&f.path)
-            .map_err(|e| fail(format!("cannot read {}: {e}", f.written)))?;
+        let text = std::fs::read_to_string(&f.path).map_err(|e| {
+            fail(format!(
+                "cannot read {}: {e}",
+                f.written,
+                e = crate::observe::logging::Chain(&e)
+            ))
+        })?;
         let mut users = HashMap::new();
         let mut first: Option<String> = None;
         for (n, line) in text.lines().enumerate() {
@@ -156,8 +161,7 @@ impl BasicAuth {
             if !bcrypt {
                 if let Err(e) = argon2_of(hash) {
                     return Err(fail(format!(
-                        "{at}: the hash of {user:?} is not bcrypt or argon2 ({e}; make the file with htpasswd -B, or argon2 -e)"
-                    )));
+                        "{at}: the hash of {user:?} is not bcrypt or argon2 ({e}; make the file with htpasswd -B, or argon2 -e)")));
                 }
             }
             first.get_or_insert_with(|| hash.to_string());

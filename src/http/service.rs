@@ -58,7 +58,10 @@ impl Handler {
                 let call = svc.clone().oneshot(req);
                 let reply = Reply::Later(Box::pin(async move {
                     call.await.unwrap_or_else(|e| {
-                        tracing::error!("service error: {e}");
+                        tracing::error!(
+                            "service error: {e}",
+                            e = crate::observe::logging::Chain(&*e)
+                        );
                         text(
                             http::StatusCode::INTERNAL_SERVER_ERROR,
                             "internal server error\n",

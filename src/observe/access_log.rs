@@ -207,7 +207,7 @@ impl AccessLog {
             if let Some(p) = &self.config.path {
                 match open_append(p) {
                     Ok(f) => *file = Some(f),
-                    Err(e) => tracing::warn!("{e}"),
+                    Err(e) => tracing::warn!("{e}", e = crate::observe::logging::Chain(&e)),
                 }
             }
         }
@@ -226,7 +226,12 @@ impl AccessLog {
                 static WARNED: crate::observe::logging::Throttle =
                     crate::observe::logging::Throttle::new();
                 if let Some(suppressed) = WARNED.allow() {
-                    tracing::warn!(lost, suppressed, "access log: cannot write: {e}");
+                    tracing::warn!(
+                        lost,
+                        suppressed,
+                        "access log: cannot write: {e}",
+                        e = crate::observe::logging::Chain(&e)
+                    );
                 }
             }
         }

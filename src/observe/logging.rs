@@ -31,6 +31,17 @@ pub(crate) fn causes(e: &(dyn std::error::Error + 'static)) -> String {
     s
 }
 
+/// An error and its whole source chain, `a: b: c` (as anyhow's `{:#}`):
+/// how every error that reaches the log, `check`, `reload` or `deploy` is
+/// written, so the cause a library knows is never left out.
+pub(crate) struct Chain<'a>(pub(crate) &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&causes(self.0))
+    }
+}
+
 /// Installs the subscriber and returns the span that carries pid and
 /// generation; every thread of the process enters it.
 pub(crate) fn init(log: &LogConfig, generation: u64) -> tracing::Span {

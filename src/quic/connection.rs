@@ -61,7 +61,7 @@ pub(super) async fn connection(
     let mut h3 = match h3 {
         Ok(h) => h,
         Err(e) => {
-            debug!(listener = %spec.ctx.name, "HTTP/3 connection: {e}");
+            debug!(listener = %spec.ctx.name, "HTTP/3 connection: {e}", e = crate::observe::logging::Chain(&e));
             return;
         }
     };
@@ -106,7 +106,7 @@ pub(super) async fn connection(
                     phase = 2;
                     refuse_from = last_id.map_or(0, |id| id + 4);
                     if let Err(e) = h3.shutdown(1).await {
-                        debug!(listener = %spec.ctx.name, "HTTP/3 GOAWAY: {e}");
+                        debug!(listener = %spec.ctx.name, "HTTP/3 GOAWAY: {e}", e = crate::observe::logging::Chain(&e));
                         break;
                     }
                     if in_flight.count.load(Ordering::Acquire) == 0 {
@@ -120,14 +120,14 @@ pub(super) async fn connection(
                     // One GOAWAY naming the stream after the last one taken.
                     refuse_from = last_id.map_or(0, |id| id + 4);
                     if let Err(e) = h3.shutdown(1).await {
-                        debug!(listener = %spec.ctx.name, "HTTP/3 GOAWAY: {e}");
+                        debug!(listener = %spec.ctx.name, "HTTP/3 GOAWAY: {e}", e = crate::observe::logging::Chain(&e));
                     }
                     break;
                 }
                 if now >= wait_until {
                     phase = 1;
                     if let Err(e) = h3.shutdown(usize::MAX >> 8).await {
-                        debug!(listener = %spec.ctx.name, "HTTP/3 GOAWAY: {e}");
+                        debug!(listener = %spec.ctx.name, "HTTP/3 GOAWAY: {e}", e = crate::observe::logging::Chain(&e));
                         break;
                     }
                     let rtt = conn.rtt();
@@ -172,7 +172,7 @@ pub(super) async fn connection(
                 // The client's GOAWAY, and every request done.
                 Ok(None) => break,
                 Err(e) => {
-                    debug!(listener = %spec.ctx.name, "HTTP/3 connection: {e}");
+                    debug!(listener = %spec.ctx.name, "HTTP/3 connection: {e}", e = crate::observe::logging::Chain(&e));
                     return;
                 }
             }

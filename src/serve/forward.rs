@@ -144,7 +144,12 @@ async fn serve_one(mut stream: UnixStream, specs: Arc<[Arc<ListenerSpec>]>, thre
     let _counted = thread.shared.process.drain.connection();
     let hello = match tokio::time::timeout(HELLO_WITHIN, read_hello(&mut stream)).await {
         Ok(Ok(h)) => h,
-        Ok(Err(e)) => return debug!("forwarded connection: {e}"),
+        Ok(Err(e)) => {
+            return debug!(
+                "forwarded connection: {e}",
+                e = crate::observe::logging::Chain(&e)
+            )
+        }
         Err(_) => return debug!("forwarded connection: no first line"),
     };
     let Some(spec) = specs.iter().find(|s| s.ctx.name == hello.listener) else {
@@ -239,7 +244,10 @@ impl Forwarder {
             let mut sender = match self.sender().await {
                 Ok(s) => s,
                 Err(e) => {
-                    debug!("cannot forward: {e}");
+                    debug!(
+                        "cannot forward: {e}",
+                        e = crate::observe::logging::Chain(&e)
+                    );
                     return Err(NotSent(req));
                 }
             };
@@ -302,7 +310,10 @@ impl Forwarder {
             .map_err(io::Error::other)?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
-                debug!("forwarding connection ended: {e}");
+                debug!(
+                    "forwarding connection ended: {e}",
+                    e = crate::observe::logging::Chain(&e)
+                );
             }
         });
         *held = Some((sender.clone(), pid));

@@ -46,7 +46,11 @@ pub(crate) fn server_config(
             ConfigError::new(
                 file,
                 Some(tls.cert.pos),
-                format!("{}: placeholder: {e}", tls.cert.key),
+                format!(
+                    "{}: placeholder: {e}",
+                    tls.cert.key,
+                    e = crate::observe::logging::Chain(&e)
+                ),
             )
         })?
     } else {
@@ -68,7 +72,13 @@ pub(crate) fn server_config(
     };
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| ConfigError::new(file, None, format!("TLS setup: {e}")))?
+        .map_err(|e| {
+            ConfigError::new(
+                file,
+                None,
+                format!("TLS setup: {e}", e = crate::observe::logging::Chain(&e)),
+            )
+        })?
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(resolver));
     config.alpn_protocols = tls.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
@@ -97,7 +107,11 @@ fn read_error(file: &std::path::Path, f: &FileRef, e: rustls_pki_types::pem::Err
         }
         Error::Io(io) => format!("cannot read {}: {io}", f.written),
         Error::NoItemsFound => format!("{} has no PEM item of the right kind", f.written),
-        other => format!("{} is not valid PEM: {other}", f.written),
+        other => format!(
+            "{} is not valid PEM: {other}",
+            f.written,
+            other = crate::observe::logging::Chain(&other)
+        ),
     };
     file_error(file, f, what)
 }
@@ -124,7 +138,11 @@ pub(crate) fn load_pair(
         file_error(
             file,
             cert,
-            format!("{} is not a usable certificate: {e}", cert.written),
+            format!(
+                "{} is not a usable certificate: {e}",
+                cert.written,
+                e = crate::observe::logging::Chain(&e)
+            ),
         )
     })?;
     warn_if_not_valid_now(&chain[0], &cert.written);
@@ -138,7 +156,11 @@ pub(crate) fn load_pair(
                     key.written, cert.written
                 )
             }
-            other => format!("{} cannot be used: {other}", key.written),
+            other => format!(
+                "{} cannot be used: {other}",
+                key.written,
+                other = crate::observe::logging::Chain(&other)
+            ),
         };
         file_error(file, key, what)
     })?;

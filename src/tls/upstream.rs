@@ -25,7 +25,13 @@ pub(crate) fn client_config(
     let provider = provider();
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| ConfigError::new(file, None, format!("{route}: TLS: {e}")))?;
+        .map_err(|e| {
+            ConfigError::new(
+                file,
+                None,
+                format!("{route}: TLS: {e}", e = crate::observe::logging::Chain(&e)),
+            )
+        })?;
     let builder = if tls.insecure_skip_verify {
         tracing::warn!(
             route,
@@ -54,7 +60,11 @@ pub(crate) fn client_config(
                         file_error(
                             file,
                             ca,
-                            format!("{} is not a CA certificate: {e}", ca.written),
+                            format!(
+                                "{} is not a CA certificate: {e}",
+                                ca.written,
+                                e = crate::observe::logging::Chain(&e)
+                            ),
                         )
                     })?;
                 }
@@ -86,7 +96,10 @@ fn system_roots() -> Arc<RootCertStore> {
         .get_or_init(|| {
             let found = rustls_native_certs::load_native_certs();
             for e in found.errors.iter().take(3) {
-                tracing::warn!("reading the system's trusted roots: {e}");
+                tracing::warn!(
+                    "reading the system's trusted roots: {e}",
+                    e = crate::observe::logging::Chain(e)
+                );
             }
             let mut roots = RootCertStore::empty();
             let (added, ignored) = roots.add_parsable_certificates(found.certs);

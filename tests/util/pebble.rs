@@ -66,16 +66,53 @@ impl Pebble {
         config: serde_json::Value,
         env: &[(&str, &str)],
     ) -> Pebble {
+        Self::start_inner(http_port, tls_port, config, env, false).await
+    }
+
+    /// Like `start`, but pebble's HTTPS listeners present a self-signed CA
+    /// certificate (CA:TRUE) as their own, and `ca_roots` is that
+    /// certificate: what a user gets by pointing `acme.ca_roots` at a CA
+    /// that the ACME server also serves with. webpki refuses it
+    /// (`CaUsedAsEndEntity`).
+    pub async fn start_serving_a_ca_certificate(http_port: u16, tls_port: u16) -> Pebble {
+        Self::start_inner(http_port, tls_port, serde_json::json!({}), &[], true).await
+    }
+
+    async fn start_inner(
+        http_port: u16,
+        tls_port: u16,
+        config: serde_json::Value,
+        env: &[(&str, &str)],
+        ca_as_server: bool,
+    ) -> Pebble {
         let extra = match config {
             serde_json::Value::Object(extra) => extra,
             other => panic!("pebble config must be a JSON object, not {other}"),
         };
         let dir = tempfile::tempdir().expect("temp dir for pebble");
         // Pebble's HTTPS listeners need a certificate; the package ships none.
-        let certs = Certs::new();
-        certs.leaf(dir.path(), "pebble", &["localhost", "127.0.0.1"], 1);
         let ca_file = dir.path().join("ca.pem");
-        std::fs::write(&ca_file, &certs.ca_pem).expect("write ca.pem");
+        let ca_pem = if ca_as_server {
+            let mut params = rcgen::CertificateParams::new(vec![
+                "localhost".to_string(),
+                "127.0.0.1".to_string(),
+            ])
+            .expect("CA certificate parameters");
+            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            let key = rcgen::KeyPair::generate().expect("CA key");
+            let cert = params
+                .self_signed(&key)
+                .expect("self-signed CA certificate");
+            std::fs::write(dir.path().join("pebble.crt"), cert.pem()).expect("write pebble.crt");
+            std::fs::write(dir.path().join("pebble.key"), key.serialize_pem())
+                .expect("write pebble.key");
+            cert.pem()
+        } else {
+            let certs = Certs::new();
+            certs.leaf(dir.path(), "pebble", &["localhost", "127.0.0.1"], 1);
+            certs.ca_pem
+        };
+        std::fs::write(&ca_file, &ca_pem).expect("write ca.pem");
 
         let acme = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
         let management = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
@@ -112,7 +149,7 @@ impl Pebble {
         );
         let mut p = Pebble {
             dir,
-            ca_pem: certs.ca_pem,
+            ca_pem,
             ca_file,
             challtestsrv,
             pebble: None,

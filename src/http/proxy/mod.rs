@@ -121,7 +121,10 @@ impl Proxy {
                                     ConfigError::new(
                                         file,
                                         None,
-                                        format!("route {route}: upstream {label}: {e}"),
+                                        format!(
+                                            "route {route}: upstream {label}: {e}",
+                                            e = crate::observe::logging::Chain(&e)
+                                        ),
                                     )
                                 })?;
                             Some((client, name))
@@ -561,7 +564,7 @@ impl Proxy {
             let (client, upstream) = match tokio::join!(client, upstream) {
                 (Ok(c), Ok(u)) => (c, u),
                 (Err(e), _) | (_, Err(e)) => {
-                    debug!(%listener, "upgrade failed: {e}");
+                    debug!(%listener, "upgrade failed: {e}", e = crate::observe::logging::Chain(&e));
                     return;
                 }
             };

@@ -220,7 +220,7 @@ pub(crate) async fn run(config: Config, shown: Option<std::sync::Arc<Status>>, r
         return;
     }
     if let Err(e) = prepare_storage(&acme.storage) {
-        error!(storage = %acme.storage.display(), "ACME storage unusable: {e}");
+        error!(storage = %acme.storage.display(), "ACME storage unusable: {e}", e = crate::observe::logging::Chain(&e));
         return;
     }
     let mut backoff: HashMap<Vec<String>, (Duration, tokio::time::Instant)> = HashMap::new();
