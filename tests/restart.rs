@@ -461,6 +461,48 @@ async fn an_embedded_application_restarts_the_same_way() {
     }
 }
 
+/// Issue 31: an axum `Router` as a listener's service (examples/axum.rs,
+/// docs/library.md), restarted with a slow request in flight: the old
+/// process answers it, the new one answers what follows, nothing fails.
+#[tokio::test]
+async fn an_axum_router_restarts_with_a_slow_request_in_flight() {
+    let exe = std::path::Path::new(util::BIN)
+        .parent()
+        .unwrap()
+        .join("examples")
+        .join("axum");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let built = std::process::Command::new(cargo)
+        .args(["build", "--quiet", "--example", "axum"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .unwrap();
+    assert!(built.success() && exe.exists(), "{}", exe.display());
+    let mut srv = TestServer::builder()
+        .config(Config::new().listener(Listener::plain("app")))
+        .command(std::process::Command::new(exe))
+        .spawn();
+    let old = srv.wait_ready().await;
+    let app = Target::plain(srv.addr("app"));
+    let r = client::get(&app, "/").await.unwrap();
+    assert_eq!(r.body, format!("hello from axum, pid {old}\n"));
+    let slow = tokio::spawn({
+        let app = app.clone();
+        async move { client::get(&app, "/slow?ms=1500").await }
+    });
+    srv.wait_log("path=\"/slow\"").await;
+    let new = srv.restart().await;
+    let r = client::get(&app, "/").await.unwrap();
+    assert_eq!(r.body, format!("hello from axum, pid {new}\n"));
+    let r = slow.await.unwrap().unwrap();
+    assert_eq!(
+        (r.status.as_u16(), r.body),
+        (200, format!("slept 1500 ms, pid {old}\n")),
+        "the slow request is answered by the process that took it"
+    );
+    util::wait_gone(old).await;
+}
+
 /// Issue 27.4: an embedded application's lifecycle hooks (examples/hooks.rs)
 /// across a HUP and a TERM: the new generation runs `on_ready`; the old one
 /// runs `on_drain`, and its drain waits for the hook (1.5 s, past the drain
