@@ -223,7 +223,7 @@ impl Server {
         let inherited = match successor::Inherited::from_env(true) {
             Ok(i) => i,
             Err(e) => {
-                eprintln!("gracesrv: {e}", e = crate::observe::logging::Chain(&e));
+                eprintln!("gracesrv: {e}", e = logging::Chain(&e));
                 return 1;
             }
         };
@@ -233,10 +233,7 @@ impl Server {
         {
             Ok(rt) => rt,
             Err(e) => {
-                let msg = format!(
-                    "cannot start runtime: {e}",
-                    e = crate::observe::logging::Chain(&e)
-                );
+                let msg = format!("cannot start runtime: {e}", e = logging::Chain(&e));
                 successor::report_error(inherited.ready, &msg);
                 eprintln!("gracesrv: {msg}");
                 return 1;
@@ -276,7 +273,7 @@ impl Server {
         match successor::Inherited::from_env(false) {
             Ok(inherited) => self.serve_inherited(inherited).await,
             Err(e) => {
-                eprintln!("gracesrv: {e}", e = crate::observe::logging::Chain(&e));
+                eprintln!("gracesrv: {e}", e = logging::Chain(&e));
                 1
             }
         }
@@ -295,10 +292,7 @@ impl Server {
             Err(e) => {
                 return fail(
                     &mut ready,
-                    &format!(
-                        "cannot find my own executable: {e}",
-                        e = crate::observe::logging::Chain(&e)
-                    ),
+                    &format!("cannot find my own executable: {e}", e = logging::Chain(&e)),
                 )
             }
         };
@@ -310,7 +304,7 @@ impl Server {
                     &mut ready,
                     &format!(
                         "cannot install signal handlers: {e}",
-                        e = crate::observe::logging::Chain(&e)
+                        e = logging::Chain(&e)
                     ),
                 )
             }
@@ -324,7 +318,7 @@ impl Server {
                     &mut ready,
                     &format!(
                         "cannot install SIGCHLD handler: {e}",
-                        e = crate::observe::logging::Chain(&e)
+                        e = logging::Chain(&e)
                     ),
                 )
             }
@@ -356,7 +350,7 @@ impl Server {
         ) {
             Ok(f) => Some(Arc::new(f)),
             Err(e) => {
-                tracing::warn!("no forward socket: a busy HTTP/2 connection gets its GOAWAY when a restart drains it: {e}", e = crate::observe::logging::Chain(&e));
+                tracing::warn!("no forward socket: a busy HTTP/2 connection gets its GOAWAY when a restart drains it: {e}", e = logging::Chain(&e));
                 None
             }
         };
@@ -408,7 +402,7 @@ impl Server {
             ) {
                 Ok(g) => g,
                 Err(e) => {
-                    tracing::error!("cannot start: {e}", e = crate::observe::logging::Chain(&e));
+                    tracing::error!("cannot start: {e}", e = logging::Chain(&e));
                     successor::report_error(ready.take(), &e.to_string());
                     return 1;
                 }
@@ -439,7 +433,7 @@ impl Server {
                     Err(e) => {
                         tracing::error!(
                             "cannot watch files, restart with HUP instead: {e}",
-                            e = crate::observe::logging::Chain(&e)
+                            e = logging::Chain(&e)
                         );
                         None
                     }

@@ -11,6 +11,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
 use super::link::{self, Released, Update};
+use crate::observe::logging::Chain;
 
 #[derive(Clone, Default)]
 pub(crate) struct Links {
@@ -59,7 +60,7 @@ impl Links {
                     Err(e) => warn!(
                         worker_link = id,
                         "apps: unreadable message from a worker: {e}",
-                        e = crate::observe::logging::Chain(&e)
+                        e = Chain(&e)
                     ),
                 }
             }

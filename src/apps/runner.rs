@@ -29,6 +29,7 @@ use super::instance::{self, Process};
 use super::link::{InstanceInfo, Serving, Update};
 use super::links::Links;
 use crate::config::AppConfig;
+use crate::observe::logging::Chain;
 use crate::sys::backoff::Backoff;
 use crate::sys::reaper::{describe, Reaper};
 
@@ -181,7 +182,7 @@ fn watch(app: &AppConfig) -> Option<crate::sys::watch::Watch> {
         .map_err(|e| {
             error!(
                 "cannot watch the app's files, deploy with `gracesrv deploy` instead: {e}",
-                e = crate::observe::logging::Chain(&e)
+                e = Chain(&e)
             )
         })
         .ok()
@@ -244,10 +245,7 @@ impl Runner {
             Err(e) => {
                 self.failed_start(
                     replies,
-                    format!(
-                        "cannot start a new instance: {e}",
-                        e = crate::observe::logging::Chain(&e)
-                    ),
+                    format!("cannot start a new instance: {e}", e = Chain(&e)),
                 );
                 return;
             }

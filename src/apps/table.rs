@@ -19,6 +19,7 @@ use tokio::sync::{mpsc, watch, Notify};
 use tracing::{debug, warn};
 
 use super::link::{self, InstanceInfo, Released, Update};
+use crate::observe::logging::Chain;
 
 /// Every app of this generation's config, by name.
 #[derive(Default)]
@@ -117,7 +118,7 @@ impl Table {
             Err(e) => {
                 warn!(
                     "apps: cannot use the link to the supervisor: {e}",
-                    e = crate::observe::logging::Chain(&e)
+                    e = Chain(&e)
                 );
                 return;
             }
@@ -129,7 +130,7 @@ impl Table {
                     Ok(update) => table.apply(update, &queue, shutdown_timeout),
                     Err(e) => warn!(
                         "apps: unreadable update from the supervisor: {e}",
-                        e = crate::observe::logging::Chain(&e)
+                        e = Chain(&e)
                     ),
                 }
             }

@@ -18,6 +18,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::apps::Outcome;
 use crate::config::Config;
 use crate::control::reload::ControlError;
+use crate::observe::logging::Chain;
 
 /// A deploy asked for, and where its outcome goes.
 pub(crate) struct Request {
@@ -38,7 +39,7 @@ pub(crate) fn serve() -> mpsc::UnboundedReceiver<Request> {
         Err(e) => {
             tracing::warn!(
                 "no deploy socket, `gracesrv deploy` will not reach this process: {e}",
-                e = crate::observe::logging::Chain(&e)
+                e = Chain(&e)
             );
             return rx;
         }
@@ -98,7 +99,7 @@ pub(crate) fn deploy(config: &Path, app: &str) -> Result<String, ControlError> {
     let stream = std::os::unix::net::UnixStream::connect_addr(&addr).map_err(|e| {
         ControlError::NotRunning(format!(
             "pid {pid} takes no deploys ({e}): is it running with apps, under its supervisor?",
-            e = crate::observe::logging::Chain(&e)
+            e = Chain(&e)
         ))
     })?;
     ask(&config, def, pid, stream, app).map_err(ControlError::Failed)
@@ -121,7 +122,7 @@ fn ask(
     let _ = stream.set_read_timeout(Some(waited));
     stream
         .write_all(format!("{app}\n").as_bytes())
-        .map_err(|e| format!("pid {}: {e}", pid, e = crate::observe::logging::Chain(&e)))?;
+        .map_err(|e| format!("pid {}: {e}", pid, e = Chain(&e)))?;
     let mut line = String::new();
     std::io::BufReader::new(stream)
         .read_line(&mut line)
@@ -129,7 +130,7 @@ fn ask(
             format!(
                 "no answer from pid {} within {waited:?}: {e}",
                 pid,
-                e = crate::observe::logging::Chain(&e)
+                e = Chain(&e)
             )
         })?;
     let answer: serde_json::Value = serde_json::from_str(line.trim())

@@ -14,6 +14,7 @@ use crate::config::Config;
 use crate::control::prepare::Prepared;
 use crate::control::successor::{notify_systemd, status_line, write_pid_file, Predecessor};
 use crate::observe::access_log::AccessLog;
+use crate::observe::logging::Chain;
 use crate::process::context::{ListenerContext, ProcessInfo, Shared, ThreadStats};
 use crate::process::drain::Drain;
 use crate::serve::connection::ListenerSpec;
@@ -352,7 +353,7 @@ impl Generation {
         self.pid_file_pending = false;
         if let Some(path) = &self.config.pid_file {
             if let Err(e) = write_pid_file(path, self.process.pid) {
-                warn!(pid_file = %path.display(), "cannot write pid file, trying again every second: {e}", e = crate::observe::logging::Chain(&e));
+                warn!(pid_file = %path.display(), "cannot write pid file, trying again every second: {e}", e = Chain(&e));
                 self.pid_file_pending = true;
             }
         }

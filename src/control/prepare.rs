@@ -9,6 +9,7 @@ use std::sync::Arc;
 use crate::config::{Config, ConfigError};
 use crate::http::routes::Router;
 use crate::http::service::Handler;
+use crate::observe::logging::Chain;
 
 /// A config with everything it names loaded and checked.
 pub(crate) struct Prepared {
@@ -88,12 +89,7 @@ pub(crate) fn prepare_config(
             ConfigError::new(
                 &config.path,
                 Some(f.pos),
-                format!(
-                    "{}: {}: {e}",
-                    f.key,
-                    f.written,
-                    e = crate::observe::logging::Chain(&e)
-                ),
+                format!("{}: {}: {e}", f.key, f.written, e = Chain(&e)),
             )
         })?;
     }
@@ -103,11 +99,7 @@ pub(crate) fn prepare_config(
                 let what = if e.kind() == std::io::ErrorKind::NotFound {
                     format!("no such file {}", f.written)
                 } else {
-                    format!(
-                        "cannot read {}: {e}",
-                        f.written,
-                        e = crate::observe::logging::Chain(&e)
-                    )
+                    format!("cannot read {}: {e}", f.written, e = Chain(&e))
                 };
                 ConfigError::new(&config.path, Some(f.pos), format!("{}: {what}", f.key))
             })?;
@@ -115,12 +107,7 @@ pub(crate) fn prepare_config(
                 ConfigError::new(
                     &config.path,
                     Some(f.pos),
-                    format!(
-                        "{}: {} {e}",
-                        f.key,
-                        f.written,
-                        e = crate::observe::logging::Chain(&e)
-                    ),
+                    format!("{}: {} {e}", f.key, f.written, e = Chain(&e)),
                 )
             })?;
             Some(Arc::new(t))

@@ -19,6 +19,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
+use crate::observe::logging::Chain;
 
 /// What one restart attempt ended in.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -110,7 +111,7 @@ pub(crate) fn serve_control(config: &Path) {
         Err(e) => {
             tracing::warn!(
                 "no control socket, `gracesrv reload` will not reach this process: {e}",
-                e = crate::observe::logging::Chain(&e)
+                e = Chain(&e)
             );
             return;
         }
@@ -207,7 +208,7 @@ pub(crate) fn report(
     publish(&r);
     let Some(pid_file) = pid_file else { return };
     if let Err(e) = write_result(pid_file, &r) {
-        tracing::warn!(pid_file = %pid_file.display(), "cannot write the restart result: {e}", e = crate::observe::logging::Chain(&e));
+        tracing::warn!(pid_file = %pid_file.display(), "cannot write the restart result: {e}", e = Chain(&e));
     }
 }
 
@@ -251,7 +252,7 @@ fn restart(config: &Config, running: Running) -> Result<String, String> {
         format!(
             "cannot signal pid {pid} from {}: {e}",
             pid_file.display(),
-            e = crate::observe::logging::Chain(&e)
+            e = Chain(&e)
         )
     })?;
 
@@ -272,19 +273,10 @@ fn restart(config: &Config, running: Running) -> Result<String, String> {
                 "no restart result from pid {pid} within {waited:?}"
             ));
         }
-        Err(e) => {
-            return Err(format!(
-                "pid {pid}: control socket: {e}",
-                e = crate::observe::logging::Chain(&e)
-            ))
-        }
+        Err(e) => return Err(format!("pid {pid}: control socket: {e}", e = Chain(&e))),
     }
-    let r: RestartResult = serde_json::from_str(line.trim()).map_err(|e| {
-        format!(
-            "pid {pid} sent an unreadable result: {e}",
-            e = crate::observe::logging::Chain(&e)
-        )
-    })?;
+    let r: RestartResult = serde_json::from_str(line.trim())
+        .map_err(|e| format!("pid {pid} sent an unreadable result: {e}", e = Chain(&e)))?;
     let outcome = match (r.result.as_str(), r.new_pid) {
         ("ready", Some(new_pid)) => format!(
             "reloaded: pid {new_pid} (generation {}) replaces pid {pid}",
@@ -341,7 +333,7 @@ pub(crate) fn running(config: &Config, what: &str) -> Result<Running, String> {
         format!(
             "cannot read pid_file {}: {e} (is gracesrv running?)",
             pid_file.display(),
-            e = crate::observe::logging::Chain(&e)
+            e = Chain(&e)
         )
     })?;
     let pid: u32 = text
@@ -354,19 +346,15 @@ pub(crate) fn running(config: &Config, what: &str) -> Result<Running, String> {
             pid_file.display()
         )
     };
-    let control = connect_control(pid).map_err(|e| {
-        stale(format!(
-            "is not a running gracesrv ({e})",
-            e = crate::observe::logging::Chain(&e)
-        ))
-    })?;
+    let control = connect_control(pid)
+        .map_err(|e| stale(format!("is not a running gracesrv ({e})", e = Chain(&e))))?;
     let _ = control.set_read_timeout(Some(Duration::from_secs(5)));
     let mut reader = std::io::BufReader::new(control.try_clone().map_err(|e| e.to_string())?);
     let mut hello = String::new();
     reader.read_line(&mut hello).map_err(|e| {
         stale(format!(
             "did not answer on its control socket ({e})",
-            e = crate::observe::logging::Chain(&e)
+            e = Chain(&e)
         ))
     })?;
     let hello: serde_json::Value =

@@ -13,6 +13,7 @@ use tracing::{error, info, warn};
 use crate::config::Config;
 use crate::control::generation::Generation;
 use crate::control::predecessors::Predecessors;
+use crate::observe::logging::Chain;
 use crate::sys::reaper::Reaper;
 use crate::sys::signals::{Sig, Signals};
 
@@ -212,7 +213,7 @@ pub(crate) async fn control(
                         }
                     }
                     Err(reason) => {
-                        error!(took_ms, "restart failed: {}", crate::observe::logging::Chain(&reason));
+                        error!(took_ms, "restart failed: {}", Chain(&reason));
                         restart_failed(&gen);
                         pending.then_some(Trigger::Signal)
                     }

@@ -26,6 +26,7 @@ use std::path::Path;
 use tracing::warn;
 
 use crate::control::predecessors::Predecessors;
+use crate::observe::logging::Chain;
 use crate::sys::handoff::{self, HandoffError, InheritedSocket};
 use crate::sys::ready::Said;
 
@@ -170,7 +171,7 @@ impl Predecessor {
             Err(e) => {
                 warn!(
                     "cannot report ready to the previous generation: {e}",
-                    e = crate::observe::logging::Chain(&e)
+                    e = Chain(&e)
                 );
                 None
             }
@@ -192,7 +193,7 @@ pub(crate) fn serving_under_supervisor(supervisor: u32) {
     if let Err(e) = nix::sys::prctl::set_pdeathsig(Signal::SIGTERM) {
         warn!(
             "cannot ask for TERM when the supervisor dies: {e}",
-            e = crate::observe::logging::Chain(&e)
+            e = Chain(&e)
         );
     }
     if nix::unistd::getppid().as_raw() as u32 != supervisor {
@@ -229,10 +230,7 @@ pub(crate) fn status_line(
 pub(crate) fn notify_systemd(state: &[sd_notify::NotifyState]) {
     if std::env::var_os("NOTIFY_SOCKET").is_some() {
         if let Err(e) = sd_notify::notify(false, state) {
-            warn!(
-                "cannot notify systemd: {e}",
-                e = crate::observe::logging::Chain(&e)
-            );
+            warn!("cannot notify systemd: {e}", e = Chain(&e));
         }
     }
 }

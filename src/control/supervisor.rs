@@ -28,6 +28,7 @@ use crate::control::predecessors::Predecessors;
 use crate::control::restart::{Event, Restart, Trigger};
 use crate::control::spawn::{StartError, Started};
 use crate::control::successor::{notify_systemd, remove_pid_file, status_line, write_pid_file};
+use crate::observe::logging::Chain;
 use crate::sys::backoff::Backoff;
 use crate::sys::handoff::InheritedSocket;
 use crate::sys::listeners::Listener;
@@ -80,8 +81,8 @@ pub(crate) async fn run(
     let listeners = match crate::sys::listeners::open(&config.listeners, inherited) {
         Ok(l) => l,
         Err(e) => {
-            error!("cannot start: {e}", e = crate::observe::logging::Chain(&e));
-            eprintln!("gracesrv: {e}", e = crate::observe::logging::Chain(&e));
+            error!("cannot start: {e}", e = Chain(&e));
+            eprintln!("gracesrv: {e}", e = Chain(&e));
             return 1;
         }
     };
@@ -119,8 +120,8 @@ pub(crate) async fn run(
     let first = match outcome {
         Ok(started) => started.ready.pid,
         Err(e) => {
-            error!("cannot start: {e}", e = crate::observe::logging::Chain(&e));
-            eprintln!("gracesrv: {e}", e = crate::observe::logging::Chain(&e));
+            error!("cannot start: {e}", e = Chain(&e));
+            eprintln!("gracesrv: {e}", e = Chain(&e));
             apps.stop().await;
             return 1;
         }
@@ -131,7 +132,7 @@ pub(crate) async fn run(
     crate::control::reload::serve_control(&restart.spawner.config_path);
     if let Some(p) = &config.pid_file {
         if let Err(e) = write_pid_file(p, pid) {
-            warn!(pid_file = %p.display(), "cannot write pid file: {e}", e = crate::observe::logging::Chain(&e));
+            warn!(pid_file = %p.display(), "cannot write pid file: {e}", e = Chain(&e));
         }
     }
     let status = status_line(1, first as u32, &listeners);
@@ -302,7 +303,7 @@ impl Supervisor {
                     let delay = self.backoff.take();
                     error!(
                         "cannot replace the worker: {e}; trying again in {delay:?}",
-                        e = crate::observe::logging::Chain(&e)
+                        e = Chain(&e)
                     );
                     self.restart.wait_until(delay, pending);
                     None
@@ -461,7 +462,7 @@ fn start_watch(config: &Config) -> Option<crate::sys::watch::Watch> {
         .map_err(|e| {
             error!(
                 "cannot watch files, restart with HUP instead: {e}",
-                e = crate::observe::logging::Chain(&e)
+                e = Chain(&e)
             )
         })
         .ok()

@@ -21,6 +21,7 @@ use http::{header, HeaderMap, HeaderValue, StatusCode};
 use ipnet::IpNet;
 
 use crate::config::{BasicAuthConfig, ConfigError};
+use crate::observe::logging::Chain;
 use crate::wire::body::{text, Body};
 
 /// Remembered logins, at most (then forgotten all at once).
@@ -133,13 +134,8 @@ impl BasicAuth {
     fn load(file: &std::path::Path, c: &BasicAuthConfig) -> Result<BasicAuth, ConfigError> {
         let f = &c.users_file;
         let fail = |what: String| ConfigError::new(file, Some(f.pos), format!("{}: {what}", f.key));
-        let text = std::fs::read_to_string(&f.path).map_err(|e| {
-            fail(format!(
-                "cannot read {}: {e}",
-                f.written,
-                e = crate::observe::logging::Chain(&e)
-            ))
-        })?;
+        let text = std::fs::read_to_string(&f.path)
+            .map_err(|e| fail(format!("cannot read {}: {e}", f.written, e = Chain(&e))))?;
         let mut users = HashMap::new();
         let mut first: Option<String> = None;
         for (n, line) in text.lines().enumerate() {
@@ -161,7 +157,8 @@ impl BasicAuth {
             if !bcrypt {
                 if let Err(e) = argon2_of(hash) {
                     return Err(fail(format!(
-                        "{at}: the hash of {user:?} is not bcrypt or argon2 ({e}; make the file with htpasswd -B, or argon2 -e)")));
+                        "{at}: the hash of {user:?} is not bcrypt or argon2 ({e}; make the file with htpasswd -B, or argon2 -e)"
+                    )));
                 }
             }
             first.get_or_insert_with(|| hash.to_string());

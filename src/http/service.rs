@@ -8,6 +8,7 @@ use http::{Request, Response};
 use tower::util::BoxCloneSyncService;
 use tower::{Service, ServiceExt};
 
+use crate::observe::logging::Chain;
 use crate::process::context::{ListenerContext, Peer};
 use crate::wire::body::{text, Body, BoxError, IncomingBody, Reply, RequestBody};
 
@@ -58,10 +59,7 @@ impl Handler {
                 let call = svc.clone().oneshot(req);
                 let reply = Reply::Later(Box::pin(async move {
                     call.await.unwrap_or_else(|e| {
-                        tracing::error!(
-                            "service error: {e}",
-                            e = crate::observe::logging::Chain(&*e)
-                        );
+                        tracing::error!("service error: {e}", e = Chain(&*e));
                         text(
                             http::StatusCode::INTERNAL_SERVER_ERROR,
                             "internal server error\n",

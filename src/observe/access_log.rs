@@ -19,6 +19,7 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use crate::config::{AccessLogConfig, AccessLogFormat};
+use crate::observe::logging::Chain;
 
 /// A thread's buffer holds at most this much; lines beyond it are dropped
 /// (and counted) until the next flush.
@@ -207,7 +208,7 @@ impl AccessLog {
             if let Some(p) = &self.config.path {
                 match open_append(p) {
                     Ok(f) => *file = Some(f),
-                    Err(e) => tracing::warn!("{e}", e = crate::observe::logging::Chain(&e)),
+                    Err(e) => tracing::warn!("{e}", e = Chain(&e)),
                 }
             }
         }
@@ -230,7 +231,7 @@ impl AccessLog {
                         lost,
                         suppressed,
                         "access log: cannot write: {e}",
-                        e = crate::observe::logging::Chain(&e)
+                        e = Chain(&e)
                     );
                 }
             }

@@ -9,6 +9,7 @@ use bytes::Bytes;
 use tracing::debug;
 
 use crate::observe::access_log::TlsInfo;
+use crate::observe::logging::Chain;
 use crate::process::context::Peer;
 
 use super::request::request;
@@ -61,7 +62,7 @@ pub(super) async fn connection(
     let mut h3 = match h3 {
         Ok(h) => h,
         Err(e) => {
-            debug!(listener = %spec.ctx.name, "HTTP/3 connection: {e}", e = crate::observe::logging::Chain(&e));
+            debug!(listener = %spec.ctx.name, "HTTP/3 connection: {e}", e = Chain(&e));
             return;
         }
     };
@@ -106,7 +107,7 @@ pub(super) async fn connection(
                     phase = 2;
                     refuse_from = last_id.map_or(0, |id| id + 4);
                     if let Err(e) = h3.shutdown(1).await {
-                        debug!(listener = %spec.ctx.name, "HTTP/3 GOAWAY: {e}", e = crate::observe::logging::Chain(&e));
+                        debug!(listener = %spec.ctx.name, "HTTP/3 GOAWAY: {e}", e = Chain(&e));
                         break;
                     }
                     if in_flight.count.load(Ordering::Acquire) == 0 {
@@ -120,14 +121,14 @@ pub(super) async fn connection(
                     // One GOAWAY naming the stream after the last one taken.
                     refuse_from = last_id.map_or(0, |id| id + 4);
                     if let Err(e) = h3.shutdown(1).await {
-                        debug!(listener = %spec.ctx.name, "HTTP/3 GOAWAY: {e}", e = crate::observe::logging::Chain(&e));
+                        debug!(listener = %spec.ctx.name, "HTTP/3 GOAWAY: {e}", e = Chain(&e));
                     }
                     break;
                 }
                 if now >= wait_until {
                     phase = 1;
                     if let Err(e) = h3.shutdown(usize::MAX >> 8).await {
-                        debug!(listener = %spec.ctx.name, "HTTP/3 GOAWAY: {e}", e = crate::observe::logging::Chain(&e));
+                        debug!(listener = %spec.ctx.name, "HTTP/3 GOAWAY: {e}", e = Chain(&e));
                         break;
                     }
                     let rtt = conn.rtt();
@@ -172,7 +173,7 @@ pub(super) async fn connection(
                 // The client's GOAWAY, and every request done.
                 Ok(None) => break,
                 Err(e) => {
-                    debug!(listener = %spec.ctx.name, "HTTP/3 connection: {e}", e = crate::observe::logging::Chain(&e));
+                    debug!(listener = %spec.ctx.name, "HTTP/3 connection: {e}", e = Chain(&e));
                     return;
                 }
             }

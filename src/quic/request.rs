@@ -15,6 +15,7 @@ use http_body_util::BodyExt;
 use tracing::debug;
 
 use crate::observe::access_log::{Entry, TlsInfo};
+use crate::observe::logging::Chain;
 use crate::process::context::Peer;
 use crate::wire::body::{text, BoxError, IncomingBody, Reply, RequestBody};
 
@@ -41,7 +42,7 @@ pub(super) async fn request(
     let (req, mut stream): (Request<()>, Stream) = match resolved {
         Ok(r) => r,
         Err(e) => {
-            debug!(listener = %spec.ctx.name, "HTTP/3 request: {e}", e = crate::observe::logging::Chain(&e));
+            debug!(listener = %spec.ctx.name, "HTTP/3 request: {e}", e = Chain(&e));
             return;
         }
     };
@@ -96,7 +97,7 @@ pub(super) async fn request(
     let status = res.status().as_u16();
     let mut sent = 0;
     if let Err(e) = respond(&mut send, res, spec.shared.timeouts.send, &mut sent).await {
-        debug!(listener = %spec.ctx.name, "HTTP/3 response: {e}", e = crate::observe::logging::Chain(&e));
+        debug!(listener = %spec.ctx.name, "HTTP/3 response: {e}", e = Chain(&e));
         send.stop_stream(h3::error::Code::H3_REQUEST_CANCELLED);
     }
     if let Some(e) = &mut entry {

@@ -36,6 +36,7 @@ use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
 use super::cid;
+use crate::observe::logging::Chain;
 use crate::process::context::QuicStats;
 use crate::process::drain::Drain;
 
@@ -193,7 +194,7 @@ impl Socket {
                     }
                     Ok(_) => continue,
                     Err(e) => {
-                        warn!(%listener, "HTTP/3: reader socket: {e}", e = crate::observe::logging::Chain(&e));
+                        warn!(%listener, "HTTP/3: reader socket: {e}", e = Chain(&e));
                         return;
                     }
                 }
@@ -221,7 +222,7 @@ impl Socket {
                 }
                 if let Ok(reader) = bind_abstract(&reader_name(self.inode)) {
                     if let Err(e) = self.start_reading() {
-                        warn!(%listener, "HTTP/3: cannot read the UDP socket: {e}", e = crate::observe::logging::Chain(&e));
+                        warn!(%listener, "HTTP/3: cannot read the UDP socket: {e}", e = Chain(&e));
                         return;
                     }
                     info!(%listener, "HTTP/3: nobody reads the UDP socket: reading it again");
@@ -240,7 +241,7 @@ impl Socket {
             match bind_abstract(&name) {
                 Ok(reader) => {
                     if let Err(e) = self.start_reading() {
-                        warn!(%listener, "HTTP/3: cannot read the UDP socket: {e}", e = crate::observe::logging::Chain(&e));
+                        warn!(%listener, "HTTP/3: cannot read the UDP socket: {e}", e = Chain(&e));
                         return None;
                     }
                     if asked > 0 {
@@ -250,7 +251,7 @@ impl Socket {
                 }
                 Err(e) if e.kind() == io::ErrorKind::AddrInUse => {}
                 Err(e) => {
-                    warn!(%listener, "HTTP/3: cannot bind the reader's name, reading anyway: {e}", e = crate::observe::logging::Chain(&e));
+                    warn!(%listener, "HTTP/3: cannot bind the reader's name, reading anyway: {e}", e = Chain(&e));
                     let _ = self.start_reading();
                     std::future::pending::<()>().await;
                 }
@@ -425,7 +426,7 @@ impl Socket {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => {
-                    debug!("HTTP/3 inbox: {e}", e = crate::observe::logging::Chain(&e));
+                    debug!("HTTP/3 inbox: {e}", e = Chain(&e));
                     continue;
                 }
             };
@@ -544,10 +545,7 @@ impl quinn::AsyncUdpSocket for Socket {
                 Poll::Ready(Ok(r)) => r,
                 // quinn ends the endpoint on an error: wait for the next datagram.
                 Poll::Ready(Err(e)) => {
-                    warn!(
-                        "HTTP/3: reading the UDP socket: {e}",
-                        e = crate::observe::logging::Chain(&e)
-                    );
+                    warn!("HTTP/3: reading the UDP socket: {e}", e = Chain(&e));
                     return Poll::Pending;
                 }
                 Poll::Pending => return Poll::Pending,
@@ -561,10 +559,7 @@ impl quinn::AsyncUdpSocket for Socket {
                     }
                 }
                 Ok(Err(e)) => {
-                    debug!(
-                        "HTTP/3: reading the UDP socket: {e}",
-                        e = crate::observe::logging::Chain(&e)
-                    );
+                    debug!("HTTP/3: reading the UDP socket: {e}", e = Chain(&e));
                 }
                 Err(_would_block) => {}
             }

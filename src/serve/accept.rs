@@ -14,6 +14,7 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
+use crate::observe::logging::Chain;
 use crate::process::context::{Peer, Shared, ThreadStats};
 use crate::serve::connection::{self, ListenerSpec};
 
@@ -107,10 +108,7 @@ pub(crate) fn start(
                     if let (0, Some(socket)) = (w, &thread.shared.process.forward) {
                         if let Err(e) = super::forward::serve(socket, specs.clone(), thread.clone())
                         {
-                            warn!(
-                                "cannot accept forwarded requests: {e}",
-                                e = crate::observe::logging::Chain(&e)
-                            );
+                            warn!("cannot accept forwarded requests: {e}", e = Chain(&e));
                         }
                     }
                     for (spec, socket) in specs.into_iter().zip(sockets) {
@@ -196,7 +194,7 @@ pub(super) async fn pause<L: Pausable>(
     let paused = match socket.pause() {
         Ok(s) => s,
         Err(e) => {
-            warn!(listener = %name, "cannot pause the listener: {e}", e = crate::observe::logging::Chain(&e));
+            warn!(listener = %name, "cannot pause the listener: {e}", e = Chain(&e));
             return None;
         }
     };
@@ -211,7 +209,7 @@ pub(super) async fn pause<L: Pausable>(
             Some(s)
         }
         Err(e) => {
-            warn!(listener = %name, "cannot accept again: {e}", e = crate::observe::logging::Chain(&e));
+            warn!(listener = %name, "cannot accept again: {e}", e = Chain(&e));
             None
         }
     }
@@ -318,7 +316,7 @@ async fn accept_loop(
                 static LOGGED: crate::observe::logging::Throttle =
                     crate::observe::logging::Throttle::new();
                 if let Some(suppressed) = LOGGED.allow() {
-                    warn!(listener = %spec.ctx.name, suppressed, "accept: {e}; retrying in {pause:?}", e = crate::observe::logging::Chain(&e));
+                    warn!(listener = %spec.ctx.name, suppressed, "accept: {e}; retrying in {pause:?}", e = Chain(&e));
                 }
                 tokio::select! {
                     biased;

@@ -20,6 +20,7 @@ use tracing::debug;
 
 use crate::http::service::Handler;
 use crate::observe::access_log::{AccessLog, TlsInfo};
+use crate::observe::logging::Chain;
 use crate::process::context::{ListenerContext, Peer, Shared, ThreadStats};
 
 use super::activity::{now_ms, tick_ms, Activity, Expiry, TrackedIo, REST};
@@ -289,7 +290,7 @@ pub(crate) async fn serve_tls(
             serve_http(tls, alpn_h2, peer, info, spec, thread, false).await
         }
         Ok(Err(e)) => {
-            debug!(listener = %spec.ctx.name, %peer, "TLS handshake failed: {e}", e = crate::observe::logging::Chain(&e))
+            debug!(listener = %spec.ctx.name, %peer, "TLS handshake failed: {e}", e = Chain(&e))
         }
         Err(_) => debug!(listener = %spec.ctx.name, %peer, "TLS handshake timed out"),
     }
@@ -334,7 +335,7 @@ pub(crate) async fn serve_http<T: Socket>(
             Ok(Ok(Some(first))) => first,
             Ok(Ok(None)) => return,
             Ok(Err(e)) => {
-                debug!(listener = %spec.ctx.name, "connection: {e}", e = crate::observe::logging::Chain(&e));
+                debug!(listener = %spec.ctx.name, "connection: {e}", e = Chain(&e));
                 return;
             }
             Err(_) => {

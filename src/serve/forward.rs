@@ -48,6 +48,7 @@ use tokio::net::UnixStream;
 use tracing::debug;
 
 use crate::observe::access_log::TlsInfo;
+use crate::observe::logging::Chain;
 use crate::process::context::Peer;
 use crate::sys::forward::ForwardSocket;
 use crate::wire::body::Body;
@@ -144,12 +145,7 @@ async fn serve_one(mut stream: UnixStream, specs: Arc<[Arc<ListenerSpec>]>, thre
     let _counted = thread.shared.process.drain.connection();
     let hello = match tokio::time::timeout(HELLO_WITHIN, read_hello(&mut stream)).await {
         Ok(Ok(h)) => h,
-        Ok(Err(e)) => {
-            return debug!(
-                "forwarded connection: {e}",
-                e = crate::observe::logging::Chain(&e)
-            )
-        }
+        Ok(Err(e)) => return debug!("forwarded connection: {e}", e = Chain(&e)),
         Err(_) => return debug!("forwarded connection: no first line"),
     };
     let Some(spec) = specs.iter().find(|s| s.ctx.name == hello.listener) else {
@@ -244,10 +240,7 @@ impl Forwarder {
             let mut sender = match self.sender().await {
                 Ok(s) => s,
                 Err(e) => {
-                    debug!(
-                        "cannot forward: {e}",
-                        e = crate::observe::logging::Chain(&e)
-                    );
+                    debug!("cannot forward: {e}", e = Chain(&e));
                     return Err(NotSent(req));
                 }
             };
@@ -310,10 +303,7 @@ impl Forwarder {
             .map_err(io::Error::other)?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
-                debug!(
-                    "forwarding connection ended: {e}",
-                    e = crate::observe::logging::Chain(&e)
-                );
+                debug!("forwarding connection ended: {e}", e = Chain(&e));
             }
         });
         *held = Some((sender.clone(), pid));

@@ -20,6 +20,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
 use crate::config::{AcmeConfig, Challenge, ConfigError, FileRef, TlsConfig};
+use crate::observe::logging::Chain;
 
 /// The one crypto provider gracesrv uses.
 pub(crate) fn provider() -> Arc<CryptoProvider> {
@@ -46,11 +47,7 @@ pub(crate) fn server_config(
             ConfigError::new(
                 file,
                 Some(tls.cert.pos),
-                format!(
-                    "{}: placeholder: {e}",
-                    tls.cert.key,
-                    e = crate::observe::logging::Chain(&e)
-                ),
+                format!("{}: placeholder: {e}", tls.cert.key, e = Chain(&e)),
             )
         })?
     } else {
@@ -72,13 +69,7 @@ pub(crate) fn server_config(
     };
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| {
-            ConfigError::new(
-                file,
-                None,
-                format!("TLS setup: {e}", e = crate::observe::logging::Chain(&e)),
-            )
-        })?
+        .map_err(|e| ConfigError::new(file, None, format!("TLS setup: {e}", e = Chain(&e))))?
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(resolver));
     config.alpn_protocols = tls.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
@@ -110,7 +101,7 @@ fn read_error(file: &std::path::Path, f: &FileRef, e: rustls_pki_types::pem::Err
         other => format!(
             "{} is not valid PEM: {other}",
             f.written,
-            other = crate::observe::logging::Chain(&other)
+            other = Chain(&other)
         ),
     };
     file_error(file, f, what)
@@ -141,7 +132,7 @@ pub(crate) fn load_pair(
             format!(
                 "{} is not a usable certificate: {e}",
                 cert.written,
-                e = crate::observe::logging::Chain(&e)
+                e = Chain(&e)
             ),
         )
     })?;
@@ -159,7 +150,7 @@ pub(crate) fn load_pair(
             other => format!(
                 "{} cannot be used: {other}",
                 key.written,
-                other = crate::observe::logging::Chain(&other)
+                other = Chain(&other)
             ),
         };
         file_error(file, key, what)

@@ -13,6 +13,7 @@ use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
 use super::{file_error, load_pair, provider, read_error};
 use crate::config::{ConfigError, UpstreamTls};
+use crate::observe::logging::Chain;
 
 /// The client config for a route's `https://` upstreams; `h2`: offer only
 /// HTTP/2 by ALPN, else only HTTP/1.1.
@@ -25,13 +26,7 @@ pub(crate) fn client_config(
     let provider = provider();
     let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| {
-            ConfigError::new(
-                file,
-                None,
-                format!("{route}: TLS: {e}", e = crate::observe::logging::Chain(&e)),
-            )
-        })?;
+        .map_err(|e| ConfigError::new(file, None, format!("{route}: TLS: {e}", e = Chain(&e))))?;
     let builder = if tls.insecure_skip_verify {
         tracing::warn!(
             route,
@@ -60,11 +55,7 @@ pub(crate) fn client_config(
                         file_error(
                             file,
                             ca,
-                            format!(
-                                "{} is not a CA certificate: {e}",
-                                ca.written,
-                                e = crate::observe::logging::Chain(&e)
-                            ),
+                            format!("{} is not a CA certificate: {e}", ca.written, e = Chain(&e)),
                         )
                     })?;
                 }
@@ -96,10 +87,7 @@ fn system_roots() -> Arc<RootCertStore> {
         .get_or_init(|| {
             let found = rustls_native_certs::load_native_certs();
             for e in found.errors.iter().take(3) {
-                tracing::warn!(
-                    "reading the system's trusted roots: {e}",
-                    e = crate::observe::logging::Chain(e)
-                );
+                tracing::warn!("reading the system's trusted roots: {e}", e = Chain(e));
             }
             let mut roots = RootCertStore::empty();
             let (added, ignored) = roots.add_parsable_certificates(found.certs);

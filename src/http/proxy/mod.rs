@@ -40,6 +40,7 @@ use tokio::sync::watch;
 
 use crate::apps::InFlight;
 use crate::config::{ConfigError, HostRule, ProxyConfig, ProxyTarget, UpstreamProtocol};
+use crate::observe::logging::Chain;
 use crate::process::context::{ListenerContext, Peer};
 use crate::process::upstreams::{now_ms, UpstreamState};
 use crate::wire::body::{text, Body, RequestBody};
@@ -123,7 +124,7 @@ impl Proxy {
                                         None,
                                         format!(
                                             "route {route}: upstream {label}: {e}",
-                                            e = crate::observe::logging::Chain(&e)
+                                            e = Chain(&e)
                                         ),
                                     )
                                 })?;
@@ -564,7 +565,7 @@ impl Proxy {
             let (client, upstream) = match tokio::join!(client, upstream) {
                 (Ok(c), Ok(u)) => (c, u),
                 (Err(e), _) | (_, Err(e)) => {
-                    debug!(%listener, "upgrade failed: {e}", e = crate::observe::logging::Chain(&e));
+                    debug!(%listener, "upgrade failed: {e}", e = Chain(&e));
                     return;
                 }
             };

@@ -31,7 +31,7 @@ use std::time::{Duration, SystemTime};
 use tracing::{error, info, warn};
 
 use crate::config::{AcmeConfig, Config};
-use crate::observe::logging::causes;
+use crate::observe::logging::{causes, Chain};
 
 /// One certificate the config asks for: the names of a listener.
 #[derive(Clone, Debug)]
@@ -220,7 +220,7 @@ pub(crate) async fn run(config: Config, shown: Option<std::sync::Arc<Status>>, r
         return;
     }
     if let Err(e) = prepare_storage(&acme.storage) {
-        error!(storage = %acme.storage.display(), "ACME storage unusable: {e}", e = crate::observe::logging::Chain(&e));
+        error!(storage = %acme.storage.display(), "ACME storage unusable: {e}", e = Chain(&e));
         return;
     }
     let mut backoff: HashMap<Vec<String>, (Duration, tokio::time::Instant)> = HashMap::new();
