@@ -38,6 +38,14 @@ fn acme_config(pebble: &Pebble, challenge: &str, web: u16, site: u16, names: &[&
         )
 }
 
+/// What `/status` on the `web` listener says.
+async fn status(srv: &TestServer) -> serde_json::Value {
+    let r = client::get(&Target::plain(srv.addr("web")), "/status")
+        .await
+        .unwrap();
+    serde_json::from_str(&r.body).unwrap()
+}
+
 /// A TLS target for `name` on `addr`, trusting `roots_pem` only.
 fn site(addr: std::net::SocketAddr, roots_pem: &str, name: &str) -> Target {
     Target {
@@ -103,10 +111,7 @@ async fn obtains_with(challenge: &str) {
         let mode = u32::from_str_radix(line.split(' ').next().unwrap(), 8).unwrap();
         assert_eq!(mode & 0o077, 0, "created open to others: {line}");
     }
-    let status = client::get(&Target::plain(srv.addr("web")), "/status")
-        .await
-        .unwrap();
-    let s: serde_json::Value = serde_json::from_str(&status.body).unwrap();
+    let s = status(&srv).await;
     assert_eq!(s["acme"][0]["names"], json!(["a.test"]), "{s}");
     assert!(s["acme"][0]["not_after"].is_string(), "{s}");
     assert!(s["acme"][0]["last_error"].is_null(), "{s}");
@@ -190,10 +195,7 @@ async fn status_tells_the_served_certificate_from_the_stored_one() {
     srv.wait_log("certificate obtained").await;
     // The orderer asks for the restart that would serve it, which fails.
     srv.wait_log("restart failed").await;
-    let status = client::get(&Target::plain(srv.addr("web")), "/status")
-        .await
-        .unwrap();
-    let s: serde_json::Value = serde_json::from_str(&status.body).unwrap();
+    let s = status(&srv).await;
     let acme = &s["acme"][0];
     // RFC 3339 dates in UTC: the day is the first ten characters.
     let day = |k: &str| acme[k].as_str().unwrap_or_else(|| panic!("{k} in {s}"))[..10].to_string();
@@ -232,10 +234,7 @@ async fn without_the_acme_server_the_old_certificate_serves_on() {
         .await
         .unwrap();
     assert_eq!(r.status, 200, "the old certificate serves on");
-    let status = client::get(&Target::plain(srv.addr("web")), "/status")
-        .await
-        .unwrap();
-    let s: serde_json::Value = serde_json::from_str(&status.body).unwrap();
+    let s = status(&srv).await;
     let acme = &s["acme"][0];
     assert!(
         acme["last_error"].as_str().is_some_and(|e| !e.is_empty()),
@@ -264,10 +263,7 @@ async fn an_acme_failure_names_its_root_cause() {
     for part in ["new account", "client error (Connect)", "CaUsedAsEndEntity"] {
         assert!(line.contains(part), "{part:?} missing from: {line}");
     }
-    let status = client::get(&Target::plain(srv.addr("web")), "/status")
-        .await
-        .unwrap();
-    let s: serde_json::Value = serde_json::from_str(&status.body).unwrap();
+    let s = status(&srv).await;
     let last = s["acme"][0]["last_error"].as_str().unwrap_or_default();
     assert!(last.contains("CaUsedAsEndEntity"), "{s}");
 }

@@ -701,18 +701,7 @@ async fn malformed_http3_requests_are_refused() {
 /// requests' bodies read whatever the version; across a restart.
 #[tokio::test]
 async fn an_applications_service_serves_http3_across_a_restart() {
-    let exe = std::path::Path::new(util::BIN)
-        .parent()
-        .unwrap()
-        .join("examples")
-        .join("embedded");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let built = std::process::Command::new(cargo)
-        .args(["build", "--quiet", "--example", "embedded"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .status()
-        .unwrap();
-    assert!(built.success() && exe.exists(), "{}", exe.display());
+    let exe = util::example("embedded");
     let config = Config::new()
         .listener(Listener::tls("app", "localhost.crt", "localhost.key").set("http3", true));
     let mut srv = TestServer::builder()

@@ -419,19 +419,7 @@ async fn an_embedded_application_restarts_the_same_way() {
     // application serving its own service through the library, with the
     // config's routes on its other listener.
     for example in ["embedded", "tokio_app"] {
-        let exe = std::path::Path::new(util::BIN)
-            .parent()
-            .unwrap()
-            .join("examples")
-            .join(example);
-        // `cargo test` builds examples, `cargo test --test restart` does not.
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let built = std::process::Command::new(cargo)
-            .args(["build", "--quiet", "--example", example])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status()
-            .unwrap();
-        assert!(built.success() && exe.exists(), "{}", exe.display());
+        let exe = util::example(example);
         let config = Config::new()
             .listener(Listener::plain("app"))
             .listener(Listener::plain("admin").route("/status", "status", serde_json::json!({})));
@@ -466,18 +454,7 @@ async fn an_embedded_application_restarts_the_same_way() {
 /// process answers it, the new one answers what follows, nothing fails.
 #[tokio::test]
 async fn an_axum_router_restarts_with_a_slow_request_in_flight() {
-    let exe = std::path::Path::new(util::BIN)
-        .parent()
-        .unwrap()
-        .join("examples")
-        .join("axum");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let built = std::process::Command::new(cargo)
-        .args(["build", "--quiet", "--example", "axum"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .status()
-        .unwrap();
-    assert!(built.success() && exe.exists(), "{}", exe.display());
+    let exe = util::example("axum");
     let mut srv = TestServer::builder()
         .config(Config::new().listener(Listener::plain("app")))
         .command(std::process::Command::new(exe))
@@ -510,18 +487,7 @@ async fn an_axum_router_restarts_with_a_slow_request_in_flight() {
 /// process, in that order.
 #[tokio::test]
 async fn an_embedded_application_runs_its_hooks_across_hup_and_term() {
-    let exe = std::path::Path::new(util::BIN)
-        .parent()
-        .unwrap()
-        .join("examples")
-        .join("hooks");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let built = std::process::Command::new(cargo)
-        .args(["build", "--quiet", "--example", "hooks"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .status()
-        .unwrap();
-    assert!(built.success() && exe.exists(), "{}", exe.display());
+    let exe = util::example("hooks");
     let config = Config::new().listener(Listener::plain("web").route(
         "/",
         "respond",

@@ -256,6 +256,20 @@ impl Builder {
 
 /// A config with one plain and one TLS listener on kernel-picked ports, as
 /// text (for tests of the text itself: positions, broken YAML).
+/// The binary of `examples/NAME.rs`, built now: `cargo test` builds the
+/// examples, `cargo test --test X` does not.
+pub fn example(name: &str) -> PathBuf {
+    let exe = Path::new(BIN).parent().unwrap().join("examples").join(name);
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let built = Command::new(cargo)
+        .args(["build", "--quiet", "--example", name])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .unwrap();
+    assert!(built.success() && exe.exists(), "{}", exe.display());
+    exe
+}
+
 /// A TCP port on 127.0.0.1 that was free a moment ago, for a program that
 /// cannot be given port 0 (nginx, pebble, a config written before the start).
 /// Never the same port twice in one test process: the kernel's next pick is
