@@ -249,9 +249,14 @@ async fn chromium_over_http3_loses_no_sub_resource_across_restarts() {
                 )
                 .route("/", "static", json!({ "root": "public" })),
         );
-    let mut srv = TestServer::builder().config(config).spawn();
-    std::fs::create_dir(srv.dir.path().join("public")).unwrap();
-    std::fs::write(srv.dir.path().join("public/page.html"), page).unwrap();
+    // The page exists before the server starts: `static` checks its root.
+    let mut srv = TestServer::builder()
+        .config(config)
+        .before(move |dir, _| {
+            std::fs::create_dir(dir.join("public")).unwrap();
+            std::fs::write(dir.join("public/page.html"), page).unwrap();
+        })
+        .spawn();
     srv.wait_ready().await;
     let port = srv.addr("h3").port();
     // Chromium trusts the test certificate by its key's hash.

@@ -289,7 +289,7 @@ impl Generation {
             specs.push((
                 socket,
                 ListenerSpec {
-                    tls: tls.map(tokio_rustls::TlsAcceptor::from),
+                    tls,
                     handler: p.handler,
                     ctx,
                     nodelay_inherited: false,

@@ -422,7 +422,7 @@ impl Accepted {
                 };
                 connection::serve_http(stream, None, peer, None, spec, thread, false).await
             }
-            Some(acceptor) => connection::serve_tls(acceptor, stream, peer, spec, thread).await,
+            Some(config) => connection::serve_tls(config, stream, peer, spec, thread).await,
         }
         // Counted until here: the connection is closed.
         drop(guard);

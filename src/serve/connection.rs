@@ -22,6 +22,7 @@ use crate::http::service::Handler;
 use crate::observe::access_log::{AccessLog, TlsInfo};
 use crate::observe::logging::Chain;
 use crate::process::context::{ListenerContext, Peer, Shared, ThreadStats};
+use crate::tls::stream::TlsStream;
 
 use super::activity::{now_ms, tick_ms, Activity, Expiry, TrackedIo, REST};
 use super::exchange::ConnService;
@@ -42,7 +43,7 @@ pub(crate) struct Thread {
 /// Everything a thread needs to serve one listener.
 #[derive(Clone)]
 pub(crate) struct ListenerSpec {
-    pub(crate) tls: Option<tokio_rustls::TlsAcceptor>,
+    pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
     pub(crate) handler: Handler,
     pub(crate) ctx: Arc<ListenerContext>,
     /// Set by [`crate::serve::accept::start`]: accepted sockets get TCP_NODELAY from the listening
@@ -146,6 +147,8 @@ async fn sniff<T: AsyncRead + Unpin>(io: &mut T) -> std::io::Result<Option<(bool
 pub(crate) trait Socket: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     type Raw: RawSocket;
     fn raw(&self) -> &Self::Raw;
+    /// The connection rests: buffers that hold nothing are freed.
+    fn release_buffers(&mut self) {}
 }
 
 /// The socket under a connection's transport.
@@ -198,10 +201,13 @@ impl Socket for UnixStream {
 /// keep its IO in several places (the first read, hyper, the rest, the
 /// lingering close), and a pointer there costs 8 bytes where rustls's
 /// state costs kilobytes in each.
-impl Socket for Box<tokio_rustls::server::TlsStream<TcpStream>> {
+impl Socket for Box<TlsStream> {
     type Raw = TcpStream;
     fn raw(&self) -> &TcpStream {
-        self.get_ref().0
+        self.get_ref()
+    }
+    fn release_buffers(&mut self) {
+        TlsStream::release_buffers(self)
     }
 }
 
@@ -247,7 +253,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> std::future::Future for
 
 /// The TLS handshake (within `timeouts.handshake`), then HTTP.
 pub(crate) async fn serve_tls(
-    acceptor: tokio_rustls::TlsAcceptor,
+    config: Arc<rustls::ServerConfig>,
     stream: TcpStream,
     peer: SocketAddr,
     spec: Arc<ListenerSpec>,
@@ -257,7 +263,9 @@ pub(crate) async fn serve_tls(
     // life. The stream it yields is boxed inside it: held inline, its slot
     // (rustls's state, 2.5 KB) stayed in this future while it served.
     let handshake = Box::pin(async {
-        let tls = tokio::time::timeout(thread.shared.timeouts.handshake, acceptor.accept(stream));
+        let keep_sni = spec.access_log.is_some();
+        let accept = TlsStream::accept(stream, config, keep_sni);
+        let tls = tokio::time::timeout(thread.shared.timeouts.handshake, accept);
         tls.await.map(|tls| tls.map(Box::new))
     })
     .await;
@@ -274,7 +282,7 @@ pub(crate) async fn serve_tls(
                 addr: peer,
                 tls: true,
             };
-            let session = tls.get_ref().1;
+            let session = &tls;
             let alpn_h2 = session.alpn_protocol().map(|p| p == b"h2");
             // What the access log says of TLS (only when there is one).
             let info = spec.access_log.as_ref().map(|_| {
@@ -416,6 +424,7 @@ pub(crate) async fn serve_http<T: Socket>(
         drop(returned);
         prefix = Bytes::new();
         if activity.resting.swap(false, Ordering::Relaxed) && !client_closed {
+            io.release_buffers();
             match Box::pin(rest(&io, &activity, shared)).await {
                 // The client sent again: a new hyper, from where the filter is.
                 None => continue,

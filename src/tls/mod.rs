@@ -6,6 +6,7 @@
 //! socket is touched, and the old generation keeps serving.
 
 pub(crate) mod acme;
+pub(crate) mod stream;
 pub(crate) mod tickets;
 pub(crate) mod upstream;
 

@@ -129,7 +129,7 @@ impl rustls::client::ResolvesClientCert for ClientCert {
 /// `tls_insecure_skip_verify`: any certificate is taken; the handshake's
 /// signatures are still checked, so the peer holds the key it shows.
 #[derive(Debug)]
-struct NoVerification(Arc<CryptoProvider>);
+pub(crate) struct NoVerification(pub(crate) Arc<CryptoProvider>);
 
 impl ServerCertVerifier for NoVerification {
     fn verify_server_cert(
