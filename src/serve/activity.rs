@@ -128,6 +128,13 @@ impl Activity {
             && now >= self.idle_since.load(Ordering::Relaxed) + REST.as_millis() as u64
     }
 
+    /// HTTP/2: no stream has been open for `d`.
+    pub(super) fn h2_quiet_for(&self, d: Duration) -> bool {
+        self.h2
+            && self.h2_quiet.load(Ordering::Relaxed)
+            && now_ms() >= self.h2_quiet_at.load(Ordering::Relaxed) + d.as_millis() as u64
+    }
+
     pub(super) fn request_started(&self) {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.head_since.store(0, Ordering::Relaxed);
@@ -250,7 +257,7 @@ pub(super) fn gone() -> std::io::Error {
     std::io::Error::from(std::io::ErrorKind::NotConnected)
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for TrackedIo<T> {
+impl<T: super::connection::Socket> AsyncRead for TrackedIo<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -269,7 +276,16 @@ impl<T: AsyncRead + Unpin> AsyncRead for TrackedIo<T> {
                 let Some(inner) = this.inner.as_mut() else {
                     return Poll::Ready(Err(gone()));
                 };
-                std::task::ready!(Pin::new(inner).poll_read(cx, buf))?;
+                let read = Pin::new(&mut *inner).poll_read(cx, buf);
+                if read.is_pending() {
+                    // HTTP/2 never rests (hyper keeps the connection): its
+                    // transport's buffers go once it has been quiet a while.
+                    if this.activity.h2_quiet_for(REST) {
+                        inner.release_buffers();
+                    }
+                    return Poll::Pending;
+                }
+                std::task::ready!(read)?;
                 if buf.filled().len() == before {
                     if buf.remaining() > 0 {
                         this.eof = true;

@@ -215,12 +215,12 @@ impl Socket for Box<TlsStream> {
 /// Variants of unequal size are fine: it lives in the connection's boxed
 /// future, never moved after it is made.
 #[allow(clippy::large_enum_variant)]
-enum HttpConn<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> {
+enum HttpConn<T: Socket> {
     H1(http1::UpgradeableConnection<TokioIo<TrackedIo<T>>, ConnService>),
     H2(http2::Connection<TokioIo<TrackedIo<T>>, ConnService, TokioExecutor>),
 }
 
-impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> HttpConn<T> {
+impl<T: Socket> HttpConn<T> {
     /// HTTP/2: GOAWAY, and the open streams finish. HTTP/1.x drains
     /// differently (`Connection: close` on the next response, see
     /// `ConnService`; an idle one closes after `draining_idle`), so there is
@@ -240,7 +240,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> HttpConn<T> {
     }
 }
 
-impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> std::future::Future for HttpConn<T> {
+impl<T: Socket> std::future::Future for HttpConn<T> {
     type Output = Result<(), hyper::Error>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {

@@ -563,7 +563,9 @@ mod tests {
             let c = client(addr, &[b"http/1.1"], tls12).await.unwrap();
             // Random-ish bytes, in writes of many sizes (records of 1 byte
             // to 16 KiB and more); read back concurrently.
-            let data: Vec<u8> = (0..600_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+            let data: Vec<u8> = (0..600_000u32)
+                .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+                .collect();
             let (mut r, mut w) = tokio::io::split(c);
             let sent = data.clone();
             let writer = tokio::spawn(async move {
@@ -583,7 +585,12 @@ mod tests {
             // close_notify (a bare EOF is `UnexpectedEof`).
             let mut back = Vec::new();
             r.read_to_end(&mut back).await.unwrap();
-            assert!(back == data, "echoed {} of {} bytes, or not the same", back.len(), data.len());
+            assert!(
+                back == data,
+                "echoed {} of {} bytes, or not the same",
+                back.len(),
+                data.len()
+            );
             writer.await.unwrap();
             assert_eq!(server.await.unwrap(), data.len());
         }
@@ -626,9 +633,15 @@ mod tests {
         let config = server_config(&[b"h2"]);
         let server = tokio::spawn(async move {
             let (tcp, _) = listener.accept().await.unwrap();
-            TlsStream::accept(tcp, config, true).await.err().map(|e| e.to_string())
+            TlsStream::accept(tcp, config, true)
+                .await
+                .err()
+                .map(|e| e.to_string())
         });
-        let e = client(addr, &[b"spdy/1"], false).await.err().map(|e| e.to_string());
+        let e = client(addr, &[b"spdy/1"], false)
+            .await
+            .err()
+            .map(|e| e.to_string());
         let e = e.expect("the handshake fails");
         assert!(e.contains("NoApplicationProtocol"), "the client heard: {e}");
         let server = server.await.unwrap().expect("the handshake fails");
