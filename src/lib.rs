@@ -495,5 +495,32 @@ pub fn reload(config: &std::path::Path) -> Result<String, ControlError> {
 /// `gracesrv deploy -c FILE APP`: deploys a new instance of an app of the
 /// running service (see SPEC section 7) and waits until it serves.
 pub fn deploy(config: &std::path::Path, app: &str) -> Result<String, ControlError> {
-    deploy::deploy(config, app)
+    deploy::deploy(config, app, apps::How::Switch)
+}
+
+/// How [`deploy_as`] deploys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deploy {
+    /// As [`deploy`]: the new instance takes everything once it is ready.
+    Switch,
+    /// `--canary`: the new instance takes a share of the requests in the
+    /// app's `canary.steps`, compared with the old one at each step, and is
+    /// promoted or rolled back by itself (docs/apps.md).
+    Canary,
+    /// `--abort`: rolls the canary deploy under way back.
+    Abort,
+    /// `--promote`: the canary deploy under way takes everything now.
+    Promote,
+}
+
+/// `gracesrv deploy -c FILE APP [--canary | --abort | --promote]`: waits
+/// until the deploy ends; `Err` if it failed or was rolled back.
+pub fn deploy_as(config: &std::path::Path, app: &str, how: Deploy) -> Result<String, ControlError> {
+    let how = match how {
+        Deploy::Switch => apps::How::Switch,
+        Deploy::Canary => apps::How::Canary,
+        Deploy::Abort => apps::How::Abort,
+        Deploy::Promote => apps::How::Promote,
+    };
+    deploy::deploy(config, app, how)
 }

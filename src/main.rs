@@ -73,11 +73,26 @@ enum Command {
         long_about = "Deploy a new instance of an app and switch to it once it is ready \
         (docs/apps.md).\n\nStarts the new instance, sends it the app's requests once it is \
         ready, and stops the old one once nothing is in flight on it; exit 0, or 1 with the \
-        reason the new one failed (the old one keeps serving)."
+        reason the new one failed (the old one keeps serving).\n\nWith --canary, the new \
+        instance takes the app's requests in steps (`canary:` in the app's config), compared \
+        with the old one at each step; it is promoted after the last, or rolled back as soon \
+        as it is worse (exit 1 with both versions' figures). --abort and --promote end a \
+        canary deploy under way by hand."
     )]
     Deploy {
         /// The app's name in `apps:`.
         app: String,
+        /// Shift the app's requests to the new instance in steps
+        /// (`canary.steps`), comparing it with the old one at each; promote it
+        /// after the last, or roll it back as soon as it is worse.
+        #[arg(long, conflicts_with_all = ["abort", "promote"])]
+        canary: bool,
+        /// Roll the canary deploy under way back.
+        #[arg(long, conflicts_with = "promote")]
+        abort: bool,
+        /// Give the canary deploy under way everything now.
+        #[arg(long)]
+        promote: bool,
     },
 }
 
@@ -108,7 +123,24 @@ fn main() {
                 1
             }
         },
-        Some(Command::Deploy { app }) => match gracesrv::deploy(&cli.config, &app) {
+        Some(Command::Deploy {
+            app,
+            canary,
+            abort,
+            promote,
+        }) => match gracesrv::deploy_as(
+            &cli.config,
+            &app,
+            if canary {
+                gracesrv::Deploy::Canary
+            } else if abort {
+                gracesrv::Deploy::Abort
+            } else if promote {
+                gracesrv::Deploy::Promote
+            } else {
+                gracesrv::Deploy::Switch
+            },
+        ) {
             Ok(done) => {
                 println!("deployed {app}: {done}");
                 0

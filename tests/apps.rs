@@ -61,18 +61,7 @@ fn set(srv: &TestServer, file: &str, value: &str) {
 
 /// Starts `gracesrv deploy -c FILE api`; resolves to its exit status and output.
 fn spawn_deploy(srv: &TestServer) -> tokio::task::JoinHandle<(bool, String)> {
-    let config = srv.config.clone();
-    tokio::task::spawn_blocking(move || {
-        let out = Command::new(BIN)
-            .args(["deploy", "-c"])
-            .arg(&config)
-            .arg("api")
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).to_string()
-            + &String::from_utf8_lossy(&out.stderr);
-        (out.status.success(), text)
-    })
+    spawn_deploy_with(srv, None)
 }
 
 /// `gracesrv deploy -c FILE api`: exit status and output.
@@ -319,6 +308,48 @@ async fn app_config_errors_name_their_place() {
     let (ok, err) = check(&config(json!({ "stop_signal": "NOPE" })));
     assert!(!ok);
     assert!(err.contains("apps[0].stop_signal"), "{err}");
+    // A canary's steps, limits and keys, each at its line and column.
+    for (canary, want) in [
+        (
+            json!({ "steps": [5, 50] }),
+            "apps[0].canary.steps: must end at 100",
+        ),
+        (
+            json!({ "steps": [50, 25, 100] }),
+            "apps[0].canary.steps: \"25\" is not a share from 1 to 100, above the one before",
+        ),
+        (
+            json!({ "max_error_increase": "lots" }),
+            "apps[0].canary.max_error_increase: \"lots\" is not a percentage (1%)",
+        ),
+        (
+            json!({ "max_p99_ratio": 0.5 }),
+            "apps[0].canary.max_p99_ratio: must be at least 1",
+        ),
+        (
+            json!({ "min_requests": "many" }),
+            "apps[0].canary.min_requests: \"many\" is not a whole number",
+        ),
+        (
+            json!({ "step": "0s" }),
+            "apps[0].canary.step: must be more than 0",
+        ),
+        (json!({ "stepz": "1s" }), "unknown field `stepz`"),
+    ] {
+        let (ok, err) = check(&config(json!({ "canary": canary })));
+        assert!(!ok, "{canary}");
+        assert!(err.contains(want), "{canary}: {err}");
+        assert!(
+            err.split("server.yaml:")
+                .nth(1)
+                .is_some_and(|r| r.split(':').take(2).all(|n| n.parse::<u32>().is_ok())),
+            "file:line:column: {err}"
+        );
+    }
+    let (ok, err) = check(&config(
+        json!({ "canary": { "steps": [10, 100], "step": "5s", "max_error_increase": "0.5%", "max_p99_ratio": 2, "min_requests": 50 } }),
+    ));
+    assert!(ok, "{err}");
 }
 
 #[tokio::test]
@@ -461,4 +492,292 @@ async fn uvicorn_deploys_under_load() {
         "asgi:application"
     ]))
     .await;
+}
+
+/// `gracesrv deploy -c FILE api [FLAG]` (`--canary`, `--abort`,
+/// `--promote`), started now; resolves to its exit status and output.
+fn spawn_deploy_with(
+    srv: &TestServer,
+    flag: Option<&'static str>,
+) -> tokio::task::JoinHandle<(bool, String)> {
+    let config = srv.config.clone();
+    tokio::task::spawn_blocking(move || {
+        let out = Command::new(BIN)
+            .args(["deploy", "-c"])
+            .arg(&config)
+            .arg("api")
+            .args(flag)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), text)
+    })
+}
+
+/// The canary deploy under way, as `status` shows it (`null` if none).
+async fn canary_status(srv: &TestServer) -> Value {
+    let r = client::get(&Target::plain(srv.addr("web")), "/status")
+        .await
+        .unwrap();
+    let v: Value = serde_json::from_str(&r.body).unwrap();
+    v["apps"]["api"]["deploy"].clone()
+}
+
+/// Waits until the canary deploy's status satisfies `done`; returns it.
+async fn wait_canary(srv: &TestServer, within: Duration, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let now = canary_status(srv).await;
+        if done(&now) {
+            return now;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "canary: {now}\n{}",
+            srv.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The app's config with `canary` (and `/metrics`), each instance waiting
+/// `delay_ms` per answer (the first one too: the file is there before it
+/// starts).
+async fn start_canary(canary: Value, delay_ms: u32) -> TestServer {
+    let config = config(json!({ "canary": canary }))
+        .edit("web", |l| l.route("/metrics", "metrics", json!({})));
+    TestServer::builder()
+        .config(config)
+        .before(move |dir, _| std::fs::write(dir.join("delay"), delay_ms.to_string()).unwrap())
+        .start()
+        .await
+}
+
+/// Issue 33: a good version goes through 5, 25, 50 and 100% under load,
+/// each step compared with the old one, and is promoted; no request fails.
+#[tokio::test]
+async fn a_canary_deploy_goes_through_every_step_and_is_promoted_with_nothing_lost() {
+    let canary = json!({ "steps": [5, 25, 50, 100], "step": "1500ms", "min_requests": 20, "max_p99_ratio": 3 });
+    let srv = start_canary(canary, 10).await;
+    let mut load = Load::new();
+    load.spawn(Kind::KeepAlive, Target::plain(srv.addr("web")), "/", 4);
+    load.stats.wait_for_more(50).await;
+    set(&srv, "version", "1");
+    let deploy = spawn_deploy_with(&srv, Some("--canary"));
+    // Every step shows in `status`, with both versions' figures.
+    let mut shares = Vec::new();
+    let mut compared = false;
+    while !deploy.is_finished() {
+        let d = canary_status(&srv).await;
+        if let Some(share) = d["share"].as_u64() {
+            if shares.last() != Some(&share) {
+                shares.push(share);
+            }
+            compared |=
+                d["new"]["requests"].as_u64() > Some(0) && d["old"]["requests"].as_u64() > Some(0);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (ok, out) = deploy.await.unwrap();
+    assert!(ok, "{out}\n{}", srv.logs());
+    assert!(
+        out.contains("every step passed") && out.contains("stopped"),
+        "{out}"
+    );
+    assert_eq!(shares, [5, 25, 50, 100], "the shares status showed");
+    assert!(compared, "status showed both versions' figures");
+    assert_eq!(answer(&srv).await.1, "1");
+    let stats = load.stop().await;
+    assert_eq!(
+        stats.failed(),
+        0,
+        "failed: {:?}",
+        stats.errors.lock().unwrap()
+    );
+    assert_eq!(wait_instances(&srv, 1).await[0]["state"], "serving");
+    assert_eq!(
+        canary_status(&srv).await,
+        Value::Null,
+        "no deploy under way"
+    );
+}
+
+/// Issue 33: a version that answers 500 to one request in ten is rolled
+/// back at the first step; `deploy` exits 1 with both versions' figures,
+/// and under 1% of all requests failed meanwhile.
+#[tokio::test]
+async fn a_canary_with_errors_is_rolled_back_at_the_first_step() {
+    let canary = json!({ "step": "30s", "min_requests": 30, "max_p99_ratio": 100 });
+    let (srv, old, stats, out) = rolled_back(canary, 0, ("mode", "errors")).await;
+    assert!(out.contains("rolled back at step 1 (5%): 5xx"), "{out}");
+    assert!(
+        out.contains("old (instance 1)") && out.contains("new (instance 2)"),
+        "{out}"
+    );
+    let all = stats.ok() + stats.failed();
+    assert!(
+        stats.failed() * 100 < all,
+        "{} of {all} failed: {:?}",
+        stats.failed(),
+        stats.errors.lock().unwrap()
+    );
+    assert_eq!(
+        answer(&srv).await,
+        (old, "0".to_string()),
+        "the old one serves"
+    );
+    assert_eq!(wait_instances(&srv, 1).await[0]["pid"], old);
+}
+
+/// A canary deploy of version 1, with `new` written for it (file, value),
+/// under load, that must fail: the server, the old instance's pid, the
+/// load's figures and what `deploy` said.
+async fn rolled_back(
+    canary: Value,
+    delay_ms: u32,
+    new: (&str, &str),
+) -> (TestServer, u32, std::sync::Arc<util::load::Stats>, String) {
+    let srv = start_canary(canary, delay_ms).await;
+    let (old, _) = answer(&srv).await;
+    let mut load = Load::new();
+    load.spawn(Kind::KeepAlive, Target::plain(srv.addr("web")), "/", 4);
+    load.stats.wait_for_more(50).await;
+    set(&srv, "version", "1");
+    set(&srv, new.0, new.1);
+    let (ok, out) = spawn_deploy_with(&srv, Some("--canary")).await.unwrap();
+    assert!(!ok, "{out}");
+    (srv, old, load.stop().await, out)
+}
+
+/// Issue 33: a version three times slower is rolled back on its p99.
+#[tokio::test]
+async fn a_slower_canary_is_rolled_back_on_latency() {
+    let canary = json!({ "step": "30s", "min_requests": 30 });
+    let (srv, _, stats, out) = rolled_back(canary, 10, ("delay", "40")).await;
+    assert!(out.contains("rolled back at step 1 (5%): p99"), "{out}");
+    assert_eq!(
+        stats.failed(),
+        0,
+        "failed: {:?}",
+        stats.errors.lock().unwrap()
+    );
+    assert_eq!(answer(&srv).await.1, "0");
+}
+
+/// Issue 33: a restart (HUP) in the middle of a canary deploy keeps its
+/// step, its figures and its instances; the deploy then completes.
+#[tokio::test]
+async fn a_restart_keeps_a_canary_deploy_where_it_was() {
+    let canary =
+        json!({ "steps": [10, 50, 100], "step": "3s", "min_requests": 10, "max_p99_ratio": 3 });
+    let mut srv = start_canary(canary, 5).await;
+    let mut load = Load::new();
+    load.spawn(Kind::KeepAlive, Target::plain(srv.addr("web")), "/", 3);
+    load.stats.wait_for_more(50).await;
+    set(&srv, "version", "1");
+    let deploy = spawn_deploy_with(&srv, Some("--canary"));
+    let before = wait_canary(&srv, Duration::from_secs(20), |d| {
+        d["step"] == 2 && d["new"]["requests"].as_u64() > Some(0)
+    })
+    .await;
+    srv.supervised_restart().await;
+    let after = canary_status(&srv).await;
+    assert_eq!(after["canary"], before["canary"], "{before}\n{after}");
+    assert!(after["step"].as_u64() >= Some(2), "{before}\n{after}");
+    if after["step"] == 2 {
+        assert!(
+            after["new"]["requests"].as_u64() >= before["new"]["requests"].as_u64(),
+            "the step's figures go on: {before}\n{after}"
+        );
+    }
+    // The metrics carry the deploy, by version; promtool takes them.
+    let text = client::get(&Target::plain(srv.addr("web")), "/metrics")
+        .await
+        .unwrap()
+        .body;
+    if !deploy.is_finished() {
+        for series in [
+            "gracesrv_app_canary_share{app=\"api\"}",
+            "gracesrv_app_canary_requests{app=\"api\",version=\"new\",instance=\"2\"}",
+            "gracesrv_app_canary_requests{app=\"api\",version=\"old\",instance=\"1\"}",
+        ] {
+            assert!(text.contains(series), "{series}:\n{text}");
+        }
+    }
+    util::promtool(&text);
+    let (ok, out) = deploy.await.unwrap();
+    assert!(ok, "{out}\n{}", srv.logs());
+    assert_eq!(answer(&srv).await.1, "1");
+    let stats = load.stop().await;
+    assert_eq!(
+        stats.failed(),
+        0,
+        "failed: {:?}",
+        stats.errors.lock().unwrap()
+    );
+}
+
+/// Issue 33: on a route that hashes on a client key, a client on the
+/// canary stays on it through the step and the next; `--abort` rolls it
+/// back by hand.
+#[tokio::test]
+async fn a_hashed_client_stays_on_the_canary_and_abort_rolls_back() {
+    let proxy = json!({ "app": "api", "connect_timeout": "10s", "policy": "hash", "hash_key": "header:x-user" });
+    let api = json!({
+        "name": "api",
+        "command": ["python3", APP],
+        "ready": { "http": "/healthz" },
+        "canary": { "steps": [5, 25, 100], "step": "8s", "min_requests": 1000 },
+    });
+    let config = Config::basic()
+        .set("pid_file", "run/gracesrv.pid")
+        .set("apps", json!([api]))
+        .edit("web", |l| l.route("/", "proxy", proxy.clone()));
+    let srv = TestServer::builder().config(config).start().await;
+    let addr = srv.addr("web");
+    let version = |user: &str| {
+        let out = Command::new("curl")
+            .args([
+                "-sS",
+                "-H",
+                &format!("x-user: {user}"),
+                &format!("http://{addr}/"),
+            ])
+            .output()
+            .unwrap();
+        let body = String::from_utf8_lossy(&out.stdout).to_string();
+        body.split_whitespace()
+            .nth(3)
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert_eq!(version("first"), "0", "the first instance serves");
+    set(&srv, "version", "1");
+    let deploy = spawn_deploy_with(&srv, Some("--canary"));
+    wait_canary(&srv, Duration::from_secs(20), |d| d["share"] == 5).await;
+    let users: Vec<String> = (0..200).map(|i| format!("user-{i}")).collect();
+    let on: Vec<&String> = users.iter().filter(|u| version(u) == "1").collect();
+    // About 5% of the clients, each for all its requests.
+    assert!(
+        (1..=30).contains(&on.len()),
+        "{} of 200 on the canary",
+        on.len()
+    );
+    let off = users.iter().find(|u| !on.contains(u)).unwrap();
+    for _ in 0..10 {
+        assert_eq!(version(on[0]), "1");
+        assert_eq!(version(off), "0");
+    }
+    wait_canary(&srv, Duration::from_secs(20), |d| d["share"] == 25).await;
+    for u in &on {
+        assert_eq!(version(u), "1", "{u} stays on the canary at 25%");
+    }
+    let (ok, out) = spawn_deploy_with(&srv, Some("--abort")).await.unwrap();
+    assert!(ok, "{out}");
+    assert!(out.contains("rolled back"), "{out}");
+    let (ok, out) = deploy.await.unwrap();
+    assert!(!ok && out.contains("by hand"), "{out}");
+    assert_eq!(version(on[0]), "0", "back on the old version");
+    assert_eq!(wait_instances(&srv, 1).await.len(), 1);
 }

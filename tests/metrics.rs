@@ -45,24 +45,7 @@ async fn the_exposition_passes_promtool_and_counts_what_was_served() {
         .await
         .unwrap();
     let text = scrape(&srv).await;
-    let mut promtool = tokio::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("promtool runs (.ci/run installs prometheus)");
-    use tokio::io::AsyncWriteExt;
-    let mut stdin = promtool.stdin.take().unwrap();
-    stdin.write_all(text.as_bytes()).await.unwrap();
-    drop(stdin);
-    let out = promtool.wait_with_output().await.unwrap();
-    assert!(
-        out.status.success(),
-        "promtool: {}{}\n{text}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    util::promtool(&text);
     let s = |series: &str| value(&text, series).unwrap_or_else(|| panic!("{series}:\n{text}"));
     // `/missing` is taken by the catch-all `/` route too.
     assert_eq!(

@@ -5,7 +5,8 @@
 //! Supervisor to worker: an [`Update`] per app whenever its instances
 //! change (which one serves, which are retired, and what `status` shows).
 //! Worker to supervisor: [`Released`] once the worker has no request (or
-//! tunnel) left on a retired instance. The link closing is the same as a
+//! tunnel) left on a retired instance, and, while a canary deploy compares
+//! the app's instances, a [`Report`] of what it sent to each. The link closing is the same as a
 //! release of everything: the worker is gone.
 
 use std::net::SocketAddr;
@@ -53,6 +54,31 @@ pub(crate) struct Update {
     pub(crate) retire: Vec<u64>,
     /// Every live instance, for `status`.
     pub(crate) instances: Vec<InstanceInfo>,
+    /// A canary deploy under way: the new instance, and its share of new
+    /// requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) canary: Option<Canary>,
+    /// What `status` shows of a canary deploy under way (step, share, both
+    /// versions' figures).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) deploy: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub(crate) struct Canary {
+    pub(crate) id: u64,
+    pub(crate) addr: SocketAddr,
+    /// Percent of new requests (or of clients, on a route that hashes).
+    pub(crate) share: u32,
+}
+
+/// Worker to supervisor: what it sent to an instance in the last moment
+/// (see `figures`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub(crate) struct Report {
+    pub(crate) report: String,
+    pub(crate) id: u64,
+    pub(crate) figures: super::figures::Figures,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]

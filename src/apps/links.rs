@@ -10,7 +10,8 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
 
-use super::link::{self, Released, Update};
+use super::figures::Figures;
+use super::link::{self, Released, Report, Update};
 use crate::observe::logging::Chain;
 
 #[derive(Clone, Default)]
@@ -28,6 +29,11 @@ struct Inner {
     /// Retired instances, by app and id: the workers yet to release them,
     /// and who waits for that.
     retiring: HashMap<(String, u64), Waiting>,
+    /// What the workers reported of each instance, by app and id, since
+    /// the app's runner last took it (kept only while it asks).
+    figures: HashMap<(String, u64), Figures>,
+    /// Apps whose instances' figures are wanted (a canary deploy).
+    counting: HashSet<String>,
 }
 
 struct Waiting {
@@ -55,8 +61,14 @@ impl Links {
         let links = self.clone();
         tokio::spawn(async move {
             while let Ok(Some(l)) = lines.next_line().await {
-                match serde_json::from_str::<Released>(&l) {
-                    Ok(r) => links.released(id, &r.released, r.id),
+                // A release, or a report (not an untagged enum: the
+                // histogram's number keys do not survive serde's buffering).
+                if let Ok(r) = serde_json::from_str::<Released>(&l) {
+                    links.released(id, &r.released, r.id);
+                    continue;
+                }
+                match serde_json::from_str::<Report>(&l) {
+                    Ok(r) => links.reported(r),
                     Err(e) => warn!(
                         worker_link = id,
                         "apps: unreadable message from a worker: {e}",
@@ -103,6 +115,37 @@ impl Links {
             for w in waits {
                 let _ = w.await;
             }
+        }
+    }
+
+    /// Starts (or stops) keeping what the workers report of `app`.
+    pub(crate) fn count(&self, app: &str, on: bool) {
+        let mut inner = self.lock();
+        if on {
+            inner.counting.insert(app.to_string());
+        } else {
+            inner.counting.remove(app);
+            inner.figures.retain(|(a, _), _| a != app);
+        }
+    }
+
+    /// What the workers reported of instance `id` of `app` since the last
+    /// call.
+    pub(crate) fn take_figures(&self, app: &str, id: u64) -> Figures {
+        self.lock()
+            .figures
+            .remove(&(app.to_string(), id))
+            .unwrap_or_default()
+    }
+
+    fn reported(&self, r: Report) {
+        let mut inner = self.lock();
+        if inner.counting.contains(&r.report) {
+            inner
+                .figures
+                .entry((r.report, r.id))
+                .or_default()
+                .add(&r.figures);
         }
     }
 

@@ -13,6 +13,7 @@
 //! - Worker side: the [`table`] of instances `proxy: { app }` routes send
 //!   to, counting what is in flight on each.
 
+pub(crate) mod figures;
 pub(crate) mod link;
 pub(crate) mod table;
 
@@ -31,7 +32,7 @@ use tracing::Instrument;
 use crate::config::{AppConfig, Config};
 use crate::sys::reaper::Reaper;
 pub(crate) use links::Links;
-pub(crate) use runner::{Outcome, PROBATION};
+pub(crate) use runner::{How, Outcome, PROBATION};
 
 /// The supervisor's apps: a runner task per app of the config.
 pub(crate) struct Apps {
@@ -87,6 +88,7 @@ impl Apps {
                         app: Box::new(app.clone()),
                         shutdown_timeout: config.shutdown_timeout,
                         reply: None,
+                        how: How::Switch,
                     });
                 }
                 None => {
@@ -116,6 +118,7 @@ impl Apps {
         &self,
         app: &AppConfig,
         shutdown_timeout: Duration,
+        how: How,
     ) -> oneshot::Receiver<Outcome> {
         let (reply, rx) = oneshot::channel();
         match self.runners.get(&app.name) {
@@ -124,6 +127,7 @@ impl Apps {
                     app: Box::new(app.clone()),
                     shutdown_timeout,
                     reply: Some(reply),
+                    how,
                 });
             }
             None => {

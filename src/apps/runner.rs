@@ -25,6 +25,7 @@ use nix::sys::wait::WaitStatus;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
+use super::figures::{self, Figures, Margins};
 use super::instance::{self, Process};
 use super::link::{InstanceInfo, Serving, Update};
 use super::links::Links;
@@ -42,12 +43,28 @@ pub(crate) const PROBATION: Duration = Duration::from_secs(2);
 /// failed.
 pub(crate) type Outcome = Result<String, String>;
 
+/// What `gracesrv deploy` asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum How {
+    /// Switch to the new instance once it is ready (plain `deploy`, a HUP
+    /// with a new definition, a watched file).
+    Switch,
+    /// `--canary`: the new instance takes a share of the requests in
+    /// steps, compared with the old one, promoted or rolled back by itself.
+    Canary,
+    /// `--abort`: roll the canary deploy under way back.
+    Abort,
+    /// `--promote`: the canary deploy under way takes everything now.
+    Promote,
+}
+
 pub(crate) enum Command {
     /// A new definition (a HUP, or `deploy` after an edit): deploy it.
     Define {
         app: Box<AppConfig>,
         shutdown_timeout: Duration,
         reply: Option<oneshot::Sender<Outcome>>,
+        how: How,
     },
     /// Retire and stop every instance, then end.
     Stop(oneshot::Sender<()>),
@@ -61,11 +78,15 @@ enum Event {
     Released(u64),
     KillDue(u64),
     RestartDue,
+    /// A canary deploy's look at the figures (each second).
+    CanaryTick(u64),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     Starting,
+    /// A canary deploy's new instance, beside the serving one.
+    Canary,
     Serving,
     Standby,
     Retiring,
@@ -76,6 +97,7 @@ impl State {
     fn name(self) -> &'static str {
         match self {
             State::Starting => "starting",
+            State::Canary => "canary",
             State::Serving => "serving",
             State::Standby => "standby",
             State::Retiring => "retiring",
@@ -97,7 +119,43 @@ struct Instance {
 struct Start {
     id: u64,
     replies: Vec<oneshot::Sender<Outcome>>,
+    /// Once ready, it goes through a canary deploy.
+    canary: bool,
 }
+
+/// A canary deploy under way: the new instance takes `steps[step]` percent
+/// of the requests, and is compared with the old one on this step's
+/// requests.
+struct CanaryRun {
+    old: u64,
+    new: u64,
+    step: usize,
+    since: tokio::time::Instant,
+    old_figures: Figures,
+    new_figures: Figures,
+    replies: Vec<oneshot::Sender<Outcome>>,
+}
+
+impl CanaryRun {
+    /// `step 2 (25%)`.
+    fn step_name(&self, steps: &[u32]) -> String {
+        format!("step {} ({}%)", self.step + 1, steps[self.step])
+    }
+
+    /// Both versions' figures of the step.
+    fn figures(&self) -> String {
+        format!(
+            "old (instance {}): {}; new (instance {}): {}",
+            self.old,
+            self.old_figures.line(),
+            self.new,
+            self.new_figures.line()
+        )
+    }
+}
+
+/// How often a canary deploy looks at the figures.
+const CANARY_TICK: Duration = Duration::from_secs(1);
 
 /// A new instance serving on probation, and the one it replaced.
 struct Probation {
@@ -117,6 +175,7 @@ struct Runner {
     serving: Option<u64>,
     starting: Option<Start>,
     probation: Option<Probation>,
+    canary: Option<CanaryRun>,
     backoff: Backoff,
     stopping: Vec<oneshot::Sender<()>>,
     watch: Option<crate::sys::watch::Watch>,
@@ -143,10 +202,11 @@ pub(crate) async fn run(
         serving: None,
         starting: None,
         probation: None,
+        canary: None,
         backoff: Backoff::default(),
         stopping: Vec::new(),
     };
-    r.start(Vec::new());
+    r.start(Vec::new(), false);
     let mut commands_open = true;
     loop {
         tokio::select! {
@@ -160,7 +220,7 @@ pub(crate) async fn run(
             },
             _ = async { r.watch.as_mut().expect("guarded").changed().await }, if r.watch.is_some() && r.stopping.is_empty() && commands_open => {
                 info!("a watched file changed: deploying");
-                r.deploy(None);
+                r.deploy(None, How::Switch);
             }
         }
         if (!r.stopping.is_empty() || !commands_open) && r.instances.is_empty() {
@@ -195,12 +255,20 @@ impl Runner {
                 app,
                 shutdown_timeout,
                 reply,
+                how,
             } => {
                 self.shutdown_timeout = shutdown_timeout;
+                match how {
+                    How::Abort => return self.abort(reply),
+                    How::Promote => return self.promote(reply),
+                    How::Switch | How::Canary => {}
+                }
+                // Not part of the definition: taken as it is now.
+                self.app.canary = app.canary.clone();
                 if *app == self.app {
                     // Unchanged: a HUP leaves it alone; a deploy deploys.
                     if reply.is_some() {
-                        self.deploy(reply);
+                        self.deploy(reply, how);
                     }
                     return;
                 }
@@ -210,7 +278,7 @@ impl Runner {
                 if watch_changed {
                     self.watch = watch(&self.app);
                 }
-                self.deploy(reply);
+                self.deploy(reply, how);
             }
             Command::Stop(done) => self.stop(Some(done)),
         }
@@ -218,15 +286,32 @@ impl Runner {
 
     /// Starts a new instance, unless one is starting already (the deploy
     /// joins it).
-    fn deploy(&mut self, reply: Option<oneshot::Sender<Outcome>>) {
+    fn deploy(&mut self, reply: Option<oneshot::Sender<Outcome>>, how: How) {
         if !self.stopping.is_empty() {
             if let Some(r) = reply {
                 let _ = r.send(Err("gracesrv is stopping".into()));
             }
             return;
         }
+        if let Some(c) = &self.canary {
+            let why = format!(
+                "a canary deploy (instance {}) is under way: `gracesrv deploy --abort {app}` or `--promote {app}` first",
+                c.new,
+                app = self.app.name
+            );
+            match reply {
+                Some(r) => {
+                    let _ = r.send(Err(why));
+                }
+                // A HUP with a new definition, or a watched file: the
+                // canary goes on; deploy again after it.
+                None => warn!("not deployed: {why}"),
+            }
+            return;
+        }
         if let Some(s) = &mut self.starting {
             s.replies.extend(reply);
+            s.canary |= how == How::Canary;
             return;
         }
         // A deploy during the last one's probation ends that probation.
@@ -234,10 +319,10 @@ impl Runner {
             let new = p.new;
             self.probation_over(new);
         }
-        self.start(reply.into_iter().collect());
+        self.start(reply.into_iter().collect(), how == How::Canary);
     }
 
-    fn start(&mut self, replies: Vec<oneshot::Sender<Outcome>>) {
+    fn start(&mut self, replies: Vec<oneshot::Sender<Outcome>>, canary: bool) {
         let id = self.next_id;
         self.next_id += 1;
         let mut process = match instance::start(&self.app, id, &self.reaper) {
@@ -277,7 +362,11 @@ impl Runner {
                 on_exit: Vec::new(),
             },
         );
-        self.starting = Some(Start { id, replies });
+        self.starting = Some(Start {
+            id,
+            replies,
+            canary,
+        });
         self.announce();
     }
 
@@ -329,9 +418,10 @@ impl Runner {
             // or a replacement whose back-off ended first).
             Event::RestartDue => {
                 if self.serving.is_none() && self.starting.is_none() && self.stopping.is_empty() {
-                    self.start(Vec::new());
+                    self.start(Vec::new(), false);
                 }
             }
+            Event::CanaryTick(id) => self.canary_tick(id),
         }
     }
 
@@ -344,9 +434,34 @@ impl Runner {
         let Some(inst) = self.instances.get_mut(&id) else {
             return;
         };
-        inst.state = State::Serving;
         inst.check = None;
         let (pid, took) = (inst.process.pid, inst.process.started.elapsed());
+        if let Some(old) = self.serving.filter(|_| start.canary) {
+            inst.state = State::Canary;
+            let share = self.app.canary.steps[0];
+            info!(
+                instance = id,
+                pid,
+                took_ms = took.as_millis() as u64,
+                previous = old,
+                share,
+                "instance ready: a canary deploy begins"
+            );
+            self.links.count(&self.app.name, true);
+            self.canary = Some(CanaryRun {
+                old,
+                new: id,
+                step: 0,
+                since: tokio::time::Instant::now(),
+                old_figures: Figures::default(),
+                new_figures: Figures::default(),
+                replies: start.replies,
+            });
+            self.tick_canary_in(id);
+            self.announce();
+            return;
+        }
+        inst.state = State::Serving;
         let old = self.serving.replace(id);
         info!(instance = id, pid, took_ms = took.as_millis() as u64, previous = ?old, "instance ready: it serves");
         match old.and_then(|o| self.instances.get_mut(&o).map(|i| (o, i))) {
@@ -445,6 +560,19 @@ impl Runner {
         let pid = inst.process.pid;
         let how = describe(status);
         match inst.state {
+            State::Canary => {
+                if let Some(c) = self.canary.take() {
+                    self.links.count(&self.app.name, false);
+                    let reason = format!(
+                        "new instance (pid {pid}) {how} during the canary deploy, at {}%; instance {} serves",
+                        self.app.canary.steps[c.step], c.old
+                    );
+                    error!("deploy failed: {reason}");
+                    for r in c.replies {
+                        let _ = r.send(Err(reason.clone()));
+                    }
+                }
+            }
             State::Starting => {
                 if self.starting.as_ref().is_some_and(|s| s.id == id) {
                     let start = self.starting.take().expect("checked");
@@ -453,6 +581,16 @@ impl Runner {
                         format!("new instance (pid {pid}) {how} before it was ready"),
                     );
                 }
+            }
+            State::Serving if self.canary.as_ref().is_some_and(|c| c.old == id) => {
+                // The old version died during a canary deploy: the new one
+                // takes everything.
+                warn!(
+                    instance = id,
+                    pid, "previous instance {how} during the canary deploy: the new one serves"
+                );
+                self.serving = None;
+                self.promote_canary("the previous instance exited");
             }
             State::Serving => {
                 self.serving = None;
@@ -548,6 +686,12 @@ impl Runner {
                 let _ = r.send(Err("gracesrv is stopping".into()));
             }
         }
+        if let Some(c) = self.canary.take() {
+            self.links.count(&self.app.name, false);
+            for r in c.replies {
+                let _ = r.send(Err("gracesrv is stopping".into()));
+            }
+        }
         self.serving = None;
         let ids: Vec<u64> = self.instances.keys().copied().collect();
         let mut retire = Vec::new();
@@ -555,7 +699,7 @@ impl Runner {
             let inst = self.instances.get_mut(&id).expect("listed");
             match inst.state {
                 State::Starting => self.stop_instance(id),
-                State::Serving | State::Standby => {
+                State::Serving | State::Standby | State::Canary => {
                     inst.state = State::Retiring;
                     retire.push(id);
                 }
@@ -601,11 +745,211 @@ impl Runner {
                 addr: i.process.addr,
             })
             .collect();
+        let canary = self.canary.as_ref().and_then(|c| {
+            self.instances.get(&c.new).map(|i| super::link::Canary {
+                id: c.new,
+                addr: i.process.addr,
+                share: self.app.canary.steps[c.step],
+            })
+        });
+        let deploy = self.canary.as_ref().map(|c| {
+            let steps = &self.app.canary.steps;
+            serde_json::json!({
+                "canary": c.new,
+                "previous": c.old,
+                "step": c.step + 1,
+                "steps": steps,
+                "share": steps[c.step],
+                "step_seconds": self.app.canary.step.as_secs_f64(),
+                "in_step_seconds": (c.since.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+                "old": c.old_figures.summary(),
+                "new": c.new_figures.summary(),
+            })
+        });
         self.links.publish(Update {
             app: self.app.name.clone(),
             serving,
             retire,
             instances,
+            canary,
+            deploy,
         })
+    }
+
+    fn tick_canary_in(&self, id: u64) {
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(CANARY_TICK).await;
+            let _ = events.send(Event::CanaryTick(id));
+        });
+    }
+
+    /// A canary deploy's look at the figures: rolled back at once if the
+    /// new version is worse, else on to the next step when this one has
+    /// lasted, or promoted after the last.
+    fn canary_tick(&mut self, id: u64) {
+        let (app, c) = (&self.app, &self.canary);
+        let Some(c) = c.as_ref().filter(|c| c.new == id) else {
+            return;
+        };
+        let (old, new) = (c.old, c.new);
+        let old_now = self.links.take_figures(&app.name, old);
+        let new_now = self.links.take_figures(&app.name, new);
+        let margins = Margins {
+            max_error_increase: app.canary.max_error_increase,
+            max_p99_ratio: app.canary.max_p99_ratio,
+            min_requests: app.canary.min_requests,
+        };
+        let (step_len, last) = (app.canary.step, app.canary.steps.len() - 1);
+        let steps = &self.app.canary.steps;
+        let Some(c) = self.canary.as_mut() else {
+            return;
+        };
+        c.old_figures.add(&old_now);
+        c.new_figures.add(&new_now);
+        if let Some(why) = figures::worse(&c.old_figures, &c.new_figures, margins) {
+            let reason = format!(
+                "rolled back at {}: {why}; {}",
+                c.step_name(steps),
+                c.figures()
+            );
+            self.rollback(reason);
+            return;
+        }
+        if c.since.elapsed() >= step_len {
+            if c.step == last {
+                self.promote_canary("every step passed");
+                return;
+            }
+            info!(
+                instance = new,
+                old = %c.old_figures.line(),
+                new = %c.new_figures.line(),
+                "canary step {} passed: {}% now",
+                c.step + 1,
+                self.app.canary.steps[c.step + 1]
+            );
+            c.step += 1;
+            c.since = tokio::time::Instant::now();
+            c.old_figures = Figures::default();
+            c.new_figures = Figures::default();
+        }
+        self.tick_canary_in(new);
+        self.announce();
+    }
+
+    /// The canary deploy's new version takes everything: it serves, and
+    /// the old one is retired and stopped (the deploy's answer then).
+    fn promote_canary(&mut self, why: &str) {
+        let Some(c) = self.canary.take() else {
+            return;
+        };
+        self.links.count(&self.app.name, false);
+        let new_pid = match self.instances.get_mut(&c.new) {
+            Some(i) => {
+                i.state = State::Serving;
+                i.process.pid
+            }
+            None => 0,
+        };
+        self.serving = Some(c.new);
+        info!(instance = c.new, "canary deploy promoted: {why}");
+        let step = format!(
+            "at {}: {}",
+            c.step_name(&self.app.canary.steps),
+            c.figures()
+        );
+        match self.instances.get_mut(&c.old) {
+            Some(old) if self.serving != Some(c.old) => {
+                old.state = State::Retiring;
+                let line = format!(
+                    "instance {} (pid {new_pid}) serves ({why}); instance {} (pid {}) stopped; {step}",
+                    c.new, c.old, old.process.pid
+                );
+                old.on_exit
+                    .extend(c.replies.into_iter().map(|r| (r, Ok(line.clone()))));
+                self.retire(c.old);
+            }
+            _ => {
+                for r in c.replies {
+                    let _ = r.send(Ok(format!(
+                        "instance {} (pid {new_pid}) serves ({why}); {step}",
+                        c.new
+                    )));
+                }
+                self.announce();
+            }
+        }
+    }
+
+    /// The canary deploy's new version is worse: it gets no new request
+    /// at once, finishes what it has, and is stopped; the deploy fails
+    /// with `reason` once it is gone.
+    fn rollback(&mut self, reason: String) {
+        let Some(c) = self.canary.take() else {
+            return;
+        };
+        self.links.count(&self.app.name, false);
+        error!(instance = c.new, "canary deploy {reason}");
+        match self.instances.get_mut(&c.new) {
+            Some(inst) => {
+                inst.state = State::Retiring;
+                inst.on_exit
+                    .extend(c.replies.into_iter().map(|r| (r, Err(reason.clone()))));
+                self.retire(c.new);
+            }
+            None => {
+                for r in c.replies {
+                    let _ = r.send(Err(reason.clone()));
+                }
+                self.announce();
+            }
+        }
+    }
+
+    /// `deploy --abort`: the canary deploy under way is rolled back.
+    fn abort(&mut self, reply: Option<oneshot::Sender<Outcome>>) {
+        let Some(c) = &self.canary else {
+            return no_canary(reply, &self.app.name);
+        };
+        let new = c.new;
+        // The aborted deploy hears why; `--abort` hears when it is done.
+        self.rollback("rolled back by hand (`gracesrv deploy --abort`)".into());
+        if let (Some(r), Some(inst)) = (reply, self.instances.get_mut(&new)) {
+            let line = format!(
+                "rolled back: instance {new} (pid {}) stopped",
+                inst.process.pid
+            );
+            inst.on_exit.push((r, Ok(line)));
+        }
+    }
+
+    /// `deploy --promote`: the canary deploy under way takes everything.
+    fn promote(&mut self, reply: Option<oneshot::Sender<Outcome>>) {
+        let Some(c) = &self.canary else {
+            return no_canary(reply, &self.app.name);
+        };
+        let (old, new) = (c.old, c.new);
+        self.promote_canary("promoted by hand (`gracesrv deploy --promote`)");
+        if let Some(r) = reply {
+            match self.instances.get_mut(&old) {
+                Some(inst) => {
+                    let line = format!(
+                        "promoted: instance {new} serves; instance {old} (pid {}) stopped",
+                        inst.process.pid
+                    );
+                    inst.on_exit.push((r, Ok(line)));
+                }
+                None => {
+                    let _ = r.send(Ok(format!("promoted: instance {new} serves")));
+                }
+            }
+        }
+    }
+}
+
+fn no_canary(reply: Option<oneshot::Sender<Outcome>>, app: &str) {
+    if let Some(r) = reply {
+        let _ = r.send(Err(format!("no canary deploy of {app} is under way")));
     }
 }

@@ -153,7 +153,105 @@ impl Validator<'_> {
             stop_signal,
             stop_timeout,
             watch,
+            canary: match &raw.canary {
+                Some(c) => self.canary(&c.value, &key("canary"))?,
+                None => Canary::default(),
+            },
             pos: Pos::from(a),
+        })
+    }
+
+    fn canary(&self, raw: &raw::Canary, key: &str) -> Result<Canary, ConfigError> {
+        let d = Canary::default();
+        // `1%`, or `1`: percentage points either way; the ratio a number.
+        let number = |v: &Option<Spanned<String>>, name: &str, percent: bool| {
+            let Some(v) = v else { return Ok(None) };
+            let text = v.value.trim();
+            let text = if percent {
+                text.strip_suffix('%').unwrap_or(text).trim()
+            } else {
+                text
+            };
+            match text.parse::<f64>() {
+                Ok(n) if n.is_finite() && n >= 0.0 => Ok(Some(n)),
+                _ => self.err(
+                    Pos::from(v),
+                    format!(
+                        "{key}.{name}: {:?} is not {}",
+                        v.value,
+                        if percent {
+                            "a percentage (1%)"
+                        } else {
+                            "a number"
+                        }
+                    ),
+                ),
+            }
+        };
+        let steps = match &raw.steps {
+            None => d.steps,
+            Some(s) => {
+                let mut steps = Vec::new();
+                for v in &s.value {
+                    match v.value.trim().trim_end_matches('%').parse::<u32>() {
+                        Ok(n) if (1..=100).contains(&n) && steps.last().is_none_or(|&l| n > l) => {
+                            steps.push(n)
+                        }
+                        _ => {
+                            return self.err(
+                                Pos::from(v),
+                                format!(
+                                    "{key}.steps: {:?} is not a share from 1 to 100, above the one before",
+                                    v.value
+                                ),
+                            )
+                        }
+                    }
+                }
+                if steps.last() != Some(&100) {
+                    return self.err(
+                        Pos::from(s),
+                        format!("{key}.steps: must end at 100 (the new version takes everything)"),
+                    );
+                }
+                steps
+            }
+        };
+        let step = self.duration(&raw.step, &format!("{key}.step"), d.step)?;
+        if step.is_zero() {
+            return self.err(
+                raw.step.as_ref().map(Pos::from),
+                format!("{key}.step: must be more than 0"),
+            );
+        }
+        let max_error_increase = number(&raw.max_error_increase, "max_error_increase", true)?
+            .map_or(d.max_error_increase, |n| n / 100.0);
+        let max_p99_ratio =
+            number(&raw.max_p99_ratio, "max_p99_ratio", false)?.unwrap_or(d.max_p99_ratio);
+        if max_p99_ratio < 1.0 {
+            return self.err(
+                raw.max_p99_ratio.as_ref().map(Pos::from),
+                format!("{key}.max_p99_ratio: must be at least 1"),
+            );
+        }
+        let min_requests = match &raw.min_requests {
+            None => d.min_requests,
+            Some(v) => match v.value.trim().parse::<u64>() {
+                Ok(n) => n,
+                Err(_) => {
+                    return self.err(
+                        Pos::from(v),
+                        format!("{key}.min_requests: {:?} is not a whole number", v.value),
+                    )
+                }
+            },
+        };
+        Ok(Canary {
+            steps,
+            step,
+            max_error_increase,
+            max_p99_ratio,
+            min_requests,
         })
     }
 }

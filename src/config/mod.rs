@@ -130,7 +130,40 @@ pub(crate) struct AppConfig {
     pub(crate) stop_timeout: Duration,
     /// Files whose change redeploys the app.
     pub(crate) watch: Vec<PathBuf>,
+    /// How `gracesrv deploy --canary` goes (the defaults without one).
+    /// Not part of the definition: changing it deploys nothing.
+    pub(crate) canary: Canary,
     pub(crate) pos: Pos,
+}
+
+/// A progressive deploy's steps and limits (`apps[].canary`).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Canary {
+    /// The new version's share of the requests at each step, in percent,
+    /// rising, the last 100.
+    pub(crate) steps: Vec<u32>,
+    /// How long each step lasts.
+    pub(crate) step: Duration,
+    /// How much more of its answers may be errors (5xx, or no answer) than
+    /// the old version's, as a fraction (0.01 is one percentage point).
+    pub(crate) max_error_increase: f64,
+    /// How much slower its 99th percentile may be, as a ratio.
+    pub(crate) max_p99_ratio: f64,
+    /// The requests the new version must have answered in a step before
+    /// it is judged.
+    pub(crate) min_requests: u64,
+}
+
+impl Default for Canary {
+    fn default() -> Canary {
+        Canary {
+            steps: vec![5, 25, 50, 100],
+            step: Duration::from_secs(30),
+            max_error_increase: 0.01,
+            max_p99_ratio: 1.5,
+            min_requests: 100,
+        }
+    }
 }
 
 /// A definition is the same when everything but its place in the file is:

@@ -42,6 +42,19 @@ pub(crate) struct App {
     pub(crate) stop_timeout: Option<Spanned<String>>,
     #[serde(default)]
     pub(crate) watch: Vec<Spanned<String>>,
+    pub(crate) canary: Option<Spanned<Canary>>,
+}
+
+/// An app's `canary:`: how `gracesrv deploy --canary` goes. Numbers read
+/// as their text (`min_requests: 100`), as `1%` does.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Canary {
+    pub(crate) steps: Option<Spanned<Vec<Spanned<String>>>>,
+    pub(crate) step: Option<Spanned<String>>,
+    pub(crate) max_error_increase: Option<Spanned<String>>,
+    pub(crate) max_p99_ratio: Option<Spanned<String>>,
+    pub(crate) min_requests: Option<Spanned<String>>,
 }
 
 /// `ready: notify`, or `ready: { http: /healthz }`.

@@ -5,8 +5,9 @@
 //! The supervisor listens for deploys on a second abstract Unix socket,
 //! `@gracesrv.<pid>.deploy` (same user or root only). `deploy` first finds
 //! the running gracesrv as `reload` does (the pid file, checked on the
-//! control socket), then sends `APP` on a line and reads one JSON line
-//! back: `{"ok": true, "message": ...}` or `{"ok": false, "message": why}`.
+//! control socket), then sends `APP` on a line (`APP --canary`,
+//! `APP --abort`, `APP --promote`) and reads one JSON line back:
+//! `{"ok": true, "message": ...}` or `{"ok": false, "message": why}`.
 
 use std::io::{BufRead, Write};
 use std::path::Path;
@@ -15,7 +16,7 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::apps::Outcome;
+use crate::apps::{How, Outcome};
 use crate::config::Config;
 use crate::control::reload::ControlError;
 use crate::observe::logging::Chain;
@@ -23,8 +24,16 @@ use crate::observe::logging::Chain;
 /// A deploy asked for, and where its outcome goes.
 pub(crate) struct Request {
     pub(crate) app: String,
+    pub(crate) how: How,
     pub(crate) reply: oneshot::Sender<Outcome>,
 }
+
+/// The flag on a request's line for each way but the plain one.
+const FLAGS: [(How, &str); 3] = [
+    (How::Canary, "--canary"),
+    (How::Abort, "--abort"),
+    (How::Promote, "--promote"),
+];
 
 fn socket_name(pid: u32) -> String {
     format!("{}.deploy", crate::control::reload::control_name(pid))
@@ -60,10 +69,20 @@ pub(crate) fn serve() -> mpsc::UnboundedReceiver<Request> {
                 // The deploy command's check on the control socket is over.
                 crate::control::reload::prune_subscribers();
                 let (reply, outcome) = oneshot::channel();
-                let _ = tx.send(Request {
-                    app: line.trim().to_string(),
-                    reply,
-                });
+                let mut words = line.split_whitespace();
+                let app = words.next().unwrap_or_default().to_string();
+                let how = match words.next() {
+                    None => Some(How::Switch),
+                    Some(flag) => FLAGS.iter().find(|(_, f)| *f == flag).map(|(h, _)| *h),
+                };
+                match how {
+                    Some(how) => {
+                        let _ = tx.send(Request { app, how, reply });
+                    }
+                    None => {
+                        let _ = reply.send(Err(format!("unknown request: {:?}", line.trim())));
+                    }
+                }
                 let outcome = outcome
                     .await
                     .unwrap_or_else(|_| Err("gracesrv ended the deploy".into()));
@@ -80,7 +99,7 @@ pub(crate) fn serve() -> mpsc::UnboundedReceiver<Request> {
 
 /// `gracesrv deploy -c FILE APP`: a new instance of `app` on the running
 /// service; what it says once the instance serves.
-pub(crate) fn deploy(config: &Path, app: &str) -> Result<String, ControlError> {
+pub(crate) fn deploy(config: &Path, app: &str, how: How) -> Result<String, ControlError> {
     use std::os::linux::net::SocketAddrExt;
     let config = Config::load(config)?;
     let Some(def) = config.apps.iter().find(|a| a.name == app) else {
@@ -102,7 +121,7 @@ pub(crate) fn deploy(config: &Path, app: &str) -> Result<String, ControlError> {
             e = Chain(&e)
         ))
     })?;
-    ask(&config, def, pid, stream, app).map_err(ControlError::Failed)
+    ask(&config, def, pid, stream, app, how).map_err(ControlError::Failed)
 }
 
 /// Asks the supervisor `pid` on `stream` to deploy `app`, and waits.
@@ -112,16 +131,23 @@ fn ask(
     pid: u32,
     mut stream: std::os::unix::net::UnixStream,
     app: &str,
+    how: How,
 ) -> Result<String, String> {
-    // Starting, proving itself, the old one's requests and its stop.
+    // Starting, proving itself (or every canary step), the old one's
+    // requests and its stop.
+    let steps = match how {
+        How::Canary => def.canary.step * def.canary.steps.len() as u32,
+        _ => crate::apps::PROBATION,
+    };
     let waited = def.start_timeout
-        + crate::apps::PROBATION
+        + steps
         + config.shutdown_timeout
         + def.stop_timeout
         + Duration::from_secs(10);
     let _ = stream.set_read_timeout(Some(waited));
+    let flag = FLAGS.iter().find(|(h, _)| *h == how).map_or("", |(_, f)| f);
     stream
-        .write_all(format!("{app}\n").as_bytes())
+        .write_all(format!("{app} {flag}\n").as_bytes())
         .map_err(|e| format!("pid {}: {e}", pid, e = Chain(&e)))?;
     let mut line = String::new();
     std::io::BufReader::new(stream)

@@ -169,6 +169,7 @@ impl Generation {
                 })
             })
             .collect();
+        let apps = Arc::new(crate::apps::Table::new(&config));
         let metrics = config.has_metrics().then(|| {
             let (base, restarted) = metrics_base.unwrap_or((None, false));
             let mut m = crate::observe::metrics::Metrics::new(
@@ -186,6 +187,9 @@ impl Generation {
                         .iter()
                         .map(|l| l.clone() as Arc<dyn crate::observe::metrics::Source>),
                 )
+                .chain(std::iter::once(
+                    apps.clone() as Arc<dyn crate::observe::metrics::Source>
+                ))
                 .collect();
             Arc::new(m)
         });
@@ -215,7 +219,7 @@ impl Generation {
             acme: crate::tls::acme::Status::new(&config),
             access_logs: logs.iter().map(|(_, l)| l.clone()).collect(),
             metrics,
-            apps: Arc::new(crate::apps::Table::new(&config)),
+            apps,
             upstreams,
             http3: config
                 .listeners

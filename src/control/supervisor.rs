@@ -243,7 +243,7 @@ impl Supervisor {
             app.resolve_program()
                 .map_err(|e| format!("{}: {e}", c.path.display()))?;
             info!(app = %app.name, "deploy requested");
-            Ok(self.apps.deploy(app, c.shutdown_timeout))
+            Ok(self.apps.deploy(app, c.shutdown_timeout, req.how))
         });
         match outcome {
             Ok(pending) => {

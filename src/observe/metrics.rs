@@ -310,6 +310,10 @@ impl Metrics {
         for s in &self.sources {
             s.gauges(&mut more);
         }
+        // Each family's series together, under one HELP and TYPE: sources
+        // give theirs interleaved (two proxy routes: healthy, in flight,
+        // healthy, in flight).
+        more.sort_by(|a, b| a.0.split('{').next().cmp(&b.0.split('{').next()));
         let mut family = "";
         for (series, v) in &more {
             let f = series.split('{').next().unwrap_or(series);
@@ -320,11 +324,32 @@ impl Metrics {
                         "Whether a proxy upstream gets requests (1) or is out (0)."
                     }
                     "gracesrv_upstream_in_flight" => "Requests in flight on a proxy upstream.",
+                    "gracesrv_app_canary_share" => {
+                        "A canary deploy's share of the app's requests now, in percent."
+                    }
+                    "gracesrv_app_canary_step" => "A canary deploy's step now, from 1.",
+                    "gracesrv_app_canary_requests" => {
+                        "Requests in the canary deploy's step, by version (old, new)."
+                    }
+                    "gracesrv_app_canary_errors" => {
+                        "5xx answers in the canary deploy's step, by version."
+                    }
+                    "gracesrv_app_canary_upstream_errors" => {
+                        "Requests never answered in the canary deploy's step, by version."
+                    }
+                    "gracesrv_app_canary_p99_seconds" => {
+                        "99th percentile latency in the canary deploy's step, by version."
+                    }
                     _ => "A gauge.",
                 };
                 let _ = writeln!(out, "# HELP {f} {help}\n# TYPE {f} gauge");
             }
-            let _ = writeln!(out, "{series} {v}");
+            // A gauge in seconds is kept in microseconds, as the histograms.
+            if f.ends_with("_seconds") {
+                let _ = writeln!(out, "{series} {}", *v as f64 / 1e6);
+            } else {
+                let _ = writeln!(out, "{series} {v}");
+            }
         }
         let draining = self
             .predecessors

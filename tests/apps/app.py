@@ -10,6 +10,8 @@ What it does is read at start from files in its working directory:
   mode     ok (default) | exit (exits 3 at start) | hang (never answers)
            | crash-after-first (exits after its first answer)
            | ignore-term (ignores SIGTERM)
+           | errors (answers 500 to one request in ten, /healthz aside)
+  delay    milliseconds each answer waits (default 0; /healthz aside)
 Paths: /healthz answers 200; /slow answers after 5 s; /echo answers with
 the request body's length; /ws is a WebSocket that echoes text frames and
 writes the close code it gets to the file `ws-close`; anything else
@@ -39,7 +41,9 @@ def read(name, default):
 
 VERSION = read("version", "0")
 MODE = read("mode", "ok")
+DELAY = float(read("delay", "0")) / 1000
 answered = 0
+counted = 0
 lock = threading.Lock()
 
 
@@ -67,8 +71,18 @@ class Handler(BaseHTTPRequestHandler):
             text = "got %d\n" % len(body)
         else:
             text = "pid %d version %s\n" % (os.getpid(), VERSION)
+        status = 200
+        if self.path != "/healthz":
+            global counted
+            if DELAY:
+                time.sleep(DELAY)
+            with lock:
+                counted += 1
+                nth = counted
+            if MODE == "errors" and nth % 10 == 0:
+                status, text = 500, "failed\n"
         data = text.encode()
-        self.send_response(200)
+        self.send_response(status)
         self.send_header("Content-Type", "text/plain")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use crate::config::{HashKey, Policy};
 use crate::process::upstreams::UpstreamState;
+use crate::sys::hash::{hash, random};
 
 /// Points on the hash ring per unit of weight.
 const POINTS: u32 = 160;
@@ -181,39 +182,6 @@ fn cookie<'a>(headers: &'a http::HeaderMap, name: &str) -> Option<&'a [u8]> {
             let eq = pair.iter().position(|b| *b == b'=')?;
             (&pair[..eq] == name.as_bytes()).then(|| &pair[eq + 1..])
         })
-}
-
-/// FNV-1a with a final mix: stable across builds and restarts, so a key
-/// maps to the same upstream in every generation.
-fn hash(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    // splitmix64's finaliser spreads FNV's low-entropy high bits.
-    h ^= h >> 30;
-    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    h ^= h >> 27;
-    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
-    h ^ (h >> 31)
-}
-
-/// A cheap random number (xorshift, per thread).
-fn random() -> u64 {
-    thread_local! {
-        static STATE: std::cell::Cell<u64> = std::cell::Cell::new(
-            hash(&(std::process::id() as u64 ^ crate::process::upstreams::now_ms()).to_le_bytes()) | 1,
-        );
-    }
-    STATE.with(|s| {
-        let mut x = s.get();
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        s.set(x);
-        x
-    })
 }
 
 #[cfg(test)]

@@ -369,7 +369,7 @@ impl Proxy {
                     }
                 }
                 Target::App(app) => self
-                    .send_to_app(app, req, ctx, &mut app_except)
+                    .send_to_app(app, req, ctx, &mut app_except, key)
                     .await
                     .map(|(res, f)| (res, Some(f))),
             };
@@ -450,12 +450,13 @@ impl Proxy {
         mut req: Request<Body>,
         ctx: &ListenerContext,
         except: &mut Option<u64>,
+        key: Option<u64>,
     ) -> Result<(Response<Pooled>, InFlight), Failed> {
         let table = &ctx.process.apps;
         let deadline = tokio::time::Instant::now() + self.config.connect_timeout;
         loop {
             let wait = deadline.saturating_duration_since(tokio::time::Instant::now());
-            let Some(instance) = table.pick(app, *except, wait).await else {
+            let Some(instance) = table.pick(app, *except, wait, key).await else {
                 ctx.process
                     .upstream_errors_total
                     .fetch_add(1, Ordering::Relaxed);
@@ -468,8 +469,18 @@ impl Proxy {
                 )));
             };
             let in_flight = InFlight::new(instance.clone());
+            let started = tokio::time::Instant::now();
             let sent = tokio::time::timeout(self.config.timeout, instance.pool.send(req)).await;
             *except = Some(instance.id);
+            // What a canary deploy compares: each instance's answers.
+            let answered = match &sent {
+                Ok(Ok(res)) => Some(Some(res.status().as_u16())),
+                Ok(Err(SendError::NotSent { .. })) => None,
+                _ => Some(None),
+            };
+            if let Some(status) = answered {
+                instance.record(status, started.elapsed());
+            }
             match sent {
                 Ok(Ok(res)) => return Ok((res, in_flight)),
                 Ok(Err(SendError::NotSent { request, error })) => {
