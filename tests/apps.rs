@@ -69,13 +69,21 @@ async fn deploy(srv: &TestServer) -> (bool, String) {
     spawn_deploy(srv).await.unwrap()
 }
 
-/// The app's instances, as `status` reports them.
-async fn instances(srv: &TestServer) -> Vec<Value> {
+/// App `api` as `status` reports it: its instances and any deploy under way.
+async fn app_status(srv: &TestServer) -> Value {
     let r = client::get(&Target::plain(srv.addr("web")), "/status")
         .await
         .unwrap();
     let v: Value = serde_json::from_str(&r.body).unwrap();
-    v["apps"]["api"]["instances"].as_array().unwrap().clone()
+    v["apps"]["api"].clone()
+}
+
+/// The app's instances, as `status` reports them.
+async fn instances(srv: &TestServer) -> Vec<Value> {
+    app_status(srv).await["instances"]
+        .as_array()
+        .unwrap()
+        .clone()
 }
 
 /// Waits until `status` lists `n` instances (the worker hears of an
@@ -91,13 +99,24 @@ async fn wait_status(
     within: Duration,
     done: impl Fn(&[Value]) -> bool,
 ) -> Vec<Value> {
+    let list = |app: &Value| app["instances"].as_array().cloned().unwrap_or_default();
+    list(&wait_app(srv, within, |app| done(&list(app))).await)
+}
+
+/// Waits up to `within` until app `api`'s `status` satisfies `done`;
+/// returns it.
+async fn wait_app(srv: &TestServer, within: Duration, done: impl Fn(&Value) -> bool) -> Value {
     let deadline = tokio::time::Instant::now() + within;
     loop {
-        let now = instances(srv).await;
+        let now = app_status(srv).await;
         if done(&now) {
             return now;
         }
-        assert!(tokio::time::Instant::now() < deadline, "instances: {now:?}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "status: {now}\n{}",
+            srv.logs()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -517,28 +536,12 @@ fn spawn_deploy_with(
 
 /// The canary deploy under way, as `status` shows it (`null` if none).
 async fn canary_status(srv: &TestServer) -> Value {
-    let r = client::get(&Target::plain(srv.addr("web")), "/status")
-        .await
-        .unwrap();
-    let v: Value = serde_json::from_str(&r.body).unwrap();
-    v["apps"]["api"]["deploy"].clone()
+    app_status(srv).await["deploy"].clone()
 }
 
 /// Waits until the canary deploy's status satisfies `done`; returns it.
 async fn wait_canary(srv: &TestServer, within: Duration, done: impl Fn(&Value) -> bool) -> Value {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        let now = canary_status(srv).await;
-        if done(&now) {
-            return now;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "canary: {now}\n{}",
-            srv.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_app(srv, within, |app| done(&app["deploy"])).await["deploy"].clone()
 }
 
 /// The app's config with `canary` (and `/metrics`), each instance waiting

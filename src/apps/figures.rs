@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::config::Canary;
+
 /// Each bucket of the latency histogram is this much wider than the one
 /// below it: percentiles within 5%.
 const GROWTH: f64 = 1.05;
@@ -111,18 +113,10 @@ fn round(x: f64) -> f64 {
     (x * 10_000.0).round() / 10_000.0
 }
 
-/// How far the new version may fall behind the old one.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Margins {
-    pub(crate) max_error_increase: f64,
-    pub(crate) max_p99_ratio: f64,
-    pub(crate) min_requests: u64,
-}
-
-/// Compares the new version with the old one on the same window: why it
-/// is worse, or `None` (also while it has answered too few requests to
-/// tell).
-pub(crate) fn worse(old: &Figures, new: &Figures, m: Margins) -> Option<String> {
+/// Compares the new version with the old one on the same window, within
+/// the app's `canary` margins: why it is worse, or `None` (also while it
+/// has answered too few requests to tell).
+pub(crate) fn worse(old: &Figures, new: &Figures, m: &Canary) -> Option<String> {
     if new.requests < m.min_requests.max(1) {
         return None;
     }
@@ -172,12 +166,6 @@ mod tests {
         f
     }
 
-    const M: Margins = Margins {
-        max_error_increase: 0.01,
-        max_p99_ratio: 1.5,
-        min_requests: 100,
-    };
-
     #[test]
     fn the_99th_percentile_is_within_five_percent() {
         let mut f = Figures::default();
@@ -191,27 +179,33 @@ mod tests {
 
     #[test]
     fn a_version_is_judged_on_errors_and_latency_past_min_requests() {
+        // The defaults: 1 point of errors, p99 1.5x, 100 requests.
+        let m = &Canary::default();
+        assert_eq!(
+            (m.max_error_increase, m.max_p99_ratio, m.min_requests),
+            (0.01, 1.5, 100)
+        );
         let old = figures(1000, 5, 10);
         assert_eq!(
-            worse(&old, &figures(99, 99, 10), M),
+            worse(&old, &figures(99, 99, 10), m),
             None,
             "too few to tell"
         );
         assert_eq!(
-            worse(&old, &figures(200, 2, 10), M),
+            worse(&old, &figures(200, 2, 10), m),
             None,
             "1% against 0.5%"
         );
-        let e = worse(&old, &figures(200, 20, 10), M).expect("10% against 0.5%");
+        let e = worse(&old, &figures(200, 20, 10), m).expect("10% against 0.5%");
         assert!(e.contains("5xx 10.0% against 0.5%"), "{e}");
-        let e = worse(&old, &figures(200, 0, 30), M).expect("3x slower");
+        let e = worse(&old, &figures(200, 0, 30), m).expect("3x slower");
         assert!(e.starts_with("p99 3"), "{e}");
-        assert_eq!(worse(&old, &figures(200, 0, 14), M), None, "1.4x");
+        assert_eq!(worse(&old, &figures(200, 0, 14), m), None, "1.4x");
         let mut dead = figures(150, 0, 10);
         for _ in 0..50 {
             dead.record(None, Duration::from_millis(10));
         }
-        let e = worse(&old, &dead, M).expect("a quarter never answered");
+        let e = worse(&old, &dead, m).expect("a quarter never answered");
         assert!(e.starts_with("no answer 25.0%"), "{e}");
         let mut sum = figures(10, 1, 10);
         sum.add(&figures(10, 1, 10));

@@ -25,7 +25,7 @@ use nix::sys::wait::WaitStatus;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info, warn};
 
-use super::figures::{self, Figures, Margins};
+use super::figures::{self, Figures};
 use super::instance::{self, Process};
 use super::link::{InstanceInfo, Serving, Update};
 use super::links::Links;
@@ -561,8 +561,7 @@ impl Runner {
         let how = describe(status);
         match inst.state {
             State::Canary => {
-                if let Some(c) = self.canary.take() {
-                    self.links.count(&self.app.name, false);
+                if let Some(c) = self.end_canary() {
                     let reason = format!(
                         "new instance (pid {pid}) {how} during the canary deploy, at {}%; instance {} serves",
                         self.app.canary.steps[c.step], c.old
@@ -686,8 +685,7 @@ impl Runner {
                 let _ = r.send(Err("gracesrv is stopping".into()));
             }
         }
-        if let Some(c) = self.canary.take() {
-            self.links.count(&self.app.name, false);
+        if let Some(c) = self.end_canary() {
             for r in c.replies {
                 let _ = r.send(Err("gracesrv is stopping".into()));
             }
@@ -776,6 +774,14 @@ impl Runner {
         })
     }
 
+    /// The canary deploy under way, ended: the workers' figures are no
+    /// longer kept.
+    fn end_canary(&mut self) -> Option<CanaryRun> {
+        let c = self.canary.take()?;
+        self.links.count(&self.app.name, false);
+        Some(c)
+    }
+
     fn tick_canary_in(&self, id: u64) {
         let events = self.events.clone();
         tokio::spawn(async move {
@@ -788,26 +794,14 @@ impl Runner {
     /// new version is worse, else on to the next step when this one has
     /// lasted, or promoted after the last.
     fn canary_tick(&mut self, id: u64) {
-        let (app, c) = (&self.app, &self.canary);
-        let Some(c) = c.as_ref().filter(|c| c.new == id) else {
+        let (app, links) = (&self.app, &self.links);
+        let Some(c) = self.canary.as_mut().filter(|c| c.new == id) else {
             return;
         };
-        let (old, new) = (c.old, c.new);
-        let old_now = self.links.take_figures(&app.name, old);
-        let new_now = self.links.take_figures(&app.name, new);
-        let margins = Margins {
-            max_error_increase: app.canary.max_error_increase,
-            max_p99_ratio: app.canary.max_p99_ratio,
-            min_requests: app.canary.min_requests,
-        };
-        let (step_len, last) = (app.canary.step, app.canary.steps.len() - 1);
-        let steps = &self.app.canary.steps;
-        let Some(c) = self.canary.as_mut() else {
-            return;
-        };
-        c.old_figures.add(&old_now);
-        c.new_figures.add(&new_now);
-        if let Some(why) = figures::worse(&c.old_figures, &c.new_figures, margins) {
+        c.old_figures.add(&links.take_figures(&app.name, c.old));
+        c.new_figures.add(&links.take_figures(&app.name, c.new));
+        let steps = &app.canary.steps;
+        if let Some(why) = figures::worse(&c.old_figures, &c.new_figures, &app.canary) {
             let reason = format!(
                 "rolled back at {}: {why}; {}",
                 c.step_name(steps),
@@ -816,35 +810,34 @@ impl Runner {
             self.rollback(reason);
             return;
         }
-        if c.since.elapsed() >= step_len {
-            if c.step == last {
+        if c.since.elapsed() >= app.canary.step {
+            if c.step == steps.len() - 1 {
                 self.promote_canary("every step passed");
                 return;
             }
             info!(
-                instance = new,
+                instance = id,
                 old = %c.old_figures.line(),
                 new = %c.new_figures.line(),
                 "canary step {} passed: {}% now",
                 c.step + 1,
-                self.app.canary.steps[c.step + 1]
+                steps[c.step + 1]
             );
             c.step += 1;
             c.since = tokio::time::Instant::now();
             c.old_figures = Figures::default();
             c.new_figures = Figures::default();
         }
-        self.tick_canary_in(new);
+        self.tick_canary_in(id);
         self.announce();
     }
 
     /// The canary deploy's new version takes everything: it serves, and
     /// the old one is retired and stopped (the deploy's answer then).
     fn promote_canary(&mut self, why: &str) {
-        let Some(c) = self.canary.take() else {
+        let Some(c) = self.end_canary() else {
             return;
         };
-        self.links.count(&self.app.name, false);
         let new_pid = match self.instances.get_mut(&c.new) {
             Some(i) => {
                 i.state = State::Serving;
@@ -860,7 +853,7 @@ impl Runner {
             c.figures()
         );
         match self.instances.get_mut(&c.old) {
-            Some(old) if self.serving != Some(c.old) => {
+            Some(old) => {
                 old.state = State::Retiring;
                 let line = format!(
                     "instance {} (pid {new_pid}) serves ({why}); instance {} (pid {}) stopped; {step}",
@@ -870,7 +863,8 @@ impl Runner {
                     .extend(c.replies.into_iter().map(|r| (r, Ok(line.clone()))));
                 self.retire(c.old);
             }
-            _ => {
+            // It exited during the deploy.
+            None => {
                 for r in c.replies {
                     let _ = r.send(Ok(format!(
                         "instance {} (pid {new_pid}) serves ({why}); {step}",
@@ -886,10 +880,9 @@ impl Runner {
     /// at once, finishes what it has, and is stopped; the deploy fails
     /// with `reason` once it is gone.
     fn rollback(&mut self, reason: String) {
-        let Some(c) = self.canary.take() else {
+        let Some(c) = self.end_canary() else {
             return;
         };
-        self.links.count(&self.app.name, false);
         error!(instance = c.new, "canary deploy {reason}");
         match self.instances.get_mut(&c.new) {
             Some(inst) => {
