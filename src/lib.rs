@@ -47,6 +47,7 @@ mod observe;
 mod process;
 mod quic;
 mod serve;
+mod store;
 mod sys;
 mod tls;
 mod wire;

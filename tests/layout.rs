@@ -10,13 +10,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 /// The layers, top first: each may import only those after it.
-const LAYERS: [&str; 11] = [
-    "control", "quic", "serve", "http", "process", "apps", "tls", "observe", "wire", "sys",
-    "config",
+const LAYERS: [&str; 12] = [
+    "control", "quic", "serve", "http", "process", "apps", "tls", "store", "observe", "wire",
+    "sys", "config",
 ];
 /// Folders whose modules are units of their own.
-const SPLIT: [&str; 8] = [
-    "control", "serve", "http", "process", "tls", "observe", "wire", "sys",
+const SPLIT: [&str; 9] = [
+    "control", "serve", "http", "process", "tls", "store", "observe", "wire", "sys",
 ];
 
 fn src() -> PathBuf {

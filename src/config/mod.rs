@@ -101,9 +101,9 @@ pub struct Config {
     /// `limits.max_headers`: header fields an HTTP/1.x request may carry
     /// (the 64 KiB head limit holds beside it).
     pub(crate) max_headers: usize,
-    /// `tls_tickets.key_file`: the secret TLS session tickets derive from,
-    /// shared by every machine given the same file (see `tickets`).
-    pub(crate) tls_tickets: Option<FileRef>,
+    /// `tls_tickets:`: where the TLS session ticket keys of a fleet come
+    /// from (see `tickets`).
+    pub(crate) tls_tickets: Option<TicketsConfig>,
     /// `acme:`: how certificates are obtained for `tls: { acme: [...] }`.
     pub(crate) acme: Option<AcmeConfig>,
     /// `apps:`: application processes the supervisor runs (see `apps`).
@@ -235,12 +235,42 @@ pub(crate) enum Challenge {
     Http01,
 }
 
+/// Where a fleet's ticket keys come from (`tls_tickets:`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum TicketsConfig {
+    /// `key_file`: the secret is the file's SHA-256, the same on every
+    /// machine given the file.
+    KeyFile(FileRef),
+    /// `storage`: the keys are in the store, rotated by whoever comes first.
+    Store(StoreConfig),
+}
+
+/// A store a fleet shares (`acme.storage` or `tls_tickets.storage` given
+/// as `redis://` or `rediss://`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct StoreConfig {
+    /// The URL as written (password included): for the client only.
+    pub(crate) url: String,
+    /// The URL without its password: for logs and `status`.
+    pub(crate) shown: String,
+    /// `storage_ca`: the roots a `rediss://` server is verified with (the
+    /// system's without it).
+    pub(crate) ca: Option<FileRef>,
+    /// `storage_key_file`: values are sealed with a key derived from it.
+    pub(crate) key_file: Option<FileRef>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct AcmeConfig {
     pub(crate) directory: String,
     pub(crate) email: Option<String>,
-    /// Account key, certificates, keys, challenges, the lock.
+    /// Account key, certificates, keys, challenges, the lock; with a
+    /// `shared` store, this host's copy of what it serves (`acme.cache`).
     pub(crate) storage: PathBuf,
+    /// `storage: redis://...`: what the fleet shares, and the order lock.
+    pub(crate) shared: Option<StoreConfig>,
+    /// How long the order lock outlives a holder that stopped renewing it.
+    pub(crate) lock_ttl: Duration,
     /// Extra roots to trust the directory with (test CAs).
     pub(crate) ca_roots: Option<FileRef>,
     pub(crate) challenge: Challenge,
@@ -553,9 +583,25 @@ impl Config {
     /// Every file this config depends on: itself, certificates and keys
     /// (the listeners', and the proxies' upstream CAs and client certificates).
     /// These are what `watch: true` watches.
+    /// The files of the shared stores (`storage_key_file`, `storage_ca`).
+    pub(crate) fn store_files(&self) -> Vec<&FileRef> {
+        let acme = self.acme.as_ref().and_then(|a| a.shared.as_ref());
+        let tickets = match &self.tls_tickets {
+            Some(TicketsConfig::Store(s)) => Some(s),
+            _ => None,
+        };
+        acme.into_iter()
+            .chain(tickets)
+            .flat_map(|s| s.key_file.iter().chain(&s.ca))
+            .collect()
+    }
+
     pub(crate) fn watched_files(&self) -> Vec<PathBuf> {
         let mut files = vec![self.path.clone()];
-        files.extend(self.tls_tickets.as_ref().map(|f| f.path.clone()));
+        if let Some(TicketsConfig::KeyFile(f)) = &self.tls_tickets {
+            files.push(f.path.clone());
+        }
+        files.extend(self.store_files().iter().map(|f| f.path.clone()));
         for l in &self.listeners {
             if let Some(tls) = &l.tls {
                 files.push(tls.cert.path.clone());

@@ -18,7 +18,7 @@ pub(crate) struct Config {
     pub(crate) max_connections: Option<Spanned<u64>>,
     pub(crate) max_draining: Option<Spanned<u64>>,
     pub(crate) limits: Option<Limits>,
-    pub(crate) tls_tickets: Option<TlsTickets>,
+    pub(crate) tls_tickets: Option<Spanned<TlsTickets>>,
     pub(crate) acme: Option<Spanned<Acme>>,
     pub(crate) access_log: Option<Spanned<AccessLog>>,
     #[serde(default)]
@@ -84,6 +84,10 @@ pub(crate) struct Acme {
     pub(crate) directory: Spanned<String>,
     pub(crate) email: Option<Spanned<String>>,
     pub(crate) storage: Option<Spanned<String>>,
+    pub(crate) storage_key_file: Option<Spanned<String>>,
+    pub(crate) storage_ca: Option<Spanned<String>>,
+    pub(crate) cache: Option<Spanned<String>>,
+    pub(crate) lock_ttl: Option<Spanned<String>>,
     pub(crate) ca_roots: Option<Spanned<String>>,
     pub(crate) challenge: Option<Spanned<String>>,
     pub(crate) renew_before: Option<Spanned<String>>,
@@ -92,7 +96,10 @@ pub(crate) struct Acme {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct TlsTickets {
-    pub(crate) key_file: Spanned<String>,
+    pub(crate) key_file: Option<Spanned<String>>,
+    pub(crate) storage: Option<Spanned<String>>,
+    pub(crate) storage_key_file: Option<Spanned<String>>,
+    pub(crate) storage_ca: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]

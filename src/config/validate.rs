@@ -245,7 +245,7 @@ impl Validator<'_> {
         }
 
         let tls_tickets = match &raw.tls_tickets {
-            Some(t) => Some(self.file_ref(&t.key_file, "tls_tickets.key_file".into())?),
+            Some(t) => Some(self.tickets(t)?),
             None => None,
         };
         Ok(Config {
@@ -332,6 +332,75 @@ impl Validator<'_> {
         Ok((stored("cert.pem"), stored("key.pem"), list))
     }
 
+    /// `tls_tickets:`: a key file or a store, one of them.
+    fn tickets(&self, t: &Spanned<raw::TlsTickets>) -> Result<TicketsConfig, ConfigError> {
+        let raw = &t.value;
+        match (&raw.key_file, &raw.storage) {
+            (Some(f), None) => {
+                for (v, key) in [
+                    (&raw.storage_key_file, "storage_key_file"),
+                    (&raw.storage_ca, "storage_ca"),
+                ] {
+                    if let Some(v) = v {
+                        return self.err(
+                            Pos::from(v),
+                            format!("tls_tickets.{key}: only with storage (redis://...)"),
+                        );
+                    }
+                }
+                Ok(TicketsConfig::KeyFile(
+                    self.file_ref(f, "tls_tickets.key_file".into())?,
+                ))
+            }
+            (None, Some(s)) if is_store_url(&s.value) => Ok(TicketsConfig::Store(self.store(
+                s,
+                &raw.storage_key_file,
+                &raw.storage_ca,
+                "tls_tickets",
+            )?)),
+            (None, Some(s)) => self.err(
+                Pos::from(s),
+                format!(
+                    "tls_tickets.storage: {:?} is not a redis:// or rediss:// URL",
+                    s.value
+                ),
+            ),
+            (Some(_), Some(s)) => {
+                self.err(Pos::from(s), "tls_tickets: key_file or storage, not both")
+            }
+            (None, None) => self.err(
+                Pos::from(t),
+                "tls_tickets: needs key_file or storage (redis://...)",
+            ),
+        }
+    }
+
+    /// A shared store: `url` (checked as the Redis client reads it), and
+    /// the `storage_key_file` and `storage_ca` beside it in `section`.
+    fn store(
+        &self,
+        url: &Spanned<String>,
+        key_file: &Option<Spanned<String>>,
+        ca: &Option<Spanned<String>>,
+        section: &str,
+    ) -> Result<StoreConfig, ConfigError> {
+        use redis::IntoConnectionInfo;
+        let shown = without_password(&url.value);
+        if let Err(e) = url.value.as_str().into_connection_info() {
+            return self.err(Pos::from(url), format!("{section}.storage: {shown}: {e}"));
+        }
+        let file = |v: &Option<Spanned<String>>, key: &str| match v {
+            Some(v) => self.file_ref(v, format!("{section}.{key}")).map(Some),
+            None => Ok(None),
+        };
+        Ok(StoreConfig {
+            url: url.value.clone(),
+            shown,
+            ca: file(ca, "storage_ca")?,
+            key_file: file(key_file, "storage_key_file")?,
+        })
+    }
+
     fn acme(&self, a: &Spanned<raw::Acme>) -> Result<AcmeConfig, ConfigError> {
         let a = &a.value;
         let directory = a.directory.value.clone();
@@ -344,9 +413,35 @@ impl Validator<'_> {
             );
         }
         let dir = self.file.parent().unwrap_or(Path::new("/"));
-        let storage = match &a.storage {
+        let shared = match &a.storage {
+            Some(s) if is_store_url(&s.value) => {
+                Some(self.store(s, &a.storage_key_file, &a.storage_ca, "acme")?)
+            }
+            _ => None,
+        };
+        if shared.is_none() {
+            for (v, key) in [
+                (&a.storage_key_file, "storage_key_file"),
+                (&a.storage_ca, "storage_ca"),
+                (&a.cache, "cache"),
+            ] {
+                if let Some(v) = v {
+                    return self.err(
+                        Pos::from(v),
+                        format!("acme.{key}: only with a shared store (storage: redis://...)"),
+                    );
+                }
+            }
+        }
+        let local = if shared.is_some() {
+            &a.cache
+        } else {
+            &a.storage
+        };
+        let storage = match local {
             Some(s) if s.value.is_empty() => {
-                return self.err(Pos::from(s), "acme.storage: must not be empty")
+                let key = if shared.is_some() { "cache" } else { "storage" };
+                return self.err(Pos::from(s), format!("acme.{key}: must not be empty"));
             }
             Some(s) => dir.join(&s.value),
             None => dir.join("acme"),
@@ -367,10 +462,21 @@ impl Validator<'_> {
             Some(c) => Some(self.file_ref(c, "acme.ca_roots".into())?),
             None => None,
         };
+        let lock_ttl = self.duration(&a.lock_ttl, "acme.lock_ttl", Duration::from_secs(60))?;
+        if lock_ttl < Duration::from_secs(3) {
+            if let Some(v) = &a.lock_ttl {
+                return self.err(
+                    Pos::from(v),
+                    "acme.lock_ttl: at least 3s (it is renewed every third of it)",
+                );
+            }
+        }
         Ok(AcmeConfig {
             directory,
             email: a.email.as_ref().map(|e| e.value.clone()),
             storage,
+            shared,
+            lock_ttl,
             ca_roots,
             challenge,
             renew_before: self.duration(
@@ -673,5 +779,30 @@ impl Validator<'_> {
             Ok(s) if code >= 200 && allowed(code) => Ok(s),
             _ => self.err(pos, format!("{key}: {code} is not a valid status here")),
         }
+    }
+}
+
+/// Is `storage` a store's URL rather than a directory?
+fn is_store_url(storage: &str) -> bool {
+    storage.starts_with("redis://") || storage.starts_with("rediss://")
+}
+
+/// `url` with the password of its user part (if any) replaced by `***`.
+pub(crate) fn without_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => {
+            let user = rest[..at].split(':').next().unwrap_or("");
+            let user = if rest[..at].contains(':') {
+                format!("{user}:***")
+            } else {
+                "***".to_string()
+            };
+            format!("{scheme}://{user}@{}", &rest[at + 1..])
+        }
+        None => url.to_string(),
     }
 }

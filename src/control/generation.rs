@@ -39,6 +39,9 @@ pub(crate) struct Generation {
     http3: Option<crate::quic::Http3>,
     /// The proxy routes (their active health checks run while this serves).
     pub(crate) proxies: Vec<Arc<crate::http::proxy::Proxy>>,
+    /// The ticket keys (a fleet's are kept in step with the store while
+    /// this serves).
+    pub(crate) tickets: Arc<Tickets>,
 }
 
 /// Serving threads: one per core, or `GRACESRV_THREADS` (`GRACESRV_WORKERS`,
@@ -331,6 +334,7 @@ impl Generation {
             pid_file_pending: false,
             http3,
             proxies,
+            tickets,
         })
     }
 

@@ -93,8 +93,26 @@ pub(crate) fn prepare_config(
             )
         })?;
     }
+    for f in config.store_files() {
+        let bytes = std::fs::read(&f.path).map_err(|e| {
+            ConfigError::new(
+                &config.path,
+                Some(f.pos),
+                format!("{}: cannot read {}: {e}", f.key, f.written, e = Chain(&e)),
+            )
+        })?;
+        if f.key.ends_with("storage_key_file") {
+            crate::store::seal::Sealer::from_key_file(&bytes).map_err(|e| {
+                ConfigError::new(
+                    &config.path,
+                    Some(f.pos),
+                    format!("{}: {} {e}", f.key, f.written),
+                )
+            })?;
+        }
+    }
     let tickets = match &config.tls_tickets {
-        Some(f) => {
+        Some(crate::config::TicketsConfig::KeyFile(f)) => {
             let bytes = std::fs::read(&f.path).map_err(|e| {
                 let what = if e.kind() == std::io::ErrorKind::NotFound {
                     format!("no such file {}", f.written)
@@ -112,7 +130,7 @@ pub(crate) fn prepare_config(
             })?;
             Some(Arc::new(t))
         }
-        None => None,
+        _ => None,
     };
     Ok(Prepared {
         config,

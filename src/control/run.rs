@@ -10,7 +10,6 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tracing::{error, info, warn};
 
-use crate::config::Config;
 use crate::control::generation::Generation;
 use crate::control::predecessors::Predecessors;
 use crate::observe::logging::Chain;
@@ -20,31 +19,41 @@ use crate::sys::signals::{Sig, Signals};
 use super::restart::{Event, Restart, Trigger};
 use super::spawn::Ready;
 
-/// A generation's ACME orderer (`acme::run`), stopped when dropped: only a
-/// serving generation orders.
-struct Orderer(tokio::task::JoinHandle<()>);
+/// What only the serving generation runs, stopped when dropped: the ACME
+/// orderer (`acme::run`), and the keeper of a fleet's ticket keys
+/// (`tickets::share`).
+struct Keepers(Vec<tokio::task::JoinHandle<()>>);
 
-impl Orderer {
-    fn start(
-        config: &Config,
-        shown: Option<std::sync::Arc<crate::tls::acme::Status>>,
-        restart: tokio::sync::mpsc::UnboundedSender<()>,
-    ) -> Option<Orderer> {
-        config.acme.as_ref()?;
-        let config = config.clone();
-        Some(Orderer(tokio::spawn(crate::tls::acme::run(
-            config,
-            shown,
-            move || {
-                let _ = restart.send(());
-            },
-        ))))
+impl Keepers {
+    fn start(gen: &Generation, restart: tokio::sync::mpsc::UnboundedSender<()>) -> Option<Keepers> {
+        let mut tasks = Vec::new();
+        if gen.config.acme.is_some() {
+            tasks.push(tokio::spawn(crate::tls::acme::run(
+                gen.config.clone(),
+                gen.process.acme.clone(),
+                move || {
+                    let _ = restart.send(());
+                },
+            )));
+        }
+        if let Some(crate::config::TicketsConfig::Store(store)) = &gen.config.tls_tickets {
+            match crate::store::Store::open(store) {
+                Ok(store) => tasks.push(tokio::spawn(crate::tls::tickets::share(
+                    gen.tickets.clone(),
+                    store,
+                ))),
+                Err(e) => error!("tls_tickets: store unusable: {e}", e = Chain(&e)),
+            }
+        }
+        (!tasks.is_empty()).then_some(Keepers(tasks))
     }
 }
 
-impl Drop for Orderer {
+impl Drop for Keepers {
     fn drop(&mut self) {
-        self.0.abort();
+        for t in &self.0 {
+            t.abort();
+        }
     }
 }
 
@@ -122,7 +131,7 @@ pub(crate) async fn control(
         Duration::from_secs(1),
     );
     let (certificate, mut certificates) = tokio::sync::mpsc::unbounded_channel();
-    let mut orderer = Orderer::start(&gen.config, gen.process.acme.clone(), certificate.clone());
+    let mut keepers = Keepers::start(&gen, certificate.clone());
     let mut checks = HealthChecks::start(&gen.proxies);
     loop {
         let trigger = tokio::select! {
@@ -144,7 +153,7 @@ pub(crate) async fn control(
                 }
                 Sig::Stop => {
                     info!("stopping: draining connections");
-                    drop(orderer.take());
+                    drop(keepers.take());
                     drop(checks.take());
                     gen.ending();
                     restart.abandon().await;
@@ -155,7 +164,7 @@ pub(crate) async fn control(
                 }
                 Sig::Quit => {
                     info!(connections = gen.process.drain.active(), "quit: closing every connection");
-                    drop(orderer.take());
+                    drop(keepers.take());
                     drop(checks.take());
                     gen.ending();
                     restart.abandon().await;
@@ -190,7 +199,7 @@ pub(crate) async fn control(
                             // trigger: pass it on so nothing is missed.
                             let _ = kill(Pid::from_raw(new_pid), Signal::SIGHUP);
                         }
-                        drop(orderer.take());
+                        drop(keepers.take());
                     drop(checks.take());
                         gen.ending();
                         // The new process has its own copies of the sockets.
@@ -206,7 +215,7 @@ pub(crate) async fn control(
                                 // the pid file and systemd must name.
                                 gen.report_ready(None, supervisor.is_some());
                                 hooks.ready();
-                                orderer = Orderer::start(&gen.config, gen.process.acme.clone(), certificate.clone());
+                                keepers = Keepers::start(&gen, certificate.clone());
                                 checks = HealthChecks::start(&gen.proxies);
                                 None
                             }

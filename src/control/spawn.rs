@@ -177,7 +177,7 @@ impl Spawner {
         }
         env.push((
             crate::sys::handoff::TICKET_SECRET_VAR.into(),
-            self.tickets.to_hex().into(),
+            self.tickets.handover().into(),
         ));
         env.extend(extra);
         let link = match &self.links {

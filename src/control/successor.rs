@@ -101,7 +101,7 @@ impl Inherited {
             inherited.generation = g.max(1);
         }
         inherited.supervisor = supervisor.and_then(|s| s.parse().ok());
-        inherited.tickets = tickets.and_then(|t| crate::tls::tickets::Tickets::from_hex(&t));
+        inherited.tickets = tickets.and_then(|t| crate::tls::tickets::Tickets::from_handover(&t));
         inherited.metrics = metrics;
         inherited.upstreams = upstreams;
         inherited.draining = draining

@@ -10,6 +10,7 @@
 
 pub mod client;
 pub mod config;
+pub mod fleet;
 pub mod h2raw;
 pub mod h3;
 pub mod load;

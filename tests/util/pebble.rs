@@ -66,7 +66,29 @@ impl Pebble {
         config: serde_json::Value,
         env: &[(&str, &str)],
     ) -> Pebble {
-        Self::start_inner(http_port, tls_port, config, env, false).await
+        Self::start_inner(
+            http_port,
+            tls_port,
+            config,
+            env,
+            false,
+            Ipv4Addr::LOCALHOST,
+            Ipv4Addr::LOCALHOST,
+        )
+        .await
+    }
+
+    /// Like `start`, with pebble's listeners on `listen` (reachable from
+    /// other network namespaces) and every name resolving to `target` (a
+    /// load balancer in front of several hosts).
+    pub async fn start_on(
+        listen: Ipv4Addr,
+        target: Ipv4Addr,
+        http_port: u16,
+        tls_port: u16,
+        config: serde_json::Value,
+    ) -> Pebble {
+        Self::start_inner(http_port, tls_port, config, &[], false, listen, target).await
     }
 
     /// Like `start`, but pebble's HTTPS listeners present a self-signed CA
@@ -75,7 +97,16 @@ impl Pebble {
     /// that the ACME server also serves with. webpki refuses it
     /// (`CaUsedAsEndEntity`).
     pub async fn start_serving_a_ca_certificate(http_port: u16, tls_port: u16) -> Pebble {
-        Self::start_inner(http_port, tls_port, serde_json::json!({}), &[], true).await
+        Self::start_inner(
+            http_port,
+            tls_port,
+            serde_json::json!({}),
+            &[],
+            true,
+            Ipv4Addr::LOCALHOST,
+            Ipv4Addr::LOCALHOST,
+        )
+        .await
     }
 
     async fn start_inner(
@@ -84,7 +115,10 @@ impl Pebble {
         config: serde_json::Value,
         env: &[(&str, &str)],
         ca_as_server: bool,
+        listen: Ipv4Addr,
+        target: Ipv4Addr,
     ) -> Pebble {
+        let listen_ip = listen.to_string();
         let extra = match config {
             serde_json::Value::Object(extra) => extra,
             other => panic!("pebble config must be a JSON object, not {other}"),
@@ -109,13 +143,18 @@ impl Pebble {
             cert.pem()
         } else {
             let certs = Certs::new();
-            certs.leaf(dir.path(), "pebble", &["localhost", "127.0.0.1"], 1);
+            certs.leaf(
+                dir.path(),
+                "pebble",
+                &["localhost", "127.0.0.1", &listen_ip],
+                1,
+            );
             certs.ca_pem
         };
         std::fs::write(&ca_file, &ca_pem).expect("write ca.pem");
 
-        let acme = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
-        let management = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
+        let acme = SocketAddr::from((listen, free_port()));
+        let management = SocketAddr::from((listen, free_port()));
         let dns_port = free_dns_port();
         let mut pebble_config = serde_json::json!({
             "listenAddress": acme.to_string(),
@@ -141,7 +180,7 @@ impl Pebble {
             Command::new("pebble-challtestsrv")
                 .arg("-dns01")
                 .arg(format!("127.0.0.1:{dns_port}"))
-                .args(["-defaultIPv4", "127.0.0.1", "-defaultIPv6", ""])
+                .args(["-defaultIPv4", &target.to_string(), "-defaultIPv6", ""])
                 // Its challenge servers are not used: disabled.
                 .args(["-http01", "", "-https01", "", "-tlsalpn01", ""])
                 // An empty -management would listen on port 80 of every address.
@@ -165,7 +204,7 @@ impl Pebble {
             "pebble-challtestsrv",
             &mut p.challtestsrv,
             p.dir.path(),
-            move || async move { resolve_a(dns_port, "a.test").await == Some(Ipv4Addr::LOCALHOST) },
+            move || async move { resolve_a(dns_port, "a.test").await == Some(target) },
         )
         .await;
         p.start_pebble().await;
@@ -252,6 +291,11 @@ impl Pebble {
     pub async fn restart(&mut self) {
         self.stop();
         self.start_pebble().await;
+    }
+
+    /// How many orders pebble has taken (its `Added order` log lines).
+    pub fn orders(&self) -> usize {
+        self.logs().matches("Added order").count()
     }
 
     /// Both programs' output so far (pebble's across restarts).

@@ -21,6 +21,7 @@
 //! problem document, and are in `storage/status.json`, which `status`
 //! shows.
 
+mod fleet;
 mod order;
 mod status;
 
@@ -157,7 +158,7 @@ async fn refresh_ari(
             continue;
         };
         if account.is_none() {
-            match self::account(acme).await {
+            match self::account(acme, None).await {
                 Ok(a) => account = Some(a),
                 Err(e) => {
                     warn!("renewal information: {}", causes(&e));
@@ -223,93 +224,177 @@ pub(crate) async fn run(config: Config, shown: Option<std::sync::Arc<Status>>, r
         error!(storage = %acme.storage.display(), "ACME storage unusable: {e}", e = Chain(&e));
         return;
     }
-    let mut backoff: HashMap<Vec<String>, (Duration, tokio::time::Instant)> = HashMap::new();
-    let mut status: HashMap<Vec<String>, CertStatus> = HashMap::new();
-    let mut ari: HashMap<Vec<String>, Ari> = HashMap::new();
-    let mut no_ari = false;
-    let mut retry_restart = FIRST_BACKOFF;
-    loop {
-        if let Some(shown) = &shown {
-            shown.refresh(&acme.storage, &wanted);
+    let fleet = match fleet::Fleet::open(&acme) {
+        Ok(f) => f,
+        Err(e) => {
+            error!("ACME store unusable: {e}", e = Chain(&e));
+            return;
         }
-        refresh_ari(&acme, &wanted, &mut ari, &mut no_ari).await;
-        // Someone (this process or another) stored a newer certificate.
-        if wanted
-            .iter()
-            .any(|w| std::fs::read(&w.cert).ok() != w.loaded && !due(w, &acme, &HashMap::new()))
-        {
-            info!("a new certificate is in storage: restarting to serve it");
-            restart();
-            // A successful restart stops this orderer; if this generation is
-            // still here (the restart failed), ask again later.
-            tokio::time::sleep(retry_restart).await;
-            retry_restart = (retry_restart * 2).min(MAX_BACKOFF);
-            continue;
+    };
+    let orderer = Orderer {
+        acme: &acme,
+        wanted: &wanted,
+        shown: shown.as_deref(),
+        fleet: fleet.as_ref(),
+    };
+    match &fleet {
+        Some(f) => {
+            info!(store = f.shown(), cache = %acme.storage.display(), "acme: sharing certificates, challenges and the order lock through the store");
+            tokio::join!(f.listen(), orderer.run(restart));
         }
-        let now = tokio::time::Instant::now();
-        let due_now: Vec<&Wanted> = wanted
-            .iter()
-            .filter(|w| due(w, &acme, &ari))
-            .filter(|w| backoff.get(&w.names).is_none_or(|(_, at)| *at <= now))
-            .collect();
-        if due_now.is_empty() {
-            let next = backoff
-                .values()
-                .map(|(_, at)| *at)
-                .chain(ari.values().map(|a| a.next_check))
-                .min()
-                .unwrap_or(now + CHECK)
-                .min(now + SHOWN);
-            tokio::time::sleep_until(next).await;
-            continue;
-        }
-        let Some(lock) = try_lock(&acme.storage) else {
-            // Another process orders; look again shortly.
-            tokio::time::sleep(LOCK_RETRY).await;
-            continue;
-        };
-        for w in due_now {
-            // Under the lock: another process may have just finished it.
-            if !due(w, &acme, &ari) {
+        None => orderer.run(restart).await,
+    }
+}
+
+/// The lock an orderer holds while it orders.
+enum Lock {
+    /// `storage/lock`, for the processes and machines sharing a directory.
+    File(#[allow(dead_code)] nix::fcntl::Flock<std::fs::File>),
+    /// `acme:lock` in the fleet's store.
+    Lease(crate::store::lease::Lease),
+}
+
+struct Orderer<'a> {
+    acme: &'a AcmeConfig,
+    wanted: &'a [Wanted],
+    shown: Option<&'a Status>,
+    fleet: Option<&'a fleet::Fleet>,
+}
+
+impl Orderer<'_> {
+    async fn run(&self, restart: impl Fn()) {
+        let (acme, wanted, shown) = (self.acme, self.wanted, self.shown);
+        let mut backoff: HashMap<Vec<String>, (Duration, tokio::time::Instant)> = HashMap::new();
+        let mut status: HashMap<Vec<String>, CertStatus> = HashMap::new();
+        let mut ari: HashMap<Vec<String>, Ari> = HashMap::new();
+        let mut no_ari = false;
+        let mut retry_restart = FIRST_BACKOFF;
+        loop {
+            if let Some(fleet) = self.fleet {
+                fleet.sync(wanted).await;
+            }
+            if let Some(shown) = shown {
+                shown.refresh(&acme.storage, wanted);
+            }
+            refresh_ari(acme, wanted, &mut ari, &mut no_ari).await;
+            // Someone (this process or another) stored a newer certificate.
+            if wanted
+                .iter()
+                .any(|w| std::fs::read(&w.cert).ok() != w.loaded && !due(w, acme, &HashMap::new()))
+            {
+                info!("a new certificate is in storage: restarting to serve it");
+                restart();
+                // A successful restart stops this orderer; if this generation is
+                // still here (the restart failed), ask again later.
+                tokio::time::sleep(retry_restart).await;
+                retry_restart = (retry_restart * 2).min(MAX_BACKOFF);
                 continue;
             }
-            info!(names = ?w.names, "ordering a certificate");
-            let s = status.entry(w.names.clone()).or_default();
-            s.names = w.names.clone();
-            match order(&acme, w).await {
-                Ok(()) => {
-                    info!(names = ?w.names, "certificate obtained");
-                    backoff.remove(&w.names);
-                    ari.remove(&w.names);
-                    s.last_error = None;
-                    s.next_attempt = None;
-                }
-                Err(e) => {
-                    // The reason, with what the libraries know of it.
-                    let e = causes(&e);
-                    let (delay, _) = backoff
-                        .get(&w.names)
-                        .map(|(d, _)| ((*d * 2).min(MAX_BACKOFF), ()))
-                        .unwrap_or((FIRST_BACKOFF, ()));
-                    backoff.insert(
-                        w.names.clone(),
-                        (delay, tokio::time::Instant::now() + delay),
-                    );
-                    s.last_error = Some(e.clone());
-                    s.next_attempt = Some(crate::config::rfc3339(SystemTime::now() + delay));
-                    // `status` says so before the log does.
-                    if let Some(shown) = &shown {
-                        shown.failed(s);
+            let now = tokio::time::Instant::now();
+            let due_now: Vec<&Wanted> = wanted
+                .iter()
+                .filter(|w| due(w, acme, &ari))
+                .filter(|w| backoff.get(&w.names).is_none_or(|(_, at)| *at <= now))
+                .collect();
+            if due_now.is_empty() {
+                let next = backoff
+                    .values()
+                    .map(|(_, at)| *at)
+                    .chain(ari.values().map(|a| a.next_check))
+                    .min()
+                    .unwrap_or(now + CHECK)
+                    .min(now + SHOWN);
+                match self.fleet {
+                    Some(f) => {
+                        tokio::select! {
+                            _ = tokio::time::sleep_until(next) => {}
+                            _ = f.news.notified() => {}
+                        }
                     }
-                    error!(names = ?w.names, "cannot obtain the certificate, trying again in {delay:?}: {e}");
+                    None => tokio::time::sleep_until(next).await,
                 }
+                continue;
             }
-            s.not_after = std::fs::read(&w.cert).ok().as_deref().and_then(not_after);
+            let Some(lock) = self.lock().await else {
+                // Another process orders; look again shortly.
+                tokio::time::sleep(LOCK_RETRY).await;
+                continue;
+            };
+            if let Some(fleet) = self.fleet {
+                // Another host may have just finished it.
+                fleet.sync(wanted).await;
+            }
+            let orders = async {
+                for w in due_now {
+                    // Under the lock: another process may have just finished it.
+                    if !due(w, acme, &ari) {
+                        continue;
+                    }
+                    info!(names = ?w.names, "ordering a certificate");
+                    let s = status.entry(w.names.clone()).or_default();
+                    s.names = w.names.clone();
+                    match order(acme, w, self.fleet).await {
+                        Ok(()) => {
+                            info!(names = ?w.names, "certificate obtained");
+                            if let Some(fleet) = self.fleet {
+                                // A store down now gets it when it is back (`sync`).
+                                let _ = fleet.push(w).await;
+                            }
+                            backoff.remove(&w.names);
+                            ari.remove(&w.names);
+                            s.last_error = None;
+                            s.next_attempt = None;
+                        }
+                        Err(e) => {
+                            // The reason, with what the libraries know of it.
+                            let e = causes(&e);
+                            let delay = backoff
+                                .get(&w.names)
+                                .map(|(d, _)| (*d * 2).min(MAX_BACKOFF))
+                                .unwrap_or(FIRST_BACKOFF);
+                            backoff.insert(
+                                w.names.clone(),
+                                (delay, tokio::time::Instant::now() + delay),
+                            );
+                            s.last_error = Some(e.clone());
+                            s.next_attempt =
+                                Some(crate::config::rfc3339(SystemTime::now() + delay));
+                            // `status` says so before the log does.
+                            if let Some(shown) = shown {
+                                shown.failed(s);
+                            }
+                            error!(names = ?w.names, "cannot obtain the certificate, trying again in {delay:?}: {e}");
+                        }
+                    }
+                    s.not_after = std::fs::read(&w.cert).ok().as_deref().and_then(not_after);
+                }
+            };
+            match &lock {
+                Lock::Lease(lease) => {
+                    tokio::select! {
+                        _ = orders => {}
+                        _ = lease.keep() => warn!("acme: lost the order lock (the store was unreachable too long, or another host took it); the order is abandoned and tried again"),
+                    }
+                }
+                Lock::File(_) => orders.await,
+            }
+            let json = write_status(&acme.storage, &status);
+            if let (Some(fleet), Some(json)) = (self.fleet, json) {
+                fleet.put_status(&json).await;
+            }
+            if let Lock::Lease(lease) = lock {
+                lease.release().await;
+            }
+            if let Some(shown) = shown {
+                shown.refresh(&acme.storage, wanted);
+            }
         }
-        write_status(&acme.storage, &status);
-        drop(lock);
-        if let Some(shown) = &shown {
-            shown.refresh(&acme.storage, &wanted);
+    }
+
+    async fn lock(&self) -> Option<Lock> {
+        match self.fleet {
+            Some(f) => f.lock().await.map(Lock::Lease),
+            None => try_lock(&self.acme.storage).map(Lock::File),
         }
     }
 }

@@ -12,6 +12,7 @@ use tracing::info;
 
 use crate::config::{AcmeConfig, Challenge};
 
+use super::fleet::{challenge_file, Fleet};
 use super::Wanted;
 
 /// Why an ACME account or order failed. Its causes (a refused
@@ -52,6 +53,9 @@ pub(crate) enum OrderError {
     Invalid { status: String, why: String },
     #[error("tls-alpn-01 certificate: {0}")]
     AlpnCertificate(#[source] rcgen::Error),
+    /// The fleet's store did not take a challenge answer.
+    #[error("challenge answer: {0}")]
+    Store(#[source] crate::store::StoreError),
 }
 
 impl OrderError {
@@ -76,8 +80,12 @@ pub(super) fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     crate::sys::atomic::write_atomically_mode(path, bytes, 0o600)
 }
 
-/// The account: created once, kept in `storage/account.json`.
-pub(super) async fn account(acme: &AcmeConfig) -> Result<Account, OrderError> {
+/// The account: created once, kept in `storage/account.json` (and in the
+/// fleet's store, which `Fleet::sync` copies it from).
+pub(super) async fn account(
+    acme: &AcmeConfig,
+    fleet: Option<&Fleet>,
+) -> Result<Account, OrderError> {
     let builder = || match &acme.ca_roots {
         Some(roots) => Account::builder_with_root(&roots.path),
         None => Account::builder(),
@@ -115,13 +123,20 @@ pub(super) async fn account(acme: &AcmeConfig) -> Result<Account, OrderError> {
         source,
     })?;
     write_private(&path, &json).map_err(OrderError::storage(&path))?;
+    if let Some(fleet) = fleet {
+        fleet.put_account(&json).await;
+    }
     info!(directory = %acme.directory, "ACME account created");
     Ok(account)
 }
 
 /// Orders `w`'s certificate and stores it.
-pub(super) async fn order(acme: &AcmeConfig, w: &Wanted) -> Result<(), OrderError> {
-    let account = account(acme).await?;
+pub(super) async fn order(
+    acme: &AcmeConfig,
+    w: &Wanted,
+    fleet: Option<&Fleet>,
+) -> Result<(), OrderError> {
+    let account = account(acme, fleet).await?;
     let ids: Vec<Identifier> = w.names.iter().map(|n| Identifier::Dns(n.clone())).collect();
     let mut order = account
         .new_order(&NewOrder::new(&ids))
@@ -132,50 +147,58 @@ pub(super) async fn order(acme: &AcmeConfig, w: &Wanted) -> Result<(), OrderErro
         Challenge::Http01 => ChallengeType::Http01,
     };
     let mut written = Vec::new();
-    let mut authzs = order.authorizations();
-    while let Some(authz) = authzs.next().await {
-        let mut authz = authz.map_err(OrderError::acme("authorization"))?;
-        match authz.status {
-            AuthorizationStatus::Pending => {}
-            AuthorizationStatus::Valid => continue,
-            other => return Err(OrderError::Authorization(format!("{other:?}"))),
+    let result = async {
+        let mut authzs = order.authorizations();
+        while let Some(authz) = authzs.next().await {
+            let mut authz = authz.map_err(OrderError::acme("authorization"))?;
+            match authz.status {
+                AuthorizationStatus::Pending => {}
+                AuthorizationStatus::Valid => continue,
+                other => return Err(OrderError::Authorization(format!("{other:?}"))),
+            }
+            let mut challenge = authz
+                .challenge(kind.clone())
+                .ok_or_else(|| OrderError::NoChallenge(format!("{kind:?}")))?;
+            let Identifier::Dns(name) = challenge.identifier().identifier.clone() else {
+                return Err(OrderError::NotDns);
+            };
+            let ka = challenge.key_authorization();
+            let (id, answer) = match acme.challenge {
+                Challenge::Http01 => (challenge.token.clone(), ka.as_str().as_bytes().to_vec()),
+                Challenge::TlsAlpn01 => {
+                    let pem = alpn_certificate(&name, ka.digest().as_ref())
+                        .map_err(OrderError::AlpnCertificate)?;
+                    (name.clone(), pem.into_bytes())
+                }
+            };
+            let file = challenge_file(&acme.storage, acme.challenge, &id).ok_or_else(|| {
+                OrderError::Authorization(format!("unusable challenge id {id:?}"))
+            })?;
+            write_private(&file, &answer).map_err(OrderError::storage(&file))?;
+            written.push((file, id.clone()));
+            if let Some(fleet) = fleet {
+                fleet
+                    .offer(acme.challenge, &id, &answer)
+                    .await
+                    .map_err(OrderError::Store)?;
+            }
+            challenge
+                .set_ready()
+                .await
+                .map_err(OrderError::acme("challenge"))?;
         }
-        let mut challenge = authz
-            .challenge(kind.clone())
-            .ok_or_else(|| OrderError::NoChallenge(format!("{kind:?}")))?;
-        let Identifier::Dns(name) = challenge.identifier().identifier.clone() else {
-            return Err(OrderError::NotDns);
-        };
-        let ka = challenge.key_authorization();
-        let file = match acme.challenge {
-            Challenge::Http01 => {
-                let file = acme
-                    .storage
-                    .join("challenges/http-01")
-                    .join(&challenge.token);
-                write_private(&file, ka.as_str().as_bytes()).map_err(OrderError::storage(&file))?;
-                file
-            }
-            Challenge::TlsAlpn01 => {
-                let file = acme
-                    .storage
-                    .join("challenges/tls-alpn-01")
-                    .join(format!("{name}.pem"));
-                let pem = alpn_certificate(&name, ka.digest().as_ref())
-                    .map_err(OrderError::AlpnCertificate)?;
-                write_private(&file, pem.as_bytes()).map_err(OrderError::storage(&file))?;
-                file
-            }
-        };
-        written.push(file);
-        challenge
-            .set_ready()
-            .await
-            .map_err(OrderError::acme("challenge"))?;
+        Ok(())
     }
-    let result = finish(&mut order, w).await;
-    for f in written {
-        let _ = std::fs::remove_file(f);
+    .await;
+    let result = match result {
+        Ok(()) => finish(&mut order, w).await,
+        Err(e) => Err(e),
+    };
+    for (file, id) in written {
+        let _ = std::fs::remove_file(file);
+        if let Some(fleet) = fleet {
+            fleet.withdraw(acme.challenge, &id).await;
+        }
     }
     result
 }
@@ -201,7 +224,12 @@ pub(super) async fn finish(order: &mut instant_acme::Order, w: &Wanted) -> Resul
         .poll_certificate(&retries)
         .await
         .map_err(OrderError::acme("certificate"))?;
-    // Key first: a reader that sees the new certificate finds its key.
+    store_pair(w, &key_pem, &chain)
+}
+
+/// Writes `w`'s key and certificate, owner-only; key first, so a reader
+/// that sees the new certificate finds its key.
+pub(super) fn store_pair(w: &Wanted, key_pem: &str, chain: &str) -> Result<(), OrderError> {
     let (key_new, cert_new) = (w.key.with_extension("new"), w.cert.with_extension("new"));
     write_private(&key_new, key_pem.as_bytes()).map_err(OrderError::storage(&key_new))?;
     write_private(&cert_new, chain.as_bytes()).map_err(OrderError::storage(&cert_new))?;

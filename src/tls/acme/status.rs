@@ -20,11 +20,15 @@ pub(crate) struct CertStatus {
     pub(crate) next_attempt: Option<String>,
 }
 
-pub(super) fn write_status(storage: &Path, status: &HashMap<Vec<String>, CertStatus>) {
+/// Writes the orderer's records to `storage/status.json`; what it wrote.
+pub(super) fn write_status(
+    storage: &Path,
+    status: &HashMap<Vec<String>, CertStatus>,
+) -> Option<Vec<u8>> {
     let list: Vec<&CertStatus> = status.values().collect();
-    if let Ok(json) = serde_json::to_vec_pretty(&list) {
-        let _ = crate::sys::atomic::write_atomically(&storage.join("status.json"), &json);
-    }
+    let json = serde_json::to_vec_pretty(&list).ok()?;
+    let _ = crate::sys::atomic::write_atomically(&storage.join("status.json"), &json);
+    Some(json)
 }
 
 /// What `status` shows of ACME, kept in memory so that a `status` request
