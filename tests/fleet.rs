@@ -47,6 +47,7 @@ fn haproxy(hosts: &[std::net::Ipv4Addr], tls: SocketAddr, web: SocketAddr) -> Ha
 /// address, answering which host and process served.
 fn host_config(addr: std::net::Ipv4Addr, i: usize, tls: serde_json::Value) -> Config {
     Config::new()
+        .set("pid_file", "gracesrv.pid")
         .listener(
             Listener::plain("site")
                 .set("addr", format!("{addr}:{SITE}"))
@@ -82,6 +83,8 @@ fn spawn_host(
     TestServer::builder()
         .config(config)
         .command(net.command(i, &exe))
+        // Not a line per request: the loads here are large.
+        .env("GRACESRV_LOG", "gracesrv=info")
         .before(before)
         .spawn()
 }
@@ -130,6 +133,8 @@ struct AcmeFleet {
     // Dropped in this order: hosts, then what they use, then the network.
     hosts: Vec<Option<TestServer>>,
     haproxy: Haproxy,
+    /// HAProxy's HTTP port (to every host's `web`).
+    haproxy_web: u16,
     pebble: Pebble,
     redis: Redis,
     _bins: tempfile::TempDir,
@@ -187,6 +192,7 @@ impl AcmeFleet {
         AcmeFleet {
             hosts,
             haproxy,
+            haproxy_web: web.port(),
             pebble,
             redis,
             _bins: bins,
@@ -212,6 +218,7 @@ impl AcmeFleet {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_hosts_starting_at_once_order_one_certificate_and_all_serve_it() {
+    let started = Instant::now();
     let f = AcmeFleet::start(json!({}), "30d").await;
     let roots = f.pebble.issuing_roots_pem().await;
     let mut served = Vec::new();
@@ -221,6 +228,10 @@ async fn three_hosts_starting_at_once_order_one_certificate_and_all_serve_it() {
     assert!(
         served.iter().all(|s| *s == served[0]),
         "one certificate for all three"
+    );
+    eprintln!(
+        "all three hosts serve the certificate {:?} after they started",
+        started.elapsed()
     );
     assert_eq!(f.pebble.orders(), 1, "exactly one order reached pebble");
     // Stored sealed (storage_key_file): no PEM in the clear.
@@ -280,6 +291,7 @@ async fn a_host_killed_mid_order_leaves_the_lock_to_another_within_its_ttl() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let took = killed.elapsed();
+    eprintln!("the order was finished by another host {took:?} after the holder was killed");
     assert!(
         took < Duration::from_secs(10 + 2 + 8),
         "the order was finished {took:?} after the holder died (lock_ttl 10s)"
@@ -288,4 +300,303 @@ async fn a_host_killed_mid_order_leaves_the_lock_to_another_within_its_ttl() {
     for i in (0..3).filter(|i| *i != victim) {
         pebble_served(f.site(i), &roots, Duration::from_secs(60), None).await;
     }
+}
+
+/// `/status` of host `srv` (its `web` listener).
+async fn status(srv: &TestServer) -> serde_json::Value {
+    let r = client::get(&Target::plain(srv.addr("web")), "/status")
+        .await
+        .unwrap();
+    serde_json::from_str(&r.body).unwrap()
+}
+
+/// Waits until host `srv` seals new tickets with the fleet's key.
+async fn wait_shared_tickets(srv: &TestServer) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = status(srv).await;
+        if s["tls_tickets"]["issuing_with"] == "shared" {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no fleet ticket key: {s}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Connects with `t` (whose client config keeps its sessions), makes a
+/// request, and says whether the session was resumed.
+async fn resumed(t: &Target) -> bool {
+    let mut c = client::connect(t).await.unwrap();
+    assert_eq!(c.get("/").await.unwrap().status, 200);
+    c.resumed
+}
+
+/// `openssl s_client` to `addr` (TLS 1.3), one request; what it printed.
+fn s_client(addr: SocketAddr, extra: &[&str]) -> String {
+    use std::io::Write;
+    let mut child = std::process::Command::new("openssl")
+        .args(["s_client", "-connect", &addr.to_string()])
+        .args(["-servername", "localhost", "-tls1_3", "-ign_eof"])
+        .args(extra)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("openssl");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_from_one_host_resumes_on_the_others_through_restarts() {
+    let net = Net::new(3);
+    let mut redis = Redis::start(net.gateway);
+    let bins = tempfile::tempdir().unwrap();
+    // One certificate for the site, on every host.
+    let shared = tempfile::tempdir().unwrap();
+    let certs = Certs::new();
+    certs.leaf(shared.path(), "site", &["localhost"], 1);
+    let mut hosts = Vec::new();
+    for (i, addr) in net.hosts.iter().enumerate() {
+        let config = host_config(*addr, i, json!({ "cert": "site.crt", "key": "site.key" })).set(
+            "tls_tickets",
+            json!({ "storage": redis.url(), "storage_key_file": "store.key" }),
+        );
+        let from = shared.path().to_path_buf();
+        hosts.push(spawn_host(&net, i, bins.path(), config, move |dir, _| {
+            for f in ["site.crt", "site.key"] {
+                std::fs::copy(from.join(f), dir.join(f)).unwrap();
+            }
+            std::fs::write(dir.join("store.key"), [3u8; 32]).unwrap();
+        }));
+    }
+    for h in &mut hosts {
+        h.wait_ready().await;
+    }
+    for h in &hosts {
+        wait_shared_tickets(h).await;
+    }
+    // Sealed in the store.
+    let keys = redis.cli(&["--scan", "--pattern", "gracesrv:tickets:*"]);
+    assert_eq!(
+        keys.lines().count(),
+        3,
+        "previous, current, next period: {keys}"
+    );
+    let one = redis.cli(&["GET", keys.lines().next().unwrap()]);
+    assert!(
+        !one.is_empty() && !one.chars().all(|c| c.is_ascii_hexdigit()),
+        "sealed: {one}"
+    );
+
+    let config = client::tls_config(&certs.ca_pem, &[b"http/1.1".to_vec()]);
+    let target = |i: usize| Target::tls(SocketAddr::from((net.hosts[i], SITE)), config.clone());
+    assert!(
+        !resumed(&target(0)).await,
+        "the first connection is a full handshake"
+    );
+    assert!(
+        resumed(&target(1)).await,
+        "a session from host 0 resumes on host 1"
+    );
+    assert!(resumed(&target(2)).await, "and on host 2");
+    // openssl, a TLS stack not built on rustls.
+    let session = shared.path().join("session.pem");
+    let first = s_client(
+        SocketAddr::from((net.hosts[2], SITE)),
+        &["-sess_out", session.to_str().unwrap()],
+    );
+    assert!(first.contains("host 2"), "{first}");
+    for i in [0, 1] {
+        let again = s_client(
+            SocketAddr::from((net.hosts[i], SITE)),
+            &["-sess_in", session.to_str().unwrap()],
+        );
+        assert!(
+            again.contains("Reused, TLSv1.3") && again.contains(&format!("host {i}")),
+            "host {i}:\n{again}"
+        );
+    }
+    // Through restarts of every host, one after another.
+    for h in &mut hosts {
+        h.restart().await;
+        wait_shared_tickets(h).await;
+    }
+    for i in 0..3 {
+        assert!(resumed(&target(i)).await, "host {i} after the restarts");
+    }
+    // With the store gone, a restarted host keeps the keys it was handed.
+    redis.stop();
+    hosts[1].restart().await;
+    assert_eq!(
+        status(&hosts[1]).await["tls_tickets"]["issuing_with"],
+        "shared"
+    );
+    assert!(
+        resumed(&target(1)).await,
+        "host 1 restarted with the store down"
+    );
+    assert!(resumed(&target(0)).await);
+}
+
+/// Runs `gracesrv reload -c CONFIG` on host `i` (its control socket is
+/// in the host's network namespace); its exit code and output.
+async fn reload(net: &Net, i: usize, config: &Path) -> (i32, String) {
+    let out = tokio::process::Command::from(net.command(i, Path::new(util::BIN)))
+        .arg("reload")
+        .arg("-c")
+        .arg(config)
+        .output()
+        .await
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// wrk's output: requests made, and any failure it reports.
+fn wrk_result(out: &str) -> u64 {
+    let requests: u64 = out
+        .lines()
+        .find_map(|l| l.trim().split_once(" requests in "))
+        .and_then(|(n, _)| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        !out.contains("Non-2xx") && !out.contains("Socket errors"),
+        "requests failed:\n{out}"
+    );
+    requests
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_and_binary_upgrade_behind_haproxy_loses_nothing() {
+    let net = Net::new(3);
+    let bins = tempfile::tempdir().unwrap();
+    let (tls, web) = (
+        SocketAddr::from((net.gateway, free_port())),
+        SocketAddr::from((net.gateway, free_port())),
+    );
+    let haproxy = haproxy(&net.hosts, tls, web);
+    let mut hosts = Vec::new();
+    for (i, addr) in net.hosts.iter().enumerate() {
+        let config = host_config(*addr, i, json!({ "cert": "site.crt", "key": "site.key" }));
+        hosts.push(spawn_host(&net, i, bins.path(), config, |dir, certs| {
+            certs.leaf(dir, "site", &["localhost"], 1);
+        }));
+    }
+    for h in &mut hosts {
+        h.wait_ready().await;
+    }
+    haproxy.wait_all_up("webs").await;
+    let seen = haproxy.log().len();
+    let started = Instant::now();
+    let wrk = tokio::process::Command::new("wrk")
+        .args(["-t2", "-c16", "-d20s"])
+        .arg(format!("http://{web}/"))
+        .output();
+    let wrk = tokio::spawn(wrk);
+    // `gracesrv reload` on each host in turn, then a new binary on each.
+    for round in ["reload", "binary upgrade"] {
+        for (i, h) in hosts.iter_mut().enumerate() {
+            let before = h.pid();
+            if round == "binary upgrade" {
+                let exe = bins.path().join(format!("h{i}/gracesrv"));
+                let tmp = exe.with_extension("new");
+                std::fs::copy(util::BIN, &tmp).unwrap();
+                std::fs::rename(&tmp, &exe).unwrap();
+            }
+            let (code, out) = reload(&net, i, &h.config).await;
+            assert_eq!(code, 0, "{round} of host {i}: {out}");
+            let after = h.wait_ready().await;
+            assert_ne!(before, after, "{round} of host {i}");
+            util::wait_gone(before).await;
+        }
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(18),
+        "the restarts took longer than the load"
+    );
+    let out = wrk.await.unwrap().unwrap();
+    let requests = wrk_result(&String::from_utf8_lossy(&out.stdout));
+    assert!(requests > 2000, "{requests} requests");
+    eprintln!("wrk through HAProxy: {requests} requests over 6 restarts, none failed");
+    // No health check failed during the restarts.
+    let log = haproxy.log();
+    assert!(!log[seen..].contains("is DOWN"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_minutes_without_redis_under_load_lose_nothing_and_the_renewal_follows() {
+    // Certificates of an hour, renewed with 58 minutes left: the renewal
+    // falls due while Redis is away, and waits for it (the lock is there).
+    let mut f = AcmeFleet::start(json!({ "certificateValidityPeriod": 3600 }), "58m").await;
+    let roots = f.pebble.issuing_roots_pem().await;
+    let mut first = Vec::new();
+    for i in 0..3 {
+        first.push(pebble_served(f.site(i), &roots, Duration::from_secs(60), None).await);
+    }
+    f.haproxy.wait_all_up("webs").await;
+    let web = SocketAddr::from((f.net.gateway, f.haproxy_web));
+    let wrk = tokio::process::Command::new("wrk")
+        .args(["-t2", "-c8", "-d600s"])
+        .arg(format!("http://{web}/"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let seen: Vec<usize> = f.hosts.iter().flatten().map(|h| h.log_count()).collect();
+    f.redis.stop();
+    // The outage is what is tested: two minutes of it.
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    for (i, cert) in first.iter().enumerate() {
+        let served = pebble_served(f.site(i), &roots, Duration::from_secs(5), None).await;
+        assert_eq!(
+            &served, cert,
+            "host {i} serves its certificate through the outage"
+        );
+    }
+    f.redis.resume();
+    let back = Instant::now();
+    for (i, cert) in first.iter().enumerate() {
+        pebble_served(f.site(i), &roots, Duration::from_secs(90), Some(cert)).await;
+    }
+    eprintln!(
+        "every host serves the renewed certificate {:?} after Redis came back",
+        back.elapsed()
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(wrk.id().unwrap() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let out = wrk.wait_with_output().await.unwrap();
+    let requests = wrk_result(&String::from_utf8_lossy(&out.stdout));
+    assert!(requests > 10_000, "{requests} requests");
+    eprintln!("wrk through HAProxy: {requests} requests, none failed");
+    // One line a minute at most while Redis was away, and one when back.
+    for (h, seen) in f.hosts.iter().flatten().zip(seen) {
+        let logs = h.logs();
+        let lines: Vec<&str> = logs.lines().skip(seen).collect();
+        let away = lines.iter().filter(|l| l.contains("unreachable")).count();
+        assert!(
+            (1..=3).contains(&away),
+            "{away} lines:\n{}",
+            lines.join("\n")
+        );
+        eprintln!("a host logged {away} lines while Redis was away");
+        assert!(
+            lines.iter().any(|l| l.contains("reachable again")),
+            "{}",
+            lines.join("\n")
+        );
+    }
+    // The store caught up: the renewed certificate is in it, sealed.
+    let stored = f.stored_cert();
+    assert!(!stored.is_empty() && !stored.contains("BEGIN"));
+    assert_eq!(f.pebble.orders(), 2, "the first order and the renewal");
 }

@@ -104,3 +104,79 @@ fn rate_limit_is_parsed_on_a_route() {
         .unwrap();
     assert_eq!((r.requests, r.burst), (2, 3));
 }
+
+#[test]
+fn a_fleet_store_is_a_redis_url_with_its_files_and_a_local_cache() {
+    let listeners =
+        "listeners:\n  - name: web\n    addr: 127.0.0.1:0\n    tls: { acme: [a.test] }\n";
+    let c = parse(&format!(
+        "acme:\n  directory: https://ca.test/dir\n  storage: redis://u:secret@10.0.0.5:6379/2\n  storage_key_file: store.key\n  cache: /var/lib/g\n  lock_ttl: 20s\ntls_tickets: {{ storage: 'rediss://10.0.0.5:6380/0', storage_ca: ca.pem }}\n{listeners}"
+    ))
+    .unwrap();
+    let acme = c.acme.as_ref().unwrap();
+    let shared = acme.shared.as_ref().unwrap();
+    assert_eq!(
+        shared.shown, "redis://u:***@10.0.0.5:6379/2",
+        "no password in logs"
+    );
+    assert_eq!(
+        shared.key_file.as_ref().unwrap().path,
+        Path::new("/etc/g/store.key")
+    );
+    assert_eq!(
+        acme.storage,
+        Path::new("/var/lib/g"),
+        "the cache is the local storage"
+    );
+    assert_eq!(acme.lock_ttl, Duration::from_secs(20));
+    assert_eq!(
+        c.listeners[0].tls.as_ref().unwrap().cert.path,
+        Path::new("/var/lib/g/certs/a.test/cert.pem")
+    );
+    let Some(TicketsConfig::Store(t)) = &c.tls_tickets else {
+        panic!("{:?}", c.tls_tickets)
+    };
+    assert_eq!(t.ca.as_ref().unwrap().path, Path::new("/etc/g/ca.pem"));
+    assert_eq!(c.store_files().len(), 2);
+
+    for (text, line, says) in [
+        (
+            "acme:\n  directory: https://ca.test/dir\n  cache: x\n",
+            3,
+            "acme.cache: only with a shared store",
+        ),
+        (
+            "acme:\n  directory: https://ca.test/dir\n  storage: redis://h:notaport/0\n",
+            3,
+            "acme.storage: redis://h:notaport/0",
+        ),
+        (
+            "acme:\n  directory: https://ca.test/dir\n  storage: redis://h/0\n  lock_ttl: 1s\n",
+            4,
+            "acme.lock_ttl: at least 3s",
+        ),
+        (
+            "tls_tickets: { key_file: k, storage: 'redis://h/0' }\n",
+            1,
+            "key_file or storage, not both",
+        ),
+        (
+            "tls_tickets: { storage: /var/x }\n",
+            1,
+            "is not a redis:// or rediss:// URL",
+        ),
+        ("tls_tickets: {}\n", 1, "needs key_file or storage"),
+        (
+            "tls_tickets: { key_file: k, storage_ca: c }\n",
+            1,
+            "tls_tickets.storage_ca: only with storage",
+        ),
+    ] {
+        let e = parse(&format!(
+            "{text}listeners:\n  - {{ name: web, addr: '127.0.0.1:0' }}\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.pos.map(|p| p.line), Some(line), "{e}");
+        assert!(e.message.contains(says), "{e}");
+    }
+}

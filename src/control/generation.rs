@@ -220,6 +220,11 @@ impl Generation {
             client_errors_total: AtomicU64::new(0),
             drain: Drain::default(),
             acme: crate::tls::acme::Status::new(&config),
+            tickets: matches!(
+                config.tls_tickets,
+                Some(crate::config::TicketsConfig::Store(_))
+            )
+            .then(|| tickets.clone()),
             access_logs: logs.iter().map(|(_, l)| l.clone()).collect(),
             metrics,
             apps,

@@ -32,6 +32,9 @@ pub(crate) struct ProcessInfo {
     /// With an `acme:` section: what `status` shows of each certificate
     /// it asks for (kept up to date by the orderer).
     pub(crate) acme: Option<Arc<crate::tls::acme::Status>>,
+    /// With `tls_tickets: { storage }`: the fleet's ticket keys this process
+    /// has (`status`).
+    pub(crate) tickets: Option<Arc<crate::tls::tickets::Tickets>>,
     /// The access logs, for the lines they lost (`status`).
     pub(crate) access_logs: Vec<Arc<crate::observe::access_log::AccessLog>>,
     /// Set when some listener serves `metrics: {}`.

@@ -81,10 +81,17 @@ pub(crate) struct Store {
     shown: String,
     conn: tokio::sync::Mutex<Option<MultiplexedConnection>>,
     seal: seal::Sealing,
-    outage: Mutex<Option<Outage>>,
+    reach: Mutex<Reach>,
 }
 
-/// Since when the store has been unreachable, and when that was last said.
+/// Whether the store answers: since when it has (without a failure), or
+/// since when it has not, and when that was last said.
+#[derive(Default)]
+struct Reach {
+    up_since: Option<Instant>,
+    outage: Option<Outage>,
+}
+
 struct Outage {
     since: Instant,
     said: Instant,
@@ -131,7 +138,7 @@ impl Store {
             shown: config.shown.clone(),
             conn: tokio::sync::Mutex::new(None),
             seal,
-            outage: Mutex::new(None),
+            reach: Mutex::new(Reach::default()),
         }))
     }
 
@@ -233,15 +240,16 @@ impl Store {
     /// and one a minute while it lasts.
     pub(crate) fn unreachable(&self, e: &RedisError) {
         let now = Instant::now();
-        let mut outage = self.outage.lock().unwrap_or_else(|p| p.into_inner());
-        match &mut *outage {
+        let mut reach = self.reach.lock().unwrap_or_else(|p| p.into_inner());
+        reach.up_since = None;
+        match &mut reach.outage {
             Some(o) if now.duration_since(o.said) < OUTAGE_LOG => {}
             Some(o) => {
                 o.said = now;
-                warn!(store = %self.shown, "the store is still unreachable after {:?}; serving what this host has: {e}", now.duration_since(o.since).as_secs(), e = Chain(e));
+                warn!(store = %self.shown, "the store is still unreachable after {}s; serving what this host has: {e}", now.duration_since(o.since).as_secs(), e = Chain(e));
             }
             None => {
-                *outage = Some(Outage {
+                reach.outage = Some(Outage {
                     since: now,
                     said: now,
                 });
@@ -251,10 +259,18 @@ impl Store {
     }
 
     fn reachable(&self) {
-        let mut outage = self.outage.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(o) = outage.take() {
+        let mut reach = self.reach.lock().unwrap_or_else(|p| p.into_inner());
+        reach.up_since.get_or_insert_with(Instant::now);
+        if let Some(o) = reach.outage.take() {
             info!(store = %self.shown, "the store is reachable again after {}s", o.since.elapsed().as_secs());
         }
+    }
+
+    /// How long the store has answered without a failure (zero if it
+    /// does not).
+    pub(crate) fn up_for(&self) -> Duration {
+        let reach = self.reach.lock().unwrap_or_else(|p| p.into_inner());
+        reach.up_since.map(|t| t.elapsed()).unwrap_or_default()
     }
 
     /// The value of `key`, unsealed; `None` if there is none.

@@ -120,6 +120,20 @@ impl Tickets {
         }
     }
 
+    /// For `status`: the periods whose fleet key this process has, and
+    /// whether new tickets are sealed with the fleet's key now.
+    pub(crate) fn json(&self) -> serde_json::Value {
+        let shared = self.shared.read().unwrap_or_else(|p| p.into_inner());
+        let mut periods: Vec<u64> = shared.iter().map(|(p, _)| *p).collect();
+        periods.sort_unstable();
+        let now = period_now();
+        serde_json::json!({
+            "period": now,
+            "shared_periods": periods,
+            "issuing_with": if periods.contains(&now) { "shared" } else { "derived" },
+        })
+    }
+
     fn shared_key(&self, period: u64) -> Option<LessSafeKey> {
         let shared = self.shared.read().unwrap_or_else(|p| p.into_inner());
         let (_, key) = shared.iter().find(|(p, _)| *p == period)?;

@@ -80,6 +80,9 @@ pub(super) fn response(ctx: &ListenerContext) -> Response<Body> {
     if let Some(acme) = &p.acme {
         body["acme"] = acme.json();
     }
+    if let Some(tickets) = &p.tickets {
+        body["tls_tickets"] = tickets.json();
+    }
     let mut res = Response::new(full(body.to_string() + "\n"));
     res.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -23,6 +23,9 @@
 //!   (`acme:ack:KIND:ID`). The orderer tells the CA to validate once as
 //!   many hosts acknowledged as received the message (at most 10 s), so the
 //!   validation, whichever host the load balancer gives it to, finds it.
+//!   No order starts before the store has answered for 5 s: hosts
+//!   subscribe again every 2 s while it is away, so after a start of the
+//!   whole fleet, or the store's return, every host hears of the answers.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -44,6 +47,13 @@ const CHALLENGE_TTL: Duration = Duration::from_secs(600);
 const ACKS: Duration = Duration::from_secs(10);
 /// The channel hosts hear of new certificates and challenges on.
 const CHANNEL: &str = "acme";
+/// How long the store must have answered before an order starts: every
+/// host's listener, trying again every `RESUBSCRIBE`, is back by then, so
+/// none misses a challenge answer (after a start of the whole fleet, or
+/// the store's return).
+const SETTLED: Duration = Duration::from_secs(5);
+/// How often a host tries to subscribe again while the store is away.
+const RESUBSCRIBE: Duration = Duration::from_secs(2);
 
 /// A certificate as stored: both halves in one value.
 #[derive(Serialize, Deserialize)]
@@ -97,8 +107,13 @@ impl Fleet {
     }
 
     /// Takes the order lock (`None`: another host holds it, or the store
-    /// cannot be reached).
+    /// cannot be reached, or came back less than `SETTLED` ago).
     pub(super) async fn lock(&self) -> Option<Lease> {
+        if self.store.up_for() < SETTLED {
+            // Asks it something, so that `up_for` counts from its return.
+            let _ = self.store.query::<String>(&redis::cmd("PING")).await;
+            return None;
+        }
         Lease::take(&self.store, "acme:lock", self.lock_ttl)
             .await
             .ok()
@@ -258,17 +273,14 @@ impl Fleet {
     /// orderer on a new certificate. Subscribes again after a lost
     /// connection, catching up on what it missed.
     pub(super) async fn listen(&self) {
-        let mut backoff = Duration::from_secs(1);
         loop {
             let pubsub = match self.store.subscribe(CHANNEL).await {
                 Ok(p) => p,
                 Err(_) => {
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                    tokio::time::sleep(RESUBSCRIBE).await;
                     continue;
                 }
             };
-            backoff = Duration::from_secs(1);
             self.catch_up().await;
             self.news.notify_one();
             let mut messages = std::pin::pin!(pubsub.into_on_message());
