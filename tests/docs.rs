@@ -185,7 +185,7 @@ fn every_yaml_example_in_the_docs_passes_check() {
         for (line, yaml) in yaml_blocks(&text) {
             // A directory like a checkout's: the example's certificate
             // beside it and in ../certs, a public/ directory for `static`
-            // beside it and in ../public.
+            // beside it and in ../public, a key file for a fleet's store.
             let dir = tempfile::tempdir().unwrap();
             let here = dir.path().join("config");
             std::fs::create_dir_all(dir.path().join("certs")).unwrap();
@@ -201,6 +201,8 @@ fn every_yaml_example_in_the_docs_passes_check() {
                 )
                 .unwrap();
             }
+            // The fleet's storage_key_file (docs/fleet.md).
+            std::fs::write(here.join("store.key"), [7u8; 32]).unwrap();
             let file = here.join("example.yaml");
             std::fs::write(&file, &yaml).unwrap();
             let out = std::process::Command::new(util::bin())
