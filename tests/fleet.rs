@@ -600,3 +600,71 @@ async fn two_minutes_without_redis_under_load_lose_nothing_and_the_renewal_follo
     assert!(!stored.is_empty() && !stored.contains("BEGIN"));
     assert_eq!(f.pebble.orders(), 2, "the first order and the renewal");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn through_sentinel_the_keys_survive_a_failover() {
+    let net = Net::new(2);
+    let mut master = Redis::start(net.gateway);
+    let (ip, port) = (master.addr.ip().to_string(), master.addr.port().to_string());
+    let replica = Redis::start_with(net.gateway, &["--replicaof", &ip, &port]);
+    let sentinel = Redis::sentinel(net.gateway, "main", master.addr);
+    let url = format!("redis+sentinel://{}/main/0", sentinel.addr);
+    let bins = tempfile::tempdir().unwrap();
+    let shared = tempfile::tempdir().unwrap();
+    let certs = Certs::new();
+    certs.leaf(shared.path(), "site", &["localhost"], 1);
+    let start = |i: usize| {
+        let config = host_config(
+            net.hosts[i],
+            i,
+            json!({ "cert": "site.crt", "key": "site.key" }),
+        )
+        .set("tls_tickets", json!({ "storage": url }));
+        let from = shared.path().to_path_buf();
+        spawn_host(&net, i, bins.path(), config, move |dir, _| {
+            for f in ["site.crt", "site.key"] {
+                std::fs::copy(from.join(f), dir.join(f)).unwrap();
+            }
+        })
+    };
+    let mut first = start(0);
+    first.wait_ready().await;
+    wait_shared_tickets(&first).await;
+    assert_eq!(
+        master
+            .cli(&["--scan", "--pattern", "gracesrv:tickets:*"])
+            .lines()
+            .count(),
+        3,
+        "the keys are in the master the Sentinel named"
+    );
+    let config = client::tls_config(&certs.ca_pem, &[b"http/1.1".to_vec()]);
+    let target = |i: usize| Target::tls(SocketAddr::from((net.hosts[i], SITE)), config.clone());
+    assert!(!resumed(&target(0)).await);
+    // The replica has them (replication), and the master goes.
+    util::until("the replica has the keys", || {
+        replica
+            .cli(&["--scan", "--pattern", "gracesrv:tickets:*"])
+            .lines()
+            .count()
+            == 3
+    })
+    .await;
+    master.stop();
+    util::until("the Sentinel names the replica master", || {
+        sentinel
+            .cli(&["SENTINEL", "get-master-addr-by-name", "main"])
+            .ends_with(&replica.addr.port().to_string())
+    })
+    .await;
+    // A host starting now finds the keys through the Sentinel, on the new
+    // master: a session from host 0 resumes on it.
+    let mut second = start(1);
+    second.wait_ready().await;
+    wait_shared_tickets(&second).await;
+    assert!(
+        resumed(&target(1)).await,
+        "resumed on a host that found the keys after the failover"
+    );
+    drop((first, second));
+}

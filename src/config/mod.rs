@@ -242,7 +242,7 @@ pub(crate) enum TicketsConfig {
     /// machine given the file.
     KeyFile(FileRef),
     /// `storage`: the keys are in the store, rotated by whoever comes first.
-    Store(StoreConfig),
+    Store(Box<StoreConfig>),
 }
 
 /// A store a fleet shares (`acme.storage` or `tls_tickets.storage` given
@@ -258,6 +258,21 @@ pub(crate) struct StoreConfig {
     pub(crate) ca: Option<FileRef>,
     /// `storage_key_file`: values are sealed with a key derived from it.
     pub(crate) key_file: Option<FileRef>,
+    /// `redis+sentinel://`: the master is found through these Sentinels.
+    pub(crate) sentinel: Option<SentinelUrl>,
+}
+
+/// `redis+sentinel://[user:pass@]HOST:PORT[,HOST:PORT...]/SERVICE[/DB]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SentinelUrl {
+    /// Each Sentinel, as `redis://HOST:PORT`.
+    pub(crate) sentinels: Vec<String>,
+    /// The name the Sentinels know the master by.
+    pub(crate) service: String,
+    pub(crate) db: i64,
+    /// For the master (the Sentinels are asked without).
+    pub(crate) user: Option<String>,
+    pub(crate) password: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -587,7 +602,7 @@ impl Config {
     pub(crate) fn store_files(&self) -> Vec<&FileRef> {
         let acme = self.acme.as_ref().and_then(|a| a.shared.as_ref());
         let tickets = match &self.tls_tickets {
-            Some(TicketsConfig::Store(s)) => Some(s),
+            Some(TicketsConfig::Store(s)) => Some(&**s),
             _ => None,
         };
         acme.into_iter()

@@ -138,6 +138,21 @@ fn a_fleet_store_is_a_redis_url_with_its_files_and_a_local_cache() {
     };
     assert_eq!(t.ca.as_ref().unwrap().path, Path::new("/etc/g/ca.pem"));
     assert_eq!(c.store_files().len(), 2);
+    let c = parse(
+        "tls_tickets: { storage: 'redis+sentinel://:pw@s1:26379,s2:26380/main/3' }\nlisteners:\n  - { name: web, addr: '127.0.0.1:0' }\n",
+    );
+    let Ok(Config {
+        tls_tickets: Some(TicketsConfig::Store(t)),
+        ..
+    }) = c
+    else {
+        panic!("{c:?}")
+    };
+    let s = t.sentinel.unwrap();
+    assert_eq!(s.sentinels, ["redis://s1:26379", "redis://s2:26380"]);
+    assert_eq!((s.service.as_str(), s.db), ("main", 3));
+    assert_eq!((s.user, s.password.as_deref()), (None, Some("pw")));
+    assert_eq!(t.shown, "redis+sentinel://:***@s1:26379,s2:26380/main/3");
 
     for (text, line, says) in [
         (
@@ -163,7 +178,17 @@ fn a_fleet_store_is_a_redis_url_with_its_files_and_a_local_cache() {
         (
             "tls_tickets: { storage: /var/x }\n",
             1,
-            "is not a redis:// or rediss:// URL",
+            "is not a redis://, rediss:// or redis+sentinel:// URL",
+        ),
+        (
+            "tls_tickets: { storage: 'redis+sentinel://h:1,h:x/m' }\n",
+            1,
+            "\"h:x\" is not a Sentinel's HOST:PORT",
+        ),
+        (
+            "tls_tickets: { storage: 'redis+sentinel://h:1' }\n",
+            1,
+            "names no service",
         ),
         ("tls_tickets: {}\n", 1, "needs key_file or storage"),
         (

@@ -352,16 +352,16 @@ impl Validator<'_> {
                     self.file_ref(f, "tls_tickets.key_file".into())?,
                 ))
             }
-            (None, Some(s)) if is_store_url(&s.value) => Ok(TicketsConfig::Store(self.store(
+            (None, Some(s)) if is_store_url(&s.value) => Ok(TicketsConfig::Store(Box::new(self.store(
                 s,
                 &raw.storage_key_file,
                 &raw.storage_ca,
                 "tls_tickets",
-            )?)),
+            )?))),
             (None, Some(s)) => self.err(
                 Pos::from(s),
                 format!(
-                    "tls_tickets.storage: {:?} is not a redis:// or rediss:// URL",
+                    "tls_tickets.storage: {:?} is not a redis://, rediss:// or redis+sentinel:// URL",
                     s.value
                 ),
             ),
@@ -386,9 +386,19 @@ impl Validator<'_> {
     ) -> Result<StoreConfig, ConfigError> {
         use redis::IntoConnectionInfo;
         let shown = without_password(&url.value);
-        if let Err(e) = url.value.as_str().into_connection_info() {
-            return self.err(Pos::from(url), format!("{section}.storage: {shown}: {e}"));
-        }
+        let sentinel = if url.value.starts_with(SENTINEL) {
+            match sentinel_url(&url.value) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    return self.err(Pos::from(url), format!("{section}.storage: {shown}: {e}"))
+                }
+            }
+        } else {
+            if let Err(e) = url.value.as_str().into_connection_info() {
+                return self.err(Pos::from(url), format!("{section}.storage: {shown}: {e}"));
+            }
+            None
+        };
         let file = |v: &Option<Spanned<String>>, key: &str| match v {
             Some(v) => self.file_ref(v, format!("{section}.{key}")).map(Some),
             None => Ok(None),
@@ -398,6 +408,7 @@ impl Validator<'_> {
             shown,
             ca: file(ca, "storage_ca")?,
             key_file: file(key_file, "storage_key_file")?,
+            sentinel,
         })
     }
 
@@ -782,9 +793,60 @@ impl Validator<'_> {
     }
 }
 
+const SENTINEL: &str = "redis+sentinel://";
+
 /// Is `storage` a store's URL rather than a directory?
 fn is_store_url(storage: &str) -> bool {
-    storage.starts_with("redis://") || storage.starts_with("rediss://")
+    storage.starts_with("redis://")
+        || storage.starts_with("rediss://")
+        || storage.starts_with(SENTINEL)
+}
+
+/// The parts of a `redis+sentinel://` URL.
+fn sentinel_url(url: &str) -> Result<SentinelUrl, String> {
+    use redis::IntoConnectionInfo;
+    let rest = url.strip_prefix(SENTINEL).unwrap_or(url);
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let (userinfo, hosts) = match authority.rsplit_once('@') {
+        Some((u, h)) => (Some(u), h),
+        None => (None, authority),
+    };
+    let (user, password) = match userinfo.map(|u| u.split_once(':').unwrap_or(("", u))) {
+        Some((u, p)) => (
+            (!u.is_empty()).then(|| u.to_string()),
+            (!p.is_empty()).then(|| p.to_string()),
+        ),
+        None => (None, None),
+    };
+    let mut sentinels = Vec::new();
+    for host in hosts.split(',') {
+        let one = format!("redis://{host}");
+        let port_given = host
+            .rsplit_once(':')
+            .is_some_and(|(_, p)| p.parse::<u16>().is_ok());
+        if !port_given || one.as_str().into_connection_info().is_err() {
+            return Err(format!("{host:?} is not a Sentinel's HOST:PORT"));
+        }
+        sentinels.push(one);
+    }
+    let mut parts = path.split('/');
+    let service = parts.next().unwrap_or("").to_string();
+    if service.is_empty() {
+        return Err("names no service (redis+sentinel://HOST:PORT/SERVICE/DB)".into());
+    }
+    let db = match parts.next() {
+        None | Some("") => 0,
+        Some(d) => d
+            .parse()
+            .map_err(|_| format!("database {d:?} is not a number"))?,
+    };
+    Ok(SentinelUrl {
+        sentinels,
+        service,
+        db,
+        user,
+        password,
+    })
 }
 
 /// `url` with the password of its user part (if any) replaced by `***`.

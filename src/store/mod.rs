@@ -77,11 +77,17 @@ pub(crate) enum OpenError {
 /// One store: a client, its connection (made when first needed, made again
 /// after a failure), how values are sealed, and whether it is reachable.
 pub(crate) struct Store {
-    client: redis::Client,
+    source: Source,
     shown: String,
     conn: tokio::sync::Mutex<Option<MultiplexedConnection>>,
     seal: seal::Sealing,
     reach: Mutex<Reach>,
+}
+
+/// Where the server is: a URL, or what Sentinels say is the master now.
+enum Source {
+    Direct(redis::Client),
+    Sentinel(tokio::sync::Mutex<redis::sentinel::SentinelClient>),
 }
 
 /// Whether the store answers: since when it has (without a failure), or
@@ -119,22 +125,48 @@ impl Store {
             )?)),
             None => seal::Sealing::new(None),
         };
-        let client = match &config.ca {
-            Some(ca) => redis::Client::build_with_tls(
-                config.url.as_str(),
-                redis::TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(read(ca)?),
-                },
-            ),
-            None => redis::Client::open(config.url.as_str()),
-        }
-        .map_err(|source| OpenError::Client {
+        let client_error = |source| OpenError::Client {
             store: config.shown.clone(),
             source,
-        })?;
+        };
+        let source = match (&config.sentinel, &config.ca) {
+            (Some(s), _) => {
+                let mut node = redis::RedisConnectionInfo::default().set_db(s.db);
+                if let Some(u) = &s.user {
+                    node = node.set_username(u);
+                }
+                if let Some(p) = &s.password {
+                    node = node.set_password(p);
+                }
+                Source::Sentinel(tokio::sync::Mutex::new(
+                    redis::sentinel::SentinelClient::build(
+                        s.sentinels.clone(),
+                        s.service.as_str(),
+                        Some(
+                            redis::sentinel::SentinelNodeConnectionInfo::default()
+                                .set_redis_connection_info(node),
+                        ),
+                        redis::sentinel::SentinelServerType::Master,
+                    )
+                    .map_err(client_error)?,
+                ))
+            }
+            (None, Some(ca)) => Source::Direct(
+                redis::Client::build_with_tls(
+                    config.url.as_str(),
+                    redis::TlsCertificates {
+                        client_tls: None,
+                        root_cert: Some(read(ca)?),
+                    },
+                )
+                .map_err(client_error)?,
+            ),
+            (None, None) => {
+                Source::Direct(redis::Client::open(config.url.as_str()).map_err(client_error)?)
+            }
+        };
         Ok(Arc::new(Store {
-            client,
+            source,
             shown: config.shown.clone(),
             conn: tokio::sync::Mutex::new(None),
             seal,
@@ -152,6 +184,20 @@ impl Store {
         format!("{PREFIX}{key}")
     }
 
+    /// A client for the server: the URL's, or the master's the Sentinels
+    /// name now.
+    async fn client(&self) -> Result<redis::Client, RedisError> {
+        match &self.source {
+            Source::Direct(c) => Ok(c.clone()),
+            Source::Sentinel(s) => {
+                let ask = async { s.lock().await.async_get_client().await };
+                tokio::time::timeout(TIMEOUT, ask)
+                    .await
+                    .unwrap_or_else(|_| Err(timed_out()))
+            }
+        }
+    }
+
     async fn conn(&self) -> Result<MultiplexedConnection, RedisError> {
         let mut slot = self.conn.lock().await;
         if let Some(c) = &*slot {
@@ -161,7 +207,8 @@ impl Store {
             .set_connection_timeout(Some(TIMEOUT))
             .set_response_timeout(Some(TIMEOUT));
         let c = self
-            .client
+            .client()
+            .await?
             .get_multiplexed_async_connection_with_config(&config)
             .await?;
         *slot = Some(c.clone());
@@ -361,18 +408,19 @@ impl Store {
     /// connection ends.
     pub(crate) async fn subscribe(&self, channel: &str) -> Result<redis::aio::PubSub, StoreError> {
         let connect = async {
-            let mut pubsub = self.client.get_async_pubsub().await?;
+            let mut pubsub = self.client().await?.get_async_pubsub().await?;
             pubsub.subscribe(self.key(channel)).await?;
             Ok(pubsub)
         };
-        let result = match tokio::time::timeout(TIMEOUT, connect).await {
-            Ok(r) => r,
-            Err(_) => Err(RedisError::from(std::io::Error::from(
-                std::io::ErrorKind::TimedOut,
-            ))),
-        };
+        let result = tokio::time::timeout(TIMEOUT, connect)
+            .await
+            .unwrap_or_else(|_| Err(timed_out()));
         self.answered(result)
     }
+}
+
+fn timed_out() -> RedisError {
+    RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))
 }
 
 /// Who this process is, in the store (a lease's holder, a challenge's

@@ -165,14 +165,50 @@ pub struct Redis {
     pub addr: SocketAddr,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    /// More arguments (`--replicaof`, `--sentinel`).
+    args: Vec<String>,
 }
 
 impl Redis {
     pub fn start(ip: Ipv4Addr) -> Redis {
+        Redis::start_with(ip, &[])
+    }
+
+    /// With more arguments, e.g. `["--replicaof", "IP", "PORT"]`.
+    pub fn start_with(ip: Ipv4Addr, args: &[&str]) -> Redis {
         let mut r = Redis {
             addr: SocketAddr::from((ip, super::free_port())),
             dir: tempfile::tempdir().unwrap(),
             child: None,
+            args: args.iter().map(|a| a.to_string()).collect(),
+        };
+        r.resume();
+        r
+    }
+
+    /// A Sentinel on `ip` watching `master` as `service` (quorum 1, down
+    /// after 1 s).
+    pub fn sentinel(ip: Ipv4Addr, service: &str, master: SocketAddr) -> Redis {
+        let dir = tempfile::tempdir().unwrap();
+        let addr = SocketAddr::from((ip, super::free_port()));
+        let conf = dir.path().join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {}\nbind {}\nprotected-mode no\nsentinel monitor {service} {} {} 1\n\
+                 sentinel down-after-milliseconds {service} 1000\nsentinel failover-timeout {service} 5000\n",
+                addr.port(),
+                addr.ip(),
+                master.ip(),
+                master.port()
+            ),
+        )
+        .unwrap();
+        let mut r = Redis {
+            addr,
+            dir,
+            child: None,
+            args: vec![conf.display().to_string(), "--sentinel".into()],
         };
         r.resume();
         r
@@ -193,12 +229,20 @@ impl Redis {
     /// Starts it again on the same address.
     pub fn resume(&mut self) {
         let log = self.dir.path().join("redis.log");
-        let mut child = Command::new("redis-server")
-            .args(["--bind", &self.addr.ip().to_string()])
-            .args(["--port", &self.addr.port().to_string()])
-            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
-            .arg("--dir")
-            .arg(self.dir.path())
+        let sentinel = self.args.iter().any(|a| a == "--sentinel");
+        let mut cmd = Command::new("redis-server");
+        if sentinel {
+            // Its config file (which it rewrites), then --sentinel.
+            cmd.args(&self.args);
+        } else {
+            cmd.args(["--bind", &self.addr.ip().to_string()])
+                .args(["--port", &self.addr.port().to_string()])
+                .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+                .args(&self.args)
+                .arg("--dir")
+                .arg(self.dir.path());
+        }
+        let mut child = cmd
             .arg("--logfile")
             .arg(&log)
             .stdin(Stdio::null())
