@@ -145,6 +145,16 @@ impl AcmeFleet {
     /// Three hosts asking for a.test at once, sharing `redis`, with a
     /// key file sealing what is stored; `lock_ttl` for the order lock.
     async fn start(pebble_config: serde_json::Value, renew_before: &str) -> AcmeFleet {
+        AcmeFleet::start_with("tls-alpn-01", &["a.test"], pebble_config, renew_before).await
+    }
+
+    /// The same, proving control with `challenge`.
+    async fn start_with(
+        challenge: &str,
+        names: &[&str],
+        pebble_config: serde_json::Value,
+        renew_before: &str,
+    ) -> AcmeFleet {
         let net = Net::new(3);
         let redis = Redis::start(net.gateway);
         let (tls, web) = (
@@ -164,18 +174,20 @@ impl AcmeFleet {
         let key = [7u8; 48];
         let mut hosts = Vec::new();
         for (i, addr) in net.hosts.iter().enumerate() {
-            let config = host_config(*addr, i, json!({ "acme": ["a.test"] })).set(
-                "acme",
-                json!({
-                    "directory": pebble.directory(),
-                    "storage": redis.url(),
-                    "storage_key_file": "store.key",
-                    "ca_roots": pebble.ca_roots(),
-                    "challenge": "tls-alpn-01",
-                    "lock_ttl": "10s",
-                    "renew_before": renew_before,
-                }),
-            );
+            let config = host_config(*addr, i, json!({ "acme": names }))
+                .set("access_log", json!({ "path": "access.log" }))
+                .set(
+                    "acme",
+                    json!({
+                        "directory": pebble.directory(),
+                        "storage": redis.url(),
+                        "storage_key_file": "store.key",
+                        "ca_roots": pebble.ca_roots(),
+                        "challenge": challenge,
+                        "lock_ttl": "10s",
+                        "renew_before": renew_before,
+                    }),
+                );
             hosts.push(Some(spawn_host(
                 &net,
                 i,
@@ -253,6 +265,36 @@ async fn three_hosts_starting_at_once_order_one_certificate_and_all_serve_it() {
     }
     // HAProxy's health checks saw every host up.
     f.haproxy.wait_all_up("sites").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_http_01_whichever_host_the_validation_reaches_answers_it() {
+    // Three names: three validations, which HAProxy spreads over the hosts.
+    let names = ["a.test", "b.test", "c.test"];
+    let f = AcmeFleet::start_with("http-01", &names, json!({}), "30d").await;
+    let roots = f.pebble.issuing_roots_pem().await;
+    for i in 0..3 {
+        pebble_served(f.site(i), &roots, Duration::from_secs(60), None).await;
+    }
+    assert_eq!(f.pebble.orders(), 1);
+    // The hosts that answered a validation (their access logs): more than
+    // the one that ordered, all with the answer.
+    let mut answered = 0;
+    for h in f.hosts.iter().flatten() {
+        let log = std::fs::read_to_string(h.dir.path().join("access.log")).unwrap_or_default();
+        let challenges: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("/.well-known/acme-challenge/"))
+            .collect();
+        assert!(
+            challenges.iter().all(|l| l.contains("\"status\":200")),
+            "{challenges:?}"
+        );
+        answered += usize::from(!challenges.is_empty());
+        let dir = h.dir.path().join("acme/challenges/http-01");
+        assert_eq!(std::fs::read_dir(dir).unwrap().count(), 0, "none left");
+    }
+    assert!(answered >= 2, "validations reached {answered} host(s)");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -667,4 +709,56 @@ async fn through_sentinel_the_keys_survive_a_failover() {
         "resumed on a host that found the keys after the failover"
     );
     drop((first, second));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_rediss_the_store_is_verified_with_storage_ca() {
+    let net = Net::new(2);
+    let tls = tempfile::tempdir().unwrap();
+    let certs = Certs::new();
+    certs.leaf(tls.path(), "redis", &[&net.gateway.to_string()], 1);
+    std::fs::write(tls.path().join("ca.pem"), &certs.ca_pem).unwrap();
+    let redis = Redis::start_tls(net.gateway, tls.path());
+    let url = format!("rediss://{}/0", redis.addr);
+    let bins = tempfile::tempdir().unwrap();
+    let start = |i: usize, with_ca: bool| {
+        let mut tickets = json!({ "storage": url });
+        if with_ca {
+            tickets["storage_ca"] = json!("redis-ca.pem");
+        }
+        let config = host_config(
+            net.hosts[i],
+            i,
+            json!({ "cert": "site.crt", "key": "site.key" }),
+        )
+        .set("tls_tickets", tickets);
+        let ca = tls.path().join("ca.pem");
+        spawn_host(&net, i, bins.path(), config, move |dir, certs| {
+            certs.leaf(dir, "site", &["localhost"], 1);
+            std::fs::copy(&ca, dir.join("redis-ca.pem")).unwrap();
+        })
+    };
+    let mut trusted = start(0, true);
+    trusted.wait_ready().await;
+    wait_shared_tickets(&trusted).await;
+    assert_eq!(
+        redis
+            .cli(&["--scan", "--pattern", "gracesrv:tickets:*"])
+            .lines()
+            .count(),
+        3
+    );
+    // Without storage_ca the server's certificate is not trusted: the host
+    // serves on with keys of its own and says why, once.
+    let mut untrusted = start(1, false);
+    untrusted.wait_ready().await;
+    let line = untrusted.wait_log("the store is unreachable").await;
+    assert!(
+        line.contains("certificate") || line.contains("Certificate"),
+        "{line}"
+    );
+    assert_eq!(
+        status(&untrusted).await["tls_tickets"]["issuing_with"],
+        "derived"
+    );
 }

@@ -167,6 +167,8 @@ pub struct Redis {
     child: Option<Child>,
     /// More arguments (`--replicaof`, `--sentinel`).
     args: Vec<String>,
+    /// Served over TLS only, with this CA (`redis-cli --tls --cacert`).
+    tls_ca: Option<PathBuf>,
 }
 
 impl Redis {
@@ -181,7 +183,36 @@ impl Redis {
             dir: tempfile::tempdir().unwrap(),
             child: None,
             args: args.iter().map(|a| a.to_string()).collect(),
+            tls_ca: None,
         };
+        r.resume();
+        r
+    }
+
+    /// Over TLS only: `dir` holds `redis.crt`, `redis.key` and `ca.pem`.
+    pub fn start_tls(ip: Ipv4Addr, dir: &Path) -> Redis {
+        let mut r = Redis {
+            addr: SocketAddr::from((ip, super::free_port())),
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+            args: Vec::new(),
+            tls_ca: Some(dir.join("ca.pem")),
+        };
+        let file = |f: &str| dir.join(f).display().to_string();
+        r.args = vec![
+            "--tls-port".into(),
+            r.addr.port().to_string(),
+            "--port".into(),
+            "0".into(),
+            "--tls-cert-file".into(),
+            file("redis.crt"),
+            "--tls-key-file".into(),
+            file("redis.key"),
+            "--tls-ca-cert-file".into(),
+            file("ca.pem"),
+            "--tls-auth-clients".into(),
+            "no".into(),
+        ];
         r.resume();
         r
     }
@@ -209,6 +240,7 @@ impl Redis {
             dir,
             child: None,
             args: vec![conf.display().to_string(), "--sentinel".into()],
+            tls_ca: None,
         };
         r.resume();
         r
@@ -256,7 +288,11 @@ impl Redis {
 
     /// `redis-cli` with `args`: what it printed.
     pub fn cli(&self, args: &[&str]) -> String {
-        let out = Command::new("redis-cli")
+        let mut cmd = Command::new("redis-cli");
+        if let Some(ca) = &self.tls_ca {
+            cmd.arg("--tls").arg("--cacert").arg(ca);
+        }
+        let out = cmd
             .args(["-h", &self.addr.ip().to_string()])
             .args(["-p", &self.addr.port().to_string()])
             .args(args)
