@@ -46,18 +46,6 @@ async fn status(srv: &TestServer) -> serde_json::Value {
     serde_json::from_str(&r.body).unwrap()
 }
 
-/// A TLS target for `name` on `addr`, trusting `roots_pem` only.
-fn site(addr: std::net::SocketAddr, roots_pem: &str, name: &str) -> Target {
-    Target {
-        addr,
-        tls: Some((
-            client::tls_config(roots_pem, &[b"http/1.1".to_vec()]),
-            name.into(),
-        )),
-        h2: false,
-    }
-}
-
 /// Starts the server and waits for the restart that serves the obtained
 /// certificate (generation 1 serves the placeholder).
 async fn start_and_obtain(config: Config) -> TestServer {
@@ -81,7 +69,7 @@ async fn obtains_with(challenge: &str) {
     srv.wait_log("certificate obtained").await;
     // The served chain verifies against pebble's root, for the name.
     let roots = pebble.issuing_roots_pem().await;
-    let r = client::get(&site(srv.addr("site"), &roots, "a.test"), "/")
+    let r = client::get(&Target::named(srv.addr("site"), &roots, "a.test"), "/")
         .await
         .unwrap();
     assert_eq!(r.body, format!("site {}\n", srv.pid()));
@@ -154,7 +142,7 @@ async fn a_renewal_under_load_loses_no_request() {
     let first = srv.wait_ready().await;
     // Clients trust the old certificate's CA and pebble's.
     let roots = format!("{}{}", srv.certs.ca_pem, pebble.issuing_roots_pem().await);
-    let target = site(srv.addr("site"), &roots, "r.test");
+    let target = Target::named(srv.addr("site"), &roots, "r.test");
     let mut load = Load::new();
     load.spawn(Kind::KeepAlive, target.clone(), "/", 2);
     load.spawn(Kind::NewConnection, target.clone(), "/", 2);
@@ -169,7 +157,7 @@ async fn a_renewal_under_load_loses_no_request() {
     let pids = stats.pids.lock().unwrap().clone();
     assert!(pids.contains(&first) && pids.contains(&second), "{pids:?}");
     // New connections get pebble's certificate.
-    let pebble_only = site(
+    let pebble_only = Target::named(
         srv.addr("site"),
         &pebble.issuing_roots_pem().await,
         "r.test",
@@ -211,9 +199,12 @@ async fn status_tells_the_served_certificate_from_the_stored_one() {
         "the renewed one is stored: {s}"
     );
     // The served one is still what clients get.
-    let r = client::get(&site(srv.addr("site"), &srv.certs.ca_pem, "t.test"), "/")
-        .await
-        .unwrap();
+    let r = client::get(
+        &Target::named(srv.addr("site"), &srv.certs.ca_pem, "t.test"),
+        "/",
+    )
+    .await
+    .unwrap();
     assert_eq!(r.status, 200);
 }
 
@@ -230,9 +221,12 @@ async fn without_the_acme_server_the_old_certificate_serves_on() {
     srv.wait_ready().await;
     let line = srv.wait_log("cannot obtain the certificate").await;
     assert!(line.contains("trying again in 60s"), "{line}");
-    let r = client::get(&site(srv.addr("site"), &srv.certs.ca_pem, "down.test"), "/")
-        .await
-        .unwrap();
+    let r = client::get(
+        &Target::named(srv.addr("site"), &srv.certs.ca_pem, "down.test"),
+        "/",
+    )
+    .await
+    .unwrap();
     assert_eq!(r.status, 200, "the old certificate serves on");
     let s = status(&srv).await;
     let acme = &s["acme"][0];
@@ -303,7 +297,7 @@ async fn two_servers_sharing_storage_order_once() {
     assert_eq!(orders, 1, "a:\n{}\nb:\n{}", a.logs(), b.logs());
     let roots = pebble.issuing_roots_pem().await;
     for srv in [&a, &b] {
-        let r = client::get(&site(srv.addr("site"), &roots, "s.test"), "/")
+        let r = client::get(&Target::named(srv.addr("site"), &roots, "s.test"), "/")
             .await
             .unwrap();
         assert_eq!(r.status, 200);
@@ -368,7 +362,7 @@ async fn certbot_renews_and_its_deploy_hook_reloads() {
     );
     let mut srv = TestServer::builder().config(config).start().await;
     let roots = pebble.issuing_roots_pem().await;
-    let target = site(srv.addr("site"), &roots, "cb.test");
+    let target = Target::named(srv.addr("site"), &roots, "cb.test");
     let serial = || async {
         let c = client::connect(&target).await.unwrap();
         let (_, cert) =

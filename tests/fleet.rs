@@ -89,18 +89,6 @@ fn spawn_host(
         .spawn()
 }
 
-/// A TLS target for `name` on `addr`, trusting `roots_pem` only.
-fn site(addr: SocketAddr, roots_pem: &str, name: &str) -> Target {
-    Target {
-        addr,
-        tls: Some((
-            client::tls_config(roots_pem, &[b"http/1.1".to_vec()]),
-            name.into(),
-        )),
-        h2: false,
-    }
-}
-
 /// The certificate (DER) `addr` serves for a.test, once it is one pebble
 /// issued (verified against its roots) other than `not`; waits up to
 /// `limit`.
@@ -112,7 +100,7 @@ async fn pebble_served(
 ) -> Vec<u8> {
     let deadline = Instant::now() + limit;
     loop {
-        if let Ok(mut c) = client::connect(&site(addr, roots, "a.test")).await {
+        if let Ok(mut c) = client::connect(&Target::named(addr, roots, "a.test")).await {
             if c.get("/").await.is_ok_and(|r| r.status == 200) {
                 let cert = c.peer_cert.clone().unwrap_or_default();
                 if Some(&cert[..]) != not {
@@ -373,28 +361,6 @@ async fn resumed(t: &Target) -> bool {
     c.resumed
 }
 
-/// `openssl s_client` to `addr` (TLS 1.3), one request; what it printed.
-fn s_client(addr: SocketAddr, extra: &[&str]) -> String {
-    use std::io::Write;
-    let mut child = std::process::Command::new("openssl")
-        .args(["s_client", "-connect", &addr.to_string()])
-        .args(["-servername", "localhost", "-tls1_3", "-ign_eof"])
-        .args(extra)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("openssl");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n")
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    String::from_utf8_lossy(&out.stdout).to_string()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_from_one_host_resumes_on_the_others_through_restarts() {
     let net = Net::new(3);
@@ -450,13 +416,13 @@ async fn a_session_from_one_host_resumes_on_the_others_through_restarts() {
     assert!(resumed(&target(2)).await, "and on host 2");
     // openssl, a TLS stack not built on rustls.
     let session = shared.path().join("session.pem");
-    let first = s_client(
+    let first = util::s_client(
         SocketAddr::from((net.hosts[2], SITE)),
         &["-sess_out", session.to_str().unwrap()],
     );
     assert!(first.contains("host 2"), "{first}");
     for i in [0, 1] {
-        let again = s_client(
+        let again = util::s_client(
             SocketAddr::from((net.hosts[i], SITE)),
             &["-sess_in", session.to_str().unwrap()],
         );

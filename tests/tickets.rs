@@ -31,31 +31,6 @@ async fn a_session_resumes_across_a_restart() {
     assert!(resumed(&t).await, "resumed after a second restart");
 }
 
-/// `openssl s_client` to 127.0.0.1:`port` trusting `ca`, sending one
-/// HTTP/1.0 request; returns what it printed.
-fn s_client(port: u16, ca: &std::path::Path, extra: &[&str]) -> String {
-    use std::io::Write;
-    let mut child = std::process::Command::new("openssl")
-        .args(["s_client", "-connect", &format!("127.0.0.1:{port}")])
-        .args(["-servername", "localhost", "-CAfile"])
-        .arg(ca)
-        .args(["-tls1_3", "-ign_eof"])
-        .args(extra)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("openssl runs (.ci/run installs it)");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n")
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    String::from_utf8_lossy(&out.stdout).to_string()
-}
-
 /// The same with openssl's client, a TLS stack not built on rustls.
 #[tokio::test]
 async fn openssl_resumes_across_a_restart() {
@@ -63,20 +38,25 @@ async fn openssl_resumes_across_a_restart() {
     let ca = srv.dir.path().join("ca.pem");
     std::fs::write(&ca, &srv.certs.ca_pem).unwrap();
     let sess = srv.dir.path().join("session.pem");
-    let port = srv.addr("web-tls").port();
-    let sess_s = sess.to_str().unwrap().to_string();
+    let addr = srv.addr("web-tls");
+    let (sess_s, ca) = (
+        sess.to_str().unwrap().to_string(),
+        ca.to_str().unwrap().to_string(),
+    );
     let first = tokio::task::spawn_blocking({
         let (s, ca) = (sess_s.clone(), ca.clone());
-        move || s_client(port, &ca, &["-sess_out", &s])
+        move || util::s_client(addr, &["-CAfile", &ca, "-sess_out", &s])
     })
     .await
     .unwrap();
     assert!(first.contains("New, TLSv1.3"), "{first}");
     assert!(first.contains("HTTP/1.0 200"), "{first}");
     srv.restart().await;
-    let again = tokio::task::spawn_blocking(move || s_client(port, &ca, &["-sess_in", &sess_s]))
-        .await
-        .unwrap();
+    let again = tokio::task::spawn_blocking(move || {
+        util::s_client(addr, &["-CAfile", &ca, "-sess_in", &sess_s])
+    })
+    .await
+    .unwrap();
     assert!(again.contains("Reused, TLSv1.3"), "{again}");
     assert!(again.contains("HTTP/1.0 200"), "{again}");
 }

@@ -194,7 +194,7 @@ fn a_fleet_store_is_a_redis_url_with_its_files_and_a_local_cache() {
         (
             "tls_tickets: { key_file: k, storage_ca: c }\n",
             1,
-            "tls_tickets.storage_ca: only with storage",
+            "tls_tickets.storage_ca: only with a shared store",
         ),
     ] {
         let e = parse(&format!(

@@ -332,22 +332,37 @@ impl Validator<'_> {
         Ok((stored("cert.pem"), stored("key.pem"), list))
     }
 
+    /// Refuses the first of `keys` of `section` that is given: they only
+    /// mean something with a shared store.
+    fn only_with_store(
+        &self,
+        section: &str,
+        keys: &[(&Option<Spanned<String>>, &str)],
+    ) -> Result<(), ConfigError> {
+        match keys
+            .iter()
+            .find_map(|(v, key)| v.as_ref().map(|v| (v, key)))
+        {
+            Some((v, key)) => self.err(
+                Pos::from(v),
+                format!("{section}.{key}: only with a shared store (storage: redis://...)"),
+            ),
+            None => Ok(()),
+        }
+    }
+
     /// `tls_tickets:`: a key file or a store, one of them.
     fn tickets(&self, t: &Spanned<raw::TlsTickets>) -> Result<TicketsConfig, ConfigError> {
         let raw = &t.value;
         match (&raw.key_file, &raw.storage) {
             (Some(f), None) => {
-                for (v, key) in [
-                    (&raw.storage_key_file, "storage_key_file"),
-                    (&raw.storage_ca, "storage_ca"),
-                ] {
-                    if let Some(v) = v {
-                        return self.err(
-                            Pos::from(v),
-                            format!("tls_tickets.{key}: only with storage (redis://...)"),
-                        );
-                    }
-                }
+                self.only_with_store(
+                    "tls_tickets",
+                    &[
+                        (&raw.storage_key_file, "storage_key_file"),
+                        (&raw.storage_ca, "storage_ca"),
+                    ],
+                )?;
                 Ok(TicketsConfig::KeyFile(
                     self.file_ref(f, "tls_tickets.key_file".into())?,
                 ))
@@ -431,18 +446,14 @@ impl Validator<'_> {
             _ => None,
         };
         if shared.is_none() {
-            for (v, key) in [
-                (&a.storage_key_file, "storage_key_file"),
-                (&a.storage_ca, "storage_ca"),
-                (&a.cache, "cache"),
-            ] {
-                if let Some(v) = v {
-                    return self.err(
-                        Pos::from(v),
-                        format!("acme.{key}: only with a shared store (storage: redis://...)"),
-                    );
-                }
-            }
+            self.only_with_store(
+                "acme",
+                &[
+                    (&a.storage_key_file, "storage_key_file"),
+                    (&a.storage_ca, "storage_ca"),
+                    (&a.cache, "cache"),
+                ],
+            )?;
         }
         let local = if shared.is_some() {
             &a.cache

@@ -90,6 +90,15 @@ impl Target {
             h2: false,
         }
     }
+    /// TLS (HTTP/1.1) to `addr` for the server name `name`, trusting
+    /// `roots_pem` only.
+    pub fn named(addr: SocketAddr, roots_pem: &str, name: &str) -> Target {
+        Target {
+            addr,
+            tls: Some((tls_config(roots_pem, &[b"http/1.1".to_vec()]), name.into())),
+            h2: false,
+        }
+    }
     pub fn h2(mut self) -> Target {
         self.h2 = true;
         self

@@ -938,3 +938,26 @@ pub fn promtool(text: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `openssl s_client` to `addr` for `localhost` over TLS 1.3, sending one
+/// HTTP/1.0 request; what it printed. `extra`: `-CAfile`, `-sess_out`...
+pub fn s_client(addr: SocketAddr, extra: &[&str]) -> String {
+    use std::io::Write;
+    let mut child = Command::new("openssl")
+        .args(["s_client", "-connect", &addr.to_string()])
+        .args(["-servername", "localhost", "-tls1_3", "-ign_eof"])
+        .args(extra)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("openssl runs (.ci/run installs it)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"GET / HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
