@@ -96,6 +96,8 @@ enum Source {
 struct Reach {
     up_since: Option<Instant>,
     outage: Option<Outage>,
+    /// When a value this host cannot use was last said.
+    refused: Option<Instant>,
 }
 
 struct Outage {
@@ -310,6 +312,19 @@ impl Store {
         reach.up_since.get_or_insert_with(Instant::now);
         if let Some(o) = reach.outage.take() {
             info!(store = %self.shown, "the store is reachable again after {}s", o.since.elapsed().as_secs());
+        }
+    }
+
+    /// Says `e` if it is about a value this host cannot use (sealed with
+    /// another key...), once a minute at most; an unreachable store was
+    /// said already.
+    pub(crate) fn complain(&self, what: &str, e: &StoreError) {
+        if let StoreError::Value { .. } = e {
+            let mut reach = self.reach.lock().unwrap_or_else(|p| p.into_inner());
+            if reach.refused.is_none_or(|t| t.elapsed() >= OUTAGE_LOG) {
+                reach.refused = Some(Instant::now());
+                warn!("{what}: {e}", e = Chain(e));
+            }
         }
     }
 

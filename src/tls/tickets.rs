@@ -282,9 +282,7 @@ pub(crate) async fn share(
                 },
                 Ok(None) => {}
                 Err(e) => {
-                    if let crate::store::StoreError::Value { .. } = e {
-                        tracing::warn!("ticket key: {e}", e = crate::observe::logging::Chain(&e));
-                    }
+                    store.complain("ticket key", &e);
                     break;
                 }
             }

@@ -154,12 +154,10 @@ impl Fleet {
         }
     }
 
-    /// A value the store holds but this host cannot use is said; an
-    /// unreachable store was said by the store.
+    /// A value the store holds but this host cannot use is said (once a
+    /// minute at most); an unreachable store was said by the store.
     fn complain(&self, e: StoreError) {
-        if let StoreError::Value { .. } = e {
-            warn!("acme: {e}", e = Chain(&e));
-        }
+        self.store.complain("acme", &e);
     }
 
     async fn sync_cert(&self, w: &Wanted) -> Result<(), StoreError> {
