@@ -216,6 +216,31 @@ pub(crate) fn summary(p: &Prepared) -> String {
             a.command.join(" ")
         );
     }
+    if let Some(a) = &c.acme {
+        out += &match &a.shared {
+            Some(s) => format!(
+                "  acme             {}, shared through {} (this host's copy: {}{})\n",
+                a.directory,
+                s.shown,
+                a.storage.display(),
+                if s.key_file.is_some() { "; sealed" } else { "" }
+            ),
+            None => format!(
+                "  acme             {}, storage {}\n",
+                a.directory,
+                a.storage.display()
+            ),
+        };
+    }
+    match &c.tls_tickets {
+        Some(crate::config::TicketsConfig::Store(s)) => {
+            out += &format!("  tls_tickets      shared through {}\n", s.shown);
+        }
+        Some(crate::config::TicketsConfig::KeyFile(f)) => {
+            out += &format!("  tls_tickets      key file {}\n", f.written);
+        }
+        None => {}
+    }
     out += &format!(
         "  shutdown_timeout {:?}, startup_timeout {:?}, max_connections {}, watch {}\n",
         c.shutdown_timeout, c.startup_timeout, c.max_connections, c.watch
