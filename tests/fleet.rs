@@ -580,6 +580,14 @@ async fn two_minutes_without_redis_under_load_lose_nothing_and_the_renewal_follo
     f.redis.stop();
     // The outage is what is tested: two minutes of it.
     tokio::time::sleep(Duration::from_secs(120)).await;
+    for h in f.hosts.iter().flatten() {
+        let s = status(h).await;
+        assert_eq!(s["acme_store"]["reachable"], false, "{s}");
+        assert!(
+            s["acme_store"]["unreachable_for_s"].as_u64() > Some(100),
+            "{s}"
+        );
+    }
     for (i, cert) in first.iter().enumerate() {
         let served = pebble_served(f.site(i), &roots, Duration::from_secs(5), None).await;
         assert_eq!(
@@ -605,6 +613,20 @@ async fn two_minutes_without_redis_under_load_lose_nothing_and_the_renewal_follo
     let requests = wrk_result(&String::from_utf8_lossy(&out.stdout));
     assert!(requests > 10_000, "{requests} requests");
     eprintln!("wrk through HAProxy: {requests} requests, none failed");
+    for h in f.hosts.iter().flatten() {
+        // The generation serving the renewal has asked the store by now, or
+        // will in a moment.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let s = status(h).await;
+            assert_eq!(s["acme_store"]["url"], f.redis.url(), "{s}");
+            if s["acme_store"]["reachable"] == true {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{s}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
     // One line a minute at most while Redis was away, and one when back.
     for (h, seen) in f.hosts.iter().flatten().zip(seen) {
         let logs = h.logs();

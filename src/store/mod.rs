@@ -328,6 +328,17 @@ impl Store {
         }
     }
 
+    /// For `status`: the store (no password), whether its last answer was
+    /// good, and for how long it has not answered.
+    pub(crate) fn json(&self) -> serde_json::Value {
+        let reach = self.reach.lock().unwrap_or_else(|p| p.into_inner());
+        serde_json::json!({
+            "url": self.shown,
+            "reachable": reach.up_since.is_some(),
+            "unreachable_for_s": reach.outage.as_ref().map(|o| o.since.elapsed().as_secs()),
+        })
+    }
+
     /// How long the store has answered without a failure (zero if it
     /// does not).
     pub(crate) fn up_for(&self) -> Duration {

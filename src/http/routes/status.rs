@@ -79,6 +79,9 @@ pub(super) fn response(ctx: &ListenerContext) -> Response<Body> {
     }
     if let Some(acme) = &p.acme {
         body["acme"] = acme.json();
+        if let Some(store) = acme.store_json() {
+            body["acme_store"] = store;
+        }
     }
     if let Some(tickets) = &p.tickets {
         body["tls_tickets"] = tickets.json();

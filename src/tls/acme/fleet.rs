@@ -92,6 +92,10 @@ impl Fleet {
         self.store.shown()
     }
 
+    pub(super) fn store(&self) -> Arc<Store> {
+        self.store.clone()
+    }
+
     fn account_key(&self) -> String {
         let digest =
             aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, self.directory.as_bytes());

@@ -231,6 +231,9 @@ pub(crate) async fn run(config: Config, shown: Option<std::sync::Arc<Status>>, r
             return;
         }
     };
+    if let (Some(f), Some(shown)) = (&fleet, &shown) {
+        shown.set_store(f.store());
+    }
     let orderer = Orderer {
         acme: &acme,
         wanted: &wanted,

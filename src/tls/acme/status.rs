@@ -39,6 +39,8 @@ pub(super) fn write_status(
 /// ([`run`]) refreshes it.
 pub(crate) struct Status {
     certs: std::sync::Mutex<Vec<Shown>>,
+    /// The fleet's store, once the orderer opened it (`status.acme_store`).
+    store: std::sync::OnceLock<std::sync::Arc<crate::store::Store>>,
 }
 
 #[derive(Serialize, Clone, Debug)]
@@ -87,7 +89,18 @@ impl Status {
             .collect();
         Some(std::sync::Arc::new(Status {
             certs: std::sync::Mutex::new(certs),
+            store: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// The store this generation's orderer shares ACME state through.
+    pub(super) fn set_store(&self, store: std::sync::Arc<crate::store::Store>) {
+        let _ = self.store.set(store);
+    }
+
+    /// For the `status` route: the store and whether it answers.
+    pub(crate) fn store_json(&self) -> Option<serde_json::Value> {
+        self.store.get().map(|s| s.json())
     }
 
     /// For the `status` route.
