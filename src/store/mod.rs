@@ -82,6 +82,9 @@ pub(crate) struct Store {
     conn: tokio::sync::Mutex<Option<MultiplexedConnection>>,
     seal: seal::Sealing,
     reach: Mutex<Reach>,
+    /// Told when the store stops answering (a subscription on a
+    /// connection that went silent then starts again).
+    lost: tokio::sync::Notify,
 }
 
 /// Where the server is: a URL, or what Sentinels say is the master now.
@@ -173,7 +176,13 @@ impl Store {
             conn: tokio::sync::Mutex::new(None),
             seal,
             reach: Mutex::new(Reach::default()),
+            lost: tokio::sync::Notify::new(),
         }))
+    }
+
+    /// Returns when the store stops answering a command.
+    pub(crate) async fn lost(&self) {
+        self.lost.notified().await
     }
 
     /// The URL, without its password.
@@ -302,6 +311,7 @@ impl Store {
                     since: now,
                     said: now,
                 });
+                self.lost.notify_waiters();
                 warn!(store = %self.shown, "the store is unreachable; serving what this host has, and catching up when it is back: {e}", e = Chain(e));
             }
         }

@@ -286,10 +286,17 @@ impl Fleet {
             self.catch_up().await;
             self.news.notify_one();
             let mut messages = std::pin::pin!(pubsub.into_on_message());
-            while let Some(msg) =
-                std::future::poll_fn(|cx| futures_core::Stream::poll_next(messages.as_mut(), cx))
-                    .await
-            {
+            loop {
+                // A connection the server left without a word (a host gone)
+                // says nothing: the store's commands failing end it too.
+                let next = std::future::poll_fn(|cx| {
+                    futures_core::Stream::poll_next(messages.as_mut(), cx)
+                });
+                let msg = tokio::select! {
+                    msg = next => msg,
+                    _ = self.store.lost() => None,
+                };
+                let Some(msg) = msg else { break };
                 let text = String::from_utf8_lossy(msg.get_payload_bytes()).into_owned();
                 let mut words = text.split(' ');
                 match (words.next(), words.next(), words.next()) {
