@@ -190,6 +190,11 @@ fn a_fleet_store_is_a_redis_url_with_its_files_and_a_local_cache() {
             1,
             "names no service",
         ),
+        (
+            "tls_tickets: { storage: 'redis+sentinel://h:1/m', storage_ca: c.pem }\n",
+            1,
+            "Sentinels over TLS are not supported",
+        ),
         ("tls_tickets: {}\n", 1, "needs key_file or storage"),
         (
             "tls_tickets: { key_file: k, storage_ca: c }\n",

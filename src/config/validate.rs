@@ -414,6 +414,12 @@ impl Validator<'_> {
             }
             None
         };
+        if let (Some(_), Some(ca)) = (&sentinel, ca) {
+            return self.err(
+                Pos::from(ca),
+                format!("{section}.storage_ca: Sentinels over TLS are not supported (redis+sentinel:// is plain)"),
+            );
+        }
         let file = |v: &Option<Spanned<String>>, key: &str| match v {
             Some(v) => self.file_ref(v, format!("{section}.{key}")).map(Some),
             None => Ok(None),
