@@ -275,15 +275,14 @@ impl Store {
                 Ok(v)
             }
             Err(e) => {
-                let unreachable = e.is_io_error()
-                    || e.is_timeout()
-                    || e.is_connection_dropped()
-                    || e.is_connection_refusal()
-                    || e.is_unrecoverable_error();
-                if unreachable {
+                // A replica's READONLY: a master that was replaced; the
+                // next connection asks the Sentinels again.
+                if unreachable(&e) || e.code() == Some("READONLY") {
                     if let Ok(mut slot) = self.conn.try_lock() {
                         *slot = None;
                     }
+                }
+                if unreachable(&e) {
                     self.unreachable(&e);
                 }
                 Err(StoreError::Redis {
@@ -326,10 +325,16 @@ impl Store {
     }
 
     /// Says `e` if it is about a value this host cannot use (sealed with
-    /// another key...), once a minute at most; an unreachable store was
-    /// said already.
+    /// another key...) or a command the store refused (a replica's
+    /// READONLY...), once a minute at most; an unreachable store was said
+    /// already.
     pub(crate) fn complain(&self, what: &str, e: &StoreError) {
-        if let StoreError::Value { .. } = e {
+        let said_already = match e {
+            StoreError::Value { .. } => false,
+            // Reached, and refused (READONLY, NOAUTH...): not said yet.
+            StoreError::Redis { source, .. } => unreachable(source),
+        };
+        if !said_already {
             let mut reach = self.reach.lock().unwrap_or_else(|p| p.into_inner());
             if reach.refused.is_none_or(|t| t.elapsed() >= OUTAGE_LOG) {
                 reach.refused = Some(Instant::now());
@@ -453,6 +458,16 @@ impl Store {
             .unwrap_or_else(|_| Err(timed_out()));
         self.answered(result)
     }
+}
+
+/// Does `e` say the store could not be reached (rather than that it
+/// refused a command)?
+fn unreachable(e: &RedisError) -> bool {
+    e.is_io_error()
+        || e.is_timeout()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_unrecoverable_error()
 }
 
 fn timed_out() -> RedisError {

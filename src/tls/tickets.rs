@@ -249,29 +249,32 @@ impl rustls::server::ProducesTickets for Tickets {
 
 /// Keeps `tickets`' fleet keys in step with `store` for as long as it runs:
 /// the previous, current and next period's keys, each written by whichever
-/// host comes first, looked at again every minute.
+/// host comes first, looked at again every minute (every 2 s while the
+/// store does not answer).
 pub(crate) async fn share(
     tickets: std::sync::Arc<Tickets>,
     store: std::sync::Arc<crate::store::Store>,
 ) {
     loop {
         let now = period_now();
+        let mut done = true;
         for period in [now.saturating_sub(1), now, now + 1] {
             let name = format!("tickets:{period}");
             let mut mine = [0u8; 32];
             if aws_lc_rs::rand::fill(&mut mine).is_err() {
+                done = false;
                 break;
             }
             // Lives as long as a ticket of it may be presented.
             let ttl = std::time::Duration::from_secs(3 * PERIOD);
-            if store
+            let answer = match store
                 .set(&name, hex(&mine).as_bytes(), Some(ttl), true)
                 .await
-                .is_err()
             {
-                break;
-            }
-            match store.get(&name).await {
+                Ok(_) => store.get(&name).await,
+                Err(e) => Err(e),
+            };
+            match answer {
                 Ok(Some(v)) => match std::str::from_utf8(&v).ok().and_then(from_hex) {
                     Some(key) => tickets.adopt(period, key),
                     None => tracing::warn!(
@@ -283,11 +286,15 @@ pub(crate) async fn share(
                 Ok(None) => {}
                 Err(e) => {
                     store.complain("ticket key", &e);
+                    done = false;
                     break;
                 }
             }
         }
-        tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+        // Soon again after a failure (the store away, a master being
+        // replaced): the keys of now are what a fleet resumes with.
+        let again = if done { 60 } else { 2 };
+        tokio::time::sleep(std::time::Duration::from_secs(again)).await;
     }
 }
 
