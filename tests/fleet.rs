@@ -351,6 +351,22 @@ async fn a_host_killed_mid_order_leaves_the_lock_to_another_within_its_ttl() {
     }
 }
 
+/// How many ticket keys `redis` holds.
+fn ticket_keys(redis: &Redis) -> usize {
+    redis
+        .cli(&["--scan", "--pattern", "gracesrv:tickets:*"])
+        .lines()
+        .count()
+}
+
+/// Copies `site.crt` and `site.key` from `from` into a host's directory:
+/// one certificate for every host.
+fn same_site_cert(from: &Path, dir: &Path) {
+    for f in ["site.crt", "site.key"] {
+        std::fs::copy(from.join(f), dir.join(f)).unwrap();
+    }
+}
+
 /// `/status` of host `srv` (its `web` listener).
 async fn status(srv: &TestServer) -> serde_json::Value {
     let r = client::get(&Target::plain(srv.addr("web")), "/status")
@@ -397,9 +413,7 @@ async fn a_session_from_one_host_resumes_on_the_others_through_restarts() {
         );
         let from = shared.path().to_path_buf();
         hosts.push(spawn_host(&net, i, bins.path(), config, move |dir, _| {
-            for f in ["site.crt", "site.key"] {
-                std::fs::copy(from.join(f), dir.join(f)).unwrap();
-            }
+            same_site_cert(&from, dir);
             std::fs::write(dir.join("store.key"), [3u8; 32]).unwrap();
         }));
     }
@@ -671,19 +685,14 @@ async fn through_sentinel_the_keys_survive_a_failover() {
         .set("tls_tickets", json!({ "storage": url }));
         let from = shared.path().to_path_buf();
         spawn_host(&net, i, bins.path(), config, move |dir, _| {
-            for f in ["site.crt", "site.key"] {
-                std::fs::copy(from.join(f), dir.join(f)).unwrap();
-            }
+            same_site_cert(&from, dir)
         })
     };
     let mut first = start(0);
     first.wait_ready().await;
     wait_shared_tickets(&first).await;
     assert_eq!(
-        master
-            .cli(&["--scan", "--pattern", "gracesrv:tickets:*"])
-            .lines()
-            .count(),
+        ticket_keys(&master),
         3,
         "the keys are in the master the Sentinel named"
     );
@@ -691,14 +700,7 @@ async fn through_sentinel_the_keys_survive_a_failover() {
     let target = |i: usize| Target::tls(SocketAddr::from((net.hosts[i], SITE)), config.clone());
     assert!(!resumed(&target(0)).await);
     // The replica has them (replication), and the master goes.
-    util::until("the replica has the keys", || {
-        replica
-            .cli(&["--scan", "--pattern", "gracesrv:tickets:*"])
-            .lines()
-            .count()
-            == 3
-    })
-    .await;
+    util::until("the replica has the keys", || ticket_keys(&replica) == 3).await;
     master.stop();
     util::until("the Sentinel names the replica master", || {
         sentinel
@@ -759,13 +761,7 @@ async fn over_rediss_the_store_is_verified_with_storage_ca() {
         "{said}"
     );
     wait_shared_tickets(&trusted).await;
-    assert_eq!(
-        redis
-            .cli(&["--scan", "--pattern", "gracesrv:tickets:*"])
-            .lines()
-            .count(),
-        3
-    );
+    assert_eq!(ticket_keys(&redis), 3);
     // Without storage_ca the server's certificate is not trusted: the host
     // serves on with keys of its own and says why, once.
     let mut untrusted = start(1, false);

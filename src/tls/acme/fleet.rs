@@ -233,7 +233,7 @@ impl Fleet {
         answer: &[u8],
     ) -> Result<(), StoreError> {
         let name = challenge_key(kind, id);
-        let acks = format!("acme:ack:{}:{id}", kind_name(kind));
+        let acks = ack_key(kind, id);
         self.store.del(&acks).await?;
         self.store
             .set(&name, answer, Some(CHALLENGE_TTL), false)
@@ -342,9 +342,7 @@ impl Fleet {
                     return;
                 }
                 if acknowledge {
-                    let acks = self
-                        .store
-                        .key(&format!("acme:ack:{}:{id}", kind_name(kind)));
+                    let acks = self.store.key(&ack_key(kind, id));
                     let mut pipe = redis::pipe();
                     pipe.cmd("SADD")
                         .arg(&acks)
@@ -380,6 +378,11 @@ fn kind_of(name: &str) -> Option<Challenge> {
 
 fn challenge_key(kind: Challenge, id: &str) -> String {
     format!("acme:challenge:{}:{id}", kind_name(kind))
+}
+
+/// The set of hosts that have a challenge's answer.
+fn ack_key(kind: Challenge, id: &str) -> String {
+    format!("acme:ack:{}:{id}", kind_name(kind))
 }
 
 /// Where this host keeps the answer of a challenge (`None` for an id that
