@@ -499,7 +499,8 @@ async fn http3_requests_are_in_the_access_log() {
         ))
         .start()
         .await;
-    h3::body(srv.addr("h3"), "/?q=1").await;
+    let got = h3::get_with(srv.addr("h3"), "/?q=1", &["--sni", "localhost"]).await;
+    assert_eq!(h3::bodies(&got), vec![format!("{}\n", srv.pid())], "{got}");
     let path = srv.dir.path().join("access.log");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let line = loop {
@@ -518,6 +519,8 @@ async fn http3_requests_are_in_the_access_log() {
     assert_eq!(v["target"], "/?q=1");
     assert_eq!(v["status"], 200);
     assert_eq!(v["tls_version"], "TLSv1.3");
+    // The name the client asked for (issue 26.4: it was always null).
+    assert_eq!(v["sni"], "localhost", "{line}");
     assert_eq!(v["bytes"], format!("{}\n", srv.pid()).len());
 }
 
