@@ -40,6 +40,26 @@ pub(crate) fn check_host<B>(req: &mut Request<B>) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// The bytes a reg-name may hold besides percent-escapes (RFC 3986:
+/// unreserved and sub-delims), looked up rather than searched for: every
+/// request's host passes here.
+const REG_NAME: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        t[b] = c.is_ascii_alphanumeric();
+        b += 1;
+    }
+    let other = b"-._~!$&'()*+,;=";
+    let mut i = 0;
+    while i < other.len() {
+        t[other[i] as usize] = true;
+        i += 1;
+    }
+    t
+};
+
 /// `host[:port]` as RFC 3986 has it: an IP literal in brackets, or a
 /// reg-name (unreserved, sub-delims, percent-escapes); a port of digits.
 fn valid_host(h: &[u8]) -> bool {
@@ -61,7 +81,7 @@ fn valid_host(h: &[u8]) -> bool {
             _ => return false,
         }
     } else {
-        match h.iter().rposition(|&b| b == b':') {
+        match memchr::memrchr(b':', h) {
             Some(i) => (&h[..i], Some(&h[i + 1..])),
             None => (h, None),
         }
@@ -85,7 +105,7 @@ fn valid_host(h: &[u8]) -> bool {
             i += 3;
             continue;
         }
-        if !(b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=".contains(&b)) {
+        if !REG_NAME[b as usize] {
             return false;
         }
         i += 1;

@@ -151,10 +151,18 @@ impl ConnService {
 }
 
 /// Does this HTTP/1.x request close its connection itself (`Connection:
-/// close`, or HTTP/1.0 without `keep-alive`)?
+/// close`, or HTTP/1.0 without `keep-alive`)? One look at the field, for
+/// both tokens: every HTTP/1.x request asks this.
 pub(super) fn asks_to_close<B>(req: &Request<B>) -> bool {
-    let has = |token| crate::wire::body::has_token(req.headers(), header::CONNECTION, token);
-    has("close") || (req.version() == Version::HTTP_10 && !has("keep-alive"))
+    let (mut close, mut keep_alive) = (false, false);
+    for value in req.headers().get_all(header::CONNECTION) {
+        for token in value.as_bytes().split(|&b| b == b',') {
+            let token = token.trim_ascii();
+            close |= token.eq_ignore_ascii_case(b"close");
+            keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+        }
+    }
+    close || (req.version() == Version::HTTP_10 && !keep_alive)
 }
 
 /// A response on its way: ready at once (no allocation), or awaited.
