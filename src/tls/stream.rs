@@ -295,13 +295,12 @@ impl TlsStream {
         if self.incoming.capacity() - self.incoming.len() < READ_SIZE / 4 {
             self.incoming.reserve(READ_SIZE);
         }
-        loop {
-            ready!(self.tcp.poll_read_ready(cx))?;
-            match self.tcp.try_read_buf(&mut self.incoming) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                res => return Poll::Ready(res),
-            }
-        }
+        // Through `poll_read`, not `try_read`: a read that leaves space
+        // unfilled shows tokio the socket is drained, and the next read
+        // waits for readiness instead of failing with EAGAIN (a recvfrom
+        // more per request: 2.0 a request where the bare stack made 1.0).
+        let read = tokio::io::AsyncReadExt::read_buf(&mut self.tcp, &mut self.incoming);
+        std::future::Future::poll(std::pin::pin!(read), cx)
     }
 
     /// Sends what waits in `outgoing`.
