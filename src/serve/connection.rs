@@ -13,7 +13,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::HeaderValue;
 use hyper::server::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 use tracing::debug;
@@ -26,6 +26,7 @@ use crate::tls::stream::TlsStream;
 
 use super::activity::{now_ms, tick_ms, Activity, Expiry, TrackedIo, REST};
 use super::exchange::ConnService;
+use super::inline::Inline;
 use super::linger::linger;
 
 /// The largest request head accepted, HTTP/1.1 and HTTP/2 alike.
@@ -65,7 +66,7 @@ pub(crate) struct Builders {
     h1_more: Option<http1::Builder>,
     /// The fields `h1` takes.
     h1_fields: usize,
-    h2: http2::Builder<TokioExecutor>,
+    h2: http2::Builder<Inline>,
 }
 
 impl Builders {
@@ -99,7 +100,7 @@ impl Builders {
         } else {
             (h1_builder(Some(max_headers)), max_headers, None)
         };
-        let mut h2 = http2::Builder::new(TokioExecutor::new());
+        let mut h2 = http2::Builder::new(Inline);
         h2.timer(TokioTimer::new())
             .max_concurrent_streams(256)
             .max_header_list_size(MAX_HEAD as u32)
@@ -217,7 +218,7 @@ impl Socket for Box<TlsStream> {
 #[allow(clippy::large_enum_variant)]
 enum HttpConn<T: Socket> {
     H1(http1::UpgradeableConnection<TokioIo<TrackedIo<T>>, ConnService>),
-    H2(http2::Connection<TokioIo<TrackedIo<T>>, ConnService, TokioExecutor>),
+    H2(http2::Connection<TokioIo<TrackedIo<T>>, ConnService, Inline>),
 }
 
 impl<T: Socket> HttpConn<T> {
@@ -246,7 +247,8 @@ impl<T: Socket> std::future::Future for HttpConn<T> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.get_mut() {
             HttpConn::H1(c) => Pin::new(c).poll(cx),
-            HttpConn::H2(c) => Pin::new(c).poll(cx),
+            // The streams hyper hands over run once it returns (`inline`).
+            HttpConn::H2(c) => super::inline::poll_with(|| Pin::new(&mut *c).poll(cx)),
         }
     }
 }

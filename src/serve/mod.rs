@@ -7,4 +7,5 @@ mod activity;
 pub(crate) mod connection;
 mod exchange;
 pub(crate) mod forward;
+mod inline;
 mod linger;
