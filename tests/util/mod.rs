@@ -409,7 +409,7 @@ impl TestServer {
         }
         // Its own process group, so cleanup reaches every generation.
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-        let mut first = cmd.spawn().expect("spawn gracesrv");
+        let mut first = spawn_when_not_busy(&mut cmd);
         let logs = Arc::new(Logs::default());
         let stderr = first.stderr.take().unwrap();
         let l = logs.clone();
@@ -960,4 +960,23 @@ pub fn s_client(addr: SocketAddr, extra: &[&str]) -> String {
         .unwrap();
     let out = child.wait_with_output().unwrap();
     String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// Spawns `cmd`, again while its binary is busy (ETXTBSY): a copy this
+/// test process just wrote stays open for writing in any child another
+/// test thread forked before the copy was closed, until that child execs
+/// (rust-lang/rust#114554). It lasts no longer than a fork and an exec.
+fn spawn_when_not_busy(cmd: &mut Command) -> Child {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match cmd.spawn() {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::ExecutableFileBusy
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            res => return res.expect("spawn gracesrv"),
+        }
+    }
 }
