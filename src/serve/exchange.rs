@@ -155,12 +155,9 @@ impl ConnService {
 /// both tokens: every HTTP/1.x request asks this.
 pub(super) fn asks_to_close<B>(req: &Request<B>) -> bool {
     let (mut close, mut keep_alive) = (false, false);
-    for value in req.headers().get_all(header::CONNECTION) {
-        for token in value.as_bytes().split(|&b| b == b',') {
-            let token = token.trim_ascii();
-            close |= token.eq_ignore_ascii_case(b"close");
-            keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
-        }
+    for token in crate::wire::body::tokens(req.headers(), header::CONNECTION) {
+        close |= token.eq_ignore_ascii_case("close");
+        keep_alive |= token.eq_ignore_ascii_case("keep-alive");
     }
     close || (req.version() == Version::HTTP_10 && !keep_alive)
 }

@@ -61,11 +61,11 @@ pub(crate) fn poll_with<T>(mut poll: impl FnMut() -> Poll<T>) -> Poll<T> {
         let res = poll();
         let queued = QUEUE.with(|q| std::mem::replace(&mut *q.borrow_mut(), outer));
         let queued = queued.unwrap_or_default();
-        if queued.is_empty() || res.is_ready() {
-            run(queued);
+        let again = res.is_pending() && !queued.is_empty();
+        run(queued);
+        if !again {
             return res;
         }
-        run(queued);
     }
 }
 

@@ -275,14 +275,15 @@ impl Store {
                 Ok(v)
             }
             Err(e) => {
+                let away = unreachable(&e);
                 // A replica's READONLY: a master that was replaced; the
                 // next connection asks the Sentinels again.
-                if unreachable(&e) || e.code() == Some("READONLY") {
+                if away || e.code() == Some("READONLY") {
                     if let Ok(mut slot) = self.conn.try_lock() {
                         *slot = None;
                     }
                 }
-                if unreachable(&e) {
+                if away {
                     self.unreachable(&e);
                 }
                 Err(StoreError::Redis {

@@ -224,10 +224,20 @@ pub(crate) fn head_only(mut res: Response<Body>) -> Response<Body> {
 /// Does a comma-separated header (`Connection`, `Upgrade`, ...) list
 /// `token`, in any of its lines, ignoring case?
 pub(crate) fn has_token(headers: &http::HeaderMap, name: http::HeaderName, token: &str) -> bool {
-    headers.get_all(name).iter().any(|v| {
-        v.to_str()
-            .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
-    })
+    tokens(headers, name).any(|t| t.eq_ignore_ascii_case(token))
+}
+
+/// The tokens of a comma-separated header, in all of its lines, trimmed
+/// (lines that are not visible ASCII are skipped).
+pub(crate) fn tokens(
+    headers: &http::HeaderMap,
+    name: http::HeaderName,
+) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(name)
+        .into_iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(',').map(str::trim))
 }
 
 /// A short plain-text response.
