@@ -67,13 +67,11 @@ pub(super) struct Activity {
     pub(super) refused_at: AtomicU64,
     pub(super) refused_status: AtomicU32,
     /// HTTP/1.x: a request has more header fields than the parser takes;
-    /// the connection moves to a larger one once nothing is in flight,
-    /// told through `signal`.
+    /// the connection moves to a larger one once nothing is in flight.
+    /// Set while hyper's connection is polled (by the head filter), and
+    /// looked at after each of its polls (`drive`): no wake-up needed.
     pub(super) more_fields: AtomicBool,
-    /// What wakes the connection's timer task: HTTP/1.x, a move to a larger
-    /// parser is due; HTTP/2, the connection went quiet. (One for both: a
-    /// connection speaks one version, and a `Notify` is 40 bytes in every
-    /// connection.)
+    /// HTTP/2: what wakes a draining connection's loop when it goes quiet.
     pub(super) signal: tokio::sync::Notify,
     /// HTTP/1.x, idle for [`REST`]: hyper is let go (its buffers with it),
     /// and the connection rests with nothing but its socket until the
@@ -157,9 +155,6 @@ impl Activity {
     pub(super) fn request_finished(&self) {
         if self.in_flight.fetch_sub(1, Ordering::Relaxed) == 1 {
             self.idle_since.store(now_ms(), Ordering::Relaxed);
-            if self.more_fields.load(Ordering::Relaxed) {
-                self.signal.notify_one();
-            }
         }
     }
 
@@ -313,9 +308,8 @@ impl<T: super::connection::Socket> AsyncRead for TrackedIo<T> {
                     .refused_status
                     .store(status.as_u16().into(), Ordering::Relaxed);
             }
-            if heads.wants_more_fields() && !this.activity.more_fields.swap(true, Ordering::Relaxed)
-            {
-                this.activity.signal.notify_one();
+            if heads.wants_more_fields() {
+                this.activity.more_fields.store(true, Ordering::Relaxed);
             }
             if buf.filled().len() > before {
                 return Poll::Ready(Ok(()));

@@ -566,22 +566,34 @@ async fn drive<T: Socket>(
     }
     let timer = tokio::time::sleep(period);
     tokio::pin!(timer);
+    // HTTP/1.x: hyper was told to close once idle, for a larger parser.
+    let mut moving = false;
     loop {
+        // The connection first: it is what wakes this task nearly always.
+        let serving = std::future::poll_fn(|cx| loop {
+            let res = std::future::Future::poll(conn.as_mut(), cx);
+            if res.is_ready() || h2 || moving {
+                return res;
+            }
+            // A request needs a larger parser (the head filter said so
+            // while hyper read): once nothing is in flight, hyper closes
+            // the idle connection, and the IO goes on.
+            if activity.more_fields.load(Ordering::Relaxed)
+                && activity.in_flight.load(Ordering::Relaxed) == 0
+            {
+                moving = true;
+                conn.as_mut().close_idle();
+                continue;
+            }
+            return res;
+        });
         tokio::select! {
-            // The connection first: it is what wakes this task nearly always.
             biased;
-            res = conn.as_mut() => {
+            res = serving => {
                 if let Err(e) = res {
                     debug!(listener = %spec.ctx.name, "connection: {}", crate::observe::logging::causes(&e));
                 }
                 return None;
-            }
-            _ = activity.signal.notified(), if !h2 => {
-                // A request needs a larger parser: once nothing is in
-                // flight, hyper closes the idle connection (the IO goes on).
-                if activity.in_flight.load(Ordering::Relaxed) == 0 {
-                    conn.as_mut().close_idle();
-                }
             }
             _ = &mut draining, if drain_at == 0 => {
                 drain_at = now_ms();

@@ -378,18 +378,16 @@ fn inspect(head: &mut [u8], fields: usize) -> Verdict {
 /// The common head at the start of `data`, read without a parser: every
 /// line ends in CRLF, the request line in ` HTTP/1.1` or ` HTTP/1.0`, and
 /// only fields that may frame a body (their names start with `c`, `t` or
-/// `u`) are looked at. Its length and verdict, at a fifth of what
-/// [`head_end`] and [`inspect`] cost a keep-alive request (a tenth of its
-/// instructions); `None` leaves the head to them: incomplete, a bare LF,
-/// another version, folded lines, more fields than `fields`.
+/// `u`) are looked at. One walk over the line ends finds the head's end
+/// too (its first empty line; a `memmem` for it cost as much as the walk).
+/// Its length and verdict, at a fifth of what [`head_end`] and [`inspect`]
+/// cost a keep-alive request (a tenth of its instructions); `None` leaves
+/// the head to them: incomplete, a bare LF, another version, folded lines,
+/// more fields than `fields`.
 fn crlf_head(data: &[u8], fields: usize) -> Option<(usize, Verdict)> {
-    static END: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
-        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\r\n\r\n"));
-    let end = END.find(data)? + 4;
-    let head = &data[..end];
-    let mut ends = memchr::memchr_iter(b'\n', head);
+    let mut ends = memchr::memchr_iter(b'\n', data);
     let first = ends.next()?;
-    let line = head[..first].strip_suffix(b"\r")?;
+    let line = data[..first].strip_suffix(b"\r")?;
     let http10 = match line.get(line.len().checked_sub(9)?..)? {
         b" HTTP/1.1" => false,
         b" HTTP/1.0" => true,
@@ -399,11 +397,13 @@ fn crlf_head(data: &[u8], fields: usize) -> Option<(usize, Verdict)> {
     let mut framing = Framing::default();
     let mut count = 0;
     let mut from = first + 1;
-    for nl in ends {
-        let line = head[from..nl].strip_suffix(b"\r")?;
+    loop {
+        // No empty line yet: the head is not all here.
+        let nl = ends.next()?;
+        let line = data[from..nl].strip_suffix(b"\r")?;
         from = nl + 1;
         let Some(&start) = line.first() else {
-            // The empty line: the first one is the head's end.
+            // The empty line: the head ends here.
             break;
         };
         count += 1;
@@ -412,7 +412,15 @@ fn crlf_head(data: &[u8], fields: usize) -> Option<(usize, Verdict)> {
             b'c' | b't' | b'u' => {
                 let colon = memchr::memchr(b':', line)?;
                 if let Err(verdict) = framing.field(&line[..colon], &line[colon + 1..]) {
-                    return Some((end, verdict));
+                    // The verdict is in; only the head's end is wanted
+                    // (its first CRLF CRLF: the lines so far all end in CRLF).
+                    for nl in ends {
+                        if data[from..nl] == *b"\r" && data[from - 2] == b'\r' {
+                            return Some((nl + 1, verdict));
+                        }
+                        from = nl + 1;
+                    }
+                    return None;
                 }
             }
             _ => {}
@@ -421,7 +429,7 @@ fn crlf_head(data: &[u8], fields: usize) -> Option<(usize, Verdict)> {
     if count > fields {
         return None;
     }
-    Some((end, framing.verdict(http10, connect)))
+    Some((from, framing.verdict(http10, connect)))
 }
 
 /// What a head's fields say of the body after it.
@@ -638,6 +646,8 @@ mod tests {
             b"GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
             b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n",
             b"GET / HTTP/1.1\r\nA: 1\r\nB: 2\r\nC: 3\r\n\r\n",
+            // A verdict before the end: the length is still the head's.
+            b"GET / HTTP/1.1\r\nUpgrade: h2c\r\nA: 1\r\n\r\nGET / HTTP/1.1\r\n\r\n",
         ];
         for head in heads {
             let got = crlf_head(head, 100).expect("a CRLF head");
@@ -657,6 +667,7 @@ mod tests {
             b"GET / HTTP/2.0\r\nHost: a\r\n\r\n",
             b"GET / HTTP/1.1\r\nA: 1\r\n folded\r\n\r\n",
             b"GET / HTTP/1.1\r\nHost: a\r\n",
+            b"GET / HTTP/1.1\r\nUpgrade: h2c\r\nHost: a\r\n",
         ] {
             assert_eq!(
                 crlf_head(head, 100),
